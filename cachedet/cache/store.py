@@ -1,0 +1,247 @@
+"""Creating, writing and reading a feature store (layout in ``cachedet.cache.schema``).
+
+Writes follow one rule: a shard has exactly one writer, which writes all levels of its views and
+only then its completion record. A shard without a readable record is incomplete and is
+recomputed by the next run, so an interrupted run never leaves a shard that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+
+import fsspec
+import numpy as np
+import zarr
+
+from cachedet.cache import schema
+from cachedet.errors import CachedetError
+from cachedet.structures import FeatureSpec, ViewParams
+
+META_FIELDS = ("image_id", "view_index", "orig_size", "resized_size", "crop_offset", "flip", "scale", "valid_size")
+
+
+def _fs(url: str):
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/")
+
+
+def store_exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return fs.exists(path)
+
+
+def remove_store(url: str):
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def meta_arrays(views: list[ViewParams]) -> dict[str, np.ndarray]:
+    return {
+        "image_id": np.array([v.image_id for v in views], dtype=np.int64),
+        "view_index": np.array([v.view_index for v in views], dtype=np.int32),
+        "orig_size": np.array([v.orig_size for v in views], dtype=np.int32).reshape(-1, 2),
+        "resized_size": np.array([v.resized_size for v in views], dtype=np.int32).reshape(-1, 2),
+        "crop_offset": np.array([v.crop_offset for v in views], dtype=np.int32).reshape(-1, 2),
+        "flip": np.array([v.flip for v in views], dtype=bool),
+        "scale": np.array([v.scale for v in views], dtype=np.float64).reshape(-1, 2),
+        "valid_size": np.array([v.valid_size for v in views], dtype=np.int32).reshape(-1, 2),
+    }
+
+
+def create_store(url: str, header: dict, views: list[ViewParams], boxes: dict[str, np.ndarray]) -> None:
+    """Lay out a new store: empty feature arrays, the view metadata, the ragged boxes, then the header.
+
+    The header is written last: a store without it is an interrupted creation, safe to replace.
+    """
+    group = zarr.open_group(url, mode="w")
+    storage = header["storage"]
+    sv = storage["shard_views"]
+    n = header["num_views"]
+    for spec in header["feature_specs"]:
+        c, h, w = header["feature_shapes"][spec["name"]]
+        group.create_array(
+            f"features/{spec['name']}",
+            shape=(n, c, h, w),
+            chunks=(1, c, h, w),
+            shards=(min(sv, max(n, 1)), c, h, w),
+            dtype=schema.zarr_dtype(storage["dtype"]),
+            compressors=schema.compressors(storage["codec"]),
+            fill_value=0,
+            dimension_names=("view", "channel", "y", "x"),
+        )
+    for name, arr in {**{f"meta/{k}": v for k, v in meta_arrays(views).items()},
+                      **{f"boxes/{k}": v for k, v in boxes.items()}}.items():
+        z = group.create_array(name, shape=arr.shape, chunks=arr.shape if arr.size else None, dtype=arr.dtype)
+        if arr.size:
+            z[...] = arr
+    group.attrs["cachedet"] = header
+
+
+def shard_range(shard: int, shard_views: int, num_views: int) -> tuple[int, int]:
+    return shard * shard_views, min((shard + 1) * shard_views, num_views)
+
+
+def features_sha256(block: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest()
+
+
+def write_shard_features(url: str, shard: int, blocks: dict[str, np.ndarray], start: int) -> dict[str, str]:
+    """Write one shard's encoded feature blocks {level: (n, C, H, W)}; return their sha256 per level."""
+    group = zarr.open_group(url, mode="r+")
+    digests = {}
+    for name, block in blocks.items():
+        write_level(group[f"features/{name}"], start, block)
+        digests[name] = features_sha256(block)
+    return digests
+
+
+def write_level(array: zarr.Array, start: int, block: np.ndarray):
+    """Write views [start, start + len(block)) of one level (one whole shard: one object)."""
+    array[start:start + len(block)] = block
+
+
+def write_shard_record(url: str, record: dict):
+    """Mark a shard complete. Local files are written to a temp name and renamed (atomic)."""
+    fs, path = _fs(url)
+    key = f"{path}/_shards/{record['shard']:06d}.json"
+    data = json.dumps(record).encode()
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        os.makedirs(os.path.dirname(key), exist_ok=True)
+        tmp = f"{key}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, key)
+    else:  # object stores make a single PUT visible atomically
+        fs.pipe_file(key, data)
+
+
+def read_shard_records(url: str) -> dict[int, dict]:
+    """Completion records by shard index; an unreadable or partial record counts as absent."""
+    fs, path = _fs(url)
+    try:
+        keys = [k for k in fs.ls(f"{path}/_shards", detail=False) if k.endswith(".json")]
+    except FileNotFoundError:
+        return {}
+    records = {}
+    for key in keys:
+        try:
+            rec = json.loads(fs.cat_file(key))
+            records[int(rec["shard"])] = rec
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+    return records
+
+
+def bytes_on_disk(url: str, prefix: str = "") -> int:
+    fs, path = _fs(url)
+    target = f"{path}/{prefix}" if prefix else path
+    return int(fs.du(target)) if fs.exists(target) else 0
+
+
+class FeatureStore:
+    """Read access to a complete or partial feature store.
+
+    Features come back as float32 (n, C, H, W) per level; boxes as float32 (N, 4) xyxy in the
+    view's canvas pixels with int64 contiguous labels.
+    """
+
+    def __init__(self, url: str):
+        self.url = str(url)
+        try:
+            self.group = zarr.open_group(self.url, mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr.errors, "GroupNotFoundError") else FileNotFoundError):
+            raise CachedetError(f"{self.url}: no feature store here") from None
+        self.header = self.group.attrs.get("cachedet")
+        schema.check_header(self.header, self.url)
+        self.specs = [FeatureSpec.from_dict(s) for s in self.header["feature_specs"]]
+        self.shapes = {k: tuple(v) for k, v in self.header["feature_shapes"].items()}
+        self.num_views = int(self.header["num_views"])
+        self.shard_views = int(self.header["storage"]["shard_views"])
+        self.dtype = self.header["storage"]["dtype"]
+        self.meta = {k: self.group[f"meta/{k}"][...] for k in META_FIELDS}
+        self.box_offsets = self.group["boxes/offsets"][...]
+        self._boxes = {k: self.group[f"boxes/{k}"][...] for k in ("xyxy", "labels", "ann_ids")}
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.header["num_shards"])
+
+    def features_array(self, name: str) -> zarr.Array:
+        return self.group[f"features/{name}"]
+
+    def read_features(self, start: int, end: int) -> dict[str, np.ndarray]:
+        return {s.name: schema.decode(self.features_array(s.name)[start:end], self.dtype) for s in self.specs}
+
+    def boxes(self, view: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.box_offsets[view], self.box_offsets[view + 1]
+        return self._boxes["xyxy"][a:b], self._boxes["labels"][a:b]
+
+    def ann_ids(self, view: int) -> np.ndarray:
+        return self._boxes["ann_ids"][self.box_offsets[view]:self.box_offsets[view + 1]]
+
+    def view_params(self, view: int) -> ViewParams:
+        m = self.meta
+        return ViewParams(
+            image_id=int(m["image_id"][view]),
+            view_index=int(m["view_index"][view]),
+            orig_size=tuple(int(v) for v in m["orig_size"][view]),
+            resized_size=tuple(int(v) for v in m["resized_size"][view]),
+            crop_offset=tuple(int(v) for v in m["crop_offset"][view]),
+            flip=bool(m["flip"][view]),
+            canvas=int(self.header["augment"]["size"]),
+        )
+
+    def shard_records(self) -> dict[int, dict]:
+        return read_shard_records(self.url)
+
+    def usable_views(self) -> np.ndarray:
+        """Indices of views in complete shards, minus views whose image was skipped as bad."""
+        keep = []
+        for shard, rec in sorted(self.shard_records().items()):
+            start, end = rec["views"]
+            skipped = {s["view"] for s in rec.get("skipped", [])}
+            keep.extend(v for v in range(start, end) if v not in skipped)
+        return np.asarray(keep, dtype=np.int64)
+
+    def info(self) -> dict:
+        """What ``cachedet cache-info`` prints."""
+        records = self.shard_records()
+        levels = []
+        for spec in self.specs:
+            arr = self.features_array(spec.name)
+            stored = bytes_on_disk(self.url, f"features/{spec.name}")
+            raw = arr.nbytes * (4 if self.dtype == "float32" else 2) // arr.dtype.itemsize
+            levels.append({
+                "name": spec.name, "stride": spec.stride, "shape": list(arr.shape), "dtype": self.dtype,
+                "bytes_raw": int(raw), "bytes_stored": stored,
+            })
+        raw_total = sum(lv["bytes_raw"] for lv in levels)
+        stored_total = sum(lv["bytes_stored"] for lv in levels)
+        complete = sum(1 for i in range(self.num_shards) if i in records)
+        done_views = sum(r["views"][1] - r["views"][0] for r in records.values())
+        return {
+            "store": self.url,
+            "backbone": self.header["backbone"]["name"],
+            "weights": self.header["backbone"]["weights"],
+            "size": self.header["augment"]["size"],
+            "views": self.num_views,
+            "views_per_image": self.header["views"],
+            "images": self.header["num_images"],
+            "boxes": int(self.box_offsets[-1]),
+            "levels": levels,
+            "codec": self.header["storage"]["codec"],
+            "bytes_on_disk": bytes_on_disk(self.url),
+            "bytes_features": stored_total,
+            "compression_ratio": (raw_total / stored_total) if stored_total else None,
+            "bytes_per_view": (stored_total / done_views) if done_views else None,
+            "shards_complete": complete,
+            "shards_total": self.num_shards,
+            "skipped_images": sorted({s["image_id"] for r in records.values() for s in r.get("skipped", [])}),
+            "dropped_annotations": self.header["dataset"]["dropped"],
+        }

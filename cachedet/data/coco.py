@@ -1,0 +1,308 @@
+"""COCO / LVIS annotation files: validation, the category map, and per-image box targets.
+
+Everything that cannot become a training box is dropped *and counted* by reason; everything
+that makes the file unusable (bad JSON, wrong types, colliding ids) is a ``CachedetError``
+that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cachedet.errors import CachedetError
+
+DROP_REASONS = ("crowd", "non_finite", "degenerate", "outside_image", "unknown_category", "unknown_image")
+
+
+@dataclass(frozen=True)
+class CategoryMap:
+    """The one place that maps dataset category ids to contiguous labels 0..N-1 and back.
+
+    Labels follow the order of ascending category id. ``frequency`` holds LVIS's 'r'/'c'/'f'
+    (None for COCO files).
+    """
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+    frequency: tuple[str | None, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_label(self, category_id: int) -> int:
+        return self._label_of[category_id]
+
+    def to_id(self, label: int) -> int:
+        return self.ids[label]
+
+    def __contains__(self, category_id: int) -> bool:
+        return category_id in self._label_of
+
+    @property
+    def _label_of(self) -> dict[int, int]:
+        cache = self.__dict__.get("_label_cache")
+        if cache is None:
+            cache = {cid: i for i, cid in enumerate(self.ids)}
+            object.__setattr__(self, "_label_cache", cache)
+        return cache
+
+    def to_json(self) -> list[dict]:
+        return [
+            {"id": i, "name": n, **({"frequency": f} if f else {})}
+            for i, n, f in zip(self.ids, self.names, self.frequency)
+        ]
+
+    @classmethod
+    def from_json(cls, items: list[dict]) -> "CategoryMap":
+        items = sorted(items, key=lambda c: c["id"])
+        return cls(
+            ids=tuple(int(c["id"]) for c in items),
+            names=tuple(str(c["name"]) for c in items),
+            frequency=tuple(c.get("frequency") for c in items),
+        )
+
+
+@dataclass
+class ImageRecord:
+    """One image and its kept boxes. boxes: float32 (N, 4) xyxy absolute pixels; labels: int64 (N,)."""
+
+    id: int
+    file_name: str
+    height: int
+    width: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    ann_ids: np.ndarray
+
+
+@dataclass
+class DetectionDataset:
+    """A validated COCO- or LVIS-format dataset: images sorted by id, categories, drop counts."""
+
+    annotation_path: str
+    images_dir: str
+    images: list[ImageRecord]
+    categories: CategoryMap
+    dropped: dict[str, int]
+    sha256: str
+    is_lvis: bool
+    raw: dict = field(repr=False)
+
+    @property
+    def num_boxes(self) -> int:
+        return int(sum(len(r.labels) for r in self.images))
+
+    def image_path(self, record: ImageRecord) -> str:
+        return os.path.join(self.images_dir, record.file_name)
+
+    def fingerprint(self) -> dict:
+        """What identifies this dataset inside a cache."""
+        return {
+            "annotations": os.path.abspath(self.annotation_path),
+            "annotations_sha256": self.sha256,
+            "images_dir": os.path.abspath(self.images_dir),
+            "num_images": len(self.images),
+            "num_boxes": self.num_boxes,
+            "is_lvis": self.is_lvis,
+            "categories": self.categories.to_json(),
+            "dropped": dict(self.dropped),
+        }
+
+    def to_coco(self):
+        """The raw dataset as a pycocotools ``COCO`` object (for evaluation)."""
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = self.raw
+        coco.createIndex()
+        return coco
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _Checker:
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, where: str, message: str):
+        raise CachedetError(f"{self.path}: {where}: {message}")
+
+    def list_field(self, obj: dict, key: str) -> list:
+        if key not in obj:
+            self.fail(key, "missing (a COCO annotation file needs 'images', 'annotations' and 'categories')")
+        if not isinstance(obj[key], list):
+            self.fail(key, f"expected a list, got {type(obj[key]).__name__}")
+        return obj[key]
+
+    def item(self, where: str, obj) -> dict:
+        if not isinstance(obj, dict):
+            self.fail(where, f"expected an object, got {type(obj).__name__}")
+        return obj
+
+    def int_field(self, where: str, obj: dict, key: str, minimum: int | None = None) -> int:
+        if key not in obj:
+            self.fail(f"{where}.{key}", "missing")
+        v = obj[key]
+        if not _is_int(v):
+            self.fail(f"{where}.{key}", f"expected an integer, got {v!r}")
+        if minimum is not None and v < minimum:
+            self.fail(f"{where}.{key}", f"expected an integer >= {minimum}, got {v!r}")
+        if abs(v) > 2**53:
+            self.fail(f"{where}.{key}", f"integer {v} is out of range")
+        return v
+
+    def unique_ids(self, where: str, ids: list[int]):
+        dup = [i for i, n in Counter(ids).items() if n > 1]
+        if dup:
+            self.fail(f"{where}[].id", f"ids must be unique; {len(dup)} collide, e.g. {dup[0]}")
+
+
+def _file_name(chk: _Checker, where: str, img: dict) -> str:
+    name = img.get("file_name")
+    if name is None and isinstance(img.get("coco_url"), str):  # LVIS images carry only coco_url
+        name = img["coco_url"].rsplit("/", 1)[-1]
+    if not isinstance(name, str) or not name:
+        chk.fail(f"{where}.file_name", f"expected a file name, got {name!r}")
+    return name
+
+
+def read_annotation_json(path: str | os.PathLike) -> tuple[dict, str]:
+    """Read and parse a JSON file; return (data, sha256 of its bytes)."""
+    path = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CachedetError(f"{path}: annotation file not found") from None
+    except OSError as e:
+        raise CachedetError(f"{path}: cannot read annotation file ({e.strerror})") from None
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CachedetError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CachedetError(f"{path}: top level: expected a JSON object, got {type(data).__name__}")
+    return data, hashlib.sha256(raw).hexdigest()
+
+
+def load_detection_dataset(annotations: str | os.PathLike, images_dir: str | os.PathLike) -> DetectionDataset:
+    """Validate a COCO/LVIS annotation file and build per-image box targets.
+
+    Boxes are converted from COCO xywh to xyxy and clipped to the image. Dropped annotations are
+    counted in ``dataset.dropped`` under the reasons in ``DROP_REASONS``.
+    """
+    path = str(annotations)
+    data, sha = read_annotation_json(path)
+    chk = _Checker(path)
+
+    categories = []
+    for i, c in enumerate(chk.list_field(data, "categories")):
+        c = chk.item(f"categories[{i}]", c)
+        cid = chk.int_field(f"categories[{i}]", c, "id")
+        name = c.get("name")
+        if not isinstance(name, str):
+            chk.fail(f"categories[{i}].name", f"expected a string, got {name!r}")
+        freq = c.get("frequency")
+        if freq is not None and freq not in ("r", "c", "f"):
+            chk.fail(f"categories[{i}].frequency", f"expected 'r', 'c' or 'f', got {freq!r}")
+        categories.append({"id": cid, "name": name, "frequency": freq})
+    if not categories:
+        chk.fail("categories", "no categories")
+    chk.unique_ids("categories", [c["id"] for c in categories])
+    cmap = CategoryMap.from_json(categories)
+    is_lvis = any(c["frequency"] for c in categories)
+
+    images: dict[int, dict] = {}
+    for i, img in enumerate(chk.list_field(data, "images")):
+        where = f"images[{i}]"
+        img = chk.item(where, img)
+        iid = chk.int_field(where, img, "id", minimum=0)
+        if iid in images:
+            chk.fail(f"{where}.id", f"ids must be unique; {iid} appears twice")
+        images[iid] = {
+            "file_name": _file_name(chk, where, img),
+            "width": chk.int_field(where, img, "width", minimum=1),
+            "height": chk.int_field(where, img, "height", minimum=1),
+            "boxes": [],
+            "labels": [],
+            "ann_ids": [],
+        }
+    if not images:
+        chk.fail("images", "no images")
+
+    dropped = Counter({r: 0 for r in DROP_REASONS})
+    ann_ids = []
+    for i, ann in enumerate(chk.list_field(data, "annotations")):
+        where = f"annotations[{i}]"
+        ann = chk.item(where, ann)
+        ann_ids.append(chk.int_field(where, ann, "id"))
+        image_id = chk.int_field(where, ann, "image_id")
+        category_id = chk.int_field(where, ann, "category_id")
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            chk.fail(f"{where}.bbox", f"expected [x, y, width, height] numbers, got {bbox!r}")
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1, True, False):
+            chk.fail(f"{where}.iscrowd", f"expected 0 or 1, got {crowd!r}")
+        if image_id not in images:
+            dropped["unknown_image"] += 1
+            continue
+        if category_id not in cmap:
+            dropped["unknown_category"] += 1
+            continue
+        if crowd:
+            dropped["crowd"] += 1
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            dropped["non_finite"] += 1
+            continue
+        if w <= 0 or h <= 0:
+            dropped["degenerate"] += 1
+            continue
+        rec = images[image_id]
+        x1, y1 = min(max(x, 0.0), rec["width"]), min(max(y, 0.0), rec["height"])
+        x2, y2 = min(max(x + w, 0.0), rec["width"]), min(max(y + h, 0.0), rec["height"])
+        if x2 - x1 <= 0 or y2 - y1 <= 0:
+            dropped["outside_image"] += 1
+            continue
+        rec["boxes"].append((x1, y1, x2, y2))
+        rec["labels"].append(cmap.to_label(category_id))
+        rec["ann_ids"].append(ann_ids[-1])
+    chk.unique_ids("annotations", ann_ids)
+
+    records = [
+        ImageRecord(
+            id=iid,
+            file_name=r["file_name"],
+            height=r["height"],
+            width=r["width"],
+            boxes=np.asarray(r["boxes"], dtype=np.float32).reshape(-1, 4),
+            labels=np.asarray(r["labels"], dtype=np.int64),
+            ann_ids=np.asarray(r["ann_ids"], dtype=np.int64),
+        )
+        for iid, r in sorted(images.items())
+    ]
+    return DetectionDataset(
+        annotation_path=path,
+        images_dir=str(images_dir),
+        images=records,
+        categories=cmap,
+        dropped=dict(dropped),
+        sha256=sha,
+        is_lvis=is_lvis,
+        raw=data,
+    )

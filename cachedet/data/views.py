@@ -1,0 +1,149 @@
+"""Augmented views: Large Scale Jittering + horizontal flip, deterministic per (seed, image, view).
+
+A view is planned from the image *size* alone (``plan_view``), so every view's boxes can be
+computed before any pixel is decoded, and any shard can be recomputed identically later.
+The same ``apply_view`` moves images and boxes, through ``torchvision.transforms.v2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from cachedet.errors import CachedetError
+from cachedet.structures import ViewParams
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """How views are drawn.
+
+    size: side of the square canvas. scale_range: LSJ factor range; the image is resized so its
+    longer side is ``factor * size``. augment=False gives one plain resize-to-fit-and-pad view.
+    """
+
+    size: int = 640
+    scale_range: tuple[float, float] = (0.1, 2.0)
+    flip: bool = True
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.size < 32:
+            raise CachedetError(f"--size: expected at least 32 pixels, got {self.size}")
+        lo, hi = self.scale_range
+        if not (0 < lo <= hi):
+            raise CachedetError(f"--scale-range: expected 0 < MIN <= MAX, got {lo} {hi}")
+        if self.seed < 0:
+            raise CachedetError(f"--seed: expected a non-negative integer, got {self.seed}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scale_range"] = list(self.scale_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AugmentConfig":
+        return cls(
+            size=int(d["size"]),
+            scale_range=tuple(float(v) for v in d["scale_range"]),
+            flip=bool(d["flip"]),
+            augment=bool(d["augment"]),
+            seed=int(d["seed"]),
+        )
+
+
+def plan_view(cfg: AugmentConfig, image_id: int, view_index: int, height: int, width: int) -> ViewParams:
+    """Draw the parameters of view ``view_index`` of an image of size (height, width).
+
+    A pure function of (cfg.seed, image_id, view_index, image size): the same call gives the
+    same view in any process, on any machine.
+    """
+    if not cfg.augment:
+        factor, flip = 1.0, False
+    else:
+        rng = np.random.default_rng([cfg.seed, image_id, view_index])
+        factor = float(rng.uniform(*cfg.scale_range))
+        flip = bool(cfg.flip and rng.random() < 0.5)
+    scale = factor * cfg.size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    top = left = 0
+    if cfg.augment:
+        top = int(rng.integers(0, max(new_h - cfg.size, 0) + 1))
+        left = int(rng.integers(0, max(new_w - cfg.size, 0) + 1))
+    return ViewParams(
+        image_id=image_id,
+        view_index=view_index,
+        orig_size=(height, width),
+        resized_size=(new_h, new_w),
+        crop_offset=(top, left),
+        flip=flip,
+        canvas=cfg.size,
+    )
+
+
+_sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=lambda d: (d["labels"], d["ann_ids"]))
+
+
+def transform_boxes(
+    params: ViewParams, boxes: np.ndarray, labels: np.ndarray, ann_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Move boxes (float32 (N, 4) xyxy, original image pixels) into the view's canvas.
+
+    Boxes cut by the crop are clipped; boxes left narrower or shorter than 1 pixel are removed
+    (``SanitizeBoundingBoxes``) together with their labels and annotation ids.
+    """
+    bb = tv_tensors.BoundingBoxes(
+        torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=params.orig_size
+    )
+    bb = F.resize(bb, list(params.resized_size))
+    if params.flip:
+        bb = F.horizontal_flip(bb)
+    bb = F.crop(bb, params.crop_offset[0], params.crop_offset[1], params.canvas, params.canvas)
+    out = _sanitize({"boxes": bb, "labels": torch.as_tensor(labels), "ann_ids": torch.as_tensor(ann_ids)})
+    return (
+        out["boxes"].as_subclass(torch.Tensor).numpy().astype(np.float32),
+        out["labels"].numpy().astype(np.int64),
+        out["ann_ids"].numpy().astype(np.int64),
+    )
+
+
+def transform_image(params: ViewParams, image: torch.Tensor) -> torch.Tensor:
+    """Make the view of a normalised image (float (3, H, W)) -> (3, size, size); padding is 0."""
+    if tuple(image.shape[-2:]) != params.orig_size:
+        raise ValueError(f"image is {tuple(image.shape[-2:])}, the view was planned for {params.orig_size}")
+    img = tv_tensors.Image(image)
+    img = F.resize(img, list(params.resized_size), antialias=True)
+    if params.flip:
+        img = F.horizontal_flip(img)
+    img = F.crop(img, params.crop_offset[0], params.crop_offset[1], params.canvas, params.canvas)
+    return img.as_subclass(torch.Tensor)
+
+
+def normalize(image_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (3, H, W) -> float32 (3, H, W) normalised with the backbone's mean/std."""
+    x = F.to_dtype(image_uint8, torch.float32, scale=True)
+    return F.normalize(x, list(mean), list(std))
+
+
+def view_to_image_boxes(params: ViewParams, boxes: np.ndarray) -> np.ndarray:
+    """Map boxes (N, 4) xyxy in the view's canvas back to original-image pixels."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    top, left = params.crop_offset
+    b[:, [0, 2]] += left
+    b[:, [1, 3]] += top
+    if params.flip:
+        w = params.resized_size[1]
+        b[:, [0, 2]] = w - b[:, [2, 0]]
+    sy, sx = params.scale
+    b[:, [0, 2]] /= sx
+    b[:, [1, 3]] /= sy
+    h0, w0 = params.orig_size
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, w0)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, h0)
+    return b.astype(np.float32)

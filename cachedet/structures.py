@@ -1,0 +1,59 @@
+"""Small value types shared by every stage."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One pyramid level of a backbone, declared by the backbone (never inferred).
+
+    name: ``c{log2(stride)}``, e.g. ``c3`` for stride 8. channels: C. stride: pixels per cell.
+    """
+
+    name: str
+    channels: int
+    stride: int
+
+    @staticmethod
+    def level_name(stride: int) -> str:
+        return f"c{int(round(math.log2(stride)))}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureSpec":
+        return cls(name=str(d["name"]), channels=int(d["channels"]), stride=int(d["stride"]))
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """How one augmented view was made from one image (all integers are pixels).
+
+    The image (orig_size = (H, W)) is resized to resized_size = (h, w), flipped horizontally
+    if ``flip``, then the square canvas x canvas window whose top-left corner is crop_offset
+    = (top, left) is taken; where the window leaves the resized image it is zero-padded.
+    """
+
+    image_id: int
+    view_index: int
+    orig_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_offset: tuple[int, int]
+    flip: bool
+    canvas: int
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sy, sx): resized / original size along each axis."""
+        return (self.resized_size[0] / self.orig_size[0], self.resized_size[1] / self.orig_size[1])
+
+    @property
+    def valid_size(self) -> tuple[int, int]:
+        """(h, w) of the top-left part of the canvas covered by the image; the rest is padding."""
+        h = max(0, min(self.canvas, self.resized_size[0] - self.crop_offset[0]))
+        w = max(0, min(self.canvas, self.resized_size[1] - self.crop_offset[1]))
+        return (h, w)

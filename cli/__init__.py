@@ -1,0 +1,1 @@
+"""The ``cachedet`` command line (typer). Each command parses options and calls one library function."""

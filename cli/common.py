@@ -1,0 +1,66 @@
+"""Shared CLI plumbing: user errors as one line + exit status 2, and small formatters."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+
+import typer
+
+from cachedet.errors import CachedetError
+
+
+def user_errors(fn):
+    """Run a command; a CachedetError becomes 'cachedet: error: …' on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        warnings.showwarning = _show_warning
+        try:
+            return fn(*args, **kwargs)
+        except CachedetError as e:
+            print(f"cachedet: error: {e}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def console():
+    """A rich console that never wraps long lines (paths stay greppable)."""
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"cachedet: warning: {message}", file=sys.stderr)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def human_seconds(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def parse_int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
+    except ValueError:
+        raise CachedetError(f"{option} {text}: expected comma-separated integers, e.g. 2,3,4") from None

@@ -1,0 +1,25 @@
+"""Root typer app: ``cachedet <command>``."""
+
+from __future__ import annotations
+
+import typer
+
+from cachedet_cli import cache_info, extract
+
+app = typer.Typer(
+    name="cachedet",
+    help="Train detection heads on cached features of a frozen, classification-pretrained backbone.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("extract")(extract.extract_command)
+app.command("cache-info")(cache_info.cache_info_command)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Shared fixtures: a small generated COCO dataset and helpers to run extraction on it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+from typer.testing import CliRunner
+
+from cachedet.backbones import BackboneConfig
+from cachedet.data.synthetic import SyntheticSpec, make_synthetic_dataset
+from cachedet.data.views import AugmentConfig
+from cachedet.extract import ExtractConfig
+
+warnings.filterwarnings("ignore", message="no offline weights for test_")
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """12 train + 4 val images, 96-180 px, up to 4 objects each."""
+    root = tmp_path_factory.mktemp("synthetic")
+    return make_synthetic_dataset(str(root), SyntheticSpec(num_train=12, num_val=4, min_side=96, max_side=180, max_objects=4))
+
+
+@pytest.fixture
+def dataset_copy(synthetic, tmp_path):
+    """A private, editable copy of the synthetic dataset."""
+    dst = tmp_path / "data"
+    shutil.copytree(synthetic["images"], dst)
+    return {"train": str(dst / "train.json"), "val": str(dst / "val.json"), "images": str(dst)}
+
+
+def small_config(paths: dict, out: str, **kw) -> ExtractConfig:
+    defaults = dict(
+        annotations=paths["train"], images=paths["images"], out=out,
+        backbone=BackboneConfig("test_resnet", None, "random"),
+        augment=AugmentConfig(size=96, seed=3), views=2, shard_views=5, batch_size=4,
+    )
+    defaults.update(kw)
+    return ExtractConfig(**defaults)
+
+
+def edit_json(path: str, fn):
+    with open(path) as f:
+        data = json.load(f)
+    fn(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+@pytest.fixture
+def cli():
+    from cachedet_cli.main import app
+
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return run
