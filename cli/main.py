@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cachedet_cli import cache_info, extract
+from cachedet_cli import cache_info, extract, train_heads
 
 app = typer.Typer(
     name="cachedet",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.command("extract")(extract.extract_command)
 app.command("cache-info")(cache_info.cache_info_command)
+app.command("train-heads")(train_heads.train_heads_command)
 
 
 def main():

@@ -91,16 +91,16 @@ def make_header(*, backbone: dict, specs: list[dict], shapes: dict, dataset: dic
     }
 
 
-def differences(found, wanted, prefix: str = "") -> list[str]:
+def differences(found, wanted, prefix: str = "", found_label: str = "store") -> list[str]:
     """Human-readable differences between two JSON-like values, one line each."""
     if isinstance(found, dict) and isinstance(wanted, dict):
         out = []
         for k in sorted(set(found) | set(wanted), key=str):
-            out += differences(found.get(k), wanted.get(k), f"{prefix}.{k}" if prefix else str(k))
+            out += differences(found.get(k), wanted.get(k), f"{prefix}.{k}" if prefix else str(k), found_label)
         return out
     if found != wanted:
         short = lambda v: (repr(v)[:60] + "…") if len(repr(v)) > 60 else repr(v)  # noqa: E731
-        return [f"{prefix}: store has {short(found)}, asked for {short(wanted)}"]
+        return [f"{prefix}: {found_label} has {short(found)}, asked for {short(wanted)}"]
     return []
 
 

@@ -1,0 +1,55 @@
+"""Online views: decode and augment images at training time (fresh LSJ draw every epoch).
+
+Epoch e uses view index e of every image, so the online regime never repeats a view, and its
+first K epochs see exactly the K views that ``extract --views K`` caches (same plan, same seed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cachedet.data.coco import DetectionDataset
+from cachedet.data.images import read_image
+from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_boxes, transform_image
+from cachedet.errors import CachedetError
+
+
+class OnlineViews(Dataset):
+    """Items: dict(image float32 (3, S, S) normalised, boxes (N, 4) xyxy, labels (N,), view=image index)."""
+
+    def __init__(self, dataset: DetectionDataset, augment: AugmentConfig, mean, std):
+        self.dataset, self.augment = dataset, augment
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset.images)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.dataset.images[i]
+        params = plan_view(self.augment, rec.id, self.epoch if self.augment.augment else 0, rec.height, rec.width)
+        image = read_image(self.dataset.image_path(rec), (rec.height, rec.width))
+        boxes, labels, _ = transform_boxes(params, rec.boxes, rec.labels, rec.ann_ids)
+        return {"image": transform_image(params, normalize(image, self.mean, self.std)),
+                "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "view": i}
+
+
+def rank_indices(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """A shuffled, disjoint share of range(n) for one rank in one epoch."""
+    order = np.random.default_rng([seed, epoch, 23]).permutation(n)
+    return order[rank::world].tolist()
+
+
+def collate_images(samples: list[dict]) -> dict:
+    if not samples:
+        raise CachedetError("empty batch")
+    return {
+        "inputs": torch.stack([s["image"] for s in samples]),
+        "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
+        "views": [s["view"] for s in samples],
+    }

@@ -1,0 +1,108 @@
+"""Where a training step's features come from: a cache, RAM, or the backbone run online.
+
+Every source gives the same things: feature specs, canvas size, categories, a fingerprint that
+a checkpoint must match, the number of steps in an epoch, and batches
+dict(inputs, targets, views), where inputs are features {level: (B, C, H, W)} (cache, RAM) or
+normalised images (B, 3, S, S) (online; ``backbone`` turns them into features).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import islice
+
+from torch.utils.data import DataLoader, Subset
+
+from cachedet.backbones import Backbone, BackboneConfig, build_backbone
+from cachedet.cache.dataset import CachedViews, InMemoryViews, collate_views
+from cachedet.data.coco import load_detection_dataset
+from cachedet.data.online import OnlineViews, collate_images, rank_indices
+from cachedet.data.views import AugmentConfig
+from cachedet.engine.distributed import DistInfo
+from cachedet.structures import FeatureSpec
+
+
+def fingerprint(specs: list[FeatureSpec], backbone_identity: dict, canvas: int, categories: list[dict]) -> dict:
+    """What a trained head depends on: which features (specs, backbone weights, canvas) and classes."""
+    return {
+        "feature_specs": [s.to_dict() for s in specs],
+        "backbone": {k: backbone_identity[k] for k in ("name", "out_indices", "weights_sha256", "mean", "std")},
+        "canvas": int(canvas),
+        "categories": [{"id": c["id"], "name": c["name"]} for c in categories],
+    }
+
+
+def steps_in_epoch(views_per_rank: list[int], batch_size: int) -> int:
+    """Single process: every view (last batch may be short). DDP: the same count on every rank."""
+    if len(views_per_rank) == 1:
+        return math.ceil(views_per_rank[0] / batch_size)
+    return max(1, min(views_per_rank) // batch_size)
+
+
+def _batched(samples, batch_size: int, collate):
+    batch = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == batch_size:
+            yield collate(batch)
+            batch = []
+    if batch:
+        yield collate(batch)
+
+
+class CacheSource:
+    backbone: Backbone | None = None
+
+    def __init__(self, url: str, batch_size: int, workers: int, in_memory: bool, views_per_epoch: int,
+                 seed: int, shuffle_buffer: int, dist: DistInfo, loader_start: str | None = None):
+        self.batch_size, self.workers, self.in_memory, self.loader_start = batch_size, workers, in_memory, loader_start
+        if in_memory:
+            self.dataset = InMemoryViews(url, views_per_epoch, seed, dist.rank, dist.world)
+        else:
+            self.dataset = CachedViews(url, views_per_epoch, seed, shuffle_buffer, dist.rank, dist.world)
+        header = self.dataset.header
+        self.specs = list(self.dataset.specs)
+        self.canvas = int(header["augment"]["size"])
+        self.categories = header["dataset"]["categories"]
+        self.fingerprint = fingerprint(self.specs, header["backbone"], self.canvas, self.categories)
+        self.backbone_identity = header["backbone"]
+        self.augment = header["augment"]
+
+    def steps(self, epoch: int) -> int:
+        return steps_in_epoch(self.dataset.views_per_rank(epoch), self.batch_size)
+
+    def batches(self, epoch: int):
+        self.dataset.set_epoch(epoch)
+        if self.in_memory:
+            batches = _batched(iter(self.dataset), self.batch_size, collate_views)
+        else:
+            batches = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
+                                 collate_fn=collate_views, multiprocessing_context=self.loader_start if self.workers else None)
+        return islice(batches, self.steps(epoch))
+
+
+class OnlineSource:
+    """Images decoded and augmented every step; the frozen (or trainable) backbone runs in the model."""
+
+    def __init__(self, annotations: str, images: str, backbone: BackboneConfig, augment: AugmentConfig,
+                 trainable: bool, batch_size: int, workers: int, seed: int, dist: DistInfo):
+        self.dataset_info = load_detection_dataset(annotations, images)
+        self.backbone = build_backbone(backbone).set_trainable(trainable)
+        self.specs = list(self.backbone.specs)
+        self.canvas = augment.size
+        self.categories = self.dataset_info.categories.to_json()
+        self.fingerprint = fingerprint(self.specs, self.backbone.identity, self.canvas, self.categories)
+        self.backbone_identity = self.backbone.identity
+        self.augment = augment.to_dict()
+        self.views = OnlineViews(self.dataset_info, augment, self.backbone.mean, self.backbone.std)
+        self.batch_size, self.workers, self.seed, self.dist = batch_size, workers, seed, dist
+
+    def steps(self, epoch: int) -> int:
+        n = len(self.views)
+        return steps_in_epoch([len(range(r, n, self.dist.world)) for r in range(self.dist.world)], self.batch_size)
+
+    def batches(self, epoch: int):
+        self.views.set_epoch(epoch)
+        subset = Subset(self.views, rank_indices(len(self.views), self.seed, epoch, self.dist.rank, self.dist.world))
+        loader = DataLoader(subset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate_images)
+        return islice(loader, self.steps(epoch))

@@ -1,0 +1,322 @@
+"""Stage 2: train necks and heads from cached features (or online, or fine-tuning the backbone).
+
+After the features, all three regimes run the same code: ``TrainModel`` -> ``Detector`` losses
+-> SGD/AdamW with warm-up and step/cosine decay -> atomic checkpoint every epoch.
+Run directory: config.json, metrics.jsonl (one JSON object per step), checkpoints/last.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from cachedet import __version__
+from cachedet.backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
+from cachedet.cache.schema import differences
+from cachedet.data.views import AugmentConfig
+from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from cachedet.engine.distributed import DistInfo, barrier, init_distributed, shutdown
+from cachedet.engine.sources import CacheSource, OnlineSource
+from cachedet.errors import CachedetError
+from cachedet.extract import resolve_device
+from cachedet.models.detector import DetectorConfig, build_detector
+from cachedet.models.heads import LOSS_NAMES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    cache: str | None = None
+    # online / fine-tuning regimes
+    online: bool = False
+    annotations: str | None = None
+    images: str | None = None
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "default"
+    out_indices: tuple[int, ...] | None = None
+    size: int = 640
+    scale_range: tuple[float, float] = (0.1, 2.0)
+    backbone_trainable: bool = False
+    # detector
+    neck: str = "fpn"
+    head: str = "faster-rcnn"
+    neck_channels: int = 256
+    detector_options: dict = field(default_factory=dict)
+    # optimisation
+    epochs: int = 12
+    batch_size: int = 8
+    optimizer: str = "sgd"
+    lr: float | None = None  # default: 0.02 x batch/16 for SGD, 1e-4 for AdamW
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "step"  # step: x0.1 at 2/3 and 8/9 of training; cosine: to 0
+    clip_grad: float | None = 10.0
+    amp: bool = True  # bfloat16 autocast, CUDA only
+    # data
+    workers: int = 0
+    loader_start: str | None = None  # DataLoader start method (None: platform default, or "spawn")
+    in_memory: bool = False
+    views_per_epoch: int = 1
+    shuffle_buffer: int = 256
+    max_steps_per_epoch: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.02 * self.batch_size / 16 if self.optimizer == "sgd" else 1e-4
+
+    def validate(self):
+        if self.online == (self.cache is not None):
+            raise CachedetError("give either --cache STORE or --online (with --annotations, --images, --backbone)")
+        if self.online and (not self.annotations or not self.images):
+            raise CachedetError("--online needs --annotations and --images")
+        if self.backbone_trainable and not self.online:
+            raise CachedetError("--backbone-trainable fine-tunes the backbone, so it needs --online")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise CachedetError(f"--optimizer {self.optimizer}: expected sgd or adamw")
+        if self.schedule not in ("step", "cosine"):
+            raise CachedetError(f"--schedule {self.schedule}: expected step or cosine")
+        for name, v in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--views-per-epoch", self.views_per_epoch)):
+            if v < 1:
+                raise CachedetError(f"{name}: expected a positive integer, got {v}")
+        if self.learning_rate <= 0:
+            raise CachedetError(f"--lr: expected a positive number, got {self.learning_rate}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TrainModel(nn.Module):
+    """inputs -> features -> detector losses. Without a backbone the inputs are the features."""
+
+    def __init__(self, detector: nn.Module, backbone: Backbone | None = None):
+        super().__init__()
+        self.detector, self.backbone = detector, backbone
+
+    def features(self, inputs):
+        if self.backbone is None:
+            return inputs
+        if self.backbone.trainable:
+            return self.backbone(inputs)
+        with torch.inference_mode():
+            feats = self.backbone(inputs)
+        # inference tensors cannot be saved for backward; a clone outside the mode is a normal tensor
+        return {k: v.clone() for k, v in feats.items()}
+
+    def forward(self, inputs, targets):
+        return self.detector(self.features(inputs), targets)
+
+
+def lr_factor(cfg: TrainConfig, total_steps: int):
+    """Multiplier of the base learning rate at a step: linear warm-up, then step or cosine decay."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.001 + (1 - 0.001) * step / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 0.1 ** sum(step >= total_steps * m for m in (2 / 3, 8 / 9))
+
+    return factor
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def make_source(cfg: TrainConfig, info: DistInfo):
+    if cfg.online:
+        return OnlineSource(
+            cfg.annotations, cfg.images, BackboneConfig(cfg.backbone, cfg.out_indices, cfg.weights),
+            AugmentConfig(size=cfg.size, scale_range=tuple(cfg.scale_range), seed=cfg.seed),
+            cfg.backbone_trainable, cfg.batch_size, cfg.workers, cfg.seed, info,
+        )
+    return CacheSource(cfg.cache, cfg.batch_size, cfg.workers, cfg.in_memory, cfg.views_per_epoch, cfg.seed,
+                       cfg.shuffle_buffer, info, cfg.loader_start)
+
+
+def _to_device(batch: dict, device: torch.device):
+    inputs = batch["inputs"]
+    if isinstance(inputs, dict):
+        inputs = {k: v.to(device, non_blocking=True).float() for k, v in inputs.items()}
+    else:
+        inputs = inputs.to(device, non_blocking=True)
+    targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
+    return inputs, targets
+
+
+class RunDir:
+    def __init__(self, path: str):
+        self.path = path
+        self.checkpoint = os.path.join(path, "checkpoints", "last.pt")
+        self.metrics = os.path.join(path, "metrics.jsonl")
+        self.config = os.path.join(path, "config.json")
+
+    def truncate_metrics(self, last_step: int):
+        """Drop metric lines written after the checkpoint we resume from (a killed run's tail)."""
+        if not os.path.exists(self.metrics):
+            return
+        with open(self.metrics) as f:
+            lines = [ln for ln in f if ln.strip()]
+        kept = []
+        for ln in lines:
+            try:
+                if json.loads(ln)["step"] <= last_step:
+                    kept.append(ln)
+            except (ValueError, KeyError):
+                break
+        with open(self.metrics, "w") as f:
+            f.writelines(kept)
+
+
+@dataclass
+class TrainResult:
+    run: str
+    steps: int
+    epochs: int
+    first_loss: float | None
+    last_loss: float | None
+    seconds: float
+    views_per_second: float
+
+
+def check_fingerprint(found: dict, wanted: dict, what: str):
+    diff = differences(found, wanted, found_label="checkpoint")
+    if diff:
+        raise CachedetError(f"{what} does not fit this run: " + "; ".join(diff[:8]))
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Run stage 2 (see module docstring); with ``cfg.resume`` continue from checkpoints/last.pt."""
+    from cachedet.progress import ViewProgress
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    info = init_distributed(device)
+    if device.type == "cuda" and info.world > 1:
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    run = RunDir(cfg.out)
+    if not cfg.resume and os.path.exists(run.checkpoint):
+        raise CachedetError(f"--out {cfg.out}: holds a run already (pass --resume to continue it, or choose another --out)")
+    ckpt = load_checkpoint(run.checkpoint) if cfg.resume else None
+
+    source = make_source(cfg, info)
+    det_cfg = DetectorConfig(
+        num_classes=len(source.categories), canvas=source.canvas, in_specs=tuple(source.specs),
+        neck=cfg.neck, head=cfg.head, neck_channels=cfg.neck_channels, options=dict(cfg.detector_options),
+    )
+    if ckpt is not None:
+        where = f"--cache {cfg.cache}" if cfg.cache else "the online backbone"
+        check_fingerprint(ckpt["fingerprint"], source.fingerprint, f"{where} (checkpoint {run.checkpoint})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        detector = build_detector(det_cfg)
+    model = TrainModel(detector, source.backbone).to(device)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    steps_per_epoch = source.steps(0)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch * cfg.epochs))
+    start_epoch, step = 0, 0
+    if ckpt is not None:
+        model.detector.load_state_dict(ckpt["detector"])
+        if ckpt.get("backbone") is not None and model.backbone is not None:
+            model.backbone.load_state_dict(ckpt["backbone"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        if info.is_main:
+            run.truncate_metrics(step)
+    if info.is_main:
+        os.makedirs(run.path, exist_ok=True)
+        with open(run.config, "w") as f:
+            json.dump({"train": cfg.to_dict(), "detector": det_cfg.to_dict(), "fingerprint": source.fingerprint,
+                       "backbone": source.backbone_identity, "augment": source.augment,
+                       "categories": source.categories, "cachedet_version": __version__}, f, indent=2)
+    ddp = model
+    if info.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    use_amp = cfg.amp and device.type == "cuda"
+    first_loss = last_loss = None
+    t_start, views_done = time.perf_counter(), 0
+    remaining = steps_per_epoch * (cfg.epochs - start_epoch)
+    with ViewProgress("train-heads", remaining, unit="steps", enabled=progress and info.is_main) as bar, \
+            open(run.metrics, "a") if info.is_main else _nullfile() as metrics:
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(cfg.seed * 100_003 + epoch)  # RoI sampling etc.: resume replays it exactly
+            model.train()
+            for i, batch in enumerate(source.batches(epoch)):
+                if i >= steps_per_epoch:
+                    break
+                t0 = time.perf_counter()
+                inputs, targets = _to_device(batch, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    losses = ddp(inputs, targets)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise CachedetError(f"the loss became {loss.item()} at step {step} (epoch {epoch}); lower --lr or raise --warmup-steps")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
+                optimizer.step()
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                step += 1
+                n = len(targets) * info.world
+                dt = time.perf_counter() - t0
+                views_done += n
+                last_loss = float(loss.detach())
+                first_loss = last_loss if first_loss is None else first_loss
+                if info.is_main:
+                    record = {"epoch": epoch, "step": step, "lr": lr, "loss": last_loss,
+                              **{k: float(v.detach()) for k, v in losses.items()},
+                              "views_per_s": n / dt, "step_s": dt}
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                bar.advance(1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {last_loss:.3f} lr {lr:.2g}")
+            if info.is_main:
+                save_atomic({
+                    "format": CHECKPOINT_FORMAT, "cachedet_version": __version__, "epoch": epoch, "step": step,
+                    "config": cfg.to_dict(), "detector_config": det_cfg.to_dict(), "fingerprint": source.fingerprint,
+                    "backbone_identity": source.backbone_identity, "categories": source.categories,
+                    "augment": source.augment, "detector": model.detector.state_dict(),
+                    "backbone": model.backbone.state_dict() if model.backbone is not None and model.backbone.trainable else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                }, run.checkpoint)
+            barrier(info)
+    seconds = time.perf_counter() - t_start
+    shutdown(info)
+    return TrainResult(run=cfg.out, steps=step, epochs=cfg.epochs, first_loss=first_loss, last_loss=last_loss,
+                       seconds=seconds, views_per_second=views_done / seconds if seconds else 0.0)
+
+
+class _nullfile:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, _):
+        pass
+
+    def flush(self):
+        pass

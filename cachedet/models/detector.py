@@ -1,0 +1,96 @@
+"""The meta-architecture: neck + head, built from the backbone's declared feature specs.
+
+It never sees the backbone or the cache: ``forward(features, targets)`` returns the losses and
+``predict(features)`` the detections, both in the view's canvas pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from cachedet.errors import CachedetError
+from cachedet.models.heads import LOSS_NAMES, FasterRCNNHead, RetinaNetDetHead
+from cachedet.models.necks import build_neck
+from cachedet.structures import FeatureSpec
+
+HEADS = ("faster-rcnn", "retinanet")
+FASTER_RCNN_OPTIONS = ("box_representation", "rois_per_image", "proposals_per_image")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    num_classes: int
+    canvas: int
+    in_specs: tuple[FeatureSpec, ...]
+    neck: str = "fpn"
+    head: str = "faster-rcnn"
+    neck_channels: int = 256
+    # Faster R-CNN settings (torchvision defaults): box_representation (FC width, 1024),
+    # rois_per_image (sampled per image in training, 512), proposals_per_image (RPN output, 1000)
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["in_specs"] = [s.to_dict() for s in self.in_specs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DetectorConfig":
+        d = dict(d)
+        d["in_specs"] = tuple(FeatureSpec.from_dict(s) for s in d["in_specs"])
+        return cls(**d)
+
+
+class Detector(nn.Module):
+    """features {c3: (B, C, H/8, W/8), ...} -> losses (training) or detections (``predict``)."""
+
+    def __init__(self, cfg: DetectorConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.head not in HEADS:
+            raise CachedetError(f"--head {cfg.head}: expected one of {', '.join(HEADS)}")
+        extra = "p6p7" if cfg.head == "retinanet" else "maxpool"
+        self.neck = build_neck(cfg.neck, list(cfg.in_specs), cfg.neck_channels, extra)
+        if cfg.head == "retinanet":
+            self.head = RetinaNetDetHead(self.neck.out_specs, cfg.num_classes)
+        else:
+            unknown = set(cfg.options) - set(FASTER_RCNN_OPTIONS)
+            if unknown:
+                raise CachedetError(f"unknown detector option(s) {sorted(unknown)}; known: {', '.join(FASTER_RCNN_OPTIONS)}")
+            self.head = FasterRCNNHead(
+                self.neck.out_specs, cfg.num_classes,
+                representation=int(cfg.options.get("box_representation", 1024)),
+                rois_per_image=int(cfg.options.get("rois_per_image", 512)),
+                proposals_per_image=int(cfg.options.get("proposals_per_image", 1000)),
+            )
+
+    def _sizes(self, features, image_sizes):
+        n = next(iter(features.values())).shape[0]
+        return image_sizes or [(self.cfg.canvas, self.cfg.canvas)] * n
+
+    def forward(self, features: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]],
+                image_sizes: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+        """Losses, keyed by ``LOSS_NAMES``. Alias: ``loss``."""
+        losses = self.head.loss(self.neck(features), targets, self._sizes(features, image_sizes))
+        return {k: losses[k] for k in LOSS_NAMES}
+
+    loss = forward
+
+    @torch.no_grad()
+    def predict(self, features: dict[str, torch.Tensor], image_sizes: list[tuple[int, int]] | None = None):
+        """Detections per view: dict(boxes (N, 4) xyxy canvas pixels, scores (N,), labels (N,) 0..C-1)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.head.predict(self.neck(features), self._sizes(features, image_sizes))
+        finally:
+            self.train(was_training)
+
+
+def build_detector(cfg: DetectorConfig) -> Detector:
+    if cfg.num_classes < 1:
+        raise CachedetError(f"num_classes must be positive, got {cfg.num_classes}")
+    return Detector(cfg)

@@ -1,0 +1,54 @@
+"""Necks: backbone levels {c3, c4, c5} -> pyramid levels {p3, ..., pK}, all ``channels`` wide.
+
+A neck declares its output as ``FeatureSpec``s (name p{log2 stride}, channels, stride), as the
+backbone does, so heads are built from declarations and never from tensor shapes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from cachedet.errors import CachedetError
+from cachedet.structures import FeatureSpec
+
+
+class FPNNeck(nn.Module):
+    """torchvision's FeaturePyramidNetwork over the given levels, plus extra coarser levels.
+
+    extra="maxpool": one level made by max-pooling the coarsest output (Faster R-CNN's P6).
+    extra="p6p7": two levels made by strided 3x3 convs on the coarsest *backbone* level (RetinaNet).
+    forward({c3: (B, C3, H/8, W/8), ...}) -> OrderedDict{p3: (B, channels, H/8, W/8), ...}.
+    """
+
+    def __init__(self, in_specs: list[FeatureSpec], channels: int = 256, extra: str = "maxpool"):
+        super().__init__()
+        self.in_specs = list(in_specs)
+        if extra == "maxpool":
+            extra_block, n_extra = LastLevelMaxPool(), 1
+        elif extra == "p6p7":
+            extra_block, n_extra = LastLevelP6P7(in_specs[-1].channels, channels), 2
+        else:
+            raise ValueError(extra)
+        self.fpn = FeaturePyramidNetwork([s.channels for s in in_specs], channels, extra_blocks=extra_block)
+        strides = [s.stride for s in in_specs] + [in_specs[-1].stride * 2 ** (k + 1) for k in range(n_extra)]
+        self.out_specs = [FeatureSpec(f"p{FeatureSpec.level_name(s)[1:]}", channels, s) for s in strides]
+
+    def forward(self, features: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+        x = OrderedDict((s.name, features[s.name]) for s in self.in_specs)
+        out = self.fpn(x)
+        return OrderedDict((spec.name, t) for spec, t in zip(self.out_specs, out.values()))
+
+
+NECKS = ("fpn",)
+
+
+def build_neck(name: str, in_specs: list[FeatureSpec], channels: int, extra: str) -> nn.Module:
+    """The one place that maps a neck name to its builder (NAS-FPN plugs in here)."""
+    if name == "fpn":
+        return FPNNeck(in_specs, channels, extra)
+    raise CachedetError(f"--neck {name}: expected one of {', '.join(NECKS)}")

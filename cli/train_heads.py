@@ -1,0 +1,70 @@
+"""``cachedet train-heads``: stage 2, necks and heads from the cache (or online / fine-tuned)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cachedet.backbones import DEFAULT_BACKBONE
+from cachedet.errors import CachedetError
+from cachedet_cli.common import console as make_console, parse_int_list, user_errors
+
+
+@user_errors
+def train_heads_command(
+    out: str = typer.Option(..., "--out", help="Run directory (config, checkpoints, metrics.jsonl)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Feature store written by cachedet extract."),
+    online: bool = typer.Option(False, "--online", help="Run the frozen backbone every step instead of reading a cache."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="With --online: COCO/LVIS annotation JSON."),
+    images: Optional[Path] = typer.Option(None, "--images", help="With --online: image folder."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="With --online: timm model name."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="With --online: backbone checkpoint."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="With --online: timm's pretrained weights."),
+    random_init: bool = typer.Option(False, "--random-init", help="With --online: random backbone weights."),
+    out_indices: Optional[str] = typer.Option(None, "--out-indices"),
+    size: int = typer.Option(640, "--size", help="With --online: canvas size."),
+    scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range"),
+    backbone_trainable: bool = typer.Option(False, "--backbone-trainable", help="Fine-tune the backbone (BatchNorm stays frozen)."),
+    neck: str = typer.Option("fpn", "--neck"),
+    head: str = typer.Option("faster-rcnn", "--head", help="faster-rcnn or retinanet."),
+    neck_channels: int = typer.Option(256, "--neck-channels"),
+    epochs: int = typer.Option(12, "--epochs"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default: 0.02 x batch/16 (SGD), 1e-4 (AdamW)."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    warmup_steps: int = typer.Option(100, "--warmup-steps"),
+    schedule: str = typer.Option("step", "--schedule", help="step or cosine."),
+    clip_grad: float = typer.Option(10.0, "--clip-grad", help="Max gradient norm (0: off)."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM once."),
+    views_per_epoch: int = typer.Option(1, "--views-per-epoch", help="Cached views of each image used per epoch."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    no_amp: bool = typer.Option(False, "--no-amp", help="No bfloat16 autocast on CUDA."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
+    """Train necks and heads from cached features (stage 2); --online / --backbone-trainable for the baselines."""
+    from cachedet.engine.train import TrainConfig, train
+
+    if sum([weights is not None, pretrained, random_init]) > 1:
+        raise CachedetError("--weights, --pretrained and --random-init exclude each other")
+    cfg = TrainConfig(
+        out=out, cache=cache, online=online, annotations=str(annotations) if annotations else None,
+        images=str(images) if images else None, backbone=backbone,
+        weights=str(weights) if weights else "timm" if pretrained else "random" if random_init else "default",
+        out_indices=parse_int_list(out_indices, "--out-indices"), size=size, scale_range=tuple(scale_range),
+        backbone_trainable=backbone_trainable, neck=neck, head=head, neck_channels=neck_channels, epochs=epochs,
+        batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        schedule=schedule, clip_grad=clip_grad or None, amp=not no_amp, workers=workers, in_memory=in_memory,
+        views_per_epoch=views_per_epoch, seed=seed, device=device, resume=resume,
+    )
+    result = train(cfg, progress=not quiet)
+    make_console().print(
+        f"[bold]{result.run}[/]: {result.steps} steps, {result.epochs} epochs, loss {result.first_loss:.3f} -> "
+        f"{result.last_loss:.3f}, {result.views_per_second:.1f} views/s, {result.seconds:.1f} s"
+        if result.first_loss is not None else f"{result.run}: nothing left to train ({result.steps} steps done)"
+    )
