@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cachedet_cli import cache_info, extract, train_heads
+from cachedet_cli import cache_info, demo, eval_predict, extract, train_heads
 
 app = typer.Typer(
     name="cachedet",
@@ -13,9 +13,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("demo")(demo.demo_command)
 app.command("extract")(extract.extract_command)
 app.command("cache-info")(cache_info.cache_info_command)
 app.command("train-heads")(train_heads.train_heads_command)
+app.command("eval")(eval_predict.eval_command)
+app.command("predict")(eval_predict.predict_command)
 
 
 def main():

@@ -1,0 +1,1 @@
+"""Scoring with the reference scorers (pycocotools COCOeval, lvis LVISEval) and stratified reports."""

@@ -1,0 +1,74 @@
+"""``evaluate_run``: predictions for a validation set, scored and stratified, written to JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from cachedet.cache.store import FeatureStore
+from cachedet.data.coco import load_detection_dataset, read_annotation_json
+from cachedet.errors import CachedetError
+from cachedet.evaluation.predictor import Predictor
+from cachedet.evaluation.scoring import (
+    DEFAULT_COUNT_BINS, coco_evaluate, lvis_evaluate, stratify_by_count, training_counts,
+)
+
+
+def evaluate_run(run: str, annotations: str, images: str | None = None, train_annotations: str | None = None,
+                 cache: str | None = None, out: str | None = None, count_bins: tuple[int, ...] = DEFAULT_COUNT_BINS,
+                 device: str = "auto", batch_size: int = 8, progress: bool = True) -> dict:
+    """Predict on every image of ``annotations`` (from ``images`` or from a ``--no-augment`` cache), score
+    with COCOeval (and LVISEval for an LVIS file), and stratify per-class AP by training counts.
+    Returns the metrics dict (also written to ``out`` as JSON, with detections beside it)."""
+    from cachedet.progress import ViewProgress
+
+    if cache is None and images is None:
+        raise CachedetError("eval needs --images DIR or --cache VALSTORE")
+    t0 = time.perf_counter()
+    dataset = load_detection_dataset(annotations, images or os.path.dirname(os.path.abspath(annotations)))
+    predictor = Predictor(run, device=device, need_backbone=cache is None)
+    val_ids = [int(c["id"]) for c in dataset.categories.to_json()]
+    if sorted(val_ids) != sorted(predictor.category_ids):
+        raise CachedetError(f"{annotations}: categories differ from the run's ({len(val_ids)} vs {len(predictor.category_ids)}); "
+                            "evaluate on a file with the training categories")
+    with ViewProgress("eval", len(dataset.images), unit="images", enabled=progress) as bar:
+        if cache is not None:
+            store = FeatureStore(cache)
+            if store.header["dataset"]["annotations_sha256"] != dataset.sha256:
+                raise CachedetError(f"--cache {cache}: was extracted from another annotation file than {annotations}")
+            detections = predictor.predict_store(store, on_images=bar.advance)
+        else:
+            items = [(r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images]
+            detections = predictor.predict_images(items, batch_size=batch_size, on_images=bar.advance)
+    seconds_predict = time.perf_counter() - t0
+    coco = coco_evaluate(dataset.raw, detections)
+    metrics = {
+        "run": run,
+        "annotations": os.path.abspath(annotations),
+        "source": "cache" if cache else "images",
+        "num_images": len(dataset.images),
+        "num_detections": len(detections),
+        "bbox": coco["summary"],
+        "per_class": [{"category_id": cid, "name": predictor.names.get(cid, str(cid)), "AP": ap}
+                      for cid, ap in sorted(coco["per_class"].items())],
+        "seconds_predict": seconds_predict,
+    }
+    if dataset.is_lvis:
+        metrics["lvis_bbox"] = lvis_evaluate(annotations, detections)["summary"]
+    if train_annotations:
+        train_data, _ = read_annotation_json(train_annotations)
+        counts = training_counts(train_data)
+        for row in metrics["per_class"]:
+            row["train_annotations"] = counts.get(row["category_id"], 0)
+        metrics["by_train_count"] = stratify_by_count(coco["per_class"], counts, tuple(count_bins))
+        metrics["count_bins"] = list(count_bins)
+    metrics["by_size"] = {k: coco["summary"][k] for k in ("APs", "APm", "APl")}
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(metrics, f, indent=2)
+        with open(os.path.splitext(out)[0] + ".detections.json", "w") as f:
+            json.dump(detections, f)
+    metrics["_detections"] = detections
+    return metrics

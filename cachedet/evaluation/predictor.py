@@ -1,0 +1,125 @@
+"""Stage 3 inference: a trained run + its backbone -> detections in original-image coordinates.
+
+Images are resized to fit the run's canvas and padded (no jitter), exactly like
+``extract --no-augment``; detections are mapped back through the view metadata and their
+contiguous labels turned back into the dataset's category ids.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from cachedet.backbones import Backbone, BackboneConfig, build_backbone
+from cachedet.cache.schema import differences
+from cachedet.cache.store import FeatureStore
+from cachedet.data.images import read_image
+from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_image, view_to_image_boxes
+from cachedet.engine.checkpoint import load_checkpoint
+from cachedet.engine.sources import fingerprint as make_fingerprint
+from cachedet.errors import CachedetError
+from cachedet.extract import resolve_device
+from cachedet.models.detector import DetectorConfig, build_detector
+from cachedet.structures import ViewParams
+
+
+def _weights_option(source: str) -> str:
+    if source.startswith("offline:"):
+        return "default"
+    if source.startswith("file:"):
+        return source[len("file:"):]
+    return source  # "random" or "timm"
+
+
+class Predictor:
+    """Loads RUN/checkpoints/last.pt; ``predict_views`` and ``predict_images`` give COCO results."""
+
+    def __init__(self, run: str, device: str = "auto", score_threshold: float = 0.0, need_backbone: bool = True):
+        path = os.path.join(run, "checkpoints", "last.pt") if os.path.isdir(run) else run
+        ckpt = load_checkpoint(path)
+        self.run, self.device = run, resolve_device(device)
+        self.fingerprint = ckpt["fingerprint"]
+        self.categories = ckpt["categories"]
+        self.category_ids = [int(c["id"]) for c in sorted(self.categories, key=lambda c: c["id"])]
+        self.names = {int(c["id"]): c["name"] for c in self.categories}
+        self.detector_config = DetectorConfig.from_dict(ckpt["detector_config"])
+        self.canvas = self.detector_config.canvas
+        self.detector = build_detector(self.detector_config)
+        self.detector.load_state_dict(ckpt["detector"])
+        self.detector.to(self.device).eval()
+        self.score_threshold = score_threshold
+        self.backbone: Backbone | None = None
+        if need_backbone:
+            ident = ckpt["backbone_identity"]
+            self.backbone = build_backbone(BackboneConfig(ident["name"], tuple(ident["out_indices"]), _weights_option(ident["weights"])), warn=False)
+            if ckpt.get("backbone") is not None:  # fine-tuned run
+                self.backbone.load_state_dict(ckpt["backbone"])
+            elif self.backbone.identity["weights_sha256"] != ident["weights_sha256"]:
+                raise CachedetError(f"{path}: the backbone weights available here ({self.backbone.identity['weights']}) "
+                                    f"are not the ones the run was trained on ({ident['weights']})")
+            self.backbone.to(self.device).eval()
+
+    def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
+        results = []
+        for p, det in zip(params, detections):
+            keep = det["scores"] >= self.score_threshold
+            boxes = view_to_image_boxes(p, det["boxes"][keep].float().cpu().numpy())
+            for box, score, label in zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist()):
+                x1, y1, x2, y2 = (float(v) for v in box)
+                if x2 - x1 <= 0 or y2 - y1 <= 0:
+                    continue
+                results.append({"image_id": p.image_id, "category_id": self.category_ids[label],
+                                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                                "score": round(float(score), 5)})
+        return results
+
+    def predict_features(self, params: list[ViewParams], features: dict[str, torch.Tensor]) -> list[dict]:
+        feats = {k: v.to(self.device).float() for k, v in features.items()}
+        return self._to_results(params, self.detector.predict(feats))
+
+    def predict_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8, on_images=None) -> list[dict]:
+        """items: (image_id, path, (height, width) from the annotations or None)."""
+        assert self.backbone is not None
+        plain = AugmentConfig(size=self.canvas, augment=False)
+        results = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            params, views = [], []
+            for image_id, path, size in chunk:
+                image = read_image(path, size)
+                p = plan_view(plain, image_id, 0, int(image.shape[1]), int(image.shape[2]))
+                params.append(p)
+                views.append(transform_image(p, normalize(image, self.backbone.mean, self.backbone.std)))
+            with torch.inference_mode():
+                feats = self.backbone(torch.stack(views).to(self.device))
+            results += self.predict_features(params, feats)
+            if on_images:
+                on_images(len(chunk))
+        return results
+
+    def check_store(self, store: FeatureStore):
+        header = store.header
+        if header["augment"]["augment"]:
+            raise CachedetError(f"--cache {store.url}: an augmented cache; evaluate from one made with --no-augment --views 1")
+        found = make_fingerprint(store.specs, header["backbone"], int(header["augment"]["size"]), header["dataset"]["categories"])
+        diff = differences(found, self.fingerprint, found_label="store")
+        if diff:
+            raise CachedetError(f"--cache {store.url} does not fit run {self.run}: " + "; ".join(diff[:6]))
+
+    def predict_store(self, store: FeatureStore, batch_size: int = 16, on_images=None) -> list[dict]:
+        self.check_store(store)
+        results = []
+        usable = store.usable_views()
+        for start in range(0, len(usable), batch_size):
+            views = usable[start:start + batch_size]
+            a, b = int(views[0]), int(views[-1]) + 1
+            block = store.read_features(a, b)
+            idx = (views - a)
+            feats = {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in block.items()}
+            results += self.predict_features([store.view_params(int(v)) for v in views], feats)
+            if on_images:
+                on_images(len(views))
+        return results
+

@@ -1,0 +1,122 @@
+"""COCO / LVIS scoring through the reference implementations, plus the paper's stratification.
+
+AP is never re-implemented here: COCOeval / LVISEval compute it; this module only picks the
+numbers out (summary stats, per-class AP from COCOeval's precision array) and groups classes by
+how many training annotations they have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from collections import Counter
+
+import numpy as np
+
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+DEFAULT_COUNT_BINS = (10, 100, 1000)  # -> 1-10, 11-100, 101-1000, >1000
+
+
+def count_bins_labels(edges: tuple[int, ...]) -> list[str]:
+    labels, lo = [], 1
+    for e in edges:
+        labels.append(f"{lo}-{e}")
+        lo = e + 1
+    labels.append(f">{edges[-1]}")
+    return labels
+
+
+def bin_of(count: int, edges: tuple[int, ...]) -> int:
+    for i, e in enumerate(edges):
+        if count <= e:
+            return i
+    return len(edges)
+
+
+def _empty_results_guard(detections: list[dict]) -> bool:
+    return len(detections) == 0
+
+
+def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbox") -> dict:
+    """Score COCO-format detections with pycocotools' COCOeval.
+
+    Returns {"summary": {AP, AP50, ..., AR100 in 0..100}, "per_class": {category_id: AP or None}}.
+    No detections gives AP 0 (COCOeval itself refuses an empty result list).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO()
+    gt.dataset = copy.deepcopy(gt_dataset)
+    gt.dataset.setdefault("info", {})
+    for ann in gt.dataset["annotations"]:
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+        ann.setdefault("iscrowd", 0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    cat_ids = sorted(gt.getCatIds())
+    if _empty_results_guard(detections):
+        return {"summary": {k: 0.0 for k in COCO_STATS},
+                "per_class": {c: (0.0 if gt.getAnnIds(catIds=[c]) else None) for c in cat_ids}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(copy.deepcopy(detections))
+        ev = COCOeval(gt, dt, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    summary = {k: float(max(v, 0.0) * 100) for k, v in zip(COCO_STATS, ev.stats)}
+    precision = ev.eval["precision"]  # (T iou, R recall, K classes, A areas, M maxdets)
+    per_class = {}
+    for k, cid in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_class[int(cid)] = float(p.mean() * 100) if p.size else None
+    return {"summary": summary, "per_class": per_class}
+
+
+@contextlib.contextmanager
+def _numpy_aliases_for_lvis():
+    """lvis 0.5.3 (the latest release) uses ``np.float``, removed in numpy 1.24; lend it while it runs."""
+    added = not hasattr(np, "float")
+    if added:
+        np.float = float  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if added:
+            del np.float
+
+
+def lvis_evaluate(annotation_path: str, detections: list[dict], iou_type: str = "bbox") -> dict:
+    """Score with the ``lvis`` package's LVISEval: AP, AP50, AP75, APs/m/l, APr, APc, APf (0..100)."""
+    from lvis import LVIS, LVISEval, LVISResults
+
+    with contextlib.redirect_stdout(io.StringIO()), _numpy_aliases_for_lvis():
+        gt = LVIS(annotation_path)
+        if not detections:
+            return {"summary": {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")}}
+        dt = LVISResults(gt, copy.deepcopy(detections))
+        ev = LVISEval(gt, dt, iou_type=iou_type)
+        ev.run()
+        results = ev.get_results()
+    return {"summary": {k: float(max(v, 0.0) * 100) for k, v in results.items()}}
+
+
+def training_counts(train_dataset: dict) -> Counter:
+    """Training annotations per category id (crowd excluded)."""
+    return Counter(a["category_id"] for a in train_dataset.get("annotations", []) if not a.get("iscrowd", 0))
+
+
+def stratify_by_count(per_class: dict, counts: Counter, edges: tuple[int, ...] = DEFAULT_COUNT_BINS) -> list[dict]:
+    """Mean AP of the classes in each training-count bin (classes with no val objects are left out)."""
+    labels = count_bins_labels(edges)
+    rows = []
+    for b, label in enumerate(labels):
+        aps = [ap for cid, ap in per_class.items() if ap is not None and counts.get(cid, 0) > 0
+               and bin_of(counts[cid], edges) == b]
+        rows.append({"bin": label, "classes": len(aps), "AP": float(np.mean(aps)) if aps else None})
+    unseen = [ap for cid, ap in per_class.items() if ap is not None and counts.get(cid, 0) == 0]
+    if unseen:
+        rows.append({"bin": "0 (unseen)", "classes": len(unseen), "AP": float(np.mean(unseen))})
+    return rows

@@ -1,0 +1,120 @@
+"""``cachedet eval`` and ``cachedet predict``: stage 3."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from cachedet.errors import CachedetError
+from cachedet_cli.common import console as make_console, parse_int_list, user_errors
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def print_metrics(metrics: dict, console) -> None:
+    """The AP summary, the stratified tables and per-class AP, as rich tables."""
+    box = metrics["bbox"]
+    t = Table(title=f"box AP on {metrics['num_images']} images ({metrics['source']})")
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+    for k in keys:
+        t.add_column(k, justify="right")
+    t.add_row(*(fmt(box[k]) for k in keys))
+    console.print(t)
+    if "lvis_bbox" in metrics:
+        lv = metrics["lvis_bbox"]
+        t = Table(title="LVIS box AP (LVISEval)")
+        for k in ("AP", "APr", "APc", "APf", "APs", "APm", "APl"):
+            t.add_column(k, justify="right")
+        t.add_row(*(fmt(lv.get(k)) for k in ("AP", "APr", "APc", "APf", "APs", "APm", "APl")))
+        console.print(t)
+    if "by_train_count" in metrics:
+        t = Table(title="AP by number of training annotations per class")
+        for c in ("training annotations", "classes", "AP"):
+            t.add_column(c, justify="right")
+        for row in metrics["by_train_count"]:
+            t.add_row(row["bin"], str(row["classes"]), fmt(row["AP"]))
+        console.print(t)
+    t = Table(title="AP by object size")
+    for c in ("small", "medium", "large"):
+        t.add_column(c, justify="right")
+    t.add_row(*(fmt(metrics["by_size"][k]) for k in ("APs", "APm", "APl")))
+    console.print(t)
+    t = Table(title="per-class AP")
+    for c in ("category", "train annotations", "AP"):
+        t.add_column(c, justify="right" if c != "category" else "left")
+    for row in metrics["per_class"]:
+        t.add_row(f"{row['name']} ({row['category_id']})", str(row.get("train_annotations", "-")), fmt(row["AP"]))
+    console.print(t)
+
+
+@user_errors
+def eval_command(
+    run: str = typer.Option(..., "--run", help="Run directory from train-heads."),
+    annotations: Path = typer.Option(..., "--annotations", help="Validation COCO/LVIS JSON."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Validation image folder."),
+    train_annotations: Optional[Path] = typer.Option(None, "--train-annotations", help="Training JSON, for AP by training count."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="A --no-augment --views 1 store of the validation set."),
+    out: Optional[Path] = typer.Option(None, "--out", help="metrics.json to write (detections beside it)."),
+    count_bins: str = typer.Option("10,100,1000", "--count-bins", help="Upper edges of the training-count bins."),
+    device: str = typer.Option("auto", "--device"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
+    """Score a trained run on a validation set (pycocotools / LVIS), stratified like the paper."""
+    from cachedet.evaluation.evaluate import evaluate_run
+
+    bins = parse_int_list(count_bins, "--count-bins")
+    if not bins or list(bins) != sorted(set(bins)) or bins[0] < 1:
+        raise CachedetError(f"--count-bins {count_bins}: expected increasing positive integers, e.g. 10,100,1000")
+    metrics = evaluate_run(run, str(annotations), str(images) if images else None,
+                           str(train_annotations) if train_annotations else None, cache,
+                           str(out) if out else os.path.join(run, "metrics.json"), bins, device, batch_size,
+                           progress=not quiet)
+    print_metrics(metrics, make_console())
+
+
+@user_errors
+def predict_command(
+    inputs: List[Path] = typer.Argument(..., help="Images or folders of images."),
+    run: str = typer.Option(..., "--run", help="Run directory from train-heads."),
+    out: Path = typer.Option(..., "--out", help="detections.json to write."),
+    draw: Optional[Path] = typer.Option(None, "--draw", help="Folder for PNGs with the boxes drawn."),
+    score_threshold: float = typer.Option(0.3, "--score-threshold"),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Detect objects in images; COCO-style detections in original-image pixels."""
+    from cachedet.evaluation.draw import draw_detections
+    from cachedet.evaluation.predictor import Predictor
+
+    paths = []
+    for p in inputs:
+        if p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise CachedetError(f"{p}: no such image or folder")
+    if not paths:
+        raise CachedetError("no images found in " + ", ".join(map(str, inputs)))
+    predictor = Predictor(run, device=device, score_threshold=score_threshold)
+    items = [(i, str(p), None) for i, p in enumerate(paths)]
+    detections = predictor.predict_images(items)
+    for d in detections:
+        d["file_name"] = str(paths[d["image_id"]])
+        d["category_name"] = predictor.names[d["category_id"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(detections, indent=1))
+    console = make_console()
+    console.print(f"{len(detections)} detections in {len(paths)} images (score >= {score_threshold}) -> {out}")
+    if draw:
+        written = draw_detections(paths, detections, str(draw))
+        console.print(f"drew {len(written)} images into {draw}")
