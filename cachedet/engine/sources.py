@@ -54,12 +54,13 @@ class CacheSource:
     backbone: Backbone | None = None
 
     def __init__(self, url: str, batch_size: int, workers: int, in_memory: bool, views_per_epoch: int,
-                 seed: int, shuffle_buffer: int, dist: DistInfo, loader_start: str | None = None):
+                 seed: int, shuffle_buffer: int, dist: DistInfo, loader_start: str | None = None,
+                 keep_float16: bool = False):
         self.batch_size, self.workers, self.in_memory, self.loader_start = batch_size, workers, in_memory, loader_start
         if in_memory:
             self.dataset = InMemoryViews(url, views_per_epoch, seed, dist.rank, dist.world)
         else:
-            self.dataset = CachedViews(url, views_per_epoch, seed, shuffle_buffer, dist.rank, dist.world)
+            self.dataset = CachedViews(url, views_per_epoch, seed, shuffle_buffer, dist.rank, dist.world, keep_float16)
         header = self.dataset.header
         self.specs = list(self.dataset.specs)
         self.canvas = int(header["augment"]["size"])

@@ -139,21 +139,24 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def make_source(cfg: TrainConfig, info: DistInfo):
+def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
     if cfg.online:
         return OnlineSource(
             cfg.annotations, cfg.images, BackboneConfig(cfg.backbone, cfg.out_indices, cfg.weights),
             AugmentConfig(size=cfg.size, scale_range=tuple(cfg.scale_range), seed=cfg.seed),
             cfg.backbone_trainable, cfg.batch_size, cfg.workers, cfg.seed, info,
         )
+    # under CUDA autocast the features travel as float16 (half the host-to-device bytes)
     return CacheSource(cfg.cache, cfg.batch_size, cfg.workers, cfg.in_memory, cfg.views_per_epoch, cfg.seed,
-                       cfg.shuffle_buffer, info, cfg.loader_start)
+                       cfg.shuffle_buffer, info, cfg.loader_start, keep_float16=cfg.amp and device.type == "cuda")
 
 
-def _to_device(batch: dict, device: torch.device):
+def _to_device(batch: dict, device: torch.device, amp: bool):
     inputs = batch["inputs"]
     if isinstance(inputs, dict):
-        inputs = {k: v.to(device, non_blocking=True).float() for k, v in inputs.items()}
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        if not amp:
+            inputs = {k: v.float() for k, v in inputs.items()}
     else:
         inputs = inputs.to(device, non_blocking=True)
     targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
@@ -216,7 +219,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         raise CachedetError(f"--out {cfg.out}: holds a run already (pass --resume to continue it, or choose another --out)")
     ckpt = load_checkpoint(run.checkpoint) if cfg.resume else None
 
-    source = make_source(cfg, info)
+    source = make_source(cfg, info, device)
     det_cfg = DetectorConfig(
         num_classes=len(source.categories), canvas=source.canvas, in_specs=tuple(source.specs),
         neck=cfg.neck, head=cfg.head, neck_channels=cfg.neck_channels, options=dict(cfg.detector_options),
@@ -266,7 +269,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 if i >= steps_per_epoch:
                     break
                 t0 = time.perf_counter()
-                inputs, targets = _to_device(batch, device)
+                inputs, targets = _to_device(batch, device, use_amp)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     losses = ddp(inputs, targets)
                 loss = sum(losses.values())
