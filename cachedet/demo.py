@@ -38,13 +38,13 @@ class DemoSettings:
 FULL = DemoSettings(
     data=SyntheticSpec(num_train=160, num_val=40), size=320, views=2, scale_range=(0.5, 1.5), epochs=10,
     batch_size=8, lr=0.02, warmup_steps=30, neck_channels=128,
-    head_options={"box_representation": 256, "rois_per_image": 128, "proposals_per_image": 300},
+    head_options={"box_convs": 0, "box_fcs": 2, "box_representation": 256, "rois_per_image": 128, "proposals_per_image": 300},
     count_bins=(30, 100),
 )
 QUICK = DemoSettings(
     data=SyntheticSpec(num_train=24, num_val=8, min_side=128, max_side=192, max_objects=4), size=160, views=1,
     scale_range=(0.7, 1.3), epochs=2, batch_size=8, lr=0.02, warmup_steps=3, neck_channels=64,
-    head_options={"box_representation": 128, "rois_per_image": 64, "proposals_per_image": 100},
+    head_options={"box_convs": 0, "box_fcs": 2, "box_representation": 128, "rois_per_image": 64, "proposals_per_image": 100},
     count_bins=(10, 30),
 )
 
@@ -57,7 +57,8 @@ def weights_available() -> bool:
     return True
 
 
-def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = True, log=print) -> dict:
+def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = True, log=print,
+             neck: str = "fpn", head: str = "faster-rcnn") -> dict:
     """Run the pipeline; return {stage seconds, cache info, metrics, paths}. Reruns resume."""
     s = QUICK if quick else FULL
     weights = "default"
@@ -90,7 +91,8 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     resume = os.path.exists(os.path.join(run, "checkpoints", "last.pt"))
     train(TrainConfig(
         out=run, cache=store, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,
-        neck_channels=s.neck_channels, detector_options=dict(s.head_options), in_memory=True, resume=resume,
+        neck=neck, head=head, neck_channels=s.neck_channels, detector_options=dict(s.head_options), in_memory=True,
+        resume=resume,
     ), progress=progress)
     times["train-heads"] = time.perf_counter() - t
 
@@ -100,4 +102,4 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     times["eval"] = time.perf_counter() - t
     metrics.pop("_detections", None)
     return {"times": times, "cache": info, "metrics": metrics, "paths": paths, "run": run, "store": store,
-            "settings": "quick" if quick else "full", "weights": weights}
+            "settings": "quick" if quick else "full", "weights": weights, "neck": neck, "head": head}

@@ -64,3 +64,21 @@ def parse_int_list(text: str | None, option: str) -> tuple[int, ...] | None:
         return tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
     except ValueError:
         raise CachedetError(f"{option} {text}: expected comma-separated integers, e.g. 2,3,4") from None
+
+
+def detector_options(nasfpn_repeats: int | None = None, cascade_ious: str | None = None, box_convs: int | None = None,
+                     box_fcs: int | None = None) -> dict:
+    """Detector options from CLI flags; unset flags are left out so the model's defaults apply."""
+    opts = {}
+    if nasfpn_repeats is not None and nasfpn_repeats != 5:
+        opts["nasfpn_repeats"] = nasfpn_repeats
+    if cascade_ious:
+        try:
+            opts["cascade_ious"] = [float(v) for v in cascade_ious.split(",") if v.strip()]
+        except ValueError:
+            raise CachedetError(f"--cascade-ious {cascade_ious}: expected comma-separated numbers, e.g. 0.5,0.6,0.7") from None
+    if box_convs is not None:
+        opts["box_convs"] = box_convs
+    if box_fcs is not None:
+        opts["box_fcs"] = box_fcs
+    return opts

@@ -16,13 +16,15 @@ from cachedet_cli.eval_predict import print_metrics
 def demo_command(
     quick: bool = typer.Option(False, "--quick", help="A smaller setting (CI): fewer, smaller images, 2 epochs."),
     out: str = typer.Option("demo_out", "--out", help="Folder for the dataset, cache, run and metrics."),
+    neck: str = typer.Option("fpn", "--neck", help="fpn or nasfpn."),
+    head: str = typer.Option("faster-rcnn", "--head", help="faster-rcnn, cascade or retinanet."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """Generate a dataset, extract features, train heads, evaluate: the whole pipeline offline."""
     from cachedet.demo import run_demo
 
     console = make_console()
-    result = run_demo(out, quick=quick, progress=not quiet, log=console.print)
+    result = run_demo(out, quick=quick, progress=not quiet, log=console.print, neck=neck, head=head)
     print_metrics(result["metrics"], console)
     info = result["cache"]
     t = Table(title="cachedet demo" + (" --quick" if quick else ""))

@@ -9,7 +9,7 @@ import typer
 
 from cachedet.backbones import DEFAULT_BACKBONE
 from cachedet.errors import CachedetError
-from cachedet_cli.common import console as make_console, parse_int_list, user_errors
+from cachedet_cli.common import console as make_console, detector_options, parse_int_list, user_errors
 
 
 @user_errors
@@ -27,9 +27,13 @@ def train_heads_command(
     size: int = typer.Option(640, "--size", help="With --online: canvas size."),
     scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range"),
     backbone_trainable: bool = typer.Option(False, "--backbone-trainable", help="Fine-tune the backbone (BatchNorm stays frozen)."),
-    neck: str = typer.Option("fpn", "--neck"),
-    head: str = typer.Option("faster-rcnn", "--head", help="faster-rcnn or retinanet."),
+    neck: str = typer.Option("fpn", "--neck", help="fpn or nasfpn."),
+    head: str = typer.Option("faster-rcnn", "--head", help="faster-rcnn, cascade or retinanet."),
     neck_channels: int = typer.Option(256, "--neck-channels"),
+    nasfpn_repeats: int = typer.Option(5, "--nasfpn-repeats", help="NAS-FPN cell stacks (paper library: 5; 7 also used)."),
+    cascade_ious: Optional[str] = typer.Option(None, "--cascade-ious", help="Cascade stage IoU thresholds (default 0.5,0.6,0.7)."),
+    box_convs: Optional[int] = typer.Option(None, "--box-convs", help="Box head 3x3 convs (faster-rcnn 4, cascade 0)."),
+    box_fcs: Optional[int] = typer.Option(None, "--box-fcs", help="Box head FC layers (faster-rcnn 1, cascade 2)."),
     epochs: int = typer.Option(12, "--epochs"),
     batch_size: int = typer.Option(8, "--batch-size"),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
@@ -57,7 +61,8 @@ def train_heads_command(
         images=str(images) if images else None, backbone=backbone,
         weights=str(weights) if weights else "timm" if pretrained else "random" if random_init else "default",
         out_indices=parse_int_list(out_indices, "--out-indices"), size=size, scale_range=tuple(scale_range),
-        backbone_trainable=backbone_trainable, neck=neck, head=head, neck_channels=neck_channels, epochs=epochs,
+        backbone_trainable=backbone_trainable, neck=neck, head=head, neck_channels=neck_channels,
+        detector_options=detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs), epochs=epochs,
         batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
         schedule=schedule, clip_grad=clip_grad or None, amp=not no_amp, workers=workers, in_memory=in_memory,
         views_per_epoch=views_per_epoch, seed=seed, device=device, resume=resume,

@@ -17,7 +17,7 @@ from cachedet.evaluation.scoring import coco_evaluate, lvis_evaluate, stratify_b
 from cachedet.extract import extract
 from conftest import small_config
 
-LIGHT = {"box_representation": 64, "rois_per_image": 32, "proposals_per_image": 50}
+LIGHT = {"box_convs": 0, "box_fcs": 2, "box_representation": 64, "rois_per_image": 32, "proposals_per_image": 50}
 
 
 def gt_as_detections(data, score=0.9):

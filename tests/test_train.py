@@ -21,7 +21,7 @@ from cachedet.models.detector import HEADS, DetectorConfig, build_detector
 from cachedet.structures import FeatureSpec
 from conftest import small_config
 
-LIGHT = {"box_representation": 128, "rois_per_image": 64, "proposals_per_image": 200}
+LIGHT = {"box_convs": 0, "box_fcs": 2, "box_representation": 128, "rois_per_image": 64, "proposals_per_image": 200}
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,18 @@ def test_ddp_two_processes_with_gloo(store, tmp_path):
     assert proc.stdout.count(f"STEPS {expected}") == 2, proc.stdout  # both ranks ran the same steps
     rows = read_metrics(str(tmp_path / "ddp"))
     assert len(rows) == expected and rows[0]["views_per_s"] > 0
+
+
+def test_nasfpn_cascade_train_from_the_cache_and_evaluate(cli, store, synthetic, tmp_path):
+    run = tmp_path / "run"
+    r = cli("train-heads", "--cache", store.out, "--out", run, "--neck", "nasfpn", "--head", "cascade",
+            "--nasfpn-repeats", 1, "--cascade-ious", "0.5,0.7", "--neck-channels", 32, "--box-fcs", 1,
+            "--epochs", 1, "--batch-size", 6, "--quiet")
+    assert r.exit_code == 0, r.output
+    cfg = json.load(open(run / "config.json"))["detector"]
+    assert cfg["neck"] == "nasfpn" and cfg["head"] == "cascade"
+    assert cfg["options"] == {"nasfpn_repeats": 1, "cascade_ious": [0.5, 0.7], "box_fcs": 1}
+    r = cli("eval", "--run", run, "--annotations", synthetic["val"], "--images", synthetic["images"], "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "box AP" in r.stdout
+    assert json.load(open(run / "metrics.json"))["num_images"] == 4

@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 from cachedet.errors import CachedetError
+from cachedet.models.cascade import DEFAULT_IOUS, DEFAULT_WEIGHTS, CascadeRoIHeads
 from cachedet.models.heads import LOSS_NAMES, FasterRCNNHead, RetinaNetDetHead
 from cachedet.models.necks import build_neck
 from cachedet.structures import FeatureSpec
 
-HEADS = ("faster-rcnn", "retinanet")
-FASTER_RCNN_OPTIONS = ("box_representation", "rois_per_image", "proposals_per_image")
+HEADS = ("faster-rcnn", "cascade", "retinanet")
+OPTIONS = ("box_representation", "rois_per_image", "proposals_per_image", "box_convs", "box_fcs",
+           "cascade_ious", "nasfpn_repeats")
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,10 @@ class DetectorConfig:
     neck: str = "fpn"
     head: str = "faster-rcnn"
     neck_channels: int = 256
-    # Faster R-CNN settings (torchvision defaults): box_representation (FC width, 1024),
-    # rois_per_image (sampled per image in training, 512), proposals_per_image (RPN output, 1000)
+    # box_representation (FC width, 1024), rois_per_image (sampled in training, 512),
+    # proposals_per_image (RPN output, 1000), box_convs / box_fcs (box head; faster-rcnn 4 / 1,
+    # cascade 0 / 2 as in the paper's cascade configs), cascade_ious (0.5, 0.6, 0.7),
+    # nasfpn_repeats (5)
     options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -52,20 +56,33 @@ class Detector(nn.Module):
         self.cfg = cfg
         if cfg.head not in HEADS:
             raise CachedetError(f"--head {cfg.head}: expected one of {', '.join(HEADS)}")
+        unknown = set(cfg.options) - set(OPTIONS)
+        if unknown:
+            raise CachedetError(f"unknown detector option(s) {sorted(unknown)}; known: {', '.join(OPTIONS)}")
+        opt = cfg.options
         extra = "p6p7" if cfg.head == "retinanet" else "maxpool"
-        self.neck = build_neck(cfg.neck, list(cfg.in_specs), cfg.neck_channels, extra)
+        self.neck = build_neck(cfg.neck, list(cfg.in_specs), cfg.neck_channels, extra, int(opt.get("nasfpn_repeats", 5)))
+        specs = self.neck.out_specs
         if cfg.head == "retinanet":
-            self.head = RetinaNetDetHead(self.neck.out_specs, cfg.num_classes)
-        else:
-            unknown = set(cfg.options) - set(FASTER_RCNN_OPTIONS)
-            if unknown:
-                raise CachedetError(f"unknown detector option(s) {sorted(unknown)}; known: {', '.join(FASTER_RCNN_OPTIONS)}")
-            self.head = FasterRCNNHead(
-                self.neck.out_specs, cfg.num_classes,
-                representation=int(cfg.options.get("box_representation", 1024)),
-                rois_per_image=int(cfg.options.get("rois_per_image", 512)),
-                proposals_per_image=int(cfg.options.get("proposals_per_image", 1000)),
-            )
+            self.head = RetinaNetDetHead(specs, cfg.num_classes)
+            return
+        roi_heads = None
+        cascade = cfg.head == "cascade"
+        convs = int(opt.get("box_convs", 0 if cascade else 4))
+        fcs = int(opt.get("box_fcs", 2 if cascade else 1))
+        fc_dim = int(opt.get("box_representation", 1024))
+        rois = int(opt.get("rois_per_image", 512))
+        if cascade:
+            ious = tuple(float(v) for v in opt.get("cascade_ious", DEFAULT_IOUS))
+            if not ious or any(not 0 < v < 1 for v in ious):
+                raise CachedetError(f"--cascade-ious {list(ious)}: expected thresholds between 0 and 1")
+            weights = tuple(DEFAULT_WEIGHTS[min(i, len(DEFAULT_WEIGHTS) - 1)] for i in range(len(ious)))
+            roi_heads = CascadeRoIHeads([s.name for s in specs[:-1]], cfg.neck_channels, cfg.num_classes, ious, weights,
+                                        convs=convs, fcs=fcs, fc_dim=fc_dim, rois_per_image=rois)
+        self.head = FasterRCNNHead(
+            specs, cfg.num_classes, roi_heads=roi_heads, representation=fc_dim, rois_per_image=rois,
+            proposals_per_image=int(opt.get("proposals_per_image", 1000)), box_convs=convs, box_fcs=fcs,
+        )
 
     def _sizes(self, features, image_sizes):
         n = next(iter(features.values())).shape[0]

@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.models.detection.roi_heads import RoIHeads
@@ -38,12 +38,14 @@ class FasterRCNNHead(nn.Module):
     """RPN + RoI heads (torchvision), with anchors of size 4 x stride on every pyramid level.
 
     RoIs are pooled (MultiScaleRoIAlign, 7x7) from every level but the coarsest extra one, as in
-    torchvision's FPN models. ``roi_heads`` can be replaced (the cascade plugs in here).
+    torchvision's FPN models. The box head is torchvision's FastRCNNConvFCHead with ``box_convs``
+    3x3 conv+BN layers and ``box_fcs`` FC layers (default 4conv1fc). ``roi_heads`` can be replaced
+    (the cascade plugs in here).
     """
 
     def __init__(self, specs: list[FeatureSpec], num_classes: int, roi_levels: list[str] | None = None,
                  roi_heads: nn.Module | None = None, representation: int = 1024, rois_per_image: int = 512,
-                 proposals_per_image: int = 1000):
+                 proposals_per_image: int = 1000, box_convs: int = 4, box_fcs: int = 1):
         super().__init__()
         channels = specs[0].channels
         anchors = AnchorGenerator(sizes=tuple((4 * s.stride,) for s in specs), aspect_ratios=((0.5, 1.0, 2.0),) * len(specs))
@@ -57,8 +59,11 @@ class FasterRCNNHead(nn.Module):
         self.roi_levels = roi_levels or [s.name for s in specs[:-1]]
         if roi_heads is None:
             pool = MultiScaleRoIAlign(self.roi_levels, output_size=7, sampling_ratio=2)
+            head = FastRCNNConvFCHead((channels, 7, 7), [channels] * box_convs, [representation] * box_fcs,
+                                      norm_layer=nn.BatchNorm2d)
+            out_dim = representation if box_fcs else channels * 7 * 7
             roi_heads = RoIHeads(
-                pool, TwoMLPHead(channels * 7 * 7, representation), FastRCNNPredictor(representation, num_classes + 1),
+                pool, head, FastRCNNPredictor(out_dim, num_classes + 1),
                 fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=rois_per_image, positive_fraction=0.25,
                 bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
             )

@@ -44,11 +44,22 @@ class FPNNeck(nn.Module):
         return OrderedDict((spec.name, t) for spec, t in zip(self.out_specs, out.values()))
 
 
-NECKS = ("fpn",)
+NECKS = ("fpn", "nasfpn")
 
 
-def build_neck(name: str, in_specs: list[FeatureSpec], channels: int, extra: str) -> nn.Module:
-    """The one place that maps a neck name to its builder (NAS-FPN plugs in here)."""
+def build_neck(name: str, in_specs: list[FeatureSpec], channels: int, extra: str, repeats: int = 5) -> nn.Module:
+    """The one place that maps a neck name to its builder.
+
+    ``extra`` is FPN's choice of extra levels; NAS-FPN always makes P3-P7 (``repeats`` cell stacks).
+    """
     if name == "fpn":
         return FPNNeck(in_specs, channels, extra)
+    if name == "nasfpn":
+        from cachedet.models.nasfpn import NASFPNNeck
+
+        if [s.stride for s in in_specs] != [8, 16, 32]:
+            raise CachedetError(f"--neck nasfpn: needs backbone levels at strides 8, 16, 32, got {[s.stride for s in in_specs]}")
+        if repeats < 1:
+            raise CachedetError(f"--nasfpn-repeats: expected a positive integer, got {repeats}")
+        return NASFPNNeck(in_specs, channels, repeats)
     raise CachedetError(f"--neck {name}: expected one of {', '.join(NECKS)}")

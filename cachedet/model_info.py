@@ -1,0 +1,84 @@
+"""Parameters and FLOPs of one training step in each regime (the paper's Table 3 and Figure 1).
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` while a real training step runs
+on the CPU (random weights are fine for counting): a batch of ``batch`` images at ``size``,
+each with a few ground-truth boxes.
+  finetune       backbone forward + backward, detector forward + backward
+  online_frozen  backbone forward (no grad), detector forward + backward
+  cached         detector forward + backward on features read from the cache
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cachedet.backbones import BackboneConfig, build_backbone
+from cachedet.models.detector import DetectorConfig, build_detector
+
+PAPER_TABLE3 = {  # ResNet-101 frozen: trained parameters (M), Vasconcelos et al. Table 3
+    ("fpn", "faster-rcnn"): 21.9, ("nasfpn", "faster-rcnn"): 40.9, ("nasfpn", "cascade"): 71.3,
+}
+PAPER_FLOP_RATIO = {  # frozen / fine-tuned FLOPs per step, read off the paper's Figure 1 (ResNet-101)
+    ("fpn", "faster-rcnn"): 1577 / 2420, ("nasfpn", "faster-rcnn"): 1270 / 2126, ("nasfpn", "cascade"): 2413 / 3960,
+}
+
+
+def count(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def _targets(batch: int, size: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(batch):
+        xy = torch.rand(4, 2, generator=g) * size * 0.6
+        wh = 16 + torch.rand(4, 2, generator=g) * size * 0.35
+        out.append({"boxes": torch.cat([xy, (xy + wh).clamp(max=size)], 1), "labels": torch.arange(4) % 3})
+    return out
+
+
+def _step_flops(fn) -> int:
+    torch.manual_seed(0)
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classes: int = 91, neck_channels: int = 256,
+               options: dict | None = None, batch: int = 1, weights: str = "random") -> dict:
+    bb = build_backbone(BackboneConfig(backbone, None, weights), warn=False)
+    det_cfg = DetectorConfig(num_classes=num_classes, canvas=size, in_specs=tuple(bb.specs), neck=neck, head=head,
+                             neck_channels=neck_channels, options=dict(options or {}))
+    det = build_detector(det_cfg).train()
+    images = torch.randn(batch, 3, size, size)
+    targets = _targets(batch, size)
+    with torch.no_grad():
+        cached = {k: v.detach() for k, v in bb(images).items()}
+
+    def finetune():
+        bb.set_trainable(True)
+        sum(det(bb(images), targets).values()).backward()
+        bb.set_trainable(False)
+
+    def online_frozen():
+        with torch.no_grad():
+            feats = bb(images)
+        sum(det({k: v.clone() for k, v in feats.items()}, targets).values()).backward()
+
+    def cached_step():
+        sum(det(cached, targets).values()).backward()
+
+    flops = {"finetune": _step_flops(finetune), "online_frozen": _step_flops(online_frozen), "cached": _step_flops(cached_step)}
+    backbone_params, detector_params = count(bb), count(det)
+    key = (neck, head)
+    return {
+        "backbone": backbone, "neck": neck, "head": head, "size": size, "num_classes": num_classes, "batch": batch,
+        "params": {"backbone": backbone_params, "detector": detector_params, "total": backbone_params + detector_params,
+                   "trainable": {"finetune": backbone_params + detector_params, "online_frozen": detector_params,
+                                 "cached": detector_params}},
+        "neck_params": count(det.neck), "head_params": count(det.head),
+        "flops": flops,
+        "flop_ratio": {"online_frozen": flops["online_frozen"] / flops["finetune"], "cached": flops["cached"] / flops["finetune"]},
+        "paper": {"trained_params_m": PAPER_TABLE3.get(key), "frozen_flop_ratio": PAPER_FLOP_RATIO.get(key)},
+    }
