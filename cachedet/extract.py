@@ -165,10 +165,10 @@ def _collate(batch):
 
 def run_shard(task: ShardTask, on_views=None) -> dict:
     """Compute and write one shard; return its completion record (also written to the store)."""
-    t0 = time.perf_counter()
     if task.threads:
         torch.set_num_threads(task.threads)
     backbone = _worker_backbone(task.backbone, task.device)
+    t0 = time.perf_counter()  # decode + augment + forward + encode + write; the backbone is built once per process
     loader = DataLoader(
         ViewDataset(list(task.views), list(task.paths), backbone.mean, backbone.std, skip_bad=True),
         batch_size=task.batch_size,
