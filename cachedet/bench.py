@@ -122,11 +122,8 @@ def _images(store_url: str, data: dict, cfg: BenchConfig, normalize_with=None) -
     for v in range(fs.num_views):
         p = fs.view_params(v)
         image = read_image(ds.image_path(by_id[p.image_id]))
-        if normalize_with is None:
-            x = transform_image(p, normalize(image, (0, 0, 0), (1, 1, 1)))
-        else:
-            x = transform_image(p, normalize(image, *normalize_with))
-        views.append(x)
+        mean, std = normalize_with or ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        views.append(transform_image(p, normalize(image, mean, std)))
     return views
 
 
@@ -207,7 +204,7 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times, flops = [], None
+    times = []
     iterator = iter(batches)
     first = None
     for i in range(cfg.warmup + cfg.steps):
@@ -223,6 +220,7 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
     with FlopCounterMode(display=False) as counter:
         step(*first)
     flops = int(counter.get_total_flops())
+
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else process_peak_rss()
     return {"backbone": "resnet50 (torchvision)" if torchvision else cfg.backbone, "detector": cfg.detector_name,
             "size": cfg.size, "batch": cfg.batch, "device": cfg.device, "regime": regime,

@@ -97,9 +97,8 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     times["train-heads"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    metrics = evaluate_run(run, paths["val"], paths["images"], train_annotations=paths["train"],
+    metrics, _ = evaluate_run(run, paths["val"], paths["images"], train_annotations=paths["train"],
                            out=os.path.join(out_dir, "metrics.json"), count_bins=s.count_bins, progress=progress)
     times["eval"] = time.perf_counter() - t
-    metrics.pop("_detections", None)
     return {"times": times, "cache": info, "metrics": metrics, "paths": paths, "run": run, "store": store,
             "settings": "quick" if quick else "full", "weights": weights, "neck": neck, "head": head}

@@ -59,6 +59,8 @@ class ExtractConfig:
             raise CachedetError(f"--batch-size: expected a positive integer, got {self.batch_size}")
         if self.workers < 0:
             raise CachedetError(f"--workers: expected 0 or more, got {self.workers}")
+        if self.loader_workers < 0:
+            raise CachedetError(f"--loader-workers: expected 0 or more, got {self.loader_workers}")
         if self.workers and self.scheduler:
             raise CachedetError("--workers and --scheduler exclude each other")
         if not os.path.isdir(self.images):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import typer
 from rich.table import Table
 
+from cachedet.atomic import write_json_atomic
 from cachedet_cli.common import console as make_console, human_bytes, human_seconds, user_errors
 from cachedet_cli.eval_predict import print_metrics
 
@@ -40,5 +40,5 @@ def demo_command(
     )
     console.print(f"[bold]box AP {result['metrics']['bbox']['AP']:.1f}[/] (AP50 {result['metrics']['bbox']['AP50']:.1f}); "
                   f"run in {result['run']}, metrics in {os.path.join(out, 'metrics.json')}")
-    with open(os.path.join(out, "demo_summary.json"), "w") as f:
-        json.dump({k: v for k, v in result.items() if k != "metrics"} | {"bbox": result["metrics"]["bbox"]}, f, indent=2)
+    write_json_atomic(os.path.join(out, "demo_summary.json"),
+                      {k: v for k, v in result.items() if k != "metrics"} | {"bbox": result["metrics"]["bbox"]}, indent=2)

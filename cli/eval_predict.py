@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -10,6 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from cachedet.atomic import write_json_atomic
 from cachedet.errors import CachedetError
 from cachedet_cli.common import console as make_console, parse_int_list, user_errors
 
@@ -75,7 +75,7 @@ def eval_command(
     bins = parse_int_list(count_bins, "--count-bins")
     if not bins or list(bins) != sorted(set(bins)) or bins[0] < 1:
         raise CachedetError(f"--count-bins {count_bins}: expected increasing positive integers, e.g. 10,100,1000")
-    metrics = evaluate_run(run, str(annotations), str(images) if images else None,
+    metrics, _ = evaluate_run(run, str(annotations), str(images) if images else None,
                            str(train_annotations) if train_annotations else None, cache,
                            str(out) if out else os.path.join(run, "metrics.json"), bins, device, batch_size,
                            progress=not quiet)
@@ -111,8 +111,7 @@ def predict_command(
     for d in detections:
         d["file_name"] = str(paths[d["image_id"]])
         d["category_name"] = predictor.names[d["category_id"]]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(detections, indent=1))
+    write_json_atomic(str(out), detections, indent=1)
     console = make_console()
     console.print(f"{len(detections)} detections in {len(paths)} images (score >= {score_threshold}) -> {out}")
     if draw:

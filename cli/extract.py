@@ -72,8 +72,6 @@ def extract_command(
         table.add_row("estimated extraction time (one device)", human_seconds(r.estimated_seconds))
         console.print(table)
         return
-    if cfg.skip_bad is False and cfg.loader_workers < 0:
-        raise CachedetError("--loader-workers: expected 0 or more")
     result = extract(cfg, progress=not quiet)
     dropped = {k: v for k, v in result.dropped.items() if v}
     console.print(

@@ -71,7 +71,6 @@ def test_boxes_match_an_independent_reference():
 
 def test_image_and_boxes_stay_aligned():
     """Paint each box's area in the source image; the view's box area has that colour."""
-    rng = np.random.default_rng(1)
     cfg = AugmentConfig(size=128, seed=2, scale_range=(0.8, 1.6))
     h, w = 120, 150
     boxes = np.array([[10, 20, 50, 70], [80, 30, 140, 100]], dtype=np.float32)

@@ -42,26 +42,19 @@ def rank_blocks(blocks: list[np.ndarray], rank: int, world: int) -> list[np.ndar
     return blocks[rank::world]
 
 
-class CachedViews(IterableDataset):
-    """Samples dict(features {level: float32 (C, H, W)}, boxes (N, 4), labels (N,), view int).
+class _EpochViews:
+    """What both feeds share: the store's header and specs, its usable views, and which of them
+    one rank reads in one epoch (``choose_epoch_views`` -> shard blocks -> this rank's share)."""
 
-    The store is opened lazily inside each DataLoader worker (never shared across a fork).
-    Each worker reads whole shard blocks (one zarr call per level per block), and a shuffle
-    buffer mixes views across blocks. Call ``set_epoch`` before iterating each epoch.
-    """
-
-    def __init__(self, url: str, views_per_epoch: int = 1, seed: int = 0, shuffle_buffer: int = 256,
-                 rank: int = 0, world: int = 1, keep_float16: bool = False):
-        self.url, self.views_per_epoch, self.seed = url, views_per_epoch, seed
-        self.shuffle_buffer, self.rank, self.world, self.keep_float16 = shuffle_buffer, rank, world, keep_float16
+    def __init__(self, url: str, views_per_epoch: int, seed: int, rank: int, world: int):
+        self.url, self.views_per_epoch, self.seed, self.rank, self.world = url, views_per_epoch, seed, rank, world
         self.epoch = 0
-        store = FeatureStore(url)  # validated once here; workers reopen it
+        store = FeatureStore(url)
         self.header, self.specs = store.header, store.specs
-        self._image_ids, self._usable = store.meta["image_id"], store.usable_views()
-        self._shard_views = store.shard_views
+        self._image_ids, self._usable, self._shard_views = store.meta["image_id"], store.usable_views(), store.shard_views
         if not len(self._usable):
             raise CachedetError(f"{url}: no complete shard to train from (run cachedet extract to finish it)")
-        self._store = None
+        self._opened = store
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -77,22 +70,35 @@ class CachedViews(IterableDataset):
     def __len__(self) -> int:
         return self.views_per_rank()[self.rank]
 
+
+class CachedViews(_EpochViews, IterableDataset):
+    """Samples dict(features {level: float32 (C, H, W)}, boxes (N, 4), labels (N,), view int).
+
+    The store is opened lazily inside each DataLoader worker (never shared across a fork).
+    Each worker reads whole shard blocks (one zarr call per level per block), and a shuffle
+    buffer mixes views across blocks. Call ``set_epoch`` before iterating each epoch.
+    ``keep_float16`` hands out float16 features (for autocast) instead of float32.
+    """
+
+    def __init__(self, url: str, views_per_epoch: int = 1, seed: int = 0, shuffle_buffer: int = 256,
+                 rank: int = 0, world: int = 1, keep_float16: bool = False):
+        super().__init__(url, views_per_epoch, seed, rank, world)
+        self.shuffle_buffer, self.keep_float16 = shuffle_buffer, keep_float16
+        self._opened = None  # validated above; each worker opens its own
+
     def _read_block(self, block: np.ndarray):
-        if self._store is None:
-            self._store = FeatureStore(self.url)
-        store = self._store
+        if self._opened is None:
+            self._opened = FeatureStore(self.url)
+        store = self._opened
         feats = {}
-        for spec in self.specs:
+        for spec in self.specs:  # one read and one decode per level per block
             arr = store.features_array(spec.name)
             stored = arr.get_orthogonal_selection((block,)) if len(block) > 1 else arr[block[0]:block[0] + 1]
-            feats[spec.name] = stored
+            x = torch.from_numpy(decode(stored, store.dtype))
+            feats[spec.name] = x.half() if self.keep_float16 else x
         for i, view in enumerate(block.tolist()):
             boxes, labels = store.boxes(view)
-            sample_feats = {}
-            for name, stored in feats.items():
-                x = torch.from_numpy(decode(stored[i], store.dtype))
-                sample_feats[name] = x.half() if self.keep_float16 else x
-            yield {"features": sample_feats, "boxes": torch.from_numpy(boxes.copy()),
+            yield {"features": {name: x[i] for name, x in feats.items()}, "boxes": torch.from_numpy(boxes.copy()),
                    "labels": torch.from_numpy(labels.copy()), "view": view}
 
     def __iter__(self):
@@ -113,44 +119,25 @@ class CachedViews(IterableDataset):
             yield buffer.pop(int(rng.integers(len(buffer))))
 
 
-class InMemoryViews:
-    """All usable views of a store loaded once into RAM (float16), batched without a DataLoader."""
+class InMemoryViews(_EpochViews):
+    """All views of a store loaded once into RAM (float16), batched without a DataLoader."""
 
     def __init__(self, url: str, views_per_epoch: int = 1, seed: int = 0, rank: int = 0, world: int = 1):
-        store = FeatureStore(url)
-        self.header, self.specs = store.header, store.specs
-        self.views_per_epoch, self.seed, self.rank, self.world = views_per_epoch, seed, rank, world
-        self._image_ids, self._usable = store.meta["image_id"], store.usable_views()
-        self._shard_views = store.shard_views
-        if not len(self._usable):
-            raise CachedetError(f"{url}: no complete shard to train from (run cachedet extract to finish it)")
-        data = store.read_features(0, store.num_views)
-        self.features = {k: torch.from_numpy(v).half() for k, v in data.items()}  # half the RAM of float32
+        super().__init__(url, views_per_epoch, seed, rank, world)
+        store, self._opened = self._opened, None
+        # one level at a time, so loading never holds more than one level as float32
+        self.features = {s.name: torch.from_numpy(decode(store.features_array(s.name)[...], store.dtype)).half()
+                         for s in self.specs}
         self.targets = [tuple(torch.from_numpy(a.copy()) for a in store.boxes(v)) for v in range(store.num_views)]
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def views_per_rank(self, epoch: int | None = None) -> list[int]:
-        return [len(self._rank_views(r, epoch)) for r in range(self.world)]
-
-    def _rank_views(self, rank: int, epoch: int | None = None) -> np.ndarray:
-        chosen = choose_epoch_views(self._image_ids, self._usable, self.views_per_epoch, self.seed,
-                                    self.epoch if epoch is None else epoch)
-        blocks = rank_blocks(shard_blocks(chosen, self._shard_views), rank, self.world)
-        return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
 
     def __iter__(self):
-        views = self._rank_views(self.rank)
+        blocks = self.blocks_for(self.rank)
+        views = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         for view in views[rng.permutation(len(views))].tolist():
             boxes, labels = self.targets[view]
             yield {"features": {k: v[view].float() for k, v in self.features.items()},
                    "boxes": boxes, "labels": labels, "view": view}
-
-    def __len__(self) -> int:
-        return self.views_per_rank()[self.rank]
 
 
 def collate_views(samples: list[dict]) -> dict:

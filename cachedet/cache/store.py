@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 
 import fsspec
 import numpy as np
 import zarr
 
+from cachedet.atomic import write_bytes_atomic
 from cachedet.cache import schema
 from cachedet.errors import CachedetError
 from cachedet.structures import FeatureSpec, ViewParams
@@ -110,13 +109,7 @@ def write_shard_record(url: str, record: dict):
     key = f"{path}/_shards/{record['shard']:06d}.json"
     data = json.dumps(record).encode()
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        os.makedirs(os.path.dirname(key), exist_ok=True)
-        tmp = f"{key}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, key)
+        write_bytes_atomic(key, data)
     else:  # object stores make a single PUT visible atomically
         fs.pipe_file(key, data)
 
@@ -155,7 +148,7 @@ class FeatureStore:
         self.url = str(url)
         try:
             self.group = zarr.open_group(self.url, mode="r")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr.errors, "GroupNotFoundError") else FileNotFoundError):
+        except FileNotFoundError:
             raise CachedetError(f"{self.url}: no feature store here") from None
         self.header = self.group.attrs.get("cachedet")
         schema.check_header(self.header, self.url)
@@ -212,19 +205,18 @@ class FeatureStore:
     def info(self) -> dict:
         """What ``cachedet cache-info`` prints."""
         records = self.shard_records()
+        done_views = sum(r["views"][1] - r["views"][0] for r in records.values())
         levels = []
         for spec in self.specs:
             arr = self.features_array(spec.name)
-            stored = bytes_on_disk(self.url, f"features/{spec.name}")
-            raw = arr.nbytes * (4 if self.dtype == "float32" else 2) // arr.dtype.itemsize
             levels.append({
                 "name": spec.name, "stride": spec.stride, "shape": list(arr.shape), "dtype": self.dtype,
-                "bytes_raw": int(raw), "bytes_stored": stored,
+                "bytes_raw": int(arr.nbytes), "bytes_stored": bytes_on_disk(self.url, f"features/{spec.name}"),
             })
-        raw_total = sum(lv["bytes_raw"] for lv in levels)
+        # only written shards are on disk: compare them with the raw size of the same views
+        raw_written = sum(lv["bytes_raw"] for lv in levels) * done_views / max(self.num_views, 1)
         stored_total = sum(lv["bytes_stored"] for lv in levels)
         complete = sum(1 for i in range(self.num_shards) if i in records)
-        done_views = sum(r["views"][1] - r["views"][0] for r in records.values())
         return {
             "store": self.url,
             "backbone": self.header["backbone"]["name"],
@@ -238,7 +230,7 @@ class FeatureStore:
             "codec": self.header["storage"]["codec"],
             "bytes_on_disk": bytes_on_disk(self.url),
             "bytes_features": stored_total,
-            "compression_ratio": (raw_total / stored_total) if stored_total else None,
+            "compression_ratio": (raw_written / stored_total) if stored_total else None,
             "bytes_per_view": (stored_total / done_views) if done_views else None,
             "shards_complete": complete,
             "shards_total": self.num_shards,

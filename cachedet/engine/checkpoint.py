@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import os
-import uuid
 
 import torch
 
+from cachedet.atomic import save_torch_atomic
 from cachedet.errors import CachedetError
 
 CHECKPOINT_FORMAT = "cachedet.run"
 
 
 def save_atomic(obj, path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_torch_atomic(obj, path)
 
 
 def load_checkpoint(path: str) -> dict:

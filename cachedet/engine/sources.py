@@ -13,6 +13,8 @@ from itertools import islice
 
 from torch.utils.data import DataLoader, Subset
 
+from cachedet.cache.schema import differences
+from cachedet.errors import CachedetError
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
 from cachedet.cache.dataset import CachedViews, InMemoryViews, collate_views
 from cachedet.data.coco import load_detection_dataset
@@ -30,6 +32,13 @@ def fingerprint(specs: list[FeatureSpec], backbone_identity: dict, canvas: int, 
         "canvas": int(canvas),
         "categories": [{"id": c["id"], "name": c["name"]} for c in categories],
     }
+
+
+def check_fingerprint(found: dict, wanted: dict, message: str, found_label: str):
+    """Raise ``message: difference; difference…`` (up to 8) when two fingerprints differ."""
+    diff = differences(found, wanted, found_label=found_label)
+    if diff:
+        raise CachedetError(f"{message}: " + "; ".join(diff[:8]))
 
 
 def steps_in_epoch(views_per_rank: list[int], batch_size: int) -> int:

@@ -17,16 +17,15 @@ import torch
 from torch import nn
 
 from cachedet import __version__
+from cachedet.atomic import write_json_atomic
 from cachedet.backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
-from cachedet.cache.schema import differences
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from cachedet.engine.distributed import DistInfo, barrier, init_distributed, shutdown
-from cachedet.engine.sources import CacheSource, OnlineSource
+from cachedet.engine.sources import CacheSource, OnlineSource, check_fingerprint
 from cachedet.errors import CachedetError
 from cachedet.extract import resolve_device
 from cachedet.models.detector import DetectorConfig, build_detector
-from cachedet.models.heads import LOSS_NAMES
 
 
 @dataclass(frozen=True)
@@ -198,12 +197,6 @@ class TrainResult:
     views_per_second: float
 
 
-def check_fingerprint(found: dict, wanted: dict, what: str):
-    diff = differences(found, wanted, found_label="checkpoint")
-    if diff:
-        raise CachedetError(f"{what} does not fit this run: " + "; ".join(diff[:8]))
-
-
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Run stage 2 (see module docstring); with ``cfg.resume`` continue from checkpoints/last.pt."""
     from cachedet.progress import ViewProgress
@@ -226,12 +219,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     )
     if ckpt is not None:
         where = f"--cache {cfg.cache}" if cfg.cache else "the online backbone"
-        check_fingerprint(ckpt["fingerprint"], source.fingerprint, f"{where} (checkpoint {run.checkpoint})")
+        check_fingerprint(ckpt["fingerprint"], source.fingerprint,
+                          f"{where} (checkpoint {run.checkpoint}) does not fit this run", found_label="checkpoint")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         detector = build_detector(det_cfg)
     model = TrainModel(detector, source.backbone).to(device)
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, trainable)
     steps_per_epoch = source.steps(0)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -248,10 +243,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             run.truncate_metrics(step)
     if info.is_main:
         os.makedirs(run.path, exist_ok=True)
-        with open(run.config, "w") as f:
-            json.dump({"train": cfg.to_dict(), "detector": det_cfg.to_dict(), "fingerprint": source.fingerprint,
-                       "backbone": source.backbone_identity, "augment": source.augment,
-                       "categories": source.categories, "cachedet_version": __version__}, f, indent=2)
+        write_json_atomic(run.config, {"train": cfg.to_dict(), "detector": det_cfg.to_dict(), "fingerprint": source.fingerprint,
+                                       "backbone": source.backbone_identity, "augment": source.augment,
+                                       "categories": source.categories, "cachedet_version": __version__}, indent=2)
     ddp = model
     if info.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -278,7 +272,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
                 optimizer.step()
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()

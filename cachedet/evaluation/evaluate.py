@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
+from cachedet.atomic import write_json_atomic
 from cachedet.cache.store import FeatureStore
 from cachedet.data.coco import load_detection_dataset, read_annotation_json
 from cachedet.errors import CachedetError
@@ -17,10 +17,10 @@ from cachedet.evaluation.scoring import (
 
 def evaluate_run(run: str, annotations: str, images: str | None = None, train_annotations: str | None = None,
                  cache: str | None = None, out: str | None = None, count_bins: tuple[int, ...] = DEFAULT_COUNT_BINS,
-                 device: str = "auto", batch_size: int = 8, progress: bool = True) -> dict:
+                 device: str = "auto", batch_size: int = 8, progress: bool = True) -> tuple[dict, list[dict]]:
     """Predict on every image of ``annotations`` (from ``images`` or from a ``--no-augment`` cache), score
     with COCOeval (and LVISEval for an LVIS file), and stratify per-class AP by training counts.
-    Returns the metrics dict (also written to ``out`` as JSON, with detections beside it)."""
+    Returns (metrics, COCO-format detections); with ``out`` both are written as JSON."""
     from cachedet.progress import ViewProgress
 
     if cache is None and images is None:
@@ -65,10 +65,6 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
         metrics["count_bins"] = list(count_bins)
     metrics["by_size"] = {k: coco["summary"][k] for k in ("APs", "APm", "APl")}
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(metrics, f, indent=2)
-        with open(os.path.splitext(out)[0] + ".detections.json", "w") as f:
-            json.dump(detections, f)
-    metrics["_detections"] = detections
-    return metrics
+        write_json_atomic(os.path.splitext(out)[0] + ".detections.json", detections)
+        write_json_atomic(out, metrics, indent=2)
+    return metrics, detections

@@ -13,12 +13,11 @@ import numpy as np
 import torch
 
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
-from cachedet.cache.schema import differences
 from cachedet.cache.store import FeatureStore
 from cachedet.data.images import read_image
 from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_image, view_to_image_boxes
 from cachedet.engine.checkpoint import load_checkpoint
-from cachedet.engine.sources import fingerprint as make_fingerprint
+from cachedet.engine.sources import check_fingerprint, fingerprint as make_fingerprint
 from cachedet.errors import CachedetError
 from cachedet.extract import resolve_device
 from cachedet.models.detector import DetectorConfig, build_detector
@@ -104,9 +103,7 @@ class Predictor:
         if header["augment"]["augment"]:
             raise CachedetError(f"--cache {store.url}: an augmented cache; evaluate from one made with --no-augment --views 1")
         found = make_fingerprint(store.specs, header["backbone"], int(header["augment"]["size"]), header["dataset"]["categories"])
-        diff = differences(found, self.fingerprint, found_label="store")
-        if diff:
-            raise CachedetError(f"--cache {store.url} does not fit run {self.run}: " + "; ".join(diff[:6]))
+        check_fingerprint(found, self.fingerprint, f"--cache {store.url} does not fit run {self.run}", found_label="store")
 
     def predict_store(self, store: FeatureStore, batch_size: int = 16, on_images=None) -> list[dict]:
         self.check_store(store)

@@ -34,10 +34,6 @@ def bin_of(count: int, edges: tuple[int, ...]) -> int:
     return len(edges)
 
 
-def _empty_results_guard(detections: list[dict]) -> bool:
-    return len(detections) == 0
-
-
 def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbox") -> dict:
     """Score COCO-format detections with pycocotools' COCOeval.
 
@@ -56,7 +52,7 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     cat_ids = sorted(gt.getCatIds())
-    if _empty_results_guard(detections):
+    if not detections:
         return {"summary": {k: 0.0 for k in COCO_STATS},
                 "per_class": {c: (0.0 if gt.getAnnIds(catIds=[c]) else None) for c in cat_ids}}
     with contextlib.redirect_stdout(io.StringIO()):
