@@ -11,26 +11,43 @@ def _ratio(a, b):
     return a / b if a and b else None
 
 
-def write_report(result: dict, out_dir: str) -> str:
-    m = result["machine"]
-    recs = result["records"]
-    head = [r for r in recs if r["size"] == result["headline"]["config"]["size"] and r["detector"] == "fpn+faster-rcnn"
-            and (r["backbone"].startswith("resnet50"))][:6]
-    by = {r["regime"]: r for r in head}
+REGIME_ORDER = ("torchvision_finetune", "torchvision_frozen", "finetune", "online_frozen", "cached", "heads_in_memory")
+TITLES = {"fpn+faster-rcnn": "Faster R-CNN R50-FPN", "fpn+retinanet": "RetinaNet R50-FPN"}
+
+
+def headline_records(result: dict, detector: str) -> dict[str, dict]:
+    """The R50 headline records of one detector, by regime."""
+    size = result["headline"]["config"]["size"]
+    return {r["regime"]: r for r in result["records"]
+            if r["size"] == size and r["detector"] == detector and r["backbone"].startswith("resnet50")}
+
+
+def regime_table(by: dict[str, dict], title: str, hc: dict) -> list[str]:
     base = by.get("torchvision_frozen")
-    hc = result["headline"]["config"]
-    lines = [f"Machine: {m['cpu']} ({m['cores']} cores), GPU {m['gpu']}, torch {m['torch']}, Python {m['python']}.", "",
-             f"### Faster R-CNN R50-FPN, {hc['size']}x{hc['size']}, batch {hc['batch']}, {hc['device']} "
+    lines = [f"### {title}, {hc['size']}x{hc['size']}, batch {hc['batch']}, {hc['device']} "
              f"(median of {hc['steps']} steps after {hc['warmup']} warm-up)", "",
              "| regime | step (s) | speed-up vs torchvision frozen | speed-up vs finetune | GFLOPs / step | peak memory (GB) | memory vs finetune |",
              "|---|---|---|---|---|---|---|"]
-    for regime in ("torchvision_finetune", "torchvision_frozen", "finetune", "online_frozen", "cached", "heads_in_memory"):
+    for regime in REGIME_ORDER:
         r = by.get(regime)
         if not r:
             continue
-        lines.append(f"| {regime} | {r['step_s_median']:.2f} | {_ratio(base['step_s_median'], r['step_s_median']):.2f}x | "
+        vs_tv = f"{_ratio(base['step_s_median'], r['step_s_median']):.2f}x" if base else "-"
+        lines.append(f"| {regime} | {r['step_s_median']:.2f} | {vs_tv} | "
                      f"{_ratio(by['finetune']['step_s_median'], r['step_s_median']):.2f}x | {r['flops_per_step'] / 1e9:.0f} | "
                      f"{r['peak_mem_bytes'] / 1e9:.2f} | {r['peak_mem_bytes'] / by['finetune']['peak_mem_bytes']:.2f} |")
+    return lines
+
+
+def write_report(result: dict, out_dir: str) -> str:
+    m = result["machine"]
+    recs = result["records"]
+    by = headline_records(result, "fpn+faster-rcnn")
+    lines = [f"Machine: {m['cpu']} ({m['cores']} cores), GPU {m['gpu']}, torch {m['torch']}, Python {m['python']}.", ""]
+    lines += regime_table(by, TITLES["fpn+faster-rcnn"], result["headline"]["config"])
+    if result.get("retinanet"):
+        lines += [""] + regime_table(headline_records(result, "fpn+retinanet"), TITLES["fpn+retinanet"],
+                                     result["retinanet"]["config"])
     st = result["headline"]["stages"]
     lines += ["", f"Extraction {st['extract_views_per_s']:.2f} views/s against backbone-only forward "
               f"{st['backbone_forward_views_per_s']:.2f} views/s ({st['extract_vs_forward']:.2f}x); cache "
@@ -72,7 +89,7 @@ def _plot(result, by, out_dir):
 
     fig, axes = plt.subplots(1, 2 if result["sweep"] else 1, figsize=(12 if result["sweep"] else 6, 4.2))
     axes = axes if result["sweep"] else [axes]
-    order = [r for r in ("torchvision_finetune", "torchvision_frozen", "finetune", "online_frozen", "cached", "heads_in_memory") if r in by]
+    order = [r for r in REGIME_ORDER if r in by]
     axes[0].barh(order, [by[r]["step_s_median"] for r in order], color=["#999", "#bbb", "#d62728", "#ff7f0e", "#2ca02c", "#1f77b4"][-len(order):])
     axes[0].set_xlabel("seconds per training step (median)")
     axes[0].set_title("Faster R-CNN R50-FPN")

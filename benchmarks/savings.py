@@ -4,7 +4,8 @@
 
 Writes savings.json (records, stages, machine), savings.md and savings.png. Headline:
 Faster R-CNN R50-FPN at 512x512, batch 2, the same detector as torchvision's
-fasterrcnn_resnet50_fpn (FPN on c2-c5, 2-FC box head), against torchvision itself. Sweep:
+fasterrcnn_resnet50_fpn (FPN on c2-c5, 2-FC box head), against torchvision itself; and RetinaNet
+R50-FPN (c3-c5 + P6/P7) against retinanet_resnet50_fpn. Sweep:
 FPN + Faster R-CNN (c3-c5) on backbones of growing size, to show how the savings follow the
 backbone's share of a step's compute.
 """
@@ -39,17 +40,20 @@ def main():
 
     headline = run_benchmark(BenchConfig(size=args.size, batch=args.batch, steps=args.steps, warmup=args.warmup,
                                          device=args.device))
+    retinanet = run_benchmark(BenchConfig(head="retinanet", out_indices=(2, 3, 4), options={}, size=args.size,
+                                          batch=args.batch, steps=args.steps, warmup=args.warmup, device=args.device))
     headline["codecs"] = decode_speeds(os.path.join(headline["config"]["workdir"], "bench.zarr"), headline["config"]["workdir"])
     machine = machine_info()
     os.makedirs(args.out, exist_ok=True)
     sweep = []
 
     def save():
-        records = headline["records"] + [r for s in sweep for r in s["records"]]
+        records = headline["records"] + retinanet["records"] + [r for s in sweep for r in s["records"]]
         for r in records:
             r["machine"] = machine
         result = {"machine": machine, "records": records,
                   "headline": {"config": headline["config"], "stages": headline["stages"], "codecs": headline["codecs"]},
+                  "retinanet": {"config": retinanet["config"], "stages": retinanet["stages"]},
                   "sweep": [{"config": s["config"], "stages": s["stages"]} for s in sweep]}
         with open(os.path.join(args.out, "savings.json"), "w") as f:
             json.dump(result, f, indent=2)

@@ -165,12 +165,23 @@ def _collate(batch):
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
 
 
-def run_shard(task: ShardTask, on_views=None) -> dict:
-    """Compute and write one shard; return its completion record (also written to the store)."""
+@dataclass
+class ComputedShard:
+    """One shard's encoded features, ready to write: {level: (n, C, H, W)} storage dtype, and for
+    uint8 stores {level: (n, C, 2)} quant params."""
+
+    blocks: dict[str, np.ndarray]
+    quant: dict[str, np.ndarray] | None
+    skipped: list[dict]
+    seconds: float
+
+
+def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
+    """Decode, augment, run the backbone and encode every view of one shard (nothing is written)."""
     if task.threads:
         torch.set_num_threads(task.threads)
     backbone = _worker_backbone(task.backbone, task.device)
-    t0 = time.perf_counter()  # decode + augment + forward + encode + write; the backbone is built once per process
+    t0 = time.perf_counter()  # the backbone is built once per process, outside the shard's time
     loader = DataLoader(
         ViewDataset(list(task.views), list(task.paths), backbone.mean, backbone.std, skip_bad=True),
         batch_size=task.batch_size,
@@ -178,6 +189,7 @@ def run_shard(task: ShardTask, on_views=None) -> dict:
         collate_fn=_collate,
     )
     blocks: dict[str, list[np.ndarray]] = {}
+    quant: dict[str, list[np.ndarray]] = {}
     skipped, done = [], 0
     for images, errors in loader:
         for i, err in enumerate(errors):
@@ -187,20 +199,55 @@ def run_shard(task: ShardTask, on_views=None) -> dict:
                 view = task.start + done + i
                 skipped.append({"view": view, "image_id": task.views[done + i].image_id, "error": err})
         for name, feats in compute_features(backbone, images).items():
-            blocks.setdefault(name, []).append(schema.encode(feats, task.dtype))
+            stored, params = schema.encode(feats, task.dtype)
+            blocks.setdefault(name, []).append(stored)
+            if params is not None:
+                quant.setdefault(name, []).append(params)
         done += len(errors)
         if on_views:
             on_views(len(errors))
-    digests = write_shard_features(task.store, task.shard, {k: np.concatenate(v) for k, v in blocks.items()}, task.start)
+    return ComputedShard(
+        blocks={k: np.concatenate(v) for k, v in blocks.items()},
+        quant={k: np.concatenate(v) for k, v in quant.items()} if quant else None,
+        skipped=skipped, seconds=time.perf_counter() - t0,
+    )
+
+
+def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
+    """Write a computed shard's features, then its completion record; return the record."""
+    t0 = time.perf_counter()
+    digests = write_shard_features(task.store, task.shard, computed.blocks, task.start, computed.quant)
     record = {
         "shard": task.shard,
         "views": [task.start, task.start + len(task.views)],
         "sha256": digests,
-        "skipped": skipped,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "skipped": computed.skipped,
+        "seconds": round(computed.seconds + time.perf_counter() - t0, 3),  # compute + write
     }
     write_shard_record(task.store, record)
     return record
+
+
+def run_shard(task: ShardTask, on_views=None) -> dict:
+    """Compute and write one shard; return its completion record (also written to the store)."""
+    return write_shard(task, compute_shard(task, on_views))
+
+
+def run_shards_in_process(tasks: list[ShardTask], on_views=None) -> list[dict]:
+    """Compute shards one after another while a writer thread stores the previous one (at most
+    one shard waits for its write, so memory stays at two shards)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    records, pending = [], None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachedet-writer") as writer:
+        for task in tasks:
+            computed = compute_shard(task, on_views)
+            if pending is not None:
+                records.append(pending.result())
+            pending = writer.submit(write_shard, task, computed)
+        if pending is not None:
+            records.append(pending.result())
+    return records
 
 
 @dataclass
@@ -213,6 +260,13 @@ class ExtractResult:
     skipped_images: list[dict]
     dropped: dict[str, int]
     seconds: float
+    views_run: int  # views computed by this run (complete shards are not recomputed)
+    shard_seconds: float  # wall time of the shard work alone (no planning, no backbone build)
+
+    @property
+    def views_per_second(self) -> float:
+        """Throughput of this run's shard work: views computed and written per wall second."""
+        return self.views_run / self.shard_seconds if self.shard_seconds > 0 else 0.0
 
 
 def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, num_views: int) -> dict:
@@ -280,19 +334,21 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
             threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
         ))
     todo_views = sum(len(t.views) for t in tasks)
-    records = []
+    if tasks and not (cfg.workers or cfg.scheduler):
+        _worker_backbone(cfg.backbone, cfg.device)  # built before the clock starts, as on a dask worker
+    t_shards = time.perf_counter()
     with ViewProgress("extract", todo_views, enabled=progress) as bar:
         if cfg.workers or cfg.scheduler:
             records = _run_on_dask(tasks, cfg, bar)
         else:
-            for task in tasks:
-                records.append(run_shard(task, on_views=bar.advance))
+            records = run_shards_in_process(tasks, on_views=bar.advance)
+    shard_seconds = time.perf_counter() - t_shards
     skipped = [s for r in records for s in r["skipped"]]
     skipped += [s for r in done.values() for s in r.get("skipped", [])]
     return ExtractResult(
         store=cfg.out, num_views=len(plan.views), shards_total=total, shards_run=len(tasks),
         shards_skipped_complete=len(done), skipped_images=skipped, dropped=dataset.dropped,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, views_run=todo_views, shard_seconds=shard_seconds,
     )
 
 
@@ -346,8 +402,7 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
     device = resolve_device(cfg.device)
     backbone = build_backbone(cfg.backbone).to(device)
     shapes = backbone.feature_shapes(cfg.augment.size)
-    itemsize = 4 if cfg.dtype == "float32" else 2
-    per_view = sum(int(np.prod(s)) for s in shapes.values()) * itemsize
+    per_view = sum(int(np.prod(s)) for s in shapes.values()) * schema.ITEMSIZE[cfg.dtype]
     views = num_images * cfg.views
     batch = torch.zeros(min(cfg.batch_size, 4), 3, cfg.augment.size, cfg.augment.size)
     compute_features(backbone, batch)  # warm-up

@@ -29,7 +29,7 @@ def extract_command(
     scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range", help="LSJ scale range MIN MAX."),
     no_augment: bool = typer.Option(False, "--no-augment", help="One plain resize-and-pad view per image (evaluation caches)."),
     seed: int = typer.Option(0, "--seed"),
-    dtype: str = typer.Option("float16", "--dtype", help="float16, bfloat16 or float32."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16, bfloat16, float32, or uint8 (8 bits, affine per view and channel: lossy, half of float16's bytes)."),
     codec: str = typer.Option("zstd", "--codec", help="zstd, lz4 or none (Blosc, bit-shuffle)."),
     shard_views: int = typer.Option(64, "--shard-views", help="Views per shard (the unit of work)."),
     workers: int = typer.Option(0, "--workers", help="Dask worker processes on this machine (0: in-process)."),

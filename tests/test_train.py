@@ -51,9 +51,19 @@ def test_view_policy_uses_one_view_per_image_and_all_over_epochs():
     assert not np.array_equal(choose_epoch_views(image_ids, usable, 1, 0, 0), choose_epoch_views(image_ids, usable, 1, 0, 1))
 
 
-def test_cached_and_in_memory_feeds_agree(store):
+@pytest.fixture(scope="module")
+def uint8_store(synthetic, tmp_path_factory):
+    cfg = small_config(synthetic, str(tmp_path_factory.mktemp("cache") / "q.zarr"), views=2, dtype="uint8")
+    extract(cfg, progress=False)
+    return cfg
+
+
+@pytest.mark.parametrize("which", ["store", "uint8_store"])
+def test_cached_and_in_memory_feeds_agree(which, request):
+    store = request.getfixturevalue(which)
     streamed = CachedViews(store.out, shuffle_buffer=4)
     ram = InMemoryViews(store.out)
+    reference = FeatureStore(store.out)
     for epoch in (0, 1):
         streamed.set_epoch(epoch)
         ram.set_epoch(epoch)
@@ -63,6 +73,8 @@ def test_cached_and_in_memory_feeds_agree(store):
         for v in a:
             for name in a[v]["features"]:
                 torch.testing.assert_close(a[v]["features"][name], b[v]["features"][name])
+                want = torch.from_numpy(reference.read_level(name, slice(v, v + 1))[0])
+                torch.testing.assert_close(a[v]["features"][name], want)
             assert torch.equal(a[v]["boxes"], b[v]["boxes"])
     shards = [CachedViews(store.out, rank=r, world=2) for r in (0, 1)]
     parts = [{s["view"] for s in ds} for ds in shards]

@@ -92,9 +92,7 @@ class CachedViews(_EpochViews, IterableDataset):
         store = self._opened
         feats = {}
         for spec in self.specs:  # one read and one decode per level per block
-            arr = store.features_array(spec.name)
-            stored = arr.get_orthogonal_selection((block,)) if len(block) > 1 else arr[block[0]:block[0] + 1]
-            x = torch.from_numpy(decode(stored, store.dtype))
+            x = torch.from_numpy(store.read_level(spec.name, block))
             feats[spec.name] = x.half() if self.keep_float16 else x
         for i, view in enumerate(block.tolist()):
             boxes, labels = store.boxes(view)
@@ -120,15 +118,22 @@ class CachedViews(_EpochViews, IterableDataset):
 
 
 class InMemoryViews(_EpochViews):
-    """All views of a store loaded once into RAM (float16), batched without a DataLoader."""
+    """All views of a store held in RAM as stored (float16 / bfloat16 bits / uint8 + quant params),
+    decoded one view at a time, batched without a DataLoader."""
 
     def __init__(self, url: str, views_per_epoch: int = 1, seed: int = 0, rank: int = 0, world: int = 1):
         super().__init__(url, views_per_epoch, seed, rank, world)
         store, self._opened = self._opened, None
-        # one level at a time, so loading never holds more than one level as float32
-        self.features = {s.name: torch.from_numpy(decode(store.features_array(s.name)[...], store.dtype)).half()
-                         for s in self.specs}
+        self.dtype = store.dtype
+        self.stored = {s.name: store.read_stored(s.name, slice(None)) for s in self.specs}
         self.targets = [tuple(torch.from_numpy(a.copy()) for a in store.boxes(v)) for v in range(store.num_views)]
+
+    def _features(self, view: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (stored, quant) in self.stored.items():
+            q = None if quant is None else quant[view:view + 1]
+            out[name] = torch.from_numpy(decode(stored[view:view + 1], self.dtype, q)[0])
+        return out
 
     def __iter__(self):
         blocks = self.blocks_for(self.rank)
@@ -136,8 +141,7 @@ class InMemoryViews(_EpochViews):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         for view in views[rng.permutation(len(views))].tolist():
             boxes, labels = self.targets[view]
-            yield {"features": {k: v[view].float() for k, v in self.features.items()},
-                   "boxes": boxes, "labels": labels, "view": view}
+            yield {"features": self._features(view), "boxes": boxes, "labels": labels, "view": view}
 
 
 def collate_views(samples: list[dict]) -> dict:

@@ -4,6 +4,8 @@ Store layout (a zarr v3 group)::
 
     zarr.json                 attrs["cachedet"] = header (see ``make_header``)
     features/<level>          (V, C, H, W) storage dtype; chunk = 1 view; shard = shard_views views
+    quant/<level>             (V, C, 2) float32 (offset, step) per view and channel; only for
+                              dtype uint8: feature = offset + step * stored
     meta/image_id             (V,) int64         meta/view_index   (V,) int32
     meta/orig_size            (V, 2) int32 (H, W) of the original image
     meta/resized_size         (V, 2) int32 (h, w) after the LSJ resize
@@ -28,7 +30,8 @@ from cachedet.errors import CachedetError
 
 FORMAT = "cachedet.features"
 SCHEMA_VERSION = 1
-DTYPES = ("float16", "bfloat16", "float32")
+DTYPES = ("float16", "bfloat16", "float32", "uint8")
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1}
 CODECS = ("zstd", "lz4", "none")
 # Parts of the header that must match for a rerun to resume into an existing store.
 IDENTITY_KEYS = ("backbone", "feature_specs", "dataset_sha256", "augment", "views", "storage")
@@ -45,7 +48,12 @@ def check_storage(dtype: str, codec: str, shard_views: int):
 
 def zarr_dtype(dtype: str) -> str:
     """numpy dtype that holds ``dtype`` on disk (bfloat16 is kept as its raw uint16 bits)."""
-    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}[dtype]
+    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32", "uint8": "uint8"}[dtype]
+
+
+def is_quantized(dtype: str) -> bool:
+    """uint8 stores carry per-(view, channel) affine parameters beside the features."""
+    return dtype == "uint8"
 
 
 def compressors(codec: str) -> list:
@@ -54,20 +62,34 @@ def compressors(codec: str) -> list:
     return [BloscCodec(cname=codec, clevel=3 if codec == "zstd" else 5, shuffle="bitshuffle")]
 
 
-def encode(features: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 features -> the on-disk representation of ``dtype`` (round to nearest)."""
+def encode(features: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 (n, C, H, W) -> (on-disk array of ``dtype``, quant params (n, C, 2) or None).
+
+    Floats round to nearest. uint8 maps each view's channel [min, max] affinely onto 0..255, so
+    the error is at most half a step, (max - min) / 510.
+    """
     x = np.ascontiguousarray(features, dtype=np.float32)
     if dtype == "bfloat16":
         bits = x.view(np.uint32)
         rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)  # round half to even
-        return ((bits + rounding) >> 16).astype(np.uint16)
-    return x.astype(zarr_dtype(dtype))
+        return ((bits + rounding) >> 16).astype(np.uint16), None
+    if dtype == "uint8":
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        lo, hi = flat.min(axis=2), flat.max(axis=2)
+        step = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+        q = np.rint((x - lo[..., None, None]) / step[..., None, None])
+        return np.clip(q, 0, 255).astype(np.uint8), np.stack([lo, step], axis=-1).astype(np.float32)
+    return x.astype(zarr_dtype(dtype)), None
 
 
-def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
-    """On-disk features -> float32."""
+def decode(stored: np.ndarray, dtype: str, quant: np.ndarray | None = None) -> np.ndarray:
+    """On-disk features (n, C, H, W) [+ quant params (n, C, 2) for uint8] -> float32."""
     if dtype == "bfloat16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "uint8":
+        if quant is None:
+            raise ValueError("uint8 features need their quant parameters to decode")
+        return quant[..., 0, None, None] + quant[..., 1, None, None] * stored.astype(np.float32)
     return stored.astype(np.float32)
 
 

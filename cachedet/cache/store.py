@@ -72,6 +72,9 @@ def create_store(url: str, header: dict, views: list[ViewParams], boxes: dict[st
             fill_value=0,
             dimension_names=("view", "channel", "y", "x"),
         )
+        if schema.is_quantized(storage["dtype"]):  # one chunk per shard: each shard keeps one writer
+            group.create_array(f"quant/{spec['name']}", shape=(n, c, 2), chunks=(min(sv, max(n, 1)), c, 2),
+                               dtype="float32", fill_value=0, dimension_names=("view", "channel", "param"))
     for name, arr in {**{f"meta/{k}": v for k, v in meta_arrays(views).items()},
                       **{f"boxes/{k}": v for k, v in boxes.items()}}.items():
         z = group.create_array(name, shape=arr.shape, chunks=arr.shape if arr.size else None, dtype=arr.dtype)
@@ -84,17 +87,24 @@ def shard_range(shard: int, shard_views: int, num_views: int) -> tuple[int, int]
     return shard * shard_views, min((shard + 1) * shard_views, num_views)
 
 
-def features_sha256(block: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest()
+def features_sha256(block: np.ndarray, quant: np.ndarray | None = None) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(block).tobytes())
+    if quant is not None:
+        h.update(np.ascontiguousarray(quant, dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
-def write_shard_features(url: str, shard: int, blocks: dict[str, np.ndarray], start: int) -> dict[str, str]:
-    """Write one shard's encoded feature blocks {level: (n, C, H, W)}; return their sha256 per level."""
+def write_shard_features(url: str, shard: int, blocks: dict[str, np.ndarray], start: int,
+                         quant: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+    """Write one shard's encoded feature blocks {level: (n, C, H, W)} (and, for uint8 stores, their
+    quant params {level: (n, C, 2)}); return the sha256 per level of what was written."""
     group = zarr.open_group(url, mode="r+")
     digests = {}
     for name, block in blocks.items():
         write_level(group[f"features/{name}"], start, block)
-        digests[name] = features_sha256(block)
+        if quant is not None:
+            write_level(group[f"quant/{name}"], start, quant[name])
+        digests[name] = features_sha256(block, None if quant is None else quant[name])
     return digests
 
 
@@ -168,8 +178,23 @@ class FeatureStore:
     def features_array(self, name: str) -> zarr.Array:
         return self.group[f"features/{name}"]
 
+    def read_stored(self, name: str, views: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray | None]:
+        """One level as stored, (n, C, H, W) in the storage dtype, and its quant params (n, C, 2) or
+        None, for a slice or a sorted index array of views (one read per array)."""
+        def read(arr):
+            if isinstance(views, slice):
+                return arr[views]
+            return arr.get_orthogonal_selection((views,)) if len(views) > 1 else arr[views[0]:views[0] + 1]
+        quant = read(self.group[f"quant/{name}"]) if schema.is_quantized(self.dtype) else None
+        return read(self.features_array(name)), quant
+
+    def read_level(self, name: str, views: np.ndarray | slice) -> np.ndarray:
+        """float32 (n, C, H, W) of one level (see ``read_stored``)."""
+        stored, quant = self.read_stored(name, views)
+        return schema.decode(stored, self.dtype, quant)
+
     def read_features(self, start: int, end: int) -> dict[str, np.ndarray]:
-        return {s.name: schema.decode(self.features_array(s.name)[start:end], self.dtype) for s in self.specs}
+        return {s.name: self.read_level(s.name, slice(start, end)) for s in self.specs}
 
     def boxes(self, view: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.box_offsets[view], self.box_offsets[view + 1]
