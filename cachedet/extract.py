@@ -21,8 +21,8 @@ from cachedet import __version__
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
 from cachedet.cache.store import (
-    FeatureStore, create_store, read_shard_records, remove_store, shard_range, store_exists,
-    write_shard_features, write_shard_record,
+    FeatureStore, create_store, read_shard_records, remove_shard_record, remove_store, shard_range, store_exists,
+    verify_store, write_shard_features, write_shard_record,
 )
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
 from cachedet.data.images import ViewDataset
@@ -49,6 +49,7 @@ class ExtractConfig:
     loader_workers: int = 0
     overwrite: bool = False
     skip_bad: bool = False
+    repair: bool = False  # verify complete shards first and recompute the damaged ones
 
     def validate(self):
         if self.views < 1:
@@ -216,7 +217,11 @@ def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
 def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
     """Write a computed shard's features, then its completion record; return the record."""
     t0 = time.perf_counter()
-    digests = write_shard_features(task.store, task.shard, computed.blocks, task.start, computed.quant)
+    try:
+        digests = write_shard_features(task.store, task.shard, computed.blocks, task.start, computed.quant)
+    except OSError as e:  # no space, no permission, a lost connection: the shard stays incomplete
+        raise CachedetError(f"--out {task.store}: writing shard {task.shard} failed: {e.strerror or e}; "
+                            "it is not marked complete, rerun the same command to resume") from None
     record = {
         "shard": task.shard,
         "views": [task.start, task.start + len(task.views)],
@@ -224,7 +229,11 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
         "skipped": computed.skipped,
         "seconds": round(computed.seconds + time.perf_counter() - t0, 3),  # compute + write
     }
-    write_shard_record(task.store, record)
+    try:
+        write_shard_record(task.store, record)
+    except OSError as e:
+        raise CachedetError(f"--out {task.store}: writing the completion record of shard {task.shard} failed: "
+                            f"{e.strerror or e}; rerun the same command to resume") from None
     return record
 
 
@@ -262,6 +271,7 @@ class ExtractResult:
     seconds: float
     views_run: int  # views computed by this run (complete shards are not recomputed)
     shard_seconds: float  # wall time of the shard work alone (no planning, no backbone build)
+    repaired: list[dict] = field(default_factory=list)  # damaged shards found by --repair and recomputed
 
     @property
     def views_per_second(self) -> float:
@@ -319,6 +329,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     plan = plan_views(dataset, cfg.augment, cfg.views)
     header = _header(cfg, backbone, dataset, len(plan.views))
     prepare_store(cfg, header, plan)
+    repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
     done = read_shard_records(cfg.out)
     total = header["num_shards"]
@@ -348,8 +359,20 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     return ExtractResult(
         store=cfg.out, num_views=len(plan.views), shards_total=total, shards_run=len(tasks),
         shards_skipped_complete=len(done), skipped_images=skipped, dropped=dataset.dropped,
-        seconds=time.perf_counter() - t0, views_run=todo_views, shard_seconds=shard_seconds,
+        seconds=time.perf_counter() - t0, views_run=todo_views, shard_seconds=shard_seconds, repaired=repaired,
     )
+
+
+def repair_store(url: str, progress: bool = True) -> list[dict]:
+    """Verify every complete shard; unmark the damaged ones so this run recomputes them."""
+    from cachedet.progress import ViewProgress
+
+    total = FeatureStore(url).num_shards
+    with ViewProgress("verify", total, unit="shards", enabled=progress) as bar:
+        report = verify_store(url, on_shard=bar.advance)
+    for damaged in report["damaged"]:
+        remove_shard_record(url, damaged["shard"])
+    return report["damaged"]
 
 
 def _run_on_dask(tasks: list[ShardTask], cfg: ExtractConfig, bar) -> list[dict]:

@@ -1,4 +1,4 @@
-"""``cachedet cache-info STORE``: levels, shapes, size on disk, compression, completion."""
+"""``cachedet cache info|verify STORE``: describe a feature store, or re-check its shards."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from rich.table import Table
 
 from cachedet_cli.common import console as make_console, human_bytes, user_errors
 
+cache_app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
+
 
 @user_errors
 def cache_info_command(
     store: str = typer.Argument(..., help="Feature store (path or fsspec URL)."),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
 ):
-    """Describe a feature store."""
+    """Describe a feature store: levels, shapes, size on disk, compression, completion."""
     from cachedet.cache.store import FeatureStore
 
     info = FeatureStore(store).info()
@@ -42,3 +44,51 @@ def cache_info_command(
     )
     if info["skipped_images"]:
         console.print(f"[yellow]skipped images: {len(info['skipped_images'])}")
+
+
+@user_errors
+def cache_verify_command(
+    store: str = typer.Argument(..., help="Feature store (path or fsspec URL)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """Re-read every complete shard and check it against the sha256 recorded when it was written.
+
+    Exit status 0 when every shard is complete and intact, 1 otherwise. Damaged shards are
+    recomputed by rerunning the store's extract command with --repair.
+    """
+    from cachedet.cache.store import FeatureStore, verify_store
+    from cachedet.progress import ViewProgress
+
+    with ViewProgress("verify", FeatureStore(store).num_shards, unit="shards", enabled=not quiet) as bar:
+        report = verify_store(store, on_shard=bar.advance)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        console = make_console()
+        console.print(f"[bold]{store}[/]: {len(report['complete'])}/{report['shards_total']} shards complete and intact, "
+                      f"{len(report['incomplete'])} incomplete, {len(report['damaged'])} damaged")
+        if report["incomplete"]:
+            console.print("incomplete: " + _ranges(report["incomplete"]) + " (rerun extract to finish them)")
+        for d in report["damaged"]:
+            console.print(f"[red]damaged shard {d['shard']}[/], level {d['level']}: {d['error']}")
+        if report["damaged"]:
+            console.print("rerun the extract command with --repair to recompute the damaged shards")
+    if report["incomplete"] or report["damaged"]:
+        raise typer.Exit(1)
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(f"{start}-{v}" if v != start else str(v))
+            start = None
+    return ", ".join(out)
+
+
+cache_app.command("info")(cache_info_command)
+cache_app.command("verify")(cache_verify_command)

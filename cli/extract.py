@@ -41,6 +41,7 @@ def extract_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print views, size and time estimates; write nothing."),
     num_images: Optional[int] = typer.Option(None, "--num-images", help="With --dry-run: plan for this many images instead of the file's."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images in the store instead of stopping."),
+    repair: bool = typer.Option(False, "--repair", help="Verify complete shards' checksums first and recompute damaged ones."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Run the frozen backbone over augmented views and store multi-scale features (stage 1)."""
@@ -55,6 +56,7 @@ def extract_command(
         augment=AugmentConfig(size=size, scale_range=tuple(scale_range), augment=not no_augment, seed=seed),
         views=views, dtype=dtype, codec=codec, shard_views=shard_views, workers=workers, scheduler=scheduler,
         device=device, batch_size=batch_size, loader_workers=loader_workers, overwrite=overwrite, skip_bad=skip_bad,
+        repair=repair,
     )
     console = make_console()
     if dry_run:
@@ -79,6 +81,9 @@ def extract_command(
         f"ran {result.shards_run}, {result.shards_skipped_complete} already complete; "
         f"{result.seconds:.1f} s"
     )
+    if cfg.repair:
+        console.print(f"repaired {len(result.repaired)} damaged shard(s)" + (
+            ": " + ", ".join(f"{d['shard']} ({d['level']}: {d['error']})" for d in result.repaired) if result.repaired else ""))
     console.print("dropped annotations: " + (", ".join(f"{k} {v}" for k, v in dropped.items()) if dropped else "none"))
     if result.skipped_images:
         console.print(f"[yellow]skipped {len(result.skipped_images)} unreadable image views (recorded in the store):")

@@ -15,7 +15,8 @@ app = typer.Typer(
 )
 app.command("demo")(demo.demo_command)
 app.command("extract")(extract.extract_command)
-app.command("cache-info")(cache_info.cache_info_command)
+app.add_typer(cache_info.cache_app, name="cache")
+app.command("cache-info", hidden=True)(cache_info.cache_info_command)  # the name before `cache info`
 app.command("train-heads")(train_heads.train_heads_command)
 app.command("eval")(eval_predict.eval_command)
 app.command("predict")(eval_predict.predict_command)

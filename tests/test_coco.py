@@ -67,6 +67,13 @@ def test_unusable_annotations_are_dropped_and_counted(tmp_path):
     (lambda d: d["annotations"].extend([ann(1, [1, 1, 2, 2]), ann(1, [1, 1, 3, 3])]), "annotations[].id: ids must be unique"),
     (lambda d: d["annotations"].append({"id": 1, "image_id": 1, "bbox": [1, 1, 2, 2]}), "annotations[0].category_id: missing"),
     (lambda d: d["annotations"].append(ann(1, [1, 1, 2, 2], image=10**30)), "annotations[0].image_id: integer"),
+    (lambda d: d.update(images={"id": 1}), "images: expected a list, got dict"),
+    (lambda d: d["images"].append("img.png"), "images[1]: expected an object, got str"),
+    (lambda d: d["categories"].append(dict(d["categories"][0])), "categories[].id: ids must be unique"),
+    (lambda d: d["images"][0].update(file_name="../../etc/passwd"), "images[0].file_name: '../../etc/passwd' leaves the --images folder"),
+    (lambda d: d["images"][0].update(file_name="/etc/passwd"), "leaves the --images folder"),
+    (lambda d: d["images"][0].update(width=2**60), "images[0].width: integer 1152921504606846976 is out of range"),
+    (lambda d: d["annotations"].append(ann(1, [1, 1, 2, 2]) | {"category_id": 1.5}), "annotations[0].category_id: expected an integer, got 1.5"),
 ])
 def test_bad_files_name_file_and_field(tmp_path, mutate, message):
     data = base()

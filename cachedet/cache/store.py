@@ -127,6 +127,7 @@ def write_shard_record(url: str, record: dict):
 def read_shard_records(url: str) -> dict[int, dict]:
     """Completion records by shard index; an unreadable or partial record counts as absent."""
     fs, path = _fs(url)
+    fs.invalidate_cache(f"{path}/_shards")  # object-store listings are cached; other writers add records
     try:
         keys = [k for k in fs.ls(f"{path}/_shards", detail=False) if k.endswith(".json")]
     except FileNotFoundError:
@@ -139,6 +140,53 @@ def read_shard_records(url: str) -> dict[int, dict]:
         except (ValueError, KeyError, TypeError, OSError):
             continue
     return records
+
+
+def remove_shard_record(url: str, shard: int):
+    """Mark a shard incomplete again (the next extract run recomputes it)."""
+    fs, path = _fs(url)
+    key = f"{path}/_shards/{shard:06d}.json"
+    if fs.exists(key):
+        fs.rm(key)
+
+
+def verify_store(url: str, on_shard=None) -> dict:
+    """Re-read every complete shard and compare its sha256 per level with its completion record.
+
+    Returns {"complete": [...], "incomplete": [...], "damaged": [{"shard", "level", "error"}], "views"}.
+    A chunk that cannot be decoded, a missing shard object and changed bytes all count as damaged.
+    """
+    store = FeatureStore(url)
+    records = store.shard_records()
+    report = {"complete": [], "incomplete": [], "damaged": [], "shards_total": store.num_shards}
+    for shard in range(store.num_shards):
+        rec = records.get(shard)
+        if rec is None:
+            report["incomplete"].append(shard)
+        else:
+            problem = _shard_problem(store, rec)
+            if problem:
+                report["damaged"].append({"shard": shard, **problem})
+            else:
+                report["complete"].append(shard)
+        if on_shard:
+            on_shard(1)
+    return report
+
+
+def _shard_problem(store: "FeatureStore", rec: dict) -> dict | None:
+    start, end = rec["views"]
+    for spec in store.specs:
+        want = rec.get("sha256", {}).get(spec.name)
+        try:
+            stored, quant = store.read_stored(spec.name, slice(start, end))
+        except Exception as e:  # a corrupt chunk can fail in the codec, the shard index or the store
+            return {"level": spec.name, "error": f"unreadable ({type(e).__name__}: {str(e)[:80]})"}
+        if want is None:
+            return {"level": spec.name, "error": "no checksum in the completion record"}
+        if features_sha256(stored, quant) != want:
+            return {"level": spec.name, "error": "checksum differs from the one recorded at write time"}
+    return None
 
 
 def bytes_on_disk(url: str, prefix: str = "") -> int:

@@ -177,6 +177,9 @@ def _file_name(chk: _Checker, where: str, img: dict) -> str:
         name = img["coco_url"].rsplit("/", 1)[-1]
     if not isinstance(name, str) or not name:
         chk.fail(f"{where}.file_name", f"expected a file name, got {name!r}")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith("/") or ".." in parts or "\x00" in name:
+        chk.fail(f"{where}.file_name", f"{name[:80]!r} leaves the --images folder (absolute, '..' or NUL)")
     return name
 
 
