@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--sweep-size", type=int, default=320)
     ap.add_argument("--sweep-steps", type=int, default=3)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--keep-sweep", action="store_true",
+                    help="re-measure the headline configurations only; keep the sweep of the existing savings.json")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
 
@@ -46,6 +48,12 @@ def main():
     machine = machine_info()
     os.makedirs(args.out, exist_ok=True)
     sweep = []
+    if args.keep_sweep:  # the sweep's ratios are internal to its own run, so they stay valid
+        with open(os.path.join(args.out, "savings.json")) as f:
+            old = json.load(f)
+        for s in old["sweep"]:
+            s["records"] = [r for r in old["records"] if r["backbone"] == s["config"]["backbone"] and r["size"] == s["config"]["size"]]
+            sweep.append(s)
 
     def save():
         records = headline["records"] + retinanet["records"] + [r for s in sweep for r in s["records"]]
@@ -60,7 +68,7 @@ def main():
         return result
 
     result = save()  # the headline is kept even if the sweep is interrupted
-    if not args.no_sweep:
+    if not (args.no_sweep or args.keep_sweep):
         for name in SWEEP:
             sweep.append(run_benchmark(BenchConfig(backbone=name, out_indices=None, size=args.sweep_size, batch=args.batch,
                                                    steps=args.sweep_steps, warmup=1, device=args.device),

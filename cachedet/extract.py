@@ -25,6 +25,7 @@ from cachedet.cache.store import (
     verify_store, write_shard_features, write_shard_record,
 )
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
+from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.images import ViewDataset
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.errors import CachedetError
@@ -89,17 +90,26 @@ class ViewPlan:
     views: list[ViewParams]
     paths: list[str]
     boxes: dict[str, np.ndarray]  # offsets (V+1,), xyxy (N, 4), labels (N,), ann_ids (N,)
+    pastes: list[PastePlan | None]  # Copy-Paste of each view, or None
+
+    def paste_image_ids(self) -> np.ndarray:
+        """(V,) int64: the image each view's pasted objects come from, -1 for none."""
+        return np.asarray([p.source_image_id if p else -1 for p in self.pastes], dtype=np.int64)
 
 
 def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_image: int) -> ViewPlan:
-    views, paths, xyxy, labels, ann_ids, offsets = [], [], [], [], [], [0]
-    for rec in dataset.images:
+    views, paths, pastes, xyxy, labels, ann_ids, offsets = [], [], [], [], [], [], [0]
+    for index, rec in enumerate(dataset.images):
         path = dataset.image_path(rec)
         for k in range(views_per_image):
             params = plan_view(augment, rec.id, k, rec.height, rec.width)
             b, lab, ids = transform_boxes(params, rec.boxes, rec.labels, rec.ann_ids)
+            paste = None
+            if augment.copy_paste:
+                paste, b, lab, ids = plan_copy_paste(augment, dataset, index, params, b, lab, ids)
             views.append(params)
             paths.append(path)
+            pastes.append(paste)
             xyxy.append(b)
             labels.append(lab)
             ann_ids.append(ids)
@@ -113,6 +123,7 @@ def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_imag
             "labels": np.concatenate(labels).astype(np.int64),
             "ann_ids": np.concatenate(ann_ids).astype(np.int64),
         },
+        pastes=pastes,
     )
 
 
@@ -125,6 +136,7 @@ class ShardTask:
     start: int
     views: tuple[ViewParams, ...]
     paths: tuple[str, ...]
+    pastes: tuple[PastePlan | None, ...]
     backbone: BackboneConfig
     device: str
     dtype: str
@@ -184,7 +196,8 @@ def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
     backbone = _worker_backbone(task.backbone, task.device)
     t0 = time.perf_counter()  # the backbone is built once per process, outside the shard's time
     loader = DataLoader(
-        ViewDataset(list(task.views), list(task.paths), backbone.mean, backbone.std, skip_bad=True),
+        ViewDataset(list(task.views), list(task.paths), backbone.mean, backbone.std, skip_bad=True,
+                    pastes=list(task.pastes)),
         batch_size=task.batch_size,
         num_workers=task.loader_workers,
         collate_fn=_collate,
@@ -315,7 +328,7 @@ def prepare_store(cfg: ExtractConfig, header: dict, plan: ViewPlan) -> None:
                     f"(pass --overwrite to rebuild it): " + "; ".join(diff[:5])
                 )
             return
-    create_store(cfg.out, header, plan.views, plan.boxes)
+    create_store(cfg.out, header, plan.views, plan.boxes, extra_meta={"paste_image_id": plan.paste_image_ids()})
 
 
 def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
@@ -340,7 +353,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         start, end = shard_range(shard, cfg.shard_views, len(plan.views))
         tasks.append(ShardTask(
             store=cfg.out, shard=shard, start=start, views=tuple(plan.views[start:end]),
-            paths=tuple(plan.paths[start:end]), backbone=cfg.backbone, device=cfg.device, dtype=cfg.dtype,
+            paths=tuple(plan.paths[start:end]), pastes=tuple(plan.pastes[start:end]), backbone=cfg.backbone, device=cfg.device, dtype=cfg.dtype,
             batch_size=cfg.batch_size, loader_workers=cfg.loader_workers, skip_bad=cfg.skip_bad,
             threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
         ))

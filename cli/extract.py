@@ -29,6 +29,8 @@ def extract_command(
     scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range", help="LSJ scale range MIN MAX."),
     no_augment: bool = typer.Option(False, "--no-augment", help="One plain resize-and-pad view per image (evaluation caches)."),
     seed: int = typer.Option(0, "--seed"),
+    copy_paste: float = typer.Option(0.0, "--copy-paste", help="Probability per view of pasting objects (masks, else boxes) from another jittered image."),
+    paste_min_visible: float = typer.Option(0.3, "--paste-min-visible", help="An object the paste covers keeps its (shrunk) box if this share of it stays visible."),
     dtype: str = typer.Option("float16", "--dtype", help="float16, bfloat16, float32, or uint8 (8 bits, affine per view and channel: lossy, half of float16's bytes)."),
     codec: str = typer.Option("zstd", "--codec", help="zstd, lz4 or none (Blosc, bit-shuffle)."),
     shard_views: int = typer.Option(64, "--shard-views", help="Views per shard (the unit of work)."),
@@ -53,7 +55,8 @@ def extract_command(
     cfg = ExtractConfig(
         annotations=str(annotations), images=str(images), out=out,
         backbone=BackboneConfig(backbone, parse_int_list(out_indices, "--out-indices"), weight_source),
-        augment=AugmentConfig(size=size, scale_range=tuple(scale_range), augment=not no_augment, seed=seed),
+        augment=AugmentConfig(size=size, scale_range=tuple(scale_range), augment=not no_augment, seed=seed,
+                               copy_paste=copy_paste, paste_min_visible=paste_min_visible),
         views=views, dtype=dtype, codec=codec, shard_views=shard_views, workers=workers, scheduler=scheduler,
         device=device, batch_size=batch_size, loader_workers=loader_workers, overwrite=overwrite, skip_bad=skip_bad,
         repair=repair,

@@ -51,7 +51,8 @@ def meta_arrays(views: list[ViewParams]) -> dict[str, np.ndarray]:
     }
 
 
-def create_store(url: str, header: dict, views: list[ViewParams], boxes: dict[str, np.ndarray]) -> None:
+def create_store(url: str, header: dict, views: list[ViewParams], boxes: dict[str, np.ndarray],
+                 extra_meta: dict[str, np.ndarray] | None = None) -> None:
     """Lay out a new store: empty feature arrays, the view metadata, the ragged boxes, then the header.
 
     The header is written last: a store without it is an interrupted creation, safe to replace.
@@ -75,7 +76,8 @@ def create_store(url: str, header: dict, views: list[ViewParams], boxes: dict[st
         if schema.is_quantized(storage["dtype"]):  # one chunk per shard: each shard keeps one writer
             group.create_array(f"quant/{spec['name']}", shape=(n, c, 2), chunks=(min(sv, max(n, 1)), c, 2),
                                dtype="float32", fill_value=0, dimension_names=("view", "channel", "param"))
-    for name, arr in {**{f"meta/{k}": v for k, v in meta_arrays(views).items()},
+    meta = {**meta_arrays(views), **(extra_meta or {})}
+    for name, arr in {**{f"meta/{k}": v for k, v in meta.items()},
                       **{f"boxes/{k}": v for k, v in boxes.items()}}.items():
         z = group.create_array(name, shape=arr.shape, chunks=arr.shape if arr.size else None, dtype=arr.dtype)
         if arr.size:
@@ -216,6 +218,10 @@ class FeatureStore:
         self.shard_views = int(self.header["storage"]["shard_views"])
         self.dtype = self.header["storage"]["dtype"]
         self.meta = {k: self.group[f"meta/{k}"][...] for k in META_FIELDS}
+        n = self.num_views
+        # optional: which image each view's Copy-Paste objects came from (-1: none)
+        self.meta["paste_image_id"] = self.group["meta/paste_image_id"][...] if "paste_image_id" in self.group["meta"] \
+            else np.full(n, -1, dtype=np.int64)
         self.box_offsets = self.group["boxes/offsets"][...]
         self._boxes = {k: self.group[f"boxes/{k}"][...] for k in ("xyxy", "labels", "ann_ids")}
 

@@ -81,6 +81,12 @@ class ImageRecord:
     boxes: np.ndarray
     labels: np.ndarray
     ann_ids: np.ndarray
+    # per kept box: COCO polygons [[x, y, ...], ...], an RLE dict {"size", "counts"}, or None (box only)
+    segmentations: list = field(default_factory=list)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(s is not None for s in self.segmentations)
 
 
 @dataclass
@@ -183,6 +189,23 @@ def _file_name(chk: _Checker, where: str, img: dict) -> str:
     return name
 
 
+def _segmentation(chk: _Checker, where: str, ann: dict):
+    """The annotation's mask as COCO polygons or an RLE dict; None when it has none (box only)."""
+    seg = ann.get("segmentation")
+    if seg is None or seg == []:
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)
+                and isinstance(counts, (str, list))):
+            chk.fail(f"{where}.segmentation", "expected an RLE {'size': [h, w], 'counts': ...}")
+        return seg
+    if isinstance(seg, list) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                                     and all(_is_number(v) and math.isfinite(v) for v in p) for p in seg):
+        return seg
+    chk.fail(f"{where}.segmentation", "expected polygons [[x1, y1, x2, y2, x3, y3, ...], ...] of finite numbers or an RLE dict")
+
+
 def read_annotation_json(path: str | os.PathLike) -> tuple[dict, str]:
     """Read and parse a JSON file; return (data, sha256 of its bytes)."""
     path = str(path)
@@ -242,6 +265,7 @@ def load_detection_dataset(annotations: str | os.PathLike, images_dir: str | os.
             "boxes": [],
             "labels": [],
             "ann_ids": [],
+            "segmentations": [],
         }
     if not images:
         chk.fail("images", "no images")
@@ -285,6 +309,7 @@ def load_detection_dataset(annotations: str | os.PathLike, images_dir: str | os.
         rec["boxes"].append((x1, y1, x2, y2))
         rec["labels"].append(cmap.to_label(category_id))
         rec["ann_ids"].append(ann_ids[-1])
+        rec["segmentations"].append(_segmentation(chk, where, ann))
     chk.unique_ids("annotations", ann_ids)
 
     records = [
@@ -296,6 +321,7 @@ def load_detection_dataset(annotations: str | os.PathLike, images_dir: str | os.
             boxes=np.asarray(r["boxes"], dtype=np.float32).reshape(-1, 4),
             labels=np.asarray(r["labels"], dtype=np.int64),
             ann_ids=np.asarray(r["ann_ids"], dtype=np.int64),
+            segmentations=r["segmentations"],
         )
         for iid, r in sorted(images.items())
     ]

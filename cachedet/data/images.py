@@ -9,6 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from cachedet.data.copy_paste import composite
 from cachedet.data.views import normalize, transform_image
 from cachedet.errors import CachedetError
 from cachedet.structures import ViewParams
@@ -50,20 +51,25 @@ class ViewDataset(Dataset):
     raising, so the caller can record it.
     """
 
-    def __init__(self, views: list[ViewParams], paths: list[str], mean, std, skip_bad: bool = False):
+    def __init__(self, views: list[ViewParams], paths: list[str], mean, std, skip_bad: bool = False,
+                 pastes: list | None = None):
         assert len(views) == len(paths)
         self.views, self.paths = views, paths
+        self.pastes = pastes or [None] * len(views)  # Copy-Paste plans (cachedet.data.copy_paste)
         self.mean, self.std, self.skip_bad = tuple(mean), tuple(std), skip_bad
 
     def __len__(self) -> int:
         return len(self.views)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        params = self.views[i]
+        params, paste = self.views[i], self.pastes[i]
         try:
-            image = read_image(self.paths[i], params.orig_size)
+            view = transform_image(params, normalize(read_image(self.paths[i], params.orig_size), self.mean, self.std))
+            if paste is not None:
+                source = read_image(paste.source_path, paste.source_view.orig_size)
+                view = composite(view, transform_image(paste.source_view, normalize(source, self.mean, self.std)), paste.mask())
         except CachedetError as e:
             if not self.skip_bad:
                 raise
             return torch.zeros(3, params.canvas, params.canvas), str(e)
-        return transform_image(params, normalize(image, self.mean, self.std)), ""
+        return view, ""

@@ -32,6 +32,8 @@ class AugmentConfig:
     flip: bool = True
     augment: bool = True
     seed: int = 0
+    copy_paste: float = 0.0  # probability that a view gets objects pasted from another image
+    paste_min_visible: float = 0.3  # an occluded object keeps its box if this share of it stays visible
 
     def __post_init__(self):
         if self.size < 32:
@@ -41,6 +43,12 @@ class AugmentConfig:
             raise CachedetError(f"--scale-range: expected 0 < MIN <= MAX, got {lo} {hi}")
         if self.seed < 0:
             raise CachedetError(f"--seed: expected a non-negative integer, got {self.seed}")
+        if not 0.0 <= self.copy_paste <= 1.0:
+            raise CachedetError(f"--copy-paste: expected a probability in [0, 1], got {self.copy_paste}")
+        if not 0.0 < self.paste_min_visible <= 1.0:
+            raise CachedetError(f"--paste-min-visible: expected a fraction in (0, 1], got {self.paste_min_visible}")
+        if self.copy_paste and not self.augment:
+            raise CachedetError("--copy-paste needs augmented views (drop --no-augment)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -55,19 +63,23 @@ class AugmentConfig:
             flip=bool(d["flip"]),
             augment=bool(d["augment"]),
             seed=int(d["seed"]),
+            copy_paste=float(d.get("copy_paste", 0.0)),
+            paste_min_visible=float(d.get("paste_min_visible", 0.3)),
         )
 
 
-def plan_view(cfg: AugmentConfig, image_id: int, view_index: int, height: int, width: int) -> ViewParams:
+def plan_view(cfg: AugmentConfig, image_id: int, view_index: int, height: int, width: int,
+              rng: np.random.Generator | None = None) -> ViewParams:
     """Draw the parameters of view ``view_index`` of an image of size (height, width).
 
     A pure function of (cfg.seed, image_id, view_index, image size): the same call gives the
-    same view in any process, on any machine.
+    same view in any process, on any machine. ``rng`` replaces that generator (Copy-Paste draws
+    its source objects' own jitter with it).
     """
     if not cfg.augment:
         factor, flip = 1.0, False
     else:
-        rng = np.random.default_rng([cfg.seed, image_id, view_index])
+        rng = rng or np.random.default_rng([cfg.seed, image_id, view_index])
         factor = float(rng.uniform(*cfg.scale_range))
         flip = bool(cfg.flip and rng.random() < 0.5)
     scale = factor * cfg.size / max(height, width)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from itertools import islice
 
+import numpy as np
 from torch.utils.data import DataLoader, Subset
 
 from cachedet.cache.schema import differences
 from cachedet.errors import CachedetError
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
 from cachedet.cache.dataset import CachedViews, InMemoryViews, collate_views
+from cachedet.cache.feature_crop import check_alignment, crop_batch
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.online import OnlineViews, collate_images, rank_indices
 from cachedet.data.views import AugmentConfig
@@ -64,8 +66,9 @@ class CacheSource:
 
     def __init__(self, url: str, batch_size: int, workers: int, in_memory: bool, views_per_epoch: int,
                  seed: int, shuffle_buffer: int, dist: DistInfo, loader_start: str | None = None,
-                 keep_float16: bool = False):
+                 keep_float16: bool = False, feature_crop_min: float | None = None):
         self.batch_size, self.workers, self.in_memory, self.loader_start = batch_size, workers, in_memory, loader_start
+        self.seed, self.rank, self.feature_crop_min = seed, dist.rank, feature_crop_min
         if in_memory:
             self.dataset = InMemoryViews(url, views_per_epoch, seed, dist.rank, dist.world)
         else:
@@ -77,6 +80,8 @@ class CacheSource:
         self.fingerprint = fingerprint(self.specs, header["backbone"], self.canvas, self.categories)
         self.backbone_identity = header["backbone"]
         self.augment = header["augment"]
+        if feature_crop_min is not None:
+            check_alignment(self.specs, {k: tuple(v) for k, v in header["feature_shapes"].items()})
 
     def steps(self, epoch: int) -> int:
         return steps_in_epoch(self.dataset.views_per_rank(epoch), self.batch_size)
@@ -88,6 +93,9 @@ class CacheSource:
         else:
             batches = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
                                  collate_fn=collate_views, multiprocessing_context=self.loader_start if self.workers else None)
+        if self.feature_crop_min is not None:  # seeded by epoch, so a resumed run replays the same crops
+            rng = np.random.default_rng([self.seed, epoch, self.rank, 23])
+            batches = (crop_batch(b, self.specs, self.feature_crop_min, rng) for b in batches)
         return islice(batches, self.steps(epoch))
 
 

@@ -63,6 +63,8 @@ class TrainConfig:
     loader_start: str | None = None  # DataLoader start method (None: platform default, or "spawn")
     in_memory: bool = False
     views_per_epoch: int = 1
+    feature_crop: bool = False  # random crops of the cached maps (cachedet.cache.feature_crop)
+    feature_crop_min: float = 0.6  # smallest crop side, as a share of the canvas
     shuffle_buffer: int = 256
     max_steps_per_epoch: int | None = None
     seed: int = 0
@@ -91,6 +93,10 @@ class TrainConfig:
                 raise CachedetError(f"{name}: expected a positive integer, got {v}")
         if self.learning_rate <= 0:
             raise CachedetError(f"--lr: expected a positive number, got {self.learning_rate}")
+        if self.feature_crop and self.online:
+            raise CachedetError("--feature-crop crops cached features; online training draws fresh LSJ views instead")
+        if not 0 < self.feature_crop_min <= 1:
+            raise CachedetError(f"--feature-crop-min: expected a fraction in (0, 1], got {self.feature_crop_min}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,8 +119,8 @@ class TrainModel(nn.Module):
         # inference tensors cannot be saved for backward; a clone outside the mode is a normal tensor
         return {k: v.clone() for k, v in feats.items()}
 
-    def forward(self, inputs, targets):
-        return self.detector(self.features(inputs), targets)
+    def forward(self, inputs, targets, image_sizes=None):
+        return self.detector(self.features(inputs), targets, image_sizes)
 
 
 def lr_factor(cfg: TrainConfig, total_steps: int):
@@ -147,7 +153,8 @@ def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
         )
     # under CUDA autocast the features travel as float16 (half the host-to-device bytes)
     return CacheSource(cfg.cache, cfg.batch_size, cfg.workers, cfg.in_memory, cfg.views_per_epoch, cfg.seed,
-                       cfg.shuffle_buffer, info, cfg.loader_start, keep_float16=cfg.amp and device.type == "cuda")
+                       cfg.shuffle_buffer, info, cfg.loader_start, keep_float16=cfg.amp and device.type == "cuda",
+                       feature_crop_min=cfg.feature_crop_min if cfg.feature_crop else None)
 
 
 def _to_device(batch: dict, device: torch.device, amp: bool):
@@ -159,7 +166,7 @@ def _to_device(batch: dict, device: torch.device, amp: bool):
     else:
         inputs = inputs.to(device, non_blocking=True)
     targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-    return inputs, targets
+    return inputs, targets, batch.get("image_sizes")
 
 
 class RunDir:
@@ -263,9 +270,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 if i >= steps_per_epoch:
                     break
                 t0 = time.perf_counter()
-                inputs, targets = _to_device(batch, device, use_amp)
+                inputs, targets, image_sizes = _to_device(batch, device, use_amp)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    losses = ddp(inputs, targets)
+                    losses = ddp(inputs, targets, image_sizes)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
                     raise CachedetError(f"the loss became {loss.item()} at step {step} (epoch {epoch}); lower --lr or raise --warmup-steps")
