@@ -1,34 +1,34 @@
 """Stage 1: plan views -> shards -> frozen backbone -> zarr store, on dask or in-process.
 
-Planning needs only the annotation file (image sizes and boxes), so every view's boxes and
-metadata are written once, up front, by the driver. Shards are the unit of work: each shard
-task decodes its images, runs the backbone and writes its features and then its completion
-record. A rerun skips complete shards.
+Planning needs only the annotation file (image sizes, boxes, masks), so every view's boxes,
+Copy-Paste and metadata are decided and written once, up front, by the driver. Shards are the
+unit of work (``cachedet.shards``): each shard task decodes its images, runs the backbone and
+writes its features and then its completion record. A rerun skips complete shards.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from cachedet import __version__
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
 from cachedet.cache.store import (
     FeatureStore, create_store, read_shard_records, remove_shard_record, remove_store, shard_range, store_exists,
-    verify_store, write_shard_features, write_shard_record,
+    verify_store,
 )
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
-from cachedet.data.images import ViewDataset
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.errors import CachedetError
+from cachedet.shards import (
+    ShardTask, compute_features, resolve_device, run_shards_in_process, run_shards_on_dask, worker_backbone,
+)
 from cachedet.structures import ViewParams
 
 
@@ -69,18 +69,6 @@ class ExtractConfig:
             raise CachedetError(f"--images {self.images}: not a directory")
         schema.check_storage(self.dtype, self.codec, self.shard_views)
         resolve_device(self.device)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CachedetError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CachedetError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 @dataclass
@@ -125,151 +113,6 @@ def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_imag
         },
         pastes=pastes,
     )
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """Everything one shard writer needs; picklable, so it can travel to a dask worker."""
-
-    store: str
-    shard: int
-    start: int
-    views: tuple[ViewParams, ...]
-    paths: tuple[str, ...]
-    pastes: tuple[PastePlan | None, ...]
-    backbone: BackboneConfig
-    device: str
-    dtype: str
-    batch_size: int
-    loader_workers: int
-    skip_bad: bool
-    threads: int
-
-
-@functools.lru_cache(maxsize=2)
-def _worker_backbone(cfg: BackboneConfig, device: str) -> Backbone:
-    """One backbone per process and config (dask workers keep it between shard tasks)."""
-    backbone = build_backbone(cfg, warn=False)
-    dev = resolve_device(device)
-    backbone = backbone.to(dev)
-    if dev.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
-    return backbone
-
-
-def compute_features(backbone: Backbone, images: torch.Tensor) -> dict[str, np.ndarray]:
-    """images float32 (B, 3, S, S) normalised -> {level: float32 (B, C, H, W)} on the CPU.
-
-    On CUDA the forward pass runs under float16 autocast with channels_last inputs.
-    """
-    dev = next(backbone.parameters()).device
-    with torch.inference_mode():
-        x = images.to(dev, non_blocking=True)
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.float16):
-                feats = backbone(x)
-        else:
-            feats = backbone(x)
-    return {k: v.float().cpu().numpy() for k, v in feats.items()}
-
-
-def _collate(batch):
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
-
-
-@dataclass
-class ComputedShard:
-    """One shard's encoded features, ready to write: {level: (n, C, H, W)} storage dtype, and for
-    uint8 stores {level: (n, C, 2)} quant params."""
-
-    blocks: dict[str, np.ndarray]
-    quant: dict[str, np.ndarray] | None
-    skipped: list[dict]
-    seconds: float
-
-
-def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
-    """Decode, augment, run the backbone and encode every view of one shard (nothing is written)."""
-    if task.threads:
-        torch.set_num_threads(task.threads)
-    backbone = _worker_backbone(task.backbone, task.device)
-    t0 = time.perf_counter()  # the backbone is built once per process, outside the shard's time
-    loader = DataLoader(
-        ViewDataset(list(task.views), list(task.paths), backbone.mean, backbone.std, skip_bad=True,
-                    pastes=list(task.pastes)),
-        batch_size=task.batch_size,
-        num_workers=task.loader_workers,
-        collate_fn=_collate,
-    )
-    blocks: dict[str, list[np.ndarray]] = {}
-    quant: dict[str, list[np.ndarray]] = {}
-    skipped, done = [], 0
-    for images, errors in loader:
-        for i, err in enumerate(errors):
-            if err:
-                if not task.skip_bad:
-                    raise CachedetError(err)
-                view = task.start + done + i
-                skipped.append({"view": view, "image_id": task.views[done + i].image_id, "error": err})
-        for name, feats in compute_features(backbone, images).items():
-            stored, params = schema.encode(feats, task.dtype)
-            blocks.setdefault(name, []).append(stored)
-            if params is not None:
-                quant.setdefault(name, []).append(params)
-        done += len(errors)
-        if on_views:
-            on_views(len(errors))
-    return ComputedShard(
-        blocks={k: np.concatenate(v) for k, v in blocks.items()},
-        quant={k: np.concatenate(v) for k, v in quant.items()} if quant else None,
-        skipped=skipped, seconds=time.perf_counter() - t0,
-    )
-
-
-def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
-    """Write a computed shard's features, then its completion record; return the record."""
-    t0 = time.perf_counter()
-    try:
-        digests = write_shard_features(task.store, task.shard, computed.blocks, task.start, computed.quant)
-    except OSError as e:  # no space, no permission, a lost connection: the shard stays incomplete
-        raise CachedetError(f"--out {task.store}: writing shard {task.shard} failed: {e.strerror or e}; "
-                            "it is not marked complete, rerun the same command to resume") from None
-    record = {
-        "shard": task.shard,
-        "views": [task.start, task.start + len(task.views)],
-        "sha256": digests,
-        "skipped": computed.skipped,
-        "seconds": round(computed.seconds + time.perf_counter() - t0, 3),  # compute + write
-    }
-    try:
-        write_shard_record(task.store, record)
-    except OSError as e:
-        raise CachedetError(f"--out {task.store}: writing the completion record of shard {task.shard} failed: "
-                            f"{e.strerror or e}; rerun the same command to resume") from None
-    return record
-
-
-def run_shard(task: ShardTask, on_views=None) -> dict:
-    """Compute and write one shard; return its completion record (also written to the store)."""
-    return write_shard(task, compute_shard(task, on_views))
-
-
-def run_shards_in_process(tasks: list[ShardTask], on_views=None) -> list[dict]:
-    """Compute shards one after another while a writer thread stores the previous one (at most
-    one shard waits for its write, so memory stays at two shards)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    records, pending = [], None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachedet-writer") as writer:
-        for task in tasks:
-            computed = compute_shard(task, on_views)
-            if pending is not None:
-                records.append(pending.result())
-            pending = writer.submit(write_shard, task, computed)
-        if pending is not None:
-            records.append(pending.result())
-    return records
 
 
 @dataclass
@@ -359,11 +202,11 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         ))
     todo_views = sum(len(t.views) for t in tasks)
     if tasks and not (cfg.workers or cfg.scheduler):
-        _worker_backbone(cfg.backbone, cfg.device)  # built before the clock starts, as on a dask worker
+        worker_backbone(cfg.backbone, cfg.device)  # built before the clock starts, as on a dask worker
     t_shards = time.perf_counter()
     with ViewProgress("extract", todo_views, enabled=progress) as bar:
         if cfg.workers or cfg.scheduler:
-            records = _run_on_dask(tasks, cfg, bar)
+            records = run_shards_on_dask(tasks, cfg.workers, cfg.scheduler, bar)
         else:
             records = run_shards_in_process(tasks, on_views=bar.advance)
     shard_seconds = time.perf_counter() - t_shards
@@ -386,29 +229,6 @@ def repair_store(url: str, progress: bool = True) -> list[dict]:
     for damaged in report["damaged"]:
         remove_shard_record(url, damaged["shard"])
     return report["damaged"]
-
-
-def _run_on_dask(tasks: list[ShardTask], cfg: ExtractConfig, bar) -> list[dict]:
-    from dask.distributed import Client, LocalCluster, as_completed
-
-    if cfg.scheduler:
-        client, cluster = Client(cfg.scheduler), None
-    else:
-        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-        client = Client(cluster)
-    try:
-        futures = client.map(run_shard, tasks, pure=False)
-        records = []
-        for fut in as_completed(futures):
-            rec = fut.result()
-            records.append(rec)
-            bar.advance(rec["views"][1] - rec["views"][0])
-        return records
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 @dataclass

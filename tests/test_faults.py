@@ -99,7 +99,7 @@ KILLED_EXTRACT = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from conftest import small_config
-import cachedet.extract as ex
+import cachedet.shards as ex
 from cachedet.extract import extract
 
 real = ex.write_shard_record
