@@ -53,14 +53,50 @@ class Backbone(nn.Module):
         self.specs = specs
         self.mean, self.std = tuple(mean), tuple(std)
         self.identity = identity
+        self.adapter_stages: tuple[int, ...] = ()
+        self._adapter_params: list[nn.Parameter] = []
         self.set_trainable(False)
 
     def set_trainable(self, trainable: bool) -> "Backbone":
         self.trainable = trainable
         for p in self.model.parameters():
             p.requires_grad_(trainable)
+        for p in self._adapter_params:  # adapters train even in a frozen backbone
+            p.requires_grad_(True)
         self.train(self.training)
         return self
+
+    @property
+    def has_adapters(self) -> bool:
+        return bool(self.adapter_stages)
+
+    def add_adapters(self, stages: tuple[int, ...]) -> "Backbone":
+        """Zero-initialised parallel residual adapters in ``stages`` (``cachedet.adapters``); only they train."""
+        from cachedet.adapters import add_adapters
+
+        self._adapter_params += add_adapters(self.model, tuple(stages), self.identity["name"])
+        self.adapter_stages = tuple(sorted(set(self.adapter_stages) | set(stages)))
+        return self.set_trainable(self.trainable)
+
+    def adapter_parameter_count(self) -> int:
+        return sum(p.numel() for p in self._adapter_params)
+
+    def stage_names(self) -> list[str]:
+        """Level name of every stage's output (stage k -> c{log2 stride})."""
+        return [FeatureSpec.level_name(int(i["reduction"])) for i in self.model.feature_info.info]
+
+    def forward_from(self, cached: dict[str, torch.Tensor], stage: int) -> dict[str, torch.Tensor]:
+        """Hybrid: run the stages after ``stage`` on its cached output; cached levels pass through.
+
+        cached {level: (B, C, H, W)} holds stage ``stage``'s output and the pyramid levels before it.
+        """
+        from cachedet.adapters import run_stages, stage_layout
+
+        layout = stage_layout(self.model)
+        names = self.stage_names()
+        outs = run_stages(layout, cached[names[stage]], stage + 1, len(layout) - 1)
+        computed = dict(zip(names[stage + 1:], outs))
+        return {s.name: cached[s.name] if s.name in cached else computed[s.name] for s in self.specs}
 
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)
@@ -69,6 +105,14 @@ class Backbone(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.has_adapters and not self.trainable:
+            # only the adapted stages and what follows them need autograd
+            from cachedet.adapters import run_stages, stage_layout
+
+            layout = stage_layout(self.model)
+            outs = dict(zip(self.stage_names(), run_stages(layout, images, 0, len(layout) - 1,
+                                                           no_grad_before=min(self.adapter_stages))))
+            return {s.name: outs[s.name] for s in self.specs}
         feats = self.model(images)
         return {spec.name: f for spec, f in zip(self.specs, feats)}
 
@@ -137,6 +181,13 @@ def weights_sha256(model: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def config_from_identity(identity: dict) -> BackboneConfig:
+    """The BackboneConfig that rebuilds a backbone recorded in a cache header or a checkpoint."""
+    source = identity["weights"]
+    weights = "default" if source.startswith("offline:") else source[len("file:"):] if source.startswith("file:") else source
+    return BackboneConfig(identity["name"], tuple(identity["out_indices"]), weights)
 
 
 def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:

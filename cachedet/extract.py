@@ -51,6 +51,7 @@ class ExtractConfig:
     overwrite: bool = False
     skip_bad: bool = False
     repair: bool = False  # verify complete shards first and recompute the damaged ones
+    cache_stage: int | None = None  # hybrid cache: store up to this backbone stage (adapters train after it)
 
     def validate(self):
         if self.views < 1:
@@ -135,6 +136,25 @@ class ExtractResult:
         return self.views_run / self.shard_seconds if self.shard_seconds > 0 else 0.0
 
 
+def hybrid_backbone(cfg: ExtractConfig) -> tuple[BackboneConfig, dict | None]:
+    """The backbone that extraction runs, and the header's ``hybrid`` entry for ``--cache-stage K``.
+
+    A hybrid cache keeps the pyramid levels of stages <= K plus stage K's output (the input of
+    the adapted stages); timm builds the backbone only up to stage K, so extraction stops there.
+    """
+    if cfg.cache_stage is None:
+        return cfg.backbone, None
+    full = build_backbone(cfg.backbone, warn=False)
+    out = full.identity["out_indices"]
+    k = cfg.cache_stage
+    if not 0 <= k < max(out):
+        raise CachedetError(f"--cache-stage {k}: expected 0..{max(out) - 1} for {cfg.backbone.name} (its pyramid "
+                            f"ends at stage {max(out)}; a later cache stage leaves nothing to adapt)")
+    stages = tuple(sorted({i for i in out if i <= k} | {k}))
+    hybrid = {"cache_stage": k, "backbone": full.identity, "feature_specs": [s.to_dict() for s in full.specs]}
+    return BackboneConfig(cfg.backbone.name, stages, cfg.backbone.weights), hybrid
+
+
 def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, num_views: int) -> dict:
     return schema.make_header(
         backbone=backbone.identity,
@@ -181,9 +201,12 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     t0 = time.perf_counter()
     cfg.validate()
     dataset = load_detection_dataset(cfg.annotations, cfg.images)
-    backbone = build_backbone(cfg.backbone)
+    backbone_cfg, hybrid = hybrid_backbone(cfg)
+    backbone = build_backbone(backbone_cfg)
     plan = plan_views(dataset, cfg.augment, cfg.views)
     header = _header(cfg, backbone, dataset, len(plan.views))
+    if hybrid:
+        header["hybrid"] = hybrid
     prepare_store(cfg, header, plan)
     repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
@@ -196,13 +219,13 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         start, end = shard_range(shard, cfg.shard_views, len(plan.views))
         tasks.append(ShardTask(
             store=cfg.out, shard=shard, start=start, views=tuple(plan.views[start:end]),
-            paths=tuple(plan.paths[start:end]), pastes=tuple(plan.pastes[start:end]), backbone=cfg.backbone, device=cfg.device, dtype=cfg.dtype,
+            paths=tuple(plan.paths[start:end]), pastes=tuple(plan.pastes[start:end]), backbone=backbone_cfg, device=cfg.device, dtype=cfg.dtype,
             batch_size=cfg.batch_size, loader_workers=cfg.loader_workers, skip_bad=cfg.skip_bad,
             threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
         ))
     todo_views = sum(len(t.views) for t in tasks)
     if tasks and not (cfg.workers or cfg.scheduler):
-        worker_backbone(cfg.backbone, cfg.device)  # built before the clock starts, as on a dask worker
+        worker_backbone(backbone_cfg, cfg.device)  # built before the clock starts, as on a dask worker
     t_shards = time.perf_counter()
     with ViewProgress("extract", todo_views, enabled=progress) as bar:
         if cfg.workers or cfg.scheduler:

@@ -46,7 +46,10 @@ def _step_flops(fn) -> int:
 
 
 def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classes: int = 91, neck_channels: int = 256,
-               options: dict | None = None, batch: int = 1, weights: str = "random") -> dict:
+               options: dict | None = None, batch: int = 1, weights: str = "random",
+               adapt_stages: tuple[int, ...] | None = None) -> dict:
+    """Parameters and per-regime step FLOPs; with ``adapt_stages`` also the adapters' parameters and
+    the FLOPs of an online step that trains them (regime ``adapters_online``)."""
     bb = build_backbone(BackboneConfig(backbone, None, weights), warn=False)
     det_cfg = DetectorConfig(num_classes=num_classes, canvas=size, in_specs=tuple(bb.specs), neck=neck, head=head,
                              neck_channels=neck_channels, options=dict(options or {}))
@@ -71,12 +74,18 @@ def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classe
 
     flops = {"finetune": _step_flops(finetune), "online_frozen": _step_flops(online_frozen), "cached": _step_flops(cached_step)}
     backbone_params, detector_params = count(bb), count(det)
+    trainable = {"finetune": backbone_params + detector_params, "online_frozen": detector_params, "cached": detector_params}
+    adapter_params = 0
+    if adapt_stages:
+        bb.add_adapters(tuple(adapt_stages))
+        adapter_params = bb.adapter_parameter_count()
+        flops["adapters_online"] = _step_flops(lambda: sum(det(bb(images), targets).values()).backward())
+        trainable["adapters_online"] = detector_params + adapter_params
     key = (neck, head)
     return {
         "backbone": backbone, "neck": neck, "head": head, "size": size, "num_classes": num_classes, "batch": batch,
         "params": {"backbone": backbone_params, "detector": detector_params, "total": backbone_params + detector_params,
-                   "trainable": {"finetune": backbone_params + detector_params, "online_frozen": detector_params,
-                                 "cached": detector_params}},
+                   "adapters": adapter_params, "adapt_stages": list(adapt_stages or ()), "trainable": trainable},
         "neck_params": count(det.neck), "head_params": count(det.head),
         "flops": flops,
         "flop_ratio": {"online_frozen": flops["online_frozen"] / flops["finetune"], "cached": flops["cached"] / flops["finetune"]},

@@ -42,6 +42,9 @@ def cache_info_command(
         f"codec {info['codec']}; on disk {human_bytes(info['bytes_on_disk'])} in all; "
         f"compression ratio {ratio}; {human_bytes(info['bytes_per_view'])} per view"
     )
+    if info["hybrid_cache_stage"] is not None:
+        console.print(f"hybrid cache: stops after backbone stage {info['hybrid_cache_stage']}; "
+                      "train it with train-heads --adapters")
     if info["skipped_images"]:
         console.print(f"[yellow]skipped images: {len(info['skipped_images'])}")
 

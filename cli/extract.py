@@ -43,6 +43,7 @@ def extract_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print views, size and time estimates; write nothing."),
     num_images: Optional[int] = typer.Option(None, "--num-images", help="With --dry-run: plan for this many images instead of the file's."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images in the store instead of stopping."),
+    cache_stage: Optional[int] = typer.Option(None, "--cache-stage", help="Hybrid cache for adapters: store the backbone up to this stage (its output and the pyramid levels before it)."),
     repair: bool = typer.Option(False, "--repair", help="Verify complete shards' checksums first and recompute damaged ones."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
@@ -59,7 +60,7 @@ def extract_command(
                                copy_paste=copy_paste, paste_min_visible=paste_min_visible),
         views=views, dtype=dtype, codec=codec, shard_views=shard_views, workers=workers, scheduler=scheduler,
         device=device, batch_size=batch_size, loader_workers=loader_workers, overwrite=overwrite, skip_bad=skip_bad,
-        repair=repair,
+        repair=repair, cache_stage=cache_stage,
     )
     console = make_console()
     if dry_run:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from cachedet.backbones import DEFAULT_BACKBONE
-from cachedet_cli.common import console as make_console, detector_options, user_errors
+from cachedet_cli.common import console as make_console, detector_options, parse_int_list, user_errors
 
 
 @user_errors
@@ -25,13 +25,21 @@ def model_info_command(
     box_convs: Optional[int] = typer.Option(None, "--box-convs"),
     box_fcs: Optional[int] = typer.Option(None, "--box-fcs"),
     batch: int = typer.Option(1, "--batch", help="Images per counted training step."),
+    adapters: bool = typer.Option(False, "--adapters", help="Also count residual adapters and their online training step."),
+    adapt_stages: Optional[str] = typer.Option(None, "--adapt-stages", help="Stages with adapters (default: all after the stem)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Total and trainable parameters, and FLOPs of one training step: fine-tuned, frozen online, cached."""
     from cachedet.model_info import model_info
 
+    stages = parse_int_list(adapt_stages, "--adapt-stages")
+    if adapters and stages is None:
+        from cachedet.backbones import BackboneConfig, build_backbone
+
+        stages = tuple(range(1, len(build_backbone(BackboneConfig(backbone, None, "random"), warn=False).stage_names())))
     info = model_info(backbone, neck, head, size, num_classes, neck_channels,
-                      detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs), batch)
+                      detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs), batch,
+                      adapt_stages=stages if adapters else None)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -46,7 +54,10 @@ def model_info_command(
     t = Table(title=f"one training step, batch {batch}")
     for c in ("regime", "trainable params", "GFLOPs", "vs fine-tuned"):
         t.add_column(c, justify="right" if c != "regime" else "left")
-    for regime in ("finetune", "online_frozen", "cached"):
+    if p["adapters"]:
+        console.print(f"adapters (stages {','.join(map(str, p['adapt_stages']))}): {p['adapters'] / 1e6:.2f} M parameters "
+                      f"({100 * p['adapters'] / p['backbone']:.1f}% of the backbone)")
+    for regime in info["flops"]:
         ratio = info["flops"][regime] / info["flops"]["finetune"]
         t.add_row(regime, f"{p['trainable'][regime] / 1e6:.1f} M", f"{info['flops'][regime] / 1e9:.1f}", f"{ratio:.2f}")
     console.print(t)

@@ -45,6 +45,8 @@ def train_heads_command(
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
     in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM once."),
     views_per_epoch: int = typer.Option(1, "--views-per-epoch", help="Cached views of each image used per epoch."),
+    adapters: bool = typer.Option(False, "--adapters", help="Zero-initialised parallel residual adapters inside the frozen backbone (online, or from a --cache-stage cache)."),
+    adapt_stages: Optional[str] = typer.Option(None, "--adapt-stages", help="Backbone stages that get adapters, e.g. 3,4 (default: every stage after the stem or the cache)."),
     feature_crop: bool = typer.Option(False, "--feature-crop", help="Random crops of the cached feature maps (aligned to the coarsest stride), boxes shifted and clipped."),
     feature_crop_min: float = typer.Option(0.6, "--feature-crop-min", help="Smallest crop side as a share of the canvas."),
     seed: int = typer.Option(0, "--seed"),
@@ -67,7 +69,8 @@ def train_heads_command(
         detector_options=detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs), epochs=epochs,
         batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
         schedule=schedule, clip_grad=clip_grad or None, amp=not no_amp, workers=workers, in_memory=in_memory,
-        views_per_epoch=views_per_epoch, feature_crop=feature_crop, feature_crop_min=feature_crop_min, seed=seed, device=device, resume=resume,
+        views_per_epoch=views_per_epoch, feature_crop=feature_crop, feature_crop_min=feature_crop_min,
+        adapters=adapters, adapt_stages=parse_int_list(adapt_stages, "--adapt-stages"), seed=seed, device=device, resume=resume,
     )
     result = train(cfg, progress=not quiet)
     make_console().print(

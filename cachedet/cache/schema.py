@@ -34,7 +34,7 @@ DTYPES = ("float16", "bfloat16", "float32", "uint8")
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1}
 CODECS = ("zstd", "lz4", "none")
 # Parts of the header that must match for a rerun to resume into an existing store.
-IDENTITY_KEYS = ("backbone", "feature_specs", "dataset_sha256", "augment", "views", "storage")
+IDENTITY_KEYS = ("backbone", "feature_specs", "dataset_sha256", "augment", "views", "storage", "hybrid")
 
 
 def check_storage(dtype: str, codec: str, shard_views: int):

@@ -307,6 +307,7 @@ class FeatureStore:
             "boxes": int(self.box_offsets[-1]),
             "levels": levels,
             "codec": self.header["storage"]["codec"],
+            "hybrid_cache_stage": (self.header.get("hybrid") or {}).get("cache_stage"),
             "bytes_on_disk": bytes_on_disk(self.url),
             "bytes_features": stored_total,
             "compression_ratio": (raw_written / stored_total) if stored_total else None,

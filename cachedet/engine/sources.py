@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from cachedet.cache.schema import differences
 from cachedet.errors import CachedetError
-from cachedet.backbones import Backbone, BackboneConfig, build_backbone
+from cachedet.backbones import Backbone, BackboneConfig, build_backbone, config_from_identity
 from cachedet.cache.dataset import CachedViews, InMemoryViews, collate_views
 from cachedet.cache.feature_crop import check_alignment, crop_batch
 from cachedet.data.coco import load_detection_dataset
@@ -61,8 +61,27 @@ def _batched(samples, batch_size: int, collate):
         yield collate(batch)
 
 
-class CacheSource:
+class _AdapterMixin:
+    """``enable_adapters``: residual adapters in the source's backbone (see ``cachedet.adapters``)."""
+
     backbone: Backbone | None = None
+    hybrid_stage: int | None = None
+
+    def enable_adapters(self, stages: tuple[int, ...] | None):
+        first = (self.hybrid_stage if self.hybrid_stage is not None else 0) + 1
+        last = len(self.backbone.stage_names()) - 1 if self.backbone is not None else 0
+        stages = tuple(stages) if stages else tuple(range(first, last + 1))
+        if self.backbone is None:
+            raise CachedetError(f"--adapters: {self.where} holds plain frozen features; train adapters --online, or "
+                                "extract a hybrid cache with --cache-stage K")
+        inside = [k for k in stages if k < first]
+        if inside:
+            raise CachedetError(f"--adapt-stages {','.join(map(str, stages))}: stage {inside[0]} is inside the cache "
+                                f"(it stops at stage {self.hybrid_stage}); adapt stages {first}..{last} only")
+        self.backbone.add_adapters(stages)
+
+
+class CacheSource(_AdapterMixin):
 
     def __init__(self, url: str, batch_size: int, workers: int, in_memory: bool, views_per_epoch: int,
                  seed: int, shuffle_buffer: int, dist: DistInfo, loader_start: str | None = None,
@@ -74,13 +93,25 @@ class CacheSource:
         else:
             self.dataset = CachedViews(url, views_per_epoch, seed, shuffle_buffer, dist.rank, dist.world, keep_float16)
         header = self.dataset.header
+        self.where = f"--cache {url}"
         self.specs = list(self.dataset.specs)
         self.canvas = int(header["augment"]["size"])
         self.categories = header["dataset"]["categories"]
-        self.fingerprint = fingerprint(self.specs, header["backbone"], self.canvas, self.categories)
         self.backbone_identity = header["backbone"]
+        hybrid = header.get("hybrid")
+        if hybrid:  # the cache stops at a stage; the rest of the backbone runs in the model
+            self.hybrid_stage = int(hybrid["cache_stage"])
+            self.backbone_identity = hybrid["backbone"]
+            self.backbone = build_backbone(config_from_identity(self.backbone_identity), warn=False)
+            if self.backbone.identity["weights_sha256"] != self.backbone_identity["weights_sha256"]:
+                raise CachedetError(f"{self.where}: its backbone weights ({self.backbone_identity['weights']}) are not "
+                                    "available here, so the stages after the cache cannot be rebuilt")
+            self.specs = list(self.backbone.specs)
+        self.fingerprint = fingerprint(self.specs, self.backbone_identity, self.canvas, self.categories)
         self.augment = header["augment"]
         if feature_crop_min is not None:
+            if self.hybrid_stage is not None:
+                raise CachedetError(f"--feature-crop: {self.where} is a hybrid cache; crops apply to complete pyramids only")
             check_alignment(self.specs, {k: tuple(v) for k, v in header["feature_shapes"].items()})
 
     def steps(self, epoch: int) -> int:
@@ -99,11 +130,12 @@ class CacheSource:
         return islice(batches, self.steps(epoch))
 
 
-class OnlineSource:
+class OnlineSource(_AdapterMixin):
     """Images decoded and augmented every step; the frozen (or trainable) backbone runs in the model."""
 
     def __init__(self, annotations: str, images: str, backbone: BackboneConfig, augment: AugmentConfig,
                  trainable: bool, batch_size: int, workers: int, seed: int, dist: DistInfo):
+        self.where = "the online backbone"
         self.dataset_info = load_detection_dataset(annotations, images)
         self.backbone = build_backbone(backbone).set_trainable(trainable)
         self.specs = list(self.backbone.specs)

@@ -42,6 +42,9 @@ class TrainConfig:
     size: int = 640
     scale_range: tuple[float, float] = (0.1, 2.0)
     backbone_trainable: bool = False
+    # residual adapters in the frozen backbone (online, or after a hybrid cache's stage)
+    adapters: bool = False
+    adapt_stages: tuple[int, ...] | None = None  # None: every stage after the stem (or after the cache)
     # detector
     neck: str = "fpn"
     head: str = "faster-rcnn"
@@ -93,6 +96,10 @@ class TrainConfig:
                 raise CachedetError(f"{name}: expected a positive integer, got {v}")
         if self.learning_rate <= 0:
             raise CachedetError(f"--lr: expected a positive number, got {self.learning_rate}")
+        if self.adapters and self.backbone_trainable:
+            raise CachedetError("--adapters trains adapters inside a frozen backbone; drop --backbone-trainable")
+        if self.adapt_stages is not None and not self.adapters:
+            raise CachedetError("--adapt-stages needs --adapters")
         if self.feature_crop and self.online:
             raise CachedetError("--feature-crop crops cached features; online training draws fresh LSJ views instead")
         if not 0 < self.feature_crop_min <= 1:
@@ -103,16 +110,19 @@ class TrainConfig:
 
 
 class TrainModel(nn.Module):
-    """inputs -> features -> detector losses. Without a backbone the inputs are the features."""
+    """inputs -> features -> detector losses. Without a backbone the inputs are the features;
+    with ``hybrid_stage`` K they are a hybrid cache's levels and the backbone runs stages > K."""
 
-    def __init__(self, detector: nn.Module, backbone: Backbone | None = None):
+    def __init__(self, detector: nn.Module, backbone: Backbone | None = None, hybrid_stage: int | None = None):
         super().__init__()
-        self.detector, self.backbone = detector, backbone
+        self.detector, self.backbone, self.hybrid_stage = detector, backbone, hybrid_stage
 
     def features(self, inputs):
         if self.backbone is None:
             return inputs
-        if self.backbone.trainable:
+        if self.hybrid_stage is not None:
+            return self.backbone.forward_from(inputs, self.hybrid_stage)
+        if self.backbone.trainable or self.backbone.has_adapters:
             return self.backbone(inputs)
         with torch.inference_mode():
             feats = self.backbone(inputs)
@@ -146,15 +156,22 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
     if cfg.online:
-        return OnlineSource(
+        source = OnlineSource(
             cfg.annotations, cfg.images, BackboneConfig(cfg.backbone, cfg.out_indices, cfg.weights),
             AugmentConfig(size=cfg.size, scale_range=tuple(cfg.scale_range), seed=cfg.seed),
             cfg.backbone_trainable, cfg.batch_size, cfg.workers, cfg.seed, info,
         )
-    # under CUDA autocast the features travel as float16 (half the host-to-device bytes)
-    return CacheSource(cfg.cache, cfg.batch_size, cfg.workers, cfg.in_memory, cfg.views_per_epoch, cfg.seed,
-                       cfg.shuffle_buffer, info, cfg.loader_start, keep_float16=cfg.amp and device.type == "cuda",
-                       feature_crop_min=cfg.feature_crop_min if cfg.feature_crop else None)
+    else:
+        # under CUDA autocast the features travel as float16 (half the host-to-device bytes)
+        source = CacheSource(cfg.cache, cfg.batch_size, cfg.workers, cfg.in_memory, cfg.views_per_epoch, cfg.seed,
+                             cfg.shuffle_buffer, info, cfg.loader_start, keep_float16=cfg.amp and device.type == "cuda",
+                             feature_crop_min=cfg.feature_crop_min if cfg.feature_crop else None)
+    if cfg.adapters:
+        source.enable_adapters(cfg.adapt_stages)
+    elif source.hybrid_stage is not None:
+        raise CachedetError(f"--cache {cfg.cache}: a hybrid cache (it stops at stage {source.hybrid_stage}); "
+                            "train it with --adapters")
+    return source
 
 
 def _to_device(batch: dict, device: torch.device, amp: bool):
@@ -231,7 +248,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         detector = build_detector(det_cfg)
-    model = TrainModel(detector, source.backbone).to(device)
+    model = TrainModel(detector, source.backbone, source.hybrid_stage).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, trainable)
     steps_per_epoch = source.steps(0)
@@ -302,7 +319,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                     "config": cfg.to_dict(), "detector_config": det_cfg.to_dict(), "fingerprint": source.fingerprint,
                     "backbone_identity": source.backbone_identity, "categories": source.categories,
                     "augment": source.augment, "detector": model.detector.state_dict(),
-                    "backbone": model.backbone.state_dict() if model.backbone is not None and model.backbone.trainable else None,
+                    "backbone": model.backbone.state_dict() if model.backbone is not None
+                    and (model.backbone.trainable or model.backbone.has_adapters) else None,
+                    "adapters": list(model.backbone.adapter_stages) if model.backbone is not None else None,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 }, run.checkpoint)
             barrier(info)

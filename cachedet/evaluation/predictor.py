@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from cachedet.backbones import Backbone, BackboneConfig, build_backbone
+from cachedet.backbones import Backbone, build_backbone, config_from_identity
 from cachedet.cache.store import FeatureStore
 from cachedet.data.images import read_image
 from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_image, view_to_image_boxes
@@ -22,14 +22,6 @@ from cachedet.errors import CachedetError
 from cachedet.extract import resolve_device
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.structures import ViewParams
-
-
-def _weights_option(source: str) -> str:
-    if source.startswith("offline:"):
-        return "default"
-    if source.startswith("file:"):
-        return source[len("file:"):]
-    return source  # "random" or "timm"
 
 
 class Predictor:
@@ -49,15 +41,19 @@ class Predictor:
         self.detector.load_state_dict(ckpt["detector"])
         self.detector.to(self.device).eval()
         self.score_threshold = score_threshold
+        self.adapters = tuple(ckpt.get("adapters") or ())  # stages with trained adapters
         self.backbone: Backbone | None = None
         if need_backbone:
             ident = ckpt["backbone_identity"]
-            self.backbone = build_backbone(BackboneConfig(ident["name"], tuple(ident["out_indices"]), _weights_option(ident["weights"])), warn=False)
-            if ckpt.get("backbone") is not None:  # fine-tuned run
-                self.backbone.load_state_dict(ckpt["backbone"])
-            elif self.backbone.identity["weights_sha256"] != ident["weights_sha256"]:
+            self.backbone = build_backbone(config_from_identity(ident), warn=False)
+            fine_tuned = ckpt.get("backbone") is not None and not self.adapters
+            if not fine_tuned and self.backbone.identity["weights_sha256"] != ident["weights_sha256"]:
                 raise CachedetError(f"{path}: the backbone weights available here ({self.backbone.identity['weights']}) "
                                     f"are not the ones the run was trained on ({ident['weights']})")
+            if self.adapters:  # the frozen weights above, plus the trained adapters
+                self.backbone.add_adapters(self.adapters)
+            if ckpt.get("backbone") is not None:
+                self.backbone.load_state_dict(ckpt["backbone"])
             self.backbone.to(self.device).eval()
 
     def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
@@ -100,6 +96,9 @@ class Predictor:
 
     def check_store(self, store: FeatureStore):
         header = store.header
+        if self.adapters:
+            raise CachedetError(f"--cache {store.url}: run {self.run} trained adapters inside the backbone, so cached frozen "
+                                "features do not fit it; evaluate from --images")
         if header["augment"]["augment"]:
             raise CachedetError(f"--cache {store.url}: an augmented cache; evaluate from one made with --no-augment --views 1")
         found = make_fingerprint(store.specs, header["backbone"], int(header["augment"]["size"]), header["dataset"]["categories"])
