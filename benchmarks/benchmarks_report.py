@@ -11,7 +11,8 @@ def _ratio(a, b):
     return a / b if a and b else None
 
 
-REGIME_ORDER = ("torchvision_finetune", "torchvision_frozen", "finetune", "online_frozen", "cached", "heads_in_memory")
+REGIME_ORDER = ("torchvision_finetune", "torchvision_frozen", "finetune", "online_frozen", "cached", "heads_in_memory",
+                "adapters_online", "adapters_hybrid")
 TITLES = {"fpn+faster-rcnn": "Faster R-CNN R50-FPN", "fpn+retinanet": "RetinaNet R50-FPN"}
 
 
@@ -90,7 +91,8 @@ def _plot(result, by, out_dir):
     fig, axes = plt.subplots(1, 2 if result["sweep"] else 1, figsize=(12 if result["sweep"] else 6, 4.2))
     axes = axes if result["sweep"] else [axes]
     order = [r for r in REGIME_ORDER if r in by]
-    axes[0].barh(order, [by[r]["step_s_median"] for r in order], color=["#999", "#bbb", "#d62728", "#ff7f0e", "#2ca02c", "#1f77b4"][-len(order):])
+    colours = dict(zip(REGIME_ORDER, ["#999", "#bbb", "#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b"]))
+    axes[0].barh(order, [by[r]["step_s_median"] for r in order], color=[colours[r] for r in order])
     axes[0].set_xlabel("seconds per training step (median)")
     axes[0].set_title("Faster R-CNN R50-FPN")
     axes[0].invert_yaxis()

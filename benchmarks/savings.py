@@ -19,7 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cachedet.bench import BenchConfig, decode_speeds, machine_info, run_benchmark  # noqa: E402
+from cachedet.bench import (  # noqa: E402
+    ADAPTER_REGIMES, OUR_REGIMES, TORCHVISION_REGIMES, BenchConfig, decode_speeds, machine_info, run_benchmark,
+)
 
 SWEEP = ("resnet18", "resnet50", "resnet101", "efficientnet_b0", "efficientnet_b3", "convnext_tiny")
 SWEEP_REGIMES = ("finetune", "online_frozen", "cached", "heads_in_memory")
@@ -41,7 +43,7 @@ def main():
     args = ap.parse_args()
 
     headline = run_benchmark(BenchConfig(size=args.size, batch=args.batch, steps=args.steps, warmup=args.warmup,
-                                         device=args.device))
+                                         device=args.device), regimes=OUR_REGIMES + TORCHVISION_REGIMES + ADAPTER_REGIMES)
     retinanet = run_benchmark(BenchConfig(head="retinanet", out_indices=(2, 3, 4), options={}, size=args.size,
                                           batch=args.batch, steps=args.steps, warmup=args.warmup, device=args.device))
     headline["codecs"] = decode_speeds(os.path.join(headline["config"]["workdir"], "bench.zarr"), headline["config"]["workdir"])

@@ -7,6 +7,9 @@ Regimes (one training step = forward + backward + optimizer step on a batch of v
   heads_in_memory       the lower bound: heads only, features already in memory
   torchvision_frozen    torchvision's fasterrcnn_resnet50_fpn, trainable_backbone_layers=0
   torchvision_finetune  the same with trainable_backbone_layers=5
+  adapters_online       frozen backbone with residual adapters in its last stage, run every step
+  adapters_hybrid       the same model from a hybrid cache (extract --cache-stage = last stage - 1):
+                        only the adapted last stage and the heads run
 Per regime: median step time after warm-up, FLOPs of one step (torch.utils.flop_counter) and
 peak memory (CUDA max allocated; on CPU the peak RSS of a fresh process per regime).
 """
@@ -29,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 OUR_REGIMES = ("finetune", "online_frozen", "cached", "heads_in_memory")
+ADAPTER_REGIMES = ("adapters_online", "adapters_hybrid")
 TORCHVISION_REGIMES = ("torchvision_frozen", "torchvision_finetune")
 # the detector torchvision's fasterrcnn_resnet50_fpn builds: FPN on c2-c5, 2-FC box head, 2000 proposals
 TORCHVISION_LIKE = {"box_convs": 0, "box_fcs": 2, "proposals_per_image": 2000}
@@ -70,7 +74,7 @@ def machine_info() -> dict:
             "python": platform.python_version()}
 
 
-def prepare(cfg: BenchConfig) -> dict:
+def prepare(cfg: BenchConfig, hybrid: bool = False) -> dict:
     """Generate images, extract a plain (no-jitter) cache of them; return paths and stage measurements."""
     from cachedet.backbones import BackboneConfig
     from cachedet.cache.store import FeatureStore
@@ -88,7 +92,17 @@ def prepare(cfg: BenchConfig) -> dict:
     result = extract(ecfg, progress=False)
     fs = FeatureStore(store)
     # wall time of the shard work (decode, forward, encode, write), not planning or the backbone build
-    return {"data": data, "store": store, "extract_views_per_s": result.views_per_second, "cache": fs.info()}
+    prepared = {"data": data, "store": store, "extract_views_per_s": result.views_per_second, "cache": fs.info(),
+                "hybrid_store": None}
+    if hybrid:  # the same views, cached up to the stage before the last (for adapters_hybrid)
+        from dataclasses import replace
+
+        from cachedet.backbones import build_backbone
+
+        last = max(build_backbone(ecfg.backbone, warn=False).identity["out_indices"])
+        prepared["hybrid_store"] = os.path.join(cfg.workdir, "hybrid.zarr")
+        extract(replace(ecfg, out=prepared["hybrid_store"], cache_stage=last - 1), progress=False)
+    return prepared
 
 
 def _batches_in_memory(store_url: str, cfg: BenchConfig, with_features: bool):
@@ -127,7 +141,11 @@ def _images(store_url: str, data: dict, cfg: BenchConfig, normalize_with=None) -
     return views
 
 
-def _our_model(cfg: BenchConfig, regime: str, specs, backbone=None):
+def _last_stage(backbone) -> int:
+    return len(backbone.stage_names()) - 1
+
+
+def _our_model(cfg: BenchConfig, regime: str, specs, backbone=None, hybrid_stage: int | None = None):
     from cachedet.engine.train import TrainModel
     from cachedet.models.detector import DetectorConfig, build_detector
 
@@ -136,7 +154,8 @@ def _our_model(cfg: BenchConfig, regime: str, specs, backbone=None):
                                         neck=cfg.neck, head=cfg.head, options=dict(cfg.options)))
     if backbone is not None:
         backbone.set_trainable(regime == "finetune")
-    return TrainModel(det, backbone if regime in ("finetune", "online_frozen") else None)
+    uses_backbone = regime in ("finetune", "online_frozen") + ADAPTER_REGIMES
+    return TrainModel(det, backbone if uses_backbone else None, hybrid_stage)
 
 
 def _torchvision_model(cfg: BenchConfig, regime: str):
@@ -172,11 +191,18 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
         images = _images(store, prepared["data"], cfg)
         batches = [([images[i * cfg.batch + j] for j in range(cfg.batch)],
                     [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]) for i, (_, targets) in enumerate(mem)]
-    elif regime in ("finetune", "online_frozen"):
+    elif regime in ("finetune", "online_frozen", "adapters_online"):
         backbone = build_backbone(BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False)
+        if regime == "adapters_online":
+            backbone.add_adapters((_last_stage(backbone),))
         model = _our_model(cfg, regime, backbone.specs, backbone).to(device).train()
         images = _images(store, prepared["data"], cfg, (backbone.mean, backbone.std))
         batches = [(torch.stack(images[i * cfg.batch:(i + 1) * cfg.batch]), targets) for i, (_, targets) in enumerate(mem)]
+    elif regime == "adapters_hybrid":
+        source = CacheSource(prepared["hybrid_store"], cfg.batch, 1, False, 1, 0, 4, DistInfo(0, 1, 0))
+        source.enable_adapters((source.hybrid_stage + 1,))
+        model = _our_model(cfg, regime, source.specs, source.backbone, hybrid_stage=source.hybrid_stage).to(device).train()
+        batches = ((b["inputs"], b["targets"]) for b in source.batches(0))
     else:  # the heads alone, as cachedet trains them from a cache: no backbone is built in this process
         model = _our_model(cfg, regime, FeatureStore(store).specs).to(device).train()
         if regime == "heads_in_memory":
@@ -299,7 +325,7 @@ def decode_speeds(store_url: str, workdir: str) -> list[dict]:
 
 
 def _run_regime_in_fresh_process(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
-    payload = json.dumps({"config": asdict(cfg), "regime": regime, "prepared": {k: prepared[k] for k in ("data", "store")}})
+    payload = json.dumps({"config": asdict(cfg), "regime": regime, "prepared": {k: prepared[k] for k in ("data", "store", "hybrid_store")}})
     proc = subprocess.run([sys.executable, "-m", "cachedet.bench"], input=payload, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"regime {regime} failed:\n{proc.stderr[-2000:]}")
@@ -313,7 +339,7 @@ def run_benchmark(cfg: BenchConfig, regimes=None, fresh_process: bool | None = N
     regimes = regimes or (OUR_REGIMES + (TORCHVISION_REGIMES if cfg.backbone == "resnet50" and cfg.neck == "fpn"
                                          and cfg.head in ("faster-rcnn", "retinanet") else ()))
     fresh = (cfg.device == "cpu") if fresh_process is None else fresh_process
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, hybrid="adapters_hybrid" in regimes)
     records = []
     for regime in regimes:
         rec = _run_regime_in_fresh_process(cfg, regime, prepared) if fresh else measure_regime(cfg, regime, prepared)

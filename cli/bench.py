@@ -26,13 +26,13 @@ def bench_command(
     out: Optional[str] = typer.Option(None, "--out", help="Write the records as JSON here."),
 ):
     """Measure finetune / online_frozen / cached / heads_in_memory (and torchvision's R50-FPN) on the same views."""
-    from cachedet.bench import OUR_REGIMES, TORCHVISION_LIKE, TORCHVISION_REGIMES, BenchConfig, run_benchmark
+    from cachedet.bench import ADAPTER_REGIMES, OUR_REGIMES, TORCHVISION_LIKE, TORCHVISION_REGIMES, BenchConfig, run_benchmark
     from cachedet.errors import CachedetError
 
     chosen = tuple(r for r in regimes.split(",") if r) if regimes else None
     for r in chosen or ():
-        if r not in OUR_REGIMES + TORCHVISION_REGIMES:
-            raise CachedetError(f"--regimes {r}: expected some of {', '.join(OUR_REGIMES + TORCHVISION_REGIMES)}")
+        if r not in OUR_REGIMES + TORCHVISION_REGIMES + ADAPTER_REGIMES:
+            raise CachedetError(f"--regimes {r}: expected some of {', '.join(OUR_REGIMES + TORCHVISION_REGIMES + ADAPTER_REGIMES)}")
     indices = parse_int_list(out_indices, "--out-indices") if out_indices else None
     console = make_console()
     result = run_benchmark(BenchConfig(backbone=backbone, out_indices=indices, neck=neck, head=head, size=size, batch=batch,

@@ -44,3 +44,15 @@ def test_codec_table_covers_every_dtype_and_codec(small_run):
     assert by[("bfloat16", "none")]["max_abs_error"] > by[("float16", "none")]["max_abs_error"]
     assert by[("uint8", "none")]["bytes_per_view"] < 0.6 * by[("float16", "none")]["bytes_per_view"]
     assert all(np.isfinite(r["decode_MBps"]) and r["decode_MBps"] > 0 for r in rows)
+
+
+def test_adapter_regimes_cost_between_cached_and_online(tmp_path):
+    from cachedet.bench import ADAPTER_REGIMES
+
+    cfg = BenchConfig(backbone="test_resnet", out_indices=None, size=96, batch=2, warmup=1, steps=1, num_classes=5,
+                      options={"box_convs": 0, "box_fcs": 2, "box_representation": 64, "rois_per_image": 32},
+                      workdir=str(tmp_path))
+    run = run_benchmark(cfg, regimes=("online_frozen", "cached") + ADAPTER_REGIMES, fresh_process=False, log=lambda *a: None)
+    f = {r["regime"]: r["flops_per_step"] for r in run["records"]}
+    # adapters add their own backward (and a backward through the last stage); the hybrid skips stages 0-3
+    assert f["adapters_online"] > f["online_frozen"] and f["cached"] < f["adapters_hybrid"] < f["adapters_online"]
