@@ -50,6 +50,12 @@ def write_report(result: dict, out_dir: str) -> str:
         lines += [""] + regime_table(headline_records(result, "fpn+retinanet"), TITLES["fpn+retinanet"],
                                      result["retinanet"]["config"])
     st = result["headline"]["stages"]
+    if st.get("import_baseline_bytes") and "cached" in by:
+        base = st["import_baseline_bytes"]
+        lines += ["", f"A process that only imports torch, torchvision, timm, zarr and cachedet peaks at {base / 1e9:.2f} GB here "
+                  f"(torch's CUDA build); above that floor, `cached` uses {(by['cached']['peak_mem_bytes'] - base) / 1e9:.2f} GB "
+                  f"against `finetune`'s {(by['finetune']['peak_mem_bytes'] - base) / 1e9:.2f} GB "
+                  f"({(by['cached']['peak_mem_bytes'] - base) / (by['finetune']['peak_mem_bytes'] - base):.2f}x)."]
     lines += ["", f"Extraction {st['extract_views_per_s']:.2f} views/s against backbone-only forward "
               f"{st['backbone_forward_views_per_s']:.2f} views/s ({st['extract_vs_forward']:.2f}x); cache "
               f"{st['cache_bytes_per_view'] / 1e6:.2f} MB per view (" + ", ".join(

@@ -279,7 +279,7 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
         num_images = len(load_detection_dataset(cfg.annotations, cfg.images).images)
     schema.check_storage(cfg.dtype, cfg.codec, cfg.shard_views)
     device = resolve_device(cfg.device)
-    backbone = build_backbone(cfg.backbone).to(device)
+    backbone = build_backbone(hybrid_backbone(cfg)[0]).to(device)  # a hybrid cache stores (and runs) less
     shapes = backbone.feature_shapes(cfg.augment.size)
     per_view = sum(int(np.prod(s)) for s in shapes.values()) * schema.ITEMSIZE[cfg.dtype]
     views = num_images * cfg.views

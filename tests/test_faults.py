@@ -64,6 +64,17 @@ def test_verify_lists_damaged_shards_and_repair_recomputes_them(synthetic, clean
     assert_same_store(clean.out, cfg.out)
 
 
+def test_uint8_shards_verify_with_their_quant_params(synthetic, tmp_path):
+    cfg = small_config(synthetic, str(tmp_path / "q.zarr"), dtype="uint8")
+    extract(cfg, progress=False)
+    assert verify_store(cfg.out)["complete"] == [0, 1, 2, 3, 4]
+    quant = os.path.join(cfg.out, "quant", FeatureStore(cfg.out).specs[0].name, "c", "2", "0", "0")
+    with open(quant, "r+b") as f:  # the features are intact, one shard's scales are not
+        f.seek(os.path.getsize(quant) // 2)
+        f.write(b"\x01\x02\x03\x04")
+    assert [d["shard"] for d in verify_store(cfg.out)["damaged"]] == [2]
+
+
 def test_incomplete_shards_are_reported(synthetic, tmp_path, cli):
     cfg = small_config(synthetic, str(tmp_path / "s.zarr"))
     extract(cfg, progress=False)
