@@ -11,16 +11,14 @@ stage 4 and the heads run per step. Writes adapters_study.json and adapters_stud
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo_variants import dataset_paths, make_cache, train_and_score  # noqa: E402
+from demo_variants import dataset_paths, make_cache, median_step_seconds, train_and_score  # noqa: E402
 
 from cachedet.atomic import write_json_atomic  # noqa: E402
 from cachedet.bench import machine_info  # noqa: E402
@@ -28,11 +26,6 @@ from cachedet.demo import FULL  # noqa: E402
 
 VIEWS = 2
 ADAPT = (4,)
-
-
-def median_step(root: str, name: str) -> float:
-    with open(os.path.join(root, "runs", name, "metrics.jsonl")) as f:
-        return statistics.median(json.loads(line)["step_s"] for line in f if line.strip())
 
 
 def main():
@@ -55,7 +48,7 @@ def main():
     records = []
     for label, name, kw in rows:
         scores = train_and_score(args.work, name, paths, s, **kw)
-        records.append({"regime": label, **scores, "step_s_median": median_step(args.work, name)})
+        records.append({"regime": label, **scores, "step_s_median": median_step_seconds(args.work, name)})
         print(records[-1], flush=True)
     result = {"machine": machine_info(), "settings": {"size": s.size, "epochs": s.epochs, "views": VIEWS, "adapt_stages": list(ADAPT),
                                                       "hybrid_cache_bytes_per_view": hybrid_info["bytes_per_view"]},

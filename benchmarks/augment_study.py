@@ -18,7 +18,7 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo_variants import dataset_paths, make_cache, train_and_score  # noqa: E402
+from demo_variants import dataset_paths, make_cache, median_step_seconds, train_and_score  # noqa: E402
 
 from cachedet.atomic import write_json_atomic  # noqa: E402
 from cachedet.bench import machine_info  # noqa: E402
@@ -33,14 +33,14 @@ def table(records: list[dict], settings: dict) -> str:
              f"{settings['size']}, LSJ {settings['scale_range'][0]}–{settings['scale_range'][1]}, EfficientNet-Lite0 "
              f"(ImageNet), FPN + Faster R-CNN, {settings['epochs']} epochs = {settings['steps']} steps of batch "
              f"{settings['batch_size']} in every row. Copy-Paste probability {COPY_PASTE}; feature crops of 0.6–1.0 of the canvas.", "",
-             "| source | views K | Copy-Paste | feature crop | box AP | AP50 | cache MB | extract s | train s |",
+             "| source | views K | Copy-Paste | feature crop | box AP | AP50 | cache MB | extract s | median step s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         cache = f"{r['cache_bytes'] / 1e6:.1f}" if r.get("cache_bytes") else "-"
         extract_s = f"{r['extract_seconds']:.0f}" if r.get("extract_seconds") else "-"
         lines.append(f"| {r['source']} | {r['views'] or 'fresh'} | {'yes' if r['copy_paste'] else 'no'} | "
                      f"{'yes' if r['feature_crop'] else 'no'} | {r['AP']:.1f} | {r['AP50']:.1f} | {cache} | {extract_s} | "
-                     f"{r['train_seconds']:.0f} |")
+                     f"{r['step_s_median']:.2f} |")
     return "\n".join(lines)
 
 
@@ -69,7 +69,8 @@ def main():
     for cell in cells:
         if cell == "online":
             scores = train_and_score(args.work, "online", paths, s, online=True)
-            records.append({"source": "online (fresh LSJ)", "views": None, "copy_paste": False, "feature_crop": False, **scores})
+            records.append({"source": "online (fresh LSJ)", "views": None, "copy_paste": False, "feature_crop": False, **scores,
+                            "step_s_median": median_step_seconds(args.work, "online")})
         else:
             k, cp, crop = cell
             extract_kw = {"views": k, **({"copy_paste": COPY_PASTE} if cp else {})}
@@ -77,7 +78,8 @@ def main():
             name = f"K{k}{'-cp' if cp else ''}{'-crop' if crop else ''}"
             scores = train_and_score(args.work, name, paths, s, cache=store, feature_crop=crop)
             records.append({"source": "cache", "views": k, "copy_paste": cp, "feature_crop": crop,
-                            "cache_bytes": info["bytes_features"], "extract_seconds": seconds, **scores})
+                            "cache_bytes": info["bytes_features"], "extract_seconds": seconds, **scores,
+                            "step_s_median": median_step_seconds(args.work, name)})
         print(records[-1], flush=True)
         save()
     print(table(records, settings))

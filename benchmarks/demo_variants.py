@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from dataclasses import replace
 
@@ -84,3 +85,9 @@ def train_and_score(root: str, name: str, paths: dict, s: DemoSettings = FULL, c
     with open(metrics_file, "w") as f:
         json.dump(out, f)
     return out
+
+
+def median_step_seconds(root: str, name: str) -> float:
+    """Median training step time of a run, from its metrics.jsonl (robust to pauses and restarts)."""
+    with open(os.path.join(root, "runs", name, "metrics.jsonl")) as f:
+        return statistics.median(json.loads(line)["step_s"] for line in f if line.strip())
