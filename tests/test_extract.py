@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachedet.backbones import build_backbone
+from cachedet.backbones import BackboneConfig, build_backbone
 from cachedet.cache import store as store_mod
 from cachedet.cache.store import FeatureStore
 from cachedet.data.coco import load_detection_dataset
@@ -100,6 +100,10 @@ def test_incompatible_store_is_refused_and_overwrite_rebuilds(synthetic, tmp_pat
     other = small_config(synthetic, cfg.out, views=3)
     with pytest.raises(CachedetError, match=r"another configuration.*views: store has 2, asked for 3"):
         extract(other, progress=False)
+    with pytest.raises(CachedetError, match=r"storage.dtype: store has 'float16', asked for 'bfloat16'"):
+        extract(small_config(synthetic, cfg.out, dtype="bfloat16"), progress=False)
+    with pytest.raises(CachedetError, match=r"backbone.name: store has 'test_resnet', asked for 'test_efficientnet'"):
+        extract(small_config(synthetic, cfg.out, backbone=BackboneConfig("test_efficientnet", None, "random")), progress=False)
     rebuilt = small_config(synthetic, cfg.out, views=3, overwrite=True)
     assert extract(rebuilt, progress=False).num_views == 36
     (tmp_path / "plain").mkdir()
