@@ -10,33 +10,23 @@ stage 4 and the heads run per step. Writes adapters_study.json and adapters_stud
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo_variants import dataset_paths, make_cache, median_step_seconds, train_and_score  # noqa: E402
+from demo_variants import make_cache, median_step_seconds, study_setup, train_and_score  # noqa: E402
 
 from cachedet.atomic import write_json_atomic  # noqa: E402
 from cachedet.bench import machine_info  # noqa: E402
-from cachedet.demo import FULL  # noqa: E402
 
 VIEWS = 2
 ADAPT = (4,)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="adapters_work")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--size", type=int, default=256)
-    args = ap.parse_args()
-    s = replace(FULL, epochs=args.epochs, size=args.size)
-    paths = dataset_paths(args.work, s)
+    args, s, paths = study_setup("adapters_work", __doc__)
     plain, _, _ = make_cache(args.work, paths, s, views=VIEWS)
     hybrid, hybrid_seconds, hybrid_info = make_cache(args.work, paths, s, views=VIEWS, cache_stage=ADAPT[0] - 1)
     rows = [

@@ -10,19 +10,16 @@ point as noise.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo_variants import dataset_paths, make_cache, median_step_seconds, train_and_score  # noqa: E402
+from demo_variants import make_cache, median_step_seconds, study_setup, train_and_score  # noqa: E402
 
 from cachedet.atomic import write_json_atomic  # noqa: E402
 from cachedet.bench import machine_info  # noqa: E402
-from cachedet.demo import FULL  # noqa: E402
 
 VIEWS = (1, 2, 4, 8)
 COPY_PASTE = 0.5
@@ -45,14 +42,7 @@ def table(records: list[dict], settings: dict) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="augment_work")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--size", type=int, default=256)
-    args = ap.parse_args()
-    s = replace(FULL, epochs=args.epochs, size=args.size)
-    paths = dataset_paths(args.work, s)
+    args, s, paths = study_setup("augment_work", __doc__)
     settings = {"train_images": s.data.num_train, "val_images": s.data.num_val, "size": s.size,
                 "scale_range": list(s.scale_range), "epochs": s.epochs, "batch_size": s.batch_size,
                 "steps": s.epochs * -(-s.data.num_train // s.batch_size)}

@@ -91,3 +91,22 @@ def median_step_seconds(root: str, name: str) -> float:
     """Median training step time of a run, from its metrics.jsonl (robust to pauses and restarts)."""
     with open(os.path.join(root, "runs", name, "metrics.jsonl")) as f:
         return statistics.median(json.loads(line)["step_s"] for line in f if line.strip())
+
+
+def study_setup(default_work: str, doc: str | None = None, reduced: bool = True, add_args=None):
+    """Parse a study's --work/--out (and, for the reduced setting, --epochs/--size; ``add_args(parser)``
+    adds the study's own); return (args, demo settings, dataset paths)."""
+    import argparse
+    from dataclasses import replace
+
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--work", default=default_work)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    if reduced:
+        ap.add_argument("--epochs", type=int, default=8)
+        ap.add_argument("--size", type=int, default=256)
+    if add_args:
+        add_args(ap)
+    args = ap.parse_args()
+    s = replace(FULL, epochs=args.epochs, size=args.size) if reduced else FULL
+    return args, s, dataset_paths(args.work, s)

@@ -11,14 +11,13 @@ from the stored features alone. Writes lossy_cache.json and lossy_cache.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo_variants import BACKBONE, dataset_paths, make_cache, train_and_score  # noqa: E402
+from demo_variants import BACKBONE, make_cache, study_setup, train_and_score  # noqa: E402
 
 from cachedet.demo import FULL  # noqa: E402
 from cachedet.data.views import AugmentConfig  # noqa: E402
@@ -62,12 +61,8 @@ def score_from_val_caches(work: str, paths: dict, run: str) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="lossy_work")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--no-seed-run", action="store_true", help="skip the second float16 seed (the spread)")
-    args = ap.parse_args()
-    paths = dataset_paths(args.work)
+    args, _, paths = study_setup("lossy_work", __doc__, reduced=False, add_args=lambda ap: ap.add_argument(
+        "--no-seed-run", action="store_true", help="skip the second float16 seed (the spread)"))
     records = []
     for dtype, seed in [(d, 0) for d in DTYPES] + ([] if args.no_seed_run else [("float16", 1)]):
         store, seconds, info = make_cache(args.work, paths, dtype=dtype)
