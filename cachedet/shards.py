@@ -1,5 +1,5 @@
 """Shards, the unit of extraction work: decode + augment + Copy-Paste -> frozen backbone -> encode
--> write features -> write the completion record. In-process (a writer thread overlaps a shard's
+-> write features (and the views' instance masks) -> write the completion record. In-process (a writer thread overlaps a shard's
 write with the next shard's compute) or on dask workers (one shard per task).
 """
 
@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
-from cachedet.cache.store import write_shard_features, write_shard_record
+from cachedet.cache.store import write_shard_features, write_shard_masks, write_shard_record
 from cachedet.data.copy_paste import PastePlan
 from cachedet.data.images import ViewDataset
+from cachedet.data.masks import MaskSource
 from cachedet.errors import CachedetError
 from cachedet.structures import ViewParams
 
@@ -51,6 +52,8 @@ class ShardTask:
     loader_workers: int
     skip_bad: bool
     threads: int
+    codec: str = "zstd"
+    masks: tuple[tuple[MaskSource, ...], ...] | None = None  # per view, its objects in box-row order
 
 
 @functools.lru_cache(maxsize=2)
@@ -82,18 +85,19 @@ def compute_features(backbone: Backbone, images: torch.Tensor) -> dict[str, np.n
 
 
 def _collate(batch):
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch]
 
 
 @dataclass
 class ComputedShard:
-    """One shard's encoded features, ready to write: {level: (n, C, H, W)} storage dtype, and for
-    uint8 stores {level: (n, C, 2)} quant params."""
+    """One shard's encoded features, ready to write: {level: (n, C, H, W)} storage dtype, for
+    uint8 stores {level: (n, C, 2)} quant params, and the views' masks (RLE bytes per object)."""
 
     blocks: dict[str, np.ndarray]
     quant: dict[str, np.ndarray] | None
     skipped: list[dict]
     seconds: float
+    masks: list[list[bytes]] | None = None
 
 
 def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
@@ -104,15 +108,16 @@ def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
     t0 = time.perf_counter()  # the backbone is built once per process, outside the shard's time
     loader = DataLoader(
         ViewDataset(list(task.views), list(task.paths), backbone.mean, backbone.std, skip_bad=True,
-                    pastes=list(task.pastes)),
+                    pastes=list(task.pastes), masks=list(task.masks) if task.masks is not None else None),
         batch_size=task.batch_size,
         num_workers=task.loader_workers,
         collate_fn=_collate,
     )
     blocks: dict[str, list[np.ndarray]] = {}
     quant: dict[str, list[np.ndarray]] = {}
-    skipped, done = [], 0
-    for images, errors in loader:
+    skipped, done, masks = [], 0, []
+    for images, errors, view_masks in loader:
+        masks += view_masks
         for i, err in enumerate(errors):
             if err:
                 if not task.skip_bad:
@@ -130,7 +135,7 @@ def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
     return ComputedShard(
         blocks={k: np.concatenate(v) for k, v in blocks.items()},
         quant={k: np.concatenate(v) for k, v in quant.items()} if quant else None,
-        skipped=skipped, seconds=time.perf_counter() - t0,
+        skipped=skipped, seconds=time.perf_counter() - t0, masks=masks if task.masks is not None else None,
     )
 
 
@@ -139,6 +144,8 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
     t0 = time.perf_counter()
     try:
         digests = write_shard_features(task.store, task.shard, computed.blocks, task.start, computed.quant)
+        if computed.masks is not None:
+            digests["masks"] = write_shard_masks(task.store, task.shard, computed.masks, task.codec)
     except OSError as e:  # no space, no permission, a lost connection: the shard stays incomplete
         raise CachedetError(f"--out {task.store}: writing shard {task.shard} failed: {e.strerror or e}; "
                             "it is not marked complete, rerun the same command to resume") from None

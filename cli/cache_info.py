@@ -42,6 +42,10 @@ def cache_info_command(
         f"codec {info['codec']}; on disk {human_bytes(info['bytes_on_disk'])} in all; "
         f"compression ratio {ratio}; {human_bytes(info['bytes_per_view'])} per view"
     )
+    m = info["masks"]
+    console.print(f"instance masks: {m['objects']} objects, COCO RLE, {human_bytes(info['bytes_masks'])} on disk"
+                  + (f" ({m['objects_from_boxes']} without segmentation stored as their box)" if m["objects_from_boxes"] else "")
+                  if m else "instance masks: none")
     if info["hybrid_cache_stage"] is not None:
         console.print(f"hybrid cache: stops after backbone stage {info['hybrid_cache_stage']}; "
                       "train it with train-heads --adapters")

@@ -67,7 +67,7 @@ def parse_int_list(text: str | None, option: str) -> tuple[int, ...] | None:
 
 
 def detector_options(nasfpn_repeats: int | None = None, cascade_ious: str | None = None, box_convs: int | None = None,
-                     box_fcs: int | None = None) -> dict:
+                     box_fcs: int | None = None, mask_convs: int | None = None, mask_channels: int | None = None) -> dict:
     """Detector options from CLI flags; unset flags are left out so the model's defaults apply."""
     opts = {}
     if nasfpn_repeats is not None and nasfpn_repeats != 5:
@@ -81,4 +81,9 @@ def detector_options(nasfpn_repeats: int | None = None, cascade_ious: str | None
         opts["box_convs"] = box_convs
     if box_fcs is not None:
         opts["box_fcs"] = box_fcs
+    for flag, name, value, least in (("--mask-convs", "mask_convs", mask_convs, 0), ("--mask-channels", "mask_channels", mask_channels, 1)):
+        if value is not None:
+            if value < least:
+                raise CachedetError(f"{flag} {value}: expected an integer >= {least}")
+            opts[name] = value
     return opts

@@ -18,13 +18,14 @@ def demo_command(
     out: str = typer.Option("demo_out", "--out", help="Folder for the dataset, cache, run and metrics."),
     neck: str = typer.Option("fpn", "--neck", help="fpn or nasfpn."),
     head: str = typer.Option("faster-rcnn", "--head", help="faster-rcnn, cascade or retinanet."),
+    no_masks: bool = typer.Option(False, "--no-masks", help="Boxes only: no mask head, no mask AP."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
-    """Generate a dataset, extract features, train heads, evaluate: the whole pipeline offline."""
+    """Generate a dataset, extract features and masks, train heads, evaluate box and mask AP: the whole pipeline offline."""
     from cachedet.demo import run_demo
 
     console = make_console()
-    result = run_demo(out, quick=quick, progress=not quiet, log=console.print, neck=neck, head=head)
+    result = run_demo(out, quick=quick, progress=not quiet, log=console.print, neck=neck, head=head, masks=not no_masks)
     print_metrics(result["metrics"], console)
     info = result["cache"]
     t = Table(title="cachedet demo" + (" --quick" if quick else ""))
@@ -38,7 +39,9 @@ def demo_command(
         f"cache {result['store']}: {info['views']} views, {human_bytes(info['bytes_on_disk'])} on disk, "
         f"{human_bytes(info['bytes_per_view'])} per view, compression {info['compression_ratio']:.2f}x"
     )
-    console.print(f"[bold]box AP {result['metrics']['bbox']['AP']:.1f}[/] (AP50 {result['metrics']['bbox']['AP50']:.1f}); "
+    m = result["metrics"]
+    mask = f", [bold]mask AP {m['segm']['AP']:.1f}[/] (AP50 {m['segm']['AP50']:.1f})" if "segm" in m else ""
+    console.print(f"[bold]box AP {m['bbox']['AP']:.1f}[/] (AP50 {m['bbox']['AP50']:.1f}){mask}; "
                   f"run in {result['run']}, metrics in {os.path.join(out, 'metrics.json')}")
     write_json_atomic(os.path.join(out, "demo_summary.json"),
-                      {k: v for k, v in result.items() if k != "metrics"} | {"bbox": result["metrics"]["bbox"]}, indent=2)
+                      {k: v for k, v in result.items() if k != "metrics"} | {"bbox": m["bbox"], "segm": m.get("segm")}, indent=2)

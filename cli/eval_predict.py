@@ -21,38 +21,52 @@ def fmt(v) -> str:
 
 
 def print_metrics(metrics: dict, console) -> None:
-    """The AP summary, the stratified tables and per-class AP, as rich tables."""
-    box = metrics["bbox"]
-    t = Table(title=f"box AP on {metrics['num_images']} images ({metrics['source']})")
+    """The AP summaries (box, and mask for mask runs), the stratified tables and per-class AP, as rich tables."""
+    masks = "segm" in metrics
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+    t = Table(title=f"{'box and mask' if masks else 'box'} AP on {metrics['num_images']} images ({metrics['source']})")
+    t.add_column("")
     for k in keys:
         t.add_column(k, justify="right")
-    t.add_row(*(fmt(box[k]) for k in keys))
+    t.add_row("box", *(fmt(metrics["bbox"][k]) for k in keys))
+    if masks:
+        t.add_row("mask", *(fmt(metrics["segm"][k]) for k in keys))
     console.print(t)
+    if "segm_skipped" in metrics:
+        console.print(f"[yellow]mask AP not scored: {metrics['segm_skipped']}")
     if "lvis_bbox" in metrics:
-        lv = metrics["lvis_bbox"]
-        t = Table(title="LVIS box AP (LVISEval)")
-        for k in ("AP", "APr", "APc", "APf", "APs", "APm", "APl"):
+        lvis_keys = ("AP", "APr", "APc", "APf", "APs", "APm", "APl")
+        t = Table(title="LVIS AP (LVISEval)")
+        t.add_column("")
+        for k in lvis_keys:
             t.add_column(k, justify="right")
-        t.add_row(*(fmt(lv.get(k)) for k in ("AP", "APr", "APc", "APf", "APs", "APm", "APl")))
+        t.add_row("box", *(fmt(metrics["lvis_bbox"].get(k)) for k in lvis_keys))
+        if "lvis_segm" in metrics:
+            t.add_row("mask", *(fmt(metrics["lvis_segm"].get(k)) for k in lvis_keys))
         console.print(t)
+    ap_columns = ("AP", "mask_AP") if masks else ("AP",)
+    ap_titles = ("box AP", "mask AP") if masks else ("AP",)
     if "by_train_count" in metrics:
         t = Table(title="AP by number of training annotations per class")
-        for c in ("training annotations", "classes", "AP"):
+        for c in ("training annotations", "classes", *ap_titles):
             t.add_column(c, justify="right")
         for row in metrics["by_train_count"]:
-            t.add_row(row["bin"], str(row["classes"]), fmt(row["AP"]))
+            t.add_row(row["bin"], str(row["classes"]), *(fmt(row.get(k)) for k in ap_columns))
         console.print(t)
     t = Table(title="AP by object size")
+    t.add_column("")
     for c in ("small", "medium", "large"):
         t.add_column(c, justify="right")
-    t.add_row(*(fmt(metrics["by_size"][k]) for k in ("APs", "APm", "APl")))
+    t.add_row("box", *(fmt(metrics["by_size"][k]) for k in ("APs", "APm", "APl")))
+    if masks:
+        t.add_row("mask", *(fmt(metrics["mask_by_size"][k]) for k in ("APs", "APm", "APl")))
     console.print(t)
     t = Table(title="per-class AP")
-    for c in ("category", "train annotations", "AP"):
+    for c in ("category", "train annotations", *ap_titles):
         t.add_column(c, justify="right" if c != "category" else "left")
     for row in metrics["per_class"]:
-        t.add_row(f"{row['name']} ({row['category_id']})", str(row.get("train_annotations", "-")), fmt(row["AP"]))
+        t.add_row(f"{row['name']} ({row['category_id']})", str(row.get("train_annotations", "-")),
+                  *(fmt(row.get(k)) for k in ap_columns))
     console.print(t)
 
 
@@ -87,11 +101,11 @@ def predict_command(
     inputs: List[Path] = typer.Argument(..., help="Images or folders of images."),
     run: str = typer.Option(..., "--run", help="Run directory from train-heads."),
     out: Path = typer.Option(..., "--out", help="detections.json to write."),
-    draw: Optional[Path] = typer.Option(None, "--draw", help="Folder for PNGs with the boxes drawn."),
+    draw: Optional[Path] = typer.Option(None, "--draw", help="Folder for PNGs with the boxes (and masks) drawn."),
     score_threshold: float = typer.Option(0.3, "--score-threshold"),
     device: str = typer.Option("auto", "--device"),
 ):
-    """Detect objects in images; COCO-style detections in original-image pixels."""
+    """Detect objects in images; COCO-style detections in original-image pixels (with RLE masks for mask runs)."""
     from cachedet.evaluation.draw import draw_detections
     from cachedet.evaluation.predictor import Predictor
 

@@ -45,6 +45,7 @@ def extract_command(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images in the store instead of stopping."),
     cache_stage: Optional[int] = typer.Option(None, "--cache-stage", help="Hybrid cache for adapters: store the backbone up to this stage (its output and the pyramid levels before it)."),
     repair: bool = typer.Option(False, "--repair", help="Verify complete shards' checksums first and recompute damaged ones."),
+    no_masks: bool = typer.Option(False, "--no-masks", help="Store no instance masks even when the annotations carry segmentation (boxes only)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Run the frozen backbone over augmented views and store multi-scale features (stage 1)."""
@@ -60,7 +61,7 @@ def extract_command(
                                copy_paste=copy_paste, paste_min_visible=paste_min_visible),
         views=views, dtype=dtype, codec=codec, shard_views=shard_views, workers=workers, scheduler=scheduler,
         device=device, batch_size=batch_size, loader_workers=loader_workers, overwrite=overwrite, skip_bad=skip_bad,
-        repair=repair, cache_stage=cache_stage,
+        repair=repair, cache_stage=cache_stage, masks=not no_masks,
     )
     console = make_console()
     if dry_run:
@@ -85,6 +86,9 @@ def extract_command(
         f"ran {result.shards_run}, {result.shards_skipped_complete} already complete; "
         f"{result.seconds:.1f} s"
     )
+    console.print("instance masks: " + (f"stored ({result.masks['objects']} objects" + (
+        f", {result.masks['objects_from_boxes']} without segmentation stored as their box)" if result.masks["objects_from_boxes"]
+        else ")") if result.masks else "none (the annotations have no segmentation)" if not no_masks else "off (--no-masks)"))
     if cfg.repair:
         console.print(f"repaired {len(result.repaired)} damaged shard(s)" + (
             ": " + ", ".join(f"{d['shard']} ({d['level']}: {d['error']})" for d in result.repaired) if result.repaired else ""))

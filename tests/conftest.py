@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import warnings
@@ -40,6 +41,22 @@ def small_config(paths: dict, out: str, **kw) -> ExtractConfig:
     )
     defaults.update(kw)
     return ExtractConfig(**defaults)
+
+
+def to_lvis(data: dict) -> dict:
+    """An LVIS-format copy of a synthetic COCO split: frequencies f, f, c, c, c, r, r, r and the
+    per-image negative / not-exhaustive category lists LVISEval reads."""
+    data = copy.deepcopy(data)
+    freq = ["f", "f", "c", "c", "c", "r", "r", "r"]
+    for c in data["categories"]:
+        c["frequency"], c["synset"] = freq[c["id"] - 1], c["name"]
+    present = {}
+    for a in data["annotations"]:
+        present.setdefault(a["image_id"], set()).add(a["category_id"])
+    for img in data["images"]:
+        img["neg_category_ids"] = [c["id"] for c in data["categories"] if c["id"] not in present.get(img["id"], set())]
+        img["not_exhaustive_category_ids"] = []
+    return data
 
 
 def edit_json(path: str, fn):

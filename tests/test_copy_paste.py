@@ -54,7 +54,7 @@ def test_pasted_objects_get_boxes_with_their_labels_and_pixels(tmp_path):
     assert ann_ids.tolist() == [1, 2]  # A's own object, then B's pasted one
     assert labels.tolist() == [ds.categories.to_label(10), ds.categories.to_label(20)]
     np.testing.assert_allclose(boxes, [[4, 4, 14, 14], [40, 20, 56, 50]])
-    view, err = ViewDataset([plan.views[i]], [plan.paths[i]], (0, 0, 0), (1, 1, 1), pastes=[plan.pastes[i]])[0]
+    view, err, _ = ViewDataset([plan.views[i]], [plan.paths[i]], (0, 0, 0), (1, 1, 1), pastes=[plan.pastes[i]])[0]
     assert err == ""
     assert torch.all(view[:, 20:50, 40:56] == 1.0) and torch.all(view[:, :20] == 0.0)  # B's white box over black A
 

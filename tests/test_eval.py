@@ -15,7 +15,7 @@ from cachedet.engine.train import TrainConfig, train
 from cachedet.evaluation.predictor import Predictor
 from cachedet.evaluation.scoring import coco_evaluate, lvis_evaluate, stratify_by_count
 from cachedet.extract import extract
-from conftest import small_config
+from conftest import small_config, to_lvis
 
 LIGHT = {"box_convs": 0, "box_fcs": 2, "box_representation": 64, "rois_per_image": 32, "proposals_per_image": 50}
 
@@ -66,16 +66,7 @@ def test_numbers_equal_pycocotools_on_the_same_detections(val_data):
 
 
 def test_lvis_path_on_a_small_lvis_file(val_data, tmp_path):
-    data = copy.deepcopy(val_data)
-    freq = ["f", "f", "c", "c", "c", "r", "r", "r"]
-    for c in data["categories"]:
-        c["frequency"], c["synset"] = freq[c["id"] - 1], c["name"]
-    present = {}
-    for a in data["annotations"]:
-        present.setdefault(a["image_id"], set()).add(a["category_id"])
-    for img in data["images"]:
-        img["neg_category_ids"] = [c["id"] for c in data["categories"] if c["id"] not in present.get(img["id"], set())]
-        img["not_exhaustive_category_ids"] = []
+    data = to_lvis(val_data)
     path = tmp_path / "lvis_val.json"
     path.write_text(json.dumps(data))
     perfect = lvis_evaluate(str(path), gt_as_detections(data))["summary"]
@@ -167,9 +158,10 @@ def test_predict_writes_detections_and_pictures(trained, synthetic, cli, tmp_pat
 def test_demo_quick(cli, tmp_path):
     r = cli("demo", "--quick", "--out", tmp_path / "demo", "--quiet")
     assert r.exit_code == 0, r.output
-    assert "box AP" in r.stdout and "train-heads" in r.stdout and "per view" in r.stdout
+    assert "box AP" in r.stdout and "mask AP" in r.stdout and "train-heads" in r.stdout and "per view" in r.stdout
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert summary["weights"] == "default" and set(summary["times"]) == {"generate", "extract", "train-heads", "eval"}
+    assert summary["masks"] and {"AP", "AP50"} <= summary["segm"].keys() and summary["cache"]["bytes_masks"] > 0
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["num_images"] == 8
 
 

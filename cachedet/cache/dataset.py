@@ -13,6 +13,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cachedet.cache.schema import decode
 from cachedet.cache.store import FeatureStore
+from cachedet.data.masks import decode_rles
 from cachedet.errors import CachedetError
 
 
@@ -46,10 +47,11 @@ class _EpochViews:
     """What both feeds share: the store's header and specs, its usable views, and which of them
     one rank reads in one epoch (``choose_epoch_views`` -> shard blocks -> this rank's share)."""
 
-    def __init__(self, url: str, views_per_epoch: int, seed: int, rank: int, world: int):
+    def __init__(self, url: str, views_per_epoch: int, seed: int, rank: int, world: int, masks: bool = False):
         self.url, self.views_per_epoch, self.seed, self.rank, self.world = url, views_per_epoch, seed, rank, world
         self.epoch = 0
         store = FeatureStore(url)
+        self.masks = masks and store.has_masks  # instance masks in the targets (when the store has them)
         self.header, self.specs = store.header, store.specs
         self._image_ids, self._usable, self._shard_views = store.meta["image_id"], store.usable_views(), store.shard_views
         if not len(self._usable):
@@ -72,7 +74,8 @@ class _EpochViews:
 
 
 class CachedViews(_EpochViews, IterableDataset):
-    """Samples dict(features {level: float32 (C, H, W)}, boxes (N, 4), labels (N,), view int).
+    """Samples dict(features {level: float32 (C, H, W)}, boxes (N, 4), labels (N,), view int), and
+    with ``masks`` masks uint8 (N, S, S).
 
     The store is opened lazily inside each DataLoader worker (never shared across a fork).
     Each worker reads whole shard blocks (one zarr call per level per block), and a shuffle
@@ -81,8 +84,8 @@ class CachedViews(_EpochViews, IterableDataset):
     """
 
     def __init__(self, url: str, views_per_epoch: int = 1, seed: int = 0, shuffle_buffer: int = 256,
-                 rank: int = 0, world: int = 1, keep_float16: bool = False):
-        super().__init__(url, views_per_epoch, seed, rank, world)
+                 rank: int = 0, world: int = 1, keep_float16: bool = False, masks: bool = False):
+        super().__init__(url, views_per_epoch, seed, rank, world, masks)
         self.shuffle_buffer, self.keep_float16 = shuffle_buffer, keep_float16
         self._opened = None  # validated above; each worker opens its own
 
@@ -96,8 +99,11 @@ class CachedViews(_EpochViews, IterableDataset):
             feats[spec.name] = x.half() if self.keep_float16 else x
         for i, view in enumerate(block.tolist()):
             boxes, labels = store.boxes(view)
-            yield {"features": {name: x[i] for name, x in feats.items()}, "boxes": torch.from_numpy(boxes.copy()),
-                   "labels": torch.from_numpy(labels.copy()), "view": view}
+            sample = {"features": {name: x[i] for name, x in feats.items()}, "boxes": torch.from_numpy(boxes.copy()),
+                      "labels": torch.from_numpy(labels.copy()), "view": view}
+            if self.masks:
+                sample["masks"] = torch.from_numpy(store.masks(view))
+            yield sample
 
     def __iter__(self):
         info = get_worker_info()
@@ -121,12 +127,15 @@ class InMemoryViews(_EpochViews):
     """All views of a store held in RAM as stored (float16 / bfloat16 bits / uint8 + quant params),
     decoded one view at a time, batched without a DataLoader."""
 
-    def __init__(self, url: str, views_per_epoch: int = 1, seed: int = 0, rank: int = 0, world: int = 1):
-        super().__init__(url, views_per_epoch, seed, rank, world)
+    def __init__(self, url: str, views_per_epoch: int = 1, seed: int = 0, rank: int = 0, world: int = 1,
+                 masks: bool = False):
+        super().__init__(url, views_per_epoch, seed, rank, world, masks)
         store, self._opened = self._opened, None
-        self.dtype = store.dtype
+        self.dtype, self.canvas = store.dtype, int(store.header["augment"]["size"])
         self.stored = {s.name: store.read_stored(s.name, slice(None)) for s in self.specs}
         self.targets = [tuple(torch.from_numpy(a.copy()) for a in store.boxes(v)) for v in range(store.num_views)]
+        usable = set(self._usable.tolist())  # masks stay RLE in RAM, decoded per sample
+        self.mask_rles = [store.mask_rles(v) if v in usable else [] for v in range(store.num_views)] if self.masks else None
 
     def _features(self, view: int) -> dict[str, torch.Tensor]:
         out = {}
@@ -141,7 +150,15 @@ class InMemoryViews(_EpochViews):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         for view in views[rng.permutation(len(views))].tolist():
             boxes, labels = self.targets[view]
-            yield {"features": self._features(view), "boxes": boxes, "labels": labels, "view": view}
+            sample = {"features": self._features(view), "boxes": boxes, "labels": labels, "view": view}
+            if self.mask_rles is not None:
+                sample["masks"] = torch.from_numpy(decode_rles(self.mask_rles[view], (self.canvas, self.canvas)))
+            yield sample
+
+
+def targets_of(samples: list[dict]) -> list[dict]:
+    """Per sample dict(boxes, labels[, masks]): the ragged targets of a batch."""
+    return [{k: s[k] for k in ("boxes", "labels", "masks") if k in s} for s in samples]
 
 
 def collate_views(samples: list[dict]) -> dict:
@@ -149,6 +166,6 @@ def collate_views(samples: list[dict]) -> dict:
     names = samples[0]["features"].keys()
     return {
         "inputs": {k: torch.stack([s["features"][k] for s in samples]) for k in names},
-        "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
+        "targets": targets_of(samples),
         "views": [s["view"] for s in samples],
     }

@@ -35,7 +35,7 @@ def check_alignment(specs: list[FeatureSpec], shapes: dict[str, tuple[int, int, 
 
 
 def crop_batch(batch: dict, specs: list[FeatureSpec], min_fraction: float, rng: np.random.Generator) -> dict:
-    """Crop a collated batch (inputs {level: (B, C, H, W)}, targets [{boxes (N, 4) xyxy, labels}]).
+    """Crop a collated batch (inputs {level: (B, C, H, W)}, targets [{boxes (N, 4) xyxy, labels[, masks]}]).
 
     Returns the batch with cropped inputs, shifted targets and ``image_sizes`` [(h, w)] in pixels.
     """
@@ -58,6 +58,10 @@ def crop_batch(batch: dict, specs: list[FeatureSpec], min_fraction: float, rng: 
         b[:, [0, 2]] = (b[:, [0, 2]] - float(ox[i] * stride)).clamp(0, w)
         b[:, [1, 3]] = (b[:, [1, 3]] - float(oy[i] * stride)).clamp(0, h)
         keep = ((b[:, 2] - b[:, 0]) >= 1) & ((b[:, 3] - b[:, 1]) >= 1)
-        targets.append({**t, "boxes": b[keep], "labels": t["labels"][keep]})
+        cropped = {**t, "boxes": b[keep], "labels": t["labels"][keep]}
+        if "masks" in t:  # canvas masks (N, S, S) cut at the same window
+            y0, x0 = int(oy[i] * stride), int(ox[i] * stride)
+            cropped["masks"] = t["masks"][keep][:, y0:y0 + h, x0:x0 + w]
+        targets.append(cropped)
     return {**batch, "inputs": inputs, "targets": targets, "image_sizes": [(h, w)] * n,
             "crop_offsets": [(int(oy[i] * stride), int(ox[i] * stride)) for i in range(n)]}

@@ -16,8 +16,12 @@ Store layout (a zarr v3 group)::
     boxes/xyxy                (N, 4) float32, view-canvas pixels
     boxes/labels              (N,) int64 contiguous labels (header's categories)
     boxes/ann_ids             (N,) int64 source annotation ids
+    masks/<shard>/rle         (B,) uint8: the shard's instance masks, concatenated compressed COCO RLE
+                              counts (canvas-sized, pycocotools), one per box row of its views, in
+                              box-row order; only when header["masks"] is set
+    masks/<shard>/offsets     (n + 1,) int64: object i of the shard is rle[offsets[i]:offsets[i+1]]
     _shards/<index>.json      completion record of one shard, written by its one writer after
-                              its data: {"shard", "views": [start, end], "sha256": {level: hex},
+                              its data: {"shard", "views": [start, end], "sha256": {level or "masks": hex},
                               "skipped": [{"view", "image_id", "error"}], "seconds"}
 """
 
@@ -34,7 +38,8 @@ DTYPES = ("float16", "bfloat16", "float32", "uint8")
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1}
 CODECS = ("zstd", "lz4", "none")
 # Parts of the header that must match for a rerun to resume into an existing store.
-IDENTITY_KEYS = ("backbone", "feature_specs", "dataset_sha256", "augment", "views", "storage", "hybrid")
+IDENTITY_KEYS = ("backbone", "feature_specs", "dataset_sha256", "augment", "views", "storage", "hybrid", "masks")
+MASK_FORMAT = "coco-rle"  # header["masks"]["format"]: compressed COCO RLE of the view's canvas
 
 
 def check_storage(dtype: str, codec: str, shard_views: int):

@@ -82,6 +82,8 @@ def create_store(url: str, header: dict, views: list[ViewParams], boxes: dict[st
         z = group.create_array(name, shape=arr.shape, chunks=arr.shape if arr.size else None, dtype=arr.dtype)
         if arr.size:
             z[...] = arr
+    if header.get("masks"):  # filled shard by shard: masks/<shard>/{rle,offsets}
+        group.create_group("masks")
     group.attrs["cachedet"] = header
 
 
@@ -108,6 +110,32 @@ def write_shard_features(url: str, shard: int, blocks: dict[str, np.ndarray], st
             write_level(group[f"quant/{name}"], start, quant[name])
         digests[name] = features_sha256(block, None if quant is None else quant[name])
     return digests
+
+
+def masks_sha256(rle: np.ndarray, offsets: np.ndarray) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(rle, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def pack_masks(per_view: list[list[bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's masks (per view, per object: RLE counts bytes) -> (rle uint8 (B,), offsets int64 (N + 1,))."""
+    blobs = [b for view in per_view for b in view]
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in blobs])
+    return np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets
+
+
+def write_shard_masks(url: str, shard: int, per_view: list[list[bytes]], codec: str) -> str:
+    """Write one shard's instance masks as ``masks/<shard>/{rle,offsets}``; return their sha256."""
+    group = zarr.open_group(url, mode="r+")
+    rle, offsets = pack_masks(per_view)
+    for name, arr in (("rle", rle), ("offsets", offsets)):
+        z = group.create_array(f"masks/{shard:06d}/{name}", shape=arr.shape, chunks=(max(len(arr), 1),), dtype=arr.dtype,
+                               compressors=schema.compressors(codec), overwrite=True)
+        if arr.size:
+            z[...] = arr
+    return masks_sha256(rle, offsets)
 
 
 def write_level(array: zarr.Array, start: int, block: np.ndarray):
@@ -178,6 +206,13 @@ def verify_store(url: str, on_shard=None) -> dict:
 
 def _shard_problem(store: "FeatureStore", rec: dict) -> dict | None:
     start, end = rec["views"]
+    if store.has_masks:
+        try:
+            rle, offsets = store.read_shard_masks(rec["shard"])
+        except Exception as e:
+            return {"level": "masks", "error": f"unreadable ({type(e).__name__}: {str(e)[:80]})"}
+        if rec.get("sha256", {}).get("masks") != masks_sha256(rle, offsets):
+            return {"level": "masks", "error": "checksum differs from the one recorded at write time"}
     for spec in store.specs:
         want = rec.get("sha256", {}).get(spec.name)
         try:
@@ -224,6 +259,39 @@ class FeatureStore:
             else np.full(n, -1, dtype=np.int64)
         self.box_offsets = self.group["boxes/offsets"][...]
         self._boxes = {k: self.group[f"boxes/{k}"][...] for k in ("xyxy", "labels", "ann_ids")}
+        self._shard_masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether extraction stored instance masks (``header["masks"]``)."""
+        return bool(self.header.get("masks"))
+
+    def read_shard_masks(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """One shard's packed masks: rle uint8 (B,), offsets int64 (N + 1,) over its box rows."""
+        if shard not in self._shard_masks:
+            if len(self._shard_masks) >= 4:  # readers walk shard by shard: keep a few
+                self._shard_masks.pop(next(iter(self._shard_masks)))
+            self._shard_masks[shard] = (self.group[f"masks/{shard:06d}/rle"][...],
+                                        self.group[f"masks/{shard:06d}/offsets"][...])
+        return self._shard_masks[shard]
+
+    def mask_rles(self, view: int) -> list[bytes]:
+        """Compressed COCO RLE counts of the view's objects, aligned with ``boxes(view)``."""
+        if not self.has_masks:
+            raise CachedetError(f"{self.url}: holds no instance masks (its annotations had no segmentation, "
+                                "or it was extracted with --no-masks)")
+        shard = view // self.shard_views
+        rle, offsets = self.read_shard_masks(shard)
+        first = self.box_offsets[shard * self.shard_views]
+        a, b = self.box_offsets[view] - first, self.box_offsets[view + 1] - first
+        return [rle[offsets[i]:offsets[i + 1]].tobytes() for i in range(a, b)]
+
+    def masks(self, view: int) -> np.ndarray:
+        """uint8 (N, S, S) instance masks of the view, in the order of ``boxes(view)``."""
+        from cachedet.data.masks import decode_rles
+
+        s = int(self.header["augment"]["size"])
+        return decode_rles(self.mask_rles(view), (s, s))
 
     @property
     def num_shards(self) -> int:
@@ -308,6 +376,8 @@ class FeatureStore:
             "levels": levels,
             "codec": self.header["storage"]["codec"],
             "hybrid_cache_stage": (self.header.get("hybrid") or {}).get("cache_stage"),
+            "masks": self.header.get("masks"),
+            "bytes_masks": bytes_on_disk(self.url, "masks") if self.has_masks else 0,
             "bytes_on_disk": bytes_on_disk(self.url),
             "bytes_features": stored_total,
             "compression_ratio": (raw_written / stored_total) if stored_total else None,

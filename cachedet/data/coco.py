@@ -101,10 +101,22 @@ class DetectionDataset:
     sha256: str
     is_lvis: bool
     raw: dict = field(repr=False)
+    _rows: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_boxes(self) -> int:
         return int(sum(len(r.labels) for r in self.images))
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether any kept annotation carries a segmentation."""
+        return any(r.has_masks for r in self.images)
+
+    def annotation_rows(self) -> dict[int, tuple[ImageRecord, int]]:
+        """annotation id -> (its image's record, its row in the record's boxes); built once."""
+        if self._rows is None:
+            self._rows = {int(a): (r, i) for r in self.images for i, a in enumerate(r.ann_ids.tolist())}
+        return self._rows
 
     def image_path(self, record: ImageRecord) -> str:
         return os.path.join(self.images_dir, record.file_name)

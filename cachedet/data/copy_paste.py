@@ -8,8 +8,8 @@ when less than ``paste_min_visible`` of them stays visible.
 
 Everything is decided from the annotations and (seed, image id, view index), so the driver plans
 every view's boxes before any pixel is read, and a shard writer reproduces the same paste mask.
-Masks are moved into the canvas with ``torchvision.transforms.v2`` (``tv_tensors.Mask``: nearest
-resize, flip, crop), the same geometry as the image.
+Masks are moved into the canvas with the image's geometry (``cachedet.data.masks.mask_to_canvas``,
+pixel-equal to ``tv_tensors.Mask`` through ``torchvision.transforms.v2``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
 from cachedet.data.coco import DetectionDataset, ImageRecord
+from cachedet.data.masks import mask_box, mask_source, mask_to_canvas
 from cachedet.data.views import AugmentConfig, plan_view
 from cachedet.structures import ViewParams
 
@@ -46,40 +45,7 @@ class PastePlan:
 
 def instance_mask(record: ImageRecord, i: int) -> np.ndarray:
     """uint8 (H, W) mask of the record's i-th kept object: its segmentation, else its box."""
-    h, w = record.height, record.width
-    seg = record.segmentations[i] if i < len(record.segmentations) else None
-    if seg is None:
-        m = np.zeros((h, w), dtype=np.uint8)
-        x1, y1, x2, y2 = record.boxes[i]
-        m[int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = 1
-        return m
-    if isinstance(seg, dict):
-        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else \
-            {"size": seg["size"], "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]}
-    else:
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    m = mask_utils.decode(rle)
-    if m.shape != (h, w):  # an RLE made for another image size
-        m = F.resize(torch.from_numpy(m)[None], [h, w], interpolation=F.InterpolationMode.NEAREST)[0].numpy()
-    return m
-
-
-def mask_to_canvas(params: ViewParams, mask: np.ndarray) -> np.ndarray:
-    """uint8 (H, W) mask of the original image -> bool (S, S) mask of the view (resize, flip, crop)."""
-    m = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask))[None])
-    m = F.resize(m, list(params.resized_size))
-    if params.flip:
-        m = F.horizontal_flip(m)
-    m = F.crop(m, params.crop_offset[0], params.crop_offset[1], params.canvas, params.canvas)
-    return m.as_subclass(torch.Tensor)[0].numpy().astype(bool)
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """Tight xyxy box (pixel edges) of a bool mask; None when it is empty."""
-    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-    if not len(ys):
-        return None
-    return np.array([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], dtype=np.float32)
+    return mask_source(record, i).decode()
 
 
 def plan_copy_paste(cfg: AugmentConfig, dataset: DetectionDataset, index: int, params: ViewParams,

@@ -10,17 +10,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cachedet.cache.dataset import targets_of
 from cachedet.data.coco import DetectionDataset
 from cachedet.data.images import read_image
+from cachedet.data.masks import mask_source, view_masks
 from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_boxes, transform_image
 from cachedet.errors import CachedetError
 
 
 class OnlineViews(Dataset):
-    """Items: dict(image float32 (3, S, S) normalised, boxes (N, 4) xyxy, labels (N,), view=image index)."""
+    """Items: dict(image float32 (3, S, S) normalised, boxes (N, 4) xyxy, labels (N,), view=image index),
+    and with ``masks`` masks uint8 (N, S, S) moved with the image."""
 
-    def __init__(self, dataset: DetectionDataset, augment: AugmentConfig, mean, std):
-        self.dataset, self.augment = dataset, augment
+    def __init__(self, dataset: DetectionDataset, augment: AugmentConfig, mean, std, masks: bool = False):
+        self.dataset, self.augment, self.masks = dataset, augment, masks
         self.mean, self.std = tuple(mean), tuple(std)
         self.epoch = 0
 
@@ -34,9 +37,16 @@ class OnlineViews(Dataset):
         rec = self.dataset.images[i]
         params = plan_view(self.augment, rec.id, self.epoch if self.augment.augment else 0, rec.height, rec.width)
         image = read_image(self.dataset.image_path(rec), (rec.height, rec.width))
-        boxes, labels, _ = transform_boxes(params, rec.boxes, rec.labels, rec.ann_ids)
-        return {"image": transform_image(params, normalize(image, self.mean, self.std)),
+        boxes, labels, ann_ids = transform_boxes(params, rec.boxes, rec.labels, rec.ann_ids)
+        item = {"image": transform_image(params, normalize(image, self.mean, self.std)),
                 "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "view": i}
+        if self.masks:
+            row = {int(a): k for k, a in enumerate(rec.ann_ids.tolist())}
+            sources = tuple(mask_source(rec, row[a]) for a in ann_ids.tolist())
+            masks = view_masks(params, sources)
+            item["masks"] = torch.from_numpy(np.stack(masks).astype(np.uint8) if masks else
+                                             np.zeros((0, params.canvas, params.canvas), dtype=np.uint8))
+        return item
 
 
 def rank_indices(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
@@ -50,6 +60,6 @@ def collate_images(samples: list[dict]) -> dict:
         raise CachedetError("empty batch")
     return {
         "inputs": torch.stack([s["image"] for s in samples]),
-        "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
+        "targets": targets_of(samples),
         "views": [s["view"] for s in samples],
     }

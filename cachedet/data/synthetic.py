@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from pycocotools import mask as mask_utils
 from PIL import Image, ImageDraw, ImageFilter
 
 # name, shape, colour (RGB), relative frequency (long-tailed), LVIS-style frequency bucket
@@ -105,11 +106,12 @@ def _make_split(spec: SyntheticSpec, split: str, n: int, out_dir: str, first_ima
             x1, y1 = max(0.0, min(xs)), max(0.0, min(ys))
             x2, y2 = min(float(w), max(xs)), min(float(h), max(ys))
             ann_id[0] += 1
+            segmentation = [[round(v, 2) for p in poly for v in (min(max(p[0], 0), w), min(max(p[1], 0), h))]]
             annotations.append({
                 "id": ann_id[0], "image_id": image_id, "category_id": label + 1,
                 "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                "area": round((x2 - x1) * (y2 - y1), 2), "iscrowd": 0,
-                "segmentation": [[round(v, 2) for p in poly for v in (min(max(p[0], 0), w), min(max(p[1], 0), h))]],
+                "area": float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w)))),  # as COCO: mask area
+                "iscrowd": 0, "segmentation": segmentation,
             })
         file_name = f"{split}/{image_id:06d}.png"
         img.save(os.path.join(out_dir, file_name))

@@ -143,8 +143,8 @@ def normalize(image_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     return F.normalize(x, list(mean), list(std))
 
 
-def view_to_image_boxes(params: ViewParams, boxes: np.ndarray) -> np.ndarray:
-    """Map boxes (N, 4) xyxy in the view's canvas back to original-image pixels."""
+def view_to_image_boxes(params: ViewParams, boxes: np.ndarray, clip: bool = True) -> np.ndarray:
+    """Map boxes (N, 4) xyxy in the view's canvas back to original-image pixels (clipped to the image)."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
     top, left = params.crop_offset
     b[:, [0, 2]] += left
@@ -155,6 +155,8 @@ def view_to_image_boxes(params: ViewParams, boxes: np.ndarray) -> np.ndarray:
     sy, sx = params.scale
     b[:, [0, 2]] /= sx
     b[:, [1, 3]] /= sy
+    if not clip:
+        return b.astype(np.float32)
     h0, w0 = params.orig_size
     b[:, [0, 2]] = b[:, [0, 2]].clip(0, w0)
     b[:, [1, 3]] = b[:, [1, 3]].clip(0, h0)

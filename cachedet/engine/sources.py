@@ -1,7 +1,7 @@
 """Where a training step's features come from: a cache, RAM, or the backbone run online.
 
 Every source gives the same things: feature specs, canvas size, categories, a fingerprint that
-a checkpoint must match, the number of steps in an epoch, and batches
+a checkpoint must match, whether targets carry instance masks, the number of steps in an epoch, and batches
 dict(inputs, targets, views), where inputs are features {level: (B, C, H, W)} (cache, RAM) or
 normalised images (B, 3, S, S) (online; ``backbone`` turns them into features).
 """
@@ -85,13 +85,15 @@ class CacheSource(_AdapterMixin):
 
     def __init__(self, url: str, batch_size: int, workers: int, in_memory: bool, views_per_epoch: int,
                  seed: int, shuffle_buffer: int, dist: DistInfo, loader_start: str | None = None,
-                 keep_float16: bool = False, feature_crop_min: float | None = None):
+                 keep_float16: bool = False, feature_crop_min: float | None = None, masks: bool = False):
         self.batch_size, self.workers, self.in_memory, self.loader_start = batch_size, workers, in_memory, loader_start
         self.seed, self.rank, self.feature_crop_min = seed, dist.rank, feature_crop_min
         if in_memory:
-            self.dataset = InMemoryViews(url, views_per_epoch, seed, dist.rank, dist.world)
+            self.dataset = InMemoryViews(url, views_per_epoch, seed, dist.rank, dist.world, masks)
         else:
-            self.dataset = CachedViews(url, views_per_epoch, seed, shuffle_buffer, dist.rank, dist.world, keep_float16)
+            self.dataset = CachedViews(url, views_per_epoch, seed, shuffle_buffer, dist.rank, dist.world, keep_float16, masks)
+        self.masks = self.dataset.masks  # False when the store holds no masks
+        self.no_masks_reason = "it holds no instance masks (no segmentation in its annotations, or --no-masks)"
         header = self.dataset.header
         self.where = f"--cache {url}"
         self.specs = list(self.dataset.specs)
@@ -134,9 +136,11 @@ class OnlineSource(_AdapterMixin):
     """Images decoded and augmented every step; the frozen (or trainable) backbone runs in the model."""
 
     def __init__(self, annotations: str, images: str, backbone: BackboneConfig, augment: AugmentConfig,
-                 trainable: bool, batch_size: int, workers: int, seed: int, dist: DistInfo):
+                 trainable: bool, batch_size: int, workers: int, seed: int, dist: DistInfo, masks: bool = False):
         self.where = "the online backbone"
         self.dataset_info = load_detection_dataset(annotations, images)
+        self.masks = masks and self.dataset_info.has_masks
+        self.no_masks_reason = f"--annotations {annotations} has no segmentation"
         self.backbone = build_backbone(backbone).set_trainable(trainable)
         self.specs = list(self.backbone.specs)
         self.canvas = augment.size
@@ -144,7 +148,7 @@ class OnlineSource(_AdapterMixin):
         self.fingerprint = fingerprint(self.specs, self.backbone.identity, self.canvas, self.categories)
         self.backbone_identity = self.backbone.identity
         self.augment = augment.to_dict()
-        self.views = OnlineViews(self.dataset_info, augment, self.backbone.mean, self.backbone.std)
+        self.views = OnlineViews(self.dataset_info, augment, self.backbone.mean, self.backbone.std, self.masks)
         self.batch_size, self.workers, self.seed, self.dist = batch_size, workers, seed, dist
 
     def steps(self, epoch: int) -> int:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -50,6 +51,7 @@ class TrainConfig:
     head: str = "faster-rcnn"
     neck_channels: int = 256
     detector_options: dict = field(default_factory=dict)
+    masks: bool = False  # Mask R-CNN mask branch, trained on the instance masks (cache or annotations)
     # optimisation
     epochs: int = 12
     batch_size: int = 8
@@ -102,6 +104,8 @@ class TrainConfig:
             raise CachedetError("--adapt-stages needs --adapters")
         if self.feature_crop and self.online:
             raise CachedetError("--feature-crop crops cached features; online training draws fresh LSJ views instead")
+        if self.masks and self.head == "retinanet":
+            raise CachedetError("--masks: the retinanet head has no RoIs for a mask branch; use --head faster-rcnn or cascade")
         if not 0 < self.feature_crop_min <= 1:
             raise CachedetError(f"--feature-crop-min: expected a fraction in (0, 1], got {self.feature_crop_min}")
 
@@ -159,13 +163,16 @@ def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
         source = OnlineSource(
             cfg.annotations, cfg.images, BackboneConfig(cfg.backbone, cfg.out_indices, cfg.weights),
             AugmentConfig(size=cfg.size, scale_range=tuple(cfg.scale_range), seed=cfg.seed),
-            cfg.backbone_trainable, cfg.batch_size, cfg.workers, cfg.seed, info,
+            cfg.backbone_trainable, cfg.batch_size, cfg.workers, cfg.seed, info, masks=cfg.masks,
         )
     else:
         # under CUDA autocast the features travel as float16 (half the host-to-device bytes)
         source = CacheSource(cfg.cache, cfg.batch_size, cfg.workers, cfg.in_memory, cfg.views_per_epoch, cfg.seed,
                              cfg.shuffle_buffer, info, cfg.loader_start, keep_float16=cfg.amp and device.type == "cuda",
-                             feature_crop_min=cfg.feature_crop_min if cfg.feature_crop else None)
+                             feature_crop_min=cfg.feature_crop_min if cfg.feature_crop else None, masks=cfg.masks)
+    if cfg.masks and not source.masks:
+        warnings.warn(f"--masks: {source.where} cannot train masks, {source.no_masks_reason}; masks are off, "
+                      "this run trains boxes only", stacklevel=2)
     if cfg.adapters:
         source.enable_adapters(cfg.adapt_stages)
     elif source.hybrid_stage is not None:
@@ -240,8 +247,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     det_cfg = DetectorConfig(
         num_classes=len(source.categories), canvas=source.canvas, in_specs=tuple(source.specs),
         neck=cfg.neck, head=cfg.head, neck_channels=cfg.neck_channels, options=dict(cfg.detector_options),
+        masks=source.masks,
     )
     if ckpt is not None:
+        trained_masks = bool(ckpt["detector_config"].get("masks"))
+        if trained_masks != det_cfg.masks:
+            raise CachedetError(f"--resume: the run at {cfg.out} was trained {'with' if trained_masks else 'without'} "
+                                "a mask branch; resume it with the same --masks setting")
         where = f"--cache {cfg.cache}" if cfg.cache else "the online backbone"
         check_fingerprint(ckpt["fingerprint"], source.fingerprint,
                           f"{where} (checkpoint {run.checkpoint}) does not fit this run", found_label="checkpoint")

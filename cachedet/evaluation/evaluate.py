@@ -19,7 +19,8 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
                  cache: str | None = None, out: str | None = None, count_bins: tuple[int, ...] = DEFAULT_COUNT_BINS,
                  device: str = "auto", batch_size: int = 8, progress: bool = True) -> tuple[dict, list[dict]]:
     """Predict on every image of ``annotations`` (from ``images`` or from a ``--no-augment`` cache), score
-    with COCOeval (and LVISEval for an LVIS file), and stratify per-class AP by training counts.
+    with COCOeval (and LVISEval for an LVIS file), and stratify per-class AP by training counts. A run
+    with a mask branch is scored for masks too (``segm``, ``lvis_segm``, ``mask_AP`` columns).
     Returns (metrics, COCO-format detections); with ``out`` both are written as JSON."""
     from cachedet.progress import ViewProgress
 
@@ -54,16 +55,31 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
                       for cid, ap in sorted(coco["per_class"].items())],
         "seconds_predict": seconds_predict,
     }
+    segm = None
+    if predictor.masks and dataset.has_masks:
+        segm = coco_evaluate(dataset.raw, detections, "segm")
+        metrics["segm"] = segm["summary"]
+        for row in metrics["per_class"]:
+            row["mask_AP"] = segm["per_class"].get(row["category_id"])
+    elif predictor.masks:
+        metrics["segm_skipped"] = f"{annotations} has no segmentation to score masks against"
     if dataset.is_lvis:
         metrics["lvis_bbox"] = lvis_evaluate(annotations, detections)["summary"]
+        if segm is not None:
+            metrics["lvis_segm"] = lvis_evaluate(annotations, detections, "segm")["summary"]
     if train_annotations:
         train_data, _ = read_annotation_json(train_annotations)
         counts = training_counts(train_data)
         for row in metrics["per_class"]:
             row["train_annotations"] = counts.get(row["category_id"], 0)
         metrics["by_train_count"] = stratify_by_count(coco["per_class"], counts, tuple(count_bins))
+        if segm is not None:
+            for row, mask_row in zip(metrics["by_train_count"], stratify_by_count(segm["per_class"], counts, tuple(count_bins))):
+                row["mask_AP"] = mask_row["AP"]
         metrics["count_bins"] = list(count_bins)
     metrics["by_size"] = {k: coco["summary"][k] for k in ("APs", "APm", "APl")}
+    if segm is not None:
+        metrics["mask_by_size"] = {k: segm["summary"][k] for k in ("APs", "APm", "APl")}
     if out:
         write_json_atomic(os.path.splitext(out)[0] + ".detections.json", detections)
         write_json_atomic(out, metrics, indent=2)

@@ -1,5 +1,8 @@
 """Stage 3 inference: a trained run + its backbone -> detections in original-image coordinates.
 
+Runs with a mask branch add each detection's mask as a COCO RLE ``segmentation``: the 28x28
+probabilities pasted into the box in the original image, thresholded at 0.5.
+
 Images are resized to fit the run's canvas and padded (no jitter), exactly like
 ``extract --no-augment``; detections are mapped back through the view metadata and their
 contiguous labels turned back into the dataset's category ids.
@@ -15,11 +18,13 @@ import torch
 from cachedet.backbones import Backbone, build_backbone, config_from_identity
 from cachedet.cache.store import FeatureStore
 from cachedet.data.images import read_image
+from cachedet.data.masks import rle_json
 from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_image, view_to_image_boxes
 from cachedet.engine.checkpoint import load_checkpoint
 from cachedet.engine.sources import check_fingerprint, fingerprint as make_fingerprint
 from cachedet.errors import CachedetError
 from cachedet.extract import resolve_device
+from cachedet.models.masks import paste_masks
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.structures import ViewParams
 
@@ -37,6 +42,7 @@ class Predictor:
         self.names = {int(c["id"]): c["name"] for c in self.categories}
         self.detector_config = DetectorConfig.from_dict(ckpt["detector_config"])
         self.canvas = self.detector_config.canvas
+        self.masks = self.detector_config.masks  # detections carry RLE segmentations
         self.detector = build_detector(self.detector_config)
         self.detector.load_state_dict(ckpt["detector"])
         self.detector.to(self.device).eval()
@@ -61,14 +67,29 @@ class Predictor:
         for p, det in zip(params, detections):
             keep = det["scores"] >= self.score_threshold
             boxes = view_to_image_boxes(p, det["boxes"][keep].float().cpu().numpy())
-            for box, score, label in zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist()):
+            masks = self._image_masks(p, det["boxes"][keep], det["masks"][keep]) if "masks" in det else None
+            for k, (box, score, label) in enumerate(zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist())):
                 x1, y1, x2, y2 = (float(v) for v in box)
+                mask = next(masks) if masks is not None else None
                 if x2 - x1 <= 0 or y2 - y1 <= 0:
                     continue
-                results.append({"image_id": p.image_id, "category_id": self.category_ids[label],
-                                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                                "score": round(float(score), 5)})
+                result = {"image_id": p.image_id, "category_id": self.category_ids[label],
+                          "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                          "score": round(float(score), 5)}
+                if mask is not None:
+                    result["segmentation"] = rle_json(mask)
+                results.append(result)
         return results
+
+    @staticmethod
+    def _image_masks(p: ViewParams, boxes: torch.Tensor, probs: torch.Tensor):
+        """Yield bool (H, W) original-image masks: each box's 28x28 probabilities pasted into the box
+        mapped back to the image (unclipped, so a box reaching into the padding keeps its scale)."""
+        image_boxes = torch.from_numpy(view_to_image_boxes(p, boxes.float().cpu().numpy(), clip=False))
+        probs = probs.float().cpu()
+        if p.flip:  # the mask was predicted on the mirrored view
+            probs = probs.flip(-1)
+        return paste_masks(probs, image_boxes, p.orig_size)
 
     def predict_features(self, params: list[ViewParams], features: dict[str, torch.Tensor]) -> list[dict]:
         feats = {k: v.to(self.device).float() for k, v in features.items()}

@@ -34,11 +34,19 @@ def bin_of(count: int, edges: tuple[int, ...]) -> int:
     return len(edges)
 
 
+def for_iou_type(detections: list[dict], iou_type: str) -> list[dict]:
+    """The results COCOeval / LVISEval should see: for ``segm`` without ``bbox`` (so both take area and
+    box from the RLE mask), for ``bbox`` without ``segmentation``."""
+    drop = "bbox" if iou_type == "segm" else "segmentation"
+    return [{k: v for k, v in d.items() if k != drop} for d in detections]
+
+
 def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbox") -> dict:
-    """Score COCO-format detections with pycocotools' COCOeval.
+    """Score COCO-format detections with pycocotools' COCOeval (``iou_type`` bbox or segm).
 
     Returns {"summary": {AP, AP50, ..., AR100 in 0..100}, "per_class": {category_id: AP or None}}.
-    No detections gives AP 0 (COCOeval itself refuses an empty result list).
+    No detections gives AP 0 (COCOeval itself refuses an empty result list). For segm, ground truth
+    without a segmentation is scored as its box.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -49,6 +57,9 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
     for ann in gt.dataset["annotations"]:
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
         ann.setdefault("iscrowd", 0)
+        if iou_type == "segm" and not ann.get("segmentation"):
+            x, y, w, h = ann["bbox"]
+            ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     cat_ids = sorted(gt.getCatIds())
@@ -56,7 +67,7 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
         return {"summary": {k: 0.0 for k in COCO_STATS},
                 "per_class": {c: (0.0 if gt.getAnnIds(catIds=[c]) else None) for c in cat_ids}}
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(copy.deepcopy(detections))
+        dt = gt.loadRes(copy.deepcopy(for_iou_type(detections, iou_type)))
         ev = COCOeval(gt, dt, iou_type)
         ev.evaluate()
         ev.accumulate()
@@ -85,14 +96,15 @@ def _numpy_aliases_for_lvis():
 
 
 def lvis_evaluate(annotation_path: str, detections: list[dict], iou_type: str = "bbox") -> dict:
-    """Score with the ``lvis`` package's LVISEval: AP, AP50, AP75, APs/m/l, APr, APc, APf (0..100)."""
+    """Score with the ``lvis`` package's LVISEval (``iou_type`` bbox or segm): AP, AP50, AP75, APs/m/l,
+    APr, APc, APf (0..100)."""
     from lvis import LVIS, LVISEval, LVISResults
 
     with contextlib.redirect_stdout(io.StringIO()), _numpy_aliases_for_lvis():
         gt = LVIS(annotation_path)
         if not detections:
             return {"summary": {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")}}
-        dt = LVISResults(gt, copy.deepcopy(detections))
+        dt = LVISResults(gt, copy.deepcopy(for_iou_type(detections, iou_type)))
         ev = LVISEval(gt, dt, iou_type=iou_type)
         ev.run()
         results = ev.get_results()

@@ -4,6 +4,10 @@ Stage t pools RoIs (MultiScaleRoIAlign) from the boxes of stage t-1, classifies 
 regresses one class-agnostic box delta with its own box coder weights; training matches each
 stage's input boxes to the ground truth at its own IoU threshold (0.5 / 0.6 / 0.7 by default).
 At inference the class scores are averaged over the stages and the last stage's boxes are kept.
+
+With a mask branch (``mask_branch``, set by the head), the mask head is trained on the positive
+RoIs of the first stage (IoU >= its threshold, as detectron2's Cascade Mask R-CNN) and runs at
+inference on the final stage's detections.
 """
 
 from __future__ import annotations
@@ -59,25 +63,29 @@ class CascadeRoIHeads(nn.Module):
         self.stages = nn.ModuleList(CascadeStage(channels, num_classes, iou, w, convs, fcs, fc_dim) for iou, w in zip(ious, weights))
         self.sampler = det_utils.BalancedPositiveNegativeSampler(rois_per_image, 0.25)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        self.mask_branch = None  # a cachedet.models.masks.MaskBranch, or None
 
     def _match(self, stage: CascadeStage, boxes: list[torch.Tensor], targets: list[dict]):
-        labels, matched_gt = [], []
+        """Per image: labels (0 background), matched ground-truth boxes, matched ground-truth rows."""
+        labels, matched_gt, rows = [], [], []
         for b, t in zip(boxes, targets):
             if t["boxes"].numel() == 0:
                 labels.append(torch.zeros(len(b), dtype=torch.int64, device=b.device))
                 matched_gt.append(torch.zeros_like(b))
+                rows.append(torch.zeros(len(b), dtype=torch.int64, device=b.device))
                 continue
             idx = stage.matcher(box_iou(t["boxes"], b))
             lab = t["labels"][idx.clamp(min=0)].clone()
             lab[idx < 0] = 0  # below threshold (and between thresholds): background
             labels.append(lab)
             matched_gt.append(t["boxes"][idx.clamp(min=0)])
-        return labels, matched_gt
+            rows.append(idx.clamp(min=0))
+        return labels, matched_gt, rows
 
     def _sample_first_stage(self, proposals, targets):
         """Append the ground truth to the proposals, match at stage 0's IoU, sample a balanced subset."""
         proposals = [torch.cat([p, t["boxes"].to(p.dtype)]) for p, t in zip(proposals, targets)]
-        labels, _ = self._match(self.stages[0], proposals, targets)
+        labels, _, _ = self._match(self.stages[0], proposals, targets)
         pos, neg = self.sampler(labels)
         keep = [torch.where(p | n)[0] for p, n in zip(pos, neg)]
         return [p[k] for p, k in zip(proposals, keep)]
@@ -107,8 +115,12 @@ class CascadeRoIHeads(nn.Module):
         for t, stage in enumerate(self.stages):
             pooled = self.box_roi_pool(features, boxes, image_sizes)
             logits, deltas = stage(pooled)
-            labels, matched = self._match(stage, boxes, targets)
-            labels = torch.cat(labels)
+            per_image, matched, rows = self._match(stage, boxes, targets)
+            if t == 0 and self.mask_branch is not None:
+                pos_boxes = [b[lab > 0] for b, lab in zip(boxes, per_image)]
+                pos_rows = [r[lab > 0] for r, lab in zip(rows, per_image)]
+                losses["loss_mask"] = self.mask_branch.loss(features, pos_boxes, pos_rows, targets, image_sizes)
+            labels = torch.cat(per_image)
             loss_cls = F.cross_entropy(logits, labels)
             pos = torch.where(labels > 0)[0]
             reg_targets = stage.box_coder.encode_single(torch.cat(matched)[pos], torch.cat(boxes)[pos])
@@ -137,4 +149,6 @@ class CascadeRoIHeads(nn.Module):
             b, s, lab = b[keep], s[keep], lab[keep]
             keep = batched_nms(b, s, lab, self.nms_thresh)[: self.detections_per_img]
             results.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep]})
+        if self.mask_branch is not None:
+            results = self.mask_branch.predict(features, results, image_sizes)
         return results

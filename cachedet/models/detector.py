@@ -13,13 +13,14 @@ from torch import nn
 
 from cachedet.errors import CachedetError
 from cachedet.models.cascade import DEFAULT_IOUS, DEFAULT_WEIGHTS, CascadeRoIHeads
-from cachedet.models.heads import LOSS_NAMES, FasterRCNNHead, RetinaNetDetHead
+from cachedet.models.heads import LOSS_NAMES, MASK_LOSS, FasterRCNNHead, RetinaNetDetHead
+from cachedet.models.masks import MaskBranch
 from cachedet.models.necks import build_neck
 from cachedet.structures import FeatureSpec
 
 HEADS = ("faster-rcnn", "cascade", "retinanet")
 OPTIONS = ("box_representation", "rois_per_image", "proposals_per_image", "box_convs", "box_fcs",
-           "cascade_ious", "nasfpn_repeats")
+           "cascade_ious", "nasfpn_repeats", "mask_convs", "mask_channels")
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,9 @@ class DetectorConfig:
     # box_representation (FC width, 1024), rois_per_image (sampled in training, 512),
     # proposals_per_image (RPN output, 1000), box_convs / box_fcs (box head; faster-rcnn 4 / 1,
     # cascade 0 / 2 as in the paper's cascade configs), cascade_ious (0.5, 0.6, 0.7),
-    # nasfpn_repeats (5)
+    # nasfpn_repeats (5), mask_convs / mask_channels (mask head: 4 convs of 256, as Mask R-CNN)
     options: dict = field(default_factory=dict)
+    masks: bool = False  # Mask R-CNN mask branch (faster-rcnn and cascade heads)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -64,6 +66,8 @@ class Detector(nn.Module):
         self.neck = build_neck(cfg.neck, list(cfg.in_specs), cfg.neck_channels, extra, int(opt.get("nasfpn_repeats", 5)))
         specs = self.neck.out_specs
         if cfg.head == "retinanet":
+            if cfg.masks:
+                raise CachedetError("--masks: the retinanet head has no RoIs for a mask branch; use --head faster-rcnn or cascade")
             self.head = RetinaNetDetHead(specs, cfg.num_classes)
             return
         roi_heads = None
@@ -79,9 +83,14 @@ class Detector(nn.Module):
             weights = tuple(DEFAULT_WEIGHTS[min(i, len(DEFAULT_WEIGHTS) - 1)] for i in range(len(ious)))
             roi_heads = CascadeRoIHeads([s.name for s in specs[:-1]], cfg.neck_channels, cfg.num_classes, ious, weights,
                                         convs=convs, fcs=fcs, fc_dim=fc_dim, rois_per_image=rois)
+        mask_branch = None
+        if cfg.masks:
+            mask_branch = MaskBranch([s.name for s in specs[:-1]], cfg.neck_channels, cfg.num_classes,
+                                     convs=int(opt.get("mask_convs", 4)), channels=int(opt.get("mask_channels", 256)))
         self.head = FasterRCNNHead(
             specs, cfg.num_classes, roi_heads=roi_heads, representation=fc_dim, rois_per_image=rois,
             proposals_per_image=int(opt.get("proposals_per_image", 1000)), box_convs=convs, box_fcs=fcs,
+            mask_branch=mask_branch,
         )
 
     def _sizes(self, features, image_sizes):
@@ -90,15 +99,20 @@ class Detector(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]],
                 image_sizes: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
-        """Losses, keyed by ``LOSS_NAMES``. Alias: ``loss``."""
+        """Losses, keyed by ``loss_names``. Alias: ``loss``."""
         losses = self.head.loss(self.neck(features), targets, self._sizes(features, image_sizes))
-        return {k: losses[k] for k in LOSS_NAMES}
+        return {k: losses[k] for k in self.loss_names}
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        return LOSS_NAMES + ((MASK_LOSS,) if self.cfg.masks else ())
 
     loss = forward
 
     @torch.no_grad()
     def predict(self, features: dict[str, torch.Tensor], image_sizes: list[tuple[int, int]] | None = None):
-        """Detections per view: dict(boxes (N, 4) xyxy canvas pixels, scores (N,), labels (N,) 0..C-1)."""
+        """Detections per view: dict(boxes (N, 4) xyxy canvas pixels, scores (N,), labels (N,) 0..C-1,
+        and with masks: masks float (N, 1, 28, 28) probabilities inside each box)."""
         was_training = self.training
         self.eval()
         try:

@@ -3,7 +3,9 @@
 Every head has ``loss(features, targets, image_sizes) -> dict`` with the keys in ``LOSS_NAMES``
 (one-stage heads report the proposal losses as exact zeros) and
 ``predict(features, image_sizes) -> list[dict(boxes (N, 4) xyxy, scores (N,), labels (N,))]``.
-Targets: list of dict(boxes float (N, 4) xyxy view pixels, labels int64 (N,) in 0..C-1).
+Targets: list of dict(boxes float (N, 4) xyxy view pixels, labels int64 (N,) in 0..C-1, and for
+mask heads masks uint8 (N, H, W) canvas masks). With a mask branch, R-CNN heads add ``loss_mask``
+and their detections carry ``masks`` float (N, 1, 28, 28) probabilities inside each box.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.models.detection import _utils as det_utils
 
+from cachedet.models.masks import MaskBranch
 from cachedet.structures import FeatureSpec
 
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
+MASK_LOSS = "loss_mask"
 
 
 def _image_list(features: "OrderedDict[str, torch.Tensor]", image_sizes: list[tuple[int, int]]) -> ImageList:
@@ -40,12 +44,14 @@ class FasterRCNNHead(nn.Module):
     RoIs are pooled (MultiScaleRoIAlign, 7x7) from every level but the coarsest extra one, as in
     torchvision's FPN models. The box head is torchvision's FastRCNNConvFCHead with ``box_convs``
     3x3 conv+BN layers and ``box_fcs`` FC layers (default 4conv1fc). ``roi_heads`` can be replaced
-    (the cascade plugs in here).
+    (the cascade plugs in here). ``mask_branch`` adds Mask R-CNN's mask head: inside torchvision's
+    RoIHeads (its mask path), or on the cascade's boxes.
     """
 
     def __init__(self, specs: list[FeatureSpec], num_classes: int, roi_levels: list[str] | None = None,
                  roi_heads: nn.Module | None = None, representation: int = 1024, rois_per_image: int = 512,
-                 proposals_per_image: int = 1000, box_convs: int = 4, box_fcs: int = 1):
+                 proposals_per_image: int = 1000, box_convs: int = 4, box_fcs: int = 1,
+                 mask_branch: MaskBranch | None = None):
         super().__init__()
         channels = specs[0].channels
         anchors = AnchorGenerator(sizes=tuple((4 * s.stride,) for s in specs), aspect_ratios=((0.5, 1.0, 2.0),) * len(specs))
@@ -67,29 +73,39 @@ class FasterRCNNHead(nn.Module):
                 fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=rois_per_image, positive_fraction=0.25,
                 bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
             )
+        if mask_branch is not None:
+            if isinstance(roi_heads, RoIHeads):
+                roi_heads.mask_roi_pool, roi_heads.mask_head = mask_branch.pool, mask_branch.head
+                roi_heads.mask_predictor = mask_branch.predictor
+            else:
+                roi_heads.mask_branch = mask_branch
         self.roi_heads = roi_heads
+        self.with_masks = mask_branch is not None
 
     @staticmethod
     def _shift(targets, by: int):
-        return [{"boxes": t["boxes"], "labels": t["labels"] + by} for t in targets]
+        return [{**t, "labels": t["labels"] + by} for t in targets]
 
     def loss(self, features, targets, image_sizes) -> dict[str, torch.Tensor]:
         images = _image_list(features, image_sizes)
         targets = self._shift(targets, 1)  # torchvision reserves label 0 for background
         proposals, rpn_losses = self.rpn(images, features, targets)
         _, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
-        return {
+        losses = {
             "loss_rpn_cls": rpn_losses["loss_objectness"],
             "loss_rpn_box": rpn_losses["loss_rpn_box_reg"],
             "loss_cls": roi_losses["loss_classifier"],
             "loss_box": roi_losses["loss_box_reg"],
         }
+        if self.with_masks:
+            losses[MASK_LOSS] = roi_losses[MASK_LOSS]
+        return losses
 
     def predict(self, features, image_sizes) -> list[dict[str, torch.Tensor]]:
         images = _image_list(features, image_sizes)
         proposals, _ = self.rpn(images, features)
         detections, _ = self.roi_heads(features, proposals, image_sizes)
-        return [{"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"] - 1} for d in detections]
+        return [{**d, "labels": d["labels"] - 1} for d in detections]
 
 
 class RetinaNetDetHead(nn.Module):
