@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -64,11 +65,11 @@ def test_ground_truth_masks_score_mask_ap_100_on_coco_and_lvis(val_data, tmp_pat
 SPECS = (FeatureSpec("c3", 16, 8), FeatureSpec("c4", 24, 16), FeatureSpec("c5", 32, 32))
 
 
-@pytest.mark.parametrize("head", ["faster-rcnn", "cascade"])
-def test_mask_branch_trains_and_predicts_masks(head):
+@pytest.mark.parametrize("neck,head", [("fpn", "faster-rcnn"), ("fpn", "cascade"), ("nasfpn", "cascade")])
+def test_mask_branch_trains_and_predicts_masks(neck, head):
     torch.manual_seed(0)
-    det = build_detector(DetectorConfig(num_classes=3, canvas=64, in_specs=SPECS, head=head, neck_channels=16,
-                                        masks=True, options=dict(LIGHT)))
+    det = build_detector(DetectorConfig(num_classes=3, canvas=64, in_specs=SPECS, neck=neck, head=head, neck_channels=16,
+                                        masks=True, options={**LIGHT, "nasfpn_repeats": 1}))
     feats = {"c3": torch.randn(2, 16, 8, 8), "c4": torch.randn(2, 24, 4, 4), "c5": torch.randn(2, 32, 2, 2)}
     masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
     masks[0, 8:30, 10:40] = 1
@@ -230,3 +231,27 @@ def test_online_and_fine_tuned_regimes_train_masks(synthetic, tmp_path, trainabl
                       detector_options=dict(LIGHT)), progress=False)
     records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert len(records) == 2 and all(np.isfinite(r["loss_mask"]) for r in records)
+
+
+def test_a_detection_in_the_canvas_padding_is_dropped_with_its_mask(mask_run):
+    predictor = Predictor(mask_run, need_backbone=False)
+    p = plan_view(AugmentConfig(size=96, augment=False), 7, 0, 40, 96)  # a wide image: rows 40.. of the canvas are padding
+    det = {"boxes": torch.tensor([[10.0, 5, 30, 30], [10, 60, 30, 90]]), "scores": torch.tensor([0.9, 0.8]),
+           "labels": torch.tensor([1, 2]), "masks": torch.ones(2, 1, 28, 28)}
+    results = predictor._to_results([p], [det])
+    assert len(results) == 1 and results[0]["category_id"] == predictor.category_ids[1]
+    mask = mask_utils.decode({"size": [40, 96], "counts": results[0]["segmentation"]["counts"].encode()})
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 29, 5, 29)  # the box, filled
+
+
+def test_the_mask_branch_leaves_the_box_parts_initialised_as_without_it():
+    cfg = DetectorConfig(num_classes=3, canvas=64, in_specs=SPECS, neck_channels=16, options=dict(LIGHT))
+    states = []
+    for masks in (False, True):
+        torch.manual_seed(0)
+        states.append(build_detector(replace(cfg, masks=masks)).state_dict())
+    boxes, with_masks = states
+    assert set(boxes) < set(with_masks) and any("mask" in k for k in set(with_masks) - set(boxes))
+    for k, v in boxes.items():
+        assert torch.equal(v, with_masks[k]), k

@@ -65,14 +65,16 @@ class Predictor:
     def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
         results = []
         for p, det in zip(params, detections):
-            keep = det["scores"] >= self.score_threshold
-            boxes = view_to_image_boxes(p, det["boxes"][keep].float().cpu().numpy())
+            boxes = view_to_image_boxes(p, det["boxes"].float().cpu().numpy())
+            # a box left with no area in the image (it lay in the canvas padding) is dropped
+            keep = (det["scores"].cpu() >= self.score_threshold) & torch.from_numpy(
+                (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+            boxes = boxes[keep.numpy()]
+            keep = keep.to(det["scores"].device)
             masks = self._image_masks(p, det["boxes"][keep], det["masks"][keep]) if "masks" in det else None
-            for k, (box, score, label) in enumerate(zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist())):
+            for box, score, label in zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist()):
                 x1, y1, x2, y2 = (float(v) for v in box)
                 mask = next(masks) if masks is not None else None
-                if x2 - x1 <= 0 or y2 - y1 <= 0:
-                    continue
                 result = {"image_id": p.image_id, "category_id": self.category_ids[label],
                           "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                           "score": round(float(score), 5)}

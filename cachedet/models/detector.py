@@ -83,15 +83,14 @@ class Detector(nn.Module):
             weights = tuple(DEFAULT_WEIGHTS[min(i, len(DEFAULT_WEIGHTS) - 1)] for i in range(len(ious)))
             roi_heads = CascadeRoIHeads([s.name for s in specs[:-1]], cfg.neck_channels, cfg.num_classes, ious, weights,
                                         convs=convs, fcs=fcs, fc_dim=fc_dim, rois_per_image=rois)
-        mask_branch = None
-        if cfg.masks:
-            mask_branch = MaskBranch([s.name for s in specs[:-1]], cfg.neck_channels, cfg.num_classes,
-                                     convs=int(opt.get("mask_convs", 4)), channels=int(opt.get("mask_channels", 256)))
         self.head = FasterRCNNHead(
             specs, cfg.num_classes, roi_heads=roi_heads, representation=fc_dim, rois_per_image=rois,
             proposals_per_image=int(opt.get("proposals_per_image", 1000)), box_convs=convs, box_fcs=fcs,
-            mask_branch=mask_branch,
         )
+        if cfg.masks:  # built last, so the box parts start from the same weights with or without masks
+            self.head.add_mask_branch(MaskBranch([s.name for s in specs[:-1]], cfg.neck_channels, cfg.num_classes,
+                                                 convs=int(opt.get("mask_convs", 4)),
+                                                 channels=int(opt.get("mask_channels", 256))))
 
     def _sizes(self, features, image_sizes):
         n = next(iter(features.values())).shape[0]

@@ -44,14 +44,12 @@ class FasterRCNNHead(nn.Module):
     RoIs are pooled (MultiScaleRoIAlign, 7x7) from every level but the coarsest extra one, as in
     torchvision's FPN models. The box head is torchvision's FastRCNNConvFCHead with ``box_convs``
     3x3 conv+BN layers and ``box_fcs`` FC layers (default 4conv1fc). ``roi_heads`` can be replaced
-    (the cascade plugs in here). ``mask_branch`` adds Mask R-CNN's mask head: inside torchvision's
-    RoIHeads (its mask path), or on the cascade's boxes.
+    (the cascade plugs in here). ``add_mask_branch`` adds Mask R-CNN's mask head.
     """
 
     def __init__(self, specs: list[FeatureSpec], num_classes: int, roi_levels: list[str] | None = None,
                  roi_heads: nn.Module | None = None, representation: int = 1024, rois_per_image: int = 512,
-                 proposals_per_image: int = 1000, box_convs: int = 4, box_fcs: int = 1,
-                 mask_branch: MaskBranch | None = None):
+                 proposals_per_image: int = 1000, box_convs: int = 4, box_fcs: int = 1):
         super().__init__()
         channels = specs[0].channels
         anchors = AnchorGenerator(sizes=tuple((4 * s.stride,) for s in specs), aspect_ratios=((0.5, 1.0, 2.0),) * len(specs))
@@ -73,14 +71,17 @@ class FasterRCNNHead(nn.Module):
                 fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=rois_per_image, positive_fraction=0.25,
                 bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
             )
-        if mask_branch is not None:
-            if isinstance(roi_heads, RoIHeads):
-                roi_heads.mask_roi_pool, roi_heads.mask_head = mask_branch.pool, mask_branch.head
-                roi_heads.mask_predictor = mask_branch.predictor
-            else:
-                roi_heads.mask_branch = mask_branch
         self.roi_heads = roi_heads
-        self.with_masks = mask_branch is not None
+        self.with_masks = False
+
+    def add_mask_branch(self, mask_branch: MaskBranch):
+        """Attach Mask R-CNN's mask branch: into torchvision's RoIHeads (its own mask path), or the cascade."""
+        if isinstance(self.roi_heads, RoIHeads):
+            self.roi_heads.mask_roi_pool, self.roi_heads.mask_head = mask_branch.pool, mask_branch.head
+            self.roi_heads.mask_predictor = mask_branch.predictor
+        else:
+            self.roi_heads.mask_branch = mask_branch
+        self.with_masks = True
 
     @staticmethod
     def _shift(targets, by: int):
