@@ -10,6 +10,8 @@ each with a few ground-truth boxes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -28,14 +30,27 @@ def count(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def _targets(batch: int, size: int) -> list[dict]:
+def _targets(batch: int, size: int, masks: bool = False) -> list[dict]:
+    """A few boxes per image (and, for mask heads, each box filled as its mask)."""
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(batch):
         xy = torch.rand(4, 2, generator=g) * size * 0.6
         wh = 16 + torch.rand(4, 2, generator=g) * size * 0.35
-        out.append({"boxes": torch.cat([xy, (xy + wh).clamp(max=size)], 1), "labels": torch.arange(4) % 3})
+        t = {"boxes": torch.cat([xy, (xy + wh).clamp(max=size)], 1), "labels": torch.arange(4) % 3}
+        if masks:
+            t["masks"] = torch.zeros(4, size, size, dtype=torch.uint8)
+            for m, (x1, y1, x2, y2) in zip(t["masks"], t["boxes"].long().tolist()):
+                m[y1:y2, x1:x2] = 1
+        out.append(t)
     return out
+
+
+def mask_head_params(cfg: DetectorConfig) -> int:
+    """Parameters that ``--masks`` adds to a detector (0 for RetinaNet, which cannot have it)."""
+    if cfg.head == "retinanet":
+        return 0
+    return count(build_detector(replace(cfg, masks=True))) - count(build_detector(replace(cfg, masks=False)))
 
 
 def _step_flops(fn) -> int:
@@ -47,15 +62,16 @@ def _step_flops(fn) -> int:
 
 def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classes: int = 91, neck_channels: int = 256,
                options: dict | None = None, batch: int = 1, weights: str = "random",
-               adapt_stages: tuple[int, ...] | None = None) -> dict:
+               adapt_stages: tuple[int, ...] | None = None, masks: bool = False) -> dict:
     """Parameters and per-regime step FLOPs; with ``adapt_stages`` also the adapters' parameters and
-    the FLOPs of an online step that trains them (regime ``adapters_online``)."""
+    the FLOPs of an online step that trains them (regime ``adapters_online``); with ``masks`` the
+    detector has Mask R-CNN's mask head. ``mask_head_params`` is that head's size either way."""
     bb = build_backbone(BackboneConfig(backbone, None, weights), warn=False)
     det_cfg = DetectorConfig(num_classes=num_classes, canvas=size, in_specs=tuple(bb.specs), neck=neck, head=head,
-                             neck_channels=neck_channels, options=dict(options or {}))
+                             neck_channels=neck_channels, options=dict(options or {}), masks=masks)
     det = build_detector(det_cfg).train()
     images = torch.randn(batch, 3, size, size)
-    targets = _targets(batch, size)
+    targets = _targets(batch, size, masks)
     with torch.no_grad():
         cached = {k: v.detach() for k, v in bb(images).items()}
 
@@ -86,7 +102,8 @@ def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classe
         "backbone": backbone, "neck": neck, "head": head, "size": size, "num_classes": num_classes, "batch": batch,
         "params": {"backbone": backbone_params, "detector": detector_params, "total": backbone_params + detector_params,
                    "adapters": adapter_params, "adapt_stages": list(adapt_stages or ()), "trainable": trainable},
-        "neck_params": count(det.neck), "head_params": count(det.head),
+        "neck_params": count(det.neck), "head_params": count(det.head), "masks": masks,
+        "mask_head_params": mask_head_params(det_cfg),
         "flops": flops,
         "flop_ratio": {"online_frozen": flops["online_frozen"] / flops["finetune"], "cached": flops["cached"] / flops["finetune"]},
         "paper": {"trained_params_m": PAPER_TABLE3.get(key), "frozen_flop_ratio": PAPER_FLOP_RATIO.get(key)},

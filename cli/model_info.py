@@ -26,6 +26,7 @@ def model_info_command(
     box_fcs: Optional[int] = typer.Option(None, "--box-fcs"),
     batch: int = typer.Option(1, "--batch", help="Images per counted training step."),
     adapters: bool = typer.Option(False, "--adapters", help="Also count residual adapters and their online training step."),
+    masks: bool = typer.Option(False, "--masks", help="Count the detector with Mask R-CNN's mask head (as the paper's models)."),
     adapt_stages: Optional[str] = typer.Option(None, "--adapt-stages", help="Stages with adapters (default: all after the stem)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -39,7 +40,7 @@ def model_info_command(
         stages = tuple(range(1, len(build_backbone(BackboneConfig(backbone, None, "random"), warn=False).stage_names())))
     info = model_info(backbone, neck, head, size, num_classes, neck_channels,
                       detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs), batch,
-                      adapt_stages=stages if adapters else None)
+                      adapt_stages=stages if adapters else None, masks=masks)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -51,6 +52,8 @@ def model_info_command(
     paper = info["paper"]["trained_params_m"]
     note = f"  (paper, ResNet-101 frozen: {paper} M, {100 * (p['detector'] / 1e6 / paper - 1):+.1f}%)" if paper else ""
     console.print(f"trainable: {p['detector'] / 1e6:.1f} M{note}")
+    if info["mask_head_params"]:
+        console.print(f"mask head: {info['mask_head_params'] / 1e6:.2f} M " + ("(included)" if masks else "(not included; add --masks)"))
     t = Table(title=f"one training step, batch {batch}")
     for c in ("regime", "trainable params", "GFLOPs", "vs fine-tuned"):
         t.add_column(c, justify="right" if c != "regime" else "left")

@@ -139,3 +139,17 @@ def test_model_info_counts_and_flop_regimes(cli):
     assert f["finetune"] > f["online_frozen"] > f["cached"] > 0
     assert info["params"]["trainable"]["finetune"] == info["params"]["total"]
     assert info["params"]["trainable"]["cached"] == info["params"]["detector"]
+
+
+def test_model_info_with_the_mask_head(cli):
+    import json
+
+    args = ("model-info", "--backbone", "test_resnet", "--size", 96, "--num-classes", 5, "--neck-channels", 32, "--json")
+    boxes, masks = (json.loads(cli(*args, *extra).stdout) for extra in ((), ("--masks",)))
+    # Mask R-CNN's head: 4 3x3 convs (32 -> 256, then 256 -> 256), a 2x2 deconvolution, a 1x1 logit per class + background
+    analytic = (32 * 256 * 9 + 256) + 3 * (256 * 256 * 9 + 256) + (256 * 256 * 4 + 256) + (256 * 6 + 6)
+    assert boxes["mask_head_params"] == masks["mask_head_params"] == analytic
+    assert masks["params"]["detector"] == boxes["params"]["detector"] + analytic
+    assert masks["flops"]["cached"] > boxes["flops"]["cached"]
+    r = cli(*args[:-1], "--masks")
+    assert "mask head: 2.11 M (included)" in r.stdout
