@@ -23,6 +23,9 @@ def all_arrays(url):
     out.update({f"meta/{k}": v for k, v in fs.meta.items()})
     out["boxes/offsets"] = fs.box_offsets
     out.update({f"boxes/{k}": v for k, v in fs._boxes.items()})
+    if fs.has_masks:  # every shard's packed instance masks
+        for shard in range(fs.num_shards):
+            out[f"masks/{shard}/rle"], out[f"masks/{shard}/offsets"] = fs.read_shard_masks(shard)
     return out
 
 

@@ -54,7 +54,8 @@ def test_extract_info_verify_and_train_on_s3(s3, synthetic, local_reference, cli
             "--backbone", "test_resnet", "--random-init", "--size", 96, "--views", 2, "--seed", 3,
             "--shard-views", 5, "--batch-size", 4, "--quiet")
     assert r.exit_code == 0, r.stdout
-    assert_same_store(local_reference, url)
+    assert "instance masks: stored" in r.stdout
+    assert_same_store(local_reference, url)  # features, boxes, metadata and instance masks
 
     r = cli("cache", "info", url)
     assert r.exit_code == 0 and "shards complete: 5/5" in r.stdout
@@ -62,7 +63,7 @@ def test_extract_info_verify_and_train_on_s3(s3, synthetic, local_reference, cli
     assert info["bytes_on_disk"] > 0 and info["bytes_features"] > 0
     assert cli("cache", "verify", url, "--quiet").exit_code == 0
 
-    run = train(tiny_train(tmp_path / "run", url, epochs=1), progress=False)
+    run = train(tiny_train(tmp_path / "run", url, epochs=1, masks=True), progress=False)
     assert run.steps == 3 and os.path.exists(os.path.join(run.run, "checkpoints", "last.pt"))
 
 
