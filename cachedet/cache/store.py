@@ -16,6 +16,7 @@ import zarr
 
 from cachedet.atomic import write_bytes_atomic
 from cachedet.cache import schema
+from cachedet.data.masks import decode_rles
 from cachedet.errors import CachedetError
 from cachedet.structures import FeatureSpec, ViewParams
 
@@ -288,8 +289,6 @@ class FeatureStore:
 
     def masks(self, view: int) -> np.ndarray:
         """uint8 (N, S, S) instance masks of the view, in the order of ``boxes(view)``."""
-        from cachedet.data.masks import decode_rles
-
         s = int(self.header["augment"]["size"])
         return decode_rles(self.mask_rles(view), (s, s))
 
