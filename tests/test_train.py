@@ -76,6 +76,15 @@ def test_cached_and_in_memory_feeds_agree(which, request):
                 want = torch.from_numpy(reference.read_level(name, slice(v, v + 1))[0])
                 torch.testing.assert_close(a[v]["features"][name], want)
             assert torch.equal(a[v]["boxes"], b[v]["boxes"])
+    # float16 for autocast: both feeds hand out the same half-precision features
+    half_streamed = {s["view"]: s for s in CachedViews(store.out, keep_float16=True)}
+    half_ram = {s["view"]: s for s in InMemoryViews(store.out, keep_float16=True)}
+    for v, sample in half_ram.items():
+        for name, x in sample["features"].items():
+            assert x.dtype == torch.float16
+            assert torch.equal(x, half_streamed[v]["features"][name])
+            want = torch.from_numpy(reference.read_level(name, slice(v, v + 1))[0])
+            torch.testing.assert_close(x.float(), want, rtol=1e-3, atol=1e-3)
     shards = [CachedViews(store.out, rank=r, world=2) for r in (0, 1)]
     parts = [{s["view"] for s in ds} for ds in shards]
     assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == 12

@@ -95,6 +95,9 @@ class CachedViews(_EpochViews, IterableDataset):
         store = self._opened
         feats = {}
         for spec in self.specs:  # one read and one decode per level per block
+            if self.keep_float16 and store.dtype == "float16":  # used as stored
+                feats[spec.name] = torch.from_numpy(store.read_stored(spec.name, block)[0])
+                continue
             x = torch.from_numpy(store.read_level(spec.name, block))
             feats[spec.name] = x.half() if self.keep_float16 else x
         for i, view in enumerate(block.tolist()):
@@ -125,13 +128,15 @@ class CachedViews(_EpochViews, IterableDataset):
 
 class InMemoryViews(_EpochViews):
     """All views of a store held in RAM as stored (float16 / bfloat16 bits / uint8 + quant params),
-    decoded one view at a time, batched without a DataLoader."""
+    decoded one view at a time, batched without a DataLoader. ``keep_float16`` hands out float16
+    features (for autocast; a float16 store's views are then used as stored, without decoding)."""
 
     def __init__(self, url: str, views_per_epoch: int = 1, seed: int = 0, rank: int = 0, world: int = 1,
-                 masks: bool = False):
+                 masks: bool = False, keep_float16: bool = False):
         super().__init__(url, views_per_epoch, seed, rank, world, masks)
         store, self._opened = self._opened, None
         self.dtype, self.canvas = store.dtype, int(store.header["augment"]["size"])
+        self.keep_float16 = keep_float16
         self.stored = {s.name: store.read_stored(s.name, slice(None)) for s in self.specs}
         self.targets = [tuple(torch.from_numpy(a.copy()) for a in store.boxes(v)) for v in range(store.num_views)]
         usable = set(self._usable.tolist())  # masks stay RLE in RAM, decoded per sample
@@ -140,8 +145,12 @@ class InMemoryViews(_EpochViews):
     def _features(self, view: int) -> dict[str, torch.Tensor]:
         out = {}
         for name, (stored, quant) in self.stored.items():
+            if self.keep_float16 and self.dtype == "float16":
+                out[name] = torch.from_numpy(stored[view])  # a view of the RAM copy; collate stacks it
+                continue
             q = None if quant is None else quant[view:view + 1]
-            out[name] = torch.from_numpy(decode(stored[view:view + 1], self.dtype, q)[0])
+            x = torch.from_numpy(decode(stored[view:view + 1], self.dtype, q)[0])
+            out[name] = x.half() if self.keep_float16 else x
         return out
 
     def __iter__(self):

@@ -89,7 +89,7 @@ class CacheSource(_AdapterMixin):
         self.batch_size, self.workers, self.in_memory, self.loader_start = batch_size, workers, in_memory, loader_start
         self.seed, self.rank, self.feature_crop_min = seed, dist.rank, feature_crop_min
         if in_memory:
-            self.dataset = InMemoryViews(url, views_per_epoch, seed, dist.rank, dist.world, masks)
+            self.dataset = InMemoryViews(url, views_per_epoch, seed, dist.rank, dist.world, masks, keep_float16)
         else:
             self.dataset = CachedViews(url, views_per_epoch, seed, shuffle_buffer, dist.rank, dist.world, keep_float16, masks)
         self.masks = self.dataset.masks  # False when the store holds no masks
