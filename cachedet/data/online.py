@@ -41,9 +41,8 @@ class OnlineViews(Dataset):
         item = {"image": transform_image(params, normalize(image, self.mean, self.std)),
                 "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "view": i}
         if self.masks:
-            row = {int(a): k for k, a in enumerate(rec.ann_ids.tolist())}
-            sources = tuple(mask_source(rec, row[a]) for a in ann_ids.tolist())
-            masks = view_masks(params, sources)
+            rows = self.dataset.annotation_rows()
+            masks = view_masks(params, tuple(mask_source(*rows[a]) for a in ann_ids.tolist()))
             item["masks"] = torch.from_numpy(np.stack(masks).astype(np.uint8) if masks else
                                              np.zeros((0, params.canvas, params.canvas), dtype=np.uint8))
         return item

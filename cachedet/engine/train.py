@@ -26,7 +26,7 @@ from cachedet.engine.distributed import DistInfo, barrier, init_distributed, shu
 from cachedet.engine.sources import CacheSource, OnlineSource, check_fingerprint
 from cachedet.errors import CachedetError
 from cachedet.extract import resolve_device
-from cachedet.models.detector import DetectorConfig, build_detector
+from cachedet.models.detector import MASKS_NEED_ROIS, DetectorConfig, build_detector
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class TrainConfig:
         if self.feature_crop and self.online:
             raise CachedetError("--feature-crop crops cached features; online training draws fresh LSJ views instead")
         if self.masks and self.head == "retinanet":
-            raise CachedetError("--masks: the retinanet head has no RoIs for a mask branch; use --head faster-rcnn or cascade")
+            raise CachedetError(MASKS_NEED_ROIS)
         if not 0 < self.feature_crop_min <= 1:
             raise CachedetError(f"--feature-crop-min: expected a fraction in (0, 1], got {self.feature_crop_min}")
 

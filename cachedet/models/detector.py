@@ -19,6 +19,7 @@ from cachedet.models.necks import build_neck
 from cachedet.structures import FeatureSpec
 
 HEADS = ("faster-rcnn", "cascade", "retinanet")
+MASKS_NEED_ROIS = "--masks: the retinanet head has no RoIs for a mask branch; use --head faster-rcnn or cascade"
 OPTIONS = ("box_representation", "rois_per_image", "proposals_per_image", "box_convs", "box_fcs",
            "cascade_ious", "nasfpn_repeats", "mask_convs", "mask_channels")
 
@@ -67,7 +68,7 @@ class Detector(nn.Module):
         specs = self.neck.out_specs
         if cfg.head == "retinanet":
             if cfg.masks:
-                raise CachedetError("--masks: the retinanet head has no RoIs for a mask branch; use --head faster-rcnn or cascade")
+                raise CachedetError(MASKS_NEED_ROIS)
             self.head = RetinaNetDetHead(specs, cfg.num_classes)
             return
         roi_heads = None
