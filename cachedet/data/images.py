@@ -1,48 +1,21 @@
-"""Decoding images from disk into views, as a map-style Dataset for a DataLoader."""
+"""Decoding images from disk into views, as a map-style Dataset for a DataLoader.
+
+``read_image`` (``cachedet.data.decode``) is the one image reader of every stage; it is re-exported here.
+"""
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from cachedet.data.copy_paste import composite
+from cachedet.data.decode import read_image
 from cachedet.data.masks import encode_rle, view_masks
 from cachedet.data.views import normalize, transform_image
 from cachedet.errors import CachedetError
 from cachedet.structures import ViewParams
 
-
-def read_image(path: str, expected_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Decode an image file to uint8 (3, H, W) RGB.
-
-    Raises CachedetError naming the file when it is missing, unreadable, not an image, or of
-    another size than the annotation file says (``expected_size`` = (height, width)).
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise CachedetError(f"{path}: image file not found") from None
-    except OSError as e:
-        raise CachedetError(f"{path}: cannot read image file ({e.strerror})") from None
-    try:
-        with Image.open(io.BytesIO(data)) as pil:
-            array = np.asarray(pil.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CachedetError(f"{path}: cannot decode image ({first})") from None
-    image = torch.from_numpy(array.copy()).permute(2, 0, 1)
-    if expected_size is not None and tuple(image.shape[-2:]) != tuple(expected_size):
-        h, w = expected_size
-        raise CachedetError(
-            f"{path}: image is {image.shape[-1]}x{image.shape[-2]} (width x height) but the annotation "
-            f"file's images[].width/height say {w}x{h}"
-        )
-    return image
+__all__ = ["ViewDataset", "read_image"]
 
 
 class ViewDataset(Dataset):
@@ -79,8 +52,9 @@ class ViewDataset(Dataset):
             if paste is not None:
                 source = read_image(paste.source_path, paste.source_view.orig_size)
                 view = composite(view, transform_image(paste.source_view, normalize(source, self.mean, self.std)), paste.mask())
-        except CachedetError as e:
+        except Exception as e:  # --skip-bad records every image that cannot become a view, whatever failed
             if not self.skip_bad:
                 raise
-            return torch.zeros(3, params.canvas, params.canvas), str(e)
+            message = str(e) if isinstance(e, CachedetError) else f"{self.paths[i]}: {type(e).__name__}: {e}"
+            return torch.zeros(3, params.canvas, params.canvas), message
         return view, ""

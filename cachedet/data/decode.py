@@ -1,0 +1,149 @@
+"""The one image reader of every stage: file bytes -> upright uint8 RGB pixels.
+
+``read_image`` serves extract, ``--online`` training, eval, predict and drawing alike, so a pixel
+means the same thing everywhere. It follows what viewers and labelling tools show:
+
+- EXIF orientation is applied first (``PIL.ImageOps.exif_transpose``), before any size or box is
+  compared: annotation files give the upright (displayed) size.
+- Every Pillow mode maps to RGB without losing the picture (``to_rgb``):
+  high-bit-depth integers (``I;16*``, ``I``) are scaled by their bit depth, taken as the smallest
+  of 8, 10, 12, 14, 16, 24 or 32 bits that holds the image's largest value (so a 12-bit sensor
+  stored in a 16-bit PNG is not 16× too dark); floats (``F``) in [0, 1] are scaled by 255, others by
+  the same bit-depth rule; transparency (``RGBA``, ``LA``, ``PA``, palettes with a transparent
+  index) is composited over ``TRANSPARENT_FILL``, the ImageNet mean colour, which normalises to about
+  0 like the canvas padding; ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``1``, ``L`` and ``P`` go through
+  Pillow's own conversion.
+- Large images decode: Pillow's decompression-bomb guard (about 179 megapixels) protects servers
+  from strangers' uploads, not a user from their own training data. The reader allows up to
+  ``max_image_pixels()`` (default 2**30, about 1.07 gigapixels, 3.2 GB as RGB; environment variable
+  ``CACHEDET_MAX_IMAGE_PIXELS``) and refuses larger ones in one line.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import threading
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cachedet.errors import CachedetError
+
+TRANSPARENT_FILL = (124, 116, 104)  # ImageNet mean (0.485, 0.456, 0.406) x 255
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 30
+BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
+EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
+_OPEN_LOCK = threading.Lock()
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) the reader decodes: ``CACHEDET_MAX_IMAGE_PIXELS`` or 2**30."""
+    text = os.environ.get("CACHEDET_MAX_IMAGE_PIXELS", "")
+    try:
+        return int(text) if text else DEFAULT_MAX_IMAGE_PIXELS
+    except ValueError:
+        raise CachedetError(f"CACHEDET_MAX_IMAGE_PIXELS={text}: expected an integer number of pixels") from None
+
+
+def bit_depth_scale(values: np.ndarray) -> float:
+    """255 / (2**bits - 1) for the smallest bit depth in ``BIT_DEPTHS`` that holds ``values.max()``."""
+    top = float(values.max()) if values.size else 0.0
+    for bits in BIT_DEPTHS:
+        if top <= 2 ** bits - 1:
+            return 255.0 / (2 ** bits - 1)
+    return 255.0 / top
+
+
+def _scaled_gray(pil: Image.Image) -> Image.Image:
+    """An ``I;16*`` / ``I`` / ``F`` image as 8-bit ``L``, scaled by its bit depth (floats in [0, 1] by 255)."""
+    values = np.asarray(pil).astype(np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    scale = 255.0 if pil.mode == "F" and values.max(initial=0) <= 1.0 else bit_depth_scale(values)
+    return Image.fromarray((values * scale).round().clip(0, 255).astype(np.uint8), mode="L")
+
+
+def _has_alpha(pil: Image.Image) -> bool:
+    return pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (pil.mode in ("P", "L", "RGB") and "transparency" in pil.info)
+
+
+def to_rgb(pil: Image.Image) -> Image.Image:
+    """Any Pillow mode -> ``RGB`` (rules in the module docstring)."""
+    if pil.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _scaled_gray(pil).convert("RGB")
+    if _has_alpha(pil):
+        rgba = pil.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, TRANSPARENT_FILL + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return pil if pil.mode == "RGB" else pil.convert("RGB")
+
+
+def _decode(path: str, data: bytes) -> tuple[np.ndarray, int]:
+    """(H, W, 3) uint8 upright pixels and the file's EXIF orientation (1 when absent)."""
+    limit = max_image_pixels()
+    with _OPEN_LOCK:  # Pillow's guard is a module global: lift it only while this header is parsed
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit applies below
+        try:
+            pil = Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with pil:
+        w, h = pil.size
+        if w * h > limit:
+            raise CachedetError(f"{path}: image is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the reader's "
+                                f"limit of {limit / 1e6:.0f}; raise CACHEDET_MAX_IMAGE_PIXELS to decode it")
+        orientation = int(pil.getexif().get(EXIF_ORIENTATION, 1) or 1)
+        upright = ImageOps.exif_transpose(pil) if orientation != 1 else pil
+        return np.asarray(to_rgb(upright)), orientation
+
+
+def _first_line(e: Exception) -> str:
+    """The exception's first line, without Python object reprs (Pillow names its BytesIO)."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format Pillow can read"
+    text = _OBJECT_REPR.sub("the file", str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_image(path: str, expected_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode an image file to upright uint8 (3, H, W) RGB.
+
+    Raises CachedetError naming the file when it is missing, unreadable, not a decodable image
+    (whatever Pillow raises), over the pixel limit, or of another size than the annotation file
+    says (``expected_size`` = (height, width), in the upright frame); when the EXIF orientation
+    explains a mismatch, the message says so.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CachedetError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise CachedetError(f"{path}: is a folder, not an image file") from None
+    except OSError as e:
+        raise CachedetError(f"{path}: cannot read image file ({e.strerror})") from None
+    try:
+        array, orientation = _decode(path, data)
+    except CachedetError:
+        raise
+    except Exception as e:  # Pillow raises many types for truncated, exotic or hostile files
+        raise CachedetError(f"{path}: cannot decode image ({_first_line(e)})") from None
+    image = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    if expected_size is not None and tuple(image.shape[-2:]) != tuple(expected_size):
+        raise CachedetError(_size_mismatch(path, tuple(image.shape[-2:]), tuple(expected_size), orientation))
+    return image
+
+
+def _size_mismatch(path: str, found: tuple[int, int], expected: tuple[int, int], orientation: int) -> str:
+    (fh, fw), (eh, ew) = found, expected
+    text = (f"{path}: image is {fw}x{fh} (width x height) but the annotation file's images[].width/height "
+            f"say {ew}x{eh}")
+    if orientation in _SWAPS_SIDES and (fw, fh) == (eh, ew):
+        text += (f"; the file's EXIF Orientation {orientation} turns its stored {fh}x{fw} pixels upright to "
+                 f"{fw}x{fh}, so the annotation file was likely made from the stored, unrotated pixels: "
+                 "re-export it from a tool that applies EXIF, or strip the EXIF orientation from the images")
+    return text
