@@ -28,6 +28,7 @@ from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import MaskSource, mask_source
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.errors import CachedetError
+from cachedet.paths import resolve_path
 from cachedet.shards import (
     ShardTask, compute_features, resolve_device, run_shards_in_process, run_shards_on_dask, worker_backbone,
 )
@@ -55,6 +56,10 @@ class ExtractConfig:
     repair: bool = False  # verify complete shards first and recompute the damaged ones
     cache_stage: int | None = None  # hybrid cache: store up to this backbone stage (adapters train after it)
     masks: bool = True  # store instance masks when the annotations carry segmentation
+
+    def __post_init__(self):  # paths resolved once (cachedet.paths), as every later reader sees them
+        for name in ("annotations", "images", "out"):
+            object.__setattr__(self, name, resolve_path(getattr(self, name)))
 
     def validate(self):
         if self.views < 1:

@@ -25,7 +25,7 @@ def cache_info_command(
         print(json.dumps(info, indent=2))
         return
     console = make_console()
-    console.print(f"[bold]{info['store']}[/]  backbone {info['backbone']} ({info['weights']}), canvas {info['size']}")
+    console.print(f"{info['store']}  backbone {info['backbone']} ({info['weights']}), canvas {info['size']}")
     console.print(
         f"{info['images']} images x {info['views_per_image']} views = {info['views']} views, {info['boxes']} boxes; "
         f"shards complete: {info['shards_complete']}/{info['shards_total']}"
@@ -50,7 +50,7 @@ def cache_info_command(
         console.print(f"hybrid cache: stops after backbone stage {info['hybrid_cache_stage']}; "
                       "train it with train-heads --adapters")
     if info["skipped_images"]:
-        console.print(f"[yellow]skipped images: {len(info['skipped_images'])}")
+        console.print(f"skipped images: {len(info['skipped_images'])}", style="yellow")
 
 
 @user_errors
@@ -73,12 +73,12 @@ def cache_verify_command(
         print(json.dumps(report, indent=2))
     else:
         console = make_console()
-        console.print(f"[bold]{store}[/]: {len(report['complete'])}/{report['shards_total']} shards complete and intact, "
+        console.print(f"{store}: {len(report['complete'])}/{report['shards_total']} shards complete and intact, "
                       f"{len(report['incomplete'])} incomplete, {len(report['damaged'])} damaged")
         if report["incomplete"]:
             console.print("incomplete: " + _ranges(report["incomplete"]) + " (rerun extract to finish them)")
         for d in report["damaged"]:
-            console.print(f"[red]damaged shard {d['shard']}[/], level {d['level']}: {d['error']}")
+            console.print(f"damaged shard {d['shard']}, level {d['level']}: {d['error']}", style="red")
         if report["damaged"]:
             console.print("rerun the extract command with --repair to recompute the damaged shards")
     if report["incomplete"] or report["damaged"]:

@@ -27,10 +27,12 @@ def user_errors(fn):
 
 
 def console():
-    """A rich console that never wraps long lines (paths stay greppable)."""
+    """A rich console that prints text verbatim: no markup or highlighting, so a path such as
+    ``store [v1].zarr`` reads as it is, and long lines never wrap (paths stay greppable).
+    Colour goes through ``style=``."""
     from rich.console import Console
 
-    return Console(soft_wrap=True)
+    return Console(soft_wrap=True, markup=False, highlight=False)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -40,8 +40,8 @@ def demo_command(
         f"{human_bytes(info['bytes_per_view'])} per view, compression {info['compression_ratio']:.2f}x"
     )
     m = result["metrics"]
-    mask = f", [bold]mask AP {m['segm']['AP']:.1f}[/] (AP50 {m['segm']['AP50']:.1f})" if "segm" in m else ""
-    console.print(f"[bold]box AP {m['bbox']['AP']:.1f}[/] (AP50 {m['bbox']['AP50']:.1f}){mask}; "
+    mask = f", mask AP {m['segm']['AP']:.1f} (AP50 {m['segm']['AP50']:.1f})" if "segm" in m else ""
+    console.print(f"box AP {m['bbox']['AP']:.1f} (AP50 {m['bbox']['AP50']:.1f}){mask}; "
                   f"run in {result['run']}, metrics in {os.path.join(out, 'metrics.json')}")
     write_json_atomic(os.path.join(out, "demo_summary.json"),
                       {k: v for k, v in result.items() if k != "metrics"} | {"bbox": m["bbox"], "segm": m.get("segm")}, indent=2)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cachedet.atomic import write_json_atomic
 from cachedet.errors import CachedetError
+from cachedet.paths import resolve_path
 from cachedet_cli.common import console as make_console, parse_int_list, user_errors
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -33,7 +34,7 @@ def print_metrics(metrics: dict, console) -> None:
         t.add_row("mask", *(fmt(metrics["segm"][k]) for k in keys))
     console.print(t)
     if "segm_skipped" in metrics:
-        console.print(f"[yellow]mask AP not scored: {metrics['segm_skipped']}")
+        console.print(f"mask AP not scored: {metrics['segm_skipped']}", style="yellow")
     if "lvis_bbox" in metrics:
         lvis_keys = ("AP", "APr", "APc", "APf", "APs", "APm", "APl")
         t = Table(title="LVIS AP (LVISEval)")
@@ -109,8 +110,9 @@ def predict_command(
     from cachedet.evaluation.draw import draw_detections
     from cachedet.evaluation.predictor import Predictor
 
+    out, draw = resolve_path(out), resolve_path(draw)
     paths = []
-    for p in inputs:
+    for p in (Path(resolve_path(q)) for q in inputs):
         if p.is_dir():
             paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
         elif p.exists():
@@ -125,9 +127,9 @@ def predict_command(
     for d in detections:
         d["file_name"] = str(paths[d["image_id"]])
         d["category_name"] = predictor.names[d["category_id"]]
-    write_json_atomic(str(out), detections, indent=1)
+    write_json_atomic(out, detections, indent=1)
     console = make_console()
     console.print(f"{len(detections)} detections in {len(paths)} images (score >= {score_threshold}) -> {out}")
     if draw:
-        written = draw_detections(paths, detections, str(draw))
+        written = draw_detections(paths, detections, draw)
         console.print(f"drew {len(written)} images into {draw}")

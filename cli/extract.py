@@ -82,7 +82,7 @@ def extract_command(
     result = extract(cfg, progress=not quiet)
     dropped = {k: v for k, v in result.dropped.items() if v}
     console.print(
-        f"[bold]{result.store}[/]: {result.num_views} views in {result.shards_total} shards; "
+        f"{result.store}: {result.num_views} views in {result.shards_total} shards; "
         f"ran {result.shards_run}, {result.shards_skipped_complete} already complete; "
         f"{result.seconds:.1f} s"
     )
@@ -94,6 +94,6 @@ def extract_command(
             ": " + ", ".join(f"{d['shard']} ({d['level']}: {d['error']})" for d in result.repaired) if result.repaired else ""))
     console.print("dropped annotations: " + (", ".join(f"{k} {v}" for k, v in dropped.items()) if dropped else "none"))
     if result.skipped_images:
-        console.print(f"[yellow]skipped {len(result.skipped_images)} unreadable image views (recorded in the store):")
+        console.print(f"skipped {len(result.skipped_images)} unreadable image views (recorded in the store):", style="yellow")
         for s in result.skipped_images[:10]:
             console.print(f"  {s['error']}")

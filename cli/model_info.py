@@ -46,7 +46,7 @@ def model_info_command(
         return
     console = make_console()
     p = info["params"]
-    console.print(f"[bold]{backbone} + {neck} + {head}[/] at {size}x{size}, {num_classes} classes")
+    console.print(f"{backbone} + {neck} + {head} at {size}x{size}, {num_classes} classes")
     console.print(f"backbone: {p['backbone'] / 1e6:.1f} M   neck: {info['neck_params'] / 1e6:.1f} M   "
                   f"head: {info['head_params'] / 1e6:.1f} M   total: {p['total'] / 1e6:.1f} M")
     paper = info["paper"]["trained_params_m"]

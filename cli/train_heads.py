@@ -78,7 +78,7 @@ def train_heads_command(
     )
     result = train(cfg, progress=not quiet)
     make_console().print(
-        f"[bold]{result.run}[/]: {result.steps} steps, {result.epochs} epochs, loss {result.first_loss:.3f} -> "
+        f"{result.run}: {result.steps} steps, {result.epochs} epochs, loss {result.first_loss:.3f} -> "
         f"{result.last_loss:.3f}, {result.views_per_second:.1f} views/s, {result.seconds:.1f} s"
         if result.first_loss is not None else f"{result.run}: nothing left to train ({result.steps} steps done)"
     )

@@ -77,3 +77,22 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+def reference_cocoeval(data: dict, detections: list[dict], iou_type: str = "bbox"):
+    """pycocotools' COCOeval run directly (evaluated, accumulated, summarised), for comparisons."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO()
+    gt.dataset = copy.deepcopy(data)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(detections)), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev

@@ -18,14 +18,20 @@ from cachedet.atomic import write_bytes_atomic
 from cachedet.cache import schema
 from cachedet.data.masks import decode_rles
 from cachedet.errors import CachedetError
+from cachedet.paths import resolve_path
 from cachedet.structures import FeatureSpec, ViewParams
 
 META_FIELDS = ("image_id", "view_index", "orig_size", "resized_size", "crop_offset", "flip", "scale", "valid_size")
 
 
 def _fs(url: str):
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(resolve_path(url))
     return fs, path.rstrip("/")
+
+
+def open_group(url: str, mode: str) -> zarr.Group:
+    """The store's zarr group at the same resolved location that ``_fs`` gives the shard records."""
+    return zarr.open_group(resolve_path(url), mode=mode)
 
 
 def store_exists(url: str) -> bool:
@@ -58,7 +64,7 @@ def create_store(url: str, header: dict, views: list[ViewParams], boxes: dict[st
 
     The header is written last: a store without it is an interrupted creation, safe to replace.
     """
-    group = zarr.open_group(url, mode="w")
+    group = open_group(url, mode="w")
     storage = header["storage"]
     sv = storage["shard_views"]
     n = header["num_views"]
@@ -103,7 +109,7 @@ def write_shard_features(url: str, shard: int, blocks: dict[str, np.ndarray], st
                          quant: dict[str, np.ndarray] | None = None) -> dict[str, str]:
     """Write one shard's encoded feature blocks {level: (n, C, H, W)} (and, for uint8 stores, their
     quant params {level: (n, C, 2)}); return the sha256 per level of what was written."""
-    group = zarr.open_group(url, mode="r+")
+    group = open_group(url, mode="r+")
     digests = {}
     for name, block in blocks.items():
         write_level(group[f"features/{name}"], start, block)
@@ -129,7 +135,7 @@ def pack_masks(per_view: list[list[bytes]]) -> tuple[np.ndarray, np.ndarray]:
 
 def write_shard_masks(url: str, shard: int, per_view: list[list[bytes]], codec: str) -> str:
     """Write one shard's instance masks as ``masks/<shard>/{rle,offsets}``; return their sha256."""
-    group = zarr.open_group(url, mode="r+")
+    group = open_group(url, mode="r+")
     rle, offsets = pack_masks(per_view)
     for name, arr in (("rle", rle), ("offsets", offsets)):
         z = group.create_array(f"masks/{shard:06d}/{name}", shape=arr.shape, chunks=(max(len(arr), 1),), dtype=arr.dtype,
@@ -241,9 +247,9 @@ class FeatureStore:
     """
 
     def __init__(self, url: str):
-        self.url = str(url)
+        self.url = resolve_path(url)
         try:
-            self.group = zarr.open_group(self.url, mode="r")
+            self.group = open_group(self.url, mode="r")
         except FileNotFoundError:
             raise CachedetError(f"{self.url}: no feature store here") from None
         self.header = self.group.attrs.get("cachedet")

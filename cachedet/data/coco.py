@@ -119,7 +119,12 @@ class DetectionDataset:
         return self._rows
 
     def image_path(self, record: ImageRecord) -> str:
-        return os.path.join(self.images_dir, record.file_name)
+        """The image's file under the images folder. A ``file_name`` written on Windows
+        (``sub\\photo.png``) is read with '/' when no file has the literal name."""
+        path = os.path.join(self.images_dir, record.file_name)
+        if "\\" in record.file_name and not os.path.exists(path):
+            return os.path.join(self.images_dir, *record.file_name.split("\\"))
+        return path
 
     def fingerprint(self) -> dict:
         """What identifies this dataset inside a cache."""

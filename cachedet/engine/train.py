@@ -25,6 +25,7 @@ from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_
 from cachedet.engine.distributed import DistInfo, barrier, init_distributed, shutdown
 from cachedet.engine.sources import CacheSource, OnlineSource, check_fingerprint
 from cachedet.errors import CachedetError
+from cachedet.paths import resolve_path
 from cachedet.extract import resolve_device
 from cachedet.models.detector import MASKS_NEED_ROIS, DetectorConfig, build_detector
 
@@ -75,6 +76,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+
+    def __post_init__(self):  # paths resolved once (cachedet.paths), so config.json records where things are
+        for name in ("out", "cache", "annotations", "images"):
+            object.__setattr__(self, name, resolve_path(getattr(self, name)))
+        if self.weights not in ("default", "random", "timm"):
+            object.__setattr__(self, "weights", resolve_path(self.weights))
 
     @property
     def learning_rate(self) -> float:

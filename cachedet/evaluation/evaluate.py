@@ -9,6 +9,8 @@ from cachedet.atomic import write_json_atomic
 from cachedet.cache.store import FeatureStore
 from cachedet.data.coco import load_detection_dataset, read_annotation_json
 from cachedet.errors import CachedetError
+from cachedet.paths import resolve_path
+from cachedet.evaluation.ground_truth import scoring_ground_truth
 from cachedet.evaluation.predictor import Predictor
 from cachedet.evaluation.scoring import (
     DEFAULT_COUNT_BINS, coco_evaluate, lvis_evaluate, stratify_by_count, training_counts,
@@ -27,7 +29,10 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
     if cache is None and images is None:
         raise CachedetError("eval needs --images DIR or --cache VALSTORE")
     t0 = time.perf_counter()
-    dataset = load_detection_dataset(annotations, images or os.path.dirname(os.path.abspath(annotations)))
+    run, annotations, images, train_annotations, cache, out = (
+        resolve_path(p) for p in (run, annotations, images, train_annotations, cache, out))
+    dataset = load_detection_dataset(annotations, images or os.path.dirname(annotations))
+    ground_truth = scoring_ground_truth(dataset.raw, str(annotations), dataset.is_lvis)  # before any prediction
     predictor = Predictor(run, device=device, need_backbone=cache is None)
     val_ids = [int(c["id"]) for c in dataset.categories.to_json()]
     if sorted(val_ids) != sorted(predictor.category_ids):
@@ -43,10 +48,10 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
             items = [(r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images]
             detections = predictor.predict_images(items, batch_size=batch_size, on_images=bar.advance)
     seconds_predict = time.perf_counter() - t0
-    coco = coco_evaluate(dataset.raw, detections)
+    coco = coco_evaluate(ground_truth, detections)
     metrics = {
         "run": run,
-        "annotations": os.path.abspath(annotations),
+        "annotations": annotations,
         "source": "cache" if cache else "images",
         "num_images": len(dataset.images),
         "num_detections": len(detections),
@@ -57,16 +62,16 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
     }
     segm = None
     if predictor.masks and dataset.has_masks:
-        segm = coco_evaluate(dataset.raw, detections, "segm")
+        segm = coco_evaluate(ground_truth, detections, "segm")
         metrics["segm"] = segm["summary"]
         for row in metrics["per_class"]:
             row["mask_AP"] = segm["per_class"].get(row["category_id"])
     elif predictor.masks:
         metrics["segm_skipped"] = f"{annotations} has no segmentation to score masks against"
     if dataset.is_lvis:
-        metrics["lvis_bbox"] = lvis_evaluate(annotations, detections)["summary"]
+        metrics["lvis_bbox"] = lvis_evaluate(ground_truth, detections)["summary"]
         if segm is not None:
-            metrics["lvis_segm"] = lvis_evaluate(annotations, detections, "segm")["summary"]
+            metrics["lvis_segm"] = lvis_evaluate(ground_truth, detections, "segm")["summary"]
     if train_annotations:
         train_data, _ = read_annotation_json(train_annotations)
         counts = training_counts(train_data)

@@ -23,6 +23,7 @@ from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_i
 from cachedet.engine.checkpoint import load_checkpoint
 from cachedet.engine.sources import check_fingerprint, fingerprint as make_fingerprint
 from cachedet.errors import CachedetError
+from cachedet.paths import resolve_path
 from cachedet.extract import resolve_device
 from cachedet.models.masks import paste_masks
 from cachedet.models.detector import DetectorConfig, build_detector
@@ -33,6 +34,7 @@ class Predictor:
     """Loads RUN/checkpoints/last.pt; ``predict_views`` and ``predict_images`` give COCO results."""
 
     def __init__(self, run: str, device: str = "auto", score_threshold: float = 0.0, need_backbone: bool = True):
+        run = resolve_path(run)
         path = os.path.join(run, "checkpoints", "last.pt") if os.path.isdir(run) else run
         ckpt = load_checkpoint(path)
         self.run, self.device = run, resolve_device(device)

@@ -41,15 +41,14 @@ def for_iou_type(detections: list[dict], iou_type: str) -> list[dict]:
     return [{k: v for k, v in d.items() if k != drop} for d in detections]
 
 
-def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbox") -> dict:
-    """Score COCO-format detections with pycocotools' COCOeval (``iou_type`` bbox or segm).
+def _stat(value: float) -> float | None:
+    """A reference scorer's summary number in 0..100; its -1 (undefined: no ground truth in that
+    area range or frequency group) becomes None, shown as "-" and stored as null."""
+    return None if value < 0 else float(value * 100)
 
-    Returns {"summary": {AP, AP50, ..., AR100 in 0..100}, "per_class": {category_id: AP or None}}.
-    No detections gives AP 0 (COCOeval itself refuses an empty result list). For segm, ground truth
-    without a segmentation is scored as its box.
-    """
+
+def _coco_gt(gt_dataset: dict, iou_type: str):
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     gt = COCO()
     gt.dataset = copy.deepcopy(gt_dataset)
@@ -62,17 +61,38 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
             ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
-    cat_ids = sorted(gt.getCatIds())
-    if not detections:
-        return {"summary": {k: 0.0 for k in COCO_STATS},
-                "per_class": {c: (0.0 if gt.getAnnIds(catIds=[c]) else None) for c in cat_ids}}
+    return gt
+
+
+def _coco_results(gt, detections: list[dict], iou_type: str):
+    """COCO results object; an empty one by hand, since ``loadRes`` refuses an empty list."""
+    from pycocotools.coco import COCO
+
+    if detections:
+        return gt.loadRes(copy.deepcopy(for_iou_type(detections, iou_type)))
+    dt = COCO()
+    dt.dataset = {"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
+                  "annotations": []}
+    dt.createIndex()
+    return dt
+
+
+def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbox") -> dict:
+    """Score COCO-format detections with pycocotools' COCOeval (``iou_type`` bbox or segm).
+
+    Returns {"summary": {AP, AP50, ..., ARl in 0..100, or None where COCOeval says -1 (no ground
+    truth of that size)}, "per_class": {category_id: AP or None}}. No detections scores 0 wherever
+    there is ground truth. For segm, ground truth without a segmentation is scored as its box.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    gt = _coco_gt(gt_dataset, iou_type)
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(copy.deepcopy(for_iou_type(detections, iou_type)))
-        ev = COCOeval(gt, dt, iou_type)
+        ev = COCOeval(gt, _coco_results(gt, detections, iou_type), iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    summary = {k: float(max(v, 0.0) * 100) for k, v in zip(COCO_STATS, ev.stats)}
+    summary = {k: _stat(v) for k, v in zip(COCO_STATS, ev.stats)}
     precision = ev.eval["precision"]  # (T iou, R recall, K classes, A areas, M maxdets)
     per_class = {}
     for k, cid in enumerate(ev.params.catIds):
@@ -83,32 +103,68 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
 
 
 @contextlib.contextmanager
-def _numpy_aliases_for_lvis():
-    """lvis 0.5.3 (the latest release) uses ``np.float``, removed in numpy 1.24; lend it while it runs."""
+def _lvis_quirks():
+    """While LVISEval runs: lvis 0.5.3 (the latest release) uses ``np.float``, removed in numpy 1.24,
+    so it is lent; and the package's INFO/WARNING log lines (its own handler) are held back."""
+    import logging
+
     added = not hasattr(np, "float")
     if added:
         np.float = float  # type: ignore[attr-defined]
+    logger = logging.getLogger("lvis")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        logger.setLevel(level)
         if added:
             del np.float
 
 
-def lvis_evaluate(annotation_path: str, detections: list[dict], iou_type: str = "bbox") -> dict:
-    """Score with the ``lvis`` package's LVISEval (``iou_type`` bbox or segm): AP, AP50, AP75, APs/m/l,
-    APr, APc, APf (0..100)."""
-    from lvis import LVIS, LVISEval, LVISResults
+def _lvis_objects(gt_dataset: dict, detections: list[dict], iou_type: str):
+    """(LVIS, LVISResults) from an in-memory dataset; the ``lvis`` package only reads files and
+    refuses an empty result list, so both are built on its classes' indexes."""
+    import logging
 
-    with contextlib.redirect_stdout(io.StringIO()), _numpy_aliases_for_lvis():
-        gt = LVIS(annotation_path)
-        if not detections:
-            return {"summary": {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")}}
-        dt = LVISResults(gt, copy.deepcopy(for_iou_type(detections, iou_type)))
+    from lvis import LVIS, LVISResults
+
+    class _Ground(LVIS):
+        def __init__(self, dataset):
+            self.logger = logging.getLogger("lvis")
+            self.dataset = dataset
+            self._create_index()
+
+    class _NoResults(LVISResults):
+        def __init__(self, gt):
+            self.logger = logging.getLogger("lvis")
+            self.dataset = {**copy.deepcopy(gt.dataset), "annotations": []}
+            self._create_index()
+
+    gt = _Ground(copy.deepcopy(gt_dataset))
+    if not detections:
+        return gt, _NoResults(gt)
+    return gt, LVISResults(gt, copy.deepcopy(for_iou_type(detections, iou_type)))
+
+
+def lvis_evaluate(ground_truth: dict | str, detections: list[dict], iou_type: str = "bbox") -> dict:
+    """Score with the ``lvis`` package's LVISEval (``iou_type`` bbox or segm): AP, AP50, AP75, APs/m/l,
+    APr, APc, APf (0..100, None where LVISEval says -1: no ground truth in that group).
+
+    ``ground_truth`` is a dataset prepared by ``cachedet.evaluation.ground_truth`` or an LVIS file path.
+    """
+    from lvis import LVISEval
+
+    if isinstance(ground_truth, str):
+        from cachedet.data.coco import read_annotation_json
+
+        ground_truth = read_annotation_json(ground_truth)[0]
+    with contextlib.redirect_stdout(io.StringIO()), _lvis_quirks():
+        gt, dt = _lvis_objects(ground_truth, detections, iou_type)
         ev = LVISEval(gt, dt, iou_type=iou_type)
         ev.run()
         results = ev.get_results()
-    return {"summary": {k: float(max(v, 0.0) * 100) for k, v in results.items()}}
+    return {"summary": {k: _stat(v) for k, v in results.items()}}
 
 
 def training_counts(train_dataset: dict) -> Counter:
