@@ -20,7 +20,7 @@ from cachedet import __version__
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
 from cachedet.cache.store import (
-    FeatureStore, create_store, read_shard_records, remove_shard_record, remove_store, shard_range, store_exists,
+    FeatureStore, create_store, interrupted_creation, read_shard_records, remove_shard_record, remove_store, shard_range, store_exists,
     verify_store,
 )
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
@@ -202,27 +202,40 @@ def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, n
 
 
 def prepare_store(cfg: ExtractConfig, header: dict, plan: ViewPlan) -> None:
-    """Create the store, or check that an existing one was made with the same configuration."""
+    """Create the store, or check that an existing one was made with the same configuration.
+
+    Safe against a second extraction starting on the same new store: creation is atomic
+    (``create_store``), and whoever loses the race checks the winner's header and resumes into it.
+    """
     if store_exists(cfg.out) and cfg.overwrite:
         remove_store(cfg.out)
-    if store_exists(cfg.out):
-        try:
-            found = FeatureStore(cfg.out).header
-        except CachedetError:
-            found = None
-        if found is None and not read_shard_records(cfg.out):
-            remove_store(cfg.out)  # an interrupted creation, or an empty folder: nothing to lose
-        elif found is None:
-            raise CachedetError(f"--out {cfg.out}: exists and is not a cachedet store; pass --overwrite to replace it")
-        else:
-            diff = schema.differences(schema.identity(found), schema.identity(header))
-            if diff:
-                raise CachedetError(
-                    f"--out {cfg.out}: the store was made with another configuration "
-                    f"(pass --overwrite to rebuild it): " + "; ".join(diff[:5])
-                )
+    for _ in range(3):
+        if store_exists(cfg.out) and _check_existing(cfg, header):
             return
-    create_store(cfg.out, header, plan.views, plan.boxes, extra_meta={"paste_image_id": plan.paste_image_ids()})
+        if create_store(cfg.out, header, plan.views, plan.boxes, extra_meta={"paste_image_id": plan.paste_image_ids()}):
+            return
+    raise CachedetError(f"--out {cfg.out}: another process keeps replacing this store; run one extraction at a time")
+
+
+def _check_existing(cfg: ExtractConfig, header: dict) -> bool:
+    """True when ``cfg.out`` holds a compatible store; False after removing an interrupted creation.
+    Raises CachedetError for a foreign folder or a store made with another configuration."""
+    try:
+        found = FeatureStore(cfg.out).header
+    except CachedetError:
+        found = None
+    if found is None and not interrupted_creation(cfg.out):
+        raise CachedetError(f"--out {cfg.out}: exists and is not a cachedet store; pass --overwrite to replace it")
+    if found is None:
+        remove_store(cfg.out)  # an interrupted creation on an object store, or an empty folder: nothing to lose
+        return False
+    diff = schema.differences(schema.identity(found), schema.identity(header))
+    if diff:
+        raise CachedetError(
+            f"--out {cfg.out}: the store was made with another configuration "
+            f"(pass --overwrite to rebuild it): " + "; ".join(diff[:5])
+        )
+    return True
 
 
 def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:

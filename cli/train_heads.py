@@ -12,8 +12,35 @@ from cachedet.errors import CachedetError
 from cachedet_cli.common import console as make_console, detector_options, parse_int_list, user_errors
 
 
+DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels")
+FIELD_OF = {"pretrained": "weights", "random_init": "weights", "no_amp": "amp", "quiet": None,
+            **{name: "detector_options" for name in DETECTOR_FLAGS}}
+
+
+def given_fields(ctx: typer.Context) -> set[str]:
+    """TrainConfig fields set by options typed on the command line (not left at their defaults)."""
+    typed = {name for name in ctx.params  # by name: typer may bring its own copy of click's enum
+             if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
+    return {FIELD_OF.get(name, name) for name in typed} - {None}
+
+
+def resumed_config(cfg, ctx: typer.Context):
+    """``--resume``: the run's own settings, overridden by the options typed now (then checked by train)."""
+    from dataclasses import replace
+
+    from cachedet.engine.train import TrainConfig
+
+    saved = TrainConfig.of_run(cfg.out)
+    given = given_fields(ctx) - {"out", "resume"}
+    changes = {name: getattr(cfg, name) for name in given if name != "detector_options"}
+    if "detector_options" in given:
+        changes["detector_options"] = {**saved.detector_options, **cfg.detector_options}
+    return replace(saved, **changes, out=cfg.out, resume=True)
+
+
 @user_errors
 def train_heads_command(
+    ctx: typer.Context,
     out: str = typer.Option(..., "--out", help="Run directory (config, checkpoints, metrics.jsonl)."),
     cache: Optional[str] = typer.Option(None, "--cache", help="Feature store written by cachedet extract."),
     online: bool = typer.Option(False, "--online", help="Run the frozen backbone every step instead of reading a cache."),
@@ -55,7 +82,10 @@ def train_heads_command(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
     no_amp: bool = typer.Option(False, "--no-amp", help="No bfloat16 autocast on CUDA."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run at --out from its last checkpoint, with its "
+                                "own settings; options typed with it override them. Only --epochs (the lr curve then "
+                                "follows the new length), --lr, --weight-decay, --clip-grad, --device, --workers and "
+                                "--no-amp may differ from the run's; other differences are refused."),
     quiet: bool = typer.Option(False, "--quiet"),
 ):
     """Train necks and heads from cached features (stage 2); --online / --backbone-trainable for the baselines."""
@@ -76,6 +106,8 @@ def train_heads_command(
         views_per_epoch=views_per_epoch, feature_crop=feature_crop, feature_crop_min=feature_crop_min,
         adapters=adapters, adapt_stages=parse_int_list(adapt_stages, "--adapt-stages"), seed=seed, device=device, resume=resume,
     )
+    if resume:
+        cfg = resumed_config(cfg, ctx)
     result = train(cfg, progress=not quiet)
     make_console().print(
         f"{result.run}: {result.steps} steps, {result.epochs} epochs, loss {result.first_loss:.3f} -> "

@@ -217,7 +217,7 @@ def test_masks_without_segmentation_train_boxes_with_a_notice(dataset_copy, tmp_
 
 
 def test_resuming_with_another_masks_setting_is_refused(mask_run, mask_store):
-    with pytest.raises(CachedetError, match="trained with a mask branch; resume it with the same --masks setting"):
+    with pytest.raises(CachedetError, match="other settings than given \\(--masks: run True, given False\\)"):
         train(TrainConfig(out=mask_run, cache=mask_store.out, masks=False, epochs=2, batch_size=4, neck_channels=16,
                           warmup_steps=1, detector_options=dict(LIGHT), resume=True), progress=False)
 

@@ -7,8 +7,13 @@ recomputed by the next run, so an interrupted run never leaves a shard that look
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import shutil
+import socket
+import uuid
 
 import fsspec
 import numpy as np
@@ -39,6 +44,20 @@ def store_exists(url: str) -> bool:
     return fs.exists(path)
 
 
+STORE_ENTRIES = {"zarr.json", "features", "quant", "meta", "boxes", "masks"}
+
+
+def interrupted_creation(url: str) -> bool:
+    """True for a folder that holds nothing but the parts of a store laid out before its header
+    (or nothing at all): safe to replace. Anything else there is somebody's data."""
+    fs, path = _fs(url)
+    try:
+        names = {os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return names <= STORE_ENTRIES
+
+
 def remove_store(url: str):
     fs, path = _fs(url)
     if fs.exists(path):
@@ -59,12 +78,61 @@ def meta_arrays(views: list[ViewParams]) -> dict[str, np.ndarray]:
 
 
 def create_store(url: str, header: dict, views: list[ViewParams], boxes: dict[str, np.ndarray],
-                 extra_meta: dict[str, np.ndarray] | None = None) -> None:
+                 extra_meta: dict[str, np.ndarray] | None = None) -> bool:
     """Lay out a new store: empty feature arrays, the view metadata, the ragged boxes, then the header.
 
-    The header is written last: a store without it is an interrupted creation, safe to replace.
+    A local store is built whole under a temporary sibling name and renamed into place, so it
+    appears complete or not at all; when another process got there first, nothing is changed and
+    False is returned (the caller then checks that store's header). An object store (no rename) is
+    laid out in place with the header written last: a store without it is an interrupted creation.
+    Returns True when this call created the store.
     """
-    group = open_group(url, mode="w")
+    url = resolve_path(url)
+    fs, path = _fs(url)
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        _lay_out(url, header, views, boxes, extra_meta)
+        return True
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_creations(parent, name)
+    tmp = os.path.join(parent, f".{name}.creating-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        _lay_out(tmp, header, views, boxes, extra_meta)
+        os.rename(tmp, path)  # atomic; fails when another creator's store (a non-empty folder) is there
+        return True
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        return False
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_creations(parent: str, name: str) -> None:
+    """Temporary folders left by creations on this host whose process is gone (killed mid-creation)."""
+    prefix, host = f".{name}.creating-", socket.gethostname()
+    for entry in os.listdir(parent):
+        if not entry.startswith(prefix):
+            continue
+        owner = entry[len(prefix):].rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1])):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lay_out(url: str, header: dict, views: list[ViewParams], boxes: dict[str, np.ndarray],
+             extra_meta: dict[str, np.ndarray] | None) -> None:
+    group = zarr.open_group(url, mode="w")
     storage = header["storage"]
     sv = storage["shard_views"]
     n = header["num_views"]

@@ -12,7 +12,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from cachedet.atomic import write_json_atomic
 from cachedet.backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from cachedet.engine.resume import continue_schedule, resume_changes
 from cachedet.engine.distributed import DistInfo, barrier, init_distributed, shutdown
 from cachedet.engine.sources import CacheSource, OnlineSource, check_fingerprint
 from cachedet.errors import CachedetError
@@ -119,6 +120,28 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """The inverse of ``to_dict`` (as read back from config.json: lists become tuples again)."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for key in ("out_indices", "scale_range", "adapt_stages"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    @classmethod
+    def of_run(cls, out: str) -> "TrainConfig":
+        """The settings a run at ``out`` was last trained with (its config.json), for ``--resume``."""
+        path = os.path.join(resolve_path(out), "config.json")
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f)["train"])
+        except FileNotFoundError:
+            raise CachedetError(f"--out {out}: no run to resume here (no config.json)") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CachedetError(f"{path}: unreadable run configuration ({type(e).__name__})") from None
+
 
 class TrainModel(nn.Module):
     """inputs -> features -> detector losses. Without a backbone the inputs are the features;
@@ -206,6 +229,40 @@ class RunDir:
         self.checkpoint = os.path.join(path, "checkpoints", "last.pt")
         self.metrics = os.path.join(path, "metrics.jsonl")
         self.config = os.path.join(path, "config.json")
+        self._lock = None
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the run (``.lock``, ``fcntl.flock``) until ``unlock`` or the process
+        ends, so two train-heads with one --out never interleave. A crash releases it by itself."""
+        import fcntl
+
+        os.makedirs(self.path, exist_ok=True)
+        f = open(os.path.join(self.path, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise CachedetError(f"--out {self.path}: another train-heads is writing this run; wait for it, "
+                                "or choose another --out") from None
+        self._lock = f
+
+    def resume_history(self, step: int, epoch: int, changes: dict, resumed: bool) -> list[dict]:
+        """config.json's list of resumptions so far, with this one (its step and changed settings) added."""
+        history = []
+        if resumed and os.path.exists(self.config):
+            try:
+                with open(self.config) as f:
+                    history = list(json.load(f).get("resumes", []))
+            except (OSError, ValueError):
+                history = []
+        if resumed:
+            history.append({"step": step, "epoch": epoch, "changed": changes})
+        return history
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def truncate_metrics(self, last_step: int):
         """Drop metric lines written after the checkpoint we resume from (a killed run's tail)."""
@@ -236,9 +293,13 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Run stage 2 (see module docstring); with ``cfg.resume`` continue from checkpoints/last.pt."""
-    from cachedet.progress import ViewProgress
+    """Run stage 2 (see module docstring); with ``cfg.resume`` continue from checkpoints/last.pt.
 
+    The run directory is locked for the whole run. Resuming compares ``cfg`` with the run's
+    settings (``cachedet.engine.resume``): a changed schedule length, lr, weight decay or clipping
+    applies from the next step and is recorded under ``resumes`` in config.json; other changes
+    are refused, naming each. Raises CachedetError for the user's faults.
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
     info = init_distributed(device)
@@ -246,9 +307,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     run = RunDir(cfg.out)
+    if info.is_main:
+        run.lock()
+    try:
+        return _train_locked(cfg, run, device, info, progress)
+    finally:
+        run.unlock()
+
+
+def _train_locked(cfg: TrainConfig, run: RunDir, device: torch.device, info: DistInfo, progress: bool) -> TrainResult:
+    from cachedet.progress import ViewProgress
+
     if not cfg.resume and os.path.exists(run.checkpoint):
         raise CachedetError(f"--out {cfg.out}: holds a run already (pass --resume to continue it, or choose another --out)")
     ckpt = load_checkpoint(run.checkpoint) if cfg.resume else None
+    changes = resume_changes(ckpt["config"], cfg) if ckpt is not None else {}
 
     source = make_source(cfg, info, device)
     det_cfg = DetectorConfig(
@@ -273,7 +346,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     steps_per_epoch = source.steps(0)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch * cfg.epochs))
+    factor = lr_factor(cfg, steps_per_epoch * cfg.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     start_epoch, step = 0, 0
     if ckpt is not None:
         model.detector.load_state_dict(ckpt["detector"])
@@ -282,13 +356,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        continue_schedule(optimizer, scheduler, cfg.learning_rate, cfg.weight_decay, factor, step)
         if info.is_main:
             run.truncate_metrics(step)
     if info.is_main:
-        os.makedirs(run.path, exist_ok=True)
         write_json_atomic(run.config, {"train": cfg.to_dict(), "detector": det_cfg.to_dict(), "fingerprint": source.fingerprint,
                                        "backbone": source.backbone_identity, "augment": source.augment,
-                                       "categories": source.categories, "cachedet_version": __version__}, indent=2)
+                                       "categories": source.categories, "cachedet_version": __version__,
+                                       "resumes": run.resume_history(step, start_epoch, changes, ckpt is not None)},
+                          indent=2)
     ddp = model
     if info.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

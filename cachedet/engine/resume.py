@@ -1,0 +1,76 @@
+"""What may change when a run is resumed, and how the schedule continues.
+
+A run resumed with other settings than it was trained with would either crash in
+``load_state_dict`` or silently train something else. ``resume_changes`` compares every setting
+given with ``--resume`` with the checkpoint's:
+
+- ``RESUMABLE`` settings may change: the schedule's length (``epochs``), the optimiser's ``lr``,
+  ``weight_decay`` and ``clip_grad``, and where and how the run executes (``device``, ``workers``,
+  ``loader_start``, ``amp``). They are applied from the first resumed step and recorded.
+- Locations (``out``, ``cache``, ``annotations``, ``images``) are not compared: the data's identity
+  is checked by its fingerprint instead.
+- Everything else shapes the model, the data or the schedule's form; a difference is refused in
+  one message that lists each setting with the run's value and the given one.
+
+Schedule rule: the remaining steps follow the learning-rate curve that a fresh run of the new
+length (and base ``lr``) would have at those steps; steps already taken are not redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from cachedet.errors import CachedetError
+
+RESUMABLE = ("epochs", "lr", "weight_decay", "clip_grad", "device", "workers", "loader_start", "amp")
+LOCATIONS = ("out", "cache", "annotations", "images", "resume")
+FLAGS = {"amp": "--no-amp", "loader_start": "TrainConfig.loader_start", "weights": "--weights/--pretrained/--random-init", "detector_options":
+         "--nasfpn-repeats/--cascade-ious/--box-convs/--box-fcs/--mask-convs/--mask-channels"}
+
+
+def flag(field: str) -> str:
+    """The train-heads option that sets a TrainConfig field."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # tuples and lists, as JSON and checkpoints keep them
+
+
+def resume_changes(saved: dict, cfg) -> dict[str, list]:
+    """{field: [run's value, given value]} for the ``RESUMABLE`` settings that differ.
+
+    ``saved`` is the checkpoint's config dict, ``cfg`` the TrainConfig given now. Raises
+    CachedetError listing every other setting that differs.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    fixed, changed = [], {}
+    for key, value in cfg.to_dict().items():
+        if key in LOCATIONS:
+            continue
+        old, new = _plain(saved.get(key, defaults.get(key))), _plain(value)
+        if old == new:
+            continue
+        if key in RESUMABLE:
+            changed[key] = [old, new]
+        else:
+            fixed.append(f"{flag(key)}: run {old!r}, given {new!r}")
+    if fixed:
+        raise CachedetError(f"--resume: {cfg.out} was trained with other settings than given ({'; '.join(fixed)}); "
+                            f"resume with the run's values (--resume alone reads them from the run) or start "
+                            f"another --out. These may change on resume: {', '.join(flag(k) for k in RESUMABLE)}")
+    return changed
+
+
+def continue_schedule(optimizer: torch.optim.Optimizer, scheduler, base_lr: float, weight_decay: float,
+                      factor, step: int) -> None:
+    """After loading the optimiser and scheduler states: make the next step use the curve ``factor``
+    (the new run length) scaled by ``base_lr``, as a fresh run would at ``step``."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * factor(step)
+        group["weight_decay"] = weight_decay
+    scheduler.base_lrs = [base_lr] * len(optimizer.param_groups)
