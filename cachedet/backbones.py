@@ -6,6 +6,10 @@ Weight sources (``BackboneConfig.weights``):
   "random"   deterministic random init (seeded), for tests and timing
   "timm"     timm's own pretrained download (needs network)
   PATH       a local checkpoint: a state dict with timm's key names, or the same tensors in order
+
+Plain ViTs (``cachedet.vit``: DINOv2/DINOv3, EVA-02, CLIP, SigLIP, DeiT) are built the same way;
+``out_indices`` then holds their taps (block indices, default the last block) and their levels
+are named by tap (``b11``), all at the patch stride.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import timm
 import torch
 from torch import nn
 
+from cachedet import vit
 from cachedet.errors import CachedetError
 from cachedet.structures import FeatureSpec
 
@@ -30,7 +35,7 @@ DEFAULT_STRIDES = (8, 16, 32)
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str = DEFAULT_BACKBONE
-    out_indices: tuple[int, ...] | None = None  # None: the stride 8/16/32 levels
+    out_indices: tuple[int, ...] | None = None  # None: the stride 8/16/32 levels (CNN), the last block (ViT)
     weights: str = "default"
 
     def to_dict(self) -> dict:
@@ -44,13 +49,15 @@ class Backbone(nn.Module):
 
     forward(images float (B, 3, S, S), normalised with ``mean``/``std``) -> {name: (B, C, S/stride, S/stride)}.
     BatchNorm is always frozen (FrozenBatchNorm2d); ``trainable`` decides whether the other
-    weights get gradients (fine-tuning baseline) or not (frozen, the default).
+    weights get gradients (fine-tuning baseline) or not (frozen, the default). ``patch`` is a
+    plain ViT's patch size (the canvas must be a multiple of it, else CachedetError), None for CNNs.
     """
 
-    def __init__(self, model: nn.Module, specs: list[FeatureSpec], mean, std, identity: dict):
+    def __init__(self, model: nn.Module, specs: list[FeatureSpec], mean, std, identity: dict, patch: int | None = None):
         nn.Module.__init__(self)
         self.model = model
         self.specs = specs
+        self.patch = patch
         self.mean, self.std = tuple(mean), tuple(std)
         self.identity = identity
         self.adapter_stages: tuple[int, ...] = ()
@@ -104,7 +111,15 @@ class Backbone(nn.Module):
             self.model.eval()  # frozen: dropout/drop-path off, as at classification inference
         return self
 
+    def check_canvas(self, size: int, option: str = "--size") -> "Backbone":
+        """CachedetError (one line, naming ``option``) unless ``size`` suits the backbone (ViT: patch multiple)."""
+        if self.patch:
+            vit.check_canvas(self.identity["name"], self.patch, size, option)
+        return self
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.patch and (images.shape[-1] % self.patch or images.shape[-2] % self.patch):
+            self.check_canvas(images.shape[-1] if images.shape[-1] % self.patch else images.shape[-2], "canvas")
         if self.has_adapters and not self.trainable:
             # only the adapted stages and what follows them need autograd
             from cachedet.adapters import run_stages, stage_layout
@@ -118,6 +133,7 @@ class Backbone(nn.Module):
 
     def feature_shapes(self, size: int) -> dict[str, tuple[int, int, int]]:
         """(C, H, W) of each level for a size x size input, from one probe forward pass."""
+        self.check_canvas(size)
         p = next(self.model.parameters())
         with torch.no_grad():
             out = self(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
@@ -190,28 +206,41 @@ def config_from_identity(identity: dict) -> BackboneConfig:
     return BackboneConfig(identity["name"], tuple(identity["out_indices"]), weights)
 
 
+def _create(name: str, out_indices: tuple[int, ...], weights: str) -> nn.Module:
+    """timm's features_only model, seeded (random init is identical in every process)."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=(weights == "timm"),
+                                     **vit.create_kwargs(name))
+    except (IndexError, AssertionError) as e:
+        if vit.is_vit(name):
+            vit.check_taps(name, out_indices, len(timm.create_model(name, pretrained=False).blocks))
+        raise CachedetError(f"--out-indices {list(out_indices)}: not valid for {name} ({e})") from None
+    except Exception as e:
+        if weights == "timm":
+            raise CachedetError(f"--pretrained: timm could not load weights for {name} ({type(e).__name__}: {e})") from None
+        raise
+
+
 def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
     """Create the frozen backbone described by ``cfg`` on the CPU."""
     if cfg.name not in timm.list_models():
         raise CachedetError(f"--backbone {cfg.name}: not a timm model name")
-    out_indices = cfg.out_indices if cfg.out_indices is not None else _default_out_indices(cfg.name)
+    plain_vit = vit.is_vit(cfg.name)
+    if plain_vit:  # taps are checked against the depth once the model exists; -1 is the last block
+        out_indices = tuple(cfg.out_indices) if cfg.out_indices is not None else vit.DEFAULT_TAPS
+    else:
+        out_indices = cfg.out_indices if cfg.out_indices is not None else _default_out_indices(cfg.name)
     weights = cfg.weights
     if weights == "default" and cfg.name not in OFFLINE_WEIGHTS_ARCHS:
         if warn:
             warnings.warn(f"no offline weights for {cfg.name}: random init (pass --pretrained or --weights PATH)")
         weights = "random"
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # random init is identical in every process
-            model = timm.create_model(
-                cfg.name, features_only=True, out_indices=out_indices, pretrained=(weights == "timm")
-            )
-    except (IndexError, AssertionError) as e:
-        raise CachedetError(f"--out-indices {list(out_indices)}: not valid for {cfg.name} ({e})") from None
-    except Exception as e:
-        if weights == "timm":
-            raise CachedetError(f"--pretrained: timm could not load weights for {cfg.name} ({type(e).__name__}: {e})") from None
-        raise
+    model = _create(cfg.name, out_indices, weights)
+    if plain_vit and list(model.out_indices) != sorted(set(model.out_indices)):
+        # forward_intermediates returns taps in block order: ask for them in that order, once each
+        model = _create(cfg.name, tuple(sorted(set(model.out_indices))), weights)
     source = weights
     if weights == "default":
         try:
@@ -222,15 +251,15 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
                 warnings.warn(f"{e}; falling back to random init")
             source = "random"
     elif weights not in ("random", "timm"):
-        full_keys = list(timm.create_model(cfg.name, pretrained=False).state_dict().keys())
+        full_keys = list(timm.create_model(cfg.name, pretrained=False, **vit.create_kwargs(cfg.name)).state_dict().keys())
         model.load_state_dict(_file_state_dict(weights, model.state_dict(), full_keys), strict=True)
         source = f"file:{os.path.abspath(weights)}"
     model = timm.layers.freeze_batch_norm_2d(model)
     info = model.feature_info
-    specs = [
-        FeatureSpec(FeatureSpec.level_name(r), int(c), int(r))
-        for c, r in zip(info.channels(), info.reduction())
-    ]
+    if plain_vit:
+        specs, out_indices = vit.tap_specs(model), tuple(model.out_indices)
+    else:
+        specs = [FeatureSpec(FeatureSpec.level_name(r), int(c), int(r)) for c, r in zip(info.channels(), info.reduction())]
     data_cfg = timm.data.resolve_data_config({}, model=model)
     identity = {
         "name": cfg.name,
@@ -240,4 +269,4 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
         "mean": [float(v) for v in data_cfg["mean"]],
         "std": [float(v) for v in data_cfg["std"]],
     }
-    return Backbone(model, specs, data_cfg["mean"], data_cfg["std"], identity)
+    return Backbone(model, specs, data_cfg["mean"], data_cfg["std"], identity, vit.patch_size(model) if plain_vit else None)

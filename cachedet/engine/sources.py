@@ -141,7 +141,7 @@ class OnlineSource(_AdapterMixin):
         self.dataset_info = load_detection_dataset(annotations, images)
         self.masks = masks and self.dataset_info.has_masks
         self.no_masks_reason = f"--annotations {annotations} has no segmentation"
-        self.backbone = build_backbone(backbone).set_trainable(trainable)
+        self.backbone = build_backbone(backbone).set_trainable(trainable).check_canvas(augment.size)
         self.specs = list(self.backbone.specs)
         self.canvas = augment.size
         self.categories = self.dataset_info.categories.to_json()
