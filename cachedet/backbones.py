@@ -37,6 +37,7 @@ class BackboneConfig:
     name: str = DEFAULT_BACKBONE
     out_indices: tuple[int, ...] | None = None  # None: the stride 8/16/32 levels (CNN), the last block (ViT)
     weights: str = "default"
+    prefix_tokens: bool = False  # ViT hybrid caches: also emit the deepest tap's prefix tokens (cachedet.vit_blocks)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -50,14 +51,17 @@ class Backbone(nn.Module):
     forward(images float (B, 3, S, S), normalised with ``mean``/``std``) -> {name: (B, C, S/stride, S/stride)}.
     BatchNorm is always frozen (FrozenBatchNorm2d); ``trainable`` decides whether the other
     weights get gradients (fine-tuning baseline) or not (frozen, the default). ``patch`` is a
-    plain ViT's patch size (the canvas must be a multiple of it, else CachedetError), None for CNNs.
+    plain ViT's patch size (the canvas must be a multiple of it, else CachedetError), None for CNNs;
+    a ViT's stages are its blocks (``cachedet.vit_blocks``), ``prefix_of`` the block whose prefix
+    tokens it also emits (hybrid extraction).
     """
 
-    def __init__(self, model: nn.Module, specs: list[FeatureSpec], mean, std, identity: dict, patch: int | None = None):
+    def __init__(self, model: nn.Module, specs: list[FeatureSpec], mean, std, identity: dict, patch: int | None = None,
+                 prefix_of: int | None = None):
         nn.Module.__init__(self)
         self.model = model
         self.specs = specs
-        self.patch = patch
+        self.patch, self.prefix_of = patch, prefix_of
         self.mean, self.std = tuple(mean), tuple(std)
         self.identity = identity
         self.adapter_stages: tuple[int, ...] = ()
@@ -77,11 +81,19 @@ class Backbone(nn.Module):
     def has_adapters(self) -> bool:
         return bool(self.adapter_stages)
 
-    def add_adapters(self, stages: tuple[int, ...]) -> "Backbone":
-        """Zero-initialised parallel residual adapters in ``stages`` (``cachedet.adapters``); only they train."""
-        from cachedet.adapters import add_adapters
+    @property
+    def first_adaptable_stage(self) -> int:
+        """ViT: block 0; CNN: stage 1 (stage 0 is the stem)."""
+        return 0 if self.patch else 1
 
-        self._adapter_params += add_adapters(self.model, tuple(stages), self.identity["name"])
+    def add_adapters(self, stages: tuple[int, ...]) -> "Backbone":
+        """Zero-initialised adapters in ``stages`` (CNN: ``cachedet.adapters``; ViT blocks: AdaptFormer,
+        ``cachedet.vit_blocks``); only they train."""
+        if self.patch:
+            from cachedet.vit_blocks import add_adapters
+        else:
+            from cachedet.adapters import add_adapters
+        self._adapter_params += add_adapters(self.model.model if self.patch else self.model, tuple(stages), self.identity["name"])
         self.adapter_stages = tuple(sorted(set(self.adapter_stages) | set(stages)))
         return self.set_trainable(self.trainable)
 
@@ -89,7 +101,9 @@ class Backbone(nn.Module):
         return sum(p.numel() for p in self._adapter_params)
 
     def stage_names(self) -> list[str]:
-        """Level name of every stage's output (stage k -> c{log2 stride})."""
+        """Level name of every stage's output (CNN stage k -> c{log2 stride}; ViT block k -> b{k})."""
+        if self.patch:
+            return [FeatureSpec.tap_name(k) for k in range(len(self.model.model.blocks))]
         return [FeatureSpec.level_name(int(i["reduction"])) for i in self.model.feature_info.info]
 
     def forward_from(self, cached: dict[str, torch.Tensor], stage: int) -> dict[str, torch.Tensor]:
@@ -97,6 +111,10 @@ class Backbone(nn.Module):
 
         cached {level: (B, C, H, W)} holds stage ``stage``'s output and the pyramid levels before it.
         """
+        if self.patch:
+            from cachedet.vit_blocks import forward_from
+
+            return forward_from(self.model.model, cached, stage, self.identity["out_indices"])
         from cachedet.adapters import run_stages, stage_layout
 
         layout = stage_layout(self.model)
@@ -120,6 +138,11 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.patch and (images.shape[-1] % self.patch or images.shape[-2] % self.patch):
             self.check_canvas(images.shape[-1] if images.shape[-1] % self.patch else images.shape[-2], "canvas")
+        if self.patch and (self.prefix_of is not None or self.has_adapters):
+            from cachedet.vit_blocks import forward_taps
+
+            first = min(self.adapter_stages) if self.has_adapters and not self.trainable else None
+            return forward_taps(self.model.model, images, self.identity["out_indices"], first, self.prefix_of)
         if self.has_adapters and not self.trainable:
             # only the adapted stages and what follows them need autograd
             from cachedet.adapters import run_stages, stage_layout
@@ -203,7 +226,7 @@ def config_from_identity(identity: dict) -> BackboneConfig:
     """The BackboneConfig that rebuilds a backbone recorded in a cache header or a checkpoint."""
     source = identity["weights"]
     weights = "default" if source.startswith("offline:") else source[len("file:"):] if source.startswith("file:") else source
-    return BackboneConfig(identity["name"], tuple(identity["out_indices"]), weights)
+    return BackboneConfig(identity["name"], tuple(identity["out_indices"]), weights, bool(identity.get("prefix_tokens")))
 
 
 def _create(name: str, out_indices: tuple[int, ...], weights: str) -> nn.Module:
@@ -256,8 +279,14 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
         source = f"file:{os.path.abspath(weights)}"
     model = timm.layers.freeze_batch_norm_2d(model)
     info = model.feature_info
+    prefix_of = None
     if plain_vit:
         specs, out_indices = vit.tap_specs(model), tuple(model.out_indices)
+        if cfg.prefix_tokens and model.model.num_prefix_tokens:
+            from cachedet.vit_blocks import prefix_name
+
+            prefix_of = max(out_indices)
+            specs.append(FeatureSpec(prefix_name(prefix_of), specs[-1].channels, specs[-1].stride))
     else:
         specs = [FeatureSpec(FeatureSpec.level_name(r), int(c), int(r)) for c, r in zip(info.channels(), info.reduction())]
     data_cfg = timm.data.resolve_data_config({}, model=model)
@@ -269,4 +298,7 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
         "mean": [float(v) for v in data_cfg["mean"]],
         "std": [float(v) for v in data_cfg["std"]],
     }
-    return Backbone(model, specs, data_cfg["mean"], data_cfg["std"], identity, vit.patch_size(model) if plain_vit else None)
+    if cfg.prefix_tokens:
+        identity["prefix_tokens"] = True
+    return Backbone(model, specs, data_cfg["mean"], data_cfg["std"], identity, vit.patch_size(model) if plain_vit else None,
+                    prefix_of)

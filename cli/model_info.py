@@ -40,7 +40,8 @@ def model_info_command(
     if adapters and stages is None:
         from cachedet.backbones import BackboneConfig, build_backbone
 
-        stages = tuple(range(1, len(build_backbone(BackboneConfig(backbone, indices, "random"), warn=False).stage_names())))
+        bb = build_backbone(BackboneConfig(backbone, indices, "random"), warn=False)
+        stages = tuple(range(bb.first_adaptable_stage, len(bb.stage_names())))
     info = model_info(backbone, neck, head, size, num_classes, neck_channels,
                       detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs), batch,
                       adapt_stages=stages if adapters else None, masks=masks, out_indices=indices)
