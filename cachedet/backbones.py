@@ -248,7 +248,7 @@ def _create(name: str, out_indices: tuple[int, ...], weights: str) -> nn.Module:
 
 def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
     """Create the frozen backbone described by ``cfg`` on the CPU."""
-    if cfg.name not in timm.list_models():
+    if timm.models.split_model_name_tag(cfg.name)[0] not in timm.list_models():  # a pretrained tag may follow
         raise CachedetError(f"--backbone {cfg.name}: not a timm model name")
     plain_vit = vit.is_vit(cfg.name)
     if plain_vit:  # taps are checked against the depth once the model exists; -1 is the last block

@@ -31,7 +31,7 @@ DEFAULT_TAPS = (-1,)  # the last block
 def is_vit(name: str) -> bool:
     """True for a timm model name of the plain-ViT families above (no model is built)."""
     try:
-        return timm.models.model_entrypoint(name).__module__ in VIT_MODULES
+        return timm.models.model_entrypoint(timm.models.split_model_name_tag(name)[0]).__module__ in VIT_MODULES
     except RuntimeError:  # unknown name
         return False
 

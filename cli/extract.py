@@ -44,7 +44,7 @@ def extract_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print views, size and time estimates; write nothing."),
     num_images: Optional[int] = typer.Option(None, "--num-images", help="With --dry-run: plan for this many images instead of the file's."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images in the store instead of stopping."),
-    cache_stage: Optional[int] = typer.Option(None, "--cache-stage", help="Hybrid cache for adapters: store the backbone up to this stage (its output and the pyramid levels before it)."),
+    cache_stage: Optional[int] = typer.Option(None, "--cache-stage", help="Hybrid cache for adapters: store the backbone up to this stage (its output and the pyramid levels before it; a ViT: block K's tokens and the taps before it)."),
     repair: bool = typer.Option(False, "--repair", help="Verify complete shards' checksums first and recompute damaged ones."),
     no_masks: bool = typer.Option(False, "--no-masks", help="Store no instance masks even when the annotations carry segmentation (boxes only)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),

@@ -12,7 +12,7 @@ from cachedet.cache.store import FeatureStore
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import TrainConfig, train
 from cachedet.errors import CachedetError
-from cachedet.extract import extract
+from cachedet.extract import dry_run, extract
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import build_neck
 from cachedet.models.simple_pyramid import tap_for_level
@@ -82,9 +82,20 @@ def test_deeper_taps_feed_coarser_levels_and_parameters_are_pinned():
     assert [tap_for_level(j, 4, 4) for j in range(4)] == [0, 1, 2, 3]
     assert [tap_for_level(j, 4, 2) for j in range(4)] == [0, 0, 1, 1]
     neck = build_neck("auto", [FeatureSpec("b11", 64, 16)], 32, "maxpool")
-    # P2: 2 deconvs (2 x (64*64*4 + 64)) + LN (128); P3: 1 deconv (16,448); every level: 1x1 (2,048) + LN (64)
-    # + 3x3 (9,216) + LN (64) = 11,392
-    assert sum(p.numel() for p in neck.parameters()) == 2 * 16_448 + 128 + 16_448 + 4 * 11_392
+    # P2: deconv 64->32 (8,224) + LN (64) + deconv 32->16 (2,064), 1x1 16->32 (512) + LN + 3x3 (9,216) + LN;
+    # P3: deconv 64->32 (8,224), 1x1 32->32 (1,024) + LN + 3x3 + LN; P4, P5: 1x1 64->32 (2,048) + LN + 3x3 + LN
+    assert sum(p.numel() for p in neck.parameters()) == (8_224 + 64 + 2_064 + 9_856) + (8_224 + 10_368) + 2 * 11_392
+
+
+def test_dry_run_plans_vit_taps(synthetic, tmp_path):
+    cfg = small_config(synthetic, str(tmp_path / "plan.zarr"), backbone=BackboneConfig("test_vit", (1, 3, 5), "random"),
+                       augment=AugmentConfig(size=128), views=4)
+    r = dry_run(cfg, num_images=1000)
+    assert r.feature_shapes == {"b1": (64, 8, 8), "b3": (64, 8, 8), "b5": (64, 8, 8)}
+    assert r.bytes_per_view == 3 * 64 * 8 * 8 * 2 and r.total_bytes == 4000 * r.bytes_per_view
+    assert r.views_per_second > 0 and not os.path.exists(cfg.out)
+    with pytest.raises(CachedetError, match="^--size 120: "):
+        dry_run(small_config(synthetic, cfg.out, backbone=cfg.backbone, augment=AugmentConfig(size=120)))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ Backbones for Object Detection*, ECCV 2022, Sec. 3 and Fig. 2c), written for cac
 A plain ViT emits every tap at one stride s (its patch size). Pyramid level l (stride 2**l) is
 made from a tap by resampling it by 2**l / s:
 
-  up 2**k     k 2x2 stride-2 transposed convs, LayerNorm + GELU between them (ViTDet: x4, x2)
+  up 2**k     k 2x2 stride-2 transposed convs, each halving the channels, LayerNorm + GELU
+              between them (ViTDet: x4 is C -> C/2 -> C/4, x2 is C -> C/2)
   x1          identity
   down 2**k   k 2x2 stride-2 max-pools, odd sizes rounded up (ViTDet: /2)
 
@@ -50,18 +51,20 @@ def vit_taps(specs: list[FeatureSpec]) -> bool:
     return single_stride(specs) and (len(specs) > 1 or specs[0].name.startswith("b"))
 
 
-def _rescale(channels: int, log2_factor: int) -> nn.Module:
-    """Resample a map by 2**log2_factor: transposed convs up, max-pools down, identity at 0."""
+def _rescale(channels: int, log2_factor: int) -> tuple[nn.Module, int]:
+    """Resample a map by 2**log2_factor: transposed convs up (halving the channels each time),
+    max-pools down, identity at 0. Returns the module and its output channels."""
     if log2_factor == 0:
-        return nn.Identity()
+        return nn.Identity(), channels
     if log2_factor < 0:
-        return nn.Sequential(*[nn.MaxPool2d(2, 2, ceil_mode=True) for _ in range(-log2_factor)])
+        return nn.Sequential(*[nn.MaxPool2d(2, 2, ceil_mode=True) for _ in range(-log2_factor)]), channels
     layers: list[nn.Module] = []
     for k in range(log2_factor):
         if k:
             layers += [LayerNorm2d(channels), nn.GELU()]
-        layers.append(nn.ConvTranspose2d(channels, channels, 2, stride=2))
-    return nn.Sequential(*layers)
+        layers.append(nn.ConvTranspose2d(channels, max(channels // 2, 1), 2, stride=2))
+        channels = max(channels // 2, 1)
+    return nn.Sequential(*layers), channels
 
 
 def tap_for_level(j: int, levels: int, taps: int) -> int:
@@ -93,8 +96,8 @@ class SimplePyramidNeck(nn.Module):
         self.scales = nn.ModuleList()
         self.outputs = nn.ModuleList()
         for source, level in zip(self.sources, levels):
-            c_in = next(s.channels for s in in_specs if s.name == source)
-            self.scales.append(_rescale(c_in, self.base_level - level))
+            scale, c_in = _rescale(next(s.channels for s in in_specs if s.name == source), self.base_level - level)
+            self.scales.append(scale)
             self.outputs.append(nn.Sequential(
                 nn.Conv2d(c_in, channels, 1, bias=False), LayerNorm2d(channels),
                 nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels),
