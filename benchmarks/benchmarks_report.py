@@ -68,19 +68,26 @@ def write_report(result: dict, out_dir: str) -> str:
                      f"{c['decode_MBps']:.0f} | {c['max_abs_error']:.2g} |")
     if result["sweep"]:
         sc = result["sweep"][0]["config"]
-        lines += ["", f"### Across backbones: FPN + Faster R-CNN on c3-c5, {sc['size']}x{sc['size']}, batch {sc['batch']}", "",
-                  "| backbone | backbone share of frozen step FLOPs | finetune (s) | online frozen (s) | cached (s) | heads in memory (s) | cached vs online frozen | cached vs finetune | cached / heads in memory |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"### Across backbones: Faster R-CNN, {sc['size']}x{sc['size']}, batch {sc['batch']} "
+                  "(CNNs: FPN on c3-c5, P3-P6; plain ViTs: ViTDet's simple pyramid on the last block, P2-P6)", "",
+                  "| backbone | neck | backbone share of frozen step FLOPs | finetune (s) | online frozen (s) | cached (s) | heads in memory (s) | cached vs online frozen | cached vs finetune | cached / heads in memory |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for s in result["sweep"]:
             name = s["config"]["backbone"]
             rr = {r["regime"]: r for r in recs if r["backbone"] == name and r["size"] == sc["size"]}
             share = s["stages"]["backbone_flops_per_view"] * sc["batch"] / rr["online_frozen"]["flops_per_step"]
             s["share"] = share
-            lines.append(f"| {name} | {share:.2f} | {rr['finetune']['step_s_median']:.2f} | {rr['online_frozen']['step_s_median']:.2f} | "
+            lines.append(f"| {name} | {s['config']['neck']} | {share:.2f} | {rr['finetune']['step_s_median']:.2f} | {rr['online_frozen']['step_s_median']:.2f} | "
                          f"{rr['cached']['step_s_median']:.2f} | {rr['heads_in_memory']['step_s_median']:.2f} | "
                          f"{_ratio(rr['online_frozen']['step_s_median'], rr['cached']['step_s_median']):.2f}x | "
                          f"{_ratio(rr['finetune']['step_s_median'], rr['cached']['step_s_median']):.2f}x | "
                          f"{_ratio(rr['cached']['step_s_median'], rr['heads_in_memory']['step_s_median']):.2f} |")
+        for s in result["sweep"]:
+            if s.get("machine"):  # measured in a later run than the rest of the table
+                sm = s["machine"]
+                lines.append(f"\n{s['config']['backbone']}: measured in a separate run on {sm['cpu']} ({sm['cores']} cores), "
+                             f"torch {sm['torch']}, timm {sm.get('timm', '?')}, Python {sm['python']}"
+                             + (f"; {sm['note']}" if sm.get("note") else "") + ".")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "savings.md"), "w") as f:
         f.write(text)

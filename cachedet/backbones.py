@@ -6,6 +6,10 @@ Weight sources (``BackboneConfig.weights``):
   "random"   deterministic random init (seeded), for tests and timing
   "timm"     timm's own pretrained download (needs network)
   PATH       a local checkpoint: a state dict with timm's key names, or the same tensors in order
+
+Plain ViTs (``cachedet.vit``: DINOv2/DINOv3, EVA-02, CLIP, SigLIP, DeiT) are built the same way;
+``out_indices`` then holds their taps (block indices, default the last block) and their levels
+are named by tap (``b11``), all at the patch stride.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import timm
 import torch
 from torch import nn
 
+from cachedet import vit
 from cachedet.errors import CachedetError
 from cachedet.structures import FeatureSpec
 
@@ -30,8 +35,9 @@ DEFAULT_STRIDES = (8, 16, 32)
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str = DEFAULT_BACKBONE
-    out_indices: tuple[int, ...] | None = None  # None: the stride 8/16/32 levels
+    out_indices: tuple[int, ...] | None = None  # None: the stride 8/16/32 levels (CNN), the last block (ViT)
     weights: str = "default"
+    prefix_tokens: bool = False  # ViT hybrid caches: also emit the deepest tap's prefix tokens (cachedet.vit_blocks)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -44,13 +50,18 @@ class Backbone(nn.Module):
 
     forward(images float (B, 3, S, S), normalised with ``mean``/``std``) -> {name: (B, C, S/stride, S/stride)}.
     BatchNorm is always frozen (FrozenBatchNorm2d); ``trainable`` decides whether the other
-    weights get gradients (fine-tuning baseline) or not (frozen, the default).
+    weights get gradients (fine-tuning baseline) or not (frozen, the default). ``patch`` is a
+    plain ViT's patch size (the canvas must be a multiple of it, else CachedetError), None for CNNs;
+    a ViT's stages are its blocks (``cachedet.vit_blocks``), ``prefix_of`` the block whose prefix
+    tokens it also emits (hybrid extraction).
     """
 
-    def __init__(self, model: nn.Module, specs: list[FeatureSpec], mean, std, identity: dict):
+    def __init__(self, model: nn.Module, specs: list[FeatureSpec], mean, std, identity: dict, patch: int | None = None,
+                 prefix_of: int | None = None):
         nn.Module.__init__(self)
         self.model = model
         self.specs = specs
+        self.patch, self.prefix_of = patch, prefix_of
         self.mean, self.std = tuple(mean), tuple(std)
         self.identity = identity
         self.adapter_stages: tuple[int, ...] = ()
@@ -70,11 +81,19 @@ class Backbone(nn.Module):
     def has_adapters(self) -> bool:
         return bool(self.adapter_stages)
 
-    def add_adapters(self, stages: tuple[int, ...]) -> "Backbone":
-        """Zero-initialised parallel residual adapters in ``stages`` (``cachedet.adapters``); only they train."""
-        from cachedet.adapters import add_adapters
+    @property
+    def first_adaptable_stage(self) -> int:
+        """ViT: block 0; CNN: stage 1 (stage 0 is the stem)."""
+        return 0 if self.patch else 1
 
-        self._adapter_params += add_adapters(self.model, tuple(stages), self.identity["name"])
+    def add_adapters(self, stages: tuple[int, ...]) -> "Backbone":
+        """Zero-initialised adapters in ``stages`` (CNN: ``cachedet.adapters``; ViT blocks: AdaptFormer,
+        ``cachedet.vit_blocks``); only they train."""
+        if self.patch:
+            from cachedet.vit_blocks import add_adapters
+        else:
+            from cachedet.adapters import add_adapters
+        self._adapter_params += add_adapters(self.model.model if self.patch else self.model, tuple(stages), self.identity["name"])
         self.adapter_stages = tuple(sorted(set(self.adapter_stages) | set(stages)))
         return self.set_trainable(self.trainable)
 
@@ -82,7 +101,9 @@ class Backbone(nn.Module):
         return sum(p.numel() for p in self._adapter_params)
 
     def stage_names(self) -> list[str]:
-        """Level name of every stage's output (stage k -> c{log2 stride})."""
+        """Level name of every stage's output (CNN stage k -> c{log2 stride}; ViT block k -> b{k})."""
+        if self.patch:
+            return [FeatureSpec.tap_name(k) for k in range(len(self.model.model.blocks))]
         return [FeatureSpec.level_name(int(i["reduction"])) for i in self.model.feature_info.info]
 
     def forward_from(self, cached: dict[str, torch.Tensor], stage: int) -> dict[str, torch.Tensor]:
@@ -90,6 +111,10 @@ class Backbone(nn.Module):
 
         cached {level: (B, C, H, W)} holds stage ``stage``'s output and the pyramid levels before it.
         """
+        if self.patch:
+            from cachedet.vit_blocks import forward_from
+
+            return forward_from(self.model.model, cached, stage, self.identity["out_indices"])
         from cachedet.adapters import run_stages, stage_layout
 
         layout = stage_layout(self.model)
@@ -104,7 +129,20 @@ class Backbone(nn.Module):
             self.model.eval()  # frozen: dropout/drop-path off, as at classification inference
         return self
 
+    def check_canvas(self, size: int, option: str = "--size") -> "Backbone":
+        """CachedetError (one line, naming ``option``) unless ``size`` suits the backbone (ViT: patch multiple)."""
+        if self.patch:
+            vit.check_canvas(self.identity["name"], self.patch, size, option)
+        return self
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.patch and (images.shape[-1] % self.patch or images.shape[-2] % self.patch):
+            self.check_canvas(images.shape[-1] if images.shape[-1] % self.patch else images.shape[-2], "canvas")
+        if self.patch and (self.prefix_of is not None or self.has_adapters):
+            from cachedet.vit_blocks import forward_taps
+
+            first = min(self.adapter_stages) if self.has_adapters and not self.trainable else None
+            return forward_taps(self.model.model, images, self.identity["out_indices"], first, self.prefix_of)
         if self.has_adapters and not self.trainable:
             # only the adapted stages and what follows them need autograd
             from cachedet.adapters import run_stages, stage_layout
@@ -118,6 +156,7 @@ class Backbone(nn.Module):
 
     def feature_shapes(self, size: int) -> dict[str, tuple[int, int, int]]:
         """(C, H, W) of each level for a size x size input, from one probe forward pass."""
+        self.check_canvas(size)
         p = next(self.model.parameters())
         with torch.no_grad():
             out = self(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
@@ -187,31 +226,44 @@ def config_from_identity(identity: dict) -> BackboneConfig:
     """The BackboneConfig that rebuilds a backbone recorded in a cache header or a checkpoint."""
     source = identity["weights"]
     weights = "default" if source.startswith("offline:") else source[len("file:"):] if source.startswith("file:") else source
-    return BackboneConfig(identity["name"], tuple(identity["out_indices"]), weights)
+    return BackboneConfig(identity["name"], tuple(identity["out_indices"]), weights, bool(identity.get("prefix_tokens")))
+
+
+def _create(name: str, out_indices: tuple[int, ...], weights: str) -> nn.Module:
+    """timm's features_only model, seeded (random init is identical in every process)."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=(weights == "timm"),
+                                     **vit.create_kwargs(name))
+    except (IndexError, AssertionError) as e:
+        if vit.is_vit(name):
+            vit.check_taps(name, out_indices, len(timm.create_model(name, pretrained=False).blocks))
+        raise CachedetError(f"--out-indices {list(out_indices)}: not valid for {name} ({e})") from None
+    except Exception as e:
+        if weights == "timm":
+            raise CachedetError(f"--pretrained: timm could not load weights for {name} ({type(e).__name__}: {e})") from None
+        raise
 
 
 def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
     """Create the frozen backbone described by ``cfg`` on the CPU."""
-    if cfg.name not in timm.list_models():
+    if timm.models.split_model_name_tag(cfg.name)[0] not in timm.list_models():  # a pretrained tag may follow
         raise CachedetError(f"--backbone {cfg.name}: not a timm model name")
-    out_indices = cfg.out_indices if cfg.out_indices is not None else _default_out_indices(cfg.name)
+    plain_vit = vit.is_vit(cfg.name)
+    if plain_vit:  # taps are checked against the depth once the model exists; -1 is the last block
+        out_indices = tuple(cfg.out_indices) if cfg.out_indices is not None else vit.DEFAULT_TAPS
+    else:
+        out_indices = cfg.out_indices if cfg.out_indices is not None else _default_out_indices(cfg.name)
     weights = cfg.weights
     if weights == "default" and cfg.name not in OFFLINE_WEIGHTS_ARCHS:
         if warn:
             warnings.warn(f"no offline weights for {cfg.name}: random init (pass --pretrained or --weights PATH)")
         weights = "random"
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # random init is identical in every process
-            model = timm.create_model(
-                cfg.name, features_only=True, out_indices=out_indices, pretrained=(weights == "timm")
-            )
-    except (IndexError, AssertionError) as e:
-        raise CachedetError(f"--out-indices {list(out_indices)}: not valid for {cfg.name} ({e})") from None
-    except Exception as e:
-        if weights == "timm":
-            raise CachedetError(f"--pretrained: timm could not load weights for {cfg.name} ({type(e).__name__}: {e})") from None
-        raise
+    model = _create(cfg.name, out_indices, weights)
+    if plain_vit and list(model.out_indices) != sorted(set(model.out_indices)):
+        # forward_intermediates returns taps in block order: ask for them in that order, once each
+        model = _create(cfg.name, tuple(sorted(set(model.out_indices))), weights)
     source = weights
     if weights == "default":
         try:
@@ -222,15 +274,21 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
                 warnings.warn(f"{e}; falling back to random init")
             source = "random"
     elif weights not in ("random", "timm"):
-        full_keys = list(timm.create_model(cfg.name, pretrained=False).state_dict().keys())
+        full_keys = list(timm.create_model(cfg.name, pretrained=False, **vit.create_kwargs(cfg.name)).state_dict().keys())
         model.load_state_dict(_file_state_dict(weights, model.state_dict(), full_keys), strict=True)
         source = f"file:{os.path.abspath(weights)}"
     model = timm.layers.freeze_batch_norm_2d(model)
     info = model.feature_info
-    specs = [
-        FeatureSpec(FeatureSpec.level_name(r), int(c), int(r))
-        for c, r in zip(info.channels(), info.reduction())
-    ]
+    prefix_of = None
+    if plain_vit:
+        specs, out_indices = vit.tap_specs(model), tuple(model.out_indices)
+        if cfg.prefix_tokens and model.model.num_prefix_tokens:
+            from cachedet.vit_blocks import prefix_name
+
+            prefix_of = max(out_indices)
+            specs.append(FeatureSpec(prefix_name(prefix_of), specs[-1].channels, specs[-1].stride))
+    else:
+        specs = [FeatureSpec(FeatureSpec.level_name(r), int(c), int(r)) for c, r in zip(info.channels(), info.reduction())]
     data_cfg = timm.data.resolve_data_config({}, model=model)
     identity = {
         "name": cfg.name,
@@ -240,4 +298,7 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
         "mean": [float(v) for v in data_cfg["mean"]],
         "std": [float(v) for v in data_cfg["std"]],
     }
-    return Backbone(model, specs, data_cfg["mean"], data_cfg["std"], identity)
+    if cfg.prefix_tokens:
+        identity["prefix_tokens"] = True
+    return Backbone(model, specs, data_cfg["mean"], data_cfg["std"], identity, vit.patch_size(model) if plain_vit else None,
+                    prefix_of)

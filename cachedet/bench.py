@@ -41,8 +41,8 @@ TORCHVISION_LIKE = {"box_convs": 0, "box_fcs": 2, "proposals_per_image": 2000}
 @dataclass(frozen=True)
 class BenchConfig:
     backbone: str = "resnet50"
-    out_indices: tuple[int, ...] | None = (1, 2, 3, 4)
-    neck: str = "fpn"
+    out_indices: tuple[int, ...] | None = (1, 2, 3, 4)  # a ViT's taps; None: the backbone's default
+    neck: str = "auto"  # resolved by run_benchmark: the simple pyramid for a ViT's taps, FPN otherwise
     head: str = "faster-rcnn"
     size: int = 512
     batch: int = 2
@@ -69,7 +69,9 @@ def machine_info() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    import timm
+
+    return {"cpu": cpu or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "timm": timm.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version()}
 
@@ -348,8 +350,13 @@ def _run_regime_in_fresh_process(cfg: BenchConfig, regime: str, prepared: dict) 
 
 def run_benchmark(cfg: BenchConfig, regimes=None, fresh_process: bool | None = None, log=print) -> dict:
     """Prepare the data and cache, then measure every regime; returns records + stage measurements."""
+    from cachedet.backbones import BackboneConfig, build_backbone
+    from cachedet.models.necks import resolve_neck
+
     workdir = cfg.workdir or tempfile.mkdtemp(prefix="cachedet-bench-")
-    cfg = BenchConfig(**{**asdict(cfg), "workdir": workdir})
+    backbone = build_backbone(BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False).check_canvas(cfg.size)
+    cfg = BenchConfig(**{**asdict(cfg), "workdir": workdir, "neck": resolve_neck(cfg.neck, backbone.specs)})
+    del backbone
     regimes = regimes or (OUR_REGIMES + (TORCHVISION_REGIMES if cfg.backbone == "resnet50" and cfg.neck == "fpn"
                                          and cfg.head in ("faster-rcnn", "retinanet") else ()))
     fresh = (cfg.device == "cpu") if fresh_process is None else fresh_process

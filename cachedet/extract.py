@@ -183,7 +183,8 @@ def hybrid_backbone(cfg: ExtractConfig) -> tuple[BackboneConfig, dict | None]:
                             f"ends at stage {max(out)}; a later cache stage leaves nothing to adapt)")
     stages = tuple(sorted({i for i in out if i <= k} | {k}))
     hybrid = {"cache_stage": k, "backbone": full.identity, "feature_specs": [s.to_dict() for s in full.specs]}
-    return BackboneConfig(cfg.backbone.name, stages, cfg.backbone.weights), hybrid
+    # a ViT's later blocks also attend to the prefix tokens (class, registers) of block K: store them too
+    return BackboneConfig(cfg.backbone.name, stages, cfg.backbone.weights, prefix_tokens=full.patch is not None), hybrid
 
 
 def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, num_views: int) -> dict:

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cachedet.backbones import BackboneConfig, build_backbone
 from cachedet.models.detector import DetectorConfig, build_detector
+from cachedet.models.necks import resolve_neck
 
 PAPER_TABLE3 = {  # ResNet-101 frozen: trained parameters (M), Vasconcelos et al. Table 3
     ("fpn", "faster-rcnn"): 21.9, ("nasfpn", "faster-rcnn"): 40.9, ("nasfpn", "cascade"): 71.3,
@@ -62,11 +63,14 @@ def _step_flops(fn) -> int:
 
 def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classes: int = 91, neck_channels: int = 256,
                options: dict | None = None, batch: int = 1, weights: str = "random",
-               adapt_stages: tuple[int, ...] | None = None, masks: bool = False) -> dict:
+               adapt_stages: tuple[int, ...] | None = None, masks: bool = False,
+               out_indices: tuple[int, ...] | None = None) -> dict:
     """Parameters and per-regime step FLOPs; with ``adapt_stages`` also the adapters' parameters and
     the FLOPs of an online step that trains them (regime ``adapters_online``); with ``masks`` the
-    detector has Mask R-CNN's mask head. ``mask_head_params`` is that head's size either way."""
-    bb = build_backbone(BackboneConfig(backbone, None, weights), warn=False)
+    detector has Mask R-CNN's mask head. ``mask_head_params`` is that head's size either way.
+    ``out_indices``: the backbone's levels (a ViT's taps); ``neck`` "auto" is resolved as train-heads does."""
+    bb = build_backbone(BackboneConfig(backbone, out_indices, weights), warn=False).check_canvas(size)
+    neck = resolve_neck(neck, bb.specs)
     det_cfg = DetectorConfig(num_classes=num_classes, canvas=size, in_specs=tuple(bb.specs), neck=neck, head=head,
                              neck_channels=neck_channels, options=dict(options or {}), masks=masks)
     det = build_detector(det_cfg).train()
@@ -99,7 +103,7 @@ def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classe
         trainable["adapters_online"] = detector_params + adapter_params
     key = (neck, head)
     return {
-        "backbone": backbone, "neck": neck, "head": head, "size": size, "num_classes": num_classes, "batch": batch,
+        "backbone": backbone, "levels": [s.to_dict() for s in bb.specs], "neck": neck, "head": head, "size": size, "num_classes": num_classes, "batch": batch,
         "params": {"backbone": backbone_params, "detector": detector_params, "total": backbone_params + detector_params,
                    "adapters": adapter_params, "adapt_stages": list(adapt_stages or ()), "trainable": trainable},
         "neck_params": count(det.neck), "head_params": count(det.head), "masks": masks,

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 class FeatureSpec:
     """One pyramid level of a backbone, declared by the backbone (never inferred).
 
-    name: ``c{log2(stride)}``, e.g. ``c3`` for stride 8. channels: C. stride: pixels per cell.
+    name: ``c{log2(stride)}`` for a CNN level, e.g. ``c3`` for stride 8; ``b{block}`` for a ViT tap
+    (every tap of a plain ViT has the same stride), e.g. ``b11``. channels: C. stride: pixels per cell.
     """
 
     name: str
@@ -20,6 +21,10 @@ class FeatureSpec:
     @staticmethod
     def level_name(stride: int) -> str:
         return f"c{int(round(math.log2(stride)))}"
+
+    @staticmethod
+    def tap_name(block: int) -> str:
+        return f"b{int(block)}"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,14 +8,15 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cachedet_cli.common import console as make_console, parse_int_list, user_errors
+from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, user_errors
 
 
 @user_errors
 def bench_command(
     backbone: str = typer.Option("resnet50", "--backbone"),
-    out_indices: Optional[str] = typer.Option("1,2,3,4", "--out-indices", help="Backbone levels ('' for stride 8/16/32)."),
-    neck: str = typer.Option("fpn", "--neck"),
+    out_indices: Optional[str] = typer.Option(None, "--out-indices", help="Backbone levels (default for resnet50: 1,2,3,4 as torchvision's R50-FPN; else stride 8/16/32)."),
+    taps: Optional[str] = typer.Option(None, "--taps", help=TAPS_HELP),
+    neck: str = typer.Option("auto", "--neck", help="fpn, nasfpn or simple; auto: simple for a plain ViT's taps, fpn otherwise."),
     head: str = typer.Option("faster-rcnn", "--head"),
     size: int = typer.Option(512, "--size"),
     batch: int = typer.Option(2, "--batch"),
@@ -33,13 +34,15 @@ def bench_command(
     for r in chosen or ():
         if r not in OUR_REGIMES + TORCHVISION_REGIMES + ADAPTER_REGIMES:
             raise CachedetError(f"--regimes {r}: expected some of {', '.join(OUR_REGIMES + TORCHVISION_REGIMES + ADAPTER_REGIMES)}")
-    indices = parse_int_list(out_indices, "--out-indices") if out_indices else None
+    indices = backbone_indices(backbone, out_indices or None, taps)
+    if indices is None and taps is None and out_indices is None and backbone == "resnet50":
+        indices = (1, 2, 3, 4)
     console = make_console()
     result = run_benchmark(BenchConfig(backbone=backbone, out_indices=indices, neck=neck, head=head, size=size, batch=batch,
                                        steps=steps, warmup=warmup, device=device,
                                        options=dict(TORCHVISION_LIKE) if head != "retinanet" else {}),
                            regimes=chosen, log=console.print)
-    t = Table(title=f"{backbone} {neck}+{head} {size}x{size} batch {batch} on {device}")
+    t = Table(title=f"{backbone} {result['config']['neck']}+{head} {size}x{size} batch {batch} on {device}")
     for c in ("regime", "step (s)", "GFLOPs", "peak memory (GB)"):
         t.add_column(c, justify="right" if c != "regime" else "left")
     for r in result["records"]:

@@ -68,6 +68,22 @@ def parse_int_list(text: str | None, option: str) -> tuple[int, ...] | None:
         raise CachedetError(f"{option} {text}: expected comma-separated integers, e.g. 2,3,4") from None
 
 
+def backbone_indices(backbone: str, out_indices: str | None, taps: str | None) -> tuple[int, ...] | None:
+    """timm out_indices from --out-indices (CNN levels) or --taps (a plain ViT's blocks); None: the default."""
+    from cachedet.vit import is_vit
+
+    if out_indices is not None and taps is not None:
+        raise CachedetError("--taps and --out-indices exclude each other (a ViT's taps are its out_indices)")
+    if taps is None:
+        return parse_int_list(out_indices, "--out-indices")
+    if not is_vit(backbone):
+        raise CachedetError(f"--taps: {backbone} is not a plain ViT (vit_*, eva*, deit*); choose its levels with --out-indices")
+    return parse_int_list(taps, "--taps")
+
+
+TAPS_HELP = "ViT blocks to store, 0-based, e.g. 3,5,7,11 (-1: last; default: the last block)."
+
+
 def detector_options(nasfpn_repeats: int | None = None, cascade_ious: str | None = None, box_convs: int | None = None,
                      box_fcs: int | None = None, mask_convs: int | None = None, mask_channels: int | None = None) -> dict:
     """Detector options from CLI flags; unset flags are left out so the model's defaults apply."""

@@ -11,7 +11,7 @@ from rich.table import Table
 from cachedet.backbones import DEFAULT_BACKBONE, BackboneConfig
 from cachedet.data.views import AugmentConfig
 from cachedet.errors import CachedetError
-from cachedet_cli.common import console as make_console, human_bytes, human_seconds, parse_int_list, user_errors
+from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, human_bytes, human_seconds, user_errors
 
 
 @user_errors
@@ -24,6 +24,7 @@ def extract_command(
     pretrained: bool = typer.Option(False, "--pretrained", help="timm's own pretrained weights (needs network)."),
     random_init: bool = typer.Option(False, "--random-init", help="Random weights (timing, tests)."),
     out_indices: Optional[str] = typer.Option(None, "--out-indices", help="timm feature indices, e.g. 2,3,4 (default: stride 8/16/32)."),
+    taps: Optional[str] = typer.Option(None, "--taps", help=TAPS_HELP),
     size: int = typer.Option(640, "--size", help="Side of the square canvas."),
     views: int = typer.Option(4, "--views", help="Augmented views per image."),
     scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range", help="LSJ scale range MIN MAX."),
@@ -43,7 +44,7 @@ def extract_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print views, size and time estimates; write nothing."),
     num_images: Optional[int] = typer.Option(None, "--num-images", help="With --dry-run: plan for this many images instead of the file's."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images in the store instead of stopping."),
-    cache_stage: Optional[int] = typer.Option(None, "--cache-stage", help="Hybrid cache for adapters: store the backbone up to this stage (its output and the pyramid levels before it)."),
+    cache_stage: Optional[int] = typer.Option(None, "--cache-stage", help="Hybrid cache for adapters: store the backbone up to this stage (its output and the pyramid levels before it; a ViT: block K's tokens and the taps before it)."),
     repair: bool = typer.Option(False, "--repair", help="Verify complete shards' checksums first and recompute damaged ones."),
     no_masks: bool = typer.Option(False, "--no-masks", help="Store no instance masks even when the annotations carry segmentation (boxes only)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -56,7 +57,7 @@ def extract_command(
     weight_source = str(weights) if weights else "timm" if pretrained else "random" if random_init else "default"
     cfg = ExtractConfig(
         annotations=str(annotations), images=str(images), out=out,
-        backbone=BackboneConfig(backbone, parse_int_list(out_indices, "--out-indices"), weight_source),
+        backbone=BackboneConfig(backbone, backbone_indices(backbone, out_indices, taps), weight_source),
         augment=AugmentConfig(size=size, scale_range=tuple(scale_range), augment=not no_augment, seed=seed,
                                copy_paste=copy_paste, paste_min_visible=paste_min_visible),
         views=views, dtype=dtype, codec=codec, shard_views=shard_views, workers=workers, scheduler=scheduler,

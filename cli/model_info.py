@@ -9,13 +9,15 @@ import typer
 from rich.table import Table
 
 from cachedet.backbones import DEFAULT_BACKBONE
-from cachedet_cli.common import console as make_console, detector_options, parse_int_list, user_errors
+from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, detector_options, parse_int_list, user_errors
 
 
 @user_errors
 def model_info_command(
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="timm model name (random init for counting)."),
-    neck: str = typer.Option("fpn", "--neck", help="fpn or nasfpn."),
+    neck: str = typer.Option("auto", "--neck", help="fpn, nasfpn or simple; auto: simple for a plain ViT's taps, fpn otherwise."),
+    out_indices: Optional[str] = typer.Option(None, "--out-indices", help="timm feature indices (default: stride 8/16/32)."),
+    taps: Optional[str] = typer.Option(None, "--taps", help=TAPS_HELP),
     head: str = typer.Option("faster-rcnn", "--head", help="faster-rcnn, cascade or retinanet."),
     size: int = typer.Option(1024, "--size"),
     num_classes: int = typer.Option(91, "--num-classes"),
@@ -34,19 +36,22 @@ def model_info_command(
     from cachedet.model_info import model_info
 
     stages = parse_int_list(adapt_stages, "--adapt-stages")
+    indices = backbone_indices(backbone, out_indices, taps)
     if adapters and stages is None:
         from cachedet.backbones import BackboneConfig, build_backbone
 
-        stages = tuple(range(1, len(build_backbone(BackboneConfig(backbone, None, "random"), warn=False).stage_names())))
+        bb = build_backbone(BackboneConfig(backbone, indices, "random"), warn=False)
+        stages = tuple(range(bb.first_adaptable_stage, len(bb.stage_names())))
     info = model_info(backbone, neck, head, size, num_classes, neck_channels,
                       detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs), batch,
-                      adapt_stages=stages if adapters else None, masks=masks)
+                      adapt_stages=stages if adapters else None, masks=masks, out_indices=indices)
     if as_json:
         print(json.dumps(info, indent=2))
         return
     console = make_console()
     p = info["params"]
-    console.print(f"{backbone} + {neck} + {head} at {size}x{size}, {num_classes} classes")
+    levels = ", ".join(f"{s['name']} ({s['channels']} ch, stride {s['stride']})" for s in info["levels"])
+    console.print(f"{backbone} + {info['neck']} + {head} at {size}x{size}, {num_classes} classes; levels {levels}")
     console.print(f"backbone: {p['backbone'] / 1e6:.1f} M   neck: {info['neck_params'] / 1e6:.1f} M   "
                   f"head: {info['head_params'] / 1e6:.1f} M   total: {p['total'] / 1e6:.1f} M")
     paper = info["paper"]["trained_params_m"]

@@ -9,7 +9,7 @@ import typer
 
 from cachedet.backbones import DEFAULT_BACKBONE
 from cachedet.errors import CachedetError
-from cachedet_cli.common import console as make_console, detector_options, parse_int_list, user_errors
+from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, detector_options, parse_int_list, user_errors
 
 
 DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels")
@@ -51,10 +51,11 @@ def train_heads_command(
     pretrained: bool = typer.Option(False, "--pretrained", help="With --online: timm's pretrained weights."),
     random_init: bool = typer.Option(False, "--random-init", help="With --online: random backbone weights."),
     out_indices: Optional[str] = typer.Option(None, "--out-indices"),
+    taps: Optional[str] = typer.Option(None, "--taps", help="With --online: " + TAPS_HELP),
     size: int = typer.Option(640, "--size", help="With --online: canvas size."),
     scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range"),
     backbone_trainable: bool = typer.Option(False, "--backbone-trainable", help="Fine-tune the backbone (BatchNorm stays frozen)."),
-    neck: str = typer.Option("fpn", "--neck", help="fpn or nasfpn."),
+    neck: str = typer.Option("auto", "--neck", help="fpn, nasfpn or simple (ViTDet's pyramid); auto: simple for a plain ViT's taps, fpn otherwise."),
     head: str = typer.Option("faster-rcnn", "--head", help="faster-rcnn, cascade or retinanet."),
     neck_channels: int = typer.Option(256, "--neck-channels"),
     nasfpn_repeats: int = typer.Option(5, "--nasfpn-repeats", help="NAS-FPN cell stacks (paper library: 5; 7 also used)."),
@@ -75,8 +76,8 @@ def train_heads_command(
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
     in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM once."),
     views_per_epoch: int = typer.Option(1, "--views-per-epoch", help="Cached views of each image used per epoch."),
-    adapters: bool = typer.Option(False, "--adapters", help="Zero-initialised parallel residual adapters inside the frozen backbone (online, or from a --cache-stage cache)."),
-    adapt_stages: Optional[str] = typer.Option(None, "--adapt-stages", help="Backbone stages that get adapters, e.g. 3,4 (default: every stage after the stem or the cache)."),
+    adapters: bool = typer.Option(False, "--adapters", help="Zero-initialised adapters inside the frozen backbone: residual 1x1 convs (CNN), AdaptFormer MLPs (ViT); online, or from a --cache-stage cache."),
+    adapt_stages: Optional[str] = typer.Option(None, "--adapt-stages", help="Backbone stages that get adapters, e.g. 3,4; a ViT's stages are its blocks (default: every stage after the stem or the cache; every ViT block)."),
     feature_crop: bool = typer.Option(False, "--feature-crop", help="Random crops of the cached feature maps (aligned to the coarsest stride), boxes shifted and clipped."),
     feature_crop_min: float = typer.Option(0.6, "--feature-crop-min", help="Smallest crop side as a share of the canvas."),
     seed: int = typer.Option(0, "--seed"),
@@ -97,7 +98,7 @@ def train_heads_command(
         out=out, cache=cache, online=online, annotations=str(annotations) if annotations else None,
         images=str(images) if images else None, backbone=backbone,
         weights=str(weights) if weights else "timm" if pretrained else "random" if random_init else "default",
-        out_indices=parse_int_list(out_indices, "--out-indices"), size=size, scale_range=tuple(scale_range),
+        out_indices=backbone_indices(backbone, out_indices, taps), size=size, scale_range=tuple(scale_range),
         backbone_trainable=backbone_trainable, neck=neck, head=head, neck_channels=neck_channels,
         detector_options=detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs, mask_convs, mask_channels),
         masks=masks, epochs=epochs,

@@ -68,12 +68,12 @@ class _AdapterMixin:
     hybrid_stage: int | None = None
 
     def enable_adapters(self, stages: tuple[int, ...] | None):
-        first = (self.hybrid_stage if self.hybrid_stage is not None else 0) + 1
-        last = len(self.backbone.stage_names()) - 1 if self.backbone is not None else 0
-        stages = tuple(stages) if stages else tuple(range(first, last + 1))
         if self.backbone is None:
             raise CachedetError(f"--adapters: {self.where} holds plain frozen features; train adapters --online, or "
                                 "extract a hybrid cache with --cache-stage K")
+        first = self.hybrid_stage + 1 if self.hybrid_stage is not None else self.backbone.first_adaptable_stage
+        last = len(self.backbone.stage_names()) - 1
+        stages = tuple(stages) if stages else tuple(range(first, last + 1))
         inside = [k for k in stages if k < first]
         if inside:
             raise CachedetError(f"--adapt-stages {','.join(map(str, stages))}: stage {inside[0]} is inside the cache "
@@ -141,7 +141,7 @@ class OnlineSource(_AdapterMixin):
         self.dataset_info = load_detection_dataset(annotations, images)
         self.masks = masks and self.dataset_info.has_masks
         self.no_masks_reason = f"--annotations {annotations} has no segmentation"
-        self.backbone = build_backbone(backbone).set_trainable(trainable)
+        self.backbone = build_backbone(backbone).set_trainable(trainable).check_canvas(augment.size)
         self.specs = list(self.backbone.specs)
         self.canvas = augment.size
         self.categories = self.dataset_info.categories.to_json()

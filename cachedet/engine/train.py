@@ -29,6 +29,7 @@ from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 from cachedet.extract import resolve_device
 from cachedet.models.detector import MASKS_NEED_ROIS, DetectorConfig, build_detector
+from cachedet.models.necks import resolve_neck
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class TrainConfig:
     adapters: bool = False
     adapt_stages: tuple[int, ...] | None = None  # None: every stage after the stem (or after the cache)
     # detector
-    neck: str = "fpn"
+    neck: str = "auto"  # auto: the simple pyramid for a plain ViT's taps, FPN otherwise
     head: str = "faster-rcnn"
     neck_channels: int = 256
     detector_options: dict = field(default_factory=dict)
@@ -326,8 +327,8 @@ def _train_locked(cfg: TrainConfig, run: RunDir, device: torch.device, info: Dis
     source = make_source(cfg, info, device)
     det_cfg = DetectorConfig(
         num_classes=len(source.categories), canvas=source.canvas, in_specs=tuple(source.specs),
-        neck=cfg.neck, head=cfg.head, neck_channels=cfg.neck_channels, options=dict(cfg.detector_options),
-        masks=source.masks,
+        neck=resolve_neck(cfg.neck, source.specs), head=cfg.head, neck_channels=cfg.neck_channels,
+        options=dict(cfg.detector_options), masks=source.masks,
     )
     if ckpt is not None:
         trained_masks = bool(ckpt["detector_config"].get("masks"))

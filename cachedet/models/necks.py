@@ -1,4 +1,5 @@
-"""Necks: backbone levels {c3, c4, c5} -> pyramid levels {p3, ..., pK}, all ``channels`` wide.
+"""Necks: backbone levels {c3, c4, c5} (or a ViT's taps {b11, ...}) -> pyramid levels {p3, ..., pK}
+(the simple pyramid: {p2, ..., p6}), all ``channels`` wide.
 
 A neck declares its output as ``FeatureSpec``s (name p{log2 stride}, channels, stride), as the
 backbone does, so heads are built from declarations and never from tensor shapes.
@@ -44,22 +45,46 @@ class FPNNeck(nn.Module):
         return OrderedDict((spec.name, t) for spec, t in zip(self.out_specs, out.values()))
 
 
-NECKS = ("fpn", "nasfpn")
+NECKS = ("auto", "fpn", "nasfpn", "simple")
+
+
+def resolve_neck(name: str, in_specs: list[FeatureSpec]) -> str:
+    """"auto": the simple pyramid for a plain ViT's taps (all at one stride), FPN otherwise; other names as given."""
+    from cachedet.models.simple_pyramid import vit_taps
+
+    if name == "auto":
+        return "simple" if vit_taps(in_specs) else "fpn"
+    if name == "fpn" and vit_taps(in_specs):
+        raise CachedetError(f"--neck fpn: the backbone's levels {[s.name for s in in_specs]} share one stride "
+                            f"({in_specs[0].stride}, a plain ViT); use --neck simple (or auto)")
+    return name
 
 
 def build_neck(name: str, in_specs: list[FeatureSpec], channels: int, extra: str, repeats: int = 5) -> nn.Module:
     """The one place that maps a neck name to its builder.
 
-    ``extra`` is FPN's choice of extra levels; NAS-FPN always makes P3-P7 (``repeats`` cell stacks).
+    ``extra`` is FPN's and the simple pyramid's choice of extra levels ("maxpool": P6; "p6p7":
+    P6, P7); NAS-FPN always makes P3-P7 (``repeats`` cell stacks), on single-stride taps on top
+    of the simple pyramid's P3-P5. Unknown names and unsuitable levels are CachedetErrors.
     """
+    from cachedet.models.simple_pyramid import (
+        NASFPN_LEVELS, RCNN_LEVELS, RETINANET_LEVELS, SimplePyramidNeck, StackedNeck, vit_taps,
+    )
+
+    if name not in NECKS:
+        raise CachedetError(f"--neck {name}: expected one of {', '.join(NECKS)}")
+    name = resolve_neck(name, in_specs)
     if name == "fpn":
         return FPNNeck(in_specs, channels, extra)
-    if name == "nasfpn":
-        from cachedet.models.nasfpn import NASFPNNeck
+    if name == "simple":
+        return SimplePyramidNeck(in_specs, channels, RETINANET_LEVELS if extra == "p6p7" else RCNN_LEVELS, extra)
+    from cachedet.models.nasfpn import NASFPNNeck
 
-        if [s.stride for s in in_specs] != [8, 16, 32]:
-            raise CachedetError(f"--neck nasfpn: needs backbone levels at strides 8, 16, 32, got {[s.stride for s in in_specs]}")
-        if repeats < 1:
-            raise CachedetError(f"--nasfpn-repeats: expected a positive integer, got {repeats}")
-        return NASFPNNeck(in_specs, channels, repeats)
-    raise CachedetError(f"--neck {name}: expected one of {', '.join(NECKS)}")
+    if repeats < 1:
+        raise CachedetError(f"--nasfpn-repeats: expected a positive integer, got {repeats}")
+    if vit_taps(in_specs):
+        pyramid = SimplePyramidNeck(in_specs, channels, NASFPN_LEVELS, extra=None)
+        return StackedNeck(pyramid, NASFPNNeck(pyramid.out_specs, channels, repeats))
+    if [s.stride for s in in_specs] != [8, 16, 32]:
+        raise CachedetError(f"--neck nasfpn: needs backbone levels at strides 8, 16, 32, got {[s.stride for s in in_specs]}")
+    return NASFPNNeck(in_specs, channels, repeats)
