@@ -13,8 +13,8 @@ from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_con
 
 
 DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels")
-FIELD_OF = {"pretrained": "weights", "random_init": "weights", "no_amp": "amp", "quiet": None,
-            **{name: "detector_options" for name in DETECTOR_FLAGS}}
+FIELD_OF = {"pretrained": "weights", "random_init": "weights", "taps": "out_indices", "no_amp": "amp", "quiet": None,
+            **{name: "detector_options" for name in DETECTOR_FLAGS}}  # option -> TrainConfig field (None: no field)
 
 
 def given_fields(ctx: typer.Context) -> set[str]:

@@ -43,6 +43,18 @@ def small_config(paths: dict, out: str, **kw) -> ExtractConfig:
     return ExtractConfig(**defaults)
 
 
+TRAIN_LIGHT = {"box_convs": 0, "box_fcs": 2, "box_representation": 128, "rois_per_image": 64, "proposals_per_image": 200}
+
+
+def train_config(out, cache, **kw):
+    """A TrainConfig for a few CPU steps on a tiny detector; ``kw`` overrides any field."""
+    from cachedet.engine.train import TrainConfig
+
+    defaults = dict(out=str(out), cache=cache, epochs=2, batch_size=4, neck_channels=32, lr=0.01,
+                    warmup_steps=2, detector_options=TRAIN_LIGHT)
+    return TrainConfig(**{**defaults, **kw})
+
+
 def to_lvis(data: dict) -> dict:
     """An LVIS-format copy of a synthetic COCO split: frequencies f, f, c, c, c, r, r, r and the
     per-image negative / not-exhaustive category lists LVISEval reads."""

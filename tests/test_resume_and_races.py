@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ from cachedet.data.coco import load_detection_dataset
 from cachedet.engine.train import RunDir, TrainConfig, train
 from cachedet.errors import CachedetError
 from cachedet.extract import _header, extract, masks_header, plan_views, prepare_store
-from conftest import small_config
+from conftest import small_config, train_config
 
 LIGHT = {"box_convs": 0, "box_fcs": 1, "box_representation": 32, "rois_per_image": 16, "proposals_per_image": 32}
 
@@ -30,8 +31,8 @@ def store(synthetic, tmp_path_factory):
 
 
 def tiny(out, cache, **kw) -> TrainConfig:
-    return TrainConfig(**{**dict(out=str(out), cache=cache, epochs=1, batch_size=6, neck_channels=16, lr=0.01,
-                                 warmup_steps=1, detector_options=LIGHT), **kw})
+    return train_config(out, cache, **{**dict(epochs=1, batch_size=6, neck_channels=16, warmup_steps=1,
+                                              detector_options=LIGHT), **kw})
 
 
 def lrs(run) -> list[float]:
@@ -87,6 +88,15 @@ def test_cli_resume_alone_takes_the_runs_settings(store, tmp_path, cli):
     assert r.exit_code == 2 and "--neck-channels: run 16, given 32" in r.stderr and "Traceback" not in r.output
     r = cli("train-heads", "--out", tmp_path / "none", "--resume", "--quiet")
     assert r.exit_code == 2 and "no run to resume" in r.stderr
+
+
+def test_every_train_heads_option_maps_to_a_config_field():
+    """--resume overrides the run's settings field by field: each option must name its TrainConfig field."""
+    from cachedet_cli.train_heads import FIELD_OF, train_heads_command
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = [p for p in inspect.signature(train_heads_command).parameters if p != "ctx"]
+    assert {name: FIELD_OF.get(name, name) for name in options if FIELD_OF.get(name, name) not in fields | {None}} == {}
 
 
 def test_a_run_directory_has_one_writer(store, tmp_path):

@@ -13,14 +13,15 @@ from cachedet.cache.store import FeatureStore
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.images import read_image
 from cachedet.data.views import normalize, transform_image
-from cachedet.engine.train import TrainConfig, train
+from cachedet.engine.train import train
 from cachedet.errors import CachedetError
 from cachedet.extract import extract
 from cachedet.models.detector import HEADS, DetectorConfig, build_detector
 from cachedet.structures import FeatureSpec
-from conftest import small_config
+from conftest import TRAIN_LIGHT, small_config, train_config
 
-LIGHT = {"box_convs": 0, "box_fcs": 2, "box_representation": 128, "rois_per_image": 64, "proposals_per_image": 200}
+LIGHT = TRAIN_LIGHT
+tiny_train = train_config
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +29,6 @@ def store(synthetic, tmp_path_factory):
     cfg = small_config(synthetic, str(tmp_path_factory.mktemp("cache") / "s.zarr"), views=2)
     extract(cfg, progress=False)
     return cfg
-
-
-def tiny_train(out, cache, **kw):
-    defaults = dict(out=str(out), cache=cache, epochs=2, batch_size=4, neck_channels=32, lr=0.01,
-                    warmup_steps=2, detector_options=LIGHT)
-    defaults.update(kw)
-    return TrainConfig(**defaults)
 
 
 def test_view_policy_uses_one_view_per_image_and_all_over_epochs():

@@ -27,8 +27,13 @@ from cachedet.errors import CachedetError
 
 RESUMABLE = ("epochs", "lr", "weight_decay", "clip_grad", "device", "workers", "loader_start", "amp")
 LOCATIONS = ("out", "cache", "annotations", "images", "resume")
-FLAGS = {"amp": "--no-amp", "loader_start": "TrainConfig.loader_start", "weights": "--weights/--pretrained/--random-init", "detector_options":
-         "--nasfpn-repeats/--cascade-ious/--box-convs/--box-fcs/--mask-convs/--mask-channels"}
+FLAGS = {  # fields whose train-heads option is not --<field>
+    "amp": "--no-amp",
+    "loader_start": "TrainConfig.loader_start",
+    "out_indices": "--out-indices/--taps",
+    "weights": "--weights/--pretrained/--random-init",
+    "detector_options": "--nasfpn-repeats/--cascade-ious/--box-convs/--box-fcs/--mask-convs/--mask-channels",
+}
 
 
 def flag(field: str) -> str:
