@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cachedet.backbones import BackboneConfig, build_backbone
+from cachedet.engine.step import TrainModel, train_step
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
 
@@ -81,16 +82,14 @@ def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classe
 
     def finetune():
         bb.set_trainable(True)
-        sum(det(bb(images), targets).values()).backward()
+        train_step(TrainModel(det, bb), images, targets, check_finite=False)
         bb.set_trainable(False)
 
     def online_frozen():
-        with torch.no_grad():
-            feats = bb(images)
-        sum(det({k: v.clone() for k, v in feats.items()}, targets).values()).backward()
+        train_step(TrainModel(det, bb), images, targets, check_finite=False)
 
     def cached_step():
-        sum(det(cached, targets).values()).backward()
+        train_step(TrainModel(det), cached, targets, check_finite=False)
 
     flops = {"finetune": _step_flops(finetune), "online_frozen": _step_flops(online_frozen), "cached": _step_flops(cached_step)}
     backbone_params, detector_params = count(bb), count(det)
@@ -99,7 +98,7 @@ def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classe
     if adapt_stages:
         bb.add_adapters(tuple(adapt_stages))
         adapter_params = bb.adapter_parameter_count()
-        flops["adapters_online"] = _step_flops(lambda: sum(det(bb(images), targets).values()).backward())
+        flops["adapters_online"] = _step_flops(lambda: train_step(TrainModel(det, bb), images, targets, check_finite=False))
         trainable["adapters_online"] = detector_params + adapter_params
     key = (neck, head)
     return {

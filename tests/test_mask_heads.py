@@ -212,7 +212,7 @@ def test_masks_without_segmentation_train_boxes_with_a_notice(dataset_copy, tmp_
     with pytest.warns(UserWarning, match="masks are off, this run trains boxes only"):
         train(TrainConfig(out=run, cache=cfg.out, masks=True, epochs=1, batch_size=4, neck_channels=16,
                           warmup_steps=1, detector_options=dict(LIGHT)), progress=False)
-    assert not torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=False)["detector_config"]["masks"]
+    assert not torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=False)["run"]["detector"]["masks"]
     assert all("loss_mask" not in json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")))
 
 

@@ -15,7 +15,8 @@ import torch
 from cachedet.backbones import build_backbone
 from cachedet.cache.store import FeatureStore, read_shard_records
 from cachedet.data.coco import load_detection_dataset
-from cachedet.engine.train import RunDir, TrainConfig, train
+from cachedet.engine.run import RunDir
+from cachedet.engine.train import TrainConfig, train
 from cachedet.errors import CachedetError
 from cachedet.extract import _header, extract, masks_header, plan_views, prepare_store
 from conftest import small_config, train_config
@@ -57,7 +58,7 @@ def test_extended_run_follows_the_longer_schedule_and_weights(store, tmp_path):
     ext = train(dataclasses.replace(tiny(short.run, store.out, epochs=3, warmup_steps=0), resume=True), progress=False)
     assert ext.steps == full.steps == 6
     assert lrs(ext.run) == lrs(full.run) and min(lrs(full.run)) < max(lrs(full.run))
-    a, b = (torch.load(os.path.join(r, "checkpoints", "last.pt"), weights_only=False)["detector"] for r in (full.run, ext.run))
+    a, b = (torch.load(os.path.join(r, "checkpoints", "last.pt"), weights_only=False)["state"]["detector"] for r in (full.run, ext.run))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     config = json.load(open(os.path.join(ext.run, "config.json")))

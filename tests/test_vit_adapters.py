@@ -84,9 +84,9 @@ def test_vit_adapters_train_online_and_from_the_hybrid_cache_then_eval(vit_hybri
                                size=64, adapt_stages=(4, 5), **common), progress=False)
     hybrid = train(TrainConfig(out=str(tmp_path / "hybrid"), cache=vit_hybrid.out, **common), progress=False)
     a, b = (torch.load(os.path.join(r.run, "checkpoints", "last.pt"), weights_only=False) for r in (online, hybrid))
-    assert a["adapters"] == b["adapters"] == [4, 5]  # the hybrid default: every block after the cache
-    assert a["fingerprint"] == b["fingerprint"]
-    assert [k for k, v in b["backbone"].items() if ".adapter.up." in k and v.abs().sum() > 0]
+    assert a["run"]["adapters"] == b["run"]["adapters"] == [4, 5]  # the hybrid default: every block after the cache
+    assert a["run"]["fingerprint"] == b["run"]["fingerprint"]
+    assert [k for k, v in b["state"]["backbone"].items() if ".adapter.up." in k and v.abs().sum() > 0]
     metrics, _ = evaluate_run(hybrid.run, synthetic["val"], synthetic["images"], progress=False)
     assert 0 <= metrics["bbox"]["AP"] <= 100
     r = cli("train-heads", "--cache", vit_hybrid.out, "--out", tmp_path / "inside", "--adapters", "--adapt-stages", "3,4")

@@ -15,16 +15,17 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from torch import nn
 
-from cachedet import __version__
 from cachedet.atomic import write_json_atomic
-from cachedet.backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
+from cachedet.backbones import DEFAULT_BACKBONE, BackboneConfig
 from cachedet.data.views import AugmentConfig
-from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from cachedet.engine.distributed import DistInfo, init_distributed, shutdown
+from cachedet.engine.hooks import CheckpointHook, MetricsHook
 from cachedet.engine.resume import continue_schedule, resume_changes
-from cachedet.engine.distributed import DistInfo, barrier, init_distributed, shutdown
-from cachedet.engine.sources import CacheSource, OnlineSource, check_fingerprint
+from cachedet.engine.run import RunDir, RunRecord, load_run_checkpoint
+from cachedet.engine.sources import CacheSource, OnlineSource
+from cachedet.engine.step import TrainModel
+from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 from cachedet.extract import resolve_device
@@ -144,30 +145,6 @@ class TrainConfig:
             raise CachedetError(f"{path}: unreadable run configuration ({type(e).__name__})") from None
 
 
-class TrainModel(nn.Module):
-    """inputs -> features -> detector losses. Without a backbone the inputs are the features;
-    with ``hybrid_stage`` K they are a hybrid cache's levels and the backbone runs stages > K."""
-
-    def __init__(self, detector: nn.Module, backbone: Backbone | None = None, hybrid_stage: int | None = None):
-        super().__init__()
-        self.detector, self.backbone, self.hybrid_stage = detector, backbone, hybrid_stage
-
-    def features(self, inputs):
-        if self.backbone is None:
-            return inputs
-        if self.hybrid_stage is not None:
-            return self.backbone.forward_from(inputs, self.hybrid_stage)
-        if self.backbone.trainable or self.backbone.has_adapters:
-            return self.backbone(inputs)
-        with torch.inference_mode():
-            feats = self.backbone(inputs)
-        # inference tensors cannot be saved for backward; a clone outside the mode is a normal tensor
-        return {k: v.clone() for k, v in feats.items()}
-
-    def forward(self, inputs, targets, image_sizes=None):
-        return self.detector(self.features(inputs), targets, image_sizes)
-
-
 def lr_factor(cfg: TrainConfig, total_steps: int):
     """Multiplier of the base learning rate at a step: linear warm-up, then step or cosine decay."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
@@ -212,76 +189,6 @@ def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
     return source
 
 
-def _to_device(batch: dict, device: torch.device, amp: bool):
-    inputs = batch["inputs"]
-    if isinstance(inputs, dict):
-        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-        if not amp:
-            inputs = {k: v.float() for k, v in inputs.items()}
-    else:
-        inputs = inputs.to(device, non_blocking=True)
-    targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-    return inputs, targets, batch.get("image_sizes")
-
-
-class RunDir:
-    def __init__(self, path: str):
-        self.path = path
-        self.checkpoint = os.path.join(path, "checkpoints", "last.pt")
-        self.metrics = os.path.join(path, "metrics.jsonl")
-        self.config = os.path.join(path, "config.json")
-        self._lock = None
-
-    def lock(self) -> None:
-        """Hold an exclusive lock on the run (``.lock``, ``fcntl.flock``) until ``unlock`` or the process
-        ends, so two train-heads with one --out never interleave. A crash releases it by itself."""
-        import fcntl
-
-        os.makedirs(self.path, exist_ok=True)
-        f = open(os.path.join(self.path, ".lock"), "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise CachedetError(f"--out {self.path}: another train-heads is writing this run; wait for it, "
-                                "or choose another --out") from None
-        self._lock = f
-
-    def resume_history(self, step: int, epoch: int, changes: dict, resumed: bool) -> list[dict]:
-        """config.json's list of resumptions so far, with this one (its step and changed settings) added."""
-        history = []
-        if resumed and os.path.exists(self.config):
-            try:
-                with open(self.config) as f:
-                    history = list(json.load(f).get("resumes", []))
-            except (OSError, ValueError):
-                history = []
-        if resumed:
-            history.append({"step": step, "epoch": epoch, "changed": changes})
-        return history
-
-    def unlock(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-
-    def truncate_metrics(self, last_step: int):
-        """Drop metric lines written after the checkpoint we resume from (a killed run's tail)."""
-        if not os.path.exists(self.metrics):
-            return
-        with open(self.metrics) as f:
-            lines = [ln for ln in f if ln.strip()]
-        kept = []
-        for ln in lines:
-            try:
-                if json.loads(ln)["step"] <= last_step:
-                    kept.append(ln)
-            except (ValueError, KeyError):
-                break
-        with open(self.metrics, "w") as f:
-            f.writelines(kept)
-
-
 @dataclass
 class TrainResult:
     run: str
@@ -317,12 +224,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
 
 def _train_locked(cfg: TrainConfig, run: RunDir, device: torch.device, info: DistInfo, progress: bool) -> TrainResult:
-    from cachedet.progress import ViewProgress
-
     if not cfg.resume and os.path.exists(run.checkpoint):
         raise CachedetError(f"--out {cfg.out}: holds a run already (pass --resume to continue it, or choose another --out)")
-    ckpt = load_checkpoint(run.checkpoint) if cfg.resume else None
-    changes = resume_changes(ckpt["config"], cfg) if ckpt is not None else {}
+    ckpt = load_run_checkpoint(run.checkpoint) if cfg.resume else None
+    changes = resume_changes(ckpt["run"]["train"], cfg) if ckpt is not None else {}
 
     source = make_source(cfg, info, device)
     det_cfg = DetectorConfig(
@@ -331,111 +236,63 @@ def _train_locked(cfg: TrainConfig, run: RunDir, device: torch.device, info: Dis
         options=dict(cfg.detector_options), masks=source.masks,
     )
     if ckpt is not None:
-        trained_masks = bool(ckpt["detector_config"].get("masks"))
-        if trained_masks != det_cfg.masks:
-            raise CachedetError(f"--resume: the run at {cfg.out} was trained {'with' if trained_masks else 'without'} "
-                                "a mask branch; resume it with the same --masks setting")
-        where = f"--cache {cfg.cache}" if cfg.cache else "the online backbone"
-        check_fingerprint(ckpt["fingerprint"], source.fingerprint,
-                          f"{where} (checkpoint {run.checkpoint}) does not fit this run", found_label="checkpoint")
+        _check_resumable(cfg, run, ckpt, det_cfg, source)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         detector = build_detector(det_cfg)
     model = TrainModel(detector, source.backbone, source.hybrid_stage).to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, trainable)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     steps_per_epoch = source.steps(0)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     factor = lr_factor(cfg, steps_per_epoch * cfg.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    start_epoch, step = 0, 0
+    state = TrainState()
     if ckpt is not None:
-        model.detector.load_state_dict(ckpt["detector"])
-        if ckpt.get("backbone") is not None and model.backbone is not None:
-            model.backbone.load_state_dict(ckpt["backbone"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        continue_schedule(optimizer, scheduler, cfg.learning_rate, cfg.weight_decay, factor, step)
+        state = _restore(ckpt, model, optimizer, scheduler)
+        continue_schedule(optimizer, scheduler, cfg.learning_rate, cfg.weight_decay, factor, state.step)
         if info.is_main:
-            run.truncate_metrics(step)
+            run.truncate_metrics(state.step)
+    record = RunRecord(train=cfg.to_dict(), detector=det_cfg.to_dict(), fingerprint=source.fingerprint,
+                       backbone=source.backbone_identity, augment=source.augment, categories=source.categories,
+                       adapters=list(model.backbone.adapter_stages) if model.backbone is not None else None)
+    hooks = []
     if info.is_main:
-        write_json_atomic(run.config, {"train": cfg.to_dict(), "detector": det_cfg.to_dict(), "fingerprint": source.fingerprint,
-                                       "backbone": source.backbone_identity, "augment": source.augment,
-                                       "categories": source.categories, "cachedet_version": __version__,
-                                       "resumes": run.resume_history(step, start_epoch, changes, ckpt is not None)},
-                          indent=2)
+        write_json_atomic(run.config, {**record.to_dict(), "resumes": run.resume_history(
+            state.step, state.epoch, changes, ckpt is not None)}, indent=2)
+        hooks = [MetricsHook(run.metrics, steps_per_epoch * (cfg.epochs - state.epoch), cfg.epochs, progress),
+                 CheckpointHook(run.checkpoint, record)]
     ddp = model
     if info.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    use_amp = cfg.amp and device.type == "cuda"
-    first_loss = last_loss = None
-    t_start, views_done = time.perf_counter(), 0
-    remaining = steps_per_epoch * (cfg.epochs - start_epoch)
-    with ViewProgress("train-heads", remaining, unit="steps", enabled=progress and info.is_main) as bar, \
-            open(run.metrics, "a") if info.is_main else _nullfile() as metrics:
-        for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(cfg.seed * 100_003 + epoch)  # RoI sampling etc.: resume replays it exactly
-            model.train()
-            for i, batch in enumerate(source.batches(epoch)):
-                if i >= steps_per_epoch:
-                    break
-                t0 = time.perf_counter()
-                inputs, targets, image_sizes = _to_device(batch, device, use_amp)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    losses = ddp(inputs, targets, image_sizes)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise CachedetError(f"the loss became {loss.item()} at step {step} (epoch {epoch}); lower --lr or raise --warmup-steps")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
-                optimizer.step()
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                step += 1
-                n = len(targets) * info.world
-                dt = time.perf_counter() - t0
-                views_done += n
-                last_loss = float(loss.detach())
-                first_loss = last_loss if first_loss is None else first_loss
-                if info.is_main:
-                    record = {"epoch": epoch, "step": step, "lr": lr, "loss": last_loss,
-                              **{k: float(v.detach()) for k, v in losses.items()},
-                              "views_per_s": n / dt, "step_s": dt}
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                bar.advance(1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {last_loss:.3f} lr {lr:.2g}")
-            if info.is_main:
-                save_atomic({
-                    "format": CHECKPOINT_FORMAT, "cachedet_version": __version__, "epoch": epoch, "step": step,
-                    "config": cfg.to_dict(), "detector_config": det_cfg.to_dict(), "fingerprint": source.fingerprint,
-                    "backbone_identity": source.backbone_identity, "categories": source.categories,
-                    "augment": source.augment, "detector": model.detector.state_dict(),
-                    "backbone": model.backbone.state_dict() if model.backbone is not None
-                    and (model.backbone.trainable or model.backbone.has_adapters) else None,
-                    "adapters": list(model.backbone.adapter_stages) if model.backbone is not None else None,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                }, run.checkpoint)
-            barrier(info)
+    loop = LoopConfig(epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, seed=cfg.seed, clip_grad=cfg.clip_grad, amp=cfg.amp)
+    trainer = Trainer(model, optimizer, scheduler, source, loop, device, info, hooks, forward_model=ddp, state=state)
+    t_start = time.perf_counter()
+    state = trainer.run()
     seconds = time.perf_counter() - t_start
     shutdown(info)
-    return TrainResult(run=cfg.out, steps=step, epochs=cfg.epochs, first_loss=first_loss, last_loss=last_loss,
-                       seconds=seconds, views_per_second=views_done / seconds if seconds else 0.0)
+    return TrainResult(run=cfg.out, steps=state.step, epochs=cfg.epochs, first_loss=state.first_loss,
+                       last_loss=state.last_loss, seconds=seconds,
+                       views_per_second=state.views / seconds if seconds else 0.0)
 
 
-class _nullfile:
-    def __enter__(self):
-        return self
+def _check_resumable(cfg: TrainConfig, run: RunDir, ckpt: dict, det_cfg: DetectorConfig, source) -> None:
+    """Refuse to resume a run whose mask branch or features differ from what is given now."""
+    saved = RunRecord.from_dict(ckpt["run"])
+    trained_masks = bool(saved.detector.get("masks"))
+    if trained_masks != det_cfg.masks:
+        raise CachedetError(f"--resume: the run at {cfg.out} was trained {'with' if trained_masks else 'without'} "
+                            "a mask branch; resume it with the same --masks setting")
+    where = f"--cache {cfg.cache}" if cfg.cache else "the online backbone"
+    saved.check_fits(source.fingerprint, f"{where} (checkpoint {run.checkpoint})", found_label="checkpoint")
 
-    def __exit__(self, *exc):
-        return False
 
-    def write(self, _):
-        pass
-
-    def flush(self):
-        pass
+def _restore(ckpt: dict, model: TrainModel, optimizer, scheduler) -> TrainState:
+    """Load a checkpoint's weights, optimiser and scheduler; the state to continue from."""
+    weights = ckpt["state"]
+    model.detector.load_state_dict(weights["detector"])
+    if weights.get("backbone") is not None and model.backbone is not None:
+        model.backbone.load_state_dict(weights["backbone"])
+    optimizer.load_state_dict(weights["optimizer"])
+    scheduler.load_state_dict(weights["scheduler"])
+    return TrainState(epoch=ckpt["epoch"] + 1, step=ckpt["step"])

@@ -20,7 +20,7 @@ from cachedet.cache.store import FeatureStore
 from cachedet.data.images import read_image
 from cachedet.data.masks import rle_json
 from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_image, view_to_image_boxes
-from cachedet.engine.checkpoint import load_checkpoint
+from cachedet.engine.run import RunRecord, load_run_checkpoint
 from cachedet.engine.sources import check_fingerprint, fingerprint as make_fingerprint
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
@@ -36,32 +36,33 @@ class Predictor:
     def __init__(self, run: str, device: str = "auto", score_threshold: float = 0.0, need_backbone: bool = True):
         run = resolve_path(run)
         path = os.path.join(run, "checkpoints", "last.pt") if os.path.isdir(run) else run
-        ckpt = load_checkpoint(path)
-        self.run, self.device = run, resolve_device(device)
-        self.fingerprint = ckpt["fingerprint"]
-        self.categories = ckpt["categories"]
+        ckpt = load_run_checkpoint(path)
+        record, weights = RunRecord.from_dict(ckpt["run"]), ckpt["state"]
+        self.run, self.device, self.record = run, resolve_device(device), record
+        self.fingerprint = record.fingerprint
+        self.categories = record.categories
         self.category_ids = [int(c["id"]) for c in sorted(self.categories, key=lambda c: c["id"])]
         self.names = {int(c["id"]): c["name"] for c in self.categories}
-        self.detector_config = DetectorConfig.from_dict(ckpt["detector_config"])
+        self.detector_config = DetectorConfig.from_dict(record.detector)
         self.canvas = self.detector_config.canvas
         self.masks = self.detector_config.masks  # detections carry RLE segmentations
         self.detector = build_detector(self.detector_config)
-        self.detector.load_state_dict(ckpt["detector"])
+        self.detector.load_state_dict(weights["detector"])
         self.detector.to(self.device).eval()
         self.score_threshold = score_threshold
-        self.adapters = tuple(ckpt.get("adapters") or ())  # stages with trained adapters
+        self.adapters = tuple(record.adapters or ())  # stages with trained adapters
         self.backbone: Backbone | None = None
         if need_backbone:
-            ident = ckpt["backbone_identity"]
+            ident = record.backbone
             self.backbone = build_backbone(config_from_identity(ident), warn=False)
-            fine_tuned = ckpt.get("backbone") is not None and not self.adapters
+            fine_tuned = weights.get("backbone") is not None and not self.adapters
             if not fine_tuned and self.backbone.identity["weights_sha256"] != ident["weights_sha256"]:
                 raise CachedetError(f"{path}: the backbone weights available here ({self.backbone.identity['weights']}) "
                                     f"are not the ones the run was trained on ({ident['weights']})")
             if self.adapters:  # the frozen weights above, plus the trained adapters
                 self.backbone.add_adapters(self.adapters)
-            if ckpt.get("backbone") is not None:
-                self.backbone.load_state_dict(ckpt["backbone"])
+            if weights.get("backbone") is not None:
+                self.backbone.load_state_dict(weights["backbone"])
             self.backbone.to(self.device).eval()
 
     def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
