@@ -100,11 +100,17 @@ class Predictor:
         feats = {k: v.to(self.device).float() for k, v in features.items()}
         return self._to_results(params, self.detector.predict(feats))
 
-    def predict_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8, on_images=None) -> list[dict]:
-        """items: (image_id, path, (height, width) from the annotations or None)."""
-        assert self.backbone is not None
+    def predict_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8,
+                       on_images=None) -> list[dict]:
+        """items: (image_id, path, (height, width) from the annotations or None) -> COCO results."""
+        return _flatten(self.iter_images(items, batch_size), on_images)
+
+    def iter_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8):
+        """Yield (images in the batch, their COCO results) for ``items`` read from image files."""
+        if self.backbone is None:
+            raise CachedetError(f"run {self.run}: this predictor was loaded without its backbone; "
+                                "predicting images needs it")
         plain = AugmentConfig(size=self.canvas, augment=False)
-        results = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             params, views = [], []
@@ -115,10 +121,7 @@ class Predictor:
                 views.append(transform_image(p, normalize(image, self.backbone.mean, self.backbone.std)))
             with torch.inference_mode():
                 feats = self.backbone(torch.stack(views).to(self.device))
-            results += self.predict_features(params, feats)
-            if on_images:
-                on_images(len(chunk))
-        return results
+            yield len(chunk), self.predict_features(params, feats)
 
     def check_store(self, store: FeatureStore):
         header = store.header
@@ -131,8 +134,12 @@ class Predictor:
         check_fingerprint(found, self.fingerprint, f"--cache {store.url} does not fit run {self.run}", found_label="store")
 
     def predict_store(self, store: FeatureStore, batch_size: int = 16, on_images=None) -> list[dict]:
+        """COCO results for every usable view of a ``--no-augment --views 1`` store."""
+        return _flatten(self.iter_store(store, batch_size), on_images)
+
+    def iter_store(self, store: FeatureStore, batch_size: int = 16):
+        """Yield (views in the batch, their COCO results) from a store's cached features."""
         self.check_store(store)
-        results = []
         usable = store.usable_views()
         for start in range(0, len(usable), batch_size):
             views = usable[start:start + batch_size]
@@ -140,8 +147,13 @@ class Predictor:
             block = store.read_features(a, b)
             idx = (views - a)
             feats = {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in block.items()}
-            results += self.predict_features([store.view_params(int(v)) for v in views], feats)
-            if on_images:
-                on_images(len(views))
-        return results
+            yield len(views), self.predict_features([store.view_params(int(v)) for v in views], feats)
 
+
+def _flatten(batches, on_images=None) -> list[dict]:
+    results = []
+    for n, detections in batches:
+        results += detections
+        if on_images:
+            on_images(n)
+    return results
