@@ -95,7 +95,7 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     t = time.perf_counter()
     run = os.path.join(out_dir, "run")
     resume = os.path.exists(os.path.join(run, "checkpoints", "last.pt"))
-    train(TrainConfig(
+    train(TrainConfig.of(
         out=run, cache=store, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,
         neck=neck, head=head, neck_channels=s.neck_channels, detector_options=dict(s.head_options), masks=masks, in_memory=True,
         resume=resume,

@@ -16,14 +16,46 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        warnings.showwarning = _show_warning
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():  # restores the process's warning printer afterwards
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except CachedetError as e:
-            print(f"cachedet: error: {e}", file=sys.stderr)
+            print(f"cachedet: error: {with_flags(str(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+# Config fields (by their path from TrainConfig) whose train-heads option is not --<flat name>.
+FLAGS = {
+    "optim.amp": "--no-amp",
+    "source.out_indices": "--out-indices/--taps",
+    "source.weights": "--weights/--pretrained/--random-init",
+    "detector.options": "--nasfpn-repeats/--cascade-ious/--box-convs/--box-fcs/--mask-convs/--mask-channels",
+    "loader.loader_start": None,  # no option: a Python setting
+    "loader.shuffle_buffer": None,
+    "loader.max_steps_per_epoch": None,
+    "optim.momentum": None,
+}
+
+
+def flag_of() -> dict[str, str]:
+    """{config field path: the option that sets it}, for every field a train-heads option sets."""
+    from cachedet.engine.config import PATH_OF
+
+    table = {path: "--" + name.replace("_", "-") for name, path in PATH_OF.items()}
+    table.update(FLAGS)
+    return {path: f for path, f in table.items() if f}
+
+
+def with_flags(message: str) -> str:
+    """A library message with each config field path (``optim.epochs``) shown as its option (``--epochs``)."""
+    import re
+
+    table = flag_of()
+    return re.sub(r"\b(?:TrainConfig|source|detector|optim|loader)\.\w+\b",
+                  lambda m: table.get(m.group(0), m.group(0)), message)
 
 
 def console():
@@ -36,7 +68,7 @@ def console():
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"cachedet: warning: {message}", file=sys.stderr)
+    print(f"cachedet: warning: {with_flags(str(message))}", file=sys.stderr)
 
 
 def human_bytes(n: float | None) -> str:

@@ -26,16 +26,14 @@ def given_fields(ctx: typer.Context) -> set[str]:
 
 def resumed_config(cfg, ctx: typer.Context):
     """``--resume``: the run's own settings, overridden by the options typed now (then checked by train)."""
-    from dataclasses import replace
-
     from cachedet.engine.train import TrainConfig
 
     saved = TrainConfig.of_run(cfg.out)
-    given = given_fields(ctx) - {"out", "resume"}
-    changes = {name: getattr(cfg, name) for name in given if name != "detector_options"}
+    given, now = given_fields(ctx) - {"out", "resume"}, cfg.flat()
+    changes = {name: now[name] for name in given if name != "detector_options"}
     if "detector_options" in given:
-        changes["detector_options"] = {**saved.detector_options, **cfg.detector_options}
-    return replace(saved, **changes, out=cfg.out, resume=True)
+        changes["detector_options"] = {**saved.detector.options, **cfg.detector.options}
+    return saved.with_settings(**changes, out=cfg.out, resume=True)
 
 
 @user_errors
@@ -94,7 +92,7 @@ def train_heads_command(
 
     if sum([weights is not None, pretrained, random_init]) > 1:
         raise CachedetError("--weights, --pretrained and --random-init exclude each other")
-    cfg = TrainConfig(
+    cfg = TrainConfig.of(
         out=out, cache=cache, online=online, annotations=str(annotations) if annotations else None,
         images=str(images) if images else None, backbone=backbone,
         weights=str(weights) if weights else "timm" if pretrained else "random" if random_init else "default",

@@ -52,7 +52,7 @@ def train_config(out, cache, **kw):
 
     defaults = dict(out=str(out), cache=cache, epochs=2, batch_size=4, neck_channels=32, lr=0.01,
                     warmup_steps=2, detector_options=TRAIN_LIGHT)
-    return TrainConfig(**{**defaults, **kw})
+    return TrainConfig.of(**{**defaults, **kw})
 
 
 def to_lvis(data: dict) -> dict:

@@ -79,10 +79,10 @@ def test_vit_hybrid_cache_resumes_at_block_k_exactly(vit_hybrid):
 def test_vit_adapters_train_online_and_from_the_hybrid_cache_then_eval(vit_hybrid, synthetic, tmp_path, cli):
     common = dict(epochs=1, batch_size=6, max_steps_per_epoch=1, neck_channels=16, warmup_steps=1, detector_options=LIGHT,
                   adapters=True, lr=0.05)
-    online = train(TrainConfig(out=str(tmp_path / "online"), online=True, annotations=synthetic["train"],
+    online = train(TrainConfig.of(out=str(tmp_path / "online"), online=True, annotations=synthetic["train"],
                                images=synthetic["images"], backbone="test_vit", weights="random", out_indices=(2, 5),
                                size=64, adapt_stages=(4, 5), **common), progress=False)
-    hybrid = train(TrainConfig(out=str(tmp_path / "hybrid"), cache=vit_hybrid.out, **common), progress=False)
+    hybrid = train(TrainConfig.of(out=str(tmp_path / "hybrid"), cache=vit_hybrid.out, **common), progress=False)
     a, b = (torch.load(os.path.join(r.run, "checkpoints", "last.pt"), weights_only=False) for r in (online, hybrid))
     assert a["run"]["adapters"] == b["run"]["adapters"] == [4, 5]  # the hybrid default: every block after the cache
     assert a["run"]["fingerprint"] == b["run"]["fingerprint"]

@@ -110,8 +110,8 @@ class RunDir:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise CachedetError(f"--out {self.path}: another train-heads is writing this run; wait for it, "
-                                "or choose another --out") from None
+            raise CachedetError(f"TrainConfig.out {self.path}: another train-heads is writing this run; "
+                                "wait for it, or choose another TrainConfig.out") from None
         self._lock = f
 
     def unlock(self) -> None:

@@ -117,7 +117,7 @@ class Trainer:
                              autocast=self.device if self.use_amp else None)
         except NonFiniteLoss as e:
             raise CachedetError(f"{e} at step {self.state.step} (epoch {self.state.epoch}); "
-                                "lower --lr or raise --warmup-steps") from None
+                                "lower optim.lr or raise optim.warmup_steps") from None
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.state.step += 1
