@@ -15,16 +15,14 @@ from torch import nn
 
 from cachedet.errors import CachedetError
 from cachedet.models.build import HEADS as HEAD_PARTS
-from cachedet.models.build import (  # noqa: F401 (check_head, head_supports_masks: re-exported)
-    NECKS, check_head, check_options, head_config, head_supports_masks, neck_config,
-)
-from cachedet.models.build import OPTIONS  # noqa: F401 (re-exported)
-from cachedet.models.config import MASKS_NEED_ROIS  # noqa: F401 (re-exported)
+from cachedet.models.build import NECKS, OPTIONS, check_head, check_options, head_config, head_supports_masks
+from cachedet.models.build import neck_config
+from cachedet.models.config import MASKS_NEED_ROIS
 from cachedet.models.necks import resolve_neck
 from cachedet.structures import FeatureSpec
 
 HEADS = tuple(HEAD_PARTS)
-__all__ = ["HEADS", "MASKS_NEED_ROIS", "DetectorConfig", "Detector", "build_detector", "check_head",
+__all__ = ["HEADS", "MASKS_NEED_ROIS", "OPTIONS", "DetectorConfig", "Detector", "build_detector", "check_head",
            "head_supports_masks"]
 
 
