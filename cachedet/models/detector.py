@@ -22,8 +22,8 @@ from cachedet.models.necks import resolve_neck
 from cachedet.structures import FeatureSpec
 
 HEADS = tuple(HEAD_PARTS)
-__all__ = ["HEADS", "MASKS_NEED_ROIS", "OPTIONS", "DetectorConfig", "Detector", "build_detector", "check_head",
-           "head_supports_masks"]
+__all__ = ["HEADS", "MASKS_NEED_ROIS", "OPTIONS", "DetectorConfig", "Detector", "build_detector",
+           "check_head", "head_supports_masks"]
 
 
 @dataclass(frozen=True)
