@@ -45,9 +45,9 @@ def test_cascade_empty_targets_give_zero_box_loss_at_every_stage():
     proposals = [torch.tensor([[10.0, 10, 60, 60], [30, 20, 90, 100]])] * 2
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 2
     _, losses = heads.train()(feats, proposals, [(128, 128)] * 2, empty)
-    for t in range(3):
-        assert losses[f"loss_box_stage{t}"].item() == 0.0
-        assert losses[f"loss_cls_stage{t}"].item() > 0
+    for t in range(1, 4):
+        assert losses[f"stage{t}/loss_box"].item() == 0.0
+        assert losses[f"stage{t}/loss_cls"].item() > 0
     det = build_detector(DetectorConfig(num_classes=3, canvas=128, in_specs=SPECS, neck="nasfpn", head="cascade", neck_channels=16))
     out = det(features(), [empty[0], empty[1]])
     assert out["loss_box"].item() == 0.0 and out["loss_rpn_box"].item() == 0.0
@@ -71,7 +71,7 @@ def test_cascade_stages_refine_boxes_towards_the_target():
     for _ in range(150):
         _, losses = heads(feats, [jittered(48)], [(size, size)], targets)
         opt.zero_grad()
-        (losses["loss_classifier"] + losses["loss_box_reg"]).backward()
+        (losses["loss_cls"] + losses["loss_box"]).backward()
         opt.step()
     heads.eval()
     proposals = [jittered(64)]

@@ -4,10 +4,10 @@ Stage t pools RoIs (MultiScaleRoIAlign) from the boxes of stage t-1, classifies 
 regresses one class-agnostic box delta with its own box coder weights; training matches each
 stage's input boxes to the ground truth at its own IoU threshold (0.5 / 0.6 / 0.7 by default).
 At inference the class scores are averaged over the stages and the last stage's boxes are kept.
+Every stage uses the one ``BoxHead`` of ``cachedet.models.heads``.
 
-With a mask branch (``mask_branch``, set by the head), the mask head is trained on the positive
-RoIs of the first stage (IoU >= its threshold, as detectron2's Cascade Mask R-CNN) and runs at
-inference on the final stage's detections.
+A mask branch, owned by the R-CNN head, trains on the positive RoIs of the first stage (IoU >=
+its threshold, as detectron2's Cascade Mask R-CNN) that ``forward`` returns in training.
 """
 
 from __future__ import annotations
@@ -16,26 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
-DEFAULT_IOUS = (0.5, 0.6, 0.7)
+from cachedet.models.config import DEFAULT_IOUS
+from cachedet.models.heads import BoxHead, roi_pool
+
 DEFAULT_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
 STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)  # as in the Cascade R-CNN paper
 
 
-def box_head(channels: int, convs: int, fcs: int, conv_dim: int = 256, fc_dim: int = 1024) -> nn.Module:
-    """torchvision's FastRCNNConvFCHead: ``convs`` 3x3 conv+BN layers then ``fcs`` FC layers on 7x7 RoIs."""
-    return FastRCNNConvFCHead((channels, 7, 7), [conv_dim] * convs, [fc_dim] * fcs, norm_layer=nn.BatchNorm2d)
-
-
 class CascadeStage(nn.Module):
+    """RoI features (N, channels, 7, 7) -> class logits (N, C + 1), class-agnostic deltas (N, 4)."""
+
     def __init__(self, channels: int, num_classes: int, iou: float, weights, convs: int, fcs: int, fc_dim: int):
         super().__init__()
-        self.head = box_head(channels, convs, fcs, fc_dim=fc_dim)
-        dim = fc_dim if fcs else 256 * 7 * 7
-        self.cls_score = nn.Linear(dim, num_classes + 1)
-        self.bbox_pred = nn.Linear(dim, 4)  # class-agnostic
+        self.head = BoxHead(channels, convs, fcs, fc_dim)
+        self.cls_score = nn.Linear(self.head.out_dim, num_classes + 1)
+        self.bbox_pred = nn.Linear(self.head.out_dim, 4)  # class-agnostic
         self.matcher = det_utils.Matcher(iou, iou, allow_low_quality_matches=False)
         self.box_coder = det_utils.BoxCoder(weights)
         self.iou = iou
@@ -46,11 +43,13 @@ class CascadeStage(nn.Module):
 
 
 class CascadeRoIHeads(nn.Module):
-    """Drop-in for torchvision's RoIHeads: forward(features, proposals, image_sizes, targets) -> (detections, losses).
+    """forward(features, proposals, image_sizes, targets=None) -> (outputs, losses), as ``BoxRoIHeads``.
 
-    Targets use torchvision's convention: labels 1..C, 0 is background. ``losses`` has
-    ``loss_classifier`` and ``loss_box_reg`` (stage-weighted sums) and per-stage entries
-    ``loss_cls_stage{t}`` / ``loss_box_stage{t}``.
+    Labels 1..C, 0 is background. With targets, outputs are the first stage's positive RoIs per
+    image, dict(boxes (P_i, 4) xyxy, matched int64 (P_i,) ground-truth rows), and losses are
+    ``loss_cls`` / ``loss_box`` (sums over the stages weighted by ``STAGE_LOSS_WEIGHTS``) and the
+    logged-only terms ``stage{t}/loss_cls`` / ``stage{t}/loss_box`` (t = 1..stages, unweighted).
+    Without targets, outputs are the detections: dict(boxes (N, 4), scores (N,), labels (N,)).
     """
 
     def __init__(self, roi_levels: list[str], channels: int, num_classes: int, ious=DEFAULT_IOUS,
@@ -59,11 +58,16 @@ class CascadeRoIHeads(nn.Module):
         super().__init__()
         if len(ious) != len(weights):
             raise ValueError(f"{len(ious)} IoU thresholds but {len(weights)} box-coder weight sets")
-        self.box_roi_pool = MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2)
-        self.stages = nn.ModuleList(CascadeStage(channels, num_classes, iou, w, convs, fcs, fc_dim) for iou, w in zip(ious, weights))
+        self.box_roi_pool = roi_pool(roi_levels)
+        self.stages = nn.ModuleList(CascadeStage(channels, num_classes, iou, w, convs, fcs, fc_dim)
+                                    for iou, w in zip(ious, weights))
         self.sampler = det_utils.BalancedPositiveNegativeSampler(rois_per_image, 0.25)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
-        self.mask_branch = None  # a cachedet.models.masks.MaskBranch, or None
+
+    @property
+    def logged_names(self) -> tuple[str, ...]:
+        stages = range(1, len(self.stages) + 1)
+        return tuple(f"stage{t}/{name}" for t in stages for name in ("loss_cls", "loss_box"))
 
     def _match(self, stage: CascadeStage, boxes: list[torch.Tensor], targets: list[dict]):
         """Per image: labels (0 background), matched ground-truth boxes, matched ground-truth rows."""
@@ -104,34 +108,32 @@ class CascadeRoIHeads(nn.Module):
         return outputs
 
     def forward(self, features, proposals, image_sizes, targets=None):
-        if self.training:
-            return [], self._losses(features, proposals, image_sizes, targets)
+        if targets is not None:
+            return self._losses(features, proposals, image_sizes, targets)
         return self._detect(features, proposals, image_sizes), {}
 
     def _losses(self, features, proposals, image_sizes, targets):
         boxes = self._sample_first_stage([p.detach() for p in proposals], targets)
-        losses = {}
+        losses, positives = {}, []
         total_cls = total_box = 0.0
         for t, stage in enumerate(self.stages):
             pooled = self.box_roi_pool(features, boxes, image_sizes)
             logits, deltas = stage(pooled)
             per_image, matched, rows = self._match(stage, boxes, targets)
-            if t == 0 and self.mask_branch is not None:
-                pos_boxes = [b[lab > 0] for b, lab in zip(boxes, per_image)]
-                pos_rows = [r[lab > 0] for r, lab in zip(rows, per_image)]
-                losses["loss_mask"] = self.mask_branch.loss(features, pos_boxes, pos_rows, targets, image_sizes)
+            if t == 0:
+                positives = [{"boxes": b[lab > 0], "matched": r[lab > 0]}
+                             for b, r, lab in zip(boxes, rows, per_image)]
             labels = torch.cat(per_image)
             loss_cls = F.cross_entropy(logits, labels)
             pos = torch.where(labels > 0)[0]
             reg_targets = stage.box_coder.encode_single(torch.cat(matched)[pos], torch.cat(boxes)[pos])
             loss_box = F.smooth_l1_loss(deltas[pos], reg_targets, beta=1 / 9, reduction="sum") / max(labels.numel(), 1)
-            losses[f"loss_cls_stage{t}"], losses[f"loss_box_stage{t}"] = loss_cls, loss_box
+            losses[f"stage{t + 1}/loss_cls"], losses[f"stage{t + 1}/loss_box"] = loss_cls, loss_box
             w = STAGE_LOSS_WEIGHTS[t] if t < len(STAGE_LOSS_WEIGHTS) else STAGE_LOSS_WEIGHTS[-1]
             total_cls, total_box = total_cls + w * loss_cls, total_box + w * loss_box
             refined = stage.box_coder.decode(deltas.detach(), boxes).reshape(-1, 4)
             boxes = [clip_boxes_to_image(r, s) for r, s in zip(refined.split([len(b) for b in boxes]), image_sizes)]
-        losses["loss_classifier"], losses["loss_box_reg"] = total_cls, total_box
-        return losses
+        return positives, {"loss_cls": total_cls, "loss_box": total_box, **losses}
 
     def _detect(self, features, proposals, image_sizes) -> list[dict]:
         outputs = self.stage_outputs(features, proposals, image_sizes)
@@ -149,6 +151,4 @@ class CascadeRoIHeads(nn.Module):
             b, s, lab = b[keep], s[keep], lab[keep]
             keep = batched_nms(b, s, lab, self.nms_thresh)[: self.detections_per_img]
             results.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep]})
-        if self.mask_branch is not None:
-            results = self.mask_branch.predict(features, results, image_sizes)
         return results

@@ -1,7 +1,9 @@
-"""The meta-architecture: neck + head, built from the backbone's declared feature specs.
+"""The meta-architecture: ``Detector(neck, head)`` only wires the parts it is given.
 
 It never sees the backbone or the cache: ``forward(features, targets)`` returns the losses and
-``predict(features)`` the detections, both in the view's canvas pixels.
+``predict(features)`` the detections, both in the view's canvas pixels. ``build_detector``
+turns a ``DetectorConfig`` (the flat form that runs store) into typed neck and head configs and
+builds the parts through the ``NECKS`` / ``HEADS`` maps of ``cachedet.models.build``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,16 @@ import torch
 from torch import nn
 
 from cachedet.errors import CachedetError
-from cachedet.models.cascade import DEFAULT_IOUS, DEFAULT_WEIGHTS, CascadeRoIHeads
-from cachedet.models.heads import LOSS_NAMES, MASK_LOSS, FasterRCNNHead, RetinaNetDetHead
-from cachedet.models.masks import MaskBranch
-from cachedet.models.necks import build_neck
+from cachedet.models.build import HEADS as HEAD_PARTS
+from cachedet.models.build import NECKS, OPTIONS, check_head, check_options, head_config, head_supports_masks
+from cachedet.models.build import neck_config
+from cachedet.models.config import MASKS_NEED_ROIS
+from cachedet.models.necks import resolve_neck
 from cachedet.structures import FeatureSpec
 
-HEADS = ("faster-rcnn", "cascade", "retinanet")
-MASKS_NEED_ROIS = "--masks: the retinanet head has no RoIs for a mask branch; use --head faster-rcnn or cascade"
-OPTIONS = ("box_representation", "rois_per_image", "proposals_per_image", "box_convs", "box_fcs",
-           "cascade_ious", "nasfpn_repeats", "mask_convs", "mask_channels")
+HEADS = tuple(HEAD_PARTS)
+__all__ = ["HEADS", "MASKS_NEED_ROIS", "OPTIONS", "DetectorConfig", "Detector", "build_detector",
+           "check_head", "head_supports_masks"]
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,9 @@ class DetectorConfig:
     neck: str = "fpn"
     head: str = "faster-rcnn"
     neck_channels: int = 256
-    # box_representation (FC width, 1024), rois_per_image (sampled in training, 512),
-    # proposals_per_image (RPN output, 1000), box_convs / box_fcs (box head; faster-rcnn 4 / 1,
-    # cascade 0 / 2 as in the paper's cascade configs), cascade_ious (0.5, 0.6, 0.7),
-    # nasfpn_repeats (5), mask_convs / mask_channels (mask head: 4 convs of 256, as Mask R-CNN)
+    # Flat options, typed by cachedet.models.config (defaults there): box_representation,
+    # rois_per_image, proposals_per_image, box_convs, box_fcs, cascade_ious, nasfpn_repeats,
+    # mask_convs, mask_channels. Options of another head or neck are ignored.
     options: dict = field(default_factory=dict)
     masks: bool = False  # Mask R-CNN mask branch (faster-rcnn and cascade heads)
 
@@ -52,60 +53,47 @@ class DetectorConfig:
 
 
 class Detector(nn.Module):
-    """features {c3: (B, C, H/8, W/8), ...} -> losses (training) or detections (``predict``)."""
+    """features {c3: (B, C, H/8, W/8), ...} -> losses (``forward``) or detections (``predict``).
 
-    def __init__(self, cfg: DetectorConfig):
+    ``neck``: features -> OrderedDict{p3: (B, channels, H/8, W/8), ...}, with ``out_specs``.
+    ``head``: ``head(pyramid, image_sizes, targets=None) -> (outputs, losses)`` with
+    ``loss_names`` (the terms that sum to the training loss) and ``logged_names`` (terms that are
+    only logged, such as the cascade's per-stage ``stage{t}/loss_cls``). ``canvas``: the square
+    view size assumed when ``image_sizes`` is not given.
+    """
+
+    def __init__(self, neck: nn.Module, head: nn.Module, canvas: int | None = None):
         super().__init__()
-        self.cfg = cfg
-        if cfg.head not in HEADS:
-            raise CachedetError(f"--head {cfg.head}: expected one of {', '.join(HEADS)}")
-        unknown = set(cfg.options) - set(OPTIONS)
-        if unknown:
-            raise CachedetError(f"unknown detector option(s) {sorted(unknown)}; known: {', '.join(OPTIONS)}")
-        opt = cfg.options
-        extra = "p6p7" if cfg.head == "retinanet" else "maxpool"
-        self.neck = build_neck(cfg.neck, list(cfg.in_specs), cfg.neck_channels, extra, int(opt.get("nasfpn_repeats", 5)))
-        specs = self.neck.out_specs
-        if cfg.head == "retinanet":
-            if cfg.masks:
-                raise CachedetError(MASKS_NEED_ROIS)
-            self.head = RetinaNetDetHead(specs, cfg.num_classes)
-            return
-        roi_heads = None
-        cascade = cfg.head == "cascade"
-        convs = int(opt.get("box_convs", 0 if cascade else 4))
-        fcs = int(opt.get("box_fcs", 2 if cascade else 1))
-        fc_dim = int(opt.get("box_representation", 1024))
-        rois = int(opt.get("rois_per_image", 512))
-        if cascade:
-            ious = tuple(float(v) for v in opt.get("cascade_ious", DEFAULT_IOUS))
-            if not ious or any(not 0 < v < 1 for v in ious):
-                raise CachedetError(f"--cascade-ious {list(ious)}: expected thresholds between 0 and 1")
-            weights = tuple(DEFAULT_WEIGHTS[min(i, len(DEFAULT_WEIGHTS) - 1)] for i in range(len(ious)))
-            roi_heads = CascadeRoIHeads([s.name for s in specs[:-1]], cfg.neck_channels, cfg.num_classes, ious, weights,
-                                        convs=convs, fcs=fcs, fc_dim=fc_dim, rois_per_image=rois)
-        self.head = FasterRCNNHead(
-            specs, cfg.num_classes, roi_heads=roi_heads, representation=fc_dim, rois_per_image=rois,
-            proposals_per_image=int(opt.get("proposals_per_image", 1000)), box_convs=convs, box_fcs=fcs,
-        )
-        if cfg.masks:  # built last, so the box parts start from the same weights with or without masks
-            self.head.add_mask_branch(MaskBranch([s.name for s in specs[:-1]], cfg.neck_channels, cfg.num_classes,
-                                                 convs=int(opt.get("mask_convs", 4)),
-                                                 channels=int(opt.get("mask_channels", 256))))
+        self.neck, self.head, self.canvas = neck, head, canvas
+        self.last_logged: dict[str, torch.Tensor] = {}
 
     def _sizes(self, features, image_sizes):
+        if image_sizes:
+            return image_sizes
+        if self.canvas is None:
+            raise ValueError("Detector built without a canvas: pass image_sizes")
         n = next(iter(features.values())).shape[0]
-        return image_sizes or [(self.cfg.canvas, self.cfg.canvas)] * n
+        return [(self.canvas, self.canvas)] * n
 
     def forward(self, features: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]],
                 image_sizes: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
-        """Losses, keyed by ``loss_names``. Alias: ``loss``."""
-        losses = self.head.loss(self.neck(features), targets, self._sizes(features, image_sizes))
+        """Losses keyed by ``loss_names``, whose sum is the training loss. Alias: ``loss``.
+
+        targets: per view dict(boxes float (N, 4) xyxy canvas pixels, labels int64 (N,) in
+        0..C-1, and with masks, masks uint8 (N, H, W)). The head's logged-only terms of this call
+        (``logged_names``) are kept, detached, in ``last_logged``, for the trainer to record.
+        """
+        _, losses = self.head(self.neck(features), self._sizes(features, image_sizes), targets)
+        self.last_logged = {k: v.detach() for k, v in losses.items() if k not in self.loss_names}
         return {k: losses[k] for k in self.loss_names}
 
     @property
     def loss_names(self) -> tuple[str, ...]:
-        return LOSS_NAMES + ((MASK_LOSS,) if self.cfg.masks else ())
+        return self.head.loss_names
+
+    @property
+    def logged_names(self) -> tuple[str, ...]:
+        return self.head.logged_names
 
     loss = forward
 
@@ -116,12 +104,22 @@ class Detector(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self.head.predict(self.neck(features), self._sizes(features, image_sizes))
+            detections, _ = self.head(self.neck(features), self._sizes(features, image_sizes))
+            return detections
         finally:
             self.train(was_training)
 
 
 def build_detector(cfg: DetectorConfig) -> Detector:
+    """The detector of ``cfg``: typed configs from its options, the neck with the extra levels the
+    head declares, then the head on the neck's output specs. Raises CachedetError for unknown
+    names or options, masks on RetinaNet, bad option values and unsuitable backbone levels."""
     if cfg.num_classes < 1:
         raise CachedetError(f"num_classes must be positive, got {cfg.num_classes}")
-    return Detector(cfg)
+    check_options(cfg.options)
+    head_cfg = head_config(cfg.head, cfg.options, cfg.masks)
+    neck_name = resolve_neck(cfg.neck, list(cfg.in_specs))
+    neck_cfg = neck_config(neck_name, cfg.options, cfg.neck_channels)
+    neck = NECKS[neck_name].build(neck_cfg, list(cfg.in_specs), head_cfg.extra_levels)
+    head = HEAD_PARTS[cfg.head].build(head_cfg, neck.out_specs, cfg.num_classes)
+    return Detector(neck, head, cfg.canvas)

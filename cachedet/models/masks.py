@@ -2,8 +2,9 @@
 ``MaskRCNNHeads`` (``convs`` 3x3 convs) -> ``MaskRCNNPredictor`` (2x deconv, one 28x28 logit map
 per class) -> ``maskrcnn_loss`` / ``maskrcnn_inference``.
 
-Faster R-CNN plugs the three modules into torchvision's ``RoIHeads`` (its own mask path);
-the cascade calls ``loss`` and ``predict`` itself.
+The R-CNN head (``cachedet.models.heads.RCNNHead``) owns the branch and calls ``loss`` on the
+positive RoIs its box stage returns (Faster R-CNN's or the cascade's first stage) and ``predict``
+on the final detections.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from cachedet.errors import CachedetError
+from cachedet.models.config import FPNConfig, NASFPNConfig, SimplePyramidConfig
 from cachedet.structures import FeatureSpec
 
 
@@ -45,9 +46,6 @@ class FPNNeck(nn.Module):
         return OrderedDict((spec.name, t) for spec, t in zip(self.out_specs, out.values()))
 
 
-NECKS = ("auto", "fpn", "nasfpn", "simple")
-
-
 def resolve_neck(name: str, in_specs: list[FeatureSpec]) -> str:
     """"auto": the simple pyramid for a plain ViT's taps (all at one stride), FPN otherwise; other names as given."""
     from cachedet.models.simple_pyramid import vit_taps
@@ -60,31 +58,38 @@ def resolve_neck(name: str, in_specs: list[FeatureSpec]) -> str:
     return name
 
 
-def build_neck(name: str, in_specs: list[FeatureSpec], channels: int, extra: str, repeats: int = 5) -> nn.Module:
-    """The one place that maps a neck name to its builder.
+def build_fpn(cfg: FPNConfig, in_specs: list[FeatureSpec], extra: str) -> nn.Module:
+    return FPNNeck(in_specs, cfg.channels, extra)
 
-    ``extra`` is FPN's and the simple pyramid's choice of extra levels ("maxpool": P6; "p6p7":
-    P6, P7); NAS-FPN always makes P3-P7 (``repeats`` cell stacks), on single-stride taps on top
-    of the simple pyramid's P3-P5. Unknown names and unsuitable levels are CachedetErrors.
-    """
-    from cachedet.models.simple_pyramid import (
-        NASFPN_LEVELS, RCNN_LEVELS, RETINANET_LEVELS, SimplePyramidNeck, StackedNeck, vit_taps,
-    )
 
-    if name not in NECKS:
-        raise CachedetError(f"--neck {name}: expected one of {', '.join(NECKS)}")
-    name = resolve_neck(name, in_specs)
-    if name == "fpn":
-        return FPNNeck(in_specs, channels, extra)
-    if name == "simple":
-        return SimplePyramidNeck(in_specs, channels, RETINANET_LEVELS if extra == "p6p7" else RCNN_LEVELS, extra)
+def build_simple_pyramid(cfg: SimplePyramidConfig, in_specs: list[FeatureSpec], extra: str) -> nn.Module:
+    from cachedet.models.simple_pyramid import RCNN_LEVELS, RETINANET_LEVELS, SimplePyramidNeck
+
+    levels = RETINANET_LEVELS if extra == "p6p7" else RCNN_LEVELS
+    return SimplePyramidNeck(in_specs, cfg.channels, levels, extra)
+
+
+def build_nasfpn(cfg: NASFPNConfig, in_specs: list[FeatureSpec], extra: str) -> nn.Module:
+    """NAS-FPN always makes P3-P7 (whatever ``extra``); on single-stride taps on top of the simple
+    pyramid's P3-P5. Raises CachedetError for backbone levels not at strides 8, 16, 32."""
     from cachedet.models.nasfpn import NASFPNNeck
+    from cachedet.models.simple_pyramid import NASFPN_LEVELS, SimplePyramidNeck, StackedNeck, vit_taps
 
-    if repeats < 1:
-        raise CachedetError(f"--nasfpn-repeats: expected a positive integer, got {repeats}")
     if vit_taps(in_specs):
-        pyramid = SimplePyramidNeck(in_specs, channels, NASFPN_LEVELS, extra=None)
-        return StackedNeck(pyramid, NASFPNNeck(pyramid.out_specs, channels, repeats))
+        pyramid = SimplePyramidNeck(in_specs, cfg.channels, NASFPN_LEVELS, extra=None)
+        return StackedNeck(pyramid, NASFPNNeck(pyramid.out_specs, cfg.channels, cfg.repeats))
     if [s.stride for s in in_specs] != [8, 16, 32]:
-        raise CachedetError(f"--neck nasfpn: needs backbone levels at strides 8, 16, 32, got {[s.stride for s in in_specs]}")
-    return NASFPNNeck(in_specs, channels, repeats)
+        raise CachedetError(f"--neck nasfpn: needs backbone levels at strides 8, 16, 32, "
+                            f"got {[s.stride for s in in_specs]}")
+    return NASFPNNeck(in_specs, cfg.channels, cfg.repeats)
+
+
+def build_neck(name: str, in_specs: list[FeatureSpec], channels: int, extra: str,
+               repeats: int = 5) -> nn.Module:
+    """Neck ``name`` (auto, fpn, nasfpn, simple) with the ``extra`` levels a head needs ("maxpool":
+    P6; "p6p7": P6, P7), through ``cachedet.models.build.NECKS``. Unknown names and unsuitable
+    levels are CachedetErrors."""
+    from cachedet.models.build import NECKS, neck_config
+
+    name = resolve_neck(name, in_specs)
+    return NECKS[name].build(neck_config(name, {"nasfpn_repeats": repeats}, channels), list(in_specs), extra)
