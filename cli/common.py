@@ -27,6 +27,7 @@ def user_errors(fn):
     return wrapper
 
 
+DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels")
 # Config fields (by their path from TrainConfig) whose train-heads option is not --<flat name>.
 FLAGS = {
     "optim.amp": "--no-amp",
@@ -46,6 +47,7 @@ def flag_of() -> dict[str, str]:
 
     table = {path: "--" + name.replace("_", "-") for name, path in PATH_OF.items()}
     table.update(FLAGS)
+    table.update({f"detector.options.{name}": "--" + name.replace("_", "-") for name in DETECTOR_FLAGS})
     return {path: f for path, f in table.items() if f}
 
 
@@ -54,7 +56,7 @@ def with_flags(message: str) -> str:
     import re
 
     table = flag_of()
-    return re.sub(r"\b(?:TrainConfig|source|detector|optim|loader)\.\w+\b",
+    return re.sub(r"\b(?:TrainConfig|source|detector|optim|loader)\.\w+(?:\.\w+)?\b",
                   lambda m: table.get(m.group(0), m.group(0)), message)
 
 

@@ -9,10 +9,9 @@ import typer
 
 from cachedet.backbones import DEFAULT_BACKBONE
 from cachedet.errors import CachedetError
-from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, detector_options, parse_int_list, user_errors
+from cachedet_cli.common import DETECTOR_FLAGS, TAPS_HELP, backbone_indices, console as make_console, detector_options, parse_int_list, user_errors
 
 
-DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels")
 FIELD_OF = {"pretrained": "weights", "random_init": "weights", "taps": "out_indices", "no_amp": "amp", "quiet": None,
             **{name: "detector_options" for name in DETECTOR_FLAGS}}  # option -> TrainConfig field (None: no field)
 

@@ -53,9 +53,9 @@ def test_taps_and_canvas_errors_are_one_line(synthetic, tmp_path, cli):
     r = cli("extract", "--annotations", synthetic["train"], "--images", synthetic["images"], "--out", tmp_path / "s.zarr",
             "--backbone", "test_resnet", "--taps", "1,2", "--quiet")
     assert r.exit_code == 2 and "--taps: test_resnet is not a plain ViT" in r.stderr
-    with pytest.raises(CachedetError, match="--neck fpn: .* share one stride"):
+    with pytest.raises(CachedetError, match="detector.neck fpn: .* share one stride"):
         build_detector(DetectorConfig(num_classes=2, canvas=64, in_specs=(FeatureSpec("b5", 8, 16),), neck="fpn"))
-    with pytest.raises(CachedetError, match="--neck simple: needs taps at one stride"):
+    with pytest.raises(CachedetError, match="detector.neck simple: needs taps at one stride"):
         build_neck("simple", [FeatureSpec("c3", 8, 8), FeatureSpec("c4", 8, 16)], 8, "maxpool")
 
 

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from cachedet.backbones import DEFAULT_BACKBONE
 from cachedet.errors import CachedetError
+from cachedet.models.build import check_head
 from cachedet.paths import resolve_path
 
-HEADS = ("faster-rcnn", "cascade", "retinanet")
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,7 @@ class HeadsConfig:
     masks: bool = False  # Mask R-CNN mask branch, trained on the instance masks (cache or annotations)
 
     def validate(self):
-        if self.head not in HEADS:
-            raise CachedetError(f"detector.head {self.head}: expected one of {', '.join(HEADS)}")
-        if self.masks and self.head == "retinanet":
-            raise CachedetError("detector.masks: the retinanet head has no RoIs for a mask branch; "
-                                "use detector.head faster-rcnn or cascade")
+        check_head(self.head, self.masks)
 
 
 @dataclass(frozen=True)

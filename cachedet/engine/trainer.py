@@ -128,8 +128,10 @@ class Trainer:
         self.state.last_loss = loss
         if self.state.first_loss is None:
             self.state.first_loss = loss
+        logged = getattr(getattr(self.model, "detector", None), "last_logged", {})  # e.g. cascade stage losses
         return {"epoch": self.state.epoch, "step": self.state.step, "lr": lr, "loss": loss,
-                **{k: float(v) for k, v in out.losses.items()}, "views_per_s": n / dt, "step_s": dt}
+                **{k: float(v) for k, v in out.losses.items()}, **{k: float(v) for k, v in logged.items()},
+                "views_per_s": n / dt, "step_s": dt}
 
     def _to_device(self, batch: dict):
         inputs, device = batch["inputs"], self.device
