@@ -29,8 +29,9 @@ from cachedet.data.masks import MaskSource, mask_source
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
+from cachedet.runtime import resolve_device
 from cachedet.shards import (
-    ShardTask, compute_features, resolve_device, run_shards_in_process, run_shards_on_dask, worker_backbone,
+    ShardTask, compute_features, run_shards_in_process, run_shards_on_dask, worker_backbone,
 )
 from cachedet.structures import ViewParams
 

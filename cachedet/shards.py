@@ -21,19 +21,8 @@ from cachedet.data.copy_paste import PastePlan
 from cachedet.data.images import ViewDataset
 from cachedet.data.masks import MaskSource
 from cachedet.errors import CachedetError
+from cachedet.runtime import resolve_device
 from cachedet.structures import ViewParams
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CachedetError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CachedetError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from cachedet.cache.schema import decode
 from cachedet.cache.store import FeatureStore
 from cachedet.data.masks import decode_rles
 from cachedet.errors import CachedetError
+from cachedet.structures import targets_of
 
 
 def choose_epoch_views(image_ids: np.ndarray, usable: np.ndarray, views_per_epoch: int, seed: int, epoch: int) -> np.ndarray:
@@ -163,11 +164,6 @@ class InMemoryViews(_EpochViews):
             if self.mask_rles is not None:
                 sample["masks"] = torch.from_numpy(decode_rles(self.mask_rles[view], (self.canvas, self.canvas)))
             yield sample
-
-
-def targets_of(samples: list[dict]) -> list[dict]:
-    """Per sample dict(boxes, labels[, masks]): the ragged targets of a batch."""
-    return [{k: s[k] for k in ("boxes", "labels", "masks") if k in s} for s in samples]
 
 
 def collate_views(samples: list[dict]) -> dict:

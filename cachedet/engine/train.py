@@ -27,7 +27,7 @@ from cachedet.engine.distributed import DistInfo, barrier, init_distributed, shu
 from cachedet.engine.sources import CacheSource, OnlineSource, check_fingerprint
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
-from cachedet.extract import resolve_device
+from cachedet.runtime import resolve_device
 from cachedet.models.detector import MASKS_NEED_ROIS, DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
 

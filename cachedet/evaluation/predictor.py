@@ -24,7 +24,7 @@ from cachedet.engine.checkpoint import load_checkpoint
 from cachedet.engine.sources import check_fingerprint, fingerprint as make_fingerprint
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
-from cachedet.extract import resolve_device
+from cachedet.runtime import resolve_device
 from cachedet.models.masks import paste_masks
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.structures import ViewParams
