@@ -24,7 +24,8 @@ from cachedet.data.views import AugmentConfig
 from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from cachedet.engine.resume import continue_schedule, resume_changes
 from cachedet.engine.distributed import DistInfo, barrier, init_distributed, shutdown
-from cachedet.engine.sources import CacheSource, OnlineSource, check_fingerprint
+from cachedet.cache.header import check_fingerprint
+from cachedet.engine.sources import CacheSource, OnlineSource
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 from cachedet.runtime import resolve_device
