@@ -18,9 +18,9 @@ def cache_info_command(
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
 ):
     """Describe a feature store: levels, shapes, size on disk, compression, completion."""
-    from cachedet.cache.store import FeatureStore
+    from cachedet.cache.store import StoreReader
 
-    info = FeatureStore(store).info()
+    info = StoreReader(store).info()
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -64,11 +64,12 @@ def cache_verify_command(
     Exit status 0 when every shard is complete and intact, 1 otherwise. Damaged shards are
     recomputed by rerunning the store's extract command with --repair.
     """
-    from cachedet.cache.store import FeatureStore, verify_store
+    from cachedet.cache.store import StoreReader
     from cachedet.progress import ViewProgress
 
-    with ViewProgress("verify", FeatureStore(store).num_shards, unit="shards", enabled=not quiet) as bar:
-        report = verify_store(store, on_shard=bar.advance)
+    reader = StoreReader(store)
+    with ViewProgress("verify", reader.num_shards, unit="shards", enabled=not quiet) as bar:
+        report = reader.verify(on_shard=bar.advance)
     if as_json:
         print(json.dumps(report, indent=2))
     else:

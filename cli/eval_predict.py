@@ -126,7 +126,7 @@ def predict_command(
     detections = predictor.predict_images(items)
     for d in detections:
         d["file_name"] = str(paths[d["image_id"]])
-        d["category_name"] = predictor.names[d["category_id"]]
+        d["category_name"] = predictor.categories.name_of(d["category_id"])
     write_json_atomic(out, detections, indent=1)
     console = make_console()
     console.print(f"{len(detections)} detections in {len(paths)} images (score >= {score_threshold}) -> {out}")

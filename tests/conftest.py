@@ -108,3 +108,14 @@ def reference_cocoeval(data: dict, detections: list[dict], iou_type: str = "bbox
         ev.accumulate()
         ev.summarize()
     return ev
+
+
+@pytest.fixture(scope="module")
+def tiny_store(synthetic, tmp_path_factory):
+    """A real StoreReader on 12 images x 1 view (test_resnet, canvas 64, shards of 4 views, masks)."""
+    from cachedet.cache.store import StoreReader
+    from cachedet.extract import extract
+
+    out = str(tmp_path_factory.mktemp("tiny") / "tiny.zarr")
+    extract(small_config(synthetic, out, augment=AugmentConfig(size=64, seed=1), views=1, shard_views=4), progress=False)
+    return StoreReader(out)

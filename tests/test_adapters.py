@@ -78,8 +78,8 @@ def hybrid(synthetic, tmp_path_factory, weights):
 def test_hybrid_cache_stores_the_stages_up_to_k(hybrid, cli):
     fs = FeatureStore(hybrid.out)
     assert [s.name for s in fs.specs] == ["c3", "c4"]  # the pyramid levels of stages <= 3 (c4 feeds stage 4)
-    assert fs.header["hybrid"]["cache_stage"] == 3
-    assert [s["name"] for s in fs.header["hybrid"]["feature_specs"]] == ["c3", "c4", "c5"]
+    assert fs.header.hybrid.cache_stage == 3
+    assert [s.name for s in fs.header.hybrid.specs] == ["c3", "c4", "c5"]
     assert "hybrid cache" in cli("cache", "info", hybrid.out).stdout
 
 

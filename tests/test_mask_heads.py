@@ -238,7 +238,7 @@ def test_a_detection_in_the_canvas_padding_is_dropped_with_its_mask(mask_run):
     det = {"boxes": torch.tensor([[10.0, 5, 30, 30], [10, 60, 30, 90]]), "scores": torch.tensor([0.9, 0.8]),
            "labels": torch.tensor([1, 2]), "masks": torch.ones(2, 1, 28, 28)}
     results = predictor._to_results([p], [det])
-    assert len(results) == 1 and results[0]["category_id"] == predictor.category_ids[1]
+    assert len(results) == 1 and results[0]["category_id"] == predictor.categories.to_id(1)
     mask = mask_utils.decode({"size": [40, 96], "counts": results[0]["segmentation"]["counts"].encode()})
     ys, xs = np.nonzero(mask)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 29, 5, 29)  # the box, filled

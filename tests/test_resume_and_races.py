@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from cachedet.backbones import build_backbone
-from cachedet.cache.store import FeatureStore, read_shard_records
+from cachedet.cache.store import FeatureStore, StoreReader
 from cachedet.data.coco import load_detection_dataset
 from cachedet.engine.run import RunDir
 from cachedet.engine.config import PATH_OF
 from cachedet.engine.train import TrainConfig, train
 from cachedet.errors import CachedetError
-from cachedet.extract import _header, extract, masks_header, plan_views, prepare_store
+from cachedet.extract import _header, extract, plan_views, prepare_store
 from cachedet_cli.common import with_flags
 from conftest import small_config, train_config
 
@@ -131,8 +131,7 @@ def test_two_creators_racing_on_a_new_store(synthetic, tmp_path):
     cfg = small_config(synthetic, str(tmp_path / "race.zarr"), views=2, shard_views=4)
     dataset = load_detection_dataset(cfg.annotations, cfg.images)
     plan = plan_views(dataset, cfg.augment, cfg.views)
-    header = _header(cfg, build_backbone(cfg.backbone, warn=False), dataset, len(plan.views))
-    header["masks"] = masks_header(dataset, plan)
+    header = _header(cfg, build_backbone(cfg.backbone, warn=False), dataset, plan, hybrid=None, masks=True)
     ctx = multiprocessing.get_context("fork")
     for attempt in range(12):
         if os.path.exists(cfg.out):
@@ -148,7 +147,7 @@ def test_two_creators_racing_on_a_new_store(synthetic, tmp_path):
         assert FeatureStore(cfg.out).num_views == len(plan.views)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".race.zarr.creating")]  # no temporary left
     result = extract(cfg, progress=False)  # the raced store is a normal one: extraction fills it
-    assert result.shards_run == result.shards_total and len(read_shard_records(cfg.out)) == result.shards_total
+    assert result.shards_run == result.shards_total and len(StoreReader(cfg.out).shard_records()) == result.shards_total
 
 
 def test_interrupted_creations_are_replaced_and_foreign_folders_kept(synthetic, tmp_path):

@@ -112,7 +112,7 @@ def test_vit_cache_train_eval_predict_every_head(vit_store, head, masks, synthet
     store = FeatureStore(vit_store.out)
     assert [s.to_dict() for s in store.specs] == [{"name": "b2", "channels": 64, "stride": 16},
                                                  {"name": "b5", "channels": 64, "stride": 16}]
-    assert store.header["feature_shapes"] == {"b2": [64, 4, 4], "b5": [64, 4, 4]} and store.header["masks"]
+    assert store.header.to_dict()["feature_shapes"] == {"b2": [64, 4, 4], "b5": [64, 4, 4]} and store.header.masks
     result = train(TrainConfig.of(out=str(tmp_path / "run"), cache=vit_store.out, head=head, masks=masks, epochs=1,
                                batch_size=6, max_steps_per_epoch=1, neck_channels=16, warmup_steps=1,
                                detector_options=LIGHT if head != "retinanet" else {}), progress=False)

@@ -57,7 +57,7 @@ def vit_hybrid(synthetic, tmp_path_factory):
 def test_vit_hybrid_cache_resumes_at_block_k_exactly(vit_hybrid):
     fs = FeatureStore(vit_hybrid.out)
     assert [(s.name, s.channels, s.stride) for s in fs.specs] == [("b2", 64, 16), ("b3", 64, 16), ("b3_prefix", 64, 16)]
-    assert fs.header["feature_shapes"]["b3_prefix"] == [64, 1, 1] and fs.header["hybrid"]["cache_stage"] == 3
+    assert fs.header.to_dict()["feature_shapes"]["b3_prefix"] == [64, 1, 1] and fs.header.hybrid.cache_stage == 3
     bb = build_backbone(BackboneConfig("test_vit", (2, 5), "random")).add_adapters((4, 5)).eval()
     with torch.no_grad():
         for p in bb.parameters():

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from cachedet import __version__
 from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
-from cachedet.engine.sources import check_fingerprint
+from cachedet.cache.header import check_fingerprint
 from cachedet.errors import CachedetError
 
 RECORD_KEYS = ("train", "detector", "fingerprint", "backbone", "augment", "categories", "adapters",

@@ -27,7 +27,7 @@ from cachedet.engine.sources import CacheSource, OnlineSource
 from cachedet.engine.step import TrainModel
 from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
 from cachedet.errors import CachedetError
-from cachedet.extract import resolve_device
+from cachedet.runtime import resolve_device
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
 

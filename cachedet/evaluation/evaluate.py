@@ -6,7 +6,7 @@ import os
 import time
 
 from cachedet.atomic import write_json_atomic
-from cachedet.cache.store import FeatureStore
+from cachedet.cache.store import StoreReader
 from cachedet.data.coco import load_detection_dataset, read_annotation_json
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
@@ -33,19 +33,18 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
     dataset = load_detection_dataset(annotations, images or os.path.dirname(annotations))
     ground_truth = scoring_ground_truth(dataset.raw, str(annotations), dataset.is_lvis)  # before any prediction
     predictor = Predictor(run, device=device, need_backbone=cache is None)
-    val_ids = [int(c["id"]) for c in dataset.categories.to_json()]
-    if sorted(val_ids) != sorted(predictor.category_ids):
-        raise CachedetError(f"{annotations}: categories differ from the run's ({len(val_ids)} vs {len(predictor.category_ids)}); "
-                            "evaluate on a file with the training categories")
+    if dataset.categories.ids != predictor.categories.ids:
+        raise CachedetError(f"{annotations}: categories differ from the run's ({len(dataset.categories)} vs "
+                            f"{len(predictor.categories)}); evaluate on a file with the training categories")
     evaluator = DetectionEvaluator(
-        ground_truth, predictor.names, masks=predictor.masks and dataset.has_masks, lvis=dataset.is_lvis,
+        ground_truth, {cid: predictor.categories.name_of(cid) for cid in predictor.categories.ids},
+        masks=predictor.masks and dataset.has_masks, lvis=dataset.is_lvis,
         train_counts=training_counts(read_annotation_json(train_annotations)[0]) if train_annotations else None,
         count_bins=tuple(count_bins))
     with ViewProgress("eval", len(dataset.images), unit="images", enabled=progress) as bar:
         if cache is not None:
-            store = FeatureStore(cache)
-            if store.header["dataset"]["annotations_sha256"] != dataset.sha256:
-                raise CachedetError(f"--cache {cache}: was extracted from another annotation file than {annotations}")
+            store = StoreReader(cache)
+            store.header.check_dataset(dataset.sha256, f"--cache {cache}", annotations)
             batches = predictor.iter_store(store)
         else:
             items = [(r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images]

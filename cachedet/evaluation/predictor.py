@@ -16,15 +16,16 @@ import numpy as np
 import torch
 
 from cachedet.backbones import Backbone, build_backbone, config_from_identity
-from cachedet.cache.store import FeatureStore
+from cachedet.cache.header import Fingerprint, check_weights
+from cachedet.cache.store import StoreReader
+from cachedet.data.coco import CategoryMap
 from cachedet.data.images import read_image
 from cachedet.data.masks import rle_json
 from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_image, view_to_image_boxes
 from cachedet.engine.run import RunRecord, load_run_checkpoint
-from cachedet.engine.sources import check_fingerprint, fingerprint as make_fingerprint
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
-from cachedet.extract import resolve_device
+from cachedet.runtime import resolve_device
 from cachedet.models.masks import paste_masks
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.structures import ViewParams
@@ -39,10 +40,8 @@ class Predictor:
         ckpt = load_run_checkpoint(path)
         record, weights = RunRecord.from_dict(ckpt["run"]), ckpt["state"]
         self.run, self.device, self.record = run, resolve_device(device), record
-        self.fingerprint = record.fingerprint
-        self.categories = record.categories
-        self.category_ids = [int(c["id"]) for c in sorted(self.categories, key=lambda c: c["id"])]
-        self.names = {int(c["id"]): c["name"] for c in self.categories}
+        self.fingerprint = Fingerprint.from_dict(record.fingerprint)
+        self.categories = CategoryMap.from_json(record.categories)  # the run's labels <-> dataset category ids
         self.detector_config = DetectorConfig.from_dict(record.detector)
         self.canvas = self.detector_config.canvas
         self.masks = self.detector_config.masks  # detections carry RLE segmentations
@@ -56,9 +55,10 @@ class Predictor:
             ident = record.backbone
             self.backbone = build_backbone(config_from_identity(ident), warn=False)
             fine_tuned = weights.get("backbone") is not None and not self.adapters
-            if not fine_tuned and self.backbone.identity["weights_sha256"] != ident["weights_sha256"]:
-                raise CachedetError(f"{path}: the backbone weights available here ({self.backbone.identity['weights']}) "
-                                    f"are not the ones the run was trained on ({ident['weights']})")
+            if not fine_tuned:
+                check_weights(self.backbone.identity, ident,
+                              f"{path}: the backbone weights available here ({self.backbone.identity['weights']}) "
+                              f"are not the ones the run was trained on ({ident['weights']})")
             if self.adapters:  # the frozen weights above, plus the trained adapters
                 self.backbone.add_adapters(self.adapters)
             if weights.get("backbone") is not None:
@@ -78,7 +78,7 @@ class Predictor:
             for box, score, label in zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist()):
                 x1, y1, x2, y2 = (float(v) for v in box)
                 mask = next(masks) if masks is not None else None
-                result = {"image_id": p.image_id, "category_id": self.category_ids[label],
+                result = {"image_id": p.image_id, "category_id": self.categories.to_id(label),
                           "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                           "score": round(float(score), 5)}
                 if mask is not None:
@@ -123,21 +123,21 @@ class Predictor:
                 feats = self.backbone(torch.stack(views).to(self.device))
             yield len(chunk), self.predict_features(params, feats)
 
-    def check_store(self, store: FeatureStore):
+    def check_store(self, store: StoreReader):
+        """Refuse a cache whose features do not fit the run (adapters, augmented views, fingerprint)."""
         header = store.header
         if self.adapters:
             raise CachedetError(f"--cache {store.url}: run {self.run} trained adapters inside the backbone, so cached frozen "
                                 "features do not fit it; evaluate from --images")
-        if header["augment"]["augment"]:
+        if header.augmented:
             raise CachedetError(f"--cache {store.url}: an augmented cache; evaluate from one made with --no-augment --views 1")
-        found = make_fingerprint(store.specs, header["backbone"], int(header["augment"]["size"]), header["dataset"]["categories"])
-        check_fingerprint(found, self.fingerprint, f"--cache {store.url} does not fit run {self.run}", found_label="store")
+        header.fingerprint().check(self.fingerprint, f"--cache {store.url} does not fit run {self.run}", found_label="store")
 
-    def predict_store(self, store: FeatureStore, batch_size: int = 16, on_images=None) -> list[dict]:
+    def predict_store(self, store: StoreReader, batch_size: int = 16, on_images=None) -> list[dict]:
         """COCO results for every usable view of a ``--no-augment --views 1`` store."""
         return _flatten(self.iter_store(store, batch_size), on_images)
 
-    def iter_store(self, store: FeatureStore, batch_size: int = 16):
+    def iter_store(self, store: StoreReader, batch_size: int = 16):
         """Yield (views in the batch, their COCO results) from a store's cached features."""
         self.check_store(store)
         usable = store.usable_views()

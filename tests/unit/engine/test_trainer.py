@@ -99,10 +99,16 @@ def test_train_step_matches_a_hand_written_step():
     assert float(a.w) == pytest.approx(float(b.w))
 
 
+FP = {"feature_specs": [{"name": "c3", "channels": 8, "stride": 8}], "canvas": 64,
+      "backbone": {"name": "test_resnet", "out_indices": None, "weights_sha256": "0" * 64, "mean": [0.5] * 3,
+                   "std": [0.5] * 3},
+      "categories": [{"id": 1, "name": "a"}]}
+
+
 def test_a_checkpoint_of_the_flat_layout_loads_as_a_run_record(tmp_path):
     old = {"format": CHECKPOINT_FORMAT, "cachedet_version": "0.1.0", "epoch": 3, "step": 12,
            "config": {"out": "r", "epochs": 4}, "detector_config": {"head": "faster-rcnn"},
-           "fingerprint": {"canvas": 64}, "backbone_identity": {"name": "test_resnet"}, "categories": [{"id": 1}],
+           "fingerprint": FP, "backbone_identity": {"name": "test_resnet"}, "categories": [{"id": 1}],
            "augment": {"size": 64}, "detector": {"w": torch.ones(1)}, "backbone": None, "adapters": None,
            "optimizer": {"state": {}}, "scheduler": {"last_epoch": 12}}
     torch.save(old, tmp_path / "last.pt")
@@ -112,4 +118,5 @@ def test_a_checkpoint_of_the_flat_layout_loads_as_a_run_record(tmp_path):
     assert record.detector == {"head": "faster-rcnn"} and ckpt["epoch"] == 3 and ckpt["step"] == 12
     assert torch.equal(ckpt["state"]["detector"]["w"], torch.ones(1)) and ckpt["state"]["scheduler"]["last_epoch"] == 12
     with pytest.raises(CachedetError, match="does not fit this run: .*canvas"):
-        record.check_fits({"canvas": 128}, "--cache S", found_label="store")
+        record.check_fits({**FP, "canvas": 128}, "--cache S", found_label="store")
+    record.check_fits(dict(FP), "--cache S", found_label="store")  # the same features fit
