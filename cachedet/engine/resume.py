@@ -29,6 +29,7 @@ RESUMABLE = ("epochs", "lr", "weight_decay", "clip_grad", "device", "workers", "
 LOCATIONS = ("out", "cache", "annotations", "images", "resume")
 FLAGS = {  # fields whose train-heads option is not --<field>
     "amp": "--no-amp",
+    "workers": "--loader-workers",
     "loader_start": "TrainConfig.loader_start",
     "out_indices": "--out-indices/--taps",
     "weights": "--weights/--pretrained/--random-init",
