@@ -27,28 +27,22 @@ def user_errors(fn):
     return wrapper
 
 
-DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels")
-# Config fields (by their path from TrainConfig) whose train-heads option is not --<flat name>.
-FLAGS = {
-    "optim.amp": "--no-amp",
-    "source.out_indices": "--out-indices/--taps",
-    "source.weights": "--weights/--pretrained/--random-init",
-    "detector.options": "--nasfpn-repeats/--cascade-ious/--box-convs/--box-fcs/--mask-convs/--mask-channels",
-    "loader.loader_start": None,  # no option: a Python setting
-    "loader.shuffle_buffer": None,
-    "loader.max_steps_per_epoch": None,
-    "optim.momentum": None,
-}
-
-
 def flag_of() -> dict[str, str]:
-    """{config field path: the option that sets it}, for every field a train-heads option sets."""
-    from cachedet.engine.config import PATH_OF
+    """{config field path (``optim.epochs``): the train-heads option(s) that set it (``--epochs``)},
+    read off the command's own options (``TRAIN_FIELD_OF`` names those that differ from the field)."""
+    import inspect
 
-    table = {path: "--" + name.replace("_", "-") for name, path in PATH_OF.items()}
-    table.update(FLAGS)
+    from cachedet.engine.config import PATH_OF
+    from cachedet_cli.train_heads import train_heads_command
+    from cachedet_cli.vocabulary import DETECTOR_FLAGS, TRAIN_FIELD_OF
+
+    options = [p for p in inspect.signature(train_heads_command).parameters if p != "ctx"]
+    by_field: dict[str, list[str]] = {}
+    for option in options:
+        by_field.setdefault(TRAIN_FIELD_OF.get(option, option), []).append("--" + option.replace("_", "-"))
+    table = {PATH_OF[f]: "/".join(flags) for f, flags in by_field.items() if f in PATH_OF}
     table.update({f"detector.options.{name}": "--" + name.replace("_", "-") for name in DETECTOR_FLAGS})
-    return {path: f for path, f in table.items() if f}
+    return table
 
 
 def with_flags(message: str) -> str:
