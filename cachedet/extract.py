@@ -19,18 +19,18 @@ import torch
 from cachedet import __version__
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
-from cachedet.cache.store import (
-    FeatureStore, create_store, interrupted_creation, read_shard_records, remove_shard_record, remove_store, shard_range, store_exists,
-    verify_store,
-)
+from cachedet.cache.header import Hybrid, MaskInfo, StoreHeader, Storage
+from cachedet.cache.layout import create_store, interrupted_creation, remove_store, store_exists
+from cachedet.cache.store import StoreReader, StoreWriter, shard_range
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import MaskSource, mask_source
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
+from cachedet.runtime import resolve_device
 from cachedet.shards import (
-    ShardTask, compute_features, resolve_device, run_shards_in_process, run_shards_on_dask, worker_backbone,
+    ShardTask, compute_features, run_shards_in_process, run_shards_on_dask, worker_backbone,
 )
 from cachedet.structures import ViewParams
 
@@ -109,11 +109,11 @@ def mask_sources(dataset: DetectionDataset, plan: ViewPlan, start: int, end: int
     return tuple(out)
 
 
-def masks_header(dataset: DetectionDataset, plan: ViewPlan) -> dict:
-    """header["masks"]: the format, and how many stored objects fall back to their box (no segmentation)."""
+def masks_header(dataset: DetectionDataset, plan: ViewPlan) -> MaskInfo:
+    """The header's masks: the format, and how many stored objects fall back to their box (no segmentation)."""
     where = dataset.annotation_rows()
     from_boxes = sum(mask_source(*where[a]).segmentation is None for a in plan.boxes["ann_ids"].tolist())
-    return {"format": schema.MASK_FORMAT, "objects": int(len(plan.boxes["ann_ids"])), "objects_from_boxes": from_boxes}
+    return MaskInfo(format=schema.MASK_FORMAT, objects=int(len(plan.boxes["ann_ids"])), objects_from_boxes=from_boxes)
 
 
 def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_image: int) -> ViewPlan:
@@ -167,7 +167,7 @@ class ExtractResult:
         return self.views_run / self.shard_seconds if self.shard_seconds > 0 else 0.0
 
 
-def hybrid_backbone(cfg: ExtractConfig) -> tuple[BackboneConfig, dict | None]:
+def hybrid_backbone(cfg: ExtractConfig) -> tuple[BackboneConfig, Hybrid | None]:
     """The backbone that extraction runs, and the header's ``hybrid`` entry for ``--cache-stage K``.
 
     A hybrid cache keeps the pyramid levels of stages <= K plus stage K's output (the input of
@@ -182,27 +182,30 @@ def hybrid_backbone(cfg: ExtractConfig) -> tuple[BackboneConfig, dict | None]:
         raise CachedetError(f"--cache-stage {k}: expected 0..{max(out) - 1} for {cfg.backbone.name} (its pyramid "
                             f"ends at stage {max(out)}; a later cache stage leaves nothing to adapt)")
     stages = tuple(sorted({i for i in out if i <= k} | {k}))
-    hybrid = {"cache_stage": k, "backbone": full.identity, "feature_specs": [s.to_dict() for s in full.specs]}
+    hybrid = Hybrid(cache_stage=k, backbone=full.identity, specs=tuple(full.specs))
     # a ViT's later blocks also attend to the prefix tokens (class, registers) of block K: store them too
     return BackboneConfig(cfg.backbone.name, stages, cfg.backbone.weights, prefix_tokens=full.patch is not None), hybrid
 
 
-def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, num_views: int) -> dict:
-    return schema.make_header(
+def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, plan: ViewPlan,
+            hybrid: Hybrid | None, masks: bool) -> StoreHeader:
+    return StoreHeader(
         backbone=backbone.identity,
-        specs=[s.to_dict() for s in backbone.specs],
-        shapes=backbone.feature_shapes(cfg.augment.size),
+        specs=tuple(backbone.specs),
+        shapes={k: tuple(v) for k, v in backbone.feature_shapes(cfg.augment.size).items()},
         dataset=dataset.fingerprint(),
         augment=cfg.augment.to_dict(),
         views=cfg.views,
-        storage={"dtype": cfg.dtype, "codec": cfg.codec, "shard_views": cfg.shard_views},
-        num_views=num_views,
+        storage=Storage(dtype=cfg.dtype, codec=cfg.codec, shard_views=cfg.shard_views),
+        num_views=len(plan.views),
         num_images=len(dataset.images),
-        version=__version__,
+        cachedet_version=__version__,
+        hybrid=hybrid,
+        masks=masks_header(dataset, plan) if masks else None,
     )
 
 
-def prepare_store(cfg: ExtractConfig, header: dict, plan: ViewPlan) -> None:
+def prepare_store(cfg: ExtractConfig, header: StoreHeader, plan: ViewPlan) -> None:
     """Create the store, or check that an existing one was made with the same configuration.
 
     Safe against a second extraction starting on the same new store: creation is atomic
@@ -218,11 +221,11 @@ def prepare_store(cfg: ExtractConfig, header: dict, plan: ViewPlan) -> None:
     raise CachedetError(f"--out {cfg.out}: another process keeps replacing this store; run one extraction at a time")
 
 
-def _check_existing(cfg: ExtractConfig, header: dict) -> bool:
+def _check_existing(cfg: ExtractConfig, header: StoreHeader) -> bool:
     """True when ``cfg.out`` holds a compatible store; False after removing an interrupted creation.
     Raises CachedetError for a foreign folder or a store made with another configuration."""
     try:
-        found = FeatureStore(cfg.out).header
+        found = StoreReader(cfg.out).header
     except CachedetError:
         found = None
     if found is None and not interrupted_creation(cfg.out):
@@ -230,13 +233,32 @@ def _check_existing(cfg: ExtractConfig, header: dict) -> bool:
     if found is None:
         remove_store(cfg.out)  # an interrupted creation on an object store, or an empty folder: nothing to lose
         return False
-    diff = schema.differences(schema.identity(found), schema.identity(header))
+    diff = found.diff(header)
     if diff:
         raise CachedetError(
             f"--out {cfg.out}: the store was made with another configuration "
             f"(pass --overwrite to rebuild it): " + "; ".join(diff[:5])
         )
     return True
+
+
+def shard_tasks(cfg: ExtractConfig, backbone: BackboneConfig, masks_of: DetectionDataset | None, plan: ViewPlan,
+                skip: set[int] = frozenset()) -> list[ShardTask]:
+    """One ``ShardTask`` per shard of ``plan`` not in ``skip`` (complete shards), in shard order.
+    ``masks_of``: the dataset whose instance masks the tasks rasterise, or None for boxes only."""
+    tasks = []
+    for shard in range(-(-len(plan.views) // cfg.shard_views)):
+        if shard in skip:
+            continue
+        start, end = shard_range(shard, cfg.shard_views, len(plan.views))
+        tasks.append(ShardTask(
+            store=cfg.out, shard=shard, start=start, views=tuple(plan.views[start:end]),
+            paths=tuple(plan.paths[start:end]), pastes=tuple(plan.pastes[start:end]), backbone=backbone,
+            device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, loader_workers=cfg.loader_workers,
+            skip_bad=cfg.skip_bad, threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
+            masks=mask_sources(masks_of, plan, start, end) if masks_of is not None else None,
+        ))
+    return tasks
 
 
 def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
@@ -249,28 +271,14 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     backbone_cfg, hybrid = hybrid_backbone(cfg)
     backbone = build_backbone(backbone_cfg)
     plan = plan_views(dataset, cfg.augment, cfg.views)
-    header = _header(cfg, backbone, dataset, len(plan.views))
-    if hybrid:
-        header["hybrid"] = hybrid
     with_masks = cfg.masks and dataset.has_masks
-    header["masks"] = masks_header(dataset, plan) if with_masks else None
+    header = _header(cfg, backbone, dataset, plan, hybrid, with_masks)
     prepare_store(cfg, header, plan)
     repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
-    done = read_shard_records(cfg.out)
-    total = header["num_shards"]
-    tasks = []
-    for shard in range(total):
-        if shard in done:
-            continue
-        start, end = shard_range(shard, cfg.shard_views, len(plan.views))
-        tasks.append(ShardTask(
-            store=cfg.out, shard=shard, start=start, views=tuple(plan.views[start:end]),
-            paths=tuple(plan.paths[start:end]), pastes=tuple(plan.pastes[start:end]), backbone=backbone_cfg, device=cfg.device, dtype=cfg.dtype,
-            batch_size=cfg.batch_size, loader_workers=cfg.loader_workers, skip_bad=cfg.skip_bad,
-            threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0, codec=cfg.codec,
-            masks=mask_sources(dataset, plan, start, end) if with_masks else None,
-        ))
+    done = StoreWriter(cfg.out).shard_records()
+    total = header.num_shards
+    tasks = shard_tasks(cfg, backbone_cfg, dataset if with_masks else None, plan, skip=set(done))
     todo_views = sum(len(t.views) for t in tasks)
     if tasks and not (cfg.workers or cfg.scheduler):
         worker_backbone(backbone_cfg, cfg.device)  # built before the clock starts, as on a dask worker
@@ -287,7 +295,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         store=cfg.out, num_views=len(plan.views), shards_total=total, shards_run=len(tasks),
         shards_skipped_complete=len(done), skipped_images=skipped, dropped=dataset.dropped,
         seconds=time.perf_counter() - t0, views_run=todo_views, shard_seconds=shard_seconds, repaired=repaired,
-        masks=header["masks"],
+        masks=header.masks.to_dict() if header.masks is not None else None,
     )
 
 
@@ -295,11 +303,12 @@ def repair_store(url: str, progress: bool = True) -> list[dict]:
     """Verify every complete shard; unmark the damaged ones so this run recomputes them."""
     from cachedet.progress import ViewProgress
 
-    total = FeatureStore(url).num_shards
-    with ViewProgress("verify", total, unit="shards", enabled=progress) as bar:
-        report = verify_store(url, on_shard=bar.advance)
+    reader = StoreReader(url)
+    with ViewProgress("verify", reader.num_shards, unit="shards", enabled=progress) as bar:
+        report = reader.verify(on_shard=bar.advance)
+    writer = StoreWriter(url)
     for damaged in report["damaged"]:
-        remove_shard_record(url, damaged["shard"])
+        writer.remove_record(damaged["shard"])
     return report["damaged"]
 
 

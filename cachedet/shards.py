@@ -16,24 +16,13 @@ from torch.utils.data import DataLoader
 
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
-from cachedet.cache.store import write_shard_features, write_shard_masks, write_shard_record
+from cachedet.cache.store import StoreWriter
 from cachedet.data.copy_paste import PastePlan
 from cachedet.data.images import ViewDataset
 from cachedet.data.masks import MaskSource
 from cachedet.errors import CachedetError
+from cachedet.runtime import resolve_device
 from cachedet.structures import ViewParams
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CachedetError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CachedetError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 @dataclass(frozen=True)
@@ -53,7 +42,6 @@ class ShardTask:
     loader_workers: int
     skip_bad: bool
     threads: int
-    codec: str  # the store's, for its mask arrays
     masks: tuple[tuple[MaskSource, ...], ...] | None = None  # per view, its objects in box-row order
 
 
@@ -144,9 +132,10 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
     """Write a computed shard's features, then its completion record; return the record."""
     t0 = time.perf_counter()
     try:
-        digests = write_shard_features(task.store, task.shard, computed.blocks, task.start, computed.quant)
+        writer = StoreWriter(task.store)
+        digests = writer.write_features(task.shard, computed.blocks, task.start, computed.quant)
         if computed.masks is not None:
-            digests["masks"] = write_shard_masks(task.store, task.shard, computed.masks, task.codec)
+            digests["masks"] = writer.write_masks(task.shard, computed.masks)
     except OSError as e:  # no space, no permission, a lost connection: the shard stays incomplete
         raise CachedetError(f"--out {task.store}: writing shard {task.shard} failed: {e.strerror or e}; "
                             "it is not marked complete, rerun the same command to resume") from None
@@ -158,7 +147,7 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
         "seconds": round(computed.seconds + time.perf_counter() - t0, 3),  # compute + write
     }
     try:
-        write_shard_record(task.store, record)
+        writer.write_record(record)
     except OSError as e:
         raise CachedetError(f"--out {task.store}: writing the completion record of shard {task.shard} failed: "
                             f"{e.strerror or e}; rerun the same command to resume") from None

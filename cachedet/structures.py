@@ -62,3 +62,9 @@ class ViewParams:
         h = max(0, min(self.canvas, self.resized_size[0] - self.crop_offset[0]))
         w = max(0, min(self.canvas, self.resized_size[1] - self.crop_offset[1]))
         return (h, w)
+
+
+def targets_of(samples: list[dict]) -> list[dict]:
+    """Per sample dict(boxes (N, 4) xyxy canvas pixels, labels (N,)[, masks uint8 (N, S, S)]): the
+    ragged targets of a batch, whether its samples come from the cache or from online views."""
+    return [{k: s[k] for k in ("boxes", "labels", "masks") if k in s} for s in samples]

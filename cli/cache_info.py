@@ -5,22 +5,28 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.table import Table
 
 from cachedet_cli.common import console as make_console, human_bytes, user_errors
+from cachedet_cli.vocabulary import QUIET_HELP, examples
+
+INFO_EXAMPLES = examples("cachedet cache info coco-r50.zarr", "cachedet cache info s3://bucket/coco-r101-1024.zarr --json")
+VERIFY_EXAMPLES = examples("cachedet cache verify coco-r50.zarr",
+                           "cachedet cache verify s3://bucket/coco-r101-1024.zarr --json --quiet")
 
 cache_app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
 
 
 @user_errors
 def cache_info_command(
-    store: str = typer.Argument(..., help="Feature store (path or fsspec URL)."),
+    store: str = typer.Argument(..., metavar="STORE", help="Feature store (path or fsspec URL)."),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
 ):
     """Describe a feature store: levels, shapes, size on disk, compression, completion."""
-    from cachedet.cache.store import FeatureStore
+    from rich.table import Table
 
-    info = FeatureStore(store).info()
+    from cachedet.cache.store import StoreReader
+
+    info = StoreReader(store).info()
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -55,20 +61,21 @@ def cache_info_command(
 
 @user_errors
 def cache_verify_command(
-    store: str = typer.Argument(..., help="Feature store (path or fsspec URL)."),
+    store: str = typer.Argument(..., metavar="STORE", help="Feature store (path or fsspec URL)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ):
     """Re-read every complete shard and check it against the sha256 recorded when it was written.
 
     Exit status 0 when every shard is complete and intact, 1 otherwise. Damaged shards are
     recomputed by rerunning the store's extract command with --repair.
     """
-    from cachedet.cache.store import FeatureStore, verify_store
+    from cachedet.cache.store import StoreReader
     from cachedet.progress import ViewProgress
 
-    with ViewProgress("verify", FeatureStore(store).num_shards, unit="shards", enabled=not quiet) as bar:
-        report = verify_store(store, on_shard=bar.advance)
+    reader = StoreReader(store)
+    with ViewProgress("verify", reader.num_shards, unit="shards", enabled=not quiet) as bar:
+        report = reader.verify(on_shard=bar.advance)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -97,5 +104,5 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(out)
 
 
-cache_app.command("info")(cache_info_command)
-cache_app.command("verify")(cache_verify_command)
+cache_app.command("info", epilog=INFO_EXAMPLES)(cache_info_command)
+cache_app.command("verify", epilog=VERIFY_EXAMPLES)(cache_verify_command)

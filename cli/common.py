@@ -16,14 +16,42 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        warnings.showwarning = _show_warning
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():  # restores the process's warning printer afterwards
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except CachedetError as e:
-            print(f"cachedet: error: {e}", file=sys.stderr)
+            print(f"cachedet: error: {with_flags(str(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def flag_of() -> dict[str, str]:
+    """{config field path (``optim.epochs``): the train-heads option(s) that set it (``--epochs``)},
+    read off the command's own options (``TRAIN_FIELD_OF`` names those that differ from the field)."""
+    import inspect
+
+    from cachedet.engine.config import PATH_OF
+    from cachedet_cli.train_heads import train_heads_command
+    from cachedet_cli.vocabulary import DETECTOR_FLAGS, TRAIN_FIELD_OF
+
+    options = [p for p in inspect.signature(train_heads_command).parameters if p != "ctx"]
+    by_field: dict[str, list[str]] = {}
+    for option in options:
+        by_field.setdefault(TRAIN_FIELD_OF.get(option, option), []).append("--" + option.replace("_", "-"))
+    table = {PATH_OF[f]: "/".join(flags) for f, flags in by_field.items() if f in PATH_OF}
+    table.update({f"detector.options.{name}": "--" + name.replace("_", "-") for name in DETECTOR_FLAGS})
+    return table
+
+
+def with_flags(message: str) -> str:
+    """A library message with each config field path (``optim.epochs``) shown as its option (``--epochs``)."""
+    import re
+
+    table = flag_of()
+    return re.sub(r"\b(?:TrainConfig|source|detector|optim|loader)\.\w+(?:\.\w+)?\b",
+                  lambda m: table.get(m.group(0), m.group(0)), message)
 
 
 def console():
@@ -36,7 +64,7 @@ def console():
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"cachedet: warning: {message}", file=sys.stderr)
+    print(f"cachedet: warning: {with_flags(str(message))}", file=sys.stderr)
 
 
 def human_bytes(n: float | None) -> str:

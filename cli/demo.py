@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 import typer
-from rich.table import Table
 
 from cachedet.atomic import write_json_atomic
 from cachedet_cli.common import console as make_console, human_bytes, human_seconds, user_errors
 from cachedet_cli.eval_predict import print_metrics
+from cachedet_cli.vocabulary import QUIET_HELP, Head, examples
+
+EXAMPLES = examples("cachedet demo --quick", "cachedet demo --out demo_nasfpn --neck nasfpn --head cascade --no-masks")
 
 
 @user_errors
 def demo_command(
     quick: bool = typer.Option(False, "--quick", help="A smaller setting (CI): fewer, smaller images, 2 epochs."),
-    out: str = typer.Option("demo_out", "--out", help="Folder for the dataset, cache, run and metrics."),
-    neck: str = typer.Option("fpn", "--neck", help="fpn or nasfpn."),
-    head: str = typer.Option("faster-rcnn", "--head", help="faster-rcnn, cascade or retinanet."),
+    out: str = typer.Option("demo_out", "--out", metavar="DIR", help="Folder for the dataset, cache, run and metrics."),
+    neck: Literal["fpn", "nasfpn"] = typer.Option("fpn", "--neck", help="Neck of the trained detector."),
+    head: Head = typer.Option("faster-rcnn", "--head", help="Detection head."),
     no_masks: bool = typer.Option(False, "--no-masks", help="Boxes only: no mask head, no mask AP."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ):
     """Generate a dataset, extract features and masks, train heads, evaluate box and mask AP: the whole pipeline offline."""
+    from rich.table import Table
+
     from cachedet.demo import run_demo
 
     console = make_console()

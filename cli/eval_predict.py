@@ -7,12 +7,21 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
-
 from cachedet.atomic import write_json_atomic
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 from cachedet_cli.common import console as make_console, parse_int_list, user_errors
+from cachedet_cli.vocabulary import DEVICE_HELP, QUIET_HELP, examples
+
+EVAL_EXAMPLES = examples(
+    "cachedet eval --run runs/nasfpn-cascade --annotations coco/annotations/instances_val2017.json "
+    "--images coco/val2017 --train-annotations coco/annotations/instances_train2017.json",
+    "cachedet eval --run runs/demo --annotations val.json --cache val.zarr --out runs/demo/val-metrics.json",
+)
+PREDICT_EXAMPLES = examples(
+    "cachedet predict photos/ --run runs/nasfpn-cascade --out detections.json --draw drawn/",
+    "cachedet predict a.jpg b.png --run runs/demo --out dets.json --score-threshold 0.5 --device cpu",
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -23,6 +32,8 @@ def fmt(v) -> str:
 
 def print_metrics(metrics: dict, console) -> None:
     """The AP summaries (box, and mask for mask runs), the stratified tables and per-class AP, as rich tables."""
+    from rich.table import Table
+
     masks = "segm" in metrics
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
     t = Table(title=f"{'box and mask' if masks else 'box'} AP on {metrics['num_images']} images ({metrics['source']})")
@@ -73,16 +84,20 @@ def print_metrics(metrics: dict, console) -> None:
 
 @user_errors
 def eval_command(
-    run: str = typer.Option(..., "--run", help="Run directory from train-heads."),
-    annotations: Path = typer.Option(..., "--annotations", help="Validation COCO/LVIS JSON."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Validation image folder."),
-    train_annotations: Optional[Path] = typer.Option(None, "--train-annotations", help="Training JSON, for AP by training count."),
-    cache: Optional[str] = typer.Option(None, "--cache", help="A --no-augment --views 1 store of the validation set."),
-    out: Optional[Path] = typer.Option(None, "--out", help="metrics.json to write (detections beside it)."),
-    count_bins: str = typer.Option("10,100,1000", "--count-bins", help="Upper edges of the training-count bins."),
-    device: str = typer.Option("auto", "--device"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    run: str = typer.Option(..., "--run", metavar="RUN", help="Run directory from train-heads."),
+    annotations: Path = typer.Option(..., "--annotations", metavar="JSON", help="Validation COCO/LVIS annotation file."),
+    images: Optional[Path] = typer.Option(None, "--images", metavar="DIR", help="Validation image folder."),
+    train_annotations: Optional[Path] = typer.Option(None, "--train-annotations", metavar="JSON",
+                                                     help="Training annotation file, for AP by training count."),
+    cache: Optional[str] = typer.Option(None, "--cache", metavar="STORE",
+                                        help="Score from a --no-augment --views 1 store of the validation set."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="JSON",
+                                       help="metrics.json to write, detections beside it (default: RUN/metrics.json)."),
+    count_bins: str = typer.Option("10,100,1000", "--count-bins", metavar="A,B,C",
+                                    help="Upper edges of the training-count bins."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ):
     """Score a trained run on a validation set (pycocotools / LVIS), stratified like the paper."""
     from cachedet.evaluation.evaluate import evaluate_run
@@ -100,11 +115,12 @@ def eval_command(
 @user_errors
 def predict_command(
     inputs: List[Path] = typer.Argument(..., help="Images or folders of images."),
-    run: str = typer.Option(..., "--run", help="Run directory from train-heads."),
-    out: Path = typer.Option(..., "--out", help="detections.json to write."),
-    draw: Optional[Path] = typer.Option(None, "--draw", help="Folder for PNGs with the boxes (and masks) drawn."),
-    score_threshold: float = typer.Option(0.3, "--score-threshold"),
-    device: str = typer.Option("auto", "--device"),
+    run: str = typer.Option(..., "--run", metavar="RUN", help="Run directory from train-heads."),
+    out: Path = typer.Option(..., "--out", metavar="JSON", help="detections.json to write."),
+    draw: Optional[Path] = typer.Option(None, "--draw", metavar="DIR",
+                                        help="Folder for PNGs with the boxes (and masks) drawn."),
+    score_threshold: float = typer.Option(0.3, "--score-threshold", help="Keep detections scoring at least this."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
 ):
     """Detect objects in images; COCO-style detections in original-image pixels (with RLE masks for mask runs)."""
     from cachedet.evaluation.draw import draw_detections
@@ -126,7 +142,7 @@ def predict_command(
     detections = predictor.predict_images(items)
     for d in detections:
         d["file_name"] = str(paths[d["image_id"]])
-        d["category_name"] = predictor.names[d["category_id"]]
+        d["category_name"] = predictor.categories.name_of(d["category_id"])
     write_json_atomic(out, detections, indent=1)
     console = make_console()
     console.print(f"{len(detections)} detections in {len(paths)} images (score >= {score_threshold}) -> {out}")

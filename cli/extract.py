@@ -6,50 +6,89 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from cachedet.backbones import DEFAULT_BACKBONE, BackboneConfig
-from cachedet.data.views import AugmentConfig
 from cachedet.errors import CachedetError
 from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, human_bytes, human_seconds, user_errors
+from cachedet_cli.vocabulary import (
+    DEFAULT_BACKBONE, DEFAULT_CANVAS, DEVICE_HELP, LOADER_WORKERS_HELP, QUIET_HELP, SEED_HELP, SIZE_HELP, Codec, Dtype,
+    examples,
+)
+
+DATA, BACKBONE, VIEWS, STORAGE, RUN = "Data", "Backbone", "Views and augmentation", "Storage", "Run"
+EXAMPLES = examples(
+    "cachedet extract --annotations coco/annotations/instances_train2017.json --images coco/train2017 "
+    "--out coco-r50.zarr --backbone resnet50 --pretrained --views 4 --dry-run",
+    "cachedet extract --annotations val.json --images val/ --out val.zarr --no-augment --views 1",
+)
 
 
 @user_errors
 def extract_command(
-    annotations: Path = typer.Option(..., "--annotations", help="COCO/LVIS annotation JSON."),
-    images: Path = typer.Option(..., "--images", help="Folder the JSON's file_name entries are relative to."),
-    out: str = typer.Option(..., "--out", help="Store to write (a path or an fsspec URL)."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="timm model name."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Local checkpoint for the backbone."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="timm's own pretrained weights (needs network)."),
-    random_init: bool = typer.Option(False, "--random-init", help="Random weights (timing, tests)."),
-    out_indices: Optional[str] = typer.Option(None, "--out-indices", help="timm feature indices, e.g. 2,3,4 (default: stride 8/16/32)."),
-    taps: Optional[str] = typer.Option(None, "--taps", help=TAPS_HELP),
-    size: int = typer.Option(640, "--size", help="Side of the square canvas."),
-    views: int = typer.Option(4, "--views", help="Augmented views per image."),
-    scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range", help="LSJ scale range MIN MAX."),
-    no_augment: bool = typer.Option(False, "--no-augment", help="One plain resize-and-pad view per image (evaluation caches)."),
-    seed: int = typer.Option(0, "--seed"),
-    copy_paste: float = typer.Option(0.0, "--copy-paste", help="Probability per view of pasting objects (masks, else boxes) from another jittered image."),
-    paste_min_visible: float = typer.Option(0.3, "--paste-min-visible", help="An object the paste covers keeps its (shrunk) box if this share of it stays visible."),
-    dtype: str = typer.Option("float16", "--dtype", help="float16, bfloat16, float32, or uint8 (8 bits, affine per view and channel: lossy, half of float16's bytes)."),
-    codec: str = typer.Option("zstd", "--codec", help="zstd, lz4 or none (Blosc, bit-shuffle)."),
-    shard_views: int = typer.Option(64, "--shard-views", help="Views per shard (the unit of work)."),
-    workers: int = typer.Option(0, "--workers", help="Dask worker processes on this machine (0: in-process)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a running dask.distributed scheduler."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Views per backbone forward pass."),
-    loader_workers: int = typer.Option(0, "--loader-workers", help="DataLoader processes decoding images per task."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing store."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print views, size and time estimates; write nothing."),
-    num_images: Optional[int] = typer.Option(None, "--num-images", help="With --dry-run: plan for this many images instead of the file's."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images in the store instead of stopping."),
-    cache_stage: Optional[int] = typer.Option(None, "--cache-stage", help="Hybrid cache for adapters: store the backbone up to this stage (its output and the pyramid levels before it; a ViT: block K's tokens and the taps before it)."),
-    repair: bool = typer.Option(False, "--repair", help="Verify complete shards' checksums first and recompute damaged ones."),
-    no_masks: bool = typer.Option(False, "--no-masks", help="Store no instance masks even when the annotations carry segmentation (boxes only)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    annotations: Path = typer.Option(..., "--annotations", metavar="JSON", help="COCO/LVIS annotation file.",
+                                     rich_help_panel=DATA),
+    images: Path = typer.Option(..., "--images", metavar="DIR", rich_help_panel=DATA,
+                                help="Folder the annotation file's file_name entries are relative to."),
+    out: str = typer.Option(..., "--out", metavar="STORE", help="Store to write (a path or an fsspec URL).",
+                            rich_help_panel=DATA),
+    skip_bad: bool = typer.Option(False, "--skip-bad", rich_help_panel=DATA,
+                                  help="Record unreadable images in the store instead of stopping."),
+    no_masks: bool = typer.Option(False, "--no-masks", rich_help_panel=DATA,
+                                  help="Store no instance masks even when the annotations carry segmentation."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", metavar="TIMM_NAME", help="timm model name.",
+                                 rich_help_panel=BACKBONE),
+    weights: Optional[Path] = typer.Option(None, "--weights", metavar="PATH", rich_help_panel=BACKBONE,
+                                           help="Local checkpoint for the backbone."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="timm's own pretrained weights (needs network).",
+                                    rich_help_panel=BACKBONE),
+    random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights (timing, tests).",
+                                     rich_help_panel=BACKBONE),
+    out_indices: Optional[str] = typer.Option(None, "--out-indices", metavar="I,J,K", rich_help_panel=BACKBONE,
+                                              help="timm feature indices, e.g. 2,3,4 (default: stride 8/16/32)."),
+    taps: Optional[str] = typer.Option(None, "--taps", metavar="I,J,K", help=TAPS_HELP, rich_help_panel=BACKBONE),
+    cache_stage: Optional[int] = typer.Option(None, "--cache-stage", metavar="K", rich_help_panel=BACKBONE, help=(
+        "Hybrid cache for adapters: store the backbone up to this stage (its output and the pyramid levels "
+        "before it; a ViT: block K's tokens and the taps before it).")),
+    size: int = typer.Option(DEFAULT_CANVAS, "--size", help=SIZE_HELP, rich_help_panel=VIEWS),
+    views: int = typer.Option(4, "--views", help="Augmented views per image.", rich_help_panel=VIEWS),
+    scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range", metavar="MIN MAX",
+                                                    rich_help_panel=VIEWS, help=(
+        "Large-Scale-Jittering: the longer side becomes f x size, f uniform in [MIN, MAX].")),
+    no_augment: bool = typer.Option(False, "--no-augment", rich_help_panel=VIEWS,
+                                    help="One plain resize-and-pad view per image (evaluation caches)."),
+    seed: int = typer.Option(0, "--seed", help=SEED_HELP, rich_help_panel=VIEWS),
+    copy_paste: float = typer.Option(0.0, "--copy-paste", metavar="P", rich_help_panel=VIEWS, help=(
+        "Probability per view of pasting objects (masks, else boxes) from another jittered image.")),
+    paste_min_visible: float = typer.Option(0.3, "--paste-min-visible", metavar="SHARE", rich_help_panel=VIEWS,
+                                            help="An object the paste covers keeps its (shrunk) box if this "
+                                                 "share of it stays visible."),
+    dtype: Dtype = typer.Option("float16", "--dtype", rich_help_panel=STORAGE, help=(
+        "Stored feature type; uint8 is affine per view and channel: lossy, half of float16's bytes.")),
+    codec: Codec = typer.Option("zstd", "--codec", help="Blosc compressor (bit-shuffle) or none.",
+                                rich_help_panel=STORAGE),
+    shard_views: int = typer.Option(64, "--shard-views", help="Views per shard (the unit of work).",
+                                    rich_help_panel=STORAGE),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing store.", rich_help_panel=STORAGE),
+    repair: bool = typer.Option(False, "--repair", rich_help_panel=STORAGE,
+                                help="Verify complete shards' checksums first and recompute damaged ones."),
+    dask_workers: int = typer.Option(0, "--dask-workers", rich_help_panel=RUN,
+                                     help="Dask worker processes on this machine (0: in-process)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDR", rich_help_panel=RUN,
+                                            help="Address of a running dask.distributed scheduler."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP, rich_help_panel=RUN),
+    batch_size: int = typer.Option(8, "--batch-size", help="Views per backbone forward pass.", rich_help_panel=RUN),
+    loader_workers: int = typer.Option(0, "--loader-workers", help=LOADER_WORKERS_HELP + " Per shard task.",
+                                       rich_help_panel=RUN),
+    dry_run: bool = typer.Option(False, "--dry-run", rich_help_panel=RUN,
+                                 help="Print views, size and time estimates; write nothing."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", rich_help_panel=RUN,
+                                             help="With --dry-run: plan for this many images instead of the file's."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP, rich_help_panel=RUN),
 ):
     """Run the frozen backbone over augmented views and store multi-scale features (stage 1)."""
+    from rich.table import Table
+
+    from cachedet.backbones import BackboneConfig
+    from cachedet.data.views import AugmentConfig
     from cachedet.extract import ExtractConfig, dry_run as plan_dry_run, extract
 
     if sum([weights is not None, pretrained, random_init]) > 1:
@@ -60,7 +99,7 @@ def extract_command(
         backbone=BackboneConfig(backbone, backbone_indices(backbone, out_indices, taps), weight_source),
         augment=AugmentConfig(size=size, scale_range=tuple(scale_range), augment=not no_augment, seed=seed,
                                copy_paste=copy_paste, paste_min_visible=paste_min_visible),
-        views=views, dtype=dtype, codec=codec, shard_views=shard_views, workers=workers, scheduler=scheduler,
+        views=views, dtype=dtype, codec=codec, shard_views=shard_views, workers=dask_workers, scheduler=scheduler,
         device=device, batch_size=batch_size, loader_workers=loader_workers, overwrite=overwrite, skip_bad=skip_bad,
         repair=repair, cache_stage=cache_stage, masks=not no_masks,
     )

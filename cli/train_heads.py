@@ -7,14 +7,20 @@ from typing import Optional
 
 import typer
 
-from cachedet.backbones import DEFAULT_BACKBONE
 from cachedet.errors import CachedetError
 from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, detector_options, parse_int_list, user_errors
+from cachedet_cli.vocabulary import (
+    BATCH_HELP, DEFAULT_BACKBONE, DEFAULT_CANVAS, DEVICE_HELP, LOADER_WORKERS_HELP, QUIET_HELP, SEED_HELP,
+    TRAIN_FIELD_OF as FIELD_OF, Head, Neck, Optimizer, Schedule, examples,
+)
 
-
-DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels")
-FIELD_OF = {"pretrained": "weights", "random_init": "weights", "taps": "out_indices", "no_amp": "amp", "quiet": None,
-            **{name: "detector_options" for name in DETECTOR_FLAGS}}  # option -> TrainConfig field (None: no field)
+DATA, MODEL, OPTIM, ONLINE, ADAPTERS, RUN = "Data", "Model", "Optimisation", "Online (no cache)", "Adapters", "Run"
+EXAMPLES = examples(
+    "cachedet train-heads --cache coco-r101.zarr --out runs/nasfpn-cascade --neck nasfpn --head cascade "
+    "--epochs 12 --batch-size 8",
+    "cachedet train-heads --online --annotations train.json --images train/ --backbone resnet50 --pretrained "
+    "--size 640 --out runs/online",
+)
 
 
 def given_fields(ctx: typer.Context) -> set[str]:
@@ -26,84 +32,123 @@ def given_fields(ctx: typer.Context) -> set[str]:
 
 def resumed_config(cfg, ctx: typer.Context):
     """``--resume``: the run's own settings, overridden by the options typed now (then checked by train)."""
-    from dataclasses import replace
-
     from cachedet.engine.train import TrainConfig
 
     saved = TrainConfig.of_run(cfg.out)
-    given = given_fields(ctx) - {"out", "resume"}
-    changes = {name: getattr(cfg, name) for name in given if name != "detector_options"}
+    given, now = given_fields(ctx) - {"out", "resume"}, cfg.flat()
+    changes = {name: now[name] for name in given if name != "detector_options"}
     if "detector_options" in given:
-        changes["detector_options"] = {**saved.detector_options, **cfg.detector_options}
-    return replace(saved, **changes, out=cfg.out, resume=True)
+        changes["detector_options"] = {**saved.detector.options, **cfg.detector.options}
+    return saved.with_settings(**changes, out=cfg.out, resume=True)
 
 
 @user_errors
 def train_heads_command(
     ctx: typer.Context,
-    out: str = typer.Option(..., "--out", help="Run directory (config, checkpoints, metrics.jsonl)."),
-    cache: Optional[str] = typer.Option(None, "--cache", help="Feature store written by cachedet extract."),
-    online: bool = typer.Option(False, "--online", help="Run the frozen backbone every step instead of reading a cache."),
-    annotations: Optional[Path] = typer.Option(None, "--annotations", help="With --online: COCO/LVIS annotation JSON."),
-    images: Optional[Path] = typer.Option(None, "--images", help="With --online: image folder."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="With --online: timm model name."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="With --online: backbone checkpoint."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="With --online: timm's pretrained weights."),
-    random_init: bool = typer.Option(False, "--random-init", help="With --online: random backbone weights."),
-    out_indices: Optional[str] = typer.Option(None, "--out-indices"),
-    taps: Optional[str] = typer.Option(None, "--taps", help="With --online: " + TAPS_HELP),
-    size: int = typer.Option(640, "--size", help="With --online: canvas size."),
-    scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range"),
-    backbone_trainable: bool = typer.Option(False, "--backbone-trainable", help="Fine-tune the backbone (BatchNorm stays frozen)."),
-    neck: str = typer.Option("auto", "--neck", help="fpn, nasfpn or simple (ViTDet's pyramid); auto: simple for a plain ViT's taps, fpn otherwise."),
-    head: str = typer.Option("faster-rcnn", "--head", help="faster-rcnn, cascade or retinanet."),
-    neck_channels: int = typer.Option(256, "--neck-channels"),
-    nasfpn_repeats: int = typer.Option(5, "--nasfpn-repeats", help="NAS-FPN cell stacks (paper library: 5; 7 also used)."),
-    cascade_ious: Optional[str] = typer.Option(None, "--cascade-ious", help="Cascade stage IoU thresholds (default 0.5,0.6,0.7)."),
-    box_convs: Optional[int] = typer.Option(None, "--box-convs", help="Box head 3x3 convs (faster-rcnn 4, cascade 0)."),
-    box_fcs: Optional[int] = typer.Option(None, "--box-fcs", help="Box head FC layers (faster-rcnn 1, cascade 2)."),
-    masks: bool = typer.Option(False, "--masks", help="Add Mask R-CNN's mask head (faster-rcnn, cascade) trained on the instance masks; boxes only, with a notice, when there are none."),
-    mask_convs: Optional[int] = typer.Option(None, "--mask-convs", help="Mask head 3x3 convs (default 4)."),
-    mask_channels: Optional[int] = typer.Option(None, "--mask-channels", help="Mask head width (default 256)."),
-    epochs: int = typer.Option(12, "--epochs"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Default: 0.02 x batch/16 (SGD), 1e-4 (AdamW)."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
-    warmup_steps: int = typer.Option(100, "--warmup-steps"),
-    schedule: str = typer.Option("step", "--schedule", help="step or cosine."),
-    clip_grad: float = typer.Option(10.0, "--clip-grad", help="Max gradient norm (0: off)."),
-    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-    in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM once."),
-    views_per_epoch: int = typer.Option(1, "--views-per-epoch", help="Cached views of each image used per epoch."),
-    adapters: bool = typer.Option(False, "--adapters", help="Zero-initialised adapters inside the frozen backbone: residual 1x1 convs (CNN), AdaptFormer MLPs (ViT); online, or from a --cache-stage cache."),
-    adapt_stages: Optional[str] = typer.Option(None, "--adapt-stages", help="Backbone stages that get adapters, e.g. 3,4; a ViT's stages are its blocks (default: every stage after the stem or the cache; every ViT block)."),
-    feature_crop: bool = typer.Option(False, "--feature-crop", help="Random crops of the cached feature maps (aligned to the coarsest stride), boxes shifted and clipped."),
-    feature_crop_min: float = typer.Option(0.6, "--feature-crop-min", help="Smallest crop side as a share of the canvas."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device"),
-    no_amp: bool = typer.Option(False, "--no-amp", help="No bfloat16 autocast on CUDA."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run at --out from its last checkpoint, with its "
-                                "own settings; options typed with it override them. Only --epochs (the lr curve then "
-                                "follows the new length), --lr, --weight-decay, --clip-grad, --device, --workers and "
-                                "--no-amp may differ from the run's; other differences are refused."),
-    quiet: bool = typer.Option(False, "--quiet"),
+    cache: Optional[str] = typer.Option(None, "--cache", metavar="STORE", rich_help_panel=DATA,
+                                        help="Feature store written by cachedet extract (path or fsspec URL)."),
+    in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole cache into RAM once.",
+                                   rich_help_panel=DATA),
+    views_per_epoch: int = typer.Option(1, "--views-per-epoch", help="Cached views of each image used per epoch.",
+                                        rich_help_panel=DATA),
+    feature_crop: bool = typer.Option(False, "--feature-crop", rich_help_panel=DATA, help=(
+        "Random crops of the cached feature maps (aligned to the coarsest stride), boxes shifted and clipped.")),
+    feature_crop_min: float = typer.Option(0.6, "--feature-crop-min", rich_help_panel=DATA,
+                                           help="Smallest crop side as a share of the canvas."),
+    neck: Neck = typer.Option("auto", "--neck", rich_help_panel=MODEL, help=(
+        "simple is ViTDet's pyramid; auto: simple for a plain ViT's taps, fpn otherwise.")),
+    head: Head = typer.Option("faster-rcnn", "--head", help="Detection head.", rich_help_panel=MODEL),
+    neck_channels: int = typer.Option(256, "--neck-channels", help="Channels of every pyramid level.",
+                                      rich_help_panel=MODEL),
+    nasfpn_repeats: int = typer.Option(5, "--nasfpn-repeats", help="NAS-FPN cell stacks (paper library: 5; 7 also used).",
+                                       rich_help_panel=MODEL),
+    cascade_ious: Optional[str] = typer.Option(None, "--cascade-ious", metavar="A,B,C", rich_help_panel=MODEL,
+                                               help="Cascade stage IoU thresholds (default 0.5,0.6,0.7)."),
+    box_convs: Optional[int] = typer.Option(None, "--box-convs", help="Box head 3x3 convs (faster-rcnn 4, cascade 0).",
+                                            rich_help_panel=MODEL),
+    box_fcs: Optional[int] = typer.Option(None, "--box-fcs", help="Box head FC layers (faster-rcnn 1, cascade 2).",
+                                          rich_help_panel=MODEL),
+    masks: bool = typer.Option(False, "--masks", rich_help_panel=MODEL, help=(
+        "Add Mask R-CNN's mask head (faster-rcnn, cascade) trained on the instance masks; boxes only, with a "
+        "notice, when there are none.")),
+    mask_convs: Optional[int] = typer.Option(None, "--mask-convs", help="Mask head 3x3 convs (default 4).",
+                                             rich_help_panel=MODEL),
+    mask_channels: Optional[int] = typer.Option(None, "--mask-channels", help="Mask head width (default 256).",
+                                                rich_help_panel=MODEL),
+    epochs: int = typer.Option(12, "--epochs", help="Passes over the images (each with --views-per-epoch views).",
+                               rich_help_panel=OPTIM),
+    batch_size: int = typer.Option(8, "--batch-size", help=BATCH_HELP + " With DDP: per process.",
+                                   rich_help_panel=OPTIM),
+    optimizer: Optimizer = typer.Option("sgd", "--optimizer", help="SGD with momentum 0.9, or AdamW.",
+                                        rich_help_panel=OPTIM),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default: 0.02 x batch/16 (SGD), 1e-4 (AdamW).",
+                                       rich_help_panel=OPTIM),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="Weight decay.", rich_help_panel=OPTIM),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", help="Linear learning-rate warm-up steps.",
+                                     rich_help_panel=OPTIM),
+    schedule: Schedule = typer.Option("step", "--schedule", rich_help_panel=OPTIM,
+                                      help="step: x0.1 at 2/3 and 8/9 of the steps; cosine: cosine decay to 0."),
+    clip_grad: float = typer.Option(10.0, "--clip-grad", help="Max gradient norm (0: off).", rich_help_panel=OPTIM),
+    seed: int = typer.Option(0, "--seed", help=SEED_HELP, rich_help_panel=OPTIM),
+    online: bool = typer.Option(False, "--online", rich_help_panel=ONLINE,
+                                help="Run the frozen backbone every step on fresh views instead of reading a cache."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", metavar="JSON", rich_help_panel=ONLINE,
+                                               help="COCO/LVIS annotation file."),
+    images: Optional[Path] = typer.Option(None, "--images", metavar="DIR", help="Image folder.",
+                                          rich_help_panel=ONLINE),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", metavar="TIMM_NAME", help="timm model name.",
+                                 rich_help_panel=ONLINE),
+    weights: Optional[Path] = typer.Option(None, "--weights", metavar="PATH", help="Backbone checkpoint.",
+                                           rich_help_panel=ONLINE),
+    pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights (needs network).",
+                                    rich_help_panel=ONLINE),
+    random_init: bool = typer.Option(False, "--random-init", help="Seeded random backbone weights.",
+                                     rich_help_panel=ONLINE),
+    out_indices: Optional[str] = typer.Option(None, "--out-indices", metavar="I,J,K", rich_help_panel=ONLINE,
+                                              help="timm feature indices, e.g. 2,3,4 (default: stride 8/16/32)."),
+    taps: Optional[str] = typer.Option(None, "--taps", metavar="I,J,K", help=TAPS_HELP, rich_help_panel=ONLINE),
+    size: Optional[int] = typer.Option(None, "--size", show_default=False, rich_help_panel=ONLINE, help=(
+        f"Side of the square canvas in pixels (default {DEFAULT_CANVAS}, as extract). A cache run uses the "
+        "canvas its store was made with; --resume, the run's.")),
+    scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range", metavar="MIN MAX",
+                                                    rich_help_panel=ONLINE, help="Large-Scale-Jittering range."),
+    backbone_trainable: bool = typer.Option(False, "--backbone-trainable", rich_help_panel=ONLINE,
+                                            help="Fine-tune the backbone (BatchNorm stays frozen)."),
+    adapters: bool = typer.Option(False, "--adapters", rich_help_panel=ADAPTERS, help=(
+        "Zero-initialised adapters inside the frozen backbone: residual 1x1 convs (CNN), AdaptFormer MLPs (ViT); "
+        "online, or from a --cache-stage cache.")),
+    adapt_stages: Optional[str] = typer.Option(None, "--adapt-stages", metavar="I,J", rich_help_panel=ADAPTERS, help=(
+        "Backbone stages that get adapters, e.g. 3,4; a ViT's stages are its blocks (default: every stage after "
+        "the stem or the cache; every ViT block).")),
+    out: str = typer.Option(..., "--out", metavar="RUN", help="Run directory (config, checkpoints, metrics.jsonl).",
+                            rich_help_panel=RUN),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP, rich_help_panel=RUN),
+    loader_workers: int = typer.Option(0, "--loader-workers", help=LOADER_WORKERS_HELP, rich_help_panel=RUN),
+    no_amp: bool = typer.Option(False, "--no-amp", help="No bfloat16 autocast on CUDA.", rich_help_panel=RUN),
+    resume: bool = typer.Option(False, "--resume", rich_help_panel=RUN, help=(
+        "Continue the run at --out from its last checkpoint, with its own settings; options typed with it "
+        "override them. Only --epochs (the lr curve then follows the new length), --lr, --weight-decay, "
+        "--clip-grad, --device, --loader-workers and --no-amp may differ from the run's; other differences "
+        "are refused.")),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP, rich_help_panel=RUN),
 ):
     """Train necks and heads from cached features (stage 2); --online / --backbone-trainable for the baselines."""
     from cachedet.engine.train import TrainConfig, train
 
     if sum([weights is not None, pretrained, random_init]) > 1:
         raise CachedetError("--weights, --pretrained and --random-init exclude each other")
-    cfg = TrainConfig(
+    if size is not None and cache and not online:
+        raise CachedetError(f"--size {size}: a cache run uses the canvas its store was made with; --size is for --online")
+    cfg = TrainConfig.of(
         out=out, cache=cache, online=online, annotations=str(annotations) if annotations else None,
         images=str(images) if images else None, backbone=backbone,
         weights=str(weights) if weights else "timm" if pretrained else "random" if random_init else "default",
-        out_indices=backbone_indices(backbone, out_indices, taps), size=size, scale_range=tuple(scale_range),
+        out_indices=backbone_indices(backbone, out_indices, taps), size=DEFAULT_CANVAS if size is None else size, scale_range=tuple(scale_range),
         backbone_trainable=backbone_trainable, neck=neck, head=head, neck_channels=neck_channels,
         detector_options=detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs, mask_convs, mask_channels),
         masks=masks, epochs=epochs,
         batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-        schedule=schedule, clip_grad=clip_grad or None, amp=not no_amp, workers=workers, in_memory=in_memory,
+        schedule=schedule, clip_grad=clip_grad or None, amp=not no_amp, workers=loader_workers, in_memory=in_memory,
         views_per_epoch=views_per_epoch, feature_crop=feature_crop, feature_crop_min=feature_crop_min,
         adapters=adapters, adapt_stages=parse_int_list(adapt_stages, "--adapt-stages"), seed=seed, device=device, resume=resume,
     )

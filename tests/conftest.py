@@ -52,7 +52,7 @@ def train_config(out, cache, **kw):
 
     defaults = dict(out=str(out), cache=cache, epochs=2, batch_size=4, neck_channels=32, lr=0.01,
                     warmup_steps=2, detector_options=TRAIN_LIGHT)
-    return TrainConfig(**{**defaults, **kw})
+    return TrainConfig.of(**{**defaults, **kw})
 
 
 def to_lvis(data: dict) -> dict:
@@ -108,3 +108,14 @@ def reference_cocoeval(data: dict, detections: list[dict], iou_type: str = "bbox
         ev.accumulate()
         ev.summarize()
     return ev
+
+
+@pytest.fixture(scope="module")
+def tiny_store(synthetic, tmp_path_factory):
+    """A real StoreReader on 12 images x 1 view (test_resnet, canvas 64, shards of 4 views, masks)."""
+    from cachedet.cache.store import StoreReader
+    from cachedet.extract import extract
+
+    out = str(tmp_path_factory.mktemp("tiny") / "tiny.zarr")
+    extract(small_config(synthetic, out, augment=AugmentConfig(size=64, seed=1), views=1, shard_views=4), progress=False)
+    return StoreReader(out)

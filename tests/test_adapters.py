@@ -78,8 +78,8 @@ def hybrid(synthetic, tmp_path_factory, weights):
 def test_hybrid_cache_stores_the_stages_up_to_k(hybrid, cli):
     fs = FeatureStore(hybrid.out)
     assert [s.name for s in fs.specs] == ["c3", "c4"]  # the pyramid levels of stages <= 3 (c4 feeds stage 4)
-    assert fs.header["hybrid"]["cache_stage"] == 3
-    assert [s["name"] for s in fs.header["hybrid"]["feature_specs"]] == ["c3", "c4", "c5"]
+    assert fs.header.hybrid.cache_stage == 3
+    assert [s.name for s in fs.header.hybrid.specs] == ["c3", "c4", "c5"]
     assert "hybrid cache" in cli("cache", "info", hybrid.out).stdout
 
 
@@ -119,9 +119,9 @@ def test_train_online_and_hybrid_with_adapters_then_eval(hybrid, weights, synthe
     from_cache = train(tiny_train(tmp_path / "hybrid", hybrid.out, adapters=True, epochs=1), progress=False)
     a = torch.load(os.path.join(online.run, "checkpoints", "last.pt"), weights_only=False)
     b = torch.load(os.path.join(from_cache.run, "checkpoints", "last.pt"), weights_only=False)
-    assert a["adapters"] == b["adapters"] == [4]
-    assert a["fingerprint"] == b["fingerprint"]  # the same model, whichever way its features came
-    changed = [k for k, v in b["backbone"].items() if ".adapter." in k and v.abs().sum() > 0]
+    assert a["run"]["adapters"] == b["run"]["adapters"] == [4]
+    assert a["run"]["fingerprint"] == b["run"]["fingerprint"]  # the same model, whichever way its features came
+    changed = [k for k, v in b["state"]["backbone"].items() if ".adapter." in k and v.abs().sum() > 0]
     assert changed  # the adapters moved away from zero
     metrics, _ = evaluate_run(from_cache.run, synthetic["val"], synthetic["images"], progress=False)
     assert 0 <= metrics["bbox"]["AP"] <= 100

@@ -42,7 +42,7 @@ def test_the_masks_rule_is_one_check():
     check_head("cascade", masks=True)
     with pytest.raises(CachedetError, match="retinanet head has no RoIs"):
         check_head("retinanet", masks=True)
-    with pytest.raises(CachedetError, match="--head yolo: expected one of faster-rcnn, cascade, retinanet"):
+    with pytest.raises(CachedetError, match="detector.head yolo: expected one of faster-rcnn, cascade, retinanet"):
         check_head("yolo")
 
 

@@ -81,7 +81,7 @@ def trained(synthetic, tmp_path_factory):
     root = tmp_path_factory.mktemp("evalrun")
     cache = small_config(synthetic, str(root / "train.zarr"), views=1)
     extract(cache, progress=False)
-    result = train(TrainConfig(out=str(root / "run"), cache=cache.out, epochs=1, batch_size=4, neck_channels=16,
+    result = train(TrainConfig.of(out=str(root / "run"), cache=cache.out, epochs=1, batch_size=4, neck_channels=16,
                                warmup_steps=1, detector_options=LIGHT), progress=False)
     return result.run, cache
 

@@ -112,7 +112,8 @@ def test_incompatible_store_is_refused_and_overwrite_rebuilds(synthetic, tmp_pat
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("mine")
     with pytest.raises(CachedetError, match="not a cachedet store"):
-        store_mod.write_shard_record(str(tmp_path / "plain"), {"shard": 0, "views": [0, 1]})
+        (tmp_path / "plain" / "_shards").mkdir()
+        (tmp_path / "plain" / "_shards" / "000000.json").write_text('{"shard": 0, "views": [0, 1]}')
         extract(small_config(synthetic, str(tmp_path / "plain")), progress=False)
 
 

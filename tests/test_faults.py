@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cachedet.cache import store as store_mod
-from cachedet.cache.store import FeatureStore, verify_store
+from cachedet.cache.store import FeatureStore, StoreReader, StoreWriter
 from cachedet.engine.train import train
 from cachedet.errors import CachedetError
 from cachedet.extract import extract
@@ -46,13 +46,13 @@ def clean(synthetic, tmp_path_factory):
 def test_verify_lists_damaged_shards_and_repair_recomputes_them(synthetic, clean, tmp_path, cli):
     cfg = small_config(synthetic, str(tmp_path / "s.zarr"))
     extract(cfg, progress=False)
-    assert verify_store(cfg.out)["complete"] == [0, 1, 2, 3, 4]
+    assert StoreReader(cfg.out).verify()["complete"] == [0, 1, 2, 3, 4]
     level = FeatureStore(cfg.out).specs[1].name
     with open(shard_object(cfg.out, level, 1), "r+b") as f:  # flip bytes in the middle of shard 1
         f.seek(os.path.getsize(f.name) // 2)
         f.write(b"\x00\xff" * 8)
     os.remove(shard_object(cfg.out, FeatureStore(cfg.out).specs[0].name, 3))  # shard 3 lost an object
-    report = verify_store(cfg.out)
+    report = StoreReader(cfg.out).verify()
     assert [d["shard"] for d in report["damaged"]] == [1, 3] and report["complete"] == [0, 2, 4]
     r = cli("cache", "verify", cfg.out, "--quiet")
     assert r.exit_code == 1 and "damaged shard 1" in r.stdout and "damaged shard 3" in r.stdout and "--repair" in r.stdout
@@ -67,19 +67,19 @@ def test_verify_lists_damaged_shards_and_repair_recomputes_them(synthetic, clean
 def test_uint8_shards_verify_with_their_quant_params(synthetic, tmp_path):
     cfg = small_config(synthetic, str(tmp_path / "q.zarr"), dtype="uint8")
     extract(cfg, progress=False)
-    assert verify_store(cfg.out)["complete"] == [0, 1, 2, 3, 4]
+    assert StoreReader(cfg.out).verify()["complete"] == [0, 1, 2, 3, 4]
     quant = os.path.join(cfg.out, "quant", FeatureStore(cfg.out).specs[0].name, "c", "2", "0", "0")
     with open(quant, "r+b") as f:  # the features are intact, one shard's scales are not
         f.seek(os.path.getsize(quant) // 2)
         f.write(b"\x01\x02\x03\x04")
-    assert [d["shard"] for d in verify_store(cfg.out)["damaged"]] == [2]
+    assert [d["shard"] for d in StoreReader(cfg.out).verify()["damaged"]] == [2]
 
 
 def test_incomplete_shards_are_reported(synthetic, tmp_path, cli):
     cfg = small_config(synthetic, str(tmp_path / "s.zarr"))
     extract(cfg, progress=False)
-    store_mod.remove_shard_record(cfg.out, 2)
-    report = verify_store(cfg.out)
+    StoreWriter(cfg.out).remove_record(2)
+    report = StoreReader(cfg.out).verify()
     assert report["incomplete"] == [2] and not report["damaged"]
     r = cli("cache", "verify", cfg.out, "--quiet")
     assert r.exit_code == 1 and "incomplete: 2" in r.stdout
@@ -110,16 +110,16 @@ KILLED_EXTRACT = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from conftest import small_config
-import cachedet.shards as ex
+from cachedet.cache.store import StoreWriter
 from cachedet.extract import extract
 
-real = ex.write_shard_record
-def slow_record(url, record):
+real = StoreWriter.write_record
+def slow_record(self, record):
     if record["shard"] == 3:  # shard 3's features are written; its record never will be
         print("READY", flush=True)
         time.sleep(60)
-    real(url, record)
-ex.write_shard_record = slow_record
+    real(self, record)
+StoreWriter.write_record = slow_record
 extract(small_config({paths!r}, {out!r}, shard_views=2), progress=False)
 """
 

@@ -152,7 +152,7 @@ def test_predicted_masks_map_back_onto_the_image_masks(synthetic):
 @pytest.fixture(scope="module")
 def mask_run(mask_store, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("maskrun") / "run")
-    train(TrainConfig(out=run, cache=mask_store.out, masks=True, epochs=1, batch_size=4, neck_channels=16,
+    train(TrainConfig.of(out=run, cache=mask_store.out, masks=True, epochs=1, batch_size=4, neck_channels=16,
                       warmup_steps=1, detector_options=dict(LIGHT)), progress=False)
     return run
 
@@ -180,7 +180,7 @@ def test_train_masks_then_eval_box_and_mask_ap_on_coco_and_lvis(mask_run, synthe
 
 def test_cascade_mask_run_evaluates_from_a_val_cache(mask_store, synthetic, tmp_path):
     run = str(tmp_path / "cascade")
-    train(TrainConfig(out=run, cache=mask_store.out, head="cascade", masks=True, epochs=1, batch_size=4,
+    train(TrainConfig.of(out=run, cache=mask_store.out, head="cascade", masks=True, epochs=1, batch_size=4,
                       neck_channels=16, warmup_steps=1, detector_options=dict(LIGHT)), progress=False)
     val = small_config(synthetic, str(tmp_path / "val.zarr"), annotations=synthetic["val"], views=1,
                        augment=AugmentConfig(size=96, augment=False))
@@ -209,22 +209,22 @@ def test_masks_without_segmentation_train_boxes_with_a_notice(dataset_copy, tmp_
     extract(cfg, progress=False)
     run = str(tmp_path / "run")
     with pytest.warns(UserWarning, match="masks are off, this run trains boxes only"):
-        train(TrainConfig(out=run, cache=cfg.out, masks=True, epochs=1, batch_size=4, neck_channels=16,
+        train(TrainConfig.of(out=run, cache=cfg.out, masks=True, epochs=1, batch_size=4, neck_channels=16,
                           warmup_steps=1, detector_options=dict(LIGHT)), progress=False)
-    assert not torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=False)["detector_config"]["masks"]
+    assert not torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=False)["run"]["detector"]["masks"]
     assert all("loss_mask" not in json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")))
 
 
 def test_resuming_with_another_masks_setting_is_refused(mask_run, mask_store):
-    with pytest.raises(CachedetError, match="other settings than given \\(--masks: run True, given False\\)"):
-        train(TrainConfig(out=mask_run, cache=mask_store.out, masks=False, epochs=2, batch_size=4, neck_channels=16,
+    with pytest.raises(CachedetError, match="other settings than given \\(detector.masks: run True, given False\\)"):
+        train(TrainConfig.of(out=mask_run, cache=mask_store.out, masks=False, epochs=2, batch_size=4, neck_channels=16,
                           warmup_steps=1, detector_options=dict(LIGHT), resume=True), progress=False)
 
 
 @pytest.mark.parametrize("trainable", [False, True], ids=["online", "fine-tuned"])
 def test_online_and_fine_tuned_regimes_train_masks(synthetic, tmp_path, trainable):
     run = str(tmp_path / "run")
-    train(TrainConfig(out=run, online=True, annotations=synthetic["train"], images=synthetic["images"],
+    train(TrainConfig.of(out=run, online=True, annotations=synthetic["train"], images=synthetic["images"],
                       backbone="test_resnet", weights="random", size=96, backbone_trainable=trainable, masks=True,
                       epochs=1, batch_size=4, max_steps_per_epoch=2, neck_channels=16, warmup_steps=1,
                       detector_options=dict(LIGHT)), progress=False)
@@ -238,7 +238,7 @@ def test_a_detection_in_the_canvas_padding_is_dropped_with_its_mask(mask_run):
     det = {"boxes": torch.tensor([[10.0, 5, 30, 30], [10, 60, 30, 90]]), "scores": torch.tensor([0.9, 0.8]),
            "labels": torch.tensor([1, 2]), "masks": torch.ones(2, 1, 28, 28)}
     results = predictor._to_results([p], [det])
-    assert len(results) == 1 and results[0]["category_id"] == predictor.category_ids[1]
+    assert len(results) == 1 and results[0]["category_id"] == predictor.categories.to_id(1)
     mask = mask_utils.decode({"size": [40, 96], "counts": results[0]["segmentation"]["counts"].encode()})
     ys, xs = np.nonzero(mask)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (10, 29, 5, 29)  # the box, filled

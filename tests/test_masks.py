@@ -9,7 +9,7 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from cachedet.cache.store import FeatureStore, verify_store
+from cachedet.cache.store import FeatureStore, StoreReader
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.masks import decode_rles, encode_rle, mask_to_canvas
 from cachedet.data.views import AugmentConfig
@@ -57,7 +57,7 @@ def test_cached_masks_equal_a_reference_transform_of_the_source_masks(synthetic,
     cfg = small_config(synthetic, str(tmp_path / "m.zarr"), augment=augment, views=3)
     extract(cfg, progress=False)
     fs = FeatureStore(cfg.out)
-    assert fs.has_masks and fs.header["masks"]["objects"] == int(fs.box_offsets[-1])
+    assert fs.has_masks and fs.header.masks.objects == int(fs.box_offsets[-1])
     plan = plan_views(load_detection_dataset(cfg.annotations, cfg.images), augment, 3)
     source = annotated_masks(cfg.annotations)
     image_of = {a["id"]: a["image_id"] for a in json.load(open(cfg.annotations))["annotations"]}
@@ -103,13 +103,13 @@ def test_masks_bytes_verification_and_repair(synthetic, tmp_path, cli):
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    report = verify_store(cfg.out)
+    report = StoreReader(cfg.out).verify()
     assert [(d["shard"], d["level"]) for d in report["damaged"]] == [(1, "masks")]
     from dataclasses import replace
 
     result = extract(replace(cfg, repair=True), progress=False)
     assert [d["shard"] for d in result.repaired] == [1]
-    assert not verify_store(cfg.out)["damaged"]
+    assert not StoreReader(cfg.out).verify()["damaged"]
     np.testing.assert_array_equal(FeatureStore(cfg.out).masks(3), before)
 
 

@@ -116,9 +116,9 @@ def test_every_head_trains_and_predicts_on_nasfpn(head):
 def test_bad_detector_settings_are_clear_errors():
     from cachedet.errors import CachedetError
 
-    with pytest.raises(CachedetError, match="--neck bifpn"):
+    with pytest.raises(CachedetError, match="detector.neck bifpn"):
         build_detector(DetectorConfig(num_classes=2, canvas=64, in_specs=SPECS, neck="bifpn"))
-    with pytest.raises(CachedetError, match="--cascade-ious"):
+    with pytest.raises(CachedetError, match="detector.options.cascade_ious"):
         build_detector(DetectorConfig(num_classes=2, canvas=64, in_specs=SPECS, head="cascade", options={"cascade_ious": [0.5, 1.5]}))
     with pytest.raises(CachedetError, match="unknown detector option"):
         build_detector(DetectorConfig(num_classes=2, canvas=64, in_specs=SPECS, options={"box_cnovs": 2}))

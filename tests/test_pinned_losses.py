@@ -77,7 +77,7 @@ def pinned_store(synthetic, tmp_path_factory):
 def run_losses(store, out, neck, head, masks):
     options = {**(LIGHT_MASKS if masks else {}), **({"nasfpn_repeats": 1} if neck == "nasfpn" else {})}
     cfg = train_config(out, store.out, epochs=1, in_memory=True, neck=neck, head=head, masks=masks,
-                       detector_options={**train_config(out, None).detector_options, **options})
+                       detector_options={**train_config(out, None).detector.options, **options})
     result = train(cfg, progress=False)
     with open(os.path.join(result.run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]

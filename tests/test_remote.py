@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from cachedet.cache.store import FeatureStore, verify_store
+from cachedet.cache.store import FeatureStore, StoreReader
 from cachedet.engine.train import train
 from cachedet.extract import extract
 from conftest import small_config
@@ -86,7 +86,7 @@ def test_an_interrupted_s3_extraction_resumes(s3, synthetic, local_reference, mo
     assert sorted(FeatureStore(url).shard_records()) == [0, 1]
     result = extract(small_config(synthetic, url), progress=False)
     assert result.shards_skipped_complete == 2 and result.shards_run == 3
-    assert verify_store(url)["complete"] == [0, 1, 2, 3, 4]
+    assert StoreReader(url).verify()["complete"] == [0, 1, 2, 3, 4]
     assert_same_store(local_reference, url)
 
 

@@ -13,11 +13,14 @@ import pytest
 import torch
 
 from cachedet.backbones import build_backbone
-from cachedet.cache.store import FeatureStore, read_shard_records
+from cachedet.cache.store import FeatureStore, StoreReader
 from cachedet.data.coco import load_detection_dataset
-from cachedet.engine.train import RunDir, TrainConfig, train
+from cachedet.engine.run import RunDir
+from cachedet.engine.config import PATH_OF
+from cachedet.engine.train import TrainConfig, train
 from cachedet.errors import CachedetError
-from cachedet.extract import _header, extract, masks_header, plan_views, prepare_store
+from cachedet.extract import _header, extract, plan_views, prepare_store
+from cachedet_cli.common import with_flags
 from conftest import small_config, train_config
 
 LIGHT = {"box_convs": 0, "box_fcs": 1, "box_representation": 32, "rois_per_image": 16, "proposals_per_image": 32}
@@ -44,9 +47,12 @@ def test_model_changes_are_refused_naming_each(store, tmp_path):
     changed = dataclasses.replace(tiny(run, store.out, epochs=2, neck_channels=32, head="retinanet"), resume=True)
     with pytest.raises(CachedetError) as e:
         train(changed, progress=False)
-    text = str(e.value)
-    assert "--neck-channels: run 16, given 32" in text and "--head: run 'faster-rcnn', given 'retinanet'" in text
-    assert "\n" not in text and "--epochs" in text  # names what may change instead
+    text = str(e.value)  # the library names config fields; the CLI shows their options
+    assert "detector.neck_channels: run 16, given 32" in text and "detector.head: run 'faster-rcnn', given 'retinanet'" in text
+    assert "\n" not in text and "optim.epochs" in text  # names what may change instead
+    shown = with_flags(text)
+    assert "--neck-channels: run 16, given 32" in shown and "--head: run 'faster-rcnn', given 'retinanet'" in shown
+    assert "--epochs" in shown
 
 
 def test_extended_run_follows_the_longer_schedule_and_weights(store, tmp_path):
@@ -57,11 +63,11 @@ def test_extended_run_follows_the_longer_schedule_and_weights(store, tmp_path):
     ext = train(dataclasses.replace(tiny(short.run, store.out, epochs=3, warmup_steps=0), resume=True), progress=False)
     assert ext.steps == full.steps == 6
     assert lrs(ext.run) == lrs(full.run) and min(lrs(full.run)) < max(lrs(full.run))
-    a, b = (torch.load(os.path.join(r, "checkpoints", "last.pt"), weights_only=False)["detector"] for r in (full.run, ext.run))
+    a, b = (torch.load(os.path.join(r, "checkpoints", "last.pt"), weights_only=False)["state"]["detector"] for r in (full.run, ext.run))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     config = json.load(open(os.path.join(ext.run, "config.json")))
-    assert config["train"]["epochs"] == 3 and config["resumes"] == [{"step": 2, "epoch": 1, "changed": {"epochs": [1, 3]}}]
+    assert config["train"]["optim"]["epochs"] == 3 and config["resumes"] == [{"step": 2, "epoch": 1, "changed": {"epochs": [1, 3]}}]
 
 
 def test_new_lr_applies_from_the_next_step_and_is_recorded(store, tmp_path):
@@ -71,7 +77,7 @@ def test_new_lr_applies_from_the_next_step_and_is_recorded(store, tmp_path):
     fresh = train(tiny(tmp_path / "fresh", store.out, epochs=2, warmup_steps=0, schedule="cosine", lr=0.05), progress=False)
     assert lrs(run)[2:] == lrs(fresh.run)[2:]  # the resumed steps follow the new lr's curve
     config = json.load(open(os.path.join(run, "config.json")))
-    assert config["train"]["lr"] == 0.05 and config["resumes"][-1]["changed"] == {"epochs": [1, 2], "lr": [0.01, 0.05]}
+    assert config["train"]["optim"]["lr"] == 0.05 and config["resumes"][-1]["changed"] == {"epochs": [1, 2], "lr": [0.01, 0.05]}
 
 
 def test_cli_resume_alone_takes_the_runs_settings(store, tmp_path, cli):
@@ -83,7 +89,8 @@ def test_cli_resume_alone_takes_the_runs_settings(store, tmp_path, cli):
     assert r.exit_code == 0, r.output
     assert "4 steps, 2 epochs" in r.stdout
     saved = json.load(open(out / "config.json"))["train"]
-    assert saved["head"] == "cascade" and saved["neck_channels"] == 16 and saved["batch_size"] == 6
+    assert saved["detector"]["head"] == "cascade" and saved["detector"]["neck_channels"] == 16
+    assert saved["loader"]["batch_size"] == 6
     r = cli("train-heads", "--out", out, "--resume", "--epochs", 3, "--neck-channels", 32, "--quiet")
     assert r.exit_code == 2 and "--neck-channels: run 16, given 32" in r.stderr and "Traceback" not in r.output
     r = cli("train-heads", "--out", tmp_path / "none", "--resume", "--quiet")
@@ -94,7 +101,7 @@ def test_every_train_heads_option_maps_to_a_config_field():
     """--resume overrides the run's settings field by field: each option must name its TrainConfig field."""
     from cachedet_cli.train_heads import FIELD_OF, train_heads_command
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = set(PATH_OF)  # every setting, by its flat name
     options = [p for p in inspect.signature(train_heads_command).parameters if p != "ctx"]
     assert {name: FIELD_OF.get(name, name) for name in options if FIELD_OF.get(name, name) not in fields | {None}} == {}
 
@@ -124,8 +131,7 @@ def test_two_creators_racing_on_a_new_store(synthetic, tmp_path):
     cfg = small_config(synthetic, str(tmp_path / "race.zarr"), views=2, shard_views=4)
     dataset = load_detection_dataset(cfg.annotations, cfg.images)
     plan = plan_views(dataset, cfg.augment, cfg.views)
-    header = _header(cfg, build_backbone(cfg.backbone, warn=False), dataset, len(plan.views))
-    header["masks"] = masks_header(dataset, plan)
+    header = _header(cfg, build_backbone(cfg.backbone, warn=False), dataset, plan, hybrid=None, masks=True)
     ctx = multiprocessing.get_context("fork")
     for attempt in range(12):
         if os.path.exists(cfg.out):
@@ -141,7 +147,7 @@ def test_two_creators_racing_on_a_new_store(synthetic, tmp_path):
         assert FeatureStore(cfg.out).num_views == len(plan.views)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".race.zarr.creating")]  # no temporary left
     result = extract(cfg, progress=False)  # the raced store is a normal one: extraction fills it
-    assert result.shards_run == result.shards_total and len(read_shard_records(cfg.out)) == result.shards_total
+    assert result.shards_run == result.shards_total and len(StoreReader(cfg.out).shard_records()) == result.shards_total
 
 
 def test_interrupted_creations_are_replaced_and_foreign_folders_kept(synthetic, tmp_path):

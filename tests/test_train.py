@@ -186,8 +186,8 @@ def test_resume_after_a_kill_gives_the_same_weights(store, tmp_path, monkeypatch
         train(tiny_train(tmp_path / "killed", store.out, epochs=3), progress=False)
     resumed = train(tiny_train(tmp_path / "killed", store.out, epochs=3, resume=True), progress=False)
     assert resumed.steps == full.steps == 9
-    a = torch.load(os.path.join(full.run, "checkpoints", "last.pt"), weights_only=False)["detector"]
-    b = torch.load(os.path.join(resumed.run, "checkpoints", "last.pt"), weights_only=False)["detector"]
+    a = torch.load(os.path.join(full.run, "checkpoints", "last.pt"), weights_only=False)["state"]["detector"]
+    b = torch.load(os.path.join(resumed.run, "checkpoints", "last.pt"), weights_only=False)["state"]["detector"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in read_metrics(resumed.run)] == list(range(1, 10))
@@ -213,11 +213,11 @@ def test_online_and_finetune_regimes_run_the_same_detector(store, tmp_path):
     assert frozen.steps == tuned.steps == 2
     ck_frozen = torch.load(os.path.join(frozen.run, "checkpoints", "last.pt"), weights_only=False)
     ck_tuned = torch.load(os.path.join(tuned.run, "checkpoints", "last.pt"), weights_only=False)
-    assert ck_frozen["backbone"] is None and ck_tuned["backbone"] is not None
+    assert ck_frozen["state"]["backbone"] is None and ck_tuned["state"]["backbone"] is not None
     cached_ck = train(tiny_train(tmp_path / "cached", store.out, epochs=1, max_steps_per_epoch=1), progress=False)
-    cached_fp = torch.load(os.path.join(cached_ck.run, "checkpoints", "last.pt"), weights_only=False)["fingerprint"]
-    assert cached_fp == ck_frozen["fingerprint"]  # heads trained online fit the cache and vice versa
-    with pytest.raises(CachedetError, match="--backbone-trainable"):
+    cached_fp = torch.load(os.path.join(cached_ck.run, "checkpoints", "last.pt"), weights_only=False)["run"]["fingerprint"]
+    assert cached_fp == ck_frozen["run"]["fingerprint"]  # heads trained online fit the cache and vice versa
+    with pytest.raises(CachedetError, match="source.backbone_trainable"):
         train(tiny_train(tmp_path / "bad", store.out, backbone_trainable=True), progress=False)
 
 
@@ -235,7 +235,7 @@ def test_ddp_two_processes_with_gloo(store, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(
         "import sys\nfrom cachedet.engine.train import TrainConfig, train\n"
-        f"cfg = TrainConfig(out={str(tmp_path / 'ddp')!r}, cache={store.out!r}, epochs=2, batch_size=2, neck_channels=32,"
+        f"cfg = TrainConfig.of(out={str(tmp_path / 'ddp')!r}, cache={store.out!r}, epochs=2, batch_size=2, neck_channels=32,"
         f" lr=0.01, warmup_steps=1, detector_options={LIGHT!r}, device='cpu')\n"
         "import os\nr = train(cfg, progress=False)\n"
         f"open(os.path.join({str(tmp_path)!r}, 'steps_' + os.environ['RANK']), 'w').write(str(r.steps))\n"

@@ -53,9 +53,9 @@ def test_taps_and_canvas_errors_are_one_line(synthetic, tmp_path, cli):
     r = cli("extract", "--annotations", synthetic["train"], "--images", synthetic["images"], "--out", tmp_path / "s.zarr",
             "--backbone", "test_resnet", "--taps", "1,2", "--quiet")
     assert r.exit_code == 2 and "--taps: test_resnet is not a plain ViT" in r.stderr
-    with pytest.raises(CachedetError, match="--neck fpn: .* share one stride"):
+    with pytest.raises(CachedetError, match="detector.neck fpn: .* share one stride"):
         build_detector(DetectorConfig(num_classes=2, canvas=64, in_specs=(FeatureSpec("b5", 8, 16),), neck="fpn"))
-    with pytest.raises(CachedetError, match="--neck simple: needs taps at one stride"):
+    with pytest.raises(CachedetError, match="detector.neck simple: needs taps at one stride"):
         build_neck("simple", [FeatureSpec("c3", 8, 8), FeatureSpec("c4", 8, 16)], 8, "maxpool")
 
 
@@ -112,8 +112,8 @@ def test_vit_cache_train_eval_predict_every_head(vit_store, head, masks, synthet
     store = FeatureStore(vit_store.out)
     assert [s.to_dict() for s in store.specs] == [{"name": "b2", "channels": 64, "stride": 16},
                                                  {"name": "b5", "channels": 64, "stride": 16}]
-    assert store.header["feature_shapes"] == {"b2": [64, 4, 4], "b5": [64, 4, 4]} and store.header["masks"]
-    result = train(TrainConfig(out=str(tmp_path / "run"), cache=vit_store.out, head=head, masks=masks, epochs=1,
+    assert store.header.to_dict()["feature_shapes"] == {"b2": [64, 4, 4], "b5": [64, 4, 4]} and store.header.masks
+    result = train(TrainConfig.of(out=str(tmp_path / "run"), cache=vit_store.out, head=head, masks=masks, epochs=1,
                                batch_size=6, max_steps_per_epoch=1, neck_channels=16, warmup_steps=1,
                                detector_options=LIGHT if head != "retinanet" else {}), progress=False)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -134,12 +134,12 @@ def test_vit_cache_train_eval_predict_every_head(vit_store, head, masks, synthet
 
 def test_vit_online_and_fine_tuned_regimes(synthetic, tmp_path):
     for trainable in (False, True):
-        result = train(TrainConfig(out=str(tmp_path / f"run{trainable}"), online=True, annotations=synthetic["train"],
+        result = train(TrainConfig.of(out=str(tmp_path / f"run{trainable}"), online=True, annotations=synthetic["train"],
                                    images=synthetic["images"], backbone="test_vit3", weights="random", out_indices=(4, 8),
                                    size=64, backbone_trainable=trainable, head="cascade", epochs=1, batch_size=6,
                                    max_steps_per_epoch=1, neck_channels=16, warmup_steps=1, detector_options=LIGHT),
                        progress=False)
         assert result.steps == 1 and result.last_loss > 0
     with pytest.raises(CachedetError, match="^--size 72: "):
-        train(TrainConfig(out=str(tmp_path / "bad"), online=True, annotations=synthetic["train"], images=synthetic["images"],
+        train(TrainConfig.of(out=str(tmp_path / "bad"), online=True, annotations=synthetic["train"], images=synthetic["images"],
                           backbone="test_vit3", weights="random", size=72), progress=False)

@@ -57,7 +57,7 @@ def vit_hybrid(synthetic, tmp_path_factory):
 def test_vit_hybrid_cache_resumes_at_block_k_exactly(vit_hybrid):
     fs = FeatureStore(vit_hybrid.out)
     assert [(s.name, s.channels, s.stride) for s in fs.specs] == [("b2", 64, 16), ("b3", 64, 16), ("b3_prefix", 64, 16)]
-    assert fs.header["feature_shapes"]["b3_prefix"] == [64, 1, 1] and fs.header["hybrid"]["cache_stage"] == 3
+    assert fs.header.to_dict()["feature_shapes"]["b3_prefix"] == [64, 1, 1] and fs.header.hybrid.cache_stage == 3
     bb = build_backbone(BackboneConfig("test_vit", (2, 5), "random")).add_adapters((4, 5)).eval()
     with torch.no_grad():
         for p in bb.parameters():
@@ -79,14 +79,14 @@ def test_vit_hybrid_cache_resumes_at_block_k_exactly(vit_hybrid):
 def test_vit_adapters_train_online_and_from_the_hybrid_cache_then_eval(vit_hybrid, synthetic, tmp_path, cli):
     common = dict(epochs=1, batch_size=6, max_steps_per_epoch=1, neck_channels=16, warmup_steps=1, detector_options=LIGHT,
                   adapters=True, lr=0.05)
-    online = train(TrainConfig(out=str(tmp_path / "online"), online=True, annotations=synthetic["train"],
+    online = train(TrainConfig.of(out=str(tmp_path / "online"), online=True, annotations=synthetic["train"],
                                images=synthetic["images"], backbone="test_vit", weights="random", out_indices=(2, 5),
                                size=64, adapt_stages=(4, 5), **common), progress=False)
-    hybrid = train(TrainConfig(out=str(tmp_path / "hybrid"), cache=vit_hybrid.out, **common), progress=False)
+    hybrid = train(TrainConfig.of(out=str(tmp_path / "hybrid"), cache=vit_hybrid.out, **common), progress=False)
     a, b = (torch.load(os.path.join(r.run, "checkpoints", "last.pt"), weights_only=False) for r in (online, hybrid))
-    assert a["adapters"] == b["adapters"] == [4, 5]  # the hybrid default: every block after the cache
-    assert a["fingerprint"] == b["fingerprint"]
-    assert [k for k, v in b["backbone"].items() if ".adapter.up." in k and v.abs().sum() > 0]
+    assert a["run"]["adapters"] == b["run"]["adapters"] == [4, 5]  # the hybrid default: every block after the cache
+    assert a["run"]["fingerprint"] == b["run"]["fingerprint"]
+    assert [k for k, v in b["state"]["backbone"].items() if ".adapter.up." in k and v.abs().sum() > 0]
     metrics, _ = evaluate_run(hybrid.run, synthetic["val"], synthetic["images"], progress=False)
     assert 0 <= metrics["bbox"]["AP"] <= 100
     r = cli("train-heads", "--cache", vit_hybrid.out, "--out", tmp_path / "inside", "--adapters", "--adapt-stages", "3,4")

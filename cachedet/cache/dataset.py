@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cachedet.cache.schema import decode
-from cachedet.cache.store import FeatureStore
+from cachedet.cache.store import StoreReader
 from cachedet.data.masks import decode_rles
 from cachedet.errors import CachedetError
+from cachedet.structures import targets_of
 
 
 def choose_epoch_views(image_ids: np.ndarray, usable: np.ndarray, views_per_epoch: int, seed: int, epoch: int) -> np.ndarray:
@@ -50,7 +51,7 @@ class _EpochViews:
     def __init__(self, url: str, views_per_epoch: int, seed: int, rank: int, world: int, masks: bool = False):
         self.url, self.views_per_epoch, self.seed, self.rank, self.world = url, views_per_epoch, seed, rank, world
         self.epoch = 0
-        store = FeatureStore(url)
+        store = StoreReader(url)
         self.masks = masks and store.has_masks  # instance masks in the targets (when the store has them)
         self.header, self.specs = store.header, store.specs
         self._image_ids, self._usable, self._shard_views = store.meta["image_id"], store.usable_views(), store.shard_views
@@ -91,7 +92,7 @@ class CachedViews(_EpochViews, IterableDataset):
 
     def _read_block(self, block: np.ndarray):
         if self._opened is None:
-            self._opened = FeatureStore(self.url)
+            self._opened = StoreReader(self.url)
         store = self._opened
         feats = {}
         for spec in self.specs:  # one read and one decode per level per block
@@ -135,7 +136,7 @@ class InMemoryViews(_EpochViews):
                  masks: bool = False, keep_float16: bool = False):
         super().__init__(url, views_per_epoch, seed, rank, world, masks)
         store, self._opened = self._opened, None
-        self.dtype, self.canvas = store.dtype, int(store.header["augment"]["size"])
+        self.dtype, self.canvas = store.dtype, store.header.canvas
         self.keep_float16 = keep_float16
         self.stored = {s.name: store.read_stored(s.name, slice(None)) for s in self.specs}
         self.targets = [tuple(torch.from_numpy(a.copy()) for a in store.boxes(v)) for v in range(store.num_views)]
@@ -163,11 +164,6 @@ class InMemoryViews(_EpochViews):
             if self.mask_rles is not None:
                 sample["masks"] = torch.from_numpy(decode_rles(self.mask_rles[view], (self.canvas, self.canvas)))
             yield sample
-
-
-def targets_of(samples: list[dict]) -> list[dict]:
-    """Per sample dict(boxes, labels[, masks]): the ragged targets of a batch."""
-    return [{k: s[k] for k in ("boxes", "labels", "masks") if k in s} for s in samples]
 
 
 def collate_views(samples: list[dict]) -> dict:

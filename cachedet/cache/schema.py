@@ -2,7 +2,7 @@
 
 Store layout (a zarr v3 group)::
 
-    zarr.json                 attrs["cachedet"] = header (see ``make_header``)
+    zarr.json                 attrs["cachedet"] = header (``cachedet.cache.header.StoreHeader``)
     features/<level>          (V, C, H, W) storage dtype; chunk = 1 view; shard = shard_views views
     quant/<level>             (V, C, 2) float32 (offset, step) per view and channel; only for
                               dtype uint8: feature = offset + step * stored
@@ -38,8 +38,6 @@ SCHEMA_VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32", "uint8")
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1}
 CODECS = ("zstd", "lz4", "none")
-# Parts of the header that must match for a rerun to resume into an existing store.
-IDENTITY_KEYS = ("backbone", "feature_specs", "dataset_sha256", "augment", "views", "storage", "hybrid", "masks")
 MASK_FORMAT = "coco-rle"  # header["masks"]["format"]: compressed COCO RLE of the view's canvas
 
 
@@ -99,51 +97,3 @@ def decode(stored: np.ndarray, dtype: str, quant: np.ndarray | None = None) -> n
     if dtype == "float16":  # torch converts with vector instructions, numpy's astype about 6x slower
         return torch.from_numpy(np.ascontiguousarray(stored)).float().numpy()
     return stored.astype(np.float32)
-
-
-def make_header(*, backbone: dict, specs: list[dict], shapes: dict, dataset: dict, augment: dict,
-                views: int, storage: dict, num_views: int, num_images: int, version: str) -> dict:
-    return {
-        "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "cachedet_version": version,
-        "backbone": backbone,
-        "feature_specs": specs,
-        "feature_shapes": {k: list(v) for k, v in shapes.items()},
-        "dataset": dataset,
-        "dataset_sha256": dataset["annotations_sha256"],
-        "augment": augment,
-        "views": views,
-        "storage": storage,
-        "num_views": num_views,
-        "num_images": num_images,
-        "num_shards": -(-num_views // storage["shard_views"]),
-    }
-
-
-def differences(found, wanted, prefix: str = "", found_label: str = "store") -> list[str]:
-    """Human-readable differences between two JSON-like values, one line each."""
-    if isinstance(found, dict) and isinstance(wanted, dict):
-        out = []
-        for k in sorted(set(found) | set(wanted), key=str):
-            out += differences(found.get(k), wanted.get(k), f"{prefix}.{k}" if prefix else str(k), found_label)
-        return out
-    if found != wanted:
-        short = lambda v: (repr(v)[:60] + "…") if len(repr(v)) > 60 else repr(v)  # noqa: E731
-        return [f"{prefix}: {found_label} has {short(found)}, asked for {short(wanted)}"]
-    return []
-
-
-def identity(header: dict) -> dict:
-    return {k: header.get(k) for k in IDENTITY_KEYS}
-
-
-def check_header(header: dict | None, where: str):
-    """Refuse anything that is not a complete cachedet header of this schema version."""
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CachedetError(f"{where}: not a cachedet feature store (no 'cachedet' header in its zarr.json)")
-    if header.get("schema_version") != SCHEMA_VERSION:
-        raise CachedetError(
-            f"{where}: schema_version is {header.get('schema_version')!r}, this cachedet reads {SCHEMA_VERSION}; "
-            "re-extract the cache"
-        )

@@ -43,6 +43,10 @@ class CategoryMap:
     def to_id(self, label: int) -> int:
         return self.ids[label]
 
+    def name_of(self, category_id: int) -> str:
+        """The name of a dataset category id; KeyError for an id not in the map."""
+        return self.names[self._label_of[category_id]]
+
     def __contains__(self, category_id: int) -> bool:
         return category_id in self._label_of
 

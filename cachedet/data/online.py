@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cachedet.cache.dataset import targets_of
 from cachedet.data.coco import DetectionDataset
 from cachedet.data.images import read_image
 from cachedet.data.masks import mask_source, view_masks
 from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_boxes, transform_image
 from cachedet.errors import CachedetError
+from cachedet.structures import targets_of
 
 
 class OnlineViews(Dataset):

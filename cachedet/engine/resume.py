@@ -18,27 +18,20 @@ length (and base ``lr``) would have at those steps; steps already taken are not 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import torch
 
+from cachedet.engine.config import PATH_OF
 from cachedet.errors import CachedetError
 
 RESUMABLE = ("epochs", "lr", "weight_decay", "clip_grad", "device", "workers", "loader_start", "amp")
 LOCATIONS = ("out", "cache", "annotations", "images", "resume")
-FLAGS = {  # fields whose train-heads option is not --<field>
-    "amp": "--no-amp",
-    "loader_start": "TrainConfig.loader_start",
-    "out_indices": "--out-indices/--taps",
-    "weights": "--weights/--pretrained/--random-init",
-    "detector_options": "--nasfpn-repeats/--cascade-ious/--box-convs/--box-fcs/--mask-convs/--mask-channels",
-}
 
 
-def flag(field: str) -> str:
-    """The train-heads option that sets a TrainConfig field."""
-    return FLAGS.get(field, "--" + field.replace("_", "-"))
+def flag(name: str) -> str:
+    """The field path of a flat setting name (``epochs`` -> ``optim.epochs``); the CLI shows its option."""
+    return PATH_OF[name]
 
 
 def _plain(value):
@@ -48,15 +41,16 @@ def _plain(value):
 def resume_changes(saved: dict, cfg) -> dict[str, list]:
     """{field: [run's value, given value]} for the ``RESUMABLE`` settings that differ.
 
-    ``saved`` is the checkpoint's config dict, ``cfg`` the TrainConfig given now. Raises
-    CachedetError listing every other setting that differs.
+    ``saved`` is the checkpoint's config dict (nested, or cachedet 0.1's flat one), ``cfg`` the
+    TrainConfig given now; keys of the result are flat setting names. Raises CachedetError listing
+    every other setting that differs, by field path.
     """
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    saved = type(cfg).from_dict({**saved, "out": cfg.out}).flat()
     fixed, changed = [], {}
-    for key, value in cfg.to_dict().items():
+    for key, value in cfg.flat().items():
         if key in LOCATIONS:
             continue
-        old, new = _plain(saved.get(key, defaults.get(key))), _plain(value)
+        old, new = _plain(saved[key]), _plain(value)
         if old == new:
             continue
         if key in RESUMABLE:
@@ -64,9 +58,10 @@ def resume_changes(saved: dict, cfg) -> dict[str, list]:
         else:
             fixed.append(f"{flag(key)}: run {old!r}, given {new!r}")
     if fixed:
-        raise CachedetError(f"--resume: {cfg.out} was trained with other settings than given ({'; '.join(fixed)}); "
-                            f"resume with the run's values (--resume alone reads them from the run) or start "
-                            f"another --out. These may change on resume: {', '.join(flag(k) for k in RESUMABLE)}")
+        raise CachedetError(f"TrainConfig.resume: {cfg.out} was trained with other settings than given "
+                            f"({'; '.join(fixed)}); resume with the run's values (TrainConfig.of_run reads them) "
+                            f"or start another TrainConfig.out. These may change on resume: "
+                            f"{', '.join(flag(k) for k in RESUMABLE)}")
     return changed
 
 

@@ -1,7 +1,7 @@
 """Where a training step's features come from: a cache, RAM, or the backbone run online.
 
-Every source gives the same things: feature specs, canvas size, categories, a fingerprint that
-a checkpoint must match, whether targets carry instance masks, the number of steps in an epoch, and batches
+Every source gives the same things: feature specs, canvas size, categories, a fingerprint
+(``cache.header.Fingerprint.to_dict()``) that a checkpoint must match, whether targets carry instance masks, the number of steps in an epoch, and batches
 dict(inputs, targets, views), where inputs are features {level: (B, C, H, W)} (cache, RAM) or
 normalised images (B, 3, S, S) (online; ``backbone`` turns them into features).
 """
@@ -14,33 +14,15 @@ from itertools import islice
 import numpy as np
 from torch.utils.data import DataLoader, Subset
 
-from cachedet.cache.schema import differences
 from cachedet.errors import CachedetError
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone, config_from_identity
 from cachedet.cache.dataset import CachedViews, InMemoryViews, collate_views
+from cachedet.cache.header import Fingerprint, check_weights
 from cachedet.cache.feature_crop import check_alignment, crop_batch
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.online import OnlineViews, collate_images, rank_indices
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.distributed import DistInfo
-from cachedet.structures import FeatureSpec
-
-
-def fingerprint(specs: list[FeatureSpec], backbone_identity: dict, canvas: int, categories: list[dict]) -> dict:
-    """What a trained head depends on: which features (specs, backbone weights, canvas) and classes."""
-    return {
-        "feature_specs": [s.to_dict() for s in specs],
-        "backbone": {k: backbone_identity[k] for k in ("name", "out_indices", "weights_sha256", "mean", "std")},
-        "canvas": int(canvas),
-        "categories": [{"id": c["id"], "name": c["name"]} for c in categories],
-    }
-
-
-def check_fingerprint(found: dict, wanted: dict, message: str, found_label: str):
-    """Raise ``message: difference; difference…`` (up to 8) when two fingerprints differ."""
-    diff = differences(found, wanted, found_label=found_label)
-    if diff:
-        raise CachedetError(f"{message}: " + "; ".join(diff[:8]))
 
 
 def steps_in_epoch(views_per_rank: list[int], batch_size: int) -> int:
@@ -97,24 +79,23 @@ class CacheSource(_AdapterMixin):
         header = self.dataset.header
         self.where = f"--cache {url}"
         self.specs = list(self.dataset.specs)
-        self.canvas = int(header["augment"]["size"])
-        self.categories = header["dataset"]["categories"]
-        self.backbone_identity = header["backbone"]
-        hybrid = header.get("hybrid")
-        if hybrid:  # the cache stops at a stage; the rest of the backbone runs in the model
-            self.hybrid_stage = int(hybrid["cache_stage"])
-            self.backbone_identity = hybrid["backbone"]
+        self.canvas = header.canvas
+        self.categories = header.dataset["categories"]  # as JSON: saved in the run's config and checkpoints
+        self.backbone_identity = header.backbone
+        if header.hybrid is not None:  # the cache stops at a stage; the rest of the backbone runs in the model
+            self.hybrid_stage = header.hybrid.cache_stage
+            self.backbone_identity = header.hybrid.backbone
             self.backbone = build_backbone(config_from_identity(self.backbone_identity), warn=False)
-            if self.backbone.identity["weights_sha256"] != self.backbone_identity["weights_sha256"]:
-                raise CachedetError(f"{self.where}: its backbone weights ({self.backbone_identity['weights']}) are not "
-                                    "available here, so the stages after the cache cannot be rebuilt")
+            check_weights(self.backbone.identity, self.backbone_identity,
+                          f"{self.where}: its backbone weights ({self.backbone_identity['weights']}) are not "
+                          "available here, so the stages after the cache cannot be rebuilt")
             self.specs = list(self.backbone.specs)
-        self.fingerprint = fingerprint(self.specs, self.backbone_identity, self.canvas, self.categories)
-        self.augment = header["augment"]
+        self.fingerprint = Fingerprint.of(self.specs, self.backbone_identity, self.canvas, header.categories).to_dict()
+        self.augment = header.augment
         if feature_crop_min is not None:
             if self.hybrid_stage is not None:
                 raise CachedetError(f"--feature-crop: {self.where} is a hybrid cache; crops apply to complete pyramids only")
-            check_alignment(self.specs, {k: tuple(v) for k, v in header["feature_shapes"].items()})
+            check_alignment(self.specs, header.shapes)
 
     def steps(self, epoch: int) -> int:
         return steps_in_epoch(self.dataset.views_per_rank(epoch), self.batch_size)
@@ -145,7 +126,8 @@ class OnlineSource(_AdapterMixin):
         self.specs = list(self.backbone.specs)
         self.canvas = augment.size
         self.categories = self.dataset_info.categories.to_json()
-        self.fingerprint = fingerprint(self.specs, self.backbone.identity, self.canvas, self.categories)
+        self.fingerprint = Fingerprint.of(self.specs, self.backbone.identity, self.canvas,
+                                          self.dataset_info.categories).to_dict()
         self.backbone_identity = self.backbone.identity
         self.augment = augment.to_dict()
         self.views = OnlineViews(self.dataset_info, augment, self.backbone.mean, self.backbone.std, self.masks)

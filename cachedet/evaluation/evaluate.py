@@ -6,15 +6,14 @@ import os
 import time
 
 from cachedet.atomic import write_json_atomic
-from cachedet.cache.store import FeatureStore
+from cachedet.cache.store import StoreReader
 from cachedet.data.coco import load_detection_dataset, read_annotation_json
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 from cachedet.evaluation.ground_truth import scoring_ground_truth
 from cachedet.evaluation.predictor import Predictor
-from cachedet.evaluation.scoring import (
-    DEFAULT_COUNT_BINS, coco_evaluate, lvis_evaluate, stratify_by_count, training_counts,
-)
+from cachedet.evaluation.evaluator import DetectionEvaluator, inference_on_dataset
+from cachedet.evaluation.scoring import DEFAULT_COUNT_BINS, training_counts
 
 
 def evaluate_run(run: str, annotations: str, images: str | None = None, train_annotations: str | None = None,
@@ -34,58 +33,28 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
     dataset = load_detection_dataset(annotations, images or os.path.dirname(annotations))
     ground_truth = scoring_ground_truth(dataset.raw, str(annotations), dataset.is_lvis)  # before any prediction
     predictor = Predictor(run, device=device, need_backbone=cache is None)
-    val_ids = [int(c["id"]) for c in dataset.categories.to_json()]
-    if sorted(val_ids) != sorted(predictor.category_ids):
-        raise CachedetError(f"{annotations}: categories differ from the run's ({len(val_ids)} vs {len(predictor.category_ids)}); "
-                            "evaluate on a file with the training categories")
+    if dataset.categories.ids != predictor.categories.ids:
+        raise CachedetError(f"{annotations}: categories differ from the run's ({len(dataset.categories)} vs "
+                            f"{len(predictor.categories)}); evaluate on a file with the training categories")
+    evaluator = DetectionEvaluator(
+        ground_truth, {cid: predictor.categories.name_of(cid) for cid in predictor.categories.ids},
+        masks=predictor.masks and dataset.has_masks, lvis=dataset.is_lvis,
+        train_counts=training_counts(read_annotation_json(train_annotations)[0]) if train_annotations else None,
+        count_bins=tuple(count_bins))
     with ViewProgress("eval", len(dataset.images), unit="images", enabled=progress) as bar:
         if cache is not None:
-            store = FeatureStore(cache)
-            if store.header["dataset"]["annotations_sha256"] != dataset.sha256:
-                raise CachedetError(f"--cache {cache}: was extracted from another annotation file than {annotations}")
-            detections = predictor.predict_store(store, on_images=bar.advance)
+            store = StoreReader(cache)
+            store.header.check_dataset(dataset.sha256, f"--cache {cache}", annotations)
+            batches = predictor.iter_store(store)
         else:
             items = [(r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images]
-            detections = predictor.predict_images(items, batch_size=batch_size, on_images=bar.advance)
-    seconds_predict = time.perf_counter() - t0
-    coco = coco_evaluate(ground_truth, detections)
-    metrics = {
-        "run": run,
-        "annotations": annotations,
-        "source": "cache" if cache else "images",
-        "num_images": len(dataset.images),
-        "num_detections": len(detections),
-        "bbox": coco["summary"],
-        "per_class": [{"category_id": cid, "name": predictor.names.get(cid, str(cid)), "AP": ap}
-                      for cid, ap in sorted(coco["per_class"].items())],
-        "seconds_predict": seconds_predict,
-    }
-    segm = None
-    if predictor.masks and dataset.has_masks:
-        segm = coco_evaluate(ground_truth, detections, "segm")
-        metrics["segm"] = segm["summary"]
-        for row in metrics["per_class"]:
-            row["mask_AP"] = segm["per_class"].get(row["category_id"])
-    elif predictor.masks:
+            batches = predictor.iter_images(items, batch_size=batch_size)
+        scores = inference_on_dataset(batches, evaluator, on_images=bar.advance)
+    metrics = {"run": run, "annotations": annotations, "source": "cache" if cache else "images",
+               "num_images": len(dataset.images), **scores, "seconds": time.perf_counter() - t0}
+    if predictor.masks and not dataset.has_masks:
         metrics["segm_skipped"] = f"{annotations} has no segmentation to score masks against"
-    if dataset.is_lvis:
-        metrics["lvis_bbox"] = lvis_evaluate(ground_truth, detections)["summary"]
-        if segm is not None:
-            metrics["lvis_segm"] = lvis_evaluate(ground_truth, detections, "segm")["summary"]
-    if train_annotations:
-        train_data, _ = read_annotation_json(train_annotations)
-        counts = training_counts(train_data)
-        for row in metrics["per_class"]:
-            row["train_annotations"] = counts.get(row["category_id"], 0)
-        metrics["by_train_count"] = stratify_by_count(coco["per_class"], counts, tuple(count_bins))
-        if segm is not None:
-            for row, mask_row in zip(metrics["by_train_count"], stratify_by_count(segm["per_class"], counts, tuple(count_bins))):
-                row["mask_AP"] = mask_row["AP"]
-        metrics["count_bins"] = list(count_bins)
-    metrics["by_size"] = {k: coco["summary"][k] for k in ("APs", "APm", "APl")}
-    if segm is not None:
-        metrics["mask_by_size"] = {k: segm["summary"][k] for k in ("APs", "APm", "APl")}
     if out:
-        write_json_atomic(os.path.splitext(out)[0] + ".detections.json", detections)
+        write_json_atomic(os.path.splitext(out)[0] + ".detections.json", evaluator.detections)
         write_json_atomic(out, metrics, indent=2)
-    return metrics, detections
+    return metrics, evaluator.detections

@@ -16,15 +16,16 @@ import numpy as np
 import torch
 
 from cachedet.backbones import Backbone, build_backbone, config_from_identity
-from cachedet.cache.store import FeatureStore
+from cachedet.cache.header import Fingerprint, check_weights
+from cachedet.cache.store import StoreReader
+from cachedet.data.coco import CategoryMap
 from cachedet.data.images import read_image
 from cachedet.data.masks import rle_json
 from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_image, view_to_image_boxes
-from cachedet.engine.checkpoint import load_checkpoint
-from cachedet.engine.sources import check_fingerprint, fingerprint as make_fingerprint
+from cachedet.engine.run import RunRecord, load_run_checkpoint
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
-from cachedet.extract import resolve_device
+from cachedet.runtime import resolve_device
 from cachedet.models.masks import paste_masks
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.structures import ViewParams
@@ -36,32 +37,32 @@ class Predictor:
     def __init__(self, run: str, device: str = "auto", score_threshold: float = 0.0, need_backbone: bool = True):
         run = resolve_path(run)
         path = os.path.join(run, "checkpoints", "last.pt") if os.path.isdir(run) else run
-        ckpt = load_checkpoint(path)
-        self.run, self.device = run, resolve_device(device)
-        self.fingerprint = ckpt["fingerprint"]
-        self.categories = ckpt["categories"]
-        self.category_ids = [int(c["id"]) for c in sorted(self.categories, key=lambda c: c["id"])]
-        self.names = {int(c["id"]): c["name"] for c in self.categories}
-        self.detector_config = DetectorConfig.from_dict(ckpt["detector_config"])
+        ckpt = load_run_checkpoint(path)
+        record, weights = RunRecord.from_dict(ckpt["run"]), ckpt["state"]
+        self.run, self.device, self.record = run, resolve_device(device), record
+        self.fingerprint = Fingerprint.from_dict(record.fingerprint)
+        self.categories = CategoryMap.from_json(record.categories)  # the run's labels <-> dataset category ids
+        self.detector_config = DetectorConfig.from_dict(record.detector)
         self.canvas = self.detector_config.canvas
         self.masks = self.detector_config.masks  # detections carry RLE segmentations
         self.detector = build_detector(self.detector_config)
-        self.detector.load_state_dict(ckpt["detector"])
+        self.detector.load_state_dict(weights["detector"])
         self.detector.to(self.device).eval()
         self.score_threshold = score_threshold
-        self.adapters = tuple(ckpt.get("adapters") or ())  # stages with trained adapters
+        self.adapters = tuple(record.adapters or ())  # stages with trained adapters
         self.backbone: Backbone | None = None
         if need_backbone:
-            ident = ckpt["backbone_identity"]
+            ident = record.backbone
             self.backbone = build_backbone(config_from_identity(ident), warn=False)
-            fine_tuned = ckpt.get("backbone") is not None and not self.adapters
-            if not fine_tuned and self.backbone.identity["weights_sha256"] != ident["weights_sha256"]:
-                raise CachedetError(f"{path}: the backbone weights available here ({self.backbone.identity['weights']}) "
-                                    f"are not the ones the run was trained on ({ident['weights']})")
+            fine_tuned = weights.get("backbone") is not None and not self.adapters
+            if not fine_tuned:
+                check_weights(self.backbone.identity, ident,
+                              f"{path}: the backbone weights available here ({self.backbone.identity['weights']}) "
+                              f"are not the ones the run was trained on ({ident['weights']})")
             if self.adapters:  # the frozen weights above, plus the trained adapters
                 self.backbone.add_adapters(self.adapters)
-            if ckpt.get("backbone") is not None:
-                self.backbone.load_state_dict(ckpt["backbone"])
+            if weights.get("backbone") is not None:
+                self.backbone.load_state_dict(weights["backbone"])
             self.backbone.to(self.device).eval()
 
     def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
@@ -77,7 +78,7 @@ class Predictor:
             for box, score, label in zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist()):
                 x1, y1, x2, y2 = (float(v) for v in box)
                 mask = next(masks) if masks is not None else None
-                result = {"image_id": p.image_id, "category_id": self.category_ids[label],
+                result = {"image_id": p.image_id, "category_id": self.categories.to_id(label),
                           "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                           "score": round(float(score), 5)}
                 if mask is not None:
@@ -99,11 +100,17 @@ class Predictor:
         feats = {k: v.to(self.device).float() for k, v in features.items()}
         return self._to_results(params, self.detector.predict(feats))
 
-    def predict_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8, on_images=None) -> list[dict]:
-        """items: (image_id, path, (height, width) from the annotations or None)."""
-        assert self.backbone is not None
+    def predict_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8,
+                       on_images=None) -> list[dict]:
+        """items: (image_id, path, (height, width) from the annotations or None) -> COCO results."""
+        return _flatten(self.iter_images(items, batch_size), on_images)
+
+    def iter_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8):
+        """Yield (images in the batch, their COCO results) for ``items`` read from image files."""
+        if self.backbone is None:
+            raise CachedetError(f"run {self.run}: this predictor was loaded without its backbone; "
+                                "predicting images needs it")
         plain = AugmentConfig(size=self.canvas, augment=False)
-        results = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             params, views = [], []
@@ -114,24 +121,25 @@ class Predictor:
                 views.append(transform_image(p, normalize(image, self.backbone.mean, self.backbone.std)))
             with torch.inference_mode():
                 feats = self.backbone(torch.stack(views).to(self.device))
-            results += self.predict_features(params, feats)
-            if on_images:
-                on_images(len(chunk))
-        return results
+            yield len(chunk), self.predict_features(params, feats)
 
-    def check_store(self, store: FeatureStore):
+    def check_store(self, store: StoreReader):
+        """Refuse a cache whose features do not fit the run (adapters, augmented views, fingerprint)."""
         header = store.header
         if self.adapters:
             raise CachedetError(f"--cache {store.url}: run {self.run} trained adapters inside the backbone, so cached frozen "
                                 "features do not fit it; evaluate from --images")
-        if header["augment"]["augment"]:
+        if header.augmented:
             raise CachedetError(f"--cache {store.url}: an augmented cache; evaluate from one made with --no-augment --views 1")
-        found = make_fingerprint(store.specs, header["backbone"], int(header["augment"]["size"]), header["dataset"]["categories"])
-        check_fingerprint(found, self.fingerprint, f"--cache {store.url} does not fit run {self.run}", found_label="store")
+        header.fingerprint().check(self.fingerprint, f"--cache {store.url} does not fit run {self.run}", found_label="store")
 
-    def predict_store(self, store: FeatureStore, batch_size: int = 16, on_images=None) -> list[dict]:
+    def predict_store(self, store: StoreReader, batch_size: int = 16, on_images=None) -> list[dict]:
+        """COCO results for every usable view of a ``--no-augment --views 1`` store."""
+        return _flatten(self.iter_store(store, batch_size), on_images)
+
+    def iter_store(self, store: StoreReader, batch_size: int = 16):
+        """Yield (views in the batch, their COCO results) from a store's cached features."""
         self.check_store(store)
-        results = []
         usable = store.usable_views()
         for start in range(0, len(usable), batch_size):
             views = usable[start:start + batch_size]
@@ -139,8 +147,13 @@ class Predictor:
             block = store.read_features(a, b)
             idx = (views - a)
             feats = {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in block.items()}
-            results += self.predict_features([store.view_params(int(v)) for v in views], feats)
-            if on_images:
-                on_images(len(views))
-        return results
+            yield len(views), self.predict_features([store.view_params(int(v)) for v in views], feats)
 
+
+def _flatten(batches, on_images=None) -> list[dict]:
+    results = []
+    for n, detections in batches:
+        results += detections
+        if on_images:
+            on_images(n)
+    return results

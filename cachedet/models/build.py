@@ -81,7 +81,7 @@ def check_head(name: str, masks: bool = False) -> None:
     """The head's own constraints, for the train config and the CLI to check before any work:
     a known head name, and masks only on a head that has RoIs. Raises CachedetError."""
     if name not in HEADS:
-        raise CachedetError(f"--head {name}: expected one of {', '.join(HEADS)}")
+        raise CachedetError(f"detector.head {name}: expected one of {', '.join(HEADS)}")
     if masks and not HEADS[name].config.supports_masks:
         raise CachedetError(MASKS_NEED_ROIS)
 
@@ -110,5 +110,5 @@ def head_config(name: str, options: dict, masks: bool = False):
 def neck_config(name: str, options: dict, channels: int):
     """The typed config of neck ``name`` ("fpn", "nasfpn" or "simple"; "auto" resolved before)."""
     if name not in NECKS:
-        raise CachedetError(f"--neck {name}: expected one of auto, {', '.join(NECKS)}")
+        raise CachedetError(f"detector.neck {name}: expected one of auto, {', '.join(NECKS)}")
     return NECKS[name].config.from_options(options, channels=channels)

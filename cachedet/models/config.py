@@ -16,8 +16,8 @@ from typing import ClassVar
 from cachedet.errors import CachedetError
 
 DEFAULT_IOUS = (0.5, 0.6, 0.7)
-MASKS_NEED_ROIS = ("--masks: the retinanet head has no RoIs for a mask branch; "
-                   "use --head faster-rcnn or cascade")
+MASKS_NEED_ROIS = ("detector.masks: the retinanet head has no RoIs for a mask branch; "
+                   "use detector.head faster-rcnn or cascade")
 
 
 class FromOptions:
@@ -61,7 +61,7 @@ class NASFPNConfig(FromOptions):
 
     def __post_init__(self):
         if self.repeats < 1:
-            raise CachedetError(f"--nasfpn-repeats: expected a positive integer, got {self.repeats}")
+            raise CachedetError(f"detector.options.nasfpn_repeats: expected a positive integer, got {self.repeats}")
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class CascadeConfig(FasterRCNNConfig):
 
     def __post_init__(self):
         if not self.ious or any(not 0 < v < 1 for v in self.ious):
-            raise CachedetError(f"--cascade-ious {list(self.ious)}: expected thresholds between 0 and 1")
+            raise CachedetError(f"detector.options.cascade_ious {list(self.ious)}: expected thresholds between 0 and 1")
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,8 @@ def resolve_neck(name: str, in_specs: list[FeatureSpec]) -> str:
     if name == "auto":
         return "simple" if vit_taps(in_specs) else "fpn"
     if name == "fpn" and vit_taps(in_specs):
-        raise CachedetError(f"--neck fpn: the backbone's levels {[s.name for s in in_specs]} share one stride "
-                            f"({in_specs[0].stride}, a plain ViT); use --neck simple (or auto)")
+        raise CachedetError(f"detector.neck fpn: the backbone's levels {[s.name for s in in_specs]} share one stride "
+                            f"({in_specs[0].stride}, a plain ViT); use detector.neck simple (or auto)")
     return name
 
 
@@ -79,7 +79,7 @@ def build_nasfpn(cfg: NASFPNConfig, in_specs: list[FeatureSpec], extra: str) -> 
         pyramid = SimplePyramidNeck(in_specs, cfg.channels, NASFPN_LEVELS, extra=None)
         return StackedNeck(pyramid, NASFPNNeck(pyramid.out_specs, cfg.channels, cfg.repeats))
     if [s.stride for s in in_specs] != [8, 16, 32]:
-        raise CachedetError(f"--neck nasfpn: needs backbone levels at strides 8, 16, 32, "
+        raise CachedetError(f"detector.neck nasfpn: needs backbone levels at strides 8, 16, 32, "
                             f"got {[s.stride for s in in_specs]}")
     return NASFPNNeck(in_specs, cfg.channels, cfg.repeats)
 

@@ -84,8 +84,8 @@ class SimplePyramidNeck(nn.Module):
                  extra: str | None = "maxpool"):
         super().__init__()
         if not single_stride(in_specs):
-            raise CachedetError(f"--neck simple: needs taps at one stride (a plain ViT), got strides "
-                                f"{[s.stride for s in in_specs]}; use --neck fpn")
+            raise CachedetError(f"detector.neck simple: needs taps at one stride (a plain ViT), got strides "
+                                f"{[s.stride for s in in_specs]}; use detector.neck fpn")
         if extra not in ("maxpool", "p6p7", None):
             raise ValueError(extra)
         self.in_specs = list(in_specs)

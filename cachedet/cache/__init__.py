@@ -1,0 +1,1 @@
+"""The feature cache: the zarr store format (header, layout, writer/reader) and datasets over it."""

@@ -1,0 +1,219 @@
+"""Typed settings of stage 2, one small frozen dataclass per concern.
+
+``TrainConfig`` = where the features come from (``source``), what is trained (``detector``), how
+(``optim``) and how batches are fed (``loader``), plus the run's place, seed and device. Errors
+name the field by its path from ``TrainConfig`` (``optim.epochs``, ``TrainConfig.out``); the CLI
+shows the option that sets it instead (``cachedet_cli.common.FLAG_OF``).
+
+``TrainConfig.of(**settings)`` builds one from flat names (``epochs=3, head="cascade"``), as the
+CLI, the demo and the tests do; ``PATH_OF`` maps each flat name to its field path. config.json
+stores ``to_dict()`` (nested); ``from_dict`` also reads the flat layout of cachedet 0.1 runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from cachedet.backbones import DEFAULT_BACKBONE
+from cachedet.errors import CachedetError
+from cachedet.models.build import check_head
+from cachedet.paths import resolve_path
+
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where features come from: a cache, or a backbone run online (frozen, fine-tuned or adapted)."""
+
+    cache: str | None = None
+    online: bool = False
+    annotations: str | None = None
+    images: str | None = None
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "default"  # default | random | timm | a checkpoint path
+    out_indices: tuple[int, ...] | None = None
+    size: int = 640  # online canvas (pixels)
+    scale_range: tuple[float, float] = (0.1, 2.0)  # online LSJ range
+    backbone_trainable: bool = False
+    adapters: bool = False  # residual adapters in the frozen backbone (online, or after a hybrid cache's stage)
+    adapt_stages: tuple[int, ...] | None = None  # None: every stage after the stem (or after the cache)
+
+    def __post_init__(self):  # paths resolved once (cachedet.paths), so config.json records where things are
+        for name in ("cache", "annotations", "images"):
+            object.__setattr__(self, name, resolve_path(getattr(self, name)))
+        if self.weights not in ("default", "random", "timm"):
+            object.__setattr__(self, "weights", resolve_path(self.weights))
+
+    def validate(self):
+        if self.online == (self.cache is not None):
+            raise CachedetError("give either source.cache STORE or source.online (with source.annotations, "
+                                "source.images, source.backbone)")
+        if self.online and (not self.annotations or not self.images):
+            raise CachedetError("source.online needs source.annotations and source.images")
+        if self.backbone_trainable and not self.online:
+            raise CachedetError("source.backbone_trainable fine-tunes the backbone, so it needs source.online")
+        if self.adapters and self.backbone_trainable:
+            raise CachedetError("source.adapters trains adapters inside a frozen backbone; "
+                                "drop source.backbone_trainable")
+        if self.adapt_stages is not None and not self.adapters:
+            raise CachedetError("source.adapt_stages needs source.adapters")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """What is trained after the backbone: neck, head and their options (``DetectorConfig.options``)."""
+
+    neck: str = "auto"  # auto: the simple pyramid for a plain ViT's taps, FPN otherwise
+    head: str = "faster-rcnn"
+    neck_channels: int = 256
+    options: dict = field(default_factory=dict)
+    masks: bool = False  # Mask R-CNN mask branch, trained on the instance masks (cache or annotations)
+
+    def validate(self):
+        check_head(self.head, self.masks)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule: linear warm-up, then step (x0.1 at 2/3 and 8/9) or cosine decay."""
+
+    epochs: int = 12
+    optimizer: str = "sgd"
+    lr: float | None = None  # default: 0.02 x batch/16 for SGD, 1e-4 for AdamW
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "step"
+    clip_grad: float | None = 10.0
+    amp: bool = True  # bfloat16 autocast, CUDA only
+
+    def validate(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise CachedetError(f"optim.optimizer {self.optimizer}: expected sgd or adamw")
+        if self.schedule not in ("step", "cosine"):
+            raise CachedetError(f"optim.schedule {self.schedule}: expected step or cosine")
+        if self.epochs < 1:
+            raise CachedetError(f"optim.epochs: expected a positive integer, got {self.epochs}")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How batches are fed: size, workers, RAM, views per epoch, feature crops."""
+
+    batch_size: int = 8
+    workers: int = 0
+    loader_start: str | None = None  # DataLoader start method (None: platform default, or "spawn")
+    in_memory: bool = False
+    views_per_epoch: int = 1
+    feature_crop: bool = False  # random crops of the cached maps (cachedet.cache.feature_crop)
+    feature_crop_min: float = 0.6  # smallest crop side, as a share of the canvas
+    shuffle_buffer: int = 256
+    max_steps_per_epoch: int | None = None
+
+    def validate(self, online: bool):
+        for name in ("batch_size", "views_per_epoch"):
+            if getattr(self, name) < 1:
+                raise CachedetError(f"loader.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.feature_crop and online:
+            raise CachedetError("loader.feature_crop crops cached features; online training draws fresh "
+                                "LSJ views instead")
+        if not 0 < self.feature_crop_min <= 1:
+            raise CachedetError(f"loader.feature_crop_min: expected a fraction in (0, 1], got {self.feature_crop_min}")
+
+
+SECTIONS = {"source": SourceConfig, "detector": HeadsConfig, "optim": OptimConfig, "loader": LoaderConfig}
+TOP = ("out", "seed", "device", "resume")
+FLAT_NAME = {("detector", "options"): "detector_options"}  # (section, field) -> flat name, where they differ
+PATH_OF = {**{name: f"TrainConfig.{name}" for name in TOP},
+           **{FLAT_NAME.get((section, f.name), f.name): f"{section}.{f.name}"
+              for section, cls in SECTIONS.items() for f in fields(cls)}}
+TUPLES = ("out_indices", "scale_range", "adapt_stages")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    source: SourceConfig = field(default_factory=SourceConfig)
+    detector: HeadsConfig = field(default_factory=HeadsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", resolve_path(self.out))
+
+    @classmethod
+    def of(cls, **settings) -> "TrainConfig":
+        """A TrainConfig from flat names (``PATH_OF``'s keys); raises CachedetError for an unknown name."""
+        unknown = sorted(set(settings) - set(PATH_OF))
+        if unknown:
+            raise CachedetError(f"TrainConfig: unknown setting(s) {', '.join(unknown)}")
+        parts = {section: {} for section in SECTIONS}
+        top = {}
+        for flat, value in settings.items():
+            section, name = PATH_OF[flat].split(".")
+            (top if section == "TrainConfig" else parts[section])[name] = value
+        return cls(**top, **{section: SECTIONS[section](**kw) for section, kw in parts.items()})
+
+    def flat(self) -> dict:
+        """{flat name: value} for every setting (the inverse of ``of``)."""
+        out = {}
+        for flat, path in PATH_OF.items():
+            section, name = path.split(".")
+            out[flat] = getattr(self if section == "TrainConfig" else getattr(self, section), name)
+        return out
+
+    def with_settings(self, **settings) -> "TrainConfig":
+        """A copy with some flat settings replaced."""
+        return TrainConfig.of(**{**self.flat(), **settings})
+
+    @property
+    def learning_rate(self) -> float:
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return 0.02 * self.loader.batch_size / 16 if self.optim.optimizer == "sgd" else 1e-4
+
+    def validate(self):
+        """Raise CachedetError naming the first field (by its path) whose value cannot work."""
+        self.source.validate()
+        self.detector.validate()
+        self.optim.validate()
+        self.loader.validate(self.source.online)
+        if self.learning_rate <= 0:
+            raise CachedetError(f"optim.lr: expected a positive number, got {self.learning_rate}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """The inverse of ``to_dict``; also reads the flat dict of cachedet 0.1's config.json."""
+        flat = {}
+        for key, value in d.items():
+            if key in SECTIONS and isinstance(value, dict):
+                flat.update({FLAT_NAME.get((key, name), name): v for name, v in value.items()})
+            elif key in PATH_OF:
+                flat[key] = value
+        flat = {k: v for k, v in flat.items() if k in PATH_OF}
+        for key in TUPLES:
+            if flat.get(key) is not None:
+                flat[key] = tuple(flat[key])
+        return cls.of(**flat)
+
+    @classmethod
+    def of_run(cls, out: str) -> "TrainConfig":
+        """The settings a run at ``out`` was last trained with (its config.json), for resuming."""
+        path = os.path.join(resolve_path(out), "config.json")
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f)["train"])
+        except FileNotFoundError:
+            raise CachedetError(f"TrainConfig.out {out}: no run to resume here (no config.json)") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CachedetError(f"{path}: unreadable run configuration ({type(e).__name__})") from None
+
+

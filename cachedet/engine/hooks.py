@@ -1,0 +1,60 @@
+"""The hooks every train-heads run uses: metric lines with a progress bar, and checkpoints.
+
+See ``cachedet.engine.trainer`` for when hooks run. Both run on the main process only.
+"""
+
+from __future__ import annotations
+
+import json
+
+from cachedet.engine.run import RunRecord, save_run_checkpoint
+from cachedet.engine.trainer import Hook, Trainer
+
+
+class MetricsHook(Hook):
+    """Appends each step's record to metrics.jsonl (flushed per line) and advances a progress bar."""
+
+    def __init__(self, path: str, steps: int, epochs: int, progress: bool = True):
+        self.path, self.steps, self.epochs, self.progress = path, steps, epochs, progress
+        self._file = self._bar = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        from cachedet.progress import ViewProgress
+
+        self._file = open(self.path, "a")
+        self._bar = ViewProgress("train-heads", self.steps, unit="steps", enabled=self.progress).__enter__()
+
+    def write(self, record: dict) -> None:
+        """One line of metrics.jsonl (other hooks log validation results through this too)."""
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def after_step(self, trainer: Trainer, record: dict) -> None:
+        self.write(record)
+        self._bar.advance(1, status=f"epoch {record['epoch'] + 1}/{self.epochs} loss {record['loss']:.3f} "
+                                    f"lr {record['lr']:.2g}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class CheckpointHook(Hook):
+    """Writes checkpoints/last.pt (atomically) after every epoch: weights, optimiser, scheduler, record."""
+
+    def __init__(self, path: str, record: RunRecord):
+        self.path, self.record = path, record
+
+    def state(self, trainer: Trainer) -> dict:
+        model = trainer.model
+        backbone = model.backbone
+        keep_backbone = backbone is not None and (backbone.trainable or backbone.has_adapters)
+        return {"detector": model.detector.state_dict(), "backbone": backbone.state_dict() if keep_backbone else None,
+                "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict()}
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        save_run_checkpoint(self.path, self.record, trainer.state.epoch, trainer.state.step, self.state(trainer))

@@ -1,0 +1,149 @@
+"""The run contract: one record that config.json and every checkpoint share, and the run directory.
+
+Run directory::
+
+    config.json            RunRecord.to_dict() + "resumes" (the settings changed at each resume)
+    metrics.jsonl          one JSON object per step (and per validation)
+    checkpoints/last.pt    {"format", "epoch", "step", "run": RunRecord.to_dict(),
+                            "state": {"detector", "backbone", "optimizer", "scheduler"}}
+    .lock                  held (flock) while a train-heads writes the run
+
+Checkpoints written before this layout (flat keys "config", "detector_config", "backbone_identity"
+...) are read through ``load_run_checkpoint`` into the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from cachedet import __version__
+from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from cachedet.cache.header import check_fingerprint
+from cachedet.errors import CachedetError
+
+RECORD_KEYS = ("train", "detector", "fingerprint", "backbone", "augment", "categories", "adapters",
+               "cachedet_version")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run is: its settings and what its heads depend on.
+
+    train: the TrainConfig as a dict; detector: the DetectorConfig as a dict; fingerprint: the
+    features and classes the heads fit (``cachedet.engine.sources.fingerprint``); backbone: the
+    backbone's identity (timm name, out_indices, weights and their sha256, mean/std); augment: the
+    views' augmentation settings; categories: [{id, name}] in label order; adapters: backbone
+    stages with trained adapters (None: no adapters).
+    """
+
+    train: dict
+    detector: dict
+    fingerprint: dict
+    backbone: dict | None
+    augment: dict
+    categories: list
+    adapters: list | None = None
+    cachedet_version: str = __version__
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in RECORD_KEYS}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        return cls(**{k: d[k] for k in RECORD_KEYS if k in d})
+
+    def check_fits(self, found: dict, where: str, found_label: str) -> None:
+        """Raise CachedetError naming each difference when features/classes ``found`` (a fingerprint
+        of a store, an online backbone or another run) do not fit this run's heads."""
+        check_fingerprint(found, self.fingerprint, f"{where} does not fit this run", found_label=found_label)
+
+
+def _upgrade(ckpt: dict) -> dict:
+    """A checkpoint of the flat layout (cachedet 0.1 before the run record) in the current shape."""
+    if "run" in ckpt:
+        return ckpt
+    record = RunRecord(train=ckpt["config"], detector=ckpt["detector_config"], fingerprint=ckpt["fingerprint"],
+                       backbone=ckpt.get("backbone_identity"), augment=ckpt.get("augment") or {},
+                       categories=ckpt["categories"], adapters=ckpt.get("adapters"),
+                       cachedet_version=ckpt.get("cachedet_version", "0.1.0"))
+    state = {k: ckpt.get(k) for k in ("detector", "backbone", "optimizer", "scheduler")}
+    return {"format": ckpt["format"], "epoch": ckpt["epoch"], "step": ckpt["step"], "run": record.to_dict(),
+            "state": state}
+
+
+def load_run_checkpoint(path: str) -> dict:
+    """A checkpoint in the current shape; raises CachedetError for a missing or foreign file."""
+    ckpt = load_checkpoint(path)
+    try:
+        return _upgrade(ckpt)
+    except KeyError as e:
+        raise CachedetError(f"{path}: a cachedet checkpoint without its {e.args[0]!r} entry") from None
+
+
+def save_run_checkpoint(path: str, record: RunRecord, epoch: int, step: int, state: dict) -> None:
+    """Atomically write checkpoints/last.pt (temp file + rename): a reader sees old or new, never half."""
+    save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "run": record.to_dict(),
+                 "state": state}, path)
+
+
+class RunDir:
+    """The files of one run directory (see the module docstring)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.checkpoints = os.path.join(path, "checkpoints")
+        self.checkpoint = os.path.join(self.checkpoints, "last.pt")
+        self.metrics = os.path.join(path, "metrics.jsonl")
+        self.config = os.path.join(path, "config.json")
+        self._lock = None
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the run (``.lock``, ``fcntl.flock``) until ``unlock`` or the process
+        ends, so two train-heads with one --out never interleave. A crash releases it by itself."""
+        import fcntl
+
+        os.makedirs(self.path, exist_ok=True)
+        f = open(os.path.join(self.path, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise CachedetError(f"TrainConfig.out {self.path}: another train-heads is writing this run; "
+                                "wait for it, or choose another TrainConfig.out") from None
+        self._lock = f
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def resume_history(self, step: int, epoch: int, changes: dict, resumed: bool) -> list[dict]:
+        """config.json's list of resumptions so far, with this one (its step and changed settings) added."""
+        history = []
+        if resumed and os.path.exists(self.config):
+            try:
+                with open(self.config) as f:
+                    history = list(json.load(f).get("resumes", []))
+            except (OSError, ValueError):
+                history = []
+        if resumed:
+            history.append({"step": step, "epoch": epoch, "changed": changes})
+        return history
+
+    def truncate_metrics(self, last_step: int):
+        """Drop metric lines written after the checkpoint we resume from (a killed run's tail)."""
+        if not os.path.exists(self.metrics):
+            return
+        with open(self.metrics) as f:
+            lines = [ln for ln in f if ln.strip()]
+        kept = []
+        for ln in lines:
+            try:
+                if json.loads(ln)["step"] <= last_step:
+                    kept.append(ln)
+            except (ValueError, KeyError):
+                break
+        with open(self.metrics, "w") as f:
+            f.writelines(kept)

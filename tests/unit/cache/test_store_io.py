@@ -1,0 +1,113 @@
+"""StoreWriter / StoreReader on a store laid out by hand (no backbone): one open group each."""
+
+import numpy as np
+import pytest
+import zarr
+
+from cachedet.cache import schema
+from cachedet.cache.header import MaskInfo, StoreHeader, Storage
+from cachedet.cache.layout import create_store
+from cachedet.cache.store import StoreReader, StoreWriter
+from cachedet.data.masks import encode_rle
+from cachedet.errors import CachedetError
+from cachedet.structures import FeatureSpec, ViewParams
+
+CANVAS, VIEWS, SHARD = 32, 5, 3
+SPECS = (FeatureSpec("c3", 4, 8), FeatureSpec("c4", 6, 16))
+
+
+def make_store(tmp_path, dtype="float16") -> str:
+    header = StoreHeader(
+        backbone={"name": "handmade", "weights": "none", "weights_sha256": "0" * 64},
+        specs=SPECS, shapes={s.name: (s.channels, CANVAS // s.stride, CANVAS // s.stride) for s in SPECS},
+        dataset={"annotations_sha256": "f" * 64, "categories": [{"id": 3, "name": "a"}], "dropped": {}},
+        augment={"size": CANVAS, "augment": False}, views=1, storage=Storage(dtype, "zstd", SHARD),
+        num_views=VIEWS, num_images=VIEWS, cachedet_version="test",
+        masks=MaskInfo(format=schema.MASK_FORMAT, objects=VIEWS, objects_from_boxes=0))
+    side = (CANVAS, CANVAS)
+    views = [ViewParams(i, 0, side, side, (0, 0), False, CANVAS) for i in range(VIEWS)]
+    boxes = {"offsets": np.arange(VIEWS + 1, dtype=np.int64),
+             "xyxy": np.tile(np.array([[2, 2, 10, 12]], dtype=np.float32), (VIEWS, 1)),
+             "labels": np.zeros(VIEWS, dtype=np.int64), "ann_ids": np.arange(VIEWS, dtype=np.int64)}
+    url = str(tmp_path / "hand.zarr")
+    assert create_store(url, header, views, boxes)
+    return url
+
+
+def features(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shape = lambda s: (n, s.channels, CANVAS // s.stride, CANVAS // s.stride)  # noqa: E731
+    return {s.name: rng.normal(size=shape(s)).astype(np.float32) for s in SPECS}
+
+
+def square_mask(v: int) -> bytes:
+    m = np.zeros((CANVAS, CANVAS), dtype=bool)
+    m[2:12, 2 + v:10 + v] = True
+    return encode_rle(m)
+
+
+def write_shard(writer: StoreWriter, shard: int, start: int, n: int, dtype: str) -> dict:
+    encoded = {k: schema.encode(v, dtype) for k, v in features(n, shard).items()}
+    quant = {k: q for k, (_, q) in encoded.items()} if schema.is_quantized(dtype) else None
+    digests = writer.write_features(shard, {k: e for k, (e, _) in encoded.items()}, start, quant)
+    digests["masks"] = writer.write_masks(shard, [[square_mask(v)] for v in range(start, start + n)])
+    record = {"shard": shard, "views": [start, start + n], "sha256": digests, "skipped": [], "seconds": 0.0}
+    writer.write_record(record)
+    return record
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_written_shards_read_back_and_verify(tmp_path, dtype):
+    url = make_store(tmp_path, dtype)
+    writer = StoreWriter(url)
+    record = write_shard(writer, 0, 0, SHARD, dtype)
+    reader = StoreReader(url)
+    assert reader.shard_records() == {0: record} and writer.shard_records() == {0: record}
+    assert reader.usable_views().tolist() == [0, 1, 2]
+    got, want = reader.read_features(0, SHARD), features(SHARD, 0)
+    tol = {"float16": 1e-2, "uint8": 0.05}[dtype]
+    assert all(np.abs(got[k] - want[k]).max() < tol for k in want)
+    assert reader.masks(1).shape == (1, CANVAS, CANVAS) and reader.masks(1)[0, 2:12, 3:11].all()
+    assert reader.view_params(2).canvas == CANVAS and reader.boxes(2)[1].tolist() == [0]
+    assert reader.verify() == {"complete": [0], "incomplete": [1], "damaged": [], "shards_total": 2}
+
+
+def test_removed_record_makes_a_shard_incomplete_again(tmp_path):
+    url = make_store(tmp_path)
+    writer = StoreWriter(url)
+    write_shard(writer, 0, 0, SHARD, "float16")
+    write_shard(writer, 1, SHARD, VIEWS - SHARD, "float16")
+    assert StoreReader(url).verify()["complete"] == [0, 1]
+    writer.remove_record(0)
+    writer.remove_record(0)  # already gone: nothing to do
+    reader = StoreReader(url)
+    assert reader.verify()["incomplete"] == [0] and reader.usable_views().tolist() == [3, 4]
+
+
+def test_changed_bytes_are_reported_as_damaged(tmp_path):
+    url = make_store(tmp_path)
+    writer = StoreWriter(url)
+    record = write_shard(writer, 0, 0, SHARD, "float16")
+    writer.write_record({**record, "sha256": {**record["sha256"], "c4": "0" * 64}})
+    assert StoreReader(url).verify()["damaged"] == [
+        {"shard": 0, "level": "c4", "error": "checksum differs from the one recorded at write time"}]
+
+
+def test_writer_and_reader_refuse_what_is_not_a_store(tmp_path):
+    zarr.open_group(str(tmp_path / "group.zarr"), mode="w")  # a zarr group without a cachedet header
+    (tmp_path / "plain").mkdir()
+    for cls in (StoreWriter, StoreReader):
+        with pytest.raises(CachedetError, match="group.zarr: not a cachedet feature store"):
+            cls(str(tmp_path / "group.zarr"))
+        for name in ("plain", "absent"):
+            with pytest.raises(CachedetError, match=f"{name}: no feature store here"):
+                cls(str(tmp_path / name))
+
+
+def test_bytes_on_disk_grow_with_written_shards(tmp_path):
+    url = make_store(tmp_path)
+    writer = StoreWriter(url)
+    empty = writer.bytes_on_disk("features")
+    write_shard(writer, 0, 0, SHARD, "float16")
+    written = writer.bytes_on_disk("features")
+    assert written > empty and writer.bytes_on_disk() >= written
