@@ -64,24 +64,36 @@ class Predictor:
                 self.backbone.load_state_dict(ckpt["backbone"])
             self.backbone.to(self.device).eval()
 
-    def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
-        results = []
+    def image_detections(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
+        """Per view, its detections in original-image pixels, filtered by ``score_threshold``:
+        dict(boxes float64 (N, 4) xyxy, scores float32 (N,), labels int64 (N,) contiguous 0..C-1,
+        masks bool (N, H, W) of the original image or None). Boxes left with no area in the image
+        (they lay in the canvas padding) are dropped."""
+        out = []
         for p, det in zip(params, detections):
             boxes = view_to_image_boxes(p, det["boxes"].float().cpu().numpy())
-            # a box left with no area in the image (it lay in the canvas padding) is dropped
             keep = (det["scores"].cpu() >= self.score_threshold) & torch.from_numpy(
                 (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
-            boxes = boxes[keep.numpy()]
-            keep = keep.to(det["scores"].device)
-            masks = self._image_masks(p, det["boxes"][keep], det["masks"][keep]) if "masks" in det else None
-            for box, score, label in zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist()):
+            masks = None
+            if "masks" in det:
+                kept = keep.to(det["scores"].device)
+                masks = np.zeros((int(keep.sum()), *p.orig_size), dtype=bool)
+                for i, m in enumerate(self._image_masks(p, det["boxes"][kept], det["masks"][kept])):
+                    masks[i] = m
+            out.append({"boxes": boxes[keep.numpy()], "scores": det["scores"].cpu()[keep].float().numpy(),
+                        "labels": det["labels"].cpu()[keep].numpy().astype(np.int64), "masks": masks})
+        return out
+
+    def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
+        results = []
+        for p, det in zip(params, self.image_detections(params, detections)):
+            for i, (box, score, label) in enumerate(zip(det["boxes"], det["scores"].tolist(), det["labels"].tolist())):
                 x1, y1, x2, y2 = (float(v) for v in box)
-                mask = next(masks) if masks is not None else None
                 result = {"image_id": p.image_id, "category_id": self.category_ids[label],
                           "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                           "score": round(float(score), 5)}
-                if mask is not None:
-                    result["segmentation"] = rle_json(mask)
+                if det["masks"] is not None:
+                    result["segmentation"] = rle_json(det["masks"][i])
                 results.append(result)
         return results
 
@@ -100,24 +112,29 @@ class Predictor:
         return self._to_results(params, self.detector.predict(feats))
 
     def predict_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8, on_images=None) -> list[dict]:
-        """items: (image_id, path, (height, width) from the annotations or None)."""
-        assert self.backbone is not None
-        plain = AugmentConfig(size=self.canvas, augment=False)
+        """items: (image_id, path, (height, width) from the annotations or None) -> COCO-format results."""
         results = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            params, views = [], []
-            for image_id, path, size in chunk:
-                image = read_image(path, size)
-                p = plan_view(plain, image_id, 0, int(image.shape[1]), int(image.shape[2]))
-                params.append(p)
-                views.append(transform_image(p, normalize(image, self.backbone.mean, self.backbone.std)))
-            with torch.inference_mode():
-                feats = self.backbone(torch.stack(views).to(self.device))
-            results += self.predict_features(params, feats)
+            pixels = [(image_id, read_image(path, size)) for image_id, path, size in chunk]
+            results += self._to_results(*self.detect_pixels(pixels))
             if on_images:
                 on_images(len(chunk))
         return results
+
+    def detect_pixels(self, images: list[tuple[int, torch.Tensor]]) -> tuple[list[ViewParams], list[dict]]:
+        """images: (image_id, uint8 (3, H, W) RGB) -> (their plain views, detections in canvas pixels),
+        one backbone batch; ``image_detections`` maps the detections back to the images."""
+        assert self.backbone is not None
+        plain = AugmentConfig(size=self.canvas, augment=False)
+        params, views = [], []
+        for image_id, image in images:
+            p = plan_view(plain, image_id, 0, int(image.shape[1]), int(image.shape[2]))
+            params.append(p)
+            views.append(transform_image(p, normalize(image, self.backbone.mean, self.backbone.std)))
+        with torch.inference_mode():
+            feats = self.backbone(torch.stack(views).to(self.device))
+            return params, self.detector.predict({k: v.float() for k, v in feats.items()})
 
     def check_store(self, store: FeatureStore):
         header = store.header
