@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cachedet_cli import bench, cache_info, demo, eval_predict, extract, model_info, train_heads
+from cachedet_cli import bench, cache_info, demo, eval_predict, export, extract, model_info, train_heads
 
 app = typer.Typer(
     name="cachedet",
@@ -22,6 +22,7 @@ app.command("eval")(eval_predict.eval_command)
 app.command("predict")(eval_predict.predict_command)
 app.command("model-info")(model_info.model_info_command)
 app.command("bench")(bench.bench_command)
+app.command("export")(export.export_command)
 
 
 def main():

@@ -1,0 +1,28 @@
+"""``cachedet export``: a trained run's whole inference model as ONNX or a torch.export program."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cachedet_cli.common import console as make_console, user_errors
+
+
+@user_errors
+def export_command(
+    run: str = typer.Option(..., "--run", help="Run directory from train-heads."),
+    format: str = typer.Option("onnx", "--format", help="onnx (torch.onnx, opset 17) or pt2 (torch.export)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="File to write (default RUN/export/model.FORMAT)."),
+    checkpoint: str = typer.Option("last", "--checkpoint", help="last, best or a checkpoint file."),
+    score_threshold: float = typer.Option(0.05, "--score-threshold", help="The graph drops detections below it."),
+):
+    """Export backbone, adapters, neck, head and NMS as one graph; preprocessing is in the .json beside it.
+
+    Example: cachedet export --run runs/r50 --format onnx --out r50.onnx
+    """
+    from cachedet.export import export_run
+
+    path = export_run(run, format, str(out) if out else None, checkpoint, score_threshold)
+    make_console().print(f"exported {run} -> {path} (metadata: {Path(path).with_suffix('.json')})")
