@@ -69,6 +69,10 @@ def export_metadata(predictor, checkpoint: str, fmt: str, score_threshold: float
 def _refuse(predictor, fmt: str, where: str) -> None:
     if fmt not in FORMATS:
         raise CachedetError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if predictor.backbone.patch:
+        raise CachedetError(f"{where}: plain ViT backbones ({predictor.backbone.identity['name']}) cannot export yet: "
+                            "timm resizes their position embeddings with antialiased bicubic interpolation, "
+                            f"which ONNX opset {OPSET} lacks")
     if predictor.masks:
         raise CachedetError(f"{where}: runs with a mask branch (--masks) cannot export yet "
                             "(the mask paste is per image outside the graph); export a run trained without --masks")

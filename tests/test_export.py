@@ -43,10 +43,24 @@ def spread_scores(run: str, out: str) -> str:
     return out
 
 
+def online_adapter_run(synthetic, out, backbone: str) -> str:
+    """A run with adapters in the backbone, trained online for one step."""
+    from cachedet.engine.train import train
+    from conftest import train_config
+
+    train(train_config(out, None, online=True, annotations=synthetic["train"], images=synthetic["images"],
+                       backbone=backbone, weights="random", size=96, adapters=True, epochs=1, max_steps_per_epoch=1),
+          progress=False)
+    return str(out)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["faster-rcnn", "retinanet", "cascade"])
+@pytest.mark.parametrize("head", ["faster-rcnn", "retinanet", "cascade", "adapters"])
 def test_onnx_runtime_matches_predict(head, tiny_run, synthetic, tmp_path):
-    run = tiny_run(head)
+    if head == "adapters":  # ResNet adapters run inside the exported backbone
+        run, head = online_adapter_run(synthetic, tmp_path / "adapters", "test_resnet"), "faster-rcnn"
+    else:
+        run = tiny_run(head)
     if head == "retinanet":
         run = spread_scores(run, str(tmp_path / "spread.pt"))  # a checkpoint file serves as the run
     path = export_run(run, "onnx", str(tmp_path / "m.onnx"), score_threshold=THRESHOLD)
@@ -80,11 +94,13 @@ def test_cli_export_writes_the_graph_and_its_metadata(tiny_run, cli, tmp_path):
     assert meta["input"]["shape"] == [1, 3, 96, 96] and meta["category_names"]
 
 
-def test_what_cannot_export_says_so_in_one_line(tiny_run, cli, tmp_path):
+@pytest.mark.slow
+def test_what_cannot_export_says_so_in_one_line(tiny_run, synthetic, cli, tmp_path):
     cases = [
         (tiny_run("faster-rcnn"), "pt2", "--format pt2 cannot export the faster-rcnn head yet.*use --format onnx"),
         (tiny_run("faster-rcnn", masks=True), "onnx", "mask branch .*cannot export yet"),
         (tiny_run("faster-rcnn"), "tflite", "--format tflite: expected one of onnx, pt2"),
+        (online_adapter_run(synthetic, tmp_path / "vit", "test_vit"), "onnx", "plain ViT backbones .test_vit. cannot"),
     ]
     for run, fmt, message in cases:
         with pytest.raises(CachedetError, match=message) as info:
