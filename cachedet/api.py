@@ -77,7 +77,8 @@ def _array_pixels(array: np.ndarray, where: str) -> torch.Tensor:
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (1, 3):
-        raise CachedetError(f"{where}: a numpy image must be (H, W, 3) or (H, W), got shape {tuple(array.shape)}")
+        raise CachedetError(f"{where}: a numpy image must be (H, W, 3) or (H, W), "
+                            f"got shape {tuple(array.shape)}")
     if array.dtype != np.uint8:
         raise CachedetError(f"{where}: a numpy image must be uint8 (0-255), got {array.dtype}")
     array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
@@ -86,12 +87,14 @@ def _array_pixels(array: np.ndarray, where: str) -> torch.Tensor:
 
 def _tensor_pixels(tensor: torch.Tensor, where: str) -> torch.Tensor:
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
-        raise CachedetError(f"{where}: a tensor image must be (3, H, W) or (1, H, W), got shape {tuple(tensor.shape)}")
+        raise CachedetError(f"{where}: a tensor image must be (3, H, W) or (1, H, W), "
+                            f"got shape {tuple(tensor.shape)}")
     tensor = tensor.detach().cpu()
     if tensor.dtype.is_floating_point:  # torchvision's convention: floats in [0, 1]
         tensor = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
     elif tensor.dtype != torch.uint8:
-        raise CachedetError(f"{where}: a tensor image must be uint8 (0-255) or float (0-1), got {tensor.dtype}")
+        raise CachedetError(f"{where}: a tensor image must be uint8 (0-255) or float (0-1), "
+                            f"got {tensor.dtype}")
     return tensor.expand(3, -1, -1).contiguous()
 
 
@@ -110,7 +113,8 @@ def to_pixels(image, where: str = "image") -> torch.Tensor:
         return _array_pixels(image, where)
     if isinstance(image, torch.Tensor):
         return _tensor_pixels(image, where)
-    raise CachedetError(f"{where}: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
+    raise CachedetError(f"{where}: expected a path, PIL image, numpy array or tensor, "
+                        f"got {type(image).__name__}")
 
 
 def _as_batch(images) -> tuple[list, bool]:
@@ -160,8 +164,8 @@ class Model:
         p = self.predictor
         results = []
         for start in range(0, len(items), batch_size):
-            pixels = [(start + i, to_pixels(image, str(image) if isinstance(image, (str, Path)) else f"images[{start + i}]"))
-                      for i, image in enumerate(items[start:start + batch_size])]
+            pixels = [(i, to_pixels(image, str(image) if isinstance(image, (str, Path)) else f"images[{i}]"))
+                      for i, image in enumerate(items[start:start + batch_size], start)]
             for det in p.image_detections(*p.detect_pixels(pixels)):
                 ids = [p.category_ids[int(k)] for k in det["labels"]]
                 results.append(Detections(boxes=det["boxes"].astype(np.float32), scores=det["scores"],

@@ -32,12 +32,13 @@ PREPROCESS = {
     "normalize": "(pixel / 255 - mean) / std, per RGB channel",
     "pad": "bottom and right with 0 (after normalisation) to S x S; the image sits at the top-left",
 }
-POSTPROCESS = ("boxes / (round(W * scale) / W, round(H * scale) / H) per x and y gives original-image pixels; "
-               "clip to the image, drop boxes left with no area, then apply your own score threshold")
+POSTPROCESS = ("boxes / (round(W * scale) / W, round(H * scale) / H) per x and y gives original-image "
+               "pixels; clip to the image, drop boxes left with no area, then apply your own score threshold")
 
 
 class InferenceModel(nn.Module):
-    """canvas float32 (1, 3, S, S), normalised -> (boxes (N, 4) xyxy canvas px, scores (N,), labels (N,) 0..C-1)."""
+    """canvas float32 (1, 3, S, S), normalised -> (boxes (N, 4) xyxy canvas px, scores (N,),
+    labels (N,) 0..C-1)."""
 
     def __init__(self, backbone: nn.Module, detector: nn.Module):
         super().__init__()
@@ -57,8 +58,10 @@ def export_metadata(predictor, checkpoint: str, fmt: str, score_threshold: float
         "backbone": predictor.backbone.identity["name"], "adapters": list(predictor.adapters),
         "neck": cfg.neck, "head": cfg.head, "canvas": s,
         "input": {"name": "image", "shape": [1, 3, s, s], "dtype": "float32", "layout": "NCHW, RGB"},
-        "preprocess": {**PREPROCESS, "mean": list(predictor.backbone.mean), "std": list(predictor.backbone.std)},
-        "outputs": {"boxes": "float32 (N, 4) xyxy canvas pixels", "scores": "float32 (N,), descending per class",
+        "preprocess": {**PREPROCESS, "mean": list(predictor.backbone.mean),
+                       "std": list(predictor.backbone.std)},
+        "outputs": {"boxes": "float32 (N, 4) xyxy canvas pixels",
+                    "scores": "float32 (N,), descending per class",
                     "labels": "int64 (N,) contiguous 0..C-1; category_ids[label] is the dataset id"},
         "postprocess": POSTPROCESS, "score_threshold": score_threshold, "max_detections": 100,
         "category_ids": predictor.category_ids, "category_names": names,
@@ -70,12 +73,14 @@ def _refuse(predictor, fmt: str, where: str) -> None:
     if fmt not in FORMATS:
         raise CachedetError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if predictor.backbone.patch:
-        raise CachedetError(f"{where}: plain ViT backbones ({predictor.backbone.identity['name']}) cannot export yet: "
+        name = predictor.backbone.identity["name"]
+        raise CachedetError(f"{where}: plain ViT backbones ({name}) cannot export yet: "
                             "timm resizes their position embeddings with antialiased bicubic interpolation, "
                             f"which ONNX opset {OPSET} lacks")
     if predictor.masks:
         raise CachedetError(f"{where}: runs with a mask branch (--masks) cannot export yet "
-                            "(the mask paste is per image outside the graph); export a run trained without --masks")
+                            "(the mask paste is per image outside the graph); "
+                            "export a run trained without --masks")
 
 
 def _first_line(e: Exception) -> str:
@@ -88,11 +93,12 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, out: str, meta: dict) 
 
     import onnx
 
-    with warnings.catch_warnings():  # TracerWarnings about Python values in torchvision's code: sizes are fixed here
+    # TracerWarnings about Python values in torchvision's code: the canvas is fixed here
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), out, dynamo=False, opset_version=OPSET, input_names=["image"],
                           output_names=["boxes", "scores", "labels"],
-                          dynamic_axes={"boxes": {0: "detections"}, "scores": {0: "detections"}, "labels": {0: "detections"}})
+                          dynamic_axes={k: {0: "detections"} for k in ("boxes", "scores", "labels")})
     proto = onnx.load(out)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "cachedet", json.dumps(meta)
@@ -103,8 +109,9 @@ def _export_pt2(model: nn.Module, example: torch.Tensor, out: str, meta: dict, w
     try:
         program = torch.export.export(model, (example,), strict=False)
     except Exception as e:  # torch.export raises several types for data-dependent code
-        raise CachedetError(f"{where}: --format pt2 cannot export the {meta['head']} head yet: torch.export stops at "
-                            f"the data-dependent shapes of torchvision's detection post-processing ({type(e).__name__}); "
+        raise CachedetError(f"{where}: --format pt2 cannot export the {meta['head']} head yet: torch.export "
+                            "stops at the data-dependent shapes of torchvision's detection post-processing "
+                            f"({type(e).__name__}); "
                             "use --format onnx") from None
     torch.export.save(program, out, extra_files={"cachedet.json": json.dumps(meta)})
 
@@ -129,7 +136,8 @@ def export_run(run: str, format: str = "onnx", out: str | None = None, checkpoin
     predictor = Predictor(path, device="cpu")
     _refuse(predictor, format, path)
     set_score_threshold(predictor.detector, score_threshold)
-    out = resolve_path(out) if out else os.path.join(os.path.dirname(os.path.dirname(path)), "export", f"model.{format}")
+    run_dir = os.path.dirname(os.path.dirname(path))
+    out = resolve_path(out) if out else os.path.join(run_dir, "export", f"model.{format}")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     model = InferenceModel(predictor.backbone, predictor.detector).eval()
     example = torch.zeros(1, 3, predictor.canvas, predictor.canvas)
@@ -142,7 +150,8 @@ def export_run(run: str, format: str = "onnx", out: str | None = None, checkpoin
         except CachedetError:
             raise
         except Exception as e:  # the exporter raises many types
-            raise CachedetError(f"{path}: ONNX export failed ({type(e).__name__}: {_first_line(e)})") from None
+            message = f"{path}: ONNX export failed ({type(e).__name__}: {_first_line(e)})"
+            raise CachedetError(message) from None
     write_json_atomic(os.path.splitext(out)[0] + ".json", meta, indent=2)
     return out
 
@@ -161,7 +170,8 @@ def prepare_image(pixels: torch.Tensor, meta: dict):
     the Python reference of the steps a runtime does before the graph."""
     from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_image
 
-    p = plan_view(AugmentConfig(size=int(meta["canvas"]), augment=False), 0, 0, int(pixels.shape[1]), int(pixels.shape[2]))
+    h, w = int(pixels.shape[1]), int(pixels.shape[2])
+    p = plan_view(AugmentConfig(size=int(meta["canvas"]), augment=False), 0, 0, h, w)
     view = transform_image(p, normalize(pixels, meta["preprocess"]["mean"], meta["preprocess"]["std"]))
     return view[None].numpy().astype(np.float32), p
 

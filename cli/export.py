@@ -14,9 +14,9 @@ from cachedet_cli.common import console as make_console, user_errors
 def export_command(
     run: str = typer.Option(..., "--run", help="Run directory from train-heads."),
     format: str = typer.Option("onnx", "--format", help="onnx (torch.onnx, opset 17) or pt2 (torch.export)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="File to write (default RUN/export/model.FORMAT)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="File to write; default RUN/export/model.FORMAT."),
     checkpoint: str = typer.Option("last", "--checkpoint", help="last, best or a checkpoint file."),
-    score_threshold: float = typer.Option(0.05, "--score-threshold", help="The graph drops detections below it."),
+    score_threshold: float = typer.Option(0.05, "--score-threshold", help="Graph drops detections below it."),
 ):
     """Export backbone, adapters, neck, head and NMS as one graph; preprocessing is in the .json beside it.
 

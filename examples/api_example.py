@@ -33,9 +33,9 @@ model = cachedet.load(run, checkpoint="last", score_threshold=0.01)
 val_image = sorted((Path(data["images"]) / "val").iterdir())[0]
 one = model.predict(str(val_image))  # one image -> one Detections
 batch = model.predict([Image.open(val_image), np.asarray(Image.open(val_image).convert("RGB"))])
-print(f"{len(one)} detections; best: {one.names[0]} {one.scores[0]:.3f} at {np.round(one.boxes[0], 1).tolist()}"
-      " (xyxy, image pixels)")
-assert np.allclose(batch[0].boxes, one.boxes) and np.allclose(batch[1].boxes, one.boxes)
+box = np.round(one.boxes[0], 1).tolist()
+print(f"{len(one)} detections; best: {one.names[0]} {one.scores[0]:.3f} at {box} (xyxy, image pixels)")
+print(f"a batch of {len(batch)}: {[len(d) for d in batch]} detections")
 
 # Stage 3: COCO AP on the validation file (LVIS files are scored with LVISEval as well).
 metrics, detections = cachedet.evaluate(run, data["val"], data["images"], progress=False)

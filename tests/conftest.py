@@ -112,7 +112,8 @@ def reference_cocoeval(data: dict, detections: list[dict], iou_type: str = "bbox
 
 @pytest.fixture(scope="session")
 def tiny_run(synthetic, tmp_path_factory):
-    """tiny_run(head, masks=False) -> a run dir trained for 2 steps on a 96-px test_resnet cache (one per session)."""
+    """tiny_run(head, masks=False) -> a run dir trained for 2 steps on a 96-px test_resnet cache
+    (each built once per session)."""
     from cachedet.engine.train import train
     from cachedet.extract import extract
 

@@ -87,7 +87,8 @@ class Predictor:
     def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
         results = []
         for p, det in zip(params, self.image_detections(params, detections)):
-            for i, (box, score, label) in enumerate(zip(det["boxes"], det["scores"].tolist(), det["labels"].tolist())):
+            rows = zip(det["boxes"], det["scores"].tolist(), det["labels"].tolist())
+            for i, (box, score, label) in enumerate(rows):
                 x1, y1, x2, y2 = (float(v) for v in box)
                 result = {"image_id": p.image_id, "category_id": self.category_ids[label],
                           "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
