@@ -7,7 +7,7 @@ The public names below load lazily (PEP 562), so ``import cachedet`` stays cheap
 - ``extract(ExtractConfig)`` -> ``ExtractResult`` (stage 1, ``cachedet.extract``; the module itself
   is callable), ``train_heads(TrainConfig)`` -> ``TrainResult`` (stage 2), ``evaluate(run,
   annotations, images, ...)`` -> (metrics, detections) (stage 3).
-- ``export(run, format="onnx")`` -> exported file (``cachedet.export``).
+- ``export(run, format="onnx")`` -> exported file (``cachedet.exporter``).
 - The typed configs the CLI builds: ``ExtractConfig``, ``AugmentConfig``, ``BackboneConfig``,
   ``TrainConfig``.
 """
@@ -24,7 +24,7 @@ _LAZY = {
     "Detections": "cachedet.api",
     "train_heads": "cachedet.api",
     "evaluate": "cachedet.api",
-    "export": "cachedet.export",
+    "export": "cachedet.exporter",
     "ExtractConfig": "cachedet.extract",
     "AugmentConfig": "cachedet.data.views",
     "BackboneConfig": "cachedet.backbones",

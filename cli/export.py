@@ -22,7 +22,7 @@ def export_command(
 
     Example: cachedet export --run runs/r50 --format onnx --out r50.onnx
     """
-    from cachedet.export import export_run
+    from cachedet.exporter import export_run
 
     path = export_run(run, format, str(out) if out else None, checkpoint, score_threshold)
     make_console().print(f"exported {run} -> {path} (metadata: {Path(path).with_suffix('.json')})")

@@ -113,9 +113,11 @@ def test_import_is_cheap_and_names_are_public():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     public = {"load", "extract", "train_heads", "evaluate", "export", "TrainConfig", "ExtractConfig"}
     assert public <= set(out.split())
+    import cachedet.exporter
     import cachedet.extract as module
 
     assert cachedet.extract is module and callable(cachedet.extract)
+    assert cachedet.export is cachedet.exporter.export_run  # no submodule named export shadows the function
     assert cachedet.TrainConfig.__module__ == "cachedet.engine.train"
 
 
