@@ -10,7 +10,9 @@ features and masks and then its completion record. A rerun skips complete shards
 from __future__ import annotations
 
 import os
+import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -353,3 +355,14 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
         bytes_per_view=per_view, total_bytes=per_view * views, device=str(device),
         views_per_second=vps, estimated_seconds=views / vps,
     )
+
+
+class _CallableModule(types.ModuleType):
+    """``cachedet.extract(cfg)`` runs ``extract(cfg)``: the package's API name is this module's name, and
+    Python binds a package attribute to its submodule on import, so the module itself is made callable."""
+
+    def __call__(self, cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
+        return extract(cfg, progress)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from cachedet_cli import bench, cache_info, demo, eval_predict, extract, model_info, train_heads
+from cachedet_cli import bench, cache_info, demo, eval_predict, export, extract, model_info, train_heads
 from cachedet_cli.vocabulary import Command
 
 app = typer.Typer(
@@ -59,6 +59,7 @@ app.command("eval", cls=Command, epilog=eval_predict.EVAL_EXAMPLES)(eval_predict
 app.command("predict", cls=Command, epilog=eval_predict.PREDICT_EXAMPLES)(eval_predict.predict_command)
 app.command("model-info", cls=Command, epilog=model_info.EXAMPLES)(model_info.model_info_command)
 app.command("bench", cls=Command, epilog=bench.EXAMPLES)(bench.bench_command)
+app.command("export", cls=Command, epilog=export.EXAMPLES)(export.export_command)
 
 
 def main():

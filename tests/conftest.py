@@ -119,3 +119,28 @@ def tiny_store(synthetic, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny") / "tiny.zarr")
     extract(small_config(synthetic, out, augment=AugmentConfig(size=64, seed=1), views=1, shard_views=4), progress=False)
     return StoreReader(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic, tmp_path_factory):
+    """tiny_run(head, masks=False) -> a run dir trained for 2 steps on a 96-px test_resnet cache
+    (each built once per session)."""
+    from cachedet.engine.train import train
+    from cachedet.extract import extract
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    cache = small_config(synthetic, str(root / "cache.zarr"), views=1)
+    runs = {}
+
+    def make(head: str = "faster-rcnn", masks: bool = False) -> str:
+        if (head, masks) not in runs:
+            if not runs:
+                extract(cache, progress=False)
+            out = root / f"{head}{'-masks' if masks else ''}"
+            options = {**TRAIN_LIGHT, "mask_convs": 1, "mask_channels": 16} if masks else TRAIN_LIGHT
+            train(train_config(out, cache.out, head=head, masks=masks, epochs=1, max_steps_per_epoch=2,
+                               detector_options=options), progress=False)
+            runs[head, masks] = str(out)
+        return runs[head, masks]
+
+    return make

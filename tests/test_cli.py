@@ -21,7 +21,7 @@ def wide_help(monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # rich wraps help at the terminal's width
 
 
-COMMANDS = ("demo", "extract", "train-heads", "eval", "predict", "model-info", "bench", "cache info", "cache verify")
+COMMANDS = ("demo", "extract", "train-heads", "eval", "predict", "model-info", "bench", "export", "cache info", "cache verify")
 
 
 def commands() -> dict:

@@ -22,6 +22,7 @@ from cachedet import __version__
 from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from cachedet.cache.header import check_fingerprint
 from cachedet.errors import CachedetError
+from cachedet.paths import resolve_path
 
 RECORD_KEYS = ("train", "detector", "fingerprint", "backbone", "augment", "categories", "adapters",
                "cachedet_version")
@@ -86,6 +87,31 @@ def save_run_checkpoint(path: str, record: RunRecord, epoch: int, step: int, sta
     """Atomically write checkpoints/last.pt (temp file + rename): a reader sees old or new, never half."""
     save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "run": record.to_dict(),
                  "state": state}, path)
+
+
+CHECKPOINTS = ("last", "best")
+
+
+def checkpoint_path(run: str, checkpoint: str = "last") -> str:
+    """The checkpoint file of ``run`` for ``checkpoint``: "last" (RUN/checkpoints/last.pt), "best"
+    (RUN/checkpoints/best.pt, written by validation during training) or a path to a .pt file.
+
+    Raises CachedetError naming the file when it does not exist (no fallback from best to last)."""
+    run = resolve_path(run)
+    if checkpoint in CHECKPOINTS:
+        if os.path.isfile(run) and checkpoint == "last":  # a checkpoint file given as the run
+            return run
+        if not os.path.isdir(run):
+            raise CachedetError(f"{run}: no such run directory")
+        path = os.path.join(run, "checkpoints", f"{checkpoint}.pt")
+        if not os.path.isfile(path):
+            hint = "; the run kept no best checkpoint, load checkpoint='last'" if checkpoint == "best" else ""
+            raise CachedetError(f"{path}: no such checkpoint{hint}")
+        return path
+    path = resolve_path(checkpoint)
+    if not os.path.isfile(path):
+        raise CachedetError(f"checkpoint {path}: expected 'best', 'last' or a checkpoint file")
+    return path
 
 
 class RunDir:

@@ -31,6 +31,15 @@ from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.structures import ViewParams
 
 
+def set_score_threshold(detector, threshold: float) -> None:
+    """Set the detector's own score threshold (applied per class before NMS; 0.05 when trained):
+    ``RoIHeads``/cascade ``score_thresh`` for R-CNN heads, the RetinaNet head's ``score_thresh``."""
+    if not 0.0 <= threshold <= 1.0:
+        raise CachedetError(f"score_threshold {threshold}: expected a value in [0, 1]")
+    head = detector.head
+    (head.roi_heads if hasattr(head, "roi_heads") else head).score_thresh = float(threshold)
+
+
 class Predictor:
     """Loads RUN/checkpoints/last.pt; ``predict_views`` and ``predict_images`` give COCO results."""
 
@@ -65,24 +74,37 @@ class Predictor:
                 self.backbone.load_state_dict(weights["backbone"])
             self.backbone.to(self.device).eval()
 
-    def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
-        results = []
+    def image_detections(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
+        """Per view, its detections in original-image pixels, filtered by ``score_threshold``:
+        dict(boxes float64 (N, 4) xyxy, scores float32 (N,), labels int64 (N,) contiguous 0..C-1,
+        masks bool (N, H, W) of the original image or None). Boxes left with no area in the image
+        (they lay in the canvas padding) are dropped."""
+        out = []
         for p, det in zip(params, detections):
             boxes = view_to_image_boxes(p, det["boxes"].float().cpu().numpy())
-            # a box left with no area in the image (it lay in the canvas padding) is dropped
             keep = (det["scores"].cpu() >= self.score_threshold) & torch.from_numpy(
                 (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
-            boxes = boxes[keep.numpy()]
-            keep = keep.to(det["scores"].device)
-            masks = self._image_masks(p, det["boxes"][keep], det["masks"][keep]) if "masks" in det else None
-            for box, score, label in zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist()):
+            masks = None
+            if "masks" in det:
+                kept = keep.to(det["scores"].device)
+                masks = np.zeros((int(keep.sum()), *p.orig_size), dtype=bool)
+                for i, m in enumerate(self._image_masks(p, det["boxes"][kept], det["masks"][kept])):
+                    masks[i] = m
+            out.append({"boxes": boxes[keep.numpy()], "scores": det["scores"].cpu()[keep].float().numpy(),
+                        "labels": det["labels"].cpu()[keep].numpy().astype(np.int64), "masks": masks})
+        return out
+
+    def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
+        results = []
+        for p, det in zip(params, self.image_detections(params, detections)):
+            rows = zip(det["boxes"], det["scores"].tolist(), det["labels"].tolist())
+            for i, (box, score, label) in enumerate(rows):
                 x1, y1, x2, y2 = (float(v) for v in box)
-                mask = next(masks) if masks is not None else None
                 result = {"image_id": p.image_id, "category_id": self.categories.to_id(label),
                           "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                           "score": round(float(score), 5)}
-                if mask is not None:
-                    result["segmentation"] = rle_json(mask)
+                if det["masks"] is not None:
+                    result["segmentation"] = rle_json(det["masks"][i])
                 results.append(result)
         return results
 
@@ -107,21 +129,27 @@ class Predictor:
 
     def iter_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8):
         """Yield (images in the batch, their COCO results) for ``items`` read from image files."""
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            pixels = [(image_id, read_image(path, size)) for image_id, path, size in chunk]
+            yield len(chunk), self._to_results(*self.detect_pixels(pixels))
+
+    def detect_pixels(self, images: list[tuple[int, torch.Tensor]]) -> tuple[list[ViewParams], list[dict]]:
+        """images: (image_id, uint8 (3, H, W) RGB) -> (their plain views, detections in canvas pixels),
+        one backbone batch; ``image_detections`` maps the detections back to the images.
+        Raises CachedetError when the predictor was loaded without its backbone."""
         if self.backbone is None:
             raise CachedetError(f"run {self.run}: this predictor was loaded without its backbone; "
                                 "predicting images needs it")
         plain = AugmentConfig(size=self.canvas, augment=False)
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            params, views = [], []
-            for image_id, path, size in chunk:
-                image = read_image(path, size)
-                p = plan_view(plain, image_id, 0, int(image.shape[1]), int(image.shape[2]))
-                params.append(p)
-                views.append(transform_image(p, normalize(image, self.backbone.mean, self.backbone.std)))
-            with torch.inference_mode():
-                feats = self.backbone(torch.stack(views).to(self.device))
-            yield len(chunk), self.predict_features(params, feats)
+        params, views = [], []
+        for image_id, image in images:
+            p = plan_view(plain, image_id, 0, int(image.shape[1]), int(image.shape[2]))
+            params.append(p)
+            views.append(transform_image(p, normalize(image, self.backbone.mean, self.backbone.std)))
+        with torch.inference_mode():
+            feats = self.backbone(torch.stack(views).to(self.device))
+            return params, self.detector.predict({k: v.float() for k, v in feats.items()})
 
     def check_store(self, store: StoreReader):
         """Refuse a cache whose features do not fit the run (adapters, augmented views, fingerprint)."""
