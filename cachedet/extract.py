@@ -56,6 +56,7 @@ class ExtractConfig:
     repair: bool = False  # verify complete shards first and recompute the damaged ones
     cache_stage: int | None = None  # hybrid cache: store up to this backbone stage (adapters train after it)
     masks: bool = True  # store instance masks when the annotations carry segmentation
+    recipe: str | None = None  # cachedet.recipes name the settings came from, recorded in the header
 
     def __post_init__(self):  # paths resolved once (cachedet.paths), as every later reader sees them
         for name in ("annotations", "images", "out"):
@@ -188,7 +189,7 @@ def hybrid_backbone(cfg: ExtractConfig) -> tuple[BackboneConfig, dict | None]:
 
 
 def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, num_views: int) -> dict:
-    return schema.make_header(
+    return {"recipe": cfg.recipe, **schema.make_header(
         backbone=backbone.identity,
         specs=[s.to_dict() for s in backbone.specs],
         shapes=backbone.feature_shapes(cfg.augment.size),
@@ -199,7 +200,7 @@ def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, n
         num_views=num_views,
         num_images=len(dataset.images),
         version=__version__,
-    )
+    )}
 
 
 def prepare_store(cfg: ExtractConfig, header: dict, plan: ViewPlan) -> None:

@@ -11,7 +11,7 @@ from rich.table import Table
 from cachedet.backbones import DEFAULT_BACKBONE, BackboneConfig
 from cachedet.data.views import AugmentConfig
 from cachedet.errors import CachedetError
-from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, human_bytes, human_seconds, user_errors
+from cachedet_cli.common import RECIPE_HELP, TAPS_HELP, backbone_indices, console as make_console, human_bytes, human_seconds, user_errors
 
 
 @user_errors
@@ -27,7 +27,8 @@ def extract_command(
     taps: Optional[str] = typer.Option(None, "--taps", help=TAPS_HELP),
     size: int = typer.Option(640, "--size", help="Side of the square canvas."),
     views: int = typer.Option(4, "--views", help="Augmented views per image."),
-    scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range", help="LSJ scale range MIN MAX."),
+    scale_range: Optional[tuple[float, float]] = typer.Option(None, "--scale-range", help="LSJ scale range MIN MAX (default: the recipe's)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help=RECIPE_HELP),
     no_augment: bool = typer.Option(False, "--no-augment", help="One plain resize-and-pad view per image (evaluation caches)."),
     seed: int = typer.Option(0, "--seed"),
     copy_paste: float = typer.Option(0.0, "--copy-paste", help="Probability per view of pasting objects (masks, else boxes) from another jittered image."),
@@ -51,10 +52,13 @@ def extract_command(
 ):
     """Run the frozen backbone over augmented views and store multi-scale features (stage 1)."""
     from cachedet.extract import ExtractConfig, dry_run as plan_dry_run, extract
+    from cachedet.recipes import get_recipe, schedule_advice
 
     if sum([weights is not None, pretrained, random_init]) > 1:
         raise CachedetError("--weights, --pretrained and --random-init exclude each other")
     weight_source = str(weights) if weights else "timm" if pretrained else "random" if random_init else "default"
+    chosen = get_recipe(recipe)
+    scale_range = tuple(scale_range or chosen.scale_range)
     cfg = ExtractConfig(
         annotations=str(annotations), images=str(images), out=out,
         backbone=BackboneConfig(backbone, backbone_indices(backbone, out_indices, taps), weight_source),
@@ -62,9 +66,12 @@ def extract_command(
                                copy_paste=copy_paste, paste_min_visible=paste_min_visible),
         views=views, dtype=dtype, codec=codec, shard_views=shard_views, workers=workers, scheduler=scheduler,
         device=device, batch_size=batch_size, loader_workers=loader_workers, overwrite=overwrite, skip_bad=skip_bad,
-        repair=repair, cache_stage=cache_stage, masks=not no_masks,
+        repair=repair, cache_stage=cache_stage, masks=not no_masks, recipe=chosen.name,
     )
     console = make_console()
+    advice = None if no_augment else schedule_advice(scale_range, views=views)
+    if advice:
+        console.print(advice, style="yellow")
     if dry_run:
         r = plan_dry_run(cfg, num_images=num_images)
         table = Table(title=f"extract --dry-run: {backbone} at {size}x{size}, nothing written")

@@ -9,7 +9,7 @@ import typer
 
 from cachedet.backbones import DEFAULT_BACKBONE
 from cachedet.errors import CachedetError
-from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, detector_options, parse_int_list, user_errors
+from cachedet_cli.common import RECIPE_HELP, TAPS_HELP, backbone_indices, console as make_console, detector_options, parse_int_list, user_errors
 
 
 DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels")
@@ -53,7 +53,8 @@ def train_heads_command(
     out_indices: Optional[str] = typer.Option(None, "--out-indices"),
     taps: Optional[str] = typer.Option(None, "--taps", help="With --online: " + TAPS_HELP),
     size: int = typer.Option(640, "--size", help="With --online: canvas size."),
-    scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range"),
+    scale_range: Optional[tuple[float, float]] = typer.Option(None, "--scale-range", help="With --online: LSJ range (default: the recipe's)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help=RECIPE_HELP + " Default: the cache's."),
     backbone_trainable: bool = typer.Option(False, "--backbone-trainable", help="Fine-tune the backbone (BatchNorm stays frozen)."),
     neck: str = typer.Option("auto", "--neck", help="fpn, nasfpn or simple (ViTDet's pyramid); auto: simple for a plain ViT's taps, fpn otherwise."),
     head: str = typer.Option("faster-rcnn", "--head", help="faster-rcnn, cascade or retinanet."),
@@ -70,7 +71,7 @@ def train_heads_command(
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Default: 0.02 x batch/16 (SGD), 1e-4 (AdamW)."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
-    warmup_steps: int = typer.Option(100, "--warmup-steps"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Default: min(1000, 5% of the run)."),
     schedule: str = typer.Option("step", "--schedule", help="step or cosine."),
     clip_grad: float = typer.Option(10.0, "--clip-grad", help="Max gradient norm (0: off)."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
@@ -91,14 +92,17 @@ def train_heads_command(
 ):
     """Train necks and heads from cached features (stage 2); --online / --backbone-trainable for the baselines."""
     from cachedet.engine.train import TrainConfig, train
+    from cachedet.recipes import schedule_advice, store_header, train_recipe
 
     if sum([weights is not None, pretrained, random_init]) > 1:
         raise CachedetError("--weights, --pretrained and --random-init exclude each other")
-    cfg = TrainConfig(
+    header = None if resume else store_header(cache)
+    recipe, note = train_recipe(recipe, header)
+    cfg = TrainConfig(recipe=recipe,
         out=out, cache=cache, online=online, annotations=str(annotations) if annotations else None,
         images=str(images) if images else None, backbone=backbone,
         weights=str(weights) if weights else "timm" if pretrained else "random" if random_init else "default",
-        out_indices=backbone_indices(backbone, out_indices, taps), size=size, scale_range=tuple(scale_range),
+        out_indices=backbone_indices(backbone, out_indices, taps), size=size, scale_range=scale_range and tuple(scale_range),
         backbone_trainable=backbone_trainable, neck=neck, head=head, neck_channels=neck_channels,
         detector_options=detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs, mask_convs, mask_channels),
         masks=masks, epochs=epochs,
@@ -109,6 +113,10 @@ def train_heads_command(
     )
     if resume:
         cfg = resumed_config(cfg, ctx)
+    jitter = header["augment"]["scale_range"] if header and header["augment"]["augment"] else cfg.scale_range if online else None
+    for line in (note, jitter and schedule_advice(tuple(jitter), epochs=cfg.epochs)):
+        if line:
+            make_console().print(line, style="yellow")
     result = train(cfg, progress=not quiet)
     make_console().print(
         f"{result.run}: {result.steps} steps, {result.epochs} epochs, loss {result.first_loss:.3f} -> "

@@ -34,6 +34,7 @@ FLAGS = {  # fields whose train-heads option is not --<field>
     "weights": "--weights/--pretrained/--random-init",
     "detector_options": "--nasfpn-repeats/--cascade-ious/--box-convs/--box-fcs/--mask-convs/--mask-channels",
 }
+LEGACY = {"recipe": None}  # fields added later: the value a run saved before them had
 
 
 def flag(field: str) -> str:
@@ -56,7 +57,8 @@ def resume_changes(saved: dict, cfg) -> dict[str, list]:
     for key, value in cfg.to_dict().items():
         if key in LOCATIONS:
             continue
-        old, new = _plain(saved.get(key, defaults.get(key))), _plain(value)
+        old = saved[key] if key in saved else LEGACY[key] if key in LEGACY else defaults.get(key)
+        old, new = _plain(old), _plain(value)
         if old == new:
             continue
         if key in RESUMABLE:

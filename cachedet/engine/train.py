@@ -27,6 +27,7 @@ from cachedet.engine.distributed import DistInfo, barrier, init_distributed, shu
 from cachedet.engine.sources import CacheSource, OnlineSource, check_fingerprint
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
+from cachedet.recipes import DEFAULT_RECIPE, LEGACY_SCALE_RANGE, detector_options_for, get_recipe, warmup_steps_for
 from cachedet.extract import resolve_device
 from cachedet.models.detector import MASKS_NEED_ROIS, DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
@@ -44,7 +45,7 @@ class TrainConfig:
     weights: str = "default"
     out_indices: tuple[int, ...] | None = None
     size: int = 640
-    scale_range: tuple[float, float] = (0.1, 2.0)
+    scale_range: tuple[float, float] | None = None  # None: the recipe's
     backbone_trainable: bool = False
     # residual adapters in the frozen backbone (online, or after a hybrid cache's stage)
     adapters: bool = False
@@ -53,7 +54,7 @@ class TrainConfig:
     neck: str = "auto"  # auto: the simple pyramid for a plain ViT's taps, FPN otherwise
     head: str = "faster-rcnn"
     neck_channels: int = 256
-    detector_options: dict = field(default_factory=dict)
+    detector_options: dict = field(default_factory=dict)  # the recipe fills in the faster-rcnn box head
     masks: bool = False  # Mask R-CNN mask branch, trained on the instance masks (cache or annotations)
     # optimisation
     epochs: int = 12
@@ -62,7 +63,7 @@ class TrainConfig:
     lr: float | None = None  # default: 0.02 x batch/16 for SGD, 1e-4 for AdamW
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: min(1000, 5% of the run) (cachedet.recipes.warmup_steps_for)
     schedule: str = "step"  # step: x0.1 at 2/3 and 8/9 of training; cosine: to 0
     clip_grad: float | None = 10.0
     amp: bool = True  # bfloat16 autocast, CUDA only
@@ -78,10 +79,16 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    recipe: str | None = DEFAULT_RECIPE  # cachedet.recipes; None: no recipe (runs recorded before recipes)
 
     def __post_init__(self):  # paths resolved once (cachedet.paths), so config.json records where things are
         for name in ("out", "cache", "annotations", "images"):
             object.__setattr__(self, name, resolve_path(getattr(self, name)))
+        recipe = get_recipe(self.recipe) if self.recipe is not None else None
+        if self.scale_range is None:
+            object.__setattr__(self, "scale_range", recipe.scale_range if recipe else LEGACY_SCALE_RANGE)
+        if recipe:
+            object.__setattr__(self, "detector_options", detector_options_for(recipe, self.head, self.detector_options))
         if self.weights not in ("default", "random", "timm"):
             object.__setattr__(self, "weights", resolve_path(self.weights))
 
@@ -125,7 +132,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         """The inverse of ``to_dict`` (as read back from config.json: lists become tuples again)."""
         known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        d = {"recipe": None, **{k: v for k, v in d.items() if k in known}}  # older runs: no recipe
         for key in ("out_indices", "scale_range", "adapt_stages"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
@@ -169,8 +176,10 @@ class TrainModel(nn.Module):
 
 
 def lr_factor(cfg: TrainConfig, total_steps: int):
-    """Multiplier of the base learning rate at a step: linear warm-up, then step or cosine decay."""
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    """Multiplier of the base learning rate at a step: linear warm-up (``cfg.warmup_steps``, or
+    min(1000, 5% of ``total_steps``)), then step or cosine decay."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else warmup_steps_for(total_steps)
+    warmup = min(warmup, max(total_steps - 1, 0))
 
     def factor(step: int) -> float:
         if step < warmup:
