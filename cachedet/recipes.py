@@ -71,8 +71,8 @@ def schedule_advice(scale_range: tuple[float, float], epochs: int | None = None,
         return None
     paper = RECIPES["paper"]
     if epochs is not None and epochs < paper.long_epochs:
-        return (f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs; on {epochs} epochs "
-                f"--recipe short (LSJ 0.8-1.25) scored higher in benchmarks/recipe_study.py")
+        return (f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs; for {epochs} epochs "
+                f"try --recipe short (LSJ 0.8-1.25; README: Recipes)")
     if epochs is None and views is not None and views < paper.long_epochs:
         return (f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs of fresh views; for "
                 f"short runs on {views} cached views per image use --recipe short (LSJ 0.8-1.25)")

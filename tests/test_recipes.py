@@ -80,7 +80,7 @@ def test_extract_and_train_heads_agree_on_the_recipe(cli, synthetic, tmp_path):
 
     r = cli("train-heads", "--cache", tmp_path / "paper.zarr", "--out", tmp_path / "run", *TINY)
     assert r.exit_code == 0, r.output
-    assert "on 1 epochs --recipe short" in r.stdout  # the guidance line, once
+    assert "for 1 epochs try --recipe short" in r.stdout  # the guidance line
     with open(tmp_path / "run" / "config.json") as f:
         train = json.load(f)["train"]
     assert train["recipe"] == "paper" and train["warmup_steps"] is None
