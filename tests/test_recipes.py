@@ -27,7 +27,7 @@ def test_recipe_fills_in_only_what_is_not_given():
     short, paper = RECIPES["short"], RECIPES["paper"]
     cfg = TrainConfig(out="r", cache="c")
     assert cfg.recipe == "short" and cfg.scale_range == short.scale_range
-    assert cfg.detector_options == {"box_convs": 0, "box_fcs": 2}
+    assert cfg.detector_options == {"box_convs": 4, "box_fcs": 1}
     cfg = TrainConfig(out="r", cache="c", recipe="paper", detector_options={"box_fcs": 2, "rois_per_image": 64})
     assert cfg.scale_range == paper.scale_range
     assert cfg.detector_options == {"box_convs": 4, "box_fcs": 2, "rois_per_image": 64}  # the given box_fcs wins
@@ -92,7 +92,7 @@ def test_extract_and_train_heads_agree_on_the_recipe(cli, synthetic, tmp_path):
     assert "extracted with --recipe paper" in r.stdout
     with open(tmp_path / "run2" / "config.json") as f:
         train = json.load(f)["train"]
-    assert train["recipe"] == "short" and train["detector_options"] == {"box_convs": 1, "box_fcs": 2}
+    assert train["recipe"] == "short" and train["detector_options"] == {"box_convs": 1, "box_fcs": 1}
 
 
 def test_a_run_saved_before_recipes_resumes_without_a_recipe_difference():
