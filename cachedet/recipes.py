@@ -61,7 +61,8 @@ def detector_options_for(recipe: Recipe, head: str, given: dict) -> dict:
     return {**recipe.detector_options, **given}
 
 
-def schedule_advice(scale_range: tuple[float, float], epochs: int | None = None, views: int | None = None) -> str | None:
+def schedule_advice(scale_range: tuple[float, float], epochs: int | None = None,
+                    views: int | None = None) -> str | None:
     """One line when the jitter range is wide for the schedule (the paper's range on a schedule far
     shorter than the paper's), suggesting the short recipe; None when the pairing is fine.
 
@@ -72,11 +73,11 @@ def schedule_advice(scale_range: tuple[float, float], epochs: int | None = None,
         return None
     paper = RECIPES["paper"]
     if epochs is not None and epochs < paper.long_epochs:
-        return (f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs; for {epochs} epochs "
-                f"try --recipe short (LSJ 0.8-1.25; README: Recipes)")
+        return (f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs; "
+                f"for {epochs} epochs try --recipe short (LSJ 0.8-1.25; README: Recipes)")
     if epochs is None and views is not None and views < paper.long_epochs:
-        return (f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs of fresh views; for "
-                f"short runs on {views} cached views per image use --recipe short (LSJ 0.8-1.25)")
+        return (f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs of fresh views; "
+                f"for short runs on {views} cached views per image use --recipe short (LSJ 0.8-1.25)")
     return None
 
 
@@ -101,5 +102,6 @@ def train_recipe(given: str | None, header: dict | None) -> tuple[str, str | Non
         return get_recipe(stored if stored in RECIPES else None).name, None
     get_recipe(given)
     if stored is not None and stored != given:
-        return given, f"--recipe {given}: the cache was extracted with --recipe {stored}; its views keep that jitter"
+        note = f"--recipe {given}: the cache was extracted with --recipe {stored}; its views keep that jitter"
+        return given, note
     return given, None

@@ -27,7 +27,8 @@ from cachedet.engine.distributed import DistInfo, barrier, init_distributed, shu
 from cachedet.engine.sources import CacheSource, OnlineSource, check_fingerprint
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
-from cachedet.recipes import DEFAULT_RECIPE, LEGACY_SCALE_RANGE, detector_options_for, get_recipe, warmup_steps_for
+from cachedet.recipes import (DEFAULT_RECIPE, LEGACY_SCALE_RANGE, detector_options_for, get_recipe,
+                              warmup_steps_for)
 from cachedet.extract import resolve_device
 from cachedet.models.detector import MASKS_NEED_ROIS, DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
@@ -88,7 +89,8 @@ class TrainConfig:
         if self.scale_range is None:
             object.__setattr__(self, "scale_range", recipe.scale_range if recipe else LEGACY_SCALE_RANGE)
         if recipe:
-            object.__setattr__(self, "detector_options", detector_options_for(recipe, self.head, self.detector_options))
+            options = detector_options_for(recipe, self.head, self.detector_options)
+            object.__setattr__(self, "detector_options", options)
         if self.weights not in ("default", "random", "timm"):
             object.__setattr__(self, "weights", resolve_path(self.weights))
 
