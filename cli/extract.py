@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 
 from cachedet.errors import CachedetError
-from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, human_bytes, human_seconds, user_errors
+from cachedet_cli.common import RECIPE_HELP, TAPS_HELP, backbone_indices, console as make_console, human_bytes, human_seconds, user_errors
 from cachedet_cli.vocabulary import (
-    DEFAULT_BACKBONE, DEFAULT_CANVAS, DEVICE_HELP, LOADER_WORKERS_HELP, QUIET_HELP, SEED_HELP, SIZE_HELP, Codec, Dtype,
+    DEFAULT_BACKBONE, DEFAULT_CANVAS, DEVICE_HELP, LOADER_WORKERS_HELP, QUIET_HELP, SEED_HELP, SIZE_HELP, Codec, Dtype, Recipe,
     examples,
 )
 
@@ -50,9 +50,11 @@ def extract_command(
         "before it; a ViT: block K's tokens and the taps before it).")),
     size: int = typer.Option(DEFAULT_CANVAS, "--size", help=SIZE_HELP, rich_help_panel=VIEWS),
     views: int = typer.Option(4, "--views", help="Augmented views per image.", rich_help_panel=VIEWS),
-    scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range", metavar="MIN MAX",
-                                                    rich_help_panel=VIEWS, help=(
-        "Large-Scale-Jittering: the longer side becomes f x size, f uniform in [MIN, MAX].")),
+    scale_range: Optional[tuple[float, float]] = typer.Option(None, "--scale-range", metavar="MIN MAX",
+                                                              rich_help_panel=VIEWS, help=(
+        "Large-Scale-Jittering: the longer side becomes f x size, f uniform in [MIN, MAX] "
+        "(default: the recipe's).")),
+    recipe: Optional[Recipe] = typer.Option(None, "--recipe", help=RECIPE_HELP, rich_help_panel=VIEWS),
     no_augment: bool = typer.Option(False, "--no-augment", rich_help_panel=VIEWS,
                                     help="One plain resize-and-pad view per image (evaluation caches)."),
     seed: int = typer.Option(0, "--seed", help=SEED_HELP, rich_help_panel=VIEWS),
@@ -90,10 +92,13 @@ def extract_command(
     from cachedet.backbones import BackboneConfig
     from cachedet.data.views import AugmentConfig
     from cachedet.extract import ExtractConfig, dry_run as plan_dry_run, extract
+    from cachedet.recipes import get_recipe, schedule_advice
 
     if sum([weights is not None, pretrained, random_init]) > 1:
         raise CachedetError("--weights, --pretrained and --random-init exclude each other")
     weight_source = str(weights) if weights else "timm" if pretrained else "random" if random_init else "default"
+    chosen = get_recipe(recipe)
+    scale_range = tuple(scale_range or chosen.scale_range)
     cfg = ExtractConfig(
         annotations=str(annotations), images=str(images), out=out,
         backbone=BackboneConfig(backbone, backbone_indices(backbone, out_indices, taps), weight_source),
@@ -101,9 +106,12 @@ def extract_command(
                                copy_paste=copy_paste, paste_min_visible=paste_min_visible),
         views=views, dtype=dtype, codec=codec, shard_views=shard_views, workers=dask_workers, scheduler=scheduler,
         device=device, batch_size=batch_size, loader_workers=loader_workers, overwrite=overwrite, skip_bad=skip_bad,
-        repair=repair, cache_stage=cache_stage, masks=not no_masks,
+        repair=repair, cache_stage=cache_stage, masks=not no_masks, recipe=chosen.name,
     )
     console = make_console()
+    advice = None if no_augment else schedule_advice(scale_range, views=views)
+    if advice:
+        console.print(advice, style="yellow")
     if dry_run:
         r = plan_dry_run(cfg, num_images=num_images)
         table = Table(title=f"extract --dry-run: {backbone} at {size}x{size}, nothing written")

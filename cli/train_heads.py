@@ -8,10 +8,10 @@ from typing import Optional
 import typer
 
 from cachedet.errors import CachedetError
-from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, detector_options, parse_int_list, user_errors
+from cachedet_cli.common import RECIPE_HELP, TAPS_HELP, backbone_indices, console as make_console, detector_options, parse_int_list, user_errors
 from cachedet_cli.vocabulary import (
     BATCH_HELP, DEFAULT_BACKBONE, DEFAULT_CANVAS, DEVICE_HELP, LOADER_WORKERS_HELP, QUIET_HELP, SEED_HELP,
-    TRAIN_FIELD_OF as FIELD_OF, Head, Neck, Optimizer, Schedule, examples,
+    TRAIN_FIELD_OF as FIELD_OF, Head, Neck, Optimizer, Recipe, Schedule, examples,
 )
 
 DATA, MODEL, OPTIM, ONLINE, ADAPTERS, RUN = "Data", "Model", "Optimisation", "Online (no cache)", "Adapters", "Run"
@@ -84,8 +84,11 @@ def train_heads_command(
     lr: Optional[float] = typer.Option(None, "--lr", help="Default: 0.02 x batch/16 (SGD), 1e-4 (AdamW).",
                                        rich_help_panel=OPTIM),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="Weight decay.", rich_help_panel=OPTIM),
-    warmup_steps: int = typer.Option(100, "--warmup-steps", help="Linear learning-rate warm-up steps.",
-                                     rich_help_panel=OPTIM),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", show_default=False, rich_help_panel=OPTIM,
+                                               help="Linear learning-rate warm-up steps (default: min(1000, 5% "
+                                                    "of the run))."),
+    recipe: Optional[Recipe] = typer.Option(None, "--recipe", rich_help_panel=OPTIM,
+                                            help=RECIPE_HELP + " Default: the cache's."),
     schedule: Schedule = typer.Option("step", "--schedule", rich_help_panel=OPTIM,
                                       help="step: x0.1 at 2/3 and 8/9 of the steps; cosine: cosine decay to 0."),
     clip_grad: float = typer.Option(10.0, "--clip-grad", help="Max gradient norm (0: off).", rich_help_panel=OPTIM),
@@ -110,8 +113,10 @@ def train_heads_command(
     size: Optional[int] = typer.Option(None, "--size", show_default=False, rich_help_panel=ONLINE, help=(
         f"Side of the square canvas in pixels (default {DEFAULT_CANVAS}, as extract). A cache run uses the "
         "canvas its store was made with; --resume, the run's.")),
-    scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range", metavar="MIN MAX",
-                                                    rich_help_panel=ONLINE, help="Large-Scale-Jittering range."),
+    scale_range: Optional[tuple[float, float]] = typer.Option(None, "--scale-range", metavar="MIN MAX",
+                                                              rich_help_panel=ONLINE,
+                                                              help="Large-Scale-Jittering range (default: the "
+                                                                   "recipe's)."),
     backbone_trainable: bool = typer.Option(False, "--backbone-trainable", rich_help_panel=ONLINE,
                                             help="Fine-tune the backbone (BatchNorm stays frozen)."),
     adapters: bool = typer.Option(False, "--adapters", rich_help_panel=ADAPTERS, help=(
@@ -134,16 +139,20 @@ def train_heads_command(
 ):
     """Train necks and heads from cached features (stage 2); --online / --backbone-trainable for the baselines."""
     from cachedet.engine.train import TrainConfig, train
+    from cachedet.recipes import schedule_advice, store_header, train_recipe
 
     if sum([weights is not None, pretrained, random_init]) > 1:
         raise CachedetError("--weights, --pretrained and --random-init exclude each other")
     if size is not None and cache and not online:
         raise CachedetError(f"--size {size}: a cache run uses the canvas its store was made with; --size is for --online")
+    header = None if resume else store_header(cache)
+    recipe, note = train_recipe(recipe, header)
     cfg = TrainConfig.of(
-        out=out, cache=cache, online=online, annotations=str(annotations) if annotations else None,
+        recipe=recipe, out=out, cache=cache, online=online, annotations=str(annotations) if annotations else None,
         images=str(images) if images else None, backbone=backbone,
         weights=str(weights) if weights else "timm" if pretrained else "random" if random_init else "default",
-        out_indices=backbone_indices(backbone, out_indices, taps), size=DEFAULT_CANVAS if size is None else size, scale_range=tuple(scale_range),
+        out_indices=backbone_indices(backbone, out_indices, taps), size=DEFAULT_CANVAS if size is None else size,
+        scale_range=scale_range and tuple(scale_range),
         backbone_trainable=backbone_trainable, neck=neck, head=head, neck_channels=neck_channels,
         detector_options=detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs, mask_convs, mask_channels),
         masks=masks, epochs=epochs,
@@ -154,6 +163,11 @@ def train_heads_command(
     )
     if resume:
         cfg = resumed_config(cfg, ctx)
+    jitter = header.augment["scale_range"] if header is not None and header.augmented \
+        else cfg.source.scale_range if online else None
+    for line in (note, jitter and schedule_advice(tuple(jitter), epochs=cfg.optim.epochs)):
+        if line:
+            make_console().print(line, style="yellow")
     result = train(cfg, progress=not quiet)
     make_console().print(
         f"{result.run}: {result.steps} steps, {result.epochs} epochs, loss {result.first_loss:.3f} -> "

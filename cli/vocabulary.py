@@ -25,6 +25,7 @@ Neck = Literal["auto", "fpn", "nasfpn", "simple"]  # = auto + cachedet.models.bu
 Head = Literal["faster-rcnn", "cascade", "retinanet"]  # = cachedet.models.build.HEADS
 Dtype = Literal["float16", "bfloat16", "float32", "uint8"]  # = cachedet.cache.schema.DTYPES
 Codec = Literal["zstd", "lz4", "none"]  # = cachedet.cache.schema.CODECS
+Recipe = Literal["short", "paper"]  # = cachedet.recipes.RECIPES
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "cosine"]
 BENCH_REGIMES = ("finetune", "online_frozen", "cached", "heads_in_memory", "torchvision_frozen",  # = cachedet.bench

@@ -52,7 +52,7 @@ def test_extract_info_verify_and_train_on_s3(s3, synthetic, local_reference, cli
     url = f"{s3}/train.zarr"
     r = cli("extract", "--annotations", synthetic["train"], "--images", synthetic["images"], "--out", url,
             "--backbone", "test_resnet", "--random-init", "--size", 96, "--views", 2, "--seed", 3,
-            "--shard-views", 5, "--batch-size", 4, "--quiet")
+            "--scale-range", 0.1, 2.0, "--shard-views", 5, "--batch-size", 4, "--quiet")  # the library's default range
     assert r.exit_code == 0, r.stdout
     assert "instance masks: stored" in r.stdout
     assert_same_store(local_reference, url)  # features, boxes, metadata and instance masks

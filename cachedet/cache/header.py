@@ -170,6 +170,7 @@ class StoreHeader:
     cachedet_version: str
     hybrid: Hybrid | None = None
     masks: MaskInfo | None = None
+    recipe: str | None = None  # cachedet.recipes name the views' settings came from (None: before recipes)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     @property
@@ -233,6 +234,8 @@ class StoreHeader:
         if self.hybrid is not None:
             d["hybrid"] = self.hybrid.to_dict()
         d["masks"] = self.masks.to_dict() if self.masks is not None else None
+        if self.recipe is not None:
+            d["recipe"] = self.recipe
         return {**d, **self.extra}
 
     @classmethod
@@ -257,6 +260,7 @@ class StoreHeader:
                 num_images=int(d["num_images"]), cachedet_version=d["cachedet_version"],
                 hybrid=Hybrid.from_dict(d["hybrid"]) if d.get("hybrid") else None,
                 masks=MaskInfo.from_dict(d["masks"]) if d.get("masks") else None,
+                recipe=d.get("recipe"),
                 extra={k: v for k, v in d.items() if k not in _KNOWN_KEYS},
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -266,4 +270,4 @@ class StoreHeader:
 
 _KNOWN_KEYS = {"format", "schema_version", "cachedet_version", "backbone", "feature_specs", "feature_shapes",
                "dataset", "dataset_sha256", "augment", "views", "storage", "num_views", "num_images",
-               "num_shards", "hybrid", "masks"}
+               "num_shards", "hybrid", "masks", "recipe"}

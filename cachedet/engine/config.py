@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from cachedet.backbones import DEFAULT_BACKBONE
 from cachedet.errors import CachedetError
 from cachedet.models.build import check_head
 from cachedet.paths import resolve_path
+from cachedet.recipes import DEFAULT_RECIPE, LEGACY_SCALE_RANGE, detector_options_for, get_recipe
 
 
 
@@ -35,7 +36,7 @@ class SourceConfig:
     weights: str = "default"  # default | random | timm | a checkpoint path
     out_indices: tuple[int, ...] | None = None
     size: int = 640  # online canvas (pixels)
-    scale_range: tuple[float, float] = (0.1, 2.0)  # online LSJ range
+    scale_range: tuple[float, float] | None = None  # online LSJ range; None: the recipe's
     backbone_trainable: bool = False
     adapters: bool = False  # residual adapters in the frozen backbone (online, or after a hybrid cache's stage)
     adapt_stages: tuple[int, ...] | None = None  # None: every stage after the stem (or after the cache)
@@ -84,7 +85,7 @@ class OptimConfig:
     lr: float | None = None  # default: 0.02 x batch/16 for SGD, 1e-4 for AdamW
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: min(1000, 5% of the run) (cachedet.recipes.warmup_steps_for)
     schedule: str = "step"
     clip_grad: float | None = 10.0
     amp: bool = True  # bfloat16 autocast, CUDA only
@@ -124,7 +125,7 @@ class LoaderConfig:
 
 
 SECTIONS = {"source": SourceConfig, "detector": HeadsConfig, "optim": OptimConfig, "loader": LoaderConfig}
-TOP = ("out", "seed", "device", "resume")
+TOP = ("out", "seed", "device", "resume", "recipe")
 FLAT_NAME = {("detector", "options"): "detector_options"}  # (section, field) -> flat name, where they differ
 PATH_OF = {**{name: f"TrainConfig.{name}" for name in TOP},
            **{FLAT_NAME.get((section, f.name), f.name): f"{section}.{f.name}"
@@ -142,9 +143,17 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    recipe: str | None = DEFAULT_RECIPE  # cachedet.recipes; None: no recipe (runs recorded before recipes)
 
     def __post_init__(self):
         object.__setattr__(self, "out", resolve_path(self.out))
+        recipe = get_recipe(self.recipe) if self.recipe is not None else None
+        if self.source.scale_range is None:  # the recipe fills in what was not given
+            scale_range = recipe.scale_range if recipe else LEGACY_SCALE_RANGE
+            object.__setattr__(self, "source", replace(self.source, scale_range=tuple(scale_range)))
+        if recipe is not None:
+            options = detector_options_for(recipe, self.detector.head, self.detector.options)
+            object.__setattr__(self, "detector", replace(self.detector, options=options))
 
     @classmethod
     def of(cls, **settings) -> "TrainConfig":
@@ -198,7 +207,7 @@ class TrainConfig:
                 flat.update({FLAT_NAME.get((key, name), name): v for name, v in value.items()})
             elif key in PATH_OF:
                 flat[key] = value
-        flat = {k: v for k, v in flat.items() if k in PATH_OF}
+        flat = {"recipe": None, **{k: v for k, v in flat.items() if k in PATH_OF}}  # older runs: no recipe
         for key in TUPLES:
             if flat.get(key) is not None:
                 flat[key] = tuple(flat[key])

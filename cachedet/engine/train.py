@@ -29,12 +29,15 @@ from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
 from cachedet.errors import CachedetError
 from cachedet.runtime import resolve_device
 from cachedet.models.detector import DetectorConfig, build_detector
+from cachedet.recipes import warmup_steps_for
 from cachedet.models.necks import resolve_neck
 
 
 def lr_factor(cfg: TrainConfig, total_steps: int):
-    """Multiplier of the base learning rate at a step: linear warm-up, then step or cosine decay."""
-    warmup = min(cfg.optim.warmup_steps, max(total_steps - 1, 0))
+    """Multiplier of the base learning rate at a step: linear warm-up (``optim.warmup_steps``, or
+    min(1000, 5% of ``total_steps``)), then step or cosine decay."""
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else warmup_steps_for(total_steps)
+    warmup = min(warmup, max(total_steps - 1, 0))
 
     def factor(step: int) -> float:
         if step < warmup:
