@@ -5,7 +5,11 @@ Run directory::
     config.json            RunRecord.to_dict() + "resumes" (the settings changed at each resume)
     metrics.jsonl          one JSON object per step (and per validation)
     checkpoints/last.pt    {"format", "epoch", "step", "run": RunRecord.to_dict(),
-                            "state": {"detector", "backbone", "optimizer", "scheduler"}}
+                            "state": {"detector", "backbone", "optimizer", "scheduler"},
+                            "best": {"metric", "value", "step", "epoch"} or None (validated runs)}
+    checkpoints/best.pt    the same, written when the validation metric ``best`` names improves
+    tensorboard/           TensorBoard event files (when tensorboard is installed)
+    curves.png             losses, lr and validation AP against steps
     .lock                  held (flock) while a train-heads writes the run
 
 Checkpoints written before this layout (flat keys "config", "detector_config", "backbone_identity"
@@ -82,10 +86,30 @@ def load_run_checkpoint(path: str) -> dict:
         raise CachedetError(f"{path}: a cachedet checkpoint without its {e.args[0]!r} entry") from None
 
 
-def save_run_checkpoint(path: str, record: RunRecord, epoch: int, step: int, state: dict) -> None:
-    """Atomically write checkpoints/last.pt (temp file + rename): a reader sees old or new, never half."""
+def save_run_checkpoint(path: str, record: RunRecord, epoch: int, step: int, state: dict,
+                        best: dict | None = None) -> None:
+    """Atomically write a checkpoint (temp file + rename): a reader sees old or new, never half.
+    ``best``: the best validation result so far ({metric, value, step, epoch}), kept for resuming."""
     save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "run": record.to_dict(),
-                 "state": state}, path)
+                 "state": state, "best": best}, path)
+
+
+CHECKPOINTS = ("last", "best")
+ORIGIN_KEYS = ("replayed_from", "overrides")
+
+
+def checkpoint_file(run: str, which: str = "last", option: str = "--checkpoint") -> str:
+    """RUN/checkpoints/{which}.pt (``which`` last or best); a file path is returned as it is.
+    Raises CachedetError when ``which`` is unknown or the run has no such checkpoint."""
+    if not os.path.isdir(run):
+        return run
+    if which not in CHECKPOINTS:
+        raise CachedetError(f"{option} {which}: expected one of {', '.join(CHECKPOINTS)}")
+    path = os.path.join(run, "checkpoints", f"{which}.pt")
+    if which == "best" and not os.path.exists(path):
+        raise CachedetError(f"{option} best: {run} has no checkpoints/best.pt (it is written by train-heads "
+                            "with --val-annotations and --val-images or --val-cache); use --checkpoint last")
+    return path
 
 
 class RunDir:
@@ -95,6 +119,9 @@ class RunDir:
         self.path = path
         self.checkpoints = os.path.join(path, "checkpoints")
         self.checkpoint = os.path.join(self.checkpoints, "last.pt")
+        self.best = os.path.join(self.checkpoints, "best.pt")
+        self.tensorboard = os.path.join(path, "tensorboard")
+        self.curves = os.path.join(path, "curves.png")
         self.metrics = os.path.join(path, "metrics.jsonl")
         self.config = os.path.join(path, "config.json")
         self._lock = None
@@ -131,6 +158,18 @@ class RunDir:
         if resumed:
             history.append({"step": step, "epoch": epoch, "changed": changes})
         return history
+
+    def origin(self, origin: dict | None, resumed: bool) -> dict:
+        """config.json's record of where the settings came from (``replayed_from``, ``overrides``): the
+        given one, or on resume the one the run already has."""
+        if origin is not None or not resumed or not os.path.exists(self.config):
+            return dict(origin or {})
+        try:
+            with open(self.config) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return {k: saved[k] for k in ORIGIN_KEYS if k in saved}
 
     def truncate_metrics(self, last_step: int):
         """Drop metric lines written after the checkpoint we resume from (a killed run's tail)."""

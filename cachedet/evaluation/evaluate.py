@@ -18,11 +18,14 @@ from cachedet.evaluation.scoring import DEFAULT_COUNT_BINS, training_counts
 
 def evaluate_run(run: str, annotations: str, images: str | None = None, train_annotations: str | None = None,
                  cache: str | None = None, out: str | None = None, count_bins: tuple[int, ...] = DEFAULT_COUNT_BINS,
-                 device: str = "auto", batch_size: int = 8, progress: bool = True) -> tuple[dict, list[dict]]:
+                 device: str = "auto", batch_size: int = 8, progress: bool = True,
+                 checkpoint: str = "last") -> tuple[dict, list[dict]]:
     """Predict on every image of ``annotations`` (from ``images`` or from a ``--no-augment`` cache), score
     with COCOeval (and LVISEval for an LVIS file), and stratify per-class AP by training counts. A run
     with a mask branch is scored for masks too (``segm``, ``lvis_segm``, ``mask_AP`` columns).
-    Returns (metrics, COCO-format detections); with ``out`` both are written as JSON."""
+    ``checkpoint``: the run's last or best checkpoint. Returns (metrics, COCO-format detections); with
+    ``out`` both are written as JSON, with the per-class AP chart and precision-recall curves beside them
+    (``out``'s name + .per_class_ap.png / .pr_curves.png, when matplotlib is installed)."""
     from cachedet.progress import ViewProgress
 
     if cache is None and images is None:
@@ -32,7 +35,7 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
         resolve_path(p) for p in (run, annotations, images, train_annotations, cache, out))
     dataset = load_detection_dataset(annotations, images or os.path.dirname(annotations))
     ground_truth = scoring_ground_truth(dataset.raw, str(annotations), dataset.is_lvis)  # before any prediction
-    predictor = Predictor(run, device=device, need_backbone=cache is None)
+    predictor = Predictor(run, device=device, need_backbone=cache is None, checkpoint=checkpoint)
     if dataset.categories.ids != predictor.categories.ids:
         raise CachedetError(f"{annotations}: categories differ from the run's ({len(dataset.categories)} vs "
                             f"{len(predictor.categories)}); evaluate on a file with the training categories")
@@ -50,7 +53,7 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
             items = [(r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images]
             batches = predictor.iter_images(items, batch_size=batch_size)
         scores = inference_on_dataset(batches, evaluator, on_images=bar.advance)
-    metrics = {"run": run, "annotations": annotations, "source": "cache" if cache else "images",
+    metrics = {"run": run, "checkpoint": checkpoint, "annotations": annotations, "source": "cache" if cache else "images",
                "num_images": len(dataset.images), **scores, "seconds": time.perf_counter() - t0}
     if predictor.masks and not dataset.has_masks:
         metrics["segm_skipped"] = f"{annotations} has no segmentation to score masks against"
