@@ -116,7 +116,7 @@ def plot_per_class_ap(per_class: list[dict], out: str, title: str = "AP per clas
         pos = y + (offset - 0.5) * height if masks else y
         bars = ax.barh(pos, [0 if v is None else v for v in values], height=height, color=color, label=label)
         for bar, v in zip(bars, values):
-            ax.text(bar.get_width() + 0.5, bar.get_y() + bar.get_height() / 2, "-" if v is None else f"{v:.1f}",
+            ax.text(bar.get_width() + 0.5, bar.get_y() + bar.get_height() / 2, "no val objects" if v is None else f"{v:.1f}",
                     va="center", fontsize=8)
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()

@@ -150,5 +150,5 @@ def predict_command(
     console = make_console()
     console.print(f"{len(detections)} detections in {len(paths)} images (score >= {score_threshold}) -> {out}")
     if draw:
-        written = draw_detections(paths, detections, draw)
+        written = draw_detections(paths, detections, draw, category_ids=predictor.categories.ids)
         console.print(f"drew {len(written)} images into {draw}")

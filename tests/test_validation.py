@@ -50,6 +50,7 @@ def check_best(run, metric="bbox.AP"):
     return lines, best
 
 
+@pytest.mark.slow
 def test_validation_from_images_keeps_the_best_checkpoint(stores, synthetic, tmp_path):
     run = str(tmp_path / "run")
     train(train_config(run, stores[0], epochs=4, lr=0.02, eval_every=2, val_annotations=synthetic["val"],
@@ -64,6 +65,7 @@ def test_validation_from_images_keeps_the_best_checkpoint(stores, synthetic, tmp
     assert is_png(os.path.join(run, "curves.png"))
 
 
+@pytest.mark.slow
 def test_validation_from_a_store_resumes_against_the_best_so_far(stores, synthetic, tmp_path):
     run = str(tmp_path / "run")
     cfg = train_config(run, stores[0], epochs=2, lr=0.02, val_annotations=synthetic["val"], val_cache=stores[1])
@@ -88,6 +90,7 @@ def test_bad_validation_options_fail_before_training(stores, synthetic, tmp_path
     assert not os.path.exists(run / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_tensorboard_files_read_back(stores, synthetic, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -104,6 +107,7 @@ def test_tensorboard_files_read_back(stores, synthetic, tmp_path):
     assert [e.value for e in acc.Scalars("val/bbox.AP")] == pytest.approx([r["val"]["bbox"]["AP"] for r in val_lines(run)])
 
 
+@pytest.mark.slow
 def test_eval_and_predict_take_the_best_checkpoint(cli, stores, synthetic, tmp_path):
     run = tmp_path / "run"
     train(train_config(run, stores[0], epochs=2, val_annotations=synthetic["val"], val_cache=stores[1]),
@@ -115,7 +119,23 @@ def test_eval_and_predict_take_the_best_checkpoint(cli, stores, synthetic, tmp_p
     metrics = json.loads(out.read_text())
     best = load_run_checkpoint(str(run / "checkpoints" / "best.pt"))["best"]
     assert metrics["checkpoint"] == "best" and metrics["bbox"]["AP"] == pytest.approx(best["value"])
+    assert is_png(tmp_path / "m.per_class_ap.png") and is_png(tmp_path / "m.pr_curves.png")
     plain = tmp_path / "plain"
     train(train_config(plain, stores[0], epochs=1), progress=False)
     r = cli("eval", "--run", plain, "--annotations", synthetic["val"], "--cache", stores[1], "--checkpoint", "best")
     assert r.exit_code != 0 and "has no checkpoints/best.pt" in r.output
+
+
+@pytest.mark.slow
+def test_config_replay_with_an_override_trains_as_that_setting_would(cli, stores, tmp_path):
+    original = tmp_path / "original"
+    train(train_config(original, stores[0], epochs=1, lr=0.01), progress=False)
+    r = cli("train-heads", "--config", original / "config.json", "--out", tmp_path / "replay", "--lr", 0.02, "--quiet")
+    assert r.exit_code == 0, r.output
+    train(train_config(tmp_path / "direct", stores[0], epochs=1, lr=0.02), progress=False)
+    replay = load_run_checkpoint(str(tmp_path / "replay" / "checkpoints" / "last.pt"))["state"]["detector"]
+    direct = load_run_checkpoint(str(tmp_path / "direct" / "checkpoints" / "last.pt"))["state"]["detector"]
+    assert replay.keys() == direct.keys() and all(torch.equal(replay[k], direct[k]) for k in replay)
+    config = json.loads((tmp_path / "replay" / "config.json").read_text())
+    assert config["overrides"] == {"lr": 0.02} and config["replayed_from"] == str(original / "config.json")
+    assert config["train"]["optim"]["lr"] == 0.02 and config["train"]["detector"]["options"]["box_representation"] == 128

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 from cachedet.atomic import write_json_atomic
 from cachedet.cache.store import StoreReader
@@ -60,4 +61,24 @@ def evaluate_run(run: str, annotations: str, images: str | None = None, train_an
     if out:
         write_json_atomic(os.path.splitext(out)[0] + ".detections.json", evaluator.detections)
         write_json_atomic(out, metrics, indent=2)
+        write_pictures(metrics, evaluator.precision, os.path.splitext(out)[0])
     return metrics, evaluator.detections
+
+
+def write_pictures(metrics: dict, precision: dict, stem: str) -> list[str]:
+    """STEM.per_class_ap.png and STEM.pr_curves.png (and STEM.mask_pr_curves.png for masks); nothing,
+    with a warning, without matplotlib. Returns the files written."""
+    from cachedet.plots import matplotlib_available, plot_per_class_ap, plot_pr_curves
+
+    if not matplotlib_available():
+        warnings.warn("matplotlib is not installed, so eval draws no AP charts (pip install matplotlib)", stacklevel=2)
+        return []
+    names = {row["category_id"]: row["name"] for row in metrics["per_class"]}
+    where = f"{metrics['num_images']} images, {metrics['source']}"
+    written = [plot_per_class_ap(metrics["per_class"], f"{stem}.per_class_ap.png", f"AP per class ({where})")]
+    for part, label in (("bbox", "pr_curves"), ("segm", "mask_pr_curves")):
+        if part in precision:
+            array, ids = precision[part]
+            title = "box" if part == "bbox" else "mask"
+            written.append(plot_pr_curves(array, [names.get(c, str(c)) for c in ids], f"{stem}.{label}.png", title))
+    return written
