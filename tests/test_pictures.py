@@ -1,7 +1,6 @@
 """Drawn detections (colour by class index, labels inside the image, legend, mask outlines) and eval's charts."""
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -1,8 +1,8 @@
 """Typed settings of stage 2, one small frozen dataclass per concern.
 
 ``TrainConfig`` = where the features come from (``source``), what is trained (``detector``), how
-(``optim``), how batches are fed (``loader``) and what it is validated on (``val``), plus the run's place, seed and device. Errors
-name the field by its path from ``TrainConfig`` (``optim.epochs``, ``TrainConfig.out``); the CLI
+(``optim``), how batches are fed (``loader``) and what it is validated on (``val``), plus the
+run's place, seed and device. Errors name the field by its path from ``TrainConfig`` (``optim.epochs``, ``TrainConfig.out``); the CLI
 shows the option that sets it instead (``cachedet_cli.common.FLAG_OF``).
 
 ``TrainConfig.of(**settings)`` builds one from flat names (``epochs=3, head="cascade"``), as the

@@ -10,7 +10,6 @@ contiguous labels turned back into the dataset's category ids.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ from cachedet.structures import ViewParams
 
 
 class Predictor:
-    """Loads RUN/checkpoints/last.pt (``checkpoint="best"``: best.pt; or a checkpoint file given as ``run``); ``predict_views`` and ``predict_images``
+    """Loads RUN/checkpoints/last.pt (``checkpoint="best"``: best.pt; or a checkpoint file as ``run``); ``predict_views`` and ``predict_images``
     give COCO results. ``Predictor.from_model`` wraps a detector in memory (validation during training)."""
 
     def __init__(self, run: str, device: str = "auto", score_threshold: float = 0.0, need_backbone: bool = True,

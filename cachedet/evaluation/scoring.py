@@ -83,7 +83,8 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
     Returns {"summary": {AP, AP50, ..., ARl in 0..100, or None where COCOeval says -1 (no ground
     truth of that size)}, "per_class": {category_id: AP or None}, "precision": COCOeval's precision
     for area all and 100 detections, float array (IoU thresholds 0.5:0.95 = 10, 101 recall points,
-    classes in "category_ids" order; -1 where a class has no ground truth), "category_ids": [...]}. No detections scores 0 wherever
+    classes in "category_ids" order; -1 where a class has no ground truth),
+    "category_ids": [...]}. No detections scores 0 wherever
     there is ground truth. For segm, ground truth without a segmentation is scored as its box.
     """
     from pycocotools.cocoeval import COCOeval
