@@ -130,6 +130,7 @@ def plot_per_class_ap(per_class: list[dict], out: str, title: str = "AP per clas
 def plot_pr_curves(precision: np.ndarray, names: list[str], out: str, title: str = "precision-recall") -> str:
     """Per-class precision against recall from COCOeval's ``precision`` (T IoUs x 101 recalls x K classes,
     area all, 100 detections; -1 where undefined): at IoU 0.5, and averaged over IoU 0.5:0.95. Returns ``out``."""
+    precision = np.asarray(precision, dtype=float)
     recall = np.linspace(0, 1, precision.shape[1])
     fig, axes = _figure(11, 4.6, 1, 2)
     for ax, sub, label in ((axes[0][0], precision[:1], "IoU 0.5"), (axes[0][1], precision, "IoU 0.5:0.95 (mean)")):
