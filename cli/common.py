@@ -54,7 +54,7 @@ def with_flags(message: str) -> str:
     import re
 
     table = flag_of()
-    return re.sub(r"\b(?:TrainConfig|source|detector|optim|loader)\.\w+(?:\.\w+)?\b",
+    return re.sub(r"\b(?:TrainConfig|source|detector|optim|loader|val)\.\w+(?:\.\w+)?\b",
                   lambda m: table.get(m.group(0), m.group(0)), message)
 
 
@@ -117,7 +117,9 @@ TAPS_HELP = "ViT blocks to store, 0-based, e.g. 3,5,7,11 (-1: last; default: the
 
 
 def detector_options(nasfpn_repeats: int | None = None, cascade_ious: str | None = None, box_convs: int | None = None,
-                     box_fcs: int | None = None, mask_convs: int | None = None, mask_channels: int | None = None) -> dict:
+                     box_fcs: int | None = None, mask_convs: int | None = None, mask_channels: int | None = None,
+                     box_representation: int | None = None, rois_per_image: int | None = None,
+                     proposals_per_image: int | None = None) -> dict:
     """Detector options from CLI flags; unset flags are left out so the model's defaults apply."""
     opts = {}
     if nasfpn_repeats is not None and nasfpn_repeats != 5:
@@ -131,7 +133,11 @@ def detector_options(nasfpn_repeats: int | None = None, cascade_ious: str | None
         opts["box_convs"] = box_convs
     if box_fcs is not None:
         opts["box_fcs"] = box_fcs
-    for flag, name, value, least in (("--mask-convs", "mask_convs", mask_convs, 0), ("--mask-channels", "mask_channels", mask_channels, 1)):
+    for flag, name, value, least in (("--mask-convs", "mask_convs", mask_convs, 0),
+                                     ("--mask-channels", "mask_channels", mask_channels, 1),
+                                     ("--box-representation", "box_representation", box_representation, 1),
+                                     ("--rois-per-image", "rois_per_image", rois_per_image, 1),
+                                     ("--proposals-per-image", "proposals_per_image", proposals_per_image, 1)):
         if value is not None:
             if value < least:
                 raise CachedetError(f"{flag} {value}: expected an integer >= {least}")

@@ -48,5 +48,12 @@ def demo_command(
     mask = f", mask AP {m['segm']['AP']:.1f} (AP50 {m['segm']['AP50']:.1f})" if "segm" in m else ""
     console.print(f"box AP {m['bbox']['AP']:.1f} (AP50 {m['bbox']['AP50']:.1f}){mask}; "
                   f"run in {result['run']}, metrics in {os.path.join(out, 'metrics.json')}")
+    console.print("the same run, step by step (after the dataset is generated):")
+    for command in result["commands"]:
+        console.print("  " + command)
+    console.print(f"curves: {os.path.join(result['run'], 'curves.png')}; best checkpoint: "
+                  f"{os.path.join(result['run'], 'checkpoints', 'best.pt')}")
+    if result["note"]:
+        console.print(result["note"], style="yellow")
     write_json_atomic(os.path.join(out, "demo_summary.json"),
                       {k: v for k, v in result.items() if k != "metrics"} | {"bbox": m["bbox"], "segm": m.get("segm")}, indent=2)

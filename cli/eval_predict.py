@@ -23,6 +23,7 @@ PREDICT_EXAMPLES = examples(
     "cachedet predict a.jpg b.png --run runs/demo --out dets.json --score-threshold 0.5 --device cpu",
 )
 
+CHECKPOINT_HELP = "The run's last checkpoint, or the best by validation (train-heads --val-*)."
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -95,6 +96,7 @@ def eval_command(
                                        help="metrics.json to write, detections beside it (default: RUN/metrics.json)."),
     count_bins: str = typer.Option("10,100,1000", "--count-bins", metavar="A,B,C",
                                     help="Upper edges of the training-count bins."),
+    checkpoint: str = typer.Option("last", "--checkpoint", metavar="best|last", help=CHECKPOINT_HELP),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
@@ -108,7 +110,7 @@ def eval_command(
     metrics, _ = evaluate_run(run, str(annotations), str(images) if images else None,
                            str(train_annotations) if train_annotations else None, cache,
                            str(out) if out else os.path.join(run, "metrics.json"), bins, device, batch_size,
-                           progress=not quiet)
+                           progress=not quiet, checkpoint=checkpoint)
     print_metrics(metrics, make_console())
 
 
@@ -120,6 +122,7 @@ def predict_command(
     draw: Optional[Path] = typer.Option(None, "--draw", metavar="DIR",
                                         help="Folder for PNGs with the boxes (and masks) drawn."),
     score_threshold: float = typer.Option(0.3, "--score-threshold", help="Keep detections scoring at least this."),
+    checkpoint: str = typer.Option("last", "--checkpoint", metavar="best|last", help=CHECKPOINT_HELP),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
 ):
     """Detect objects in images; COCO-style detections in original-image pixels (with RLE masks for mask runs)."""
@@ -137,7 +140,7 @@ def predict_command(
             raise CachedetError(f"{p}: no such image or folder")
     if not paths:
         raise CachedetError("no images found in " + ", ".join(map(str, inputs)))
-    predictor = Predictor(run, device=device, score_threshold=score_threshold)
+    predictor = Predictor(run, device=device, score_threshold=score_threshold, checkpoint=checkpoint)
     items = [(i, str(p), None) for i, p in enumerate(paths)]
     detections = predictor.predict_images(items)
     for d in detections:
@@ -147,5 +150,5 @@ def predict_command(
     console = make_console()
     console.print(f"{len(detections)} detections in {len(paths)} images (score >= {score_threshold}) -> {out}")
     if draw:
-        written = draw_detections(paths, detections, draw)
+        written = draw_detections(paths, detections, draw, category_ids=predictor.categories.ids)
         console.print(f"drew {len(written)} images into {draw}")

@@ -14,7 +14,8 @@ from cachedet_cli.vocabulary import (
     TRAIN_FIELD_OF as FIELD_OF, Head, Neck, Optimizer, Recipe, Schedule, examples,
 )
 
-DATA, MODEL, OPTIM, ONLINE, ADAPTERS, RUN = "Data", "Model", "Optimisation", "Online (no cache)", "Adapters", "Run"
+DATA, MODEL, OPTIM, ONLINE, ADAPTERS, VAL, RUN = ("Data", "Model", "Optimisation", "Online (no cache)", "Adapters",
+                                                 "Validation", "Run")
 EXAMPLES = examples(
     "cachedet train-heads --cache coco-r101.zarr --out runs/nasfpn-cascade --neck nasfpn --head cascade "
     "--epochs 12 --batch-size 8",
@@ -30,16 +31,42 @@ def given_fields(ctx: typer.Context) -> set[str]:
     return {FIELD_OF.get(name, name) for name in typed} - {None}
 
 
+def typed_changes(saved, cfg, ctx: typer.Context) -> dict:
+    """{flat setting: value} for the options typed now (detector options merged into the saved ones)."""
+    given, now = given_fields(ctx) - {"out", "resume"}, cfg.flat()
+    changes = {name: now[name] for name in given if name != "detector_options"}
+    if "detector_options" in given:
+        changes["detector_options"] = {**saved.detector.options, **cfg.detector.options}
+    return changes
+
+
 def resumed_config(cfg, ctx: typer.Context):
     """``--resume``: the run's own settings, overridden by the options typed now (then checked by train)."""
     from cachedet.engine.train import TrainConfig
 
     saved = TrainConfig.of_run(cfg.out)
-    given, now = given_fields(ctx) - {"out", "resume"}, cfg.flat()
-    changes = {name: now[name] for name in given if name != "detector_options"}
-    if "detector_options" in given:
-        changes["detector_options"] = {**saved.detector.options, **cfg.detector.options}
-    return saved.with_settings(**changes, out=cfg.out, resume=True)
+    return saved.with_settings(**typed_changes(saved, cfg, ctx), out=cfg.out, resume=True)
+
+
+def replayed_config(cfg, ctx: typer.Context, path: str):
+    """``--config RUN/config.json``: (that run's settings with the typed options over them, the origin
+    {"replayed_from", "overrides"} recorded in the new run's config.json)."""
+    import json
+
+    from cachedet.engine.train import TrainConfig
+    from cachedet.paths import resolve_path
+
+    path = resolve_path(path)
+    try:
+        with open(path) as f:
+            saved = TrainConfig.from_dict({**json.load(f)["train"], "out": cfg.out})
+    except FileNotFoundError:
+        raise CachedetError(f"--config {path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CachedetError(f"--config {path}: not a train-heads config.json ({type(e).__name__})") from None
+    changes = typed_changes(saved, cfg, ctx)
+    replay = saved.with_settings(**changes, out=cfg.out, resume=False)
+    return replay, {"replayed_from": path, "overrides": json.loads(json.dumps(changes))}
 
 
 @user_errors
@@ -68,6 +95,12 @@ def train_heads_command(
                                             rich_help_panel=MODEL),
     box_fcs: Optional[int] = typer.Option(None, "--box-fcs", help="Box head FC layers (faster-rcnn 1, cascade 2).",
                                           rich_help_panel=MODEL),
+    box_representation: Optional[int] = typer.Option(None, "--box-representation", rich_help_panel=MODEL,
+                                                     help="Width of the box head's FC layers (default 1024)."),
+    rois_per_image: Optional[int] = typer.Option(None, "--rois-per-image", rich_help_panel=MODEL,
+                                                 help="RoIs sampled per image for the box head's loss (default 512)."),
+    proposals_per_image: Optional[int] = typer.Option(None, "--proposals-per-image", rich_help_panel=MODEL,
+                                                      help="RPN proposals kept per image after NMS (default 1000)."),
     masks: bool = typer.Option(False, "--masks", rich_help_panel=MODEL, help=(
         "Add Mask R-CNN's mask head (faster-rcnn, cascade) trained on the instance masks; boxes only, with a "
         "notice, when there are none.")),
@@ -125,6 +158,19 @@ def train_heads_command(
     adapt_stages: Optional[str] = typer.Option(None, "--adapt-stages", metavar="I,J", rich_help_panel=ADAPTERS, help=(
         "Backbone stages that get adapters, e.g. 3,4; a ViT's stages are its blocks (default: every stage after "
         "the stem or the cache; every ViT block).")),
+    val_annotations: Optional[Path] = typer.Option(None, "--val-annotations", metavar="JSON", rich_help_panel=VAL,
+                                                   help="Validation COCO/LVIS file, scored during training."),
+    val_images: Optional[Path] = typer.Option(None, "--val-images", metavar="DIR", rich_help_panel=VAL,
+                                              help="Validation image folder (backbone + heads, as cachedet eval)."),
+    val_cache: Optional[str] = typer.Option(None, "--val-cache", metavar="STORE", rich_help_panel=VAL,
+                                            help="Or: a --no-augment --views 1 store of the validation set."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", metavar="N", rich_help_panel=VAL, help=(
+        "Validate every N epochs and after the last (default 1 when validation is given).")),
+    best_metric: str = typer.Option("bbox.AP", "--best-metric", metavar="PART.STAT", rich_help_panel=VAL, help=(
+        "Metric that chooses checkpoints/best.pt: bbox.AP, bbox.AP50, segm.AP...")),
+    config: Optional[Path] = typer.Option(None, "--config", metavar="RUN/config.json", rich_help_panel=RUN, help=(
+        "Replay the run this config.json describes; options typed with it override its settings (recorded "
+        "in the new run's config.json).")),
     out: str = typer.Option(..., "--out", metavar="RUN", help="Run directory (config, checkpoints, metrics.jsonl).",
                             rich_help_panel=RUN),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP, rich_help_panel=RUN),
@@ -154,21 +200,29 @@ def train_heads_command(
         out_indices=backbone_indices(backbone, out_indices, taps), size=DEFAULT_CANVAS if size is None else size,
         scale_range=scale_range and tuple(scale_range),
         backbone_trainable=backbone_trainable, neck=neck, head=head, neck_channels=neck_channels,
-        detector_options=detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs, mask_convs, mask_channels),
+        detector_options=detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs, mask_convs, mask_channels,
+                                          box_representation, rois_per_image, proposals_per_image),
         masks=masks, epochs=epochs,
         batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
         schedule=schedule, clip_grad=clip_grad or None, amp=not no_amp, workers=loader_workers, in_memory=in_memory,
         views_per_epoch=views_per_epoch, feature_crop=feature_crop, feature_crop_min=feature_crop_min,
         adapters=adapters, adapt_stages=parse_int_list(adapt_stages, "--adapt-stages"), seed=seed, device=device, resume=resume,
+        val_annotations=str(val_annotations) if val_annotations else None, val_images=str(val_images) if val_images else None,
+        val_cache=val_cache, eval_every=eval_every, best_metric=best_metric,
     )
-    if resume:
+    origin = None
+    if config is not None and resume:
+        raise CachedetError("--config and --resume exclude each other: --resume alone continues the run at --out")
+    if config is not None:
+        cfg, origin = replayed_config(cfg, ctx, str(config))
+    elif resume:
         cfg = resumed_config(cfg, ctx)
     jitter = header.augment["scale_range"] if header is not None and header.augmented \
         else cfg.source.scale_range if online else None
     for line in (note, jitter and schedule_advice(tuple(jitter), epochs=cfg.optim.epochs)):
         if line:
             make_console().print(line, style="yellow")
-    result = train(cfg, progress=not quiet)
+    result = train(cfg, progress=not quiet, origin=origin)
     make_console().print(
         f"{result.run}: {result.steps} steps, {result.epochs} epochs, loss {result.first_loss:.3f} -> "
         f"{result.last_loss:.3f}, {result.views_per_second:.1f} views/s, {result.seconds:.1f} s"

@@ -48,9 +48,10 @@ ALIASES = {
 
 # train-heads option (parameter name) -> TrainConfig field it sets (None: no field); names not
 # listed set the field of the same name. --resume compares and overrides settings by field.
-DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels")
+DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels",
+                  "box_representation", "rois_per_image", "proposals_per_image")
 TRAIN_FIELD_OF = {"pretrained": "weights", "random_init": "weights", "taps": "out_indices", "no_amp": "amp",
-                  "loader_workers": "workers", "quiet": None,
+                  "loader_workers": "workers", "quiet": None, "config": None,
                   **{name: "detector_options" for name in DETECTOR_FLAGS}}
 # extract option -> ExtractConfig field (nested fields as "backbone.*" / "augment.*")
 EXTRACT_FIELD_OF = {"backbone": "backbone.name", "weights": "backbone.weights", "pretrained": "backbone.weights",

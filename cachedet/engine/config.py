@@ -1,8 +1,8 @@
 """Typed settings of stage 2, one small frozen dataclass per concern.
 
 ``TrainConfig`` = where the features come from (``source``), what is trained (``detector``), how
-(``optim``) and how batches are fed (``loader``), plus the run's place, seed and device. Errors
-name the field by its path from ``TrainConfig`` (``optim.epochs``, ``TrainConfig.out``); the CLI
+(``optim``), how batches are fed (``loader``) and what it is validated on (``val``), plus the
+run's place, seed and device. Errors name the field by its path from ``TrainConfig`` (``optim.epochs``, ``TrainConfig.out``); the CLI
 shows the option that sets it instead (``cachedet_cli.common.FLAG_OF``).
 
 ``TrainConfig.of(**settings)`` builds one from flat names (``epochs=3, head="cascade"``), as the
@@ -124,9 +124,59 @@ class LoaderConfig:
             raise CachedetError(f"loader.feature_crop_min: expected a fraction in (0, 1], got {self.feature_crop_min}")
 
 
-SECTIONS = {"source": SourceConfig, "detector": HeadsConfig, "optim": OptimConfig, "loader": LoaderConfig}
+VAL_PARTS = ("bbox", "segm")  # DetectionEvaluator's summaries that best_metric may name
+VAL_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # = scoring.COCO_STATS
+
+
+@dataclass(frozen=True)
+class ValConfig:
+    """Validation during training: from images (``annotations`` + ``images``) or from a ``--no-augment
+    --views 1`` store of the validation set (``annotations`` optional: the store's own file is used),
+    every ``every`` epochs (None: 1 when validation is given); ``best_metric`` ("bbox.AP", "segm.AP50"...)
+    chooses checkpoints/best.pt."""
+
+    annotations: str | None = None
+    images: str | None = None
+    cache: str | None = None
+    every: int | None = None
+    best_metric: str = "bbox.AP"
+
+    def __post_init__(self):
+        for name in ("annotations", "images", "cache"):
+            object.__setattr__(self, name, resolve_path(getattr(self, name)))
+
+    @property
+    def enabled(self) -> bool:
+        return self.images is not None or self.cache is not None
+
+    @property
+    def period(self) -> int:
+        """Epochs between validations (0: no validation)."""
+        return (self.every or 1) if self.enabled else 0
+
+    def validate(self):
+        if self.images is not None and self.cache is not None:
+            raise CachedetError("val.images and val.cache exclude each other: validate from images or from a store")
+        if self.images is not None and self.annotations is None:
+            raise CachedetError("val.images needs val.annotations (the validation COCO/LVIS file)")
+        if self.cache is not None and self.annotations is None:
+            raise CachedetError("val.cache needs val.annotations (the file the store was extracted from)")
+        if self.annotations is not None and not self.enabled:
+            raise CachedetError("val.annotations needs val.images DIR or val.cache STORE")
+        if self.every is not None and self.every < 1:
+            raise CachedetError(f"val.every: expected a positive number of epochs, got {self.every}")
+        part, _, stat = self.best_metric.partition(".")
+        if part not in VAL_PARTS or stat not in VAL_STATS:
+            raise CachedetError(f"val.best_metric {self.best_metric}: expected PART.STAT with PART one of "
+                                f"{', '.join(VAL_PARTS)} and STAT one of {', '.join(VAL_STATS)} (e.g. bbox.AP)")
+
+
+SECTIONS = {"source": SourceConfig, "detector": HeadsConfig, "optim": OptimConfig, "loader": LoaderConfig,
+            "val": ValConfig}
 TOP = ("out", "seed", "device", "resume", "recipe")
-FLAT_NAME = {("detector", "options"): "detector_options"}  # (section, field) -> flat name, where they differ
+FLAT_NAME = {("detector", "options"): "detector_options",  # (section, field) -> flat name, where they differ
+             ("val", "annotations"): "val_annotations", ("val", "images"): "val_images",
+             ("val", "cache"): "val_cache", ("val", "every"): "eval_every"}
 PATH_OF = {**{name: f"TrainConfig.{name}" for name in TOP},
            **{FLAT_NAME.get((section, f.name), f.name): f"{section}.{f.name}"
               for section, cls in SECTIONS.items() for f in fields(cls)}}
@@ -140,6 +190,7 @@ class TrainConfig:
     detector: HeadsConfig = field(default_factory=HeadsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    val: ValConfig = field(default_factory=ValConfig)
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -192,6 +243,7 @@ class TrainConfig:
         self.detector.validate()
         self.optim.validate()
         self.loader.validate(self.source.online)
+        self.val.validate()
         if self.learning_rate <= 0:
             raise CachedetError(f"optim.lr: expected a positive number, got {self.learning_rate}")
 

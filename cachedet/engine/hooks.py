@@ -29,6 +29,14 @@ class MetricsHook(Hook):
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
+    def log(self, text: str) -> None:
+        """A console line, printed above the progress bar when there is one."""
+        progress = getattr(self._bar, "_progress", None)
+        if progress is not None:
+            progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
     def after_step(self, trainer: Trainer, record: dict) -> None:
         self.write(record)
         self._bar.advance(1, status=f"epoch {record['epoch'] + 1}/{self.epochs} loss {record['loss']:.3f} "
@@ -44,7 +52,8 @@ class MetricsHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Writes checkpoints/last.pt (atomically) after every epoch: weights, optimiser, scheduler, record."""
+    """Writes checkpoints/last.pt (atomically) after every epoch: weights, optimiser, scheduler, record,
+    and the best validation result so far (``trainer.state.extra["best"]``, set by the EvalHook)."""
 
     def __init__(self, path: str, record: RunRecord):
         self.path, self.record = path, record
@@ -57,4 +66,5 @@ class CheckpointHook(Hook):
                 "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict()}
 
     def after_epoch(self, trainer: Trainer) -> None:
-        save_run_checkpoint(self.path, self.record, trainer.state.epoch, trainer.state.step, self.state(trainer))
+        save_run_checkpoint(self.path, self.record, trainer.state.epoch, trainer.state.step, self.state(trainer),
+                            best=trainer.state.extra.get("best"))

@@ -6,7 +6,8 @@ given with ``--resume`` with the checkpoint's:
 
 - ``RESUMABLE`` settings may change: the schedule's length (``epochs``), the optimiser's ``lr``,
   ``weight_decay`` and ``clip_grad``, and where and how the run executes (``device``, ``workers``,
-  ``loader_start``, ``amp``). They are applied from the first resumed step and recorded.
+  ``loader_start``, ``amp``) and the validation settings (a changed ``best_metric`` starts a new
+  best). They are applied from the first resumed step and recorded.
 - Locations (``out``, ``cache``, ``annotations``, ``images``) are not compared: the data's identity
   is checked by its fingerprint instead.
 - Everything else shapes the model, the data or the schedule's form; a difference is refused in
@@ -25,7 +26,8 @@ import torch
 from cachedet.engine.config import PATH_OF
 from cachedet.errors import CachedetError
 
-RESUMABLE = ("epochs", "lr", "weight_decay", "clip_grad", "device", "workers", "loader_start", "amp")
+RESUMABLE = ("epochs", "lr", "weight_decay", "clip_grad", "device", "workers", "loader_start", "amp",
+             "val_annotations", "val_images", "val_cache", "eval_every", "best_metric")
 LOCATIONS = ("out", "cache", "annotations", "images", "resume")
 
 

@@ -5,7 +5,11 @@ Run directory::
     config.json            RunRecord.to_dict() + "resumes" (the settings changed at each resume)
     metrics.jsonl          one JSON object per step (and per validation)
     checkpoints/last.pt    {"format", "epoch", "step", "run": RunRecord.to_dict(),
-                            "state": {"detector", "backbone", "optimizer", "scheduler"}}
+                            "state": {"detector", "backbone", "optimizer", "scheduler"},
+                            "best": {"metric", "value", "step", "epoch"} or None (validated runs)}
+    checkpoints/best.pt    the same, written when the validation metric ``best`` names improves
+    tensorboard/           TensorBoard event files (when tensorboard is installed)
+    curves.png             losses, lr and validation AP against steps
     .lock                  held (flock) while a train-heads writes the run
 
 Checkpoints written before this layout (flat keys "config", "detector_config", "backbone_identity"
@@ -83,13 +87,16 @@ def load_run_checkpoint(path: str) -> dict:
         raise CachedetError(f"{path}: a cachedet checkpoint without its {e.args[0]!r} entry") from None
 
 
-def save_run_checkpoint(path: str, record: RunRecord, epoch: int, step: int, state: dict) -> None:
-    """Atomically write checkpoints/last.pt (temp file + rename): a reader sees old or new, never half."""
+def save_run_checkpoint(path: str, record: RunRecord, epoch: int, step: int, state: dict,
+                        best: dict | None = None) -> None:
+    """Atomically write a checkpoint (temp file + rename): a reader sees old or new, never half.
+    ``best``: the best validation result so far ({metric, value, step, epoch}), kept for resuming."""
     save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "run": record.to_dict(),
-                 "state": state}, path)
+                 "state": state, "best": best}, path)
 
 
 CHECKPOINTS = ("last", "best")
+ORIGIN_KEYS = ("replayed_from", "overrides")
 
 
 def checkpoint_path(run: str, checkpoint: str = "last") -> str:
@@ -104,9 +111,12 @@ def checkpoint_path(run: str, checkpoint: str = "last") -> str:
         if not os.path.isdir(run):
             raise CachedetError(f"{run}: no such run directory")
         path = os.path.join(run, "checkpoints", f"{checkpoint}.pt")
+        if checkpoint == "best" and not os.path.isfile(path):
+            raise CachedetError(f"checkpoint best: no {path}: {run} has no checkpoints/best.pt (train-heads "
+                                "writes it when it validates: val.annotations with val.images or val.cache); "
+                                "use checkpoint last")
         if not os.path.isfile(path):
-            hint = "; the run kept no best checkpoint, load checkpoint='last'" if checkpoint == "best" else ""
-            raise CachedetError(f"{path}: no such checkpoint{hint}")
+            raise CachedetError(f"{path}: no such checkpoint")
         return path
     path = resolve_path(checkpoint)
     if not os.path.isfile(path):
@@ -121,6 +131,9 @@ class RunDir:
         self.path = path
         self.checkpoints = os.path.join(path, "checkpoints")
         self.checkpoint = os.path.join(self.checkpoints, "last.pt")
+        self.best = os.path.join(self.checkpoints, "best.pt")
+        self.tensorboard = os.path.join(path, "tensorboard")
+        self.curves = os.path.join(path, "curves.png")
         self.metrics = os.path.join(path, "metrics.jsonl")
         self.config = os.path.join(path, "config.json")
         self._lock = None
@@ -157,6 +170,18 @@ class RunDir:
         if resumed:
             history.append({"step": step, "epoch": epoch, "changed": changes})
         return history
+
+    def origin(self, origin: dict | None, resumed: bool) -> dict:
+        """config.json's record of where the settings came from (``replayed_from``, ``overrides``): the
+        given one, or on resume the one the run already has."""
+        if origin is not None or not resumed or not os.path.exists(self.config):
+            return dict(origin or {})
+        try:
+            with open(self.config) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return {k: saved[k] for k in ORIGIN_KEYS if k in saved}
 
     def truncate_metrics(self, last_step: int):
         """Drop metric lines written after the checkpoint we resume from (a killed run's tail)."""

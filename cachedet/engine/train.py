@@ -2,7 +2,8 @@
 
 After the features, all three regimes run the same code: ``TrainModel`` -> ``Detector`` losses
 -> SGD/AdamW with warm-up and step/cosine decay -> atomic checkpoint every epoch.
-Run directory: config.json, metrics.jsonl (one JSON object per step), checkpoints/last.pt.
+Run directory: config.json, metrics.jsonl (one JSON object per step and per validation),
+checkpoints/last.pt (and best.pt with validation), tensorboard/, curves.png (``cachedet.engine.run``).
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ from dataclasses import dataclass
 import torch
 
 from cachedet.atomic import write_json_atomic
-from cachedet.backbones import BackboneConfig
+from cachedet.backbones import BackboneConfig, build_backbone, config_from_identity
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.config import TrainConfig
 from cachedet.engine.distributed import DistInfo, init_distributed, shutdown
 from cachedet.engine.hooks import CheckpointHook, MetricsHook
+from cachedet.engine.monitor import CurvesHook, TensorBoardHook
 from cachedet.engine.resume import continue_schedule, resume_changes
 from cachedet.engine.run import RunDir, RunRecord, load_run_checkpoint
 from cachedet.engine.sources import CacheSource, OnlineSource
 from cachedet.engine.step import TrainModel
 from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
+from cachedet.engine.validation import EvalHook, ValidationSet
 from cachedet.errors import CachedetError
 from cachedet.runtime import resolve_device
 from cachedet.models.detector import DetectorConfig, build_detector
@@ -90,8 +93,12 @@ class TrainResult:
     views_per_second: float
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, progress: bool = True, origin: dict | None = None) -> TrainResult:
     """Run stage 2 (see module docstring); with ``cfg.resume`` continue from checkpoints/last.pt.
+
+    With ``cfg.val`` the validation set is loaded before the first step and scored every
+    ``val.every`` epochs (``cachedet.engine.validation``). ``origin``: where the settings came from
+    (e.g. {"replayed_from": path, "overrides": {...}}), recorded in config.json and kept on resume.
 
     The run directory is locked for the whole run. Resuming compares ``cfg`` with the run's
     settings (``cachedet.engine.resume``): a changed schedule length, lr, weight decay or clipping
@@ -108,12 +115,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if info.is_main:
         run.lock()
     try:
-        return _train_locked(cfg, run, device, info, progress)
+        return _train_locked(cfg, run, device, info, progress, origin)
     finally:
         run.unlock()
 
 
-def _train_locked(cfg: TrainConfig, run: RunDir, device: torch.device, info: DistInfo, progress: bool) -> TrainResult:
+def _train_locked(cfg: TrainConfig, run: RunDir, device: torch.device, info: DistInfo, progress: bool,
+                  origin: dict | None) -> TrainResult:
     if not cfg.resume and os.path.exists(run.checkpoint):
         raise CachedetError(f"TrainConfig.out {cfg.out}: holds a run already (set TrainConfig.resume to continue it, "
                             "or choose another TrainConfig.out)")
@@ -149,10 +157,16 @@ def _train_locked(cfg: TrainConfig, run: RunDir, device: torch.device, info: Dis
                        adapters=list(model.backbone.adapter_stages) if model.backbone is not None else None)
     hooks = []
     if info.is_main:
-        write_json_atomic(run.config, {**record.to_dict(), "resumes": run.resume_history(
-            state.step, state.epoch, changes, ckpt is not None)}, indent=2)
-        hooks = [MetricsHook(run.metrics, steps_per_epoch * (cfg.optim.epochs - state.epoch), cfg.optim.epochs, progress),
-                 CheckpointHook(run.checkpoint, record)]
+        validation = _validation(cfg, source, det_cfg, model, device)  # before any training: fail early
+        history = run.resume_history(state.step, state.epoch, changes, ckpt is not None)
+        write_json_atomic(run.config, {**record.to_dict(), **run.origin(origin, ckpt is not None), "resumes": history},
+                          indent=2)
+        metrics = MetricsHook(run.metrics, steps_per_epoch * (cfg.optim.epochs - state.epoch), cfg.optim.epochs, progress)
+        checkpoint = CheckpointHook(run.checkpoint, record)
+        hooks = [metrics]
+        if validation is not None:
+            hooks.append(EvalHook(*validation, cfg.val.period, cfg.val.best_metric, run.best, record, metrics, checkpoint))
+        hooks += [checkpoint, TensorBoardHook(run.tensorboard), CurvesHook(run.metrics, run.curves)]
     ddp = model
     if info.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -165,6 +179,24 @@ def _train_locked(cfg: TrainConfig, run: RunDir, device: torch.device, info: Dis
     return TrainResult(run=cfg.out, steps=state.step, epochs=cfg.optim.epochs, first_loss=state.first_loss,
                        last_loss=state.last_loss, seconds=seconds,
                        views_per_second=state.views / seconds if seconds else 0.0)
+
+
+def _validation(cfg: TrainConfig, source, det_cfg: DetectorConfig, model: TrainModel, device: torch.device):
+    """(ValidationSet, Predictor on the model in training) for ``cfg.val``, or None without validation.
+    A cache run validated on images gets its own frozen backbone (the store's)."""
+    if not cfg.val.enabled:
+        return None
+    from cachedet.evaluation.predictor import Predictor
+
+    validation = ValidationSet(cfg.val, source.categories, det_cfg.masks, batch_size=cfg.loader.batch_size)
+    backbone = model.backbone
+    if backbone is None and cfg.val.images is not None:
+        backbone = build_backbone(config_from_identity(source.backbone_identity), warn=False).to(device).eval()
+    adapters = list(model.backbone.adapter_stages) if model.backbone is not None else ()
+    predictor = Predictor.from_model(det_cfg, model.detector, source.categories, source.fingerprint,
+                                     backbone=backbone, adapters=adapters, device=device)
+    validation.check(predictor)
+    return validation, predictor
 
 
 def _check_resumable(cfg: TrainConfig, run: RunDir, ckpt: dict, det_cfg: DetectorConfig, source) -> None:
@@ -186,4 +218,4 @@ def _restore(ckpt: dict, model: TrainModel, optimizer, scheduler) -> TrainState:
         model.backbone.load_state_dict(weights["backbone"])
     optimizer.load_state_dict(weights["optimizer"])
     scheduler.load_state_dict(weights["scheduler"])
-    return TrainState(epoch=ckpt["epoch"] + 1, step=ckpt["step"])
+    return TrainState(epoch=ckpt["epoch"] + 1, step=ckpt["step"], extra={"best": ckpt.get("best")})

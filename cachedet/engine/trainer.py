@@ -7,6 +7,7 @@ lines, the progress bar, checkpoints, validation) is a ``Hook`` that the caller 
     before_train(trainer)          once, before the first step
     after_step(trainer, record)    after every step; ``record`` is that step's metrics line
     after_epoch(trainer)           after every epoch, on every rank, before the barrier
+    after_eval(trainer, line)      after each validation (``cachedet.engine.validation``), its metrics line
     after_train(trainer)           once, after the last epoch (not after an exception)
     close()                        always, last (release files, stop bars)
 
@@ -35,6 +36,9 @@ class Hook:
         pass
 
     def after_epoch(self, trainer: "Trainer") -> None:
+        pass
+
+    def after_eval(self, trainer: "Trainer", line: dict) -> None:
         pass
 
     def after_train(self, trainer: "Trainer") -> None:

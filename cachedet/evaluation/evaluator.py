@@ -59,6 +59,8 @@ class DetectionEvaluator(DatasetEvaluator):
     ground_truth: the dataset from ``scoring_ground_truth``; names: {category_id: name};
     masks: score segm too (the run predicts masks and the file has segmentations); lvis: add LVISEval;
     train_counts: training annotations per category id, to stratify per-class AP (None: no strata).
+    After ``evaluate``, ``precision`` holds {"bbox"[, "segm"]: (COCOeval precision (10, 101, K),
+    category ids)} for precision-recall curves (``cachedet.plots.plot_pr_curves``).
     ``evaluate`` returns dict(num_detections, bbox, per_class [{category_id, name, AP[, mask_AP,
     train_annotations]}], by_size, and where they apply segm, mask_by_size, lvis_bbox, lvis_segm,
     by_train_count, count_bins). AP values are 0..100 or None where the scorer leaves them undefined.
@@ -69,6 +71,7 @@ class DetectionEvaluator(DatasetEvaluator):
         super().__init__()
         self.names, self.train_counts, self.count_bins = names, train_counts, tuple(count_bins)
         self.parts = {"bbox": COCOEvaluator(ground_truth, "bbox")}
+        self.precision: dict = {}
         if masks:
             self.parts["segm"] = COCOEvaluator(ground_truth, "segm")
         if lvis:
@@ -89,6 +92,8 @@ class DetectionEvaluator(DatasetEvaluator):
     def evaluate(self) -> dict:
         scores = {name: part.evaluate() for name, part in self.parts.items()}
         coco, segm = scores["bbox"], scores.get("segm")
+        self.precision = {name: (scores[name]["precision"], scores[name]["category_ids"])
+                          for name in ("bbox", "segm") if name in scores}
         metrics = {
             "num_detections": len(self.detections),
             "bbox": coco["summary"],

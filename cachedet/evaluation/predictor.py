@@ -10,7 +10,6 @@ contiguous labels turned back into the dataset's category ids.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from cachedet.data.coco import CategoryMap
 from cachedet.data.images import read_image
 from cachedet.data.masks import rle_json
 from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_image, view_to_image_boxes
-from cachedet.engine.run import RunRecord, load_run_checkpoint
+from cachedet.engine.run import RunRecord, checkpoint_path, load_run_checkpoint
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 from cachedet.runtime import resolve_device
@@ -41,38 +40,63 @@ def set_score_threshold(detector, threshold: float) -> None:
 
 
 class Predictor:
-    """Loads RUN/checkpoints/last.pt; ``predict_views`` and ``predict_images`` give COCO results."""
+    """Loads RUN/checkpoints/last.pt (``checkpoint="best"``: best.pt; or a checkpoint file as ``run``); ``predict_views`` and ``predict_images``
+    give COCO results. ``Predictor.from_model`` wraps a detector in memory (validation during training)."""
 
-    def __init__(self, run: str, device: str = "auto", score_threshold: float = 0.0, need_backbone: bool = True):
+    def __init__(self, run: str, device: str = "auto", score_threshold: float = 0.0, need_backbone: bool = True,
+                 checkpoint: str = "last"):
         run = resolve_path(run)
-        path = os.path.join(run, "checkpoints", "last.pt") if os.path.isdir(run) else run
+        path = checkpoint_path(run, checkpoint)
         ckpt = load_run_checkpoint(path)
         record, weights = RunRecord.from_dict(ckpt["run"]), ckpt["state"]
-        self.run, self.device, self.record = run, resolve_device(device), record
-        self.fingerprint = Fingerprint.from_dict(record.fingerprint)
-        self.categories = CategoryMap.from_json(record.categories)  # the run's labels <-> dataset category ids
-        self.detector_config = DetectorConfig.from_dict(record.detector)
-        self.canvas = self.detector_config.canvas
-        self.masks = self.detector_config.masks  # detections carry RLE segmentations
-        self.detector = build_detector(self.detector_config)
-        self.detector.load_state_dict(weights["detector"])
-        self.detector.to(self.device).eval()
-        self.score_threshold = score_threshold
-        self.adapters = tuple(record.adapters or ())  # stages with trained adapters
-        self.backbone: Backbone | None = None
+        self.record = record
+        detector_config = DetectorConfig.from_dict(record.detector)
+        detector = build_detector(detector_config)
+        detector.load_state_dict(weights["detector"])
+        adapters = tuple(record.adapters or ())  # stages with trained adapters
+        backbone = None
         if need_backbone:
             ident = record.backbone
-            self.backbone = build_backbone(config_from_identity(ident), warn=False)
-            fine_tuned = weights.get("backbone") is not None and not self.adapters
+            backbone = build_backbone(config_from_identity(ident), warn=False)
+            fine_tuned = weights.get("backbone") is not None and not adapters
             if not fine_tuned:
-                check_weights(self.backbone.identity, ident,
-                              f"{path}: the backbone weights available here ({self.backbone.identity['weights']}) "
+                check_weights(backbone.identity, ident,
+                              f"{path}: the backbone weights available here ({backbone.identity['weights']}) "
                               f"are not the ones the run was trained on ({ident['weights']})")
-            if self.adapters:  # the frozen weights above, plus the trained adapters
-                self.backbone.add_adapters(self.adapters)
+            if adapters:  # the frozen weights above, plus the trained adapters
+                backbone.add_adapters(adapters)
             if weights.get("backbone") is not None:
-                self.backbone.load_state_dict(weights["backbone"])
+                backbone.load_state_dict(weights["backbone"])
+        self._attach(run, resolve_device(device), record.fingerprint, CategoryMap.from_json(record.categories),
+                     detector_config, detector, backbone, adapters, score_threshold)
+        self.detector.to(self.device).eval()
+        if self.backbone is not None:
             self.backbone.to(self.device).eval()
+
+    @classmethod
+    def from_model(cls, detector_config: DetectorConfig, detector, categories: list[dict], fingerprint: dict,
+                   backbone: Backbone | None = None, adapters=(), device: torch.device | None = None,
+                   score_threshold: float = 0.0, name: str = "(in training)") -> "Predictor":
+        """A predictor on a detector (and backbone, for images) in memory, used as they are: the caller
+        puts them in eval mode and on ``device`` (default: the detector's). ``categories``: [{id, name}]
+        in label order; ``fingerprint``: the features the detector fits (checked against a store)."""
+        self = cls.__new__(cls)
+        self.record = None
+        device = device or next(detector.parameters()).device
+        self._attach(name, device, fingerprint, CategoryMap.from_json(categories), detector_config, detector,
+                     backbone, tuple(adapters or ()), score_threshold)
+        return self
+
+    def _attach(self, run, device, fingerprint, categories, detector_config, detector, backbone, adapters,
+                score_threshold):
+        self.run, self.device = run, device
+        self.fingerprint = Fingerprint.from_dict(fingerprint)
+        self.categories = categories  # the run's labels <-> dataset category ids
+        self.detector_config = detector_config
+        self.canvas = detector_config.canvas
+        self.masks = detector_config.masks  # detections carry RLE segmentations
+        self.detector, self.backbone, self.adapters = detector, backbone, adapters
+        self.score_threshold = score_threshold
 
     def image_detections(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
         """Per view, its detections in original-image pixels, filtered by ``score_threshold``:
@@ -151,15 +175,16 @@ class Predictor:
             feats = self.backbone(torch.stack(views).to(self.device))
             return params, self.detector.predict({k: v.float() for k, v in feats.items()})
 
-    def check_store(self, store: StoreReader):
-        """Refuse a cache whose features do not fit the run (adapters, augmented views, fingerprint)."""
+    def check_store(self, store: StoreReader, option: str = "--cache"):
+        """Refuse a cache whose features do not fit the run (adapters, augmented views, fingerprint);
+        errors name ``option``."""
         header = store.header
         if self.adapters:
-            raise CachedetError(f"--cache {store.url}: run {self.run} trained adapters inside the backbone, so cached frozen "
+            raise CachedetError(f"{option} {store.url}: run {self.run} trained adapters inside the backbone, so cached frozen "
                                 "features do not fit it; evaluate from --images")
         if header.augmented:
-            raise CachedetError(f"--cache {store.url}: an augmented cache; evaluate from one made with --no-augment --views 1")
-        header.fingerprint().check(self.fingerprint, f"--cache {store.url} does not fit run {self.run}", found_label="store")
+            raise CachedetError(f"{option} {store.url}: an augmented cache; evaluate from one made with --no-augment --views 1")
+        header.fingerprint().check(self.fingerprint, f"{option} {store.url} does not fit run {self.run}", found_label="store")
 
     def predict_store(self, store: StoreReader, batch_size: int = 16, on_images=None) -> list[dict]:
         """COCO results for every usable view of a ``--no-augment --views 1`` store."""

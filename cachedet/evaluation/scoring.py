@@ -81,7 +81,10 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
     """Score COCO-format detections with pycocotools' COCOeval (``iou_type`` bbox or segm).
 
     Returns {"summary": {AP, AP50, ..., ARl in 0..100, or None where COCOeval says -1 (no ground
-    truth of that size)}, "per_class": {category_id: AP or None}}. No detections scores 0 wherever
+    truth of that size)}, "per_class": {category_id: AP or None}, "precision": COCOeval's precision
+    for area all and 100 detections, nested lists (IoU thresholds 0.5:0.95 = 10, 101 recall points,
+    classes in "category_ids" order; -1 where a class has no ground truth),
+    "category_ids": [...]}. No detections scores 0 wherever
     there is ground truth. For segm, ground truth without a segmentation is scored as its box.
     """
     from pycocotools.cocoeval import COCOeval
@@ -99,7 +102,8 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
         per_class[int(cid)] = float(p.mean() * 100) if p.size else None
-    return {"summary": summary, "per_class": per_class}
+    return {"summary": summary, "per_class": per_class, "precision": precision[:, :, :, 0, -1].tolist(),
+            "category_ids": [int(c) for c in ev.params.catIds]}
 
 
 @contextlib.contextmanager
