@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,19 +16,8 @@ from cachedet.engine.train import train
 from cachedet.errors import CachedetError
 from cachedet.extract import extract
 from conftest import small_config
-from test_extract import all_arrays
-from test_train import tiny_train
-
-
-def assert_same_store(a_url: str, b_url: str):
-    """Same views, boxes and metadata; features equal up to float16 rounding."""
-    a, b = all_arrays(a_url), all_arrays(b_url)
-    assert a.keys() == b.keys()
-    for k in a:
-        if k.startswith("features/"):
-            np.testing.assert_allclose(a[k].astype(np.float32), b[k].astype(np.float32), rtol=1e-3, atol=1e-3, err_msg=k)
-        else:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+from conftest import train_config as tiny_train
+from helpers import assert_same_store
 
 
 def shard_object(url: str, level: str, shard: int) -> str:
@@ -129,7 +117,7 @@ def test_sigkill_during_extraction_resumes_to_the_same_store(synthetic, tmp_path
     reference = small_config(synthetic, str(tmp_path / "ref.zarr"), shard_views=2)
     extract(reference, progress=False)
     out = str(tmp_path / "killed.zarr")
-    script = KILLED_EXTRACT.format(tests=os.path.dirname(__file__), paths=synthetic, out=out)
+    script = KILLED_EXTRACT.format(tests=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), paths=synthetic, out=out)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "READY"

@@ -14,19 +14,7 @@ from cachedet.data.views import normalize, plan_view, transform_image
 from cachedet.errors import CachedetError
 from cachedet.extract import dry_run, extract
 from conftest import edit_json, small_config
-from test_views import reference_boxes
-
-
-def all_arrays(url):
-    fs = FeatureStore(url)
-    out = {f"features/{s.name}": fs.features_array(s.name)[...] for s in fs.specs}
-    out.update({f"meta/{k}": v for k, v in fs.meta.items()})
-    out["boxes/offsets"] = fs.box_offsets
-    out.update({f"boxes/{k}": v for k, v in fs._boxes.items()})
-    if fs.has_masks:  # every shard's packed instance masks
-        for shard in range(fs.num_shards):
-            out[f"masks/{shard}/rle"], out[f"masks/{shard}/offsets"] = fs.read_shard_masks(shard)
-    return out
+from helpers import all_arrays, reference_boxes
 
 
 def test_features_equal_the_backbone_on_the_same_view(synthetic, tmp_path):
@@ -214,7 +202,7 @@ def test_cli_extract_cache_info_and_resume(cli, synthetic, tmp_path):
 def test_dask_workers_and_an_existing_scheduler_write_the_same_store(synthetic, tmp_path):
     from dask.distributed import LocalCluster
 
-    from test_faults import assert_same_store
+    from helpers import assert_same_store
 
     single = small_config(synthetic, str(tmp_path / "one.zarr"))
     extract(single, progress=False)

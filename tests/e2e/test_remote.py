@@ -9,8 +9,8 @@ from cachedet.cache.store import FeatureStore, StoreReader
 from cachedet.engine.train import train
 from cachedet.extract import extract
 from conftest import small_config
-from test_faults import assert_same_store
-from test_train import tiny_train
+from conftest import train_config as tiny_train
+from helpers import assert_same_store
 
 pytest.importorskip("s3fs", reason="remote-store tests need s3fs (pip install -e '.[test]')")
 moto_server = pytest.importorskip("moto.server", reason="remote-store tests need moto[server]")

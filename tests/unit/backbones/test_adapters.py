@@ -15,7 +15,7 @@ from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.extract import extract
 from cachedet.models.detector import DetectorConfig, build_detector
 from conftest import small_config
-from test_train import LIGHT, tiny_train
+from conftest import TRAIN_LIGHT as LIGHT, train_config as tiny_train
 
 
 @pytest.fixture(scope="module")

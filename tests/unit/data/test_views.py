@@ -3,18 +3,7 @@ import pytest
 import torch
 
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes, transform_image, view_to_image_boxes
-
-
-def reference_boxes(params, boxes):
-    """Independent numpy re-statement of resize -> flip -> crop/pad -> clip -> drop (< 1 px)."""
-    sy, sx = params.resized_size[0] / params.orig_size[0], params.resized_size[1] / params.orig_size[1]
-    b = boxes.astype(np.float64) * [sx, sy, sx, sy]
-    if params.flip:
-        b[:, [0, 2]] = params.resized_size[1] - b[:, [2, 0]]
-    b -= [params.crop_offset[1], params.crop_offset[0]] * 2
-    b = b.clip(0, params.canvas)
-    keep = ((b[:, 2] - b[:, 0]) >= 1) & ((b[:, 3] - b[:, 1]) >= 1)
-    return b[keep], keep
+from helpers import reference_boxes
 
 
 def random_boxes(rng, h, w, n=12):

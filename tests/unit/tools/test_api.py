@@ -17,7 +17,7 @@ from PIL import Image
 import cachedet
 from cachedet.errors import CachedetError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # tests/unit/tools/ -> the repository
 EXAMPLE = ROOT / "examples" / "api_example.py"
 
 

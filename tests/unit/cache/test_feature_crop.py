@@ -12,7 +12,7 @@ from cachedet.engine.train import train
 from cachedet.errors import CachedetError
 from cachedet.extract import extract
 from conftest import small_config
-from test_train import tiny_train
+from conftest import train_config as tiny_train
 
 
 @pytest.fixture(scope="module")
