@@ -42,7 +42,9 @@ def __getattr__(name: str):
     if name == "extract":  # the stage-1 module, callable as extract(cfg) (see cachedet/extract.py)
         return importlib.import_module("cachedet.extract")
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), "export_run" if name == "export" else name)
+        value = getattr(
+            importlib.import_module(_LAZY[name]), "export_run" if name == "export" else name
+        )
         globals()[name] = value
         return value
     raise AttributeError(f"module 'cachedet' has no attribute {name!r}")

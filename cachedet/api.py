@@ -20,7 +20,6 @@ from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 
 
-
 @dataclass
 class Detections:
     """Detections of one image, in its original pixels (after EXIF orientation).
@@ -53,8 +52,9 @@ def _array_pixels(array: np.ndarray, where: str) -> torch.Tensor:
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (1, 3):
-        raise CachedetError(f"{where}: a numpy image must be (H, W, 3) or (H, W), "
-                            f"got shape {tuple(array.shape)}")
+        raise CachedetError(
+            f"{where}: a numpy image must be (H, W, 3) or (H, W), got shape {tuple(array.shape)}"
+        )
     if array.dtype != np.uint8:
         raise CachedetError(f"{where}: a numpy image must be uint8 (0-255), got {array.dtype}")
     array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
@@ -63,14 +63,16 @@ def _array_pixels(array: np.ndarray, where: str) -> torch.Tensor:
 
 def _tensor_pixels(tensor: torch.Tensor, where: str) -> torch.Tensor:
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
-        raise CachedetError(f"{where}: a tensor image must be (3, H, W) or (1, H, W), "
-                            f"got shape {tuple(tensor.shape)}")
+        raise CachedetError(
+            f"{where}: a tensor image must be (3, H, W) or (1, H, W), got shape {tuple(tensor.shape)}"
+        )
     tensor = tensor.detach().cpu()
     if tensor.dtype.is_floating_point:  # torchvision's convention: floats in [0, 1]
         tensor = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
     elif tensor.dtype != torch.uint8:
-        raise CachedetError(f"{where}: a tensor image must be uint8 (0-255) or float (0-1), "
-                            f"got {tensor.dtype}")
+        raise CachedetError(
+            f"{where}: a tensor image must be uint8 (0-255) or float (0-1), got {tensor.dtype}"
+        )
     return tensor.expand(3, -1, -1).contiguous()
 
 
@@ -89,8 +91,9 @@ def to_pixels(image, where: str = "image") -> torch.Tensor:
         return _array_pixels(image, where)
     if isinstance(image, torch.Tensor):
         return _tensor_pixels(image, where)
-    raise CachedetError(f"{where}: expected a path, PIL image, numpy array or tensor, "
-                        f"got {type(image).__name__}")
+    raise CachedetError(
+        f"{where}: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}"
+    )
 
 
 def _as_batch(images) -> tuple[list, bool]:
@@ -131,19 +134,34 @@ class Model:
         p = self.predictor
         results = []
         for start in range(0, len(items), batch_size):
-            pixels = [(i, to_pixels(image, str(image) if isinstance(image, (str, Path)) else f"images[{i}]"))
-                      for i, image in enumerate(items[start:start + batch_size], start)]
+            pixels = [
+                (
+                    i,
+                    to_pixels(
+                        image, str(image) if isinstance(image, (str, Path)) else f"images[{i}]"
+                    ),
+                )
+                for i, image in enumerate(items[start : start + batch_size], start)
+            ]
             for det in p.image_detections(*p.detect_pixels(pixels)):
                 ids = [p.categories.to_id(int(k)) for k in det["labels"]]
-                results.append(Detections(boxes=det["boxes"].astype(np.float32), scores=det["scores"],
-                                          labels=np.asarray(ids, dtype=np.int64),
-                                          names=[p.categories.name_of(i) for i in ids], masks=det["masks"]))
+                results.append(
+                    Detections(
+                        boxes=det["boxes"].astype(np.float32),
+                        scores=det["scores"],
+                        labels=np.asarray(ids, dtype=np.int64),
+                        names=[p.categories.name_of(i) for i in ids],
+                        masks=det["masks"],
+                    )
+                )
         return results if batched else results[0]
 
     __call__ = predict
 
 
-def load(run: str, checkpoint: str = "last", device: str = "auto", score_threshold: float = 0.05) -> Model:
+def load(
+    run: str, checkpoint: str = "last", device: str = "auto", score_threshold: float = 0.05
+) -> Model:
     """Load a run written by ``train_heads`` / ``cachedet train-heads`` for prediction.
 
     run: the run directory. checkpoint: "last" (default), "best" (RUN/checkpoints/best.pt; an error
@@ -168,7 +186,9 @@ def train_heads(cfg, progress: bool = True):
     return train(cfg, progress=progress)
 
 
-def evaluate(run: str, annotations: str, images: str | None = None, **kwargs) -> tuple[dict, list[dict]]:
+def evaluate(
+    run: str, annotations: str, images: str | None = None, **kwargs
+) -> tuple[dict, list[dict]]:
     """Stage 3: score ``run`` on a COCO/LVIS validation file as ``cachedet eval`` does.
 
     Keyword arguments as ``cachedet.evaluation.evaluate.evaluate_run`` (train_annotations, cache, out,

@@ -28,12 +28,14 @@ FORMATS = ("onnx", "pt2")
 OPSET = 17
 PREPROCESS = {
     "resize": "scale = S / max(H, W); resize the RGB image to (round(H * scale), round(W * scale)), "
-              "bilinear with antialiasing",
+    "bilinear with antialiasing",
     "normalize": "(pixel / 255 - mean) / std, per RGB channel",
     "pad": "bottom and right with 0 (after normalisation) to S x S; the image sits at the top-left",
 }
-POSTPROCESS = ("boxes / (round(W * scale) / W, round(H * scale) / H) per x and y gives original-image "
-               "pixels; clip to the image, drop boxes left with no area, then apply your own score threshold")
+POSTPROCESS = (
+    "boxes / (round(W * scale) / W, round(H * scale) / H) per x and y gives original-image "
+    "pixels; clip to the image, drop boxes left with no area, then apply your own score threshold"
+)
 
 
 class InferenceModel(nn.Module):
@@ -54,18 +56,38 @@ def export_metadata(predictor, checkpoint: str, fmt: str, score_threshold: float
     cfg, s = predictor.detector_config, predictor.canvas
     names = [predictor.categories.name_of(i) for i in predictor.categories.ids]
     return {
-        "format": "cachedet.export", "version": 1, "exported_as": fmt, "checkpoint": checkpoint,
-        "backbone": predictor.backbone.identity["name"], "adapters": list(predictor.adapters),
-        "neck": cfg.neck, "head": cfg.head, "canvas": s,
-        "input": {"name": "image", "shape": [1, 3, s, s], "dtype": "float32", "layout": "NCHW, RGB"},
-        "preprocess": {**PREPROCESS, "mean": list(predictor.backbone.mean),
-                       "std": list(predictor.backbone.std)},
-        "outputs": {"boxes": "float32 (N, 4) xyxy canvas pixels",
-                    "scores": "float32 (N,), descending per class",
-                    "labels": "int64 (N,) contiguous 0..C-1; category_ids[label] is the dataset id"},
-        "postprocess": POSTPROCESS, "score_threshold": score_threshold, "max_detections": 100,
-        "category_ids": list(predictor.categories.ids), "category_names": names,
-        "torch": torch.__version__, "opset": OPSET if fmt == "onnx" else None,
+        "format": "cachedet.export",
+        "version": 1,
+        "exported_as": fmt,
+        "checkpoint": checkpoint,
+        "backbone": predictor.backbone.identity["name"],
+        "adapters": list(predictor.adapters),
+        "neck": cfg.neck,
+        "head": cfg.head,
+        "canvas": s,
+        "input": {
+            "name": "image",
+            "shape": [1, 3, s, s],
+            "dtype": "float32",
+            "layout": "NCHW, RGB",
+        },
+        "preprocess": {
+            **PREPROCESS,
+            "mean": list(predictor.backbone.mean),
+            "std": list(predictor.backbone.std),
+        },
+        "outputs": {
+            "boxes": "float32 (N, 4) xyxy canvas pixels",
+            "scores": "float32 (N,), descending per class",
+            "labels": "int64 (N,) contiguous 0..C-1; category_ids[label] is the dataset id",
+        },
+        "postprocess": POSTPROCESS,
+        "score_threshold": score_threshold,
+        "max_detections": 100,
+        "category_ids": list(predictor.categories.ids),
+        "category_names": names,
+        "torch": torch.__version__,
+        "opset": OPSET if fmt == "onnx" else None,
     }
 
 
@@ -74,13 +96,17 @@ def _refuse(predictor, fmt: str, where: str) -> None:
         raise CachedetError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if predictor.backbone.patch:
         name = predictor.backbone.identity["name"]
-        raise CachedetError(f"{where}: plain ViT backbones ({name}) cannot export yet: "
-                            "timm resizes their position embeddings with antialiased bicubic interpolation, "
-                            f"which ONNX opset {OPSET} lacks")
+        raise CachedetError(
+            f"{where}: plain ViT backbones ({name}) cannot export yet: "
+            "timm resizes their position embeddings with antialiased bicubic interpolation, "
+            f"which ONNX opset {OPSET} lacks"
+        )
     if predictor.masks:
-        raise CachedetError(f"{where}: runs with a mask branch (--masks) cannot export yet "
-                            "(the mask paste is per image outside the graph); "
-                            "export a run trained without --masks")
+        raise CachedetError(
+            f"{where}: runs with a mask branch (--masks) cannot export yet "
+            "(the mask paste is per image outside the graph); "
+            "export a run trained without --masks"
+        )
 
 
 def _first_line(e: Exception) -> str:
@@ -96,9 +122,16 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, out: str, meta: dict) 
     # TracerWarnings about Python values in torchvision's code: the canvas is fixed here
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), out, dynamo=False, opset_version=OPSET, input_names=["image"],
-                          output_names=["boxes", "scores", "labels"],
-                          dynamic_axes={k: {0: "detections"} for k in ("boxes", "scores", "labels")})
+        torch.onnx.export(
+            model,
+            (example,),
+            out,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["image"],
+            output_names=["boxes", "scores", "labels"],
+            dynamic_axes={k: {0: "detections"} for k in ("boxes", "scores", "labels")},
+        )
     proto = onnx.load(out)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "cachedet", json.dumps(meta)
@@ -109,15 +142,22 @@ def _export_pt2(model: nn.Module, example: torch.Tensor, out: str, meta: dict, w
     try:
         program = torch.export.export(model, (example,), strict=False)
     except Exception as e:  # torch.export raises several types for data-dependent code
-        raise CachedetError(f"{where}: --format pt2 cannot export the {meta['head']} head yet: torch.export "
-                            "stops at the data-dependent shapes of torchvision's detection post-processing "
-                            f"({type(e).__name__}); "
-                            "use --format onnx") from None
+        raise CachedetError(
+            f"{where}: --format pt2 cannot export the {meta['head']} head yet: torch.export "
+            "stops at the data-dependent shapes of torchvision's detection post-processing "
+            f"({type(e).__name__}); "
+            "use --format onnx"
+        ) from None
     torch.export.save(program, out, extra_files={"cachedet.json": json.dumps(meta)})
 
 
-def export_run(run: str, format: str = "onnx", out: str | None = None, checkpoint: str = "last",
-               score_threshold: float = 0.05) -> str:
+def export_run(
+    run: str,
+    format: str = "onnx",
+    out: str | None = None,
+    checkpoint: str = "last",
+    score_threshold: float = 0.05,
+) -> str:
     """Export run's inference model as ONNX (``format="onnx"``) or a ``torch.export`` program (``"pt2"``).
 
     out: the file to write (default RUN/export/model.onnx or model.pt2); its metadata also goes to
@@ -172,7 +212,9 @@ def prepare_image(pixels: torch.Tensor, meta: dict):
 
     h, w = int(pixels.shape[1]), int(pixels.shape[2])
     p = plan_view(AugmentConfig(size=int(meta["canvas"]), augment=False), 0, 0, h, w)
-    view = transform_image(p, normalize(pixels, meta["preprocess"]["mean"], meta["preprocess"]["std"]))
+    view = transform_image(
+        p, normalize(pixels, meta["preprocess"]["mean"], meta["preprocess"]["std"])
+    )
     return view[None].numpy().astype(np.float32), p
 
 

@@ -29,8 +29,12 @@ LEGACY_SCALE_RANGE = (0.1, 2.0)  # what runs recorded before recipes used
 class Recipe:
     name: str
     scale_range: tuple[float, float]  # LSJ: the longer side is f x size, f ~ U(scale_range)
-    detector_options: dict = field(default_factory=dict)  # box head (faster-rcnn; cascade keeps its own)
-    long_epochs: int = 0  # the schedule the jitter is meant for: fewer epochs is short for it (0: any)
+    detector_options: dict = field(
+        default_factory=dict
+    )  # box head (faster-rcnn; cascade keeps its own)
+    long_epochs: int = (
+        0  # the schedule the jitter is meant for: fewer epochs is short for it (0: any)
+    )
 
 
 RECIPES = {
@@ -61,8 +65,9 @@ def detector_options_for(recipe: Recipe, head: str, given: dict) -> dict:
     return {**recipe.detector_options, **given}
 
 
-def schedule_advice(scale_range: tuple[float, float], epochs: int | None = None,
-                    views: int | None = None) -> str | None:
+def schedule_advice(
+    scale_range: tuple[float, float], epochs: int | None = None, views: int | None = None
+) -> str | None:
     """One line when the jitter range is wide for the schedule (the paper's range on a schedule far
     shorter than the paper's), suggesting the short recipe; None when the pairing is fine.
 
@@ -73,11 +78,15 @@ def schedule_advice(scale_range: tuple[float, float], epochs: int | None = None,
         return None
     paper = RECIPES["paper"]
     if epochs is not None and epochs < paper.long_epochs:
-        return (f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs; "
-                f"for {epochs} epochs try --recipe short (LSJ 0.8-1.25; README: Recipes)")
+        return (
+            f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs; "
+            f"for {epochs} epochs try --recipe short (LSJ 0.8-1.25; README: Recipes)"
+        )
     if epochs is None and views is not None and views < paper.long_epochs:
-        return (f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs of fresh views; "
-                f"for short runs on {views} cached views per image use --recipe short (LSJ 0.8-1.25)")
+        return (
+            f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs of fresh views; "
+            f"for short runs on {views} cached views per image use --recipe short (LSJ 0.8-1.25)"
+        )
     return None
 
 
@@ -90,7 +99,9 @@ def store_header(url: str | None):
 
     try:
         return StoreReader(url).header
-    except Exception:  # a missing or foreign store is reported by train itself, with its own message
+    except (
+        Exception
+    ):  # a missing or foreign store is reported by train itself, with its own message
         return None
 
 

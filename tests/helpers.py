@@ -6,9 +6,13 @@ import numpy as np
 
 from cachedet.cache.store import FeatureStore
 
+
 def reference_boxes(params, boxes):
     """Independent numpy re-statement of resize -> flip -> crop/pad -> clip -> drop (< 1 px)."""
-    sy, sx = params.resized_size[0] / params.orig_size[0], params.resized_size[1] / params.orig_size[1]
+    sy, sx = (
+        params.resized_size[0] / params.orig_size[0],
+        params.resized_size[1] / params.orig_size[1],
+    )
     b = boxes.astype(np.float64) * [sx, sy, sx, sy]
     if params.flip:
         b[:, [0, 2]] = params.resized_size[1] - b[:, [2, 0]]
@@ -36,6 +40,8 @@ def assert_same_store(a_url: str, b_url: str):
     assert a.keys() == b.keys()
     for k in a:
         if k.startswith("features/"):
-            np.testing.assert_allclose(a[k].astype(np.float32), b[k].astype(np.float32), rtol=1e-3, atol=1e-3, err_msg=k)
+            np.testing.assert_allclose(
+                a[k].astype(np.float32), b[k].astype(np.float32), rtol=1e-3, atol=1e-3, err_msg=k
+            )
         else:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -22,7 +22,9 @@ class MetricsHook(Hook):
         from cachedet.progress import ViewProgress
 
         self._file = open(self.path, "a")
-        self._bar = ViewProgress("train-heads", self.steps, unit="steps", enabled=self.progress).__enter__()
+        self._bar = ViewProgress(
+            "train-heads", self.steps, unit="steps", enabled=self.progress
+        ).__enter__()
 
     def write(self, record: dict) -> None:
         """One line of metrics.jsonl (other hooks log validation results through this too)."""
@@ -39,8 +41,11 @@ class MetricsHook(Hook):
 
     def after_step(self, trainer: Trainer, record: dict) -> None:
         self.write(record)
-        self._bar.advance(1, status=f"epoch {record['epoch'] + 1}/{self.epochs} loss {record['loss']:.3f} "
-                                    f"lr {record['lr']:.2g}")
+        self._bar.advance(
+            1,
+            status=f"epoch {record['epoch'] + 1}/{self.epochs} loss {record['loss']:.3f} "
+            f"lr {record['lr']:.2g}",
+        )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -62,9 +67,19 @@ class CheckpointHook(Hook):
         model = trainer.model
         backbone = model.backbone
         keep_backbone = backbone is not None and (backbone.trainable or backbone.has_adapters)
-        return {"detector": model.detector.state_dict(), "backbone": backbone.state_dict() if keep_backbone else None,
-                "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict()}
+        return {
+            "detector": model.detector.state_dict(),
+            "backbone": backbone.state_dict() if keep_backbone else None,
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+        }
 
     def after_epoch(self, trainer: Trainer) -> None:
-        save_run_checkpoint(self.path, self.record, trainer.state.epoch, trainer.state.step, self.state(trainer),
-                            best=trainer.state.extra.get("best"))
+        save_run_checkpoint(
+            self.path,
+            self.record,
+            trainer.state.epoch,
+            trainer.state.step,
+            self.state(trainer),
+            best=trainer.state.extra.get("best"),
+        )

@@ -24,8 +24,11 @@ def summary_writer(logdir: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        warnings.warn("tensorboard is not installed, so this run writes no TensorBoard files "
-                      "(pip install tensorboard); metrics.jsonl and curves.png are written anyway", stacklevel=2)
+        warnings.warn(
+            "tensorboard is not installed, so this run writes no TensorBoard files "
+            "(pip install tensorboard); metrics.jsonl and curves.png are written anyway",
+            stacklevel=2,
+        )
         return None
     return SummaryWriter(logdir)
 
@@ -71,8 +74,10 @@ class CurvesHook(Hook):
         self.metrics_path, self.out = metrics_path, out
         self.enabled = matplotlib_available()
         if not self.enabled:
-            warnings.warn("matplotlib is not installed, so this run draws no curves.png (pip install matplotlib)",
-                          stacklevel=2)
+            warnings.warn(
+                "matplotlib is not installed, so this run draws no curves.png (pip install matplotlib)",
+                stacklevel=2,
+            )
 
     def draw(self) -> None:
         if self.enabled:

@@ -23,13 +23,21 @@ import os
 from dataclasses import dataclass
 
 from cachedet import __version__
-from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from cachedet.cache.header import check_fingerprint
+from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 
-RECORD_KEYS = ("train", "detector", "fingerprint", "backbone", "augment", "categories", "adapters",
-               "cachedet_version")
+RECORD_KEYS = (
+    "train",
+    "detector",
+    "fingerprint",
+    "backbone",
+    "augment",
+    "categories",
+    "adapters",
+    "cachedet_version",
+)
 
 
 @dataclass(frozen=True)
@@ -62,20 +70,33 @@ class RunRecord:
     def check_fits(self, found: dict, where: str, found_label: str) -> None:
         """Raise CachedetError naming each difference when features/classes ``found`` (a fingerprint
         of a store, an online backbone or another run) do not fit this run's heads."""
-        check_fingerprint(found, self.fingerprint, f"{where} does not fit this run", found_label=found_label)
+        check_fingerprint(
+            found, self.fingerprint, f"{where} does not fit this run", found_label=found_label
+        )
 
 
 def _upgrade(ckpt: dict) -> dict:
     """A checkpoint of the flat layout (cachedet 0.1 before the run record) in the current shape."""
     if "run" in ckpt:
         return ckpt
-    record = RunRecord(train=ckpt["config"], detector=ckpt["detector_config"], fingerprint=ckpt["fingerprint"],
-                       backbone=ckpt.get("backbone_identity"), augment=ckpt.get("augment") or {},
-                       categories=ckpt["categories"], adapters=ckpt.get("adapters"),
-                       cachedet_version=ckpt.get("cachedet_version", "0.1.0"))
+    record = RunRecord(
+        train=ckpt["config"],
+        detector=ckpt["detector_config"],
+        fingerprint=ckpt["fingerprint"],
+        backbone=ckpt.get("backbone_identity"),
+        augment=ckpt.get("augment") or {},
+        categories=ckpt["categories"],
+        adapters=ckpt.get("adapters"),
+        cachedet_version=ckpt.get("cachedet_version", "0.1.0"),
+    )
     state = {k: ckpt.get(k) for k in ("detector", "backbone", "optimizer", "scheduler")}
-    return {"format": ckpt["format"], "epoch": ckpt["epoch"], "step": ckpt["step"], "run": record.to_dict(),
-            "state": state}
+    return {
+        "format": ckpt["format"],
+        "epoch": ckpt["epoch"],
+        "step": ckpt["step"],
+        "run": record.to_dict(),
+        "state": state,
+    }
 
 
 def load_run_checkpoint(path: str) -> dict:
@@ -84,15 +105,27 @@ def load_run_checkpoint(path: str) -> dict:
     try:
         return _upgrade(ckpt)
     except KeyError as e:
-        raise CachedetError(f"{path}: a cachedet checkpoint without its {e.args[0]!r} entry") from None
+        raise CachedetError(
+            f"{path}: a cachedet checkpoint without its {e.args[0]!r} entry"
+        ) from None
 
 
-def save_run_checkpoint(path: str, record: RunRecord, epoch: int, step: int, state: dict,
-                        best: dict | None = None) -> None:
+def save_run_checkpoint(
+    path: str, record: RunRecord, epoch: int, step: int, state: dict, best: dict | None = None
+) -> None:
     """Atomically write a checkpoint (temp file + rename): a reader sees old or new, never half.
     ``best``: the best validation result so far ({metric, value, step, epoch}), kept for resuming."""
-    save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "run": record.to_dict(),
-                 "state": state, "best": best}, path)
+    save_atomic(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "step": step,
+            "run": record.to_dict(),
+            "state": state,
+            "best": best,
+        },
+        path,
+    )
 
 
 CHECKPOINTS = ("last", "best")
@@ -112,9 +145,11 @@ def checkpoint_path(run: str, checkpoint: str = "last") -> str:
             raise CachedetError(f"{run}: no such run directory")
         path = os.path.join(run, "checkpoints", f"{checkpoint}.pt")
         if checkpoint == "best" and not os.path.isfile(path):
-            raise CachedetError(f"checkpoint best: no {path}: {run} has no checkpoints/best.pt (train-heads "
-                                "writes it when it validates: val.annotations with val.images or val.cache); "
-                                "use checkpoint last")
+            raise CachedetError(
+                f"checkpoint best: no {path}: {run} has no checkpoints/best.pt (train-heads "
+                "writes it when it validates: val.annotations with val.images or val.cache); "
+                "use checkpoint last"
+            )
         if not os.path.isfile(path):
             raise CachedetError(f"{path}: no such checkpoint")
         return path
@@ -149,8 +184,10 @@ class RunDir:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise CachedetError(f"TrainConfig.out {self.path}: another train-heads is writing this run; "
-                                "wait for it, or choose another TrainConfig.out") from None
+            raise CachedetError(
+                f"TrainConfig.out {self.path}: another train-heads is writing this run; "
+                "wait for it, or choose another TrainConfig.out"
+            ) from None
         self._lock = f
 
     def unlock(self) -> None:

@@ -44,24 +44,36 @@ class ValidationSet:
             raise CachedetError(f"val.images {cfg.images}: no such folder")
         if not os.path.exists(cfg.annotations):
             raise CachedetError(f"val.annotations {cfg.annotations}: no such file")
-        dataset = load_detection_dataset(cfg.annotations, cfg.images or os.path.dirname(cfg.annotations))
+        dataset = load_detection_dataset(
+            cfg.annotations, cfg.images or os.path.dirname(cfg.annotations)
+        )
         ids = [c["id"] for c in categories]
         if list(dataset.categories.ids) != ids:
-            raise CachedetError(f"val.annotations {cfg.annotations}: categories differ from the training set's "
-                                f"({len(dataset.categories.ids)} vs {len(ids)}); validate on a file with the "
-                                "training categories")
+            raise CachedetError(
+                f"val.annotations {cfg.annotations}: categories differ from the training set's "
+                f"({len(dataset.categories.ids)} vs {len(ids)}); validate on a file with the "
+                "training categories"
+            )
         ground_truth = scoring_ground_truth(dataset.raw, cfg.annotations, dataset.is_lvis)
-        self.evaluator = DetectionEvaluator(ground_truth, {c["id"]: c["name"] for c in categories},
-                                            masks=masks and dataset.has_masks, lvis=dataset.is_lvis)
+        self.evaluator = DetectionEvaluator(
+            ground_truth,
+            {c["id"]: c["name"] for c in categories},
+            masks=masks and dataset.has_masks,
+            lvis=dataset.is_lvis,
+        )
         self.num_images = len(dataset.images)
         self.store = self.items = None
         if cfg.cache is not None:
             from cachedet.cache.store import StoreReader
 
             self.store = StoreReader(cfg.cache)
-            self.store.header.check_dataset(dataset.sha256, f"val.cache {cfg.cache}", cfg.annotations)
+            self.store.header.check_dataset(
+                dataset.sha256, f"val.cache {cfg.cache}", cfg.annotations
+            )
         else:
-            self.items = [(r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images]
+            self.items = [
+                (r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images
+            ]
 
     def check(self, predictor) -> None:
         """Refuse a store that does not fit the detector, before training."""
@@ -90,8 +102,14 @@ def val_line(val: dict) -> str:
     parts = []
     for name, label in (("bbox", "box"), ("segm", "mask")):
         if name in val:
-            parts.append(label + " " + " ".join(
-                f"{k} {'-' if val[name][k] is None else format(val[name][k], '.1f')}" for k in ("AP", "AP50", "AP75")))
+            parts.append(
+                label
+                + " "
+                + " ".join(
+                    f"{k} {'-' if val[name][k] is None else format(val[name][k], '.1f')}"
+                    for k in ("AP", "AP50", "AP75")
+                )
+            )
     return " | ".join(parts)
 
 
@@ -103,34 +121,67 @@ class EvalHook(Hook):
     Other hooks hear of each result through ``after_eval(trainer, line)``.
     """
 
-    def __init__(self, validation: ValidationSet, predictor, period: int, best_metric: str, best_path: str,
-                 record: RunRecord, metrics, checkpoint):
+    def __init__(
+        self,
+        validation: ValidationSet,
+        predictor,
+        period: int,
+        best_metric: str,
+        best_path: str,
+        record: RunRecord,
+        metrics,
+        checkpoint,
+    ):
         self.validation, self.predictor, self.period = validation, predictor, period
         self.best_metric, self.best_path, self.record = best_metric, best_path, record
         self.metrics, self.checkpoint = metrics, checkpoint
 
     def before_train(self, trainer: Trainer) -> None:
         best = trainer.state.extra.get("best")
-        if best is not None and best.get("metric") != self.best_metric:  # a new metric starts a new best
+        if (
+            best is not None and best.get("metric") != self.best_metric
+        ):  # a new metric starts a new best
             trainer.state.extra["best"] = None
 
     def after_epoch(self, trainer: Trainer) -> None:
         epoch = trainer.state.epoch + 1
         if epoch % self.period and epoch != trainer.loop.epochs:
             return
-        line = {"step": trainer.state.step, "epoch": trainer.state.epoch, "val": self.evaluate(trainer)}
+        line = {
+            "step": trainer.state.step,
+            "epoch": trainer.state.epoch,
+            "val": self.evaluate(trainer),
+        }
         self.metrics.write(line)
         value, best = metric_of(line["val"], self.best_metric), trainer.state.extra.get("best")
         improved = value is not None and (best is None or value > best["value"])
         if improved:
-            best = {"metric": self.best_metric, "value": value, "step": trainer.state.step, "epoch": trainer.state.epoch}
+            best = {
+                "metric": self.best_metric,
+                "value": value,
+                "step": trainer.state.step,
+                "epoch": trainer.state.epoch,
+            }
             trainer.state.extra["best"] = best
-            save_run_checkpoint(self.best_path, self.record, trainer.state.epoch, trainer.state.step,
-                                self.checkpoint.state(trainer), best=best)
-        note = (f"new best {self.best_metric}" if improved else
-                f"best {self.best_metric} {best['value']:.1f} at step {best['step']}" if best else "")
-        self.metrics.log(f"val epoch {epoch} step {trainer.state.step}: {val_line(line['val'])}"
-                         + (f"  ({note})" if note else ""))
+            save_run_checkpoint(
+                self.best_path,
+                self.record,
+                trainer.state.epoch,
+                trainer.state.step,
+                self.checkpoint.state(trainer),
+                best=best,
+            )
+        note = (
+            f"new best {self.best_metric}"
+            if improved
+            else f"best {self.best_metric} {best['value']:.1f} at step {best['step']}"
+            if best
+            else ""
+        )
+        self.metrics.log(
+            f"val epoch {epoch} step {trainer.state.step}: {val_line(line['val'])}"
+            + (f"  ({note})" if note else "")
+        )
         for hook in trainer.hooks:
             hook.after_eval(trainer, line)
 
@@ -147,4 +198,8 @@ class EvalHook(Hook):
                 for m, mode in zip(modules, modes):
                     m.train(mode)
         val = {k: scores[k] for k in SUMMARY_PARTS if k in scores}
-        return {**val, "num_detections": scores["num_detections"], "seconds": round(time.perf_counter() - t0, 3)}
+        return {
+            **val,
+            "num_detections": scores["num_detections"],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }

@@ -21,10 +21,28 @@ from cachedet.data.images import read_image
 from cachedet.data.masks import decode_rles
 
 # Sasha Trubetskoy's 20 distinct colours (most distinct first), as RGB
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
-           (255, 225, 25), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
-           (128, 128, 128), (0, 0, 0)]
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 225, 25),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+    (128, 128, 128),
+    (0, 0, 0),
+]
 
 
 def class_color(index: int) -> tuple[int, int, int]:
@@ -63,7 +81,9 @@ def _draw_masks(image: torch.Tensor, dets: list[dict], colors: list) -> torch.Te
     return image
 
 
-def _draw_boxes(canvas: Image.Image, dets: list[dict], colors: list, labels: list[str], font, line: int) -> None:
+def _draw_boxes(
+    canvas: Image.Image, dets: list[dict], colors: list, labels: list[str], font, line: int
+) -> None:
     draw = ImageDraw.Draw(canvas)
     W, H = canvas.size
     for d, color, label in zip(dets, colors, labels):
@@ -74,7 +94,9 @@ def _draw_boxes(canvas: Image.Image, dets: list[dict], colors: list, labels: lis
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         tw, th = right - left + 4, bottom - top + 4
         tx = min(max(0, x), max(0, W - tw))
-        ty = y - th if y - th >= 0 else min(max(0, y), max(0, H - th))  # above the box, else inside it
+        ty = (
+            y - th if y - th >= 0 else min(max(0, y), max(0, H - th))
+        )  # above the box, else inside it
         draw.rectangle([tx, ty, tx + tw, ty + th], fill=color)
         draw.text((tx + 2 - left, ty + 2 - top), label, fill=_text_color(color), font=font)
 
@@ -87,26 +109,35 @@ def _legend(canvas: Image.Image, entries: list[tuple[str, tuple, int]], font) ->
     text_w = max(probe.textlength(r, font=font) for r in rows)
     swatch = line_h - 6
     width = int(text_w + swatch + 24)
-    out = Image.new("RGB", (canvas.width + width, max(canvas.height, line_h * len(rows) + 12)), "white")
+    out = Image.new(
+        "RGB", (canvas.width + width, max(canvas.height, line_h * len(rows) + 12)), "white"
+    )
     out.paste(canvas, (0, 0))
     draw = ImageDraw.Draw(out)
     for i, row in enumerate(rows):
         y = 6 + i * line_h
         if entries:
-            draw.rectangle([canvas.width + 8, y, canvas.width + 8 + swatch, y + swatch], fill=entries[i][1])
+            draw.rectangle(
+                [canvas.width + 8, y, canvas.width + 8 + swatch, y + swatch], fill=entries[i][1]
+            )
         draw.text((canvas.width + 16 + swatch, y), row, fill=(0, 0, 0), font=font)
     return out
 
 
-def draw_detections(paths: list[Path], detections: list[dict], out_dir: str,
-                    category_ids: list[int] | None = None) -> list[str]:
+def draw_detections(
+    paths: list[Path], detections: list[dict], out_dir: str, category_ids: list[int] | None = None
+) -> list[str]:
     """One PNG per image in ``out_dir`` (named after the image): masks (COCO RLE ``segmentation``, when
     present) with outlines, boxes (``bbox`` [x, y, w, h] image pixels) labelled '``category_name``
     score', and a legend. ``detections[i]["image_id"]`` is the index of its image in ``paths``;
     ``category_ids``: the run's category ids in label order (colour = place in it; default: sorted ids
     seen). Returns the files written."""
     os.makedirs(out_dir, exist_ok=True)
-    order = list(category_ids) if category_ids is not None else sorted({d["category_id"] for d in detections})
+    order = (
+        list(category_ids)
+        if category_ids is not None
+        else sorted({d["category_id"] for d in detections})
+    )
     index = {cid: i for i, cid in enumerate(order)}
     by_image = defaultdict(list)
     for d in detections:
@@ -121,8 +152,14 @@ def draw_detections(paths: list[Path], detections: list[dict], out_dir: str,
         image = _draw_masks(image, dets, colors)
         canvas = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
         font = _font(max(11, min(canvas.size) // 40))
-        _draw_boxes(canvas, dets, colors, [f"{n} {d['score']:.2f}" for n, d in zip(names, dets)], font,
-                    line=max(2, min(canvas.size) // 250))
+        _draw_boxes(
+            canvas,
+            dets,
+            colors,
+            [f"{n} {d['score']:.2f}" for n, d in zip(names, dets)],
+            font,
+            line=max(2, min(canvas.size) // 250),
+        )
         counts = Counter(zip(classes, names))
         entries = [(name, class_color(k), n) for (k, name), n in sorted(counts.items())]
         target = os.path.join(out_dir, f"{Path(path).stem}.png")

@@ -4,6 +4,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import edit_json, small_config
+from helpers import all_arrays, reference_boxes
 
 from cachedet.backbones import BackboneConfig, build_backbone
 from cachedet.cache import store as store_mod
@@ -13,8 +15,6 @@ from cachedet.data.images import read_image
 from cachedet.data.views import normalize, plan_view, transform_image
 from cachedet.errors import CachedetError
 from cachedet.extract import dry_run, extract
-from conftest import edit_json, small_config
-from helpers import all_arrays, reference_boxes
 
 
 def test_features_equal_the_backbone_on_the_same_view(synthetic, tmp_path):
@@ -28,13 +28,17 @@ def test_features_equal_the_backbone_on_the_same_view(synthetic, tmp_path):
         params = fs.view_params(view)
         rec = next(r for r in ds.images if r.id == params.image_id)
         assert params == plan_view(cfg.augment, rec.id, params.view_index, rec.height, rec.width)
-        image = transform_image(params, normalize(read_image(ds.image_path(rec)), backbone.mean, backbone.std))
+        image = transform_image(
+            params, normalize(read_image(ds.image_path(rec)), backbone.mean, backbone.std)
+        )
         with torch.no_grad():
             want = backbone(image[None])
         got = fs.read_features(view, view + 1)
         for name, ref in want.items():
             assert got[name].shape == tuple(ref.shape)
-            np.testing.assert_allclose(got[name], ref.numpy(), rtol=2e-3, atol=2e-3)  # float16 rounding
+            np.testing.assert_allclose(
+                got[name], ref.numpy(), rtol=2e-3, atol=2e-3
+            )  # float16 rounding
 
 
 def test_boxes_and_metadata_equal_a_reference_transform(synthetic, tmp_path):
@@ -74,7 +78,9 @@ def test_interrupted_run_resumes_to_identical_arrays(synthetic, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         extract(cfg, progress=False)
     monkeypatch.setattr(store_mod, "write_level", real_write)
-    assert sorted(FeatureStore(cfg.out).shard_records()) == [0]  # the half-written shard is not complete
+    assert sorted(FeatureStore(cfg.out).shard_records()) == [
+        0
+    ]  # the half-written shard is not complete
 
     result = extract(cfg, progress=False)
     assert result.shards_skipped_complete == 1 and result.shards_run == 4
@@ -89,12 +95,24 @@ def test_incompatible_store_is_refused_and_overwrite_rebuilds(synthetic, tmp_pat
     cfg = small_config(synthetic, str(tmp_path / "s.zarr"))
     extract(cfg, progress=False)
     other = small_config(synthetic, cfg.out, views=3)
-    with pytest.raises(CachedetError, match=r"another configuration.*views: store has 2, asked for 3"):
+    with pytest.raises(
+        CachedetError, match=r"another configuration.*views: store has 2, asked for 3"
+    ):
         extract(other, progress=False)
-    with pytest.raises(CachedetError, match=r"storage.dtype: store has 'float16', asked for 'bfloat16'"):
+    with pytest.raises(
+        CachedetError, match=r"storage.dtype: store has 'float16', asked for 'bfloat16'"
+    ):
         extract(small_config(synthetic, cfg.out, dtype="bfloat16"), progress=False)
-    with pytest.raises(CachedetError, match=r"backbone.name: store has 'test_resnet', asked for 'test_efficientnet'"):
-        extract(small_config(synthetic, cfg.out, backbone=BackboneConfig("test_efficientnet", None, "random")), progress=False)
+    with pytest.raises(
+        CachedetError,
+        match=r"backbone.name: store has 'test_resnet', asked for 'test_efficientnet'",
+    ):
+        extract(
+            small_config(
+                synthetic, cfg.out, backbone=BackboneConfig("test_efficientnet", None, "random")
+            ),
+            progress=False,
+        )
     rebuilt = small_config(synthetic, cfg.out, views=3, overwrite=True)
     assert extract(rebuilt, progress=False).num_views == 36
     (tmp_path / "plain").mkdir()
@@ -128,7 +146,10 @@ def test_bad_images_stop_with_the_file_name(dataset_copy, tmp_path, problem):
         data = open(bad, "rb").read()
         open(bad, "wb").write(data[: len(data) // 3])
     else:
-        edit_json(dataset_copy["train"], lambda d: d["images"][4].update(width=d["images"][4]["width"] + 1))
+        edit_json(
+            dataset_copy["train"],
+            lambda d: d["images"][4].update(width=d["images"][4]["width"] + 1),
+        )
     cfg = small_config(dataset_copy, str(tmp_path / "s.zarr"))
     with pytest.raises(CachedetError) as e:
         extract(cfg, progress=False)
@@ -143,7 +164,10 @@ def test_bad_images_stop_with_the_file_name(dataset_copy, tmp_path, problem):
     assert ds.images[4].id not in set(fs.meta["image_id"][usable].tolist())
 
 
-@pytest.mark.parametrize("dtype, codec", [("bfloat16", "zstd"), ("float32", "lz4"), ("float16", "none"), ("uint8", "zstd")])
+@pytest.mark.parametrize(
+    "dtype, codec",
+    [("bfloat16", "zstd"), ("float32", "lz4"), ("float16", "none"), ("uint8", "zstd")],
+)
 def test_storage_dtypes_and_codecs(synthetic, tmp_path, dtype, codec):
     ref = small_config(synthetic, str(tmp_path / "ref.zarr"), dtype="float32", codec="none")
     extract(ref, progress=False)
@@ -164,7 +188,9 @@ def test_storage_dtypes_and_codecs(synthetic, tmp_path, dtype, codec):
         np.testing.assert_allclose(got[name], want[name], rtol=tol, atol=tol)
     info = FeatureStore(cfg.out).info()
     assert info["codec"] == codec and info["shards_complete"] == info["shards_total"] == 5
-    assert info["bytes_per_view"] > 0 and info["compression_ratio"] > (0.9 if codec == "none" else 1.0)
+    assert info["bytes_per_view"] > 0 and info["compression_ratio"] > (
+        0.9 if codec == "none" else 1.0
+    )
 
 
 def test_dry_run_writes_nothing(synthetic, tmp_path):
@@ -179,8 +205,25 @@ def test_dry_run_writes_nothing(synthetic, tmp_path):
 
 def test_cli_extract_cache_info_and_resume(cli, synthetic, tmp_path):
     out = tmp_path / "s.zarr"
-    args = ["extract", "--annotations", synthetic["train"], "--images", synthetic["images"], "--out", out,
-            "--backbone", "test_resnet", "--random-init", "--size", 64, "--views", 2, "--shard-views", 8, "--quiet"]
+    args = [
+        "extract",
+        "--annotations",
+        synthetic["train"],
+        "--images",
+        synthetic["images"],
+        "--out",
+        out,
+        "--backbone",
+        "test_resnet",
+        "--random-init",
+        "--size",
+        64,
+        "--views",
+        2,
+        "--shard-views",
+        8,
+        "--quiet",
+    ]
     r = cli(*args)
     assert r.exit_code == 0, r.output
     assert "24 views in 3 shards; ran 3, 0 already complete" in r.stdout
@@ -189,7 +232,9 @@ def test_cli_extract_cache_info_and_resume(cli, synthetic, tmp_path):
     assert "ran 0, 3 already complete" in r.stdout
     r = cli("cache", "info", out)
     assert r.exit_code == 0
-    assert "shards complete: 3/3" in r.stdout and "compression ratio" in r.stdout and "c5" in r.stdout
+    assert (
+        "shards complete: 3/3" in r.stdout and "compression ratio" in r.stdout and "c5" in r.stdout
+    )
     info = json.loads(cli("cache-info", out, "--json").stdout)
     assert info["views"] == 24 and [lv["name"] for lv in info["levels"]] == ["c3", "c4", "c5"]
     r = cli(*args[:-1], "--dry-run", "--num-images", 118287)
@@ -201,7 +246,6 @@ def test_cli_extract_cache_info_and_resume(cli, synthetic, tmp_path):
 @pytest.mark.slow
 def test_dask_workers_and_an_existing_scheduler_write_the_same_store(synthetic, tmp_path):
     from dask.distributed import LocalCluster
-
     from helpers import assert_same_store
 
     single = small_config(synthetic, str(tmp_path / "one.zarr"))
@@ -209,7 +253,11 @@ def test_dask_workers_and_an_existing_scheduler_write_the_same_store(synthetic, 
     multi = small_config(synthetic, str(tmp_path / "two.zarr"), workers=2)
     assert extract(multi, progress=False).shards_run == 5
     assert_same_store(single.out, multi.out)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        joined = small_config(synthetic, str(tmp_path / "joined.zarr"), scheduler=cluster.scheduler_address)
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        joined = small_config(
+            synthetic, str(tmp_path / "joined.zarr"), scheduler=cluster.scheduler_address
+        )
         assert extract(joined, progress=False).shards_run == 5
     assert_same_store(single.out, joined.out)

@@ -9,15 +9,15 @@ import time
 
 import pytest
 import torch
+from conftest import small_config
+from conftest import train_config as tiny_train
+from helpers import assert_same_store
 
 from cachedet.cache import store as store_mod
 from cachedet.cache.store import FeatureStore, StoreReader, StoreWriter
 from cachedet.engine.train import train
 from cachedet.errors import CachedetError
 from cachedet.extract import extract
-from conftest import small_config
-from conftest import train_config as tiny_train
-from helpers import assert_same_store
 
 
 def shard_object(url: str, level: str, shard: int) -> str:
@@ -39,11 +39,18 @@ def test_verify_lists_damaged_shards_and_repair_recomputes_them(synthetic, clean
     with open(shard_object(cfg.out, level, 1), "r+b") as f:  # flip bytes in the middle of shard 1
         f.seek(os.path.getsize(f.name) // 2)
         f.write(b"\x00\xff" * 8)
-    os.remove(shard_object(cfg.out, FeatureStore(cfg.out).specs[0].name, 3))  # shard 3 lost an object
+    os.remove(
+        shard_object(cfg.out, FeatureStore(cfg.out).specs[0].name, 3)
+    )  # shard 3 lost an object
     report = StoreReader(cfg.out).verify()
     assert [d["shard"] for d in report["damaged"]] == [1, 3] and report["complete"] == [0, 2, 4]
     r = cli("cache", "verify", cfg.out, "--quiet")
-    assert r.exit_code == 1 and "damaged shard 1" in r.stdout and "damaged shard 3" in r.stdout and "--repair" in r.stdout
+    assert (
+        r.exit_code == 1
+        and "damaged shard 1" in r.stdout
+        and "damaged shard 3" in r.stdout
+        and "--repair" in r.stdout
+    )
 
     assert extract(cfg, progress=False).shards_run == 0  # a plain rerun trusts its records
     result = extract(small_config(synthetic, cfg.out, repair=True), progress=False)
@@ -74,7 +81,9 @@ def test_incomplete_shards_are_reported(synthetic, tmp_path, cli):
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
-def test_failed_writes_are_clear_and_never_marked_complete(synthetic, clean, tmp_path, monkeypatch, code):
+def test_failed_writes_are_clear_and_never_marked_complete(
+    synthetic, clean, tmp_path, monkeypatch, code
+):
     cfg = small_config(synthetic, str(tmp_path / "s.zarr"))
     real_write = store_mod.write_level
 
@@ -86,11 +95,16 @@ def test_failed_writes_are_clear_and_never_marked_complete(synthetic, clean, tmp
     monkeypatch.setattr(store_mod, "write_level", failing_write)
     with pytest.raises(CachedetError) as e:
         extract(cfg, progress=False)
-    assert f"writing shard 2 failed: {os.strerror(code)}" in str(e.value) and cfg.out in str(e.value)
+    assert f"writing shard 2 failed: {os.strerror(code)}" in str(e.value) and cfg.out in str(
+        e.value
+    )
     assert 2 not in FeatureStore(cfg.out).shard_records()
     monkeypatch.setattr(store_mod, "write_level", real_write)
     result = extract(cfg, progress=False)
-    assert result.shards_run == 5 - result.shards_skipped_complete and 2 in FeatureStore(cfg.out).shard_records()
+    assert (
+        result.shards_run == 5 - result.shards_skipped_complete
+        and 2 in FeatureStore(cfg.out).shard_records()
+    )
     assert_same_store(clean.out, cfg.out)
 
 
@@ -117,7 +131,9 @@ def test_sigkill_during_extraction_resumes_to_the_same_store(synthetic, tmp_path
     reference = small_config(synthetic, str(tmp_path / "ref.zarr"), shard_views=2)
     extract(reference, progress=False)
     out = str(tmp_path / "killed.zarr")
-    script = KILLED_EXTRACT.format(tests=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), paths=synthetic, out=out)
+    script = KILLED_EXTRACT.format(
+        tests=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), paths=synthetic, out=out
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "READY"
@@ -133,7 +149,9 @@ def test_sigkill_during_extraction_resumes_to_the_same_store(synthetic, tmp_path
     assert_same_store(reference.out, out)
 
 
-def test_a_checkpoint_interrupted_while_written_leaves_the_previous_one(synthetic, tmp_path, monkeypatch):
+def test_a_checkpoint_interrupted_while_written_leaves_the_previous_one(
+    synthetic, tmp_path, monkeypatch
+):
     cfg = small_config(synthetic, str(tmp_path / "s.zarr"))
     extract(cfg, progress=False)
     full = train(tiny_train(tmp_path / "full", cfg.out, epochs=3), progress=False)

@@ -4,13 +4,13 @@ import os
 import socket
 
 import pytest
+from conftest import small_config
+from conftest import train_config as tiny_train
+from helpers import assert_same_store
 
 from cachedet.cache.store import FeatureStore, StoreReader
 from cachedet.engine.train import train
 from cachedet.extract import extract
-from conftest import small_config
-from conftest import train_config as tiny_train
-from helpers import assert_same_store
 
 pytest.importorskip("s3fs", reason="remote-store tests need s3fs (pip install -e '.[test]')")
 moto_server = pytest.importorskip("moto.server", reason="remote-store tests need moto[server]")
@@ -33,8 +33,12 @@ def s3():
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                     "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for k, v in {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             mp.setenv(k, v)
         fsspec.filesystem("s3").mkdir(BUCKET)
         yield f"s3://{BUCKET}"
@@ -50,9 +54,32 @@ def local_reference(synthetic, tmp_path_factory):
 
 def test_extract_info_verify_and_train_on_s3(s3, synthetic, local_reference, cli, tmp_path):
     url = f"{s3}/train.zarr"
-    r = cli("extract", "--annotations", synthetic["train"], "--images", synthetic["images"], "--out", url,
-            "--backbone", "test_resnet", "--random-init", "--size", 96, "--views", 2, "--seed", 3,
-            "--scale-range", 0.1, 2.0, "--shard-views", 5, "--batch-size", 4, "--quiet")  # the library's default range
+    r = cli(
+        "extract",
+        "--annotations",
+        synthetic["train"],
+        "--images",
+        synthetic["images"],
+        "--out",
+        url,
+        "--backbone",
+        "test_resnet",
+        "--random-init",
+        "--size",
+        96,
+        "--views",
+        2,
+        "--seed",
+        3,
+        "--scale-range",
+        0.1,
+        2.0,
+        "--shard-views",
+        5,
+        "--batch-size",
+        4,
+        "--quiet",
+    )  # the library's default range
     assert r.exit_code == 0, r.stdout
     assert "instance masks: stored" in r.stdout
     assert_same_store(local_reference, url)  # features, boxes, metadata and instance masks

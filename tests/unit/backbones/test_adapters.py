@@ -5,6 +5,9 @@ import os
 
 import pytest
 import torch
+from conftest import TRAIN_LIGHT as LIGHT
+from conftest import small_config
+from conftest import train_config as tiny_train
 
 from cachedet.backbones import BackboneConfig, build_backbone
 from cachedet.cache.store import FeatureStore
@@ -14,8 +17,6 @@ from cachedet.errors import CachedetError
 from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.extract import extract
 from cachedet.models.detector import DetectorConfig, build_detector
-from conftest import small_config
-from conftest import TRAIN_LIGHT as LIGHT, train_config as tiny_train
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +37,25 @@ def weights(tmp_path_factory):
 
 def detector_for(backbone, canvas=96):
     torch.manual_seed(0)
-    return build_detector(DetectorConfig(num_classes=8, canvas=canvas, in_specs=tuple(backbone.specs),
-                                         neck_channels=32, options=LIGHT)).eval()
+    return build_detector(
+        DetectorConfig(
+            num_classes=8,
+            canvas=canvas,
+            in_specs=tuple(backbone.specs),
+            neck_channels=32,
+            options=LIGHT,
+        )
+    ).eval()
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])
 def test_zero_initialised_adapters_leave_the_frozen_model_exactly(name):
     plain = build_backbone(BackboneConfig(name, None, "random"), warn=False).eval()
-    adapted = build_backbone(BackboneConfig(name, None, "random"), warn=False).add_adapters((2, 3, 4)).eval()
+    adapted = (
+        build_backbone(BackboneConfig(name, None, "random"), warn=False)
+        .add_adapters((2, 3, 4))
+        .eval()
+    )
     assert adapted.adapter_parameter_count() > 0
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
@@ -57,27 +69,43 @@ def test_zero_initialised_adapters_leave_the_frozen_model_exactly(name):
 
 
 def test_only_the_adapters_get_gradients(weights):
-    bb = build_backbone(BackboneConfig("test_resnet", None, weights), warn=False).add_adapters((3, 4))
+    bb = build_backbone(BackboneConfig("test_resnet", None, weights), warn=False).add_adapters(
+        (3, 4)
+    )
     feats = bb(torch.randn(2, 3, 96, 96))
     sum(v.square().mean() for v in feats.values()).backward()
     adapters = {n: p for n, p in bb.named_parameters() if ".adapter." in n}
-    assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.values())
-    assert all(p.grad is None and not p.requires_grad for n, p in bb.named_parameters() if n not in adapters)
+    assert adapters and all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.values()
+    )
+    assert all(
+        p.grad is None and not p.requires_grad
+        for n, p in bb.named_parameters()
+        if n not in adapters
+    )
     with pytest.raises(CachedetError, match="--adapt-stages 7"):
         bb.add_adapters((7,))
 
 
 @pytest.fixture(scope="module")
 def hybrid(synthetic, tmp_path_factory, weights):
-    cfg = small_config(synthetic, str(tmp_path_factory.mktemp("hybrid") / "h.zarr"), views=1, cache_stage=3,
-                       backbone=BackboneConfig("test_resnet", None, weights))
+    cfg = small_config(
+        synthetic,
+        str(tmp_path_factory.mktemp("hybrid") / "h.zarr"),
+        views=1,
+        cache_stage=3,
+        backbone=BackboneConfig("test_resnet", None, weights),
+    )
     extract(cfg, progress=False)
     return cfg
 
 
 def test_hybrid_cache_stores_the_stages_up_to_k(hybrid, cli):
     fs = FeatureStore(hybrid.out)
-    assert [s.name for s in fs.specs] == ["c3", "c4"]  # the pyramid levels of stages <= 3 (c4 feeds stage 4)
+    assert [s.name for s in fs.specs] == [
+        "c3",
+        "c4",
+    ]  # the pyramid levels of stages <= 3 (c4 feeds stage 4)
     assert fs.header.hybrid.cache_stage == 3
     assert [s.name for s in fs.header.hybrid.specs] == ["c3", "c4", "c5"]
     assert "hybrid cache" in cli("cache", "info", hybrid.out).stdout
@@ -86,7 +114,11 @@ def test_hybrid_cache_stores_the_stages_up_to_k(hybrid, cli):
 def test_hybrid_path_gives_the_online_loss(hybrid, weights):
     """Same view: cached stages <= 3 + adapted stage 4 vs the whole adapted backbone on the image."""
     fs = FeatureStore(hybrid.out)
-    bb = build_backbone(BackboneConfig("test_resnet", None, weights), warn=False).add_adapters((4,)).eval()
+    bb = (
+        build_backbone(BackboneConfig("test_resnet", None, weights), warn=False)
+        .add_adapters((4,))
+        .eval()
+    )
     with torch.no_grad():
         for p in bb.parameters():
             if p.requires_grad:
@@ -99,7 +131,13 @@ def test_hybrid_path_gives_the_online_loss(hybrid, weights):
     by_id = {r.id: data.image_path(r) for r in data.images}
     ds.paths = [by_id[fs.view_params(v).image_id] for v in range(4)]
     images = torch.stack([ds[v][0] for v in range(4)])
-    targets = [{"boxes": torch.from_numpy(fs.boxes(v)[0].copy()), "labels": torch.from_numpy(fs.boxes(v)[1].copy())} for v in range(4)]
+    targets = [
+        {
+            "boxes": torch.from_numpy(fs.boxes(v)[0].copy()),
+            "labels": torch.from_numpy(fs.boxes(v)[1].copy()),
+        }
+        for v in range(4)
+    ]
     cached = {k: torch.from_numpy(v) for k, v in fs.read_features(0, 4).items()}
     online_feats, hybrid_feats = bb(images), bb.forward_from(cached, 3)
     for k in online_feats:
@@ -113,21 +151,49 @@ def test_hybrid_path_gives_the_online_loss(hybrid, weights):
 
 
 def test_train_online_and_hybrid_with_adapters_then_eval(hybrid, weights, synthetic, tmp_path, cli):
-    online = train(tiny_train(tmp_path / "online", None, online=True, annotations=synthetic["train"],
-                              images=synthetic["images"], backbone="test_resnet", weights=weights, size=96,
-                              adapters=True, adapt_stages=(4,), epochs=1), progress=False)
-    from_cache = train(tiny_train(tmp_path / "hybrid", hybrid.out, adapters=True, epochs=1), progress=False)
+    online = train(
+        tiny_train(
+            tmp_path / "online",
+            None,
+            online=True,
+            annotations=synthetic["train"],
+            images=synthetic["images"],
+            backbone="test_resnet",
+            weights=weights,
+            size=96,
+            adapters=True,
+            adapt_stages=(4,),
+            epochs=1,
+        ),
+        progress=False,
+    )
+    from_cache = train(
+        tiny_train(tmp_path / "hybrid", hybrid.out, adapters=True, epochs=1), progress=False
+    )
     a = torch.load(os.path.join(online.run, "checkpoints", "last.pt"), weights_only=False)
     b = torch.load(os.path.join(from_cache.run, "checkpoints", "last.pt"), weights_only=False)
     assert a["run"]["adapters"] == b["run"]["adapters"] == [4]
-    assert a["run"]["fingerprint"] == b["run"]["fingerprint"]  # the same model, whichever way its features came
-    changed = [k for k, v in b["state"]["backbone"].items() if ".adapter." in k and v.abs().sum() > 0]
+    assert (
+        a["run"]["fingerprint"] == b["run"]["fingerprint"]
+    )  # the same model, whichever way its features came
+    changed = [
+        k for k, v in b["state"]["backbone"].items() if ".adapter." in k and v.abs().sum() > 0
+    ]
     assert changed  # the adapters moved away from zero
     metrics, _ = evaluate_run(from_cache.run, synthetic["val"], synthetic["images"], progress=False)
     assert 0 <= metrics["bbox"]["AP"] <= 100
     r = cli("train-heads", "--cache", hybrid.out, "--out", tmp_path / "no-adapters", "--epochs", 1)
     assert r.exit_code == 2 and "train it with --adapters" in r.stderr
-    r = cli("train-heads", "--cache", hybrid.out, "--out", tmp_path / "inside", "--adapters", "--adapt-stages", "3,4")
+    r = cli(
+        "train-heads",
+        "--cache",
+        hybrid.out,
+        "--out",
+        tmp_path / "inside",
+        "--adapters",
+        "--adapt-stages",
+        "3,4",
+    )
     assert r.exit_code == 2 and "stage 3 is inside the cache" in r.stderr
 
 
@@ -137,13 +203,31 @@ def test_adapters_need_a_backbone(synthetic, tmp_path):
     with pytest.raises(CachedetError, match="plain frozen features"):
         train(tiny_train(tmp_path / "run", cfg.out, adapters=True), progress=False)
     with pytest.raises(CachedetError, match="--cache-stage 4"):
-        extract(small_config(synthetic, str(tmp_path / "h.zarr"), views=1, cache_stage=4), progress=False)
+        extract(
+            small_config(synthetic, str(tmp_path / "h.zarr"), views=1, cache_stage=4),
+            progress=False,
+        )
 
 
 def test_model_info_counts_adapters(cli):
-    r = cli("model-info", "--backbone", "test_resnet", "--size", 64, "--adapters", "--adapt-stages", "3,4", "--json")
+    r = cli(
+        "model-info",
+        "--backbone",
+        "test_resnet",
+        "--size",
+        64,
+        "--adapters",
+        "--adapt-stages",
+        "3,4",
+        "--json",
+    )
     info = json.loads(r.stdout)
-    bb = build_backbone(BackboneConfig("test_resnet", None, "random"), warn=False).add_adapters((3, 4))
+    bb = build_backbone(BackboneConfig("test_resnet", None, "random"), warn=False).add_adapters(
+        (3, 4)
+    )
     assert info["params"]["adapters"] == bb.adapter_parameter_count() > 0
-    assert info["params"]["trainable"]["adapters_online"] == info["params"]["detector"] + info["params"]["adapters"]
+    assert (
+        info["params"]["trainable"]["adapters_online"]
+        == info["params"]["detector"] + info["params"]["adapters"]
+    )
     assert "adapters_online" in info["flops"]

@@ -6,14 +6,18 @@ from cachedet.backbones import BackboneConfig, _offline_state_dict, build_backbo
 from cachedet.errors import CachedetError
 
 
-@pytest.mark.parametrize("name, channels", [("test_resnet", [48, 192, 96]), ("test_efficientnet", [32, 48, 64])])
+@pytest.mark.parametrize(
+    "name, channels", [("test_resnet", [48, 192, 96]), ("test_efficientnet", [32, 48, 64])]
+)
 def test_specs_are_declared_by_timm(name, channels):
     b = build_backbone(BackboneConfig(name, None, "random"))
     assert [s.stride for s in b.specs] == [8, 16, 32]
     assert [s.name for s in b.specs] == ["c3", "c4", "c5"]
     assert [s.channels for s in b.specs] == channels
     shapes = b.feature_shapes(96)
-    assert [shapes[s.name] for s in b.specs] == [(c, 96 // s.stride, 96 // s.stride) for c, s in zip(channels, b.specs)]
+    assert [shapes[s.name] for s in b.specs] == [
+        (c, 96 // s.stride, 96 // s.stride) for c, s in zip(channels, b.specs)
+    ]
 
 
 def test_frozen_no_grad_and_batchnorm_statistics_fixed():
@@ -49,10 +53,15 @@ def test_weights_from_a_local_checkpoint(tmp_path):
     torch.save(full.state_dict(), path)
     b = build_backbone(BackboneConfig("test_resnet", None, str(path)))
     assert b.identity["weights"].startswith("file:")
-    assert b.identity["weights_sha256"] != build_backbone(BackboneConfig("test_resnet", None, "random")).identity["weights_sha256"]
+    assert (
+        b.identity["weights_sha256"]
+        != build_backbone(BackboneConfig("test_resnet", None, "random")).identity["weights_sha256"]
+    )
     loaded = b.model.state_dict()
     source = full.state_dict()
-    assert loaded and all(torch.equal(v, source[k]) for k, v in loaded.items())  # every backbone tensor came from the file
+    assert loaded and all(
+        torch.equal(v, source[k]) for k, v in loaded.items()
+    )  # every backbone tensor came from the file
     with pytest.raises(CachedetError, match="file not found"):
         build_backbone(BackboneConfig("test_resnet", None, str(tmp_path / "missing.pth")))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
@@ -70,15 +79,18 @@ def test_unknown_backbone_and_indices():
 def _classify_grace_hopper(arch: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
     """timm ``arch`` with the offline weights, and its class probabilities (1000,) for matplotlib's
     grace_hopper.jpg (resized to ``size`` / 0.875, centre-cropped to ``size``, ImageNet mean/std)."""
+    import torchvision.transforms.v2.functional as F
     from matplotlib import cbook
     from PIL import Image
-    import torchvision.transforms.v2.functional as F
 
     model = timm.create_model(arch).eval()
     sd, source = _offline_state_dict(arch, list(model.state_dict().keys()))
     model.load_state_dict(sd)
     image = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
-    x = F.center_crop(F.resize(F.to_dtype(F.to_image(image), torch.float32, scale=True), round(size / 0.875)), size)
+    x = F.center_crop(
+        F.resize(F.to_dtype(F.to_image(image), torch.float32, scale=True), round(size / 0.875)),
+        size,
+    )
     x = F.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     with torch.no_grad():
         return model, model(x[None]).softmax(-1)[0]
@@ -91,7 +103,9 @@ def _assert_sensible(probs: torch.Tensor):
     top5 = [info.index_to_description(i) for i in probs.topk(5).indices.tolist()]
     sensible = ("gown", "mortarboard", "uniform", "tie", "suit")
     assert sum(any(s in name for s in sensible) for name in top5) >= 4, top5
-    assert probs.max() > 0.05  # random weights give ~0.001 (Lite1 is the least confident here: 0.07)
+    assert (
+        probs.max() > 0.05
+    )  # random weights give ~0.001 (Lite1 is the least confident here: 0.07)
 
 
 @pytest.mark.parametrize("arch,size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
@@ -100,7 +114,10 @@ def test_offline_lite1_lite2_weights_are_real_imagenet_weights(arch, size):
     model, probs = _classify_grace_hopper(arch, size)
     _assert_sensible(probs)
     backbone = build_backbone(BackboneConfig(arch), warn=False)
-    assert backbone.identity["weights"] == f"offline:efficientnet-{arch[-5:]}-" + backbone.identity["weights"].split("-")[-1]
+    assert (
+        backbone.identity["weights"]
+        == f"offline:efficientnet-{arch[-5:]}-" + backbone.identity["weights"].split("-")[-1]
+    )
     assert torch.equal(backbone.model.conv_stem.weight, model.conv_stem.weight)
 
 

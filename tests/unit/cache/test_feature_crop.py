@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from conftest import small_config
+from conftest import train_config as tiny_train
 from torchvision.ops import roi_align
 
 from cachedet.cache.dataset import InMemoryViews, collate_views
@@ -11,8 +13,6 @@ from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import train
 from cachedet.errors import CachedetError
 from cachedet.extract import extract
-from conftest import small_config
-from conftest import train_config as tiny_train
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,22 @@ def test_a_box_sees_the_same_features_before_and_after_the_crop(store):
         for i, (before, after) in enumerate(zip(batch["targets"], cropped["targets"])):
             top, left = cropped["crop_offsets"][i]
             shifted = before["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)
-            inside = (shifted[:, 0] >= 0) & (shifted[:, 1] >= 0) & (shifted[:, 2] <= w) & (shifted[:, 3] <= h)
+            inside = (
+                (shifted[:, 0] >= 0)
+                & (shifted[:, 1] >= 0)
+                & (shifted[:, 2] <= w)
+                & (shifted[:, 3] <= h)
+            )
             # boxes are shifted by the offset, clipped to the window; slivers under a pixel are dropped
-            clipped = torch.stack([shifted[:, 0].clamp(0, w), shifted[:, 1].clamp(0, h),
-                                   shifted[:, 2].clamp(0, w), shifted[:, 3].clamp(0, h)], 1)
+            clipped = torch.stack(
+                [
+                    shifted[:, 0].clamp(0, w),
+                    shifted[:, 1].clamp(0, h),
+                    shifted[:, 2].clamp(0, w),
+                    shifted[:, 3].clamp(0, h),
+                ],
+                1,
+            )
             kept = ((clipped[:, 2] - clipped[:, 0]) >= 1) & ((clipped[:, 3] - clipped[:, 1]) >= 1)
             torch.testing.assert_close(after["boxes"], clipped[kept])
             assert torch.equal(after["labels"], before["labels"][kept])
@@ -44,13 +56,31 @@ def test_a_box_sees_the_same_features_before_and_after_the_crop(store):
                 if not inside.any():
                     continue
                 scale = 1.0 / spec.stride
-                a = roi_align(batch["inputs"][spec.name][i:i + 1], [before["boxes"][inside]], 3, scale, aligned=True)
-                b = roi_align(cropped["inputs"][spec.name][i:i + 1], [shifted[inside]], 3, scale, aligned=True)
+                a = roi_align(
+                    batch["inputs"][spec.name][i : i + 1],
+                    [before["boxes"][inside]],
+                    3,
+                    scale,
+                    aligned=True,
+                )
+                b = roi_align(
+                    cropped["inputs"][spec.name][i : i + 1],
+                    [shifted[inside]],
+                    3,
+                    scale,
+                    aligned=True,
+                )
                 # RoIAlign samples bilinearly; away from the window's edge both read the same cells
-                interior = ((shifted[inside][:, :2] >= spec.stride) & (shifted[inside][:, 2:] <= torch.tensor([w, h]) - spec.stride)).all(1)
+                interior = (
+                    (shifted[inside][:, :2] >= spec.stride)
+                    & (shifted[inside][:, 2:] <= torch.tensor([w, h]) - spec.stride)
+                ).all(1)
                 torch.testing.assert_close(a[interior], b[interior])
                 checked += int(interior.sum())
-            assert all(cropped["inputs"][s.name].shape[-2:] == (h // s.stride, w // s.stride) for s in ds.specs)
+            assert all(
+                cropped["inputs"][s.name].shape[-2:] == (h // s.stride, w // s.stride)
+                for s in ds.specs
+            )
     assert checked > 10
 
 
@@ -62,21 +92,42 @@ def test_boxes_are_clipped_to_the_window_and_slivers_dropped(store):
     for t in cropped["targets"]:
         b = t["boxes"]
         assert len(b) == len(t["labels"])
-        assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 1] >= 0).all() and (b[:, 3] <= h).all()
+        assert (
+            (b[:, 0] >= 0).all()
+            and (b[:, 2] <= w).all()
+            and (b[:, 1] >= 0).all()
+            and (b[:, 3] <= h).all()
+        )
         assert ((b[:, 2] - b[:, 0]) >= 1).all() and ((b[:, 3] - b[:, 1]) >= 1).all()
-    assert sum(len(t["boxes"]) for t in cropped["targets"]) < sum(len(t["boxes"]) for t in batch["targets"])
+    assert sum(len(t["boxes"]) for t in cropped["targets"]) < sum(
+        len(t["boxes"]) for t in batch["targets"]
+    )
 
 
 def test_training_with_feature_crops(store, synthetic, tmp_path, cli):
-    result = train(tiny_train(tmp_path / "run", store.out, epochs=2, feature_crop=True, feature_crop_min=0.5), progress=False)
+    result = train(
+        tiny_train(tmp_path / "run", store.out, epochs=2, feature_crop=True, feature_crop_min=0.5),
+        progress=False,
+    )
     assert result.steps == 6 and np.isfinite(result.last_loss)
-    r = cli("train-heads", "--online", "--annotations", synthetic["train"], "--images", synthetic["images"],
-            "--out", tmp_path / "r2", "--feature-crop")
+    r = cli(
+        "train-heads",
+        "--online",
+        "--annotations",
+        synthetic["train"],
+        "--images",
+        synthetic["images"],
+        "--out",
+        tmp_path / "r2",
+        "--feature-crop",
+    )
     assert r.exit_code == 2 and "--feature-crop" in r.stderr
 
 
 def test_a_canvas_that_the_coarsest_stride_does_not_divide_is_refused(synthetic, tmp_path):
-    cfg = small_config(synthetic, str(tmp_path / "odd.zarr"), views=1, augment=AugmentConfig(size=100, seed=0))
+    cfg = small_config(
+        synthetic, str(tmp_path / "odd.zarr"), views=1, augment=AugmentConfig(size=100, seed=0)
+    )
     extract(cfg, progress=False)
     from cachedet.cache.store import FeatureStore
 

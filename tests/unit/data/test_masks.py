@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import edit_json, small_config
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
@@ -15,7 +16,6 @@ from cachedet.data.masks import decode_rles, encode_rle, mask_to_canvas
 from cachedet.data.views import AugmentConfig
 from cachedet.extract import extract, plan_views
 from cachedet.structures import ViewParams
-from conftest import edit_json, small_config
 
 
 def reference_canvas(params: ViewParams, mask: np.ndarray) -> np.ndarray:
@@ -35,7 +35,9 @@ def annotated_masks(path: str) -> dict[int, np.ndarray]:
     out = {}
     for a in data["annotations"]:
         h, w = sizes[a["image_id"]]
-        out[a["id"]] = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], h, w)))
+        out[a["id"]] = mask_utils.decode(
+            mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], h, w))
+        )
     return out
 
 
@@ -43,11 +45,25 @@ def test_mask_to_canvas_equals_torchvision_on_random_geometry():
     rng = np.random.default_rng(0)
     for _ in range(150):
         h, w, s = (int(v) for v in rng.integers(8, 160, size=3))
-        factor = rng.uniform(0.1, 2.5) if rng.random() < 0.9 else 2 * s / max(h, w)  # includes exact 2x
-        rh, rw = max(1, round(h * factor * s / max(h, w))), max(1, round(w * factor * s / max(h, w)))
-        params = ViewParams(image_id=0, view_index=0, orig_size=(h, w), resized_size=(rh, rw),
-                            crop_offset=(int(rng.integers(0, max(rh - s, 0) + 1)), int(rng.integers(0, max(rw - s, 0) + 1))),
-                            flip=bool(rng.random() < 0.5), canvas=s)
+        factor = (
+            rng.uniform(0.1, 2.5) if rng.random() < 0.9 else 2 * s / max(h, w)
+        )  # includes exact 2x
+        rh, rw = (
+            max(1, round(h * factor * s / max(h, w))),
+            max(1, round(w * factor * s / max(h, w))),
+        )
+        params = ViewParams(
+            image_id=0,
+            view_index=0,
+            orig_size=(h, w),
+            resized_size=(rh, rw),
+            crop_offset=(
+                int(rng.integers(0, max(rh - s, 0) + 1)),
+                int(rng.integers(0, max(rw - s, 0) + 1)),
+            ),
+            flip=bool(rng.random() < 0.5),
+            canvas=s,
+        )
         mask = (rng.random((h, w)) < rng.uniform(0.01, 0.6)).astype(np.uint8)
         np.testing.assert_array_equal(mask_to_canvas(params, mask), reference_canvas(params, mask))
 
@@ -83,11 +99,15 @@ def test_cached_masks_equal_a_reference_transform_of_the_source_masks(synthetic,
             else:
                 want = reference_canvas(paste.source_view, source[ann_id])
                 seen["pasted"] += 1
-            np.testing.assert_array_equal(stored[row].astype(bool), want, err_msg=f"view {v}, annotation {ann_id}")
+            np.testing.assert_array_equal(
+                stored[row].astype(bool), want, err_msg=f"view {v}, annotation {ann_id}"
+            )
         seen["flip"] += params.flip
         seen["crop"] += params.crop_offset != (0, 0)
         seen["shrunk"] += max(params.resized_size) < 96
-    assert all(seen.values()), seen  # flipped, cropped, shrunk, pasted and occluded views were all checked
+    assert all(seen.values()), (
+        seen
+    )  # flipped, cropped, shrunk, pasted and occluded views were all checked
 
 
 def test_masks_bytes_verification_and_repair(synthetic, tmp_path, cli):
@@ -128,5 +148,7 @@ def test_no_segmentation_or_no_masks_stores_none(synthetic, dataset_copy, tmp_pa
 def test_rle_round_trip():
     rng = np.random.default_rng(1)
     masks = rng.random((3, 17, 23)) < 0.3
-    np.testing.assert_array_equal(decode_rles([encode_rle(m) for m in masks], (17, 23)), masks.astype(np.uint8))
+    np.testing.assert_array_equal(
+        decode_rles([encode_rle(m) for m in masks], (17, 23)), masks.astype(np.uint8)
+    )
     assert decode_rles([], (4, 5)).shape == (0, 4, 5)

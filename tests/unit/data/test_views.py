@@ -1,14 +1,28 @@
 import numpy as np
 import pytest
 import torch
-
-from cachedet.data.views import AugmentConfig, plan_view, transform_boxes, transform_image, view_to_image_boxes
 from helpers import reference_boxes
+
+from cachedet.data.views import (
+    AugmentConfig,
+    plan_view,
+    transform_boxes,
+    transform_image,
+    view_to_image_boxes,
+)
 
 
 def random_boxes(rng, h, w, n=12):
     x1, y1 = rng.uniform(0, w - 2, n), rng.uniform(0, h - 2, n)
-    return np.stack([x1, y1, np.minimum(x1 + rng.uniform(1, w / 2, n), w), np.minimum(y1 + rng.uniform(1, h / 2, n), h)], 1).astype(np.float32)
+    return np.stack(
+        [
+            x1,
+            y1,
+            np.minimum(x1 + rng.uniform(1, w / 2, n), w),
+            np.minimum(y1 + rng.uniform(1, h / 2, n), h),
+        ],
+        1,
+    ).astype(np.float32)
 
 
 def test_plan_is_deterministic_and_varies_with_view():
@@ -72,11 +86,11 @@ def test_image_and_boxes_stay_aligned():
         assert view.shape == (3, 128, 128)
         got, labels, _ = transform_boxes(p, boxes, np.array([0, 1]), np.array([0, 1]))
         for (x1, y1, x2, y2), lab in zip(got, labels):
-            inner = view[lab, int(y1) + 2:int(y2) - 2, int(x1) + 2:int(x2) - 2]
+            inner = view[lab, int(y1) + 2 : int(y2) - 2, int(x1) + 2 : int(x2) - 2]
             if inner.numel():
                 assert inner.mean() > 0.95
-        assert view[:, p.valid_size[0]:, :].abs().sum() == 0  # padding below the image
-        assert view[:, :, p.valid_size[1]:].abs().sum() == 0  # padding right of the image
+        assert view[:, p.valid_size[0] :, :].abs().sum() == 0  # padding below the image
+        assert view[:, :, p.valid_size[1] :].abs().sum() == 0  # padding right of the image
 
 
 def test_view_boxes_map_back_to_the_image():

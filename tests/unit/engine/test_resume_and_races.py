@@ -11,19 +11,25 @@ import shutil
 
 import pytest
 import torch
+from conftest import small_config, train_config
 
 from cachedet.backbones import build_backbone
 from cachedet.cache.store import FeatureStore, StoreReader
 from cachedet.data.coco import load_detection_dataset
-from cachedet.engine.run import RunDir
 from cachedet.engine.config import PATH_OF
+from cachedet.engine.run import RunDir
 from cachedet.engine.train import TrainConfig, train
 from cachedet.errors import CachedetError
 from cachedet.extract import _header, extract, plan_views, prepare_store
 from cachedet_cli.common import with_flags
-from conftest import small_config, train_config
 
-LIGHT = {"box_convs": 0, "box_fcs": 1, "box_representation": 32, "rois_per_image": 16, "proposals_per_image": 32}
+LIGHT = {
+    "box_convs": 0,
+    "box_fcs": 1,
+    "box_representation": 32,
+    "rois_per_image": 16,
+    "proposals_per_image": 32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,16 @@ def store(synthetic, tmp_path_factory):
 
 
 def tiny(out, cache, **kw) -> TrainConfig:
-    return train_config(out, cache, **{**dict(epochs=1, batch_size=6, neck_channels=16, warmup_steps=1,
-                                              detector_options=LIGHT), **kw})
+    return train_config(
+        out,
+        cache,
+        **{
+            **dict(
+                epochs=1, batch_size=6, neck_channels=16, warmup_steps=1, detector_options=LIGHT
+            ),
+            **kw,
+        },
+    )
 
 
 def lrs(run) -> list[float]:
@@ -44,14 +58,22 @@ def lrs(run) -> list[float]:
 
 def test_model_changes_are_refused_naming_each(store, tmp_path):
     run = train(tiny(tmp_path / "run", store.out), progress=False).run
-    changed = dataclasses.replace(tiny(run, store.out, epochs=2, neck_channels=32, head="retinanet"), resume=True)
+    changed = dataclasses.replace(
+        tiny(run, store.out, epochs=2, neck_channels=32, head="retinanet"), resume=True
+    )
     with pytest.raises(CachedetError) as e:
         train(changed, progress=False)
     text = str(e.value)  # the library names config fields; the CLI shows their options
-    assert "detector.neck_channels: run 16, given 32" in text and "detector.head: run 'faster-rcnn', given 'retinanet'" in text
+    assert (
+        "detector.neck_channels: run 16, given 32" in text
+        and "detector.head: run 'faster-rcnn', given 'retinanet'" in text
+    )
     assert "\n" not in text and "optim.epochs" in text  # names what may change instead
     shown = with_flags(text)
-    assert "--neck-channels: run 16, given 32" in shown and "--head: run 'faster-rcnn', given 'retinanet'" in shown
+    assert (
+        "--neck-channels: run 16, given 32" in shown
+        and "--head: run 'faster-rcnn', given 'retinanet'" in shown
+    )
     assert "--epochs" in shown
 
 
@@ -60,30 +82,71 @@ def test_extended_run_follows_the_longer_schedule_and_weights(store, tmp_path):
     falls after the first epoch, so the short run's steps were those of the long run too)."""
     full = train(tiny(tmp_path / "full", store.out, epochs=3, warmup_steps=0), progress=False)
     short = train(tiny(tmp_path / "ext", store.out, epochs=1, warmup_steps=0), progress=False)
-    ext = train(dataclasses.replace(tiny(short.run, store.out, epochs=3, warmup_steps=0), resume=True), progress=False)
+    ext = train(
+        dataclasses.replace(tiny(short.run, store.out, epochs=3, warmup_steps=0), resume=True),
+        progress=False,
+    )
     assert ext.steps == full.steps == 6
     assert lrs(ext.run) == lrs(full.run) and min(lrs(full.run)) < max(lrs(full.run))
-    a, b = (torch.load(os.path.join(r, "checkpoints", "last.pt"), weights_only=False)["state"]["detector"] for r in (full.run, ext.run))
+    a, b = (
+        torch.load(os.path.join(r, "checkpoints", "last.pt"), weights_only=False)["state"][
+            "detector"
+        ]
+        for r in (full.run, ext.run)
+    )
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     config = json.load(open(os.path.join(ext.run, "config.json")))
-    assert config["train"]["optim"]["epochs"] == 3 and config["resumes"] == [{"step": 2, "epoch": 1, "changed": {"epochs": [1, 3]}}]
+    assert config["train"]["optim"]["epochs"] == 3 and config["resumes"] == [
+        {"step": 2, "epoch": 1, "changed": {"epochs": [1, 3]}}
+    ]
 
 
 def test_new_lr_applies_from_the_next_step_and_is_recorded(store, tmp_path):
-    run = train(tiny(tmp_path / "run", store.out, epochs=1, warmup_steps=0, schedule="cosine"), progress=False).run
-    train(dataclasses.replace(tiny(run, store.out, epochs=2, warmup_steps=0, schedule="cosine", lr=0.05), resume=True),
-          progress=False)
-    fresh = train(tiny(tmp_path / "fresh", store.out, epochs=2, warmup_steps=0, schedule="cosine", lr=0.05), progress=False)
+    run = train(
+        tiny(tmp_path / "run", store.out, epochs=1, warmup_steps=0, schedule="cosine"),
+        progress=False,
+    ).run
+    train(
+        dataclasses.replace(
+            tiny(run, store.out, epochs=2, warmup_steps=0, schedule="cosine", lr=0.05), resume=True
+        ),
+        progress=False,
+    )
+    fresh = train(
+        tiny(tmp_path / "fresh", store.out, epochs=2, warmup_steps=0, schedule="cosine", lr=0.05),
+        progress=False,
+    )
     assert lrs(run)[2:] == lrs(fresh.run)[2:]  # the resumed steps follow the new lr's curve
     config = json.load(open(os.path.join(run, "config.json")))
-    assert config["train"]["optim"]["lr"] == 0.05 and config["resumes"][-1]["changed"] == {"epochs": [1, 2], "lr": [0.01, 0.05]}
+    assert config["train"]["optim"]["lr"] == 0.05 and config["resumes"][-1]["changed"] == {
+        "epochs": [1, 2],
+        "lr": [0.01, 0.05],
+    }
 
 
 def test_cli_resume_alone_takes_the_runs_settings(store, tmp_path, cli):
     out = tmp_path / "run"
-    r = cli("train-heads", "--cache", store.out, "--out", out, "--epochs", 1, "--batch-size", 6, "--neck-channels", 16,
-            "--box-convs", 0, "--box-fcs", 1, "--head", "cascade", "--quiet")
+    r = cli(
+        "train-heads",
+        "--cache",
+        store.out,
+        "--out",
+        out,
+        "--epochs",
+        1,
+        "--batch-size",
+        6,
+        "--neck-channels",
+        16,
+        "--box-convs",
+        0,
+        "--box-fcs",
+        1,
+        "--head",
+        "cascade",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     r = cli("train-heads", "--out", out, "--resume", "--epochs", 2, "--quiet")
     assert r.exit_code == 0, r.output
@@ -91,8 +154,14 @@ def test_cli_resume_alone_takes_the_runs_settings(store, tmp_path, cli):
     saved = json.load(open(out / "config.json"))["train"]
     assert saved["detector"]["head"] == "cascade" and saved["detector"]["neck_channels"] == 16
     assert saved["loader"]["batch_size"] == 6
-    r = cli("train-heads", "--out", out, "--resume", "--epochs", 3, "--neck-channels", 32, "--quiet")
-    assert r.exit_code == 2 and "--neck-channels: run 16, given 32" in r.stderr and "Traceback" not in r.output
+    r = cli(
+        "train-heads", "--out", out, "--resume", "--epochs", 3, "--neck-channels", 32, "--quiet"
+    )
+    assert (
+        r.exit_code == 2
+        and "--neck-channels: run 16, given 32" in r.stderr
+        and "Traceback" not in r.output
+    )
     r = cli("train-heads", "--out", tmp_path / "none", "--resume", "--quiet")
     assert r.exit_code == 2 and "no run to resume" in r.stderr
 
@@ -103,7 +172,11 @@ def test_every_train_heads_option_maps_to_a_config_field():
 
     fields = set(PATH_OF)  # every setting, by its flat name
     options = [p for p in inspect.signature(train_heads_command).parameters if p != "ctx"]
-    assert {name: FIELD_OF.get(name, name) for name in options if FIELD_OF.get(name, name) not in fields | {None}} == {}
+    assert {
+        name: FIELD_OF.get(name, name)
+        for name in options
+        if FIELD_OF.get(name, name) not in fields | {None}
+    } == {}
 
 
 def test_a_run_directory_has_one_writer(store, tmp_path):
@@ -131,13 +204,18 @@ def test_two_creators_racing_on_a_new_store(synthetic, tmp_path):
     cfg = small_config(synthetic, str(tmp_path / "race.zarr"), views=2, shard_views=4)
     dataset = load_detection_dataset(cfg.annotations, cfg.images)
     plan = plan_views(dataset, cfg.augment, cfg.views)
-    header = _header(cfg, build_backbone(cfg.backbone, warn=False), dataset, plan, hybrid=None, masks=True)
+    header = _header(
+        cfg, build_backbone(cfg.backbone, warn=False), dataset, plan, hybrid=None, masks=True
+    )
     ctx = multiprocessing.get_context("fork")
     for attempt in range(12):
         if os.path.exists(cfg.out):
             shutil.rmtree(cfg.out)
         barrier, results = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_create, args=(cfg, header, plan, barrier, results)) for _ in range(2)]
+        procs = [
+            ctx.Process(target=_create, args=(cfg, header, plan, barrier, results))
+            for _ in range(2)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -145,16 +223,25 @@ def test_two_creators_racing_on_a_new_store(synthetic, tmp_path):
         outcomes = [results.get(timeout=5) for _ in procs]
         assert outcomes == ["ok", "ok"], (attempt, outcomes)
         assert FeatureStore(cfg.out).num_views == len(plan.views)
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".race.zarr.creating")]  # no temporary left
+    assert not [
+        n for n in os.listdir(tmp_path) if n.startswith(".race.zarr.creating")
+    ]  # no temporary left
     result = extract(cfg, progress=False)  # the raced store is a normal one: extraction fills it
-    assert result.shards_run == result.shards_total and len(StoreReader(cfg.out).shard_records()) == result.shards_total
+    assert (
+        result.shards_run == result.shards_total
+        and len(StoreReader(cfg.out).shard_records()) == result.shards_total
+    )
 
 
 def test_interrupted_creations_are_replaced_and_foreign_folders_kept(synthetic, tmp_path):
     cfg = small_config(synthetic, str(tmp_path / "s.zarr"), views=1)
-    stale = tmp_path / f".s.zarr.creating-{os.uname().nodename}-999999999-deadbeef"  # a killed creator's temporary
+    stale = (
+        tmp_path / f".s.zarr.creating-{os.uname().nodename}-999999999-deadbeef"
+    )  # a killed creator's temporary
     (stale / "features").mkdir(parents=True)
-    (tmp_path / "s.zarr" / "meta").mkdir(parents=True)  # laid out before its header (an object-store crash)
+    (tmp_path / "s.zarr" / "meta").mkdir(
+        parents=True
+    )  # laid out before its header (an object-store crash)
     assert extract(cfg, progress=False).shards_run > 0
     assert not stale.exists()
     foreign = tmp_path / "mine"

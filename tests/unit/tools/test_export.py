@@ -24,8 +24,12 @@ def matched_share(boxes, scores, labels, ref, box_tol=0.05, score_tol=1e-4) -> f
     free = np.ones(len(scores), dtype=bool)
     hits = 0
     for box, score, label in zip(ref.boxes, ref.scores, ref.labels):
-        close = (free & (labels == label) & (np.abs(scores - score) <= score_tol)
-                 & (np.abs(boxes - box).max(axis=1) <= box_tol))
+        close = (
+            free
+            & (labels == label)
+            & (np.abs(scores - score) <= score_tol)
+            & (np.abs(boxes - box).max(axis=1) <= box_tol)
+        )
         if close.any():
             free[np.argmax(close)] = False
             hits += 1
@@ -46,13 +50,26 @@ def spread_scores(run: str, out: str) -> str:
 
 def online_adapter_run(synthetic, out, backbone: str) -> str:
     """A run with adapters in the backbone, trained online for one step."""
-    from cachedet.engine.train import train
     from conftest import train_config
 
-    train(train_config(out, None, online=True, annotations=synthetic["train"], images=synthetic["images"],
-                       backbone=backbone, weights="random", size=96, adapters=True, epochs=1,
-                       max_steps_per_epoch=1),
-          progress=False)
+    from cachedet.engine.train import train
+
+    train(
+        train_config(
+            out,
+            None,
+            online=True,
+            annotations=synthetic["train"],
+            images=synthetic["images"],
+            backbone=backbone,
+            weights="random",
+            size=96,
+            adapters=True,
+            epochs=1,
+            max_steps_per_epoch=1,
+        ),
+        progress=False,
+    )
     return str(out)
 
 
@@ -60,7 +77,10 @@ def online_adapter_run(synthetic, out, backbone: str) -> str:
 @pytest.mark.parametrize("head", ["faster-rcnn", "retinanet", "cascade", "adapters"])
 def test_onnx_runtime_matches_predict(head, tiny_run, synthetic, tmp_path):
     if head == "adapters":  # ResNet adapters run inside the exported backbone
-        run, head = online_adapter_run(synthetic, tmp_path / "adapters", "test_resnet"), "faster-rcnn"
+        run, head = (
+            online_adapter_run(synthetic, tmp_path / "adapters", "test_resnet"),
+            "faster-rcnn",
+        )
     else:
         run = tiny_run(head)
     if head == "retinanet":
@@ -92,7 +112,9 @@ def test_cli_export_writes_the_graph_and_its_metadata(tiny_run, cli, tmp_path):
     r = cli("export", "--run", tiny_run("faster-rcnn"), "--out", tmp_path / "det.onnx")
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "det.json").read_text())
-    assert (tmp_path / "det.onnx").is_file() and meta["exported_as"] == "onnx" and meta["opset"] == 17
+    assert (
+        (tmp_path / "det.onnx").is_file() and meta["exported_as"] == "onnx" and meta["opset"] == 17
+    )
     assert meta["input"]["shape"] == [1, 3, 96, 96] and meta["category_names"]
 
 
@@ -102,11 +124,17 @@ def test_what_cannot_export_says_so_in_one_line(tiny_run, synthetic, cli, tmp_pa
         (tiny_run("faster-rcnn"), "pt2", "--format pt2 cannot export the faster-rcnn head yet"),
         (tiny_run("faster-rcnn", masks=True), "onnx", "mask branch .*cannot export yet"),
         (tiny_run("faster-rcnn"), "tflite", "--format tflite: expected one of onnx, pt2"),
-        (online_adapter_run(synthetic, tmp_path / "vit", "test_vit"), "onnx", "plain ViT backbones"),
+        (
+            online_adapter_run(synthetic, tmp_path / "vit", "test_vit"),
+            "onnx",
+            "plain ViT backbones",
+        ),
     ]
     for run, fmt, message in cases:
         with pytest.raises(CachedetError, match=message) as info:
             export_run(run, fmt, str(tmp_path / f"m.{fmt}"))
         assert "\n" not in str(info.value)
-    r = cli("export", "--run", tiny_run("faster-rcnn"), "--format", "pt2", "--out", tmp_path / "m.pt2")
+    r = cli(
+        "export", "--run", tiny_run("faster-rcnn"), "--format", "pt2", "--out", tmp_path / "m.pt2"
+    )
     assert r.exit_code == 2 and "cannot export" in r.output
