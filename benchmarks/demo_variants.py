@@ -30,23 +30,44 @@ def dataset_paths(root: str, s: DemoSettings = FULL) -> dict:
     data_dir = os.path.join(root, "data")
     if not os.path.exists(os.path.join(data_dir, "val.json")):
         make_synthetic_dataset(data_dir, s.data)
-    return {"train": os.path.join(data_dir, "train.json"), "val": os.path.join(data_dir, "val.json"), "images": data_dir}
+    return {
+        "train": os.path.join(data_dir, "train.json"),
+        "val": os.path.join(data_dir, "val.json"),
+        "images": data_dir,
+    }
 
 
 def _key(d: dict) -> str:
     return "_".join(f"{k}-{v}" for k, v in sorted(d.items())) or "default"
 
 
-def make_cache(root: str, paths: dict, s: DemoSettings = FULL, **extract_kw) -> tuple[str, float, dict]:
-    """Extract (or resume) the cache for ``extract_kw`` (ExtractConfig fields, plus ``copy_paste``
-    for the augmentation); return (store url, extraction seconds, cache-info)."""
-    aug_kw = {k: extract_kw.pop(k) for k in list(extract_kw) if k in AugmentConfig.__dataclass_fields__}
+def make_cache(
+    root: str, paths: dict, s: DemoSettings = FULL, **extract_kw
+) -> tuple[str, float, dict]:
+    """Extract (or resume) the cache for ``extract_kw`` (ExtractConfig fields, plus AugmentConfig
+    fields such as ``copy_paste`` or ``scale_range``); return (store url, extraction seconds, cache-info)."""
+    aug_kw = {
+        k: extract_kw.pop(k) for k in list(extract_kw) if k in AugmentConfig.__dataclass_fields__
+    }
     store = os.path.join(root, "caches", _key({**extract_kw, **aug_kw}) + ".zarr")
+    backbone = (
+        BackboneConfig(extract_kw.pop("backbone"), None, "default")
+        if "backbone" in extract_kw
+        else BACKBONE
+    )
     timing_file = store + ".seconds"
     cfg = ExtractConfig(
-        annotations=paths["train"], images=paths["images"], out=store, backbone=BACKBONE,
-        augment=AugmentConfig(size=s.size, scale_range=s.scale_range, seed=0, **aug_kw),
-        views=extract_kw.pop("views", s.views), shard_views=32, batch_size=8, **extract_kw,
+        annotations=paths["train"],
+        images=paths["images"],
+        out=store,
+        backbone=backbone,
+        augment=AugmentConfig(
+            **{"size": s.size, "scale_range": s.scale_range, "seed": 0, **aug_kw}
+        ),
+        views=extract_kw.pop("views", s.views),
+        shard_views=32,
+        batch_size=8,
+        **extract_kw,
     )
     if not os.path.exists(timing_file):
         t = time.perf_counter()
@@ -58,8 +79,9 @@ def make_cache(root: str, paths: dict, s: DemoSettings = FULL, **extract_kw) -> 
     return store, seconds, FeatureStore(store).info()
 
 
-def train_and_score(root: str, name: str, paths: dict, s: DemoSettings = FULL, cache: str | None = None,
-                    **train_kw) -> dict:
+def train_and_score(
+    root: str, name: str, paths: dict, s: DemoSettings = FULL, cache: str | None = None, **train_kw
+) -> dict:
     """Train a run (from ``cache``, or online when ``train_kw['online']``) and score it on val."""
     run = os.path.join(root, "runs", name)
     metrics_file = os.path.join(run, "metrics_val.json")
@@ -68,19 +90,39 @@ def train_and_score(root: str, name: str, paths: dict, s: DemoSettings = FULL, c
             return json.load(f)
     online = train_kw.get("online", False)
     cfg = TrainConfig.of(
-        out=run, cache=None if online else cache, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
-        warmup_steps=s.warmup_steps, neck_channels=s.neck_channels, detector_options=dict(s.head_options),
-        in_memory=not online, resume=os.path.exists(os.path.join(run, "checkpoints", "last.pt")),
+        out=run,
+        cache=None if online else cache,
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        warmup_steps=s.warmup_steps,
+        neck_channels=s.neck_channels,
+        detector_options=dict(s.head_options),
+        in_memory=not online,
+        resume=os.path.exists(os.path.join(run, "checkpoints", "last.pt")),
     )
     if online:
-        train_kw = {"annotations": paths["train"], "images": paths["images"], "backbone": BACKBONE.name,
-                    "weights": BACKBONE.weights, "size": s.size, "scale_range": s.scale_range, **train_kw}
+        train_kw = {
+            "annotations": paths["train"],
+            "images": paths["images"],
+            "backbone": BACKBONE.name,
+            "weights": BACKBONE.weights,
+            "size": s.size,
+            "scale_range": s.scale_range,
+            **train_kw,
+        }
     cfg = replace(cfg, **train_kw)
     t = time.perf_counter()
     train(cfg, progress=False)
     seconds = time.perf_counter() - t
-    metrics, _ = evaluate_run(run, paths["val"], paths["images"], train_annotations=paths["train"],
-                              count_bins=s.count_bins, progress=False)
+    metrics, _ = evaluate_run(
+        run,
+        paths["val"],
+        paths["images"],
+        train_annotations=paths["train"],
+        count_bins=s.count_bins,
+        progress=False,
+    )
     out = {"AP": metrics["bbox"]["AP"], "AP50": metrics["bbox"]["AP50"], "train_seconds": seconds}
     with open(metrics_file, "w") as f:
         json.dump(out, f)
@@ -101,7 +143,9 @@ def study_setup(default_work: str, doc: str | None = None, reduced: bool = True,
 
     ap = argparse.ArgumentParser(description=doc)
     ap.add_argument("--work", default=default_work)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    )
     if reduced:
         ap.add_argument("--epochs", type=int, default=8)
         ap.add_argument("--size", type=int, default=256)

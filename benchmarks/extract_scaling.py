@@ -30,32 +30,63 @@ def main():
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--backbone", default="resnet50")
     ap.add_argument("--workers", default="0,1,2,4")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    )
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="cachedet-scaling-")
-    data = make_synthetic_dataset(os.path.join(work, "data"), SyntheticSpec(
-        num_train=args.images, num_val=1, min_side=int(args.size * 0.75), max_side=args.size))
+    data = make_synthetic_dataset(
+        os.path.join(work, "data"),
+        SyntheticSpec(
+            num_train=args.images, num_val=1, min_side=int(args.size * 0.75), max_side=args.size
+        ),
+    )
     rows = []
     for workers in [int(w) for w in args.workers.split(",")]:
-        cfg = ExtractConfig(annotations=data["train"], images=data["images"], out=os.path.join(work, f"w{workers}.zarr"),
-                            backbone=BackboneConfig(args.backbone, None, "random"),
-                            augment=AugmentConfig(size=args.size, seed=0), views=1, shard_views=4, batch_size=4,
-                            workers=workers, device="cpu")
+        cfg = ExtractConfig(
+            annotations=data["train"],
+            images=data["images"],
+            out=os.path.join(work, f"w{workers}.zarr"),
+            backbone=BackboneConfig(args.backbone, None, "random"),
+            augment=AugmentConfig(size=args.size, seed=0),
+            views=1,
+            shard_views=4,
+            batch_size=4,
+            workers=workers,
+            device="cpu",
+        )
         r = extract(cfg, progress=False)
-        rows.append({"workers": workers, "mode": "in-process" if workers == 0 else f"LocalCluster({workers})",
-                     "views": r.views_run, "views_per_s": r.views_per_second, "shard_seconds": r.shard_seconds,
-                     "total_seconds": r.seconds})
+        rows.append(
+            {
+                "workers": workers,
+                "mode": "in-process" if workers == 0 else f"LocalCluster({workers})",
+                "views": r.views_run,
+                "views_per_s": r.views_per_second,
+                "shard_seconds": r.shard_seconds,
+                "total_seconds": r.seconds,
+            }
+        )
         print(rows[-1], flush=True)
-    base = next(r for r in rows if r["workers"] == 1) if any(r["workers"] == 1 for r in rows) else rows[0]
+    base = (
+        next(r for r in rows if r["workers"] == 1)
+        if any(r["workers"] == 1 for r in rows)
+        else rows[0]
+    )
     machine = machine_info()
     result = {"machine": machine, "config": vars(args), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     write_json_atomic(os.path.join(args.out, "extract_scaling.json"), result, indent=2)
-    lines = [f"Extraction scaling: {args.backbone} (random init), {args.images} views at {args.size}x{args.size}, "
-             f"shards of 4 views, on {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}.", "",
-             "| workers | views/s (shard work) | vs 1 worker | total s (incl. cluster start) |", "|---|---|---|---|"]
+    lines = [
+        f"Extraction scaling: {args.backbone} (random init), {args.images} views at {args.size}x{args.size}, "
+        f"shards of 4 views, on {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}.",
+        "",
+        "| workers | views/s (shard work) | vs 1 worker | total s (incl. cluster start) |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['views_per_s']:.2f} | {r['views_per_s'] / base['views_per_s']:.2f}x | {r['total_seconds']:.1f} |")
+        lines.append(
+            f"| {r['mode']} | {r['views_per_s']:.2f} | {r['views_per_s'] / base['views_per_s']:.2f}x | {r['total_seconds']:.1f} |"
+        )
     with open(os.path.join(args.out, "extract_scaling.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -37,10 +37,16 @@ def main():
         info = model_info(args.backbone, neck, head, args.size, 91, masks=True)
         info["seconds"] = round(time.perf_counter() - t, 1)
         records.append(info)
-        print(f"{neck} + {head}: trainable {info['params']['detector'] / 1e6:.1f} M, "
-              f"frozen/finetune FLOPs {info['flop_ratio']['online_frozen']:.2f}, cached {info['flop_ratio']['cached']:.2f}")
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "python": platform.python_version()}
+        print(
+            f"{neck} + {head}: trainable {info['params']['detector'] / 1e6:.1f} M, "
+            f"frozen/finetune FLOPs {info['flop_ratio']['online_frozen']:.2f}, cached {info['flop_ratio']['cached']:.2f}"
+        )
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "model_info.json"), "w") as f:
         json.dump({"machine": machine, "records": records}, f, indent=2)
@@ -52,7 +58,11 @@ def main():
         "| detector | backbone (M) | trainable, boxes only (M) | trainable with mask head (M) | paper Table 3 (M) | difference | GFLOPs fine-tuned | frozen online | cached | frozen / fine-tuned | paper Fig. 1 | cached / fine-tuned |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    names = {("fpn", "faster-rcnn"): "FPN", ("nasfpn", "faster-rcnn"): "NAS-FPN", ("nasfpn", "cascade"): "NAS-FPN + Cascade"}
+    names = {
+        ("fpn", "faster-rcnn"): "FPN",
+        ("nasfpn", "faster-rcnn"): "NAS-FPN",
+        ("nasfpn", "cascade"): "NAS-FPN + Cascade",
+    }
     for r in records:
         p, fl, paper = r["params"], r["flops"], r["paper"]
         trained = p["detector"] / 1e6

@@ -25,11 +25,25 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cachedet.bench import (  # noqa: E402
-    ADAPTER_REGIMES, OUR_REGIMES, TORCHVISION_REGIMES, BenchConfig, decode_speeds, machine_info, run_benchmark,
+    ADAPTER_REGIMES,
+    OUR_REGIMES,
+    TORCHVISION_REGIMES,
+    BenchConfig,
+    decode_speeds,
+    machine_info,
+    run_benchmark,
 )
 
-SWEEP = ("resnet18", "resnet50", "resnet101", "efficientnet_b0", "efficientnet_b3", "convnext_tiny",
-         "vit_small_patch16_224", "vit_base_patch16_224")
+SWEEP = (
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "efficientnet_b0",
+    "efficientnet_b3",
+    "convnext_tiny",
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+)
 SWEEP_REGIMES = ("finetune", "online_frozen", "cached", "heads_in_memory")
 
 
@@ -43,20 +57,53 @@ def main():
     ap.add_argument("--sweep-size", type=int, default=320)
     ap.add_argument("--sweep-steps", type=int, default=3)
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--keep-sweep", action="store_true",
-                    help="re-measure the headline configurations only; keep the sweep of the existing savings.json")
-    ap.add_argument("--only", default=None, help="comma-separated sweep backbones to re-measure; keep the rest of savings.json")
-    ap.add_argument("--note", default=None, help="a remark on the machine stored with the new records (e.g. a shared CPU)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument(
+        "--keep-sweep",
+        action="store_true",
+        help="re-measure the headline configurations only; keep the sweep of the existing savings.json",
+    )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated sweep backbones to re-measure; keep the rest of savings.json",
+    )
+    ap.add_argument(
+        "--note",
+        default=None,
+        help="a remark on the machine stored with the new records (e.g. a shared CPU)",
+    )
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    )
     args = ap.parse_args()
     if args.only:
         return remeasure_sweep(args)
 
-    headline = run_benchmark(BenchConfig(size=args.size, batch=args.batch, steps=args.steps, warmup=args.warmup,
-                                         device=args.device), regimes=OUR_REGIMES + TORCHVISION_REGIMES + ADAPTER_REGIMES)
-    retinanet = run_benchmark(BenchConfig(head="retinanet", out_indices=(2, 3, 4), options={}, size=args.size,
-                                          batch=args.batch, steps=args.steps, warmup=args.warmup, device=args.device))
-    headline["codecs"] = decode_speeds(os.path.join(headline["config"]["workdir"], "bench.zarr"), headline["config"]["workdir"])
+    headline = run_benchmark(
+        BenchConfig(
+            size=args.size,
+            batch=args.batch,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=args.device,
+        ),
+        regimes=OUR_REGIMES + TORCHVISION_REGIMES + ADAPTER_REGIMES,
+    )
+    retinanet = run_benchmark(
+        BenchConfig(
+            head="retinanet",
+            out_indices=(2, 3, 4),
+            options={},
+            size=args.size,
+            batch=args.batch,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=args.device,
+        )
+    )
+    headline["codecs"] = decode_speeds(
+        os.path.join(headline["config"]["workdir"], "bench.zarr"), headline["config"]["workdir"]
+    )
     machine = machine_info()
     os.makedirs(args.out, exist_ok=True)
     sweep = []
@@ -64,17 +111,30 @@ def main():
         with open(os.path.join(args.out, "savings.json")) as f:
             old = json.load(f)
         for s in old["sweep"]:
-            s["records"] = [r for r in old["records"] if r["backbone"] == s["config"]["backbone"] and r["size"] == s["config"]["size"]]
+            s["records"] = [
+                r
+                for r in old["records"]
+                if r["backbone"] == s["config"]["backbone"] and r["size"] == s["config"]["size"]
+            ]
             sweep.append(s)
 
     def save():
-        records = headline["records"] + retinanet["records"] + [r for s in sweep for r in s["records"]]
+        records = (
+            headline["records"] + retinanet["records"] + [r for s in sweep for r in s["records"]]
+        )
         for r in records:
             r["machine"] = machine
-        result = {"machine": machine, "records": records,
-                  "headline": {"config": headline["config"], "stages": headline["stages"], "codecs": headline["codecs"]},
-                  "retinanet": {"config": retinanet["config"], "stages": retinanet["stages"]},
-                  "sweep": [{"config": s["config"], "stages": s["stages"]} for s in sweep]}
+        result = {
+            "machine": machine,
+            "records": records,
+            "headline": {
+                "config": headline["config"],
+                "stages": headline["stages"],
+                "codecs": headline["codecs"],
+            },
+            "retinanet": {"config": retinanet["config"], "stages": retinanet["stages"]},
+            "sweep": [{"config": s["config"], "stages": s["stages"]} for s in sweep],
+        }
         with open(os.path.join(args.out, "savings.json"), "w") as f:
             json.dump(result, f, indent=2)
         return result
@@ -90,8 +150,18 @@ def main():
 
 
 def sweep_entry(name: str, args) -> dict:
-    return run_benchmark(BenchConfig(backbone=name, out_indices=None, size=args.sweep_size, batch=args.batch,
-                                     steps=args.sweep_steps, warmup=1, device=args.device), regimes=SWEEP_REGIMES)
+    return run_benchmark(
+        BenchConfig(
+            backbone=name,
+            out_indices=None,
+            size=args.sweep_size,
+            batch=args.batch,
+            steps=args.sweep_steps,
+            warmup=1,
+            device=args.device,
+        ),
+        regimes=SWEEP_REGIMES,
+    )
 
 
 def remeasure_sweep(args):
@@ -109,9 +179,18 @@ def remeasure_sweep(args):
         for r in fresh[name]["records"]:
             r["machine"] = machine
     kept = [s for s in result["sweep"] if s["config"]["backbone"] not in fresh]
-    sweep = kept + [{"config": s["config"], "stages": s["stages"], "machine": machine} for s in fresh.values()]
-    result["sweep"] = sorted(sweep, key=lambda s: SWEEP.index(s["config"]["backbone"]) if s["config"]["backbone"] in SWEEP else len(SWEEP))
-    result["records"] = [r for r in result["records"] if r["backbone"] not in fresh] + [r for s in fresh.values() for r in s["records"]]
+    sweep = kept + [
+        {"config": s["config"], "stages": s["stages"], "machine": machine} for s in fresh.values()
+    ]
+    result["sweep"] = sorted(
+        sweep,
+        key=lambda s: (
+            SWEEP.index(s["config"]["backbone"]) if s["config"]["backbone"] in SWEEP else len(SWEEP)
+        ),
+    )
+    result["records"] = [r for r in result["records"] if r["backbone"] not in fresh] + [
+        r for s in fresh.values() for r in s["records"]
+    ]
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     write_report(result, args.out)

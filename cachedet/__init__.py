@@ -1,3 +1,54 @@
-"""cachedet: train detection heads on cached features of a frozen classification backbone."""
+"""cachedet: train detection heads on cached features of a frozen classification backbone.
+
+The public names below load lazily (PEP 562), so ``import cachedet`` stays cheap (no torch):
+
+- ``load(run, checkpoint="last")`` -> ``Model``; ``Model.predict(images)`` -> ``Detections``
+  (``cachedet.api``).
+- ``extract(ExtractConfig)`` -> ``ExtractResult`` (stage 1, ``cachedet.extract``; the module itself
+  is callable), ``train_heads(TrainConfig)`` -> ``TrainResult`` (stage 2), ``evaluate(run,
+  annotations, images, ...)`` -> (metrics, detections) (stage 3).
+- ``export(run, format="onnx")`` -> exported file (``cachedet.exporter``).
+- The typed configs the CLI builds: ``ExtractConfig``, ``AugmentConfig``, ``BackboneConfig``,
+  ``TrainConfig`` (built with ``TrainConfig.of(**settings)``; sections ``SourceConfig``, ``HeadsConfig``,
+  ``OptimConfig``, ``LoaderConfig``).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load": "cachedet.api",
+    "Model": "cachedet.api",
+    "Detections": "cachedet.api",
+    "train_heads": "cachedet.api",
+    "evaluate": "cachedet.api",
+    "export": "cachedet.exporter",
+    "ExtractConfig": "cachedet.extract",
+    "AugmentConfig": "cachedet.data.views",
+    "BackboneConfig": "cachedet.backbones",
+    "TrainConfig": "cachedet.engine.config",
+    "SourceConfig": "cachedet.engine.config",
+    "HeadsConfig": "cachedet.engine.config",
+    "OptimConfig": "cachedet.engine.config",
+    "LoaderConfig": "cachedet.engine.config",
+}
+__all__ = ["__version__", "extract", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name == "extract":  # the stage-1 module, callable as extract(cfg) (see cachedet/extract.py)
+        return importlib.import_module("cachedet.extract")
+    if name in _LAZY:
+        value = getattr(
+            importlib.import_module(_LAZY[name]), "export_run" if name == "export" else name
+        )
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cachedet' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

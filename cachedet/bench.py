@@ -42,7 +42,9 @@ TORCHVISION_LIKE = {"box_convs": 0, "box_fcs": 2, "proposals_per_image": 2000}
 class BenchConfig:
     backbone: str = "resnet50"
     out_indices: tuple[int, ...] | None = (1, 2, 3, 4)  # a ViT's taps; None: the backbone's default
-    neck: str = "auto"  # resolved by run_benchmark: the simple pyramid for a ViT's taps, FPN otherwise
+    neck: str = (
+        "auto"  # resolved by run_benchmark: the simple pyramid for a ViT's taps, FPN otherwise
+    )
     head: str = "faster-rcnn"
     size: int = 512
     batch: int = 2
@@ -71,9 +73,14 @@ def machine_info() -> dict:
         pass
     import timm
 
-    return {"cpu": cpu or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "timm": timm.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
 
 
 def prepare(cfg: BenchConfig, hybrid: bool = False) -> dict:
@@ -84,23 +91,46 @@ def prepare(cfg: BenchConfig, hybrid: bool = False) -> dict:
     from cachedet.data.views import AugmentConfig
     from cachedet.extract import ExtractConfig, extract
 
-    data = make_synthetic_dataset(os.path.join(cfg.workdir, "data"), SyntheticSpec(
-        num_train=cfg.num_images, num_val=1, min_side=int(cfg.size * 0.75), max_side=cfg.size, max_objects=6))
+    data = make_synthetic_dataset(
+        os.path.join(cfg.workdir, "data"),
+        SyntheticSpec(
+            num_train=cfg.num_images,
+            num_val=1,
+            min_side=int(cfg.size * 0.75),
+            max_side=cfg.size,
+            max_objects=6,
+        ),
+    )
     store = os.path.join(cfg.workdir, "bench.zarr")
-    ecfg = ExtractConfig(annotations=data["train"], images=data["images"], out=store,
-                         backbone=BackboneConfig(cfg.backbone, cfg.out_indices, "random"),
-                         augment=AugmentConfig(size=cfg.size, augment=False), views=1, shard_views=cfg.batch * 2,
-                         batch_size=cfg.batch, device=cfg.device, overwrite=True)
+    ecfg = ExtractConfig(
+        annotations=data["train"],
+        images=data["images"],
+        out=store,
+        backbone=BackboneConfig(cfg.backbone, cfg.out_indices, "random"),
+        augment=AugmentConfig(size=cfg.size, augment=False),
+        views=1,
+        shard_views=cfg.batch * 2,
+        batch_size=cfg.batch,
+        device=cfg.device,
+        overwrite=True,
+    )
     # steady state, like the forward-only figure it is compared with: build and warm the backbone
     # (first-call kernel selection) before the extraction clock starts
     from cachedet.shards import compute_features, worker_backbone
 
-    compute_features(worker_backbone(ecfg.backbone, ecfg.device), torch.zeros(cfg.batch, 3, cfg.size, cfg.size))
+    compute_features(
+        worker_backbone(ecfg.backbone, ecfg.device), torch.zeros(cfg.batch, 3, cfg.size, cfg.size)
+    )
     result = extract(ecfg, progress=False)
     fs = FeatureStore(store)
     # wall time of the shard work (decode, forward, encode, write), not planning or the backbone build
-    prepared = {"data": data, "store": store, "extract_views_per_s": result.views_per_second, "cache": fs.info(),
-                "hybrid_store": None}
+    prepared = {
+        "data": data,
+        "store": store,
+        "extract_views_per_s": result.views_per_second,
+        "cache": fs.info(),
+        "hybrid_store": None,
+    }
     if hybrid:  # the same views, cached up to the stage before the last (for adapters_hybrid)
         from dataclasses import replace
 
@@ -123,13 +153,27 @@ def _batches_in_memory(store_url: str, cfg: BenchConfig, with_features: bool):
     feats = fs.read_features(0, fs.num_views) if with_features else None
     out = []
     for s in range(0, fs.num_views - cfg.batch + 1, cfg.batch):
-        targets = [{"boxes": torch.from_numpy(fs.boxes(v)[0].copy()), "labels": torch.from_numpy(fs.boxes(v)[1].copy())}
-                   for v in range(s, s + cfg.batch)]
-        out.append(({k: torch.from_numpy(v[s:s + cfg.batch].copy()) for k, v in feats.items()} if feats else None, targets))
+        targets = [
+            {
+                "boxes": torch.from_numpy(fs.boxes(v)[0].copy()),
+                "labels": torch.from_numpy(fs.boxes(v)[1].copy()),
+            }
+            for v in range(s, s + cfg.batch)
+        ]
+        out.append(
+            (
+                {k: torch.from_numpy(v[s : s + cfg.batch].copy()) for k, v in feats.items()}
+                if feats
+                else None,
+                targets,
+            )
+        )
     return out
 
 
-def _images(store_url: str, data: dict, cfg: BenchConfig, normalize_with=None) -> list[torch.Tensor]:
+def _images(
+    store_url: str, data: dict, cfg: BenchConfig, normalize_with=None
+) -> list[torch.Tensor]:
     """The same plain views the cache holds, as image tensors (normalised, or in [0, 1] for torchvision)."""
     from cachedet.cache.store import FeatureStore
     from cachedet.data.coco import load_detection_dataset
@@ -152,13 +196,23 @@ def _last_stage(backbone) -> int:
     return len(backbone.stage_names()) - 1
 
 
-def _our_model(cfg: BenchConfig, regime: str, specs, backbone=None, hybrid_stage: int | None = None):
+def _our_model(
+    cfg: BenchConfig, regime: str, specs, backbone=None, hybrid_stage: int | None = None
+):
     from cachedet.engine.step import TrainModel
     from cachedet.models.detector import DetectorConfig, build_detector
 
     torch.manual_seed(0)
-    det = build_detector(DetectorConfig(num_classes=cfg.num_classes, canvas=cfg.size, in_specs=tuple(specs),
-                                        neck=cfg.neck, head=cfg.head, options=dict(cfg.options)))
+    det = build_detector(
+        DetectorConfig(
+            num_classes=cfg.num_classes,
+            canvas=cfg.size,
+            in_specs=tuple(specs),
+            neck=cfg.neck,
+            head=cfg.head,
+            options=dict(cfg.options),
+        )
+    )
     if backbone is not None:
         backbone.set_trainable(regime == "finetune")
     uses_backbone = regime in ("finetune", "online_frozen") + ADAPTER_REGIMES
@@ -175,10 +229,21 @@ def _torchvision_model(cfg: BenchConfig, regime: str):
     common = dict(min_size=cfg.size, max_size=cfg.size)
     torch.manual_seed(0)
     if cfg.head == "retinanet":
-        bb = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=layers,
-                                 returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        bb = resnet_fpn_backbone(
+            backbone_name="resnet50",
+            weights=None,
+            norm_layer=FrozenBatchNorm2d,
+            trainable_layers=layers,
+            returned_layers=[2, 3, 4],
+            extra_blocks=LastLevelP6P7(256, 256),
+        )
         return RetinaNet(bb, num_classes=cfg.num_classes, **common)
-    bb = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=layers)
+    bb = resnet_fpn_backbone(
+        backbone_name="resnet50",
+        weights=None,
+        norm_layer=FrozenBatchNorm2d,
+        trainable_layers=layers,
+    )
     return FasterRCNN(bb, num_classes=cfg.num_classes + 1, **common)
 
 
@@ -197,19 +262,35 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
     if torchvision:
         model = _torchvision_model(cfg, regime).to(device).train()
         images = _images(store, prepared["data"], cfg)
-        batches = [([images[i * cfg.batch + j] for j in range(cfg.batch)],
-                    [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]) for i, (_, targets) in enumerate(mem)]
+        batches = [
+            (
+                [images[i * cfg.batch + j] for j in range(cfg.batch)],
+                [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets],
+            )
+            for i, (_, targets) in enumerate(mem)
+        ]
     elif regime in ("finetune", "online_frozen", "adapters_online"):
-        backbone = build_backbone(BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False)
+        backbone = build_backbone(
+            BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False
+        )
         if regime == "adapters_online":
             backbone.add_adapters((_last_stage(backbone),))
         model = _our_model(cfg, regime, backbone.specs, backbone).to(device).train()
         images = _images(store, prepared["data"], cfg, (backbone.mean, backbone.std))
-        batches = [(torch.stack(images[i * cfg.batch:(i + 1) * cfg.batch]), targets) for i, (_, targets) in enumerate(mem)]
+        batches = [
+            (torch.stack(images[i * cfg.batch : (i + 1) * cfg.batch]), targets)
+            for i, (_, targets) in enumerate(mem)
+        ]
     elif regime == "adapters_hybrid":
-        source = CacheSource(prepared["hybrid_store"], cfg.batch, 1, False, 1, 0, 4, DistInfo(0, 1, 0))
+        source = CacheSource(
+            prepared["hybrid_store"], cfg.batch, 1, False, 1, 0, 4, DistInfo(0, 1, 0)
+        )
         source.enable_adapters((source.hybrid_stage + 1,))
-        model = _our_model(cfg, regime, source.specs, source.backbone, hybrid_stage=source.hybrid_stage).to(device).train()
+        model = (
+            _our_model(cfg, regime, source.specs, source.backbone, hybrid_stage=source.hybrid_stage)
+            .to(device)
+            .train()
+        )
         batches = ((b["inputs"], b["targets"]) for b in source.batches(0))
     else:  # the heads alone, as cachedet trains them from a cache: no backbone is built in this process
         model = _our_model(cfg, regime, FeatureStore(store).specs).to(device).train()
@@ -255,10 +336,19 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
     flops = int(counter.get_total_flops())
 
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else process_peak_rss()
-    return {"backbone": "resnet50 (torchvision)" if torchvision else cfg.backbone, "detector": cfg.detector_name,
-            "size": cfg.size, "batch": cfg.batch, "device": cfg.device, "regime": regime,
-            "step_s_median": statistics.median(times), "step_s_all": times, "flops_per_step": flops,
-            "peak_mem_bytes": int(peak), "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"}
+    return {
+        "backbone": "resnet50 (torchvision)" if torchvision else cfg.backbone,
+        "detector": cfg.detector_name,
+        "size": cfg.size,
+        "batch": cfg.batch,
+        "device": cfg.device,
+        "regime": regime,
+        "step_s_median": statistics.median(times),
+        "step_s_all": times,
+        "flops_per_step": flops,
+        "peak_mem_bytes": int(peak),
+        "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+    }
 
 
 def process_peak_rss() -> int:
@@ -282,7 +372,9 @@ def backbone_forward_views_per_s(cfg: BenchConfig, reps: int = 3) -> tuple[float
     from cachedet.backbones import BackboneConfig, build_backbone
     from cachedet.shards import compute_features
 
-    bb = build_backbone(BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False).to(cfg.device)
+    bb = build_backbone(BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False).to(
+        cfg.device
+    )
     x = torch.randn(cfg.batch, 3, cfg.size, cfg.size)
     compute_features(bb, x)
     t = time.perf_counter()
@@ -312,66 +404,122 @@ def decode_speeds(store_url: str, workdir: str) -> list[dict]:
             raw, quant = 0, {}
             for name, x in sample.items():
                 enc, quant[name] = schema.encode(x, dtype)
-                a = g.create_array(name, shape=enc.shape, chunks=(1,) + enc.shape[1:], dtype=enc.dtype,
-                                   compressors=schema.compressors(codec))
+                a = g.create_array(
+                    name,
+                    shape=enc.shape,
+                    chunks=(1,) + enc.shape[1:],
+                    dtype=enc.dtype,
+                    compressors=schema.compressors(codec),
+                )
                 a[...] = enc
                 raw += enc.nbytes
-            params = sum(q.nbytes for q in quant.values() if q is not None)  # uint8's per-channel (offset, step)
+            params = sum(
+                q.nbytes for q in quant.values() if q is not None
+            )  # uint8's per-channel (offset, step)
             stored = bytes_on_disk(url) + params
             t = time.perf_counter()
             reps = 3
             for _ in range(reps):
                 out = sum(schema.decode(g[name][...], dtype, quant[name]).nbytes for name in sample)
             mbps = reps * out / (time.perf_counter() - t) / 1e6
-            err = max(float(np.abs(schema.decode(g[k][...], dtype, quant[k]) - v).max()) for k, v in sample.items())
-            rows.append({"dtype": dtype, "codec": codec, "bytes_per_view": stored / n, "raw_bytes_per_view": (raw + params) / n,
-                         "compression_ratio": (raw + params) / stored, "decode_MBps": mbps, "max_abs_error": err})
+            err = max(
+                float(np.abs(schema.decode(g[k][...], dtype, quant[k]) - v).max())
+                for k, v in sample.items()
+            )
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "codec": codec,
+                    "bytes_per_view": stored / n,
+                    "raw_bytes_per_view": (raw + params) / n,
+                    "compression_ratio": (raw + params) / stored,
+                    "decode_MBps": mbps,
+                    "max_abs_error": err,
+                }
+            )
     return rows
 
 
 def import_baseline_bytes() -> int:
     """Peak RSS of a fresh process that only imports what every regime imports (torch, torchvision,
     timm, zarr, cachedet): the floor under every CPU regime's peak memory."""
-    code = ("import torch, torchvision, timm, zarr, cachedet.bench, cachedet.engine.train; "
-            "from cachedet.bench import process_peak_rss; print(process_peak_rss())")
+    code = (
+        "import torch, torchvision, timm, zarr, cachedet.bench, cachedet.engine.train; "
+        "from cachedet.bench import process_peak_rss; print(process_peak_rss())"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(proc.stdout.strip().splitlines()[-1])
 
 
 def _run_regime_in_fresh_process(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
-    payload = json.dumps({"config": asdict(cfg), "regime": regime, "prepared": {k: prepared[k] for k in ("data", "store", "hybrid_store")}})
-    proc = subprocess.run([sys.executable, "-m", "cachedet.bench"], input=payload, capture_output=True, text=True)
+    payload = json.dumps(
+        {
+            "config": asdict(cfg),
+            "regime": regime,
+            "prepared": {k: prepared[k] for k in ("data", "store", "hybrid_store")},
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "cachedet.bench"], input=payload, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"regime {regime} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_benchmark(cfg: BenchConfig, regimes=None, fresh_process: bool | None = None, log=print) -> dict:
+def run_benchmark(
+    cfg: BenchConfig, regimes=None, fresh_process: bool | None = None, log=print
+) -> dict:
     """Prepare the data and cache, then measure every regime; returns records + stage measurements."""
     from cachedet.backbones import BackboneConfig, build_backbone
     from cachedet.models.necks import resolve_neck
 
     workdir = cfg.workdir or tempfile.mkdtemp(prefix="cachedet-bench-")
-    backbone = build_backbone(BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False).check_canvas(cfg.size)
-    cfg = BenchConfig(**{**asdict(cfg), "workdir": workdir, "neck": resolve_neck(cfg.neck, backbone.specs)})
+    backbone = build_backbone(
+        BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False
+    ).check_canvas(cfg.size)
+    cfg = BenchConfig(
+        **{**asdict(cfg), "workdir": workdir, "neck": resolve_neck(cfg.neck, backbone.specs)}
+    )
     del backbone
-    regimes = regimes or (OUR_REGIMES + (TORCHVISION_REGIMES if cfg.backbone == "resnet50" and cfg.neck == "fpn"
-                                         and cfg.head in ("faster-rcnn", "retinanet") else ()))
+    regimes = regimes or (
+        OUR_REGIMES
+        + (
+            TORCHVISION_REGIMES
+            if cfg.backbone == "resnet50"
+            and cfg.neck == "fpn"
+            and cfg.head in ("faster-rcnn", "retinanet")
+            else ()
+        )
+    )
     fresh = (cfg.device == "cpu") if fresh_process is None else fresh_process
     prepared = prepare(cfg, hybrid="adapters_hybrid" in regimes)
     records = []
     for regime in regimes:
-        rec = _run_regime_in_fresh_process(cfg, regime, prepared) if fresh else measure_regime(cfg, regime, prepared)
-        log(f"{cfg.backbone} {cfg.detector_name} {regime}: {rec['step_s_median']:.3f} s/step, "
-            f"{rec['flops_per_step'] / 1e9:.0f} GFLOPs, peak {rec['peak_mem_bytes'] / 1e9:.2f} GB")
+        rec = (
+            _run_regime_in_fresh_process(cfg, regime, prepared)
+            if fresh
+            else measure_regime(cfg, regime, prepared)
+        )
+        log(
+            f"{cfg.backbone} {cfg.detector_name} {regime}: {rec['step_s_median']:.3f} s/step, "
+            f"{rec['flops_per_step'] / 1e9:.0f} GFLOPs, peak {rec['peak_mem_bytes'] / 1e9:.2f} GB"
+        )
         records.append(rec)
     fwd_vps, fwd_flops = backbone_forward_views_per_s(cfg)
     by = {r["regime"]: r for r in records}
-    stages = {"extract_views_per_s": prepared["extract_views_per_s"], "backbone_forward_views_per_s": fwd_vps,
-              "extract_vs_forward": prepared["extract_views_per_s"] / fwd_vps, "backbone_flops_per_view": fwd_flops,
-              "cache_bytes_per_view": prepared["cache"]["bytes_per_view"],
-              "cache_bytes_per_view_by_level": {lv["name"]: lv["bytes_stored"] / prepared["cache"]["views"] for lv in prepared["cache"]["levels"]},
-              "compression_ratio": prepared["cache"]["compression_ratio"]}
+    stages = {
+        "extract_views_per_s": prepared["extract_views_per_s"],
+        "backbone_forward_views_per_s": fwd_vps,
+        "extract_vs_forward": prepared["extract_views_per_s"] / fwd_vps,
+        "backbone_flops_per_view": fwd_flops,
+        "cache_bytes_per_view": prepared["cache"]["bytes_per_view"],
+        "cache_bytes_per_view_by_level": {
+            lv["name"]: lv["bytes_stored"] / prepared["cache"]["views"]
+            for lv in prepared["cache"]["levels"]
+        },
+        "compression_ratio": prepared["cache"]["compression_ratio"],
+    }
     if fresh:
         stages["import_baseline_bytes"] = import_baseline_bytes()
     if "online_frozen" in by and "cached" in by:
@@ -379,7 +527,9 @@ def run_benchmark(cfg: BenchConfig, regimes=None, fresh_process: bool | None = N
         per_view_cached = by["cached"]["step_s_median"] / cfg.batch
         saved = per_view_online - per_view_cached
         # extracting one view costs 1/extract_views_per_s once; every epoch then saves `saved` per view
-        stages["break_even_epochs"] = (1 / prepared["extract_views_per_s"]) / saved if saved > 0 else None
+        stages["break_even_epochs"] = (
+            (1 / prepared["extract_views_per_s"]) / saved if saved > 0 else None
+        )
     return {"config": asdict(cfg), "records": records, "stages": stages}
 
 

@@ -10,7 +10,9 @@ features and masks and then its completion record. A rerun skips complete shards
 from __future__ import annotations
 
 import os
+import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 from cachedet import __version__
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
-from cachedet.cache.header import Hybrid, MaskInfo, StoreHeader, Storage
+from cachedet.cache.header import Hybrid, MaskInfo, Storage, StoreHeader
 from cachedet.cache.layout import create_store, interrupted_creation, remove_store, store_exists
 from cachedet.cache.store import StoreReader, StoreWriter, shard_range
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
@@ -30,7 +32,11 @@ from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 from cachedet.runtime import resolve_device
 from cachedet.shards import (
-    ShardTask, compute_features, run_shards_in_process, run_shards_on_dask, worker_backbone,
+    ShardTask,
+    compute_features,
+    run_shards_in_process,
+    run_shards_on_dask,
+    worker_backbone,
 )
 from cachedet.structures import ViewParams
 
@@ -54,10 +60,17 @@ class ExtractConfig:
     overwrite: bool = False
     skip_bad: bool = False
     repair: bool = False  # verify complete shards first and recompute the damaged ones
-    cache_stage: int | None = None  # hybrid cache: store up to this backbone stage (adapters train after it)
+    cache_stage: int | None = (
+        None  # hybrid cache: store up to this backbone stage (adapters train after it)
+    )
     masks: bool = True  # store instance masks when the annotations carry segmentation
+    recipe: str | None = (
+        None  # cachedet.recipes name the settings came from, recorded in the header
+    )
 
-    def __post_init__(self):  # paths resolved once (cachedet.paths), as every later reader sees them
+    def __post_init__(
+        self,
+    ):  # paths resolved once (cachedet.paths), as every later reader sees them
         for name in ("annotations", "images", "out"):
             object.__setattr__(self, name, resolve_path(getattr(self, name)))
 
@@ -94,7 +107,9 @@ class ViewPlan:
         return np.asarray([p.source_image_id if p else -1 for p in self.pastes], dtype=np.int64)
 
 
-def mask_sources(dataset: DetectionDataset, plan: ViewPlan, start: int, end: int) -> tuple[tuple[MaskSource, ...], ...]:
+def mask_sources(
+    dataset: DetectionDataset, plan: ViewPlan, start: int, end: int
+) -> tuple[tuple[MaskSource, ...], ...]:
     """Per view in [start, end): the annotated mask of each of its box rows (own objects, then pasted ones)."""
     where = dataset.annotation_rows()
     out = []
@@ -112,8 +127,14 @@ def mask_sources(dataset: DetectionDataset, plan: ViewPlan, start: int, end: int
 def masks_header(dataset: DetectionDataset, plan: ViewPlan) -> MaskInfo:
     """The header's masks: the format, and how many stored objects fall back to their box (no segmentation)."""
     where = dataset.annotation_rows()
-    from_boxes = sum(mask_source(*where[a]).segmentation is None for a in plan.boxes["ann_ids"].tolist())
-    return MaskInfo(format=schema.MASK_FORMAT, objects=int(len(plan.boxes["ann_ids"])), objects_from_boxes=from_boxes)
+    from_boxes = sum(
+        mask_source(*where[a]).segmentation is None for a in plan.boxes["ann_ids"].tolist()
+    )
+    return MaskInfo(
+        format=schema.MASK_FORMAT,
+        objects=int(len(plan.boxes["ann_ids"])),
+        objects_from_boxes=from_boxes,
+    )
 
 
 def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_image: int) -> ViewPlan:
@@ -158,7 +179,9 @@ class ExtractResult:
     seconds: float
     views_run: int  # views computed by this run (complete shards are not recomputed)
     shard_seconds: float  # wall time of the shard work alone (no planning, no backbone build)
-    repaired: list[dict] = field(default_factory=list)  # damaged shards found by --repair and recomputed
+    repaired: list[dict] = field(
+        default_factory=list
+    )  # damaged shards found by --repair and recomputed
     masks: dict | None = None  # the header's "masks" entry: stored instance masks, or None
 
     @property
@@ -179,16 +202,26 @@ def hybrid_backbone(cfg: ExtractConfig) -> tuple[BackboneConfig, Hybrid | None]:
     out = full.identity["out_indices"]
     k = cfg.cache_stage
     if not 0 <= k < max(out):
-        raise CachedetError(f"--cache-stage {k}: expected 0..{max(out) - 1} for {cfg.backbone.name} (its pyramid "
-                            f"ends at stage {max(out)}; a later cache stage leaves nothing to adapt)")
+        raise CachedetError(
+            f"--cache-stage {k}: expected 0..{max(out) - 1} for {cfg.backbone.name} (its pyramid "
+            f"ends at stage {max(out)}; a later cache stage leaves nothing to adapt)"
+        )
     stages = tuple(sorted({i for i in out if i <= k} | {k}))
     hybrid = Hybrid(cache_stage=k, backbone=full.identity, specs=tuple(full.specs))
     # a ViT's later blocks also attend to the prefix tokens (class, registers) of block K: store them too
-    return BackboneConfig(cfg.backbone.name, stages, cfg.backbone.weights, prefix_tokens=full.patch is not None), hybrid
+    return BackboneConfig(
+        cfg.backbone.name, stages, cfg.backbone.weights, prefix_tokens=full.patch is not None
+    ), hybrid
 
 
-def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, plan: ViewPlan,
-            hybrid: Hybrid | None, masks: bool) -> StoreHeader:
+def _header(
+    cfg: ExtractConfig,
+    backbone: Backbone,
+    dataset: DetectionDataset,
+    plan: ViewPlan,
+    hybrid: Hybrid | None,
+    masks: bool,
+) -> StoreHeader:
     return StoreHeader(
         backbone=backbone.identity,
         specs=tuple(backbone.specs),
@@ -202,6 +235,7 @@ def _header(cfg: ExtractConfig, backbone: Backbone, dataset: DetectionDataset, p
         cachedet_version=__version__,
         hybrid=hybrid,
         masks=masks_header(dataset, plan) if masks else None,
+        recipe=cfg.recipe,
     )
 
 
@@ -216,9 +250,17 @@ def prepare_store(cfg: ExtractConfig, header: StoreHeader, plan: ViewPlan) -> No
     for _ in range(3):
         if store_exists(cfg.out) and _check_existing(cfg, header):
             return
-        if create_store(cfg.out, header, plan.views, plan.boxes, extra_meta={"paste_image_id": plan.paste_image_ids()}):
+        if create_store(
+            cfg.out,
+            header,
+            plan.views,
+            plan.boxes,
+            extra_meta={"paste_image_id": plan.paste_image_ids()},
+        ):
             return
-    raise CachedetError(f"--out {cfg.out}: another process keeps replacing this store; run one extraction at a time")
+    raise CachedetError(
+        f"--out {cfg.out}: another process keeps replacing this store; run one extraction at a time"
+    )
 
 
 def _check_existing(cfg: ExtractConfig, header: StoreHeader) -> bool:
@@ -229,9 +271,13 @@ def _check_existing(cfg: ExtractConfig, header: StoreHeader) -> bool:
     except CachedetError:
         found = None
     if found is None and not interrupted_creation(cfg.out):
-        raise CachedetError(f"--out {cfg.out}: exists and is not a cachedet store; pass --overwrite to replace it")
+        raise CachedetError(
+            f"--out {cfg.out}: exists and is not a cachedet store; pass --overwrite to replace it"
+        )
     if found is None:
-        remove_store(cfg.out)  # an interrupted creation on an object store, or an empty folder: nothing to lose
+        remove_store(
+            cfg.out
+        )  # an interrupted creation on an object store, or an empty folder: nothing to lose
         return False
     diff = found.diff(header)
     if diff:
@@ -242,8 +288,13 @@ def _check_existing(cfg: ExtractConfig, header: StoreHeader) -> bool:
     return True
 
 
-def shard_tasks(cfg: ExtractConfig, backbone: BackboneConfig, masks_of: DetectionDataset | None, plan: ViewPlan,
-                skip: set[int] = frozenset()) -> list[ShardTask]:
+def shard_tasks(
+    cfg: ExtractConfig,
+    backbone: BackboneConfig,
+    masks_of: DetectionDataset | None,
+    plan: ViewPlan,
+    skip: set[int] = frozenset(),
+) -> list[ShardTask]:
     """One ``ShardTask`` per shard of ``plan`` not in ``skip`` (complete shards), in shard order.
     ``masks_of``: the dataset whose instance masks the tasks rasterise, or None for boxes only."""
     tasks = []
@@ -251,13 +302,24 @@ def shard_tasks(cfg: ExtractConfig, backbone: BackboneConfig, masks_of: Detectio
         if shard in skip:
             continue
         start, end = shard_range(shard, cfg.shard_views, len(plan.views))
-        tasks.append(ShardTask(
-            store=cfg.out, shard=shard, start=start, views=tuple(plan.views[start:end]),
-            paths=tuple(plan.paths[start:end]), pastes=tuple(plan.pastes[start:end]), backbone=backbone,
-            device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, loader_workers=cfg.loader_workers,
-            skip_bad=cfg.skip_bad, threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
-            masks=mask_sources(masks_of, plan, start, end) if masks_of is not None else None,
-        ))
+        tasks.append(
+            ShardTask(
+                store=cfg.out,
+                shard=shard,
+                start=start,
+                views=tuple(plan.views[start:end]),
+                paths=tuple(plan.paths[start:end]),
+                pastes=tuple(plan.pastes[start:end]),
+                backbone=backbone,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                batch_size=cfg.batch_size,
+                loader_workers=cfg.loader_workers,
+                skip_bad=cfg.skip_bad,
+                threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
+                masks=mask_sources(masks_of, plan, start, end) if masks_of is not None else None,
+            )
+        )
     return tasks
 
 
@@ -281,7 +343,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     tasks = shard_tasks(cfg, backbone_cfg, dataset if with_masks else None, plan, skip=set(done))
     todo_views = sum(len(t.views) for t in tasks)
     if tasks and not (cfg.workers or cfg.scheduler):
-        worker_backbone(backbone_cfg, cfg.device)  # built before the clock starts, as on a dask worker
+        worker_backbone(
+            backbone_cfg, cfg.device
+        )  # built before the clock starts, as on a dask worker
     t_shards = time.perf_counter()
     with ViewProgress("extract", todo_views, enabled=progress) as bar:
         if cfg.workers or cfg.scheduler:
@@ -292,9 +356,17 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     skipped = [s for r in records for s in r["skipped"]]
     skipped += [s for r in done.values() for s in r.get("skipped", [])]
     return ExtractResult(
-        store=cfg.out, num_views=len(plan.views), shards_total=total, shards_run=len(tasks),
-        shards_skipped_complete=len(done), skipped_images=skipped, dropped=dataset.dropped,
-        seconds=time.perf_counter() - t0, views_run=todo_views, shard_seconds=shard_seconds, repaired=repaired,
+        store=cfg.out,
+        num_views=len(plan.views),
+        shards_total=total,
+        shards_run=len(tasks),
+        shards_skipped_complete=len(done),
+        skipped_images=skipped,
+        dropped=dataset.dropped,
+        seconds=time.perf_counter() - t0,
+        views_run=todo_views,
+        shard_seconds=shard_seconds,
+        repaired=repaired,
         masks=header.masks.to_dict() if header.masks is not None else None,
     )
 
@@ -337,7 +409,9 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
         num_images = len(load_detection_dataset(cfg.annotations, cfg.images).images)
     schema.check_storage(cfg.dtype, cfg.codec, cfg.shard_views)
     device = resolve_device(cfg.device)
-    backbone = build_backbone(hybrid_backbone(cfg)[0]).to(device)  # a hybrid cache stores (and runs) less
+    backbone = build_backbone(hybrid_backbone(cfg)[0]).to(
+        device
+    )  # a hybrid cache stores (and runs) less
     shapes = backbone.feature_shapes(cfg.augment.size)
     per_view = sum(int(np.prod(s)) for s in shapes.values()) * schema.ITEMSIZE[cfg.dtype]
     views = num_images * cfg.views
@@ -349,7 +423,24 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
         compute_features(backbone, batch)
     vps = reps * len(batch) / (time.perf_counter() - t)
     return DryRunReport(
-        num_images=num_images, views_per_image=cfg.views, num_views=views, feature_shapes=shapes,
-        bytes_per_view=per_view, total_bytes=per_view * views, device=str(device),
-        views_per_second=vps, estimated_seconds=views / vps,
+        num_images=num_images,
+        views_per_image=cfg.views,
+        num_views=views,
+        feature_shapes=shapes,
+        bytes_per_view=per_view,
+        total_bytes=per_view * views,
+        device=str(device),
+        views_per_second=vps,
+        estimated_seconds=views / vps,
     )
+
+
+class _CallableModule(types.ModuleType):
+    """``cachedet.extract(cfg)`` runs ``extract(cfg)``: the package's API name is this module's name, and
+    Python binds a package attribute to its submodule on import, so the module itself is made callable."""
+
+    def __call__(self, cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
+        return extract(cfg, progress)
+
+
+sys.modules[__name__].__class__ = _CallableModule

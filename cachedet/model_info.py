@@ -33,19 +33,26 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from cachedet.backbones import BackboneConfig, build_backbone
-from cachedet.errors import CachedetError
 from cachedet.engine.step import TrainModel, train_step
+from cachedet.errors import CachedetError
 from cachedet.models.build import head_supports_masks
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
 
 PAPER_TABLE3 = {  # ResNet-101 frozen: trained parameters (M), Vasconcelos et al. Table 3
-    ("fpn", "faster-rcnn"): 21.9, ("nasfpn", "faster-rcnn"): 40.9, ("nasfpn", "cascade"): 71.3,
+    ("fpn", "faster-rcnn"): 21.9,
+    ("nasfpn", "faster-rcnn"): 40.9,
+    ("nasfpn", "cascade"): 71.3,
 }
 PAPER_FLOP_RATIO = {  # frozen / fine-tuned FLOPs per step, read off the paper's Figure 1 (ResNet-101)
-    ("fpn", "faster-rcnn"): 1577 / 2420, ("nasfpn", "faster-rcnn"): 1270 / 2126, ("nasfpn", "cascade"): 2413 / 3960,
+    ("fpn", "faster-rcnn"): 1577 / 2420,
+    ("nasfpn", "faster-rcnn"): 1270 / 2126,
+    ("nasfpn", "cascade"): 2413 / 3960,
 }
-PAPER_BACKBONES = ("resnet101", "resnetrs101")  # timm names of the paper's ResNet-101 (its channels and strides)
+PAPER_BACKBONES = (
+    "resnet101",
+    "resnetrs101",
+)  # timm names of the paper's ResNet-101 (its channels and strides)
 PAPER_CANVAS, PAPER_CLASSES = 1024, 91
 ALL_STAGES = "all"  # adapt_stages: every stage after the stem
 METHODS = ("fake", "real")
@@ -76,11 +83,21 @@ def mask_head_params(cfg: DetectorConfig) -> int:
     if not head_supports_masks(cfg.head):
         return 0
     with torch.device("meta"):  # shapes only: no initialisation cost
-        return count(build_detector(replace(cfg, masks=True))) - count(build_detector(replace(cfg, masks=False)))
+        return count(build_detector(replace(cfg, masks=True))) - count(
+            build_detector(replace(cfg, masks=False))
+        )
 
 
-def paper_reference(backbone: str, neck: str, head: str, size: int, num_classes: int, neck_channels: int = 256,
-                    options: dict | None = None, out_indices: tuple[int, ...] | None = None) -> dict:
+def paper_reference(
+    backbone: str,
+    neck: str,
+    head: str,
+    size: int,
+    num_classes: int,
+    neck_channels: int = 256,
+    options: dict | None = None,
+    out_indices: tuple[int, ...] | None = None,
+) -> dict:
     """The paper's figures for this model, each None where the model is not the paper's.
 
     ``trained_params_m`` (Table 3) for a ResNet-101 (``resnet101``, ``resnetrs101``, any pretrained
@@ -88,10 +105,18 @@ def paper_reference(backbone: str, neck: str, head: str, size: int, num_classes:
     256 channels and default widths; ``frozen_flop_ratio`` (Figure 1) also needs the 1024x1024 canvas.
     """
     key = (neck, head)
-    paper = (backbone.split(".")[0] in PAPER_BACKBONES and key in PAPER_TABLE3 and num_classes == PAPER_CLASSES
-             and neck_channels == 256 and not options and out_indices is None)
-    return {"trained_params_m": PAPER_TABLE3[key] if paper else None,
-            "frozen_flop_ratio": PAPER_FLOP_RATIO[key] if paper and size == PAPER_CANVAS else None}
+    paper = (
+        backbone.split(".")[0] in PAPER_BACKBONES
+        and key in PAPER_TABLE3
+        and num_classes == PAPER_CLASSES
+        and neck_channels == 256
+        and not options
+        and out_indices is None
+    )
+    return {
+        "trained_params_m": PAPER_TABLE3[key] if paper else None,
+        "frozen_flop_ratio": PAPER_FLOP_RATIO[key] if paper and size == PAPER_CANVAS else None,
+    }
 
 
 class _ZeroCompute(TorchDispatchMode):
@@ -103,10 +128,14 @@ class _ZeroCompute(TorchDispatchMode):
         kwargs = kwargs or {}
         if func._overloadpacket not in flop_registry:
             return func(*args, **kwargs)
-        device = next(t.device for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
+        device = next(
+            t.device for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)
+        )
         meta_args, meta_kwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
         out = func(*meta_args, **meta_kwargs)
-        return tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device), out)
+        return tree_map_only(
+            torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device), out
+        )
 
 
 def _count(fn, *modes) -> int:
@@ -136,7 +165,9 @@ def _fake_backbone_flops(bb, shape: tuple[int, ...], grad_levels: set[str] | Non
     return _count(step, FakeTensorMode(allow_non_fake_inputs=True))
 
 
-def _detector_flops(det, shapes: dict[str, tuple[int, ...]], targets: list[dict], grad_levels: set[str]) -> tuple[int, set[str]]:
+def _detector_flops(
+    det, shapes: dict[str, tuple[int, ...]], targets: list[dict], grad_levels: set[str]
+) -> tuple[int, set[str]]:
     """A detector step on zero features of ``shapes`` with zero-cost counted operations, the
     ``grad_levels`` features requiring grad; returns its FLOPs and the levels that received a gradient."""
     feats = {k: torch.zeros(s, requires_grad=k in grad_levels) for k, s in shapes.items()}
@@ -145,7 +176,9 @@ def _detector_flops(det, shapes: dict[str, tuple[int, ...]], targets: list[dict]
     return flops, {k for k, v in feats.items() if v.grad is not None}
 
 
-def _fake_flops(bb, det, shape: tuple[int, ...], targets: list[dict], adapt_stages: tuple[int, ...] | None) -> dict:
+def _fake_flops(
+    bb, det, shape: tuple[int, ...], targets: list[dict], adapt_stages: tuple[int, ...] | None
+) -> dict:
     def fake_features():
         with FakeTensorMode(allow_non_fake_inputs=True):
             return bb(torch.zeros(shape))
@@ -156,16 +189,23 @@ def _fake_flops(bb, det, shape: tuple[int, ...], targets: list[dict], adapt_stag
     bb.set_trainable(True)
     finetune = _fake_backbone_flops(bb, shape, used)
     bb.set_trainable(False)
-    flops = {"finetune": finetune + head_in, "online_frozen": _fake_backbone_flops(bb, shape) + cached,
-             "cached": cached}
+    flops = {
+        "finetune": finetune + head_in,
+        "online_frozen": _fake_backbone_flops(bb, shape) + cached,
+        "cached": cached,
+    }
     if adapt_stages:
         bb.add_adapters(adapt_stages)  # levels before the first adapted stage get no gradient
-        head_in, used = _detector_flops(det, shapes, targets, {k for k, v in fake_features().items() if v.requires_grad})
+        head_in, used = _detector_flops(
+            det, shapes, targets, {k for k, v in fake_features().items() if v.requires_grad}
+        )
         flops["adapters_online"] = _fake_backbone_flops(bb, shape, used) + head_in
     return flops
 
 
-def _real_flops(bb, det, shape: tuple[int, ...], targets: list[dict], adapt_stages: tuple[int, ...] | None) -> dict:
+def _real_flops(
+    bb, det, shape: tuple[int, ...], targets: list[dict], adapt_stages: tuple[int, ...] | None
+) -> dict:
     """The reference: real CPU training steps on random images."""
     images = torch.randn(shape)
     with torch.no_grad():
@@ -176,20 +216,36 @@ def _real_flops(bb, det, shape: tuple[int, ...], targets: list[dict], adapt_stag
         train_step(TrainModel(det, bb), images, targets, check_finite=False)
         bb.set_trainable(False)
 
-    flops = {"finetune": _count(finetune),
-             "online_frozen": _count(lambda: train_step(TrainModel(det, bb), images, targets, check_finite=False)),
-             "cached": _count(lambda: train_step(det, cached, targets, check_finite=False))}
+    flops = {
+        "finetune": _count(finetune),
+        "online_frozen": _count(
+            lambda: train_step(TrainModel(det, bb), images, targets, check_finite=False)
+        ),
+        "cached": _count(lambda: train_step(det, cached, targets, check_finite=False)),
+    }
     if adapt_stages:
         bb.add_adapters(adapt_stages)
-        flops["adapters_online"] = _count(lambda: train_step(TrainModel(det, bb), images, targets,
-                                                             check_finite=False))
+        flops["adapters_online"] = _count(
+            lambda: train_step(TrainModel(det, bb), images, targets, check_finite=False)
+        )
     return flops
 
 
-def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classes: int = 91, neck_channels: int = 256,
-               options: dict | None = None, batch: int = 1, weights: str = "random",
-               adapt_stages: tuple[int, ...] | str | None = None, masks: bool = False,
-               out_indices: tuple[int, ...] | None = None, method: str = "fake") -> dict:
+def model_info(
+    backbone: str,
+    neck: str,
+    head: str,
+    size: int = 1024,
+    num_classes: int = 91,
+    neck_channels: int = 256,
+    options: dict | None = None,
+    batch: int = 1,
+    weights: str = "random",
+    adapt_stages: tuple[int, ...] | str | None = None,
+    masks: bool = False,
+    out_indices: tuple[int, ...] | None = None,
+    method: str = "fake",
+) -> dict:
     """Parameters and per-regime step FLOPs (see the module docstring for the regimes and ``method``).
 
     ``adapt_stages``: also the adapters' parameters and the FLOPs of an online step that trains them
@@ -201,10 +257,20 @@ def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classe
     """
     if method not in METHODS:
         raise CachedetError(f"model_info method {method!r}: expected one of {', '.join(METHODS)}")
-    bb = build_backbone(BackboneConfig(backbone, out_indices, weights), warn=False).check_canvas(size)
+    bb = build_backbone(BackboneConfig(backbone, out_indices, weights), warn=False).check_canvas(
+        size
+    )
     neck = resolve_neck(neck, bb.specs)
-    det_cfg = DetectorConfig(num_classes=num_classes, canvas=size, in_specs=tuple(bb.specs), neck=neck, head=head,
-                             neck_channels=neck_channels, options=dict(options or {}), masks=masks)
+    det_cfg = DetectorConfig(
+        num_classes=num_classes,
+        canvas=size,
+        in_specs=tuple(bb.specs),
+        neck=neck,
+        head=head,
+        neck_channels=neck_channels,
+        options=dict(options or {}),
+        masks=masks,
+    )
     det = build_detector(det_cfg).train()
     if adapt_stages == ALL_STAGES:
         adapt_stages = tuple(range(bb.first_adaptable_stage, len(bb.stage_names())))
@@ -213,18 +279,41 @@ def model_info(backbone: str, neck: str, head: str, size: int = 1024, num_classe
     neck_params, head_params = count(det.neck), count(det.head)
     counter = _fake_flops if method == "fake" else _real_flops
     flops = counter(bb, det, (batch, 3, size, size), _targets(batch, size, masks), adapt_stages)
-    trainable = {"finetune": backbone_params + detector_params, "online_frozen": detector_params, "cached": detector_params}
+    trainable = {
+        "finetune": backbone_params + detector_params,
+        "online_frozen": detector_params,
+        "cached": detector_params,
+    }
     adapter_params = bb.adapter_parameter_count() if adapt_stages else 0
     if adapt_stages:
         trainable["adapters_online"] = detector_params + adapter_params
     return {
-        "backbone": backbone, "levels": [s.to_dict() for s in bb.specs], "neck": neck, "head": head, "size": size,
-        "num_classes": num_classes, "batch": batch, "method": method,
-        "params": {"backbone": backbone_params, "detector": detector_params, "total": backbone_params + detector_params,
-                   "adapters": adapter_params, "adapt_stages": list(adapt_stages), "trainable": trainable},
-        "neck_params": neck_params, "head_params": head_params, "masks": masks,
+        "backbone": backbone,
+        "levels": [s.to_dict() for s in bb.specs],
+        "neck": neck,
+        "head": head,
+        "size": size,
+        "num_classes": num_classes,
+        "batch": batch,
+        "method": method,
+        "params": {
+            "backbone": backbone_params,
+            "detector": detector_params,
+            "total": backbone_params + detector_params,
+            "adapters": adapter_params,
+            "adapt_stages": list(adapt_stages),
+            "trainable": trainable,
+        },
+        "neck_params": neck_params,
+        "head_params": head_params,
+        "masks": masks,
         "mask_head_params": mask_head_params(det_cfg),
         "flops": flops,
-        "flop_ratio": {"online_frozen": flops["online_frozen"] / flops["finetune"], "cached": flops["cached"] / flops["finetune"]},
-        "paper": paper_reference(backbone, neck, head, size, num_classes, neck_channels, options, out_indices),
+        "flop_ratio": {
+            "online_frozen": flops["online_frozen"] / flops["finetune"],
+            "cached": flops["cached"] / flops["finetune"],
+        },
+        "paper": paper_reference(
+            backbone, neck, head, size, num_classes, neck_channels, options, out_indices
+        ),
     }

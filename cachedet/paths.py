@@ -28,5 +28,5 @@ def resolve_path(path: str | os.PathLike | None) -> str | None:
         return text
     for prefix in LOCAL_PROTOCOLS:
         if text.startswith(prefix):
-            text = text[len(prefix):]
+            text = text[len(prefix) :]
     return os.path.abspath(os.path.expanduser(text))

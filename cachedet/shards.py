@@ -42,7 +42,9 @@ class ShardTask:
     loader_workers: int
     skip_bad: bool
     threads: int
-    masks: tuple[tuple[MaskSource, ...], ...] | None = None  # per view, its objects in box-row order
+    masks: tuple[tuple[MaskSource, ...], ...] | None = (
+        None  # per view, its objects in box-row order
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -96,8 +98,15 @@ def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
     backbone = worker_backbone(task.backbone, task.device)
     t0 = time.perf_counter()  # the backbone is built once per process, outside the shard's time
     loader = DataLoader(
-        ViewDataset(list(task.views), list(task.paths), backbone.mean, backbone.std, skip_bad=True,
-                    pastes=list(task.pastes), masks=list(task.masks) if task.masks is not None else None),
+        ViewDataset(
+            list(task.views),
+            list(task.paths),
+            backbone.mean,
+            backbone.std,
+            skip_bad=True,
+            pastes=list(task.pastes),
+            masks=list(task.masks) if task.masks is not None else None,
+        ),
         batch_size=task.batch_size,
         num_workers=task.loader_workers,
         collate_fn=_collate,
@@ -112,7 +121,9 @@ def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
                 if not task.skip_bad:
                     raise CachedetError(err)
                 view = task.start + done + i
-                skipped.append({"view": view, "image_id": task.views[done + i].image_id, "error": err})
+                skipped.append(
+                    {"view": view, "image_id": task.views[done + i].image_id, "error": err}
+                )
         for name, feats in compute_features(backbone, images).items():
             stored, params = schema.encode(feats, task.dtype)
             blocks.setdefault(name, []).append(stored)
@@ -124,7 +135,9 @@ def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
     return ComputedShard(
         blocks={k: np.concatenate(v) for k, v in blocks.items()},
         quant={k: np.concatenate(v) for k, v in quant.items()} if quant else None,
-        skipped=skipped, seconds=time.perf_counter() - t0, masks=masks if task.masks is not None else None,
+        skipped=skipped,
+        seconds=time.perf_counter() - t0,
+        masks=masks if task.masks is not None else None,
     )
 
 
@@ -137,8 +150,10 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
         if computed.masks is not None:
             digests["masks"] = writer.write_masks(task.shard, computed.masks)
     except OSError as e:  # no space, no permission, a lost connection: the shard stays incomplete
-        raise CachedetError(f"--out {task.store}: writing shard {task.shard} failed: {e.strerror or e}; "
-                            "it is not marked complete, rerun the same command to resume") from None
+        raise CachedetError(
+            f"--out {task.store}: writing shard {task.shard} failed: {e.strerror or e}; "
+            "it is not marked complete, rerun the same command to resume"
+        ) from None
     record = {
         "shard": task.shard,
         "views": [task.start, task.start + len(task.views)],
@@ -149,8 +164,10 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
     try:
         writer.write_record(record)
     except OSError as e:
-        raise CachedetError(f"--out {task.store}: writing the completion record of shard {task.shard} failed: "
-                            f"{e.strerror or e}; rerun the same command to resume") from None
+        raise CachedetError(
+            f"--out {task.store}: writing the completion record of shard {task.shard} failed: "
+            f"{e.strerror or e}; rerun the same command to resume"
+        ) from None
     return record
 
 
@@ -176,14 +193,18 @@ def run_shards_in_process(tasks: list[ShardTask], on_views=None) -> list[dict]:
     return records
 
 
-def run_shards_on_dask(tasks: list[ShardTask], workers: int, scheduler: str | None, bar) -> list[dict]:
+def run_shards_on_dask(
+    tasks: list[ShardTask], workers: int, scheduler: str | None, bar
+) -> list[dict]:
     """Run shard tasks on an existing cluster (``scheduler``) or a LocalCluster of ``workers`` processes."""
     from dask.distributed import Client, LocalCluster, as_completed
 
     if scheduler:
         client, cluster = Client(scheduler), None
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
         client = Client(cluster)
     try:
         futures = client.map(run_shard, tasks, pure=False)

@@ -31,7 +31,10 @@ DEFAULT_TAPS = (-1,)  # the last block
 def is_vit(name: str) -> bool:
     """True for a timm model name of the plain-ViT families above (no model is built)."""
     try:
-        return timm.models.model_entrypoint(timm.models.split_model_name_tag(name)[0]).__module__ in VIT_MODULES
+        return (
+            timm.models.model_entrypoint(timm.models.split_model_name_tag(name)[0]).__module__
+            in VIT_MODULES
+        )
     except RuntimeError:  # unknown name
         return False
 
@@ -53,15 +56,19 @@ def check_taps(name: str, taps: tuple[int, ...] | None, n_blocks: int) -> tuple[
         raise CachedetError(f"--taps: give at least one block of {name} (0..{n_blocks - 1})")
     bad = [t for t in taps if not -n_blocks <= t < n_blocks]
     if bad:
-        raise CachedetError(f"--taps {','.join(map(str, taps))}: {name} has blocks 0..{n_blocks - 1} (or -1..-{n_blocks})")
+        raise CachedetError(
+            f"--taps {','.join(map(str, taps))}: {name} has blocks 0..{n_blocks - 1} (or -1..-{n_blocks})"
+        )
     return tuple(sorted({t % n_blocks for t in taps}))
 
 
 def tap_specs(model: nn.Module) -> list[FeatureSpec]:
     """One spec per tap: name ``b{block}``, channels and stride as timm's feature_info declares them."""
     info = model.feature_info
-    return [FeatureSpec(FeatureSpec.tap_name(int(i)), int(c), int(r))
-            for i, c, r in zip(model.out_indices, info.channels(), info.reduction())]
+    return [
+        FeatureSpec(FeatureSpec.tap_name(int(i)), int(c), int(r))
+        for i, c, r in zip(model.out_indices, info.channels(), info.reduction())
+    ]
 
 
 def patch_size(model: nn.Module) -> int:
@@ -76,5 +83,7 @@ def check_canvas(name: str, patch: int, size: int, option: str = "--size"):
     """A one-line CachedetError unless ``size`` is a multiple of the patch size."""
     if size % patch:
         lower, upper = size // patch * patch, -(-size // patch) * patch
-        raise CachedetError(f"{option} {size}: {name} cuts the canvas into {patch}x{patch} patches; "
-                            f"use a multiple of {patch} (e.g. {lower or upper} or {upper})")
+        raise CachedetError(
+            f"{option} {size}: {name} cuts the canvas into {patch}x{patch} patches; "
+            f"use a multiple of {patch} (e.g. {lower or upper} or {upper})"
+        )

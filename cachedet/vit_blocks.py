@@ -33,7 +33,11 @@ class AdaptMLP(nn.Module):
 
     def __init__(self, dim: int, bottleneck: int = BOTTLENECK, scale: float = SCALE):
         super().__init__()
-        self.down, self.up, self.scale = nn.Linear(dim, bottleneck), nn.Linear(bottleneck, dim), scale
+        self.down, self.up, self.scale = (
+            nn.Linear(dim, bottleneck),
+            nn.Linear(bottleneck, dim),
+            scale,
+        )
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -71,8 +75,10 @@ def _check_block(block: nn.Module, k: int, name: str):
     from timm.models.vision_transformer import Block
 
     if type(block) not in (Block, EvaBlock):
-        raise CachedetError(f"--adapt-stages {k}: block {k} of {name} is a {type(block).__name__}; adapters "
-                            "support timm's pre-norm ViT and EVA blocks")
+        raise CachedetError(
+            f"--adapt-stages {k}: block {k} of {name} is a {type(block).__name__}; adapters "
+            "support timm's pre-norm ViT and EVA blocks"
+        )
 
 
 def add_adapters(vit: nn.Module, blocks: tuple[int, ...], name: str) -> list[nn.Parameter]:
@@ -80,7 +86,9 @@ def add_adapters(vit: nn.Module, blocks: tuple[int, ...], name: str) -> list[nn.
     params = []
     for k in blocks:
         if not 0 <= k < len(vit.blocks):
-            raise CachedetError(f"--adapt-stages {k}: {name} runs blocks 0..{len(vit.blocks) - 1} (its deepest tap)")
+            raise CachedetError(
+                f"--adapt-stages {k}: {name} runs blocks 0..{len(vit.blocks) - 1} (its deepest tap)"
+            )
         block = vit.blocks[k]
         if isinstance(block.mlp, _MLPWithInput):
             continue
@@ -101,13 +109,22 @@ def _rope(vit: nn.Module, grid: tuple[int, int]):
     return vit.rope.get_embed(shape=grid)
 
 
-def _run(vit: nn.Module, x: torch.Tensor, first: int, last: int, grid, keep: set[int],
-         no_grad_before: int | None) -> dict[int, torch.Tensor]:
+def _run(
+    vit: nn.Module,
+    x: torch.Tensor,
+    first: int,
+    last: int,
+    grid,
+    keep: set[int],
+    no_grad_before: int | None,
+) -> dict[int, torch.Tensor]:
     """Blocks first..last on tokens ``x``; the token sequence after each block in ``keep``."""
     rope = _rope(vit, grid)
     out = {}
     for k in range(first, last + 1):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (no_grad_before is None or k >= no_grad_before)):
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and (no_grad_before is None or k >= no_grad_before)
+        ):
             x = vit.blocks[k](x, rope=rope) if rope is not None else vit.blocks[k](x)
         if k in keep:
             out[k] = x
@@ -119,29 +136,46 @@ def _to_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.T
     return tokens[:, prefix:].reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2).contiguous()
 
 
-def _levels(vit: nn.Module, outs: dict[int, torch.Tensor], grid, taps: list[int], prefix_of: int | None) -> dict:
+def _levels(
+    vit: nn.Module, outs: dict[int, torch.Tensor], grid, taps: list[int], prefix_of: int | None
+) -> dict:
     levels = {FeatureSpec.tap_name(k): _to_map(outs[k], vit.num_prefix_tokens, grid) for k in taps}
     if prefix_of is not None and vit.num_prefix_tokens:
-        levels[prefix_name(prefix_of)] = outs[prefix_of][:, :vit.num_prefix_tokens].transpose(1, 2).unsqueeze(2)
+        levels[prefix_name(prefix_of)] = (
+            outs[prefix_of][:, : vit.num_prefix_tokens].transpose(1, 2).unsqueeze(2)
+        )
     return levels
 
 
-def forward_taps(vit: nn.Module, images: torch.Tensor, taps: list[int], no_grad_before: int | None = None,
-                 prefix_of: int | None = None) -> dict[str, torch.Tensor]:
+def forward_taps(
+    vit: nn.Module,
+    images: torch.Tensor,
+    taps: list[int],
+    no_grad_before: int | None = None,
+    prefix_of: int | None = None,
+) -> dict[str, torch.Tensor]:
     """images (B, 3, S, S) -> {b{k}: (B, C, S/p, S/p)} for k in ``taps`` (as timm's forward_intermediates),
     plus {b{prefix_of}_prefix: (B, C, 1, P)} when asked and the model has prefix tokens."""
     x = vit.patch_embed(images)
-    grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(vit.patch_embed.dynamic_feat_size(images.shape[-2:]))
+    grid = (
+        tuple(x.shape[1:3])
+        if x.ndim == 4
+        else tuple(vit.patch_embed.dynamic_feat_size(images.shape[-2:]))
+    )
     x = vit._pos_embed(x)
     x = x[0] if isinstance(x, tuple) else x  # Eva returns (tokens, rope)
     if getattr(vit, "patch_drop", None) is not None:  # Eva has none
         x = vit.patch_drop(x)
     x = vit.norm_pre(x)
     keep = set(taps) | ({prefix_of} if prefix_of is not None else set())
-    return _levels(vit, _run(vit, x, 0, max(keep), grid, keep, no_grad_before), grid, taps, prefix_of)
+    return _levels(
+        vit, _run(vit, x, 0, max(keep), grid, keep, no_grad_before), grid, taps, prefix_of
+    )
 
 
-def forward_from(vit: nn.Module, cached: dict[str, torch.Tensor], stage: int, taps: list[int]) -> dict[str, torch.Tensor]:
+def forward_from(
+    vit: nn.Module, cached: dict[str, torch.Tensor], stage: int, taps: list[int]
+) -> dict[str, torch.Tensor]:
     """Hybrid: blocks stage+1.. on block ``stage``'s cached tokens; cached taps (<= stage) pass through."""
     patches = cached[FeatureSpec.tap_name(stage)]
     grid = tuple(patches.shape[-2:])
@@ -149,6 +183,14 @@ def forward_from(vit: nn.Module, cached: dict[str, torch.Tensor], stage: int, ta
     if vit.num_prefix_tokens:
         x = torch.cat([cached[prefix_name(stage)].squeeze(2).transpose(1, 2), x], dim=1)
     later = [k for k in taps if k > stage]
-    levels = _levels(vit, _run(vit, x, stage + 1, max(later), grid, set(later), None), grid, later, None) if later else {}
-    return {FeatureSpec.tap_name(k): cached[FeatureSpec.tap_name(k)] if k <= stage else levels[FeatureSpec.tap_name(k)]
-            for k in taps}
+    levels = (
+        _levels(vit, _run(vit, x, stage + 1, max(later), grid, set(later), None), grid, later, None)
+        if later
+        else {}
+    )
+    return {
+        FeatureSpec.tap_name(k): cached[FeatureSpec.tap_name(k)]
+        if k <= stage
+        else levels[FeatureSpec.tap_name(k)]
+        for k in taps
+    }

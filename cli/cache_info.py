@@ -6,12 +6,18 @@ import json
 
 import typer
 
-from cachedet_cli.common import console as make_console, human_bytes, user_errors
+from cachedet_cli.common import console as make_console
+from cachedet_cli.common import human_bytes, user_errors
 from cachedet_cli.vocabulary import QUIET_HELP, examples
 
-INFO_EXAMPLES = examples("cachedet cache info coco-r50.zarr", "cachedet cache info s3://bucket/coco-r101-1024.zarr --json")
-VERIFY_EXAMPLES = examples("cachedet cache verify coco-r50.zarr",
-                           "cachedet cache verify s3://bucket/coco-r101-1024.zarr --json --quiet")
+INFO_EXAMPLES = examples(
+    "cachedet cache info coco-r50.zarr",
+    "cachedet cache info s3://bucket/coco-r101-1024.zarr --json",
+)
+VERIFY_EXAMPLES = examples(
+    "cachedet cache verify coco-r50.zarr",
+    "cachedet cache verify s3://bucket/coco-r101-1024.zarr --json --quiet",
+)
 
 cache_app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
 
@@ -31,7 +37,9 @@ def cache_info_command(
         print(json.dumps(info, indent=2))
         return
     console = make_console()
-    console.print(f"{info['store']}  backbone {info['backbone']} ({info['weights']}), canvas {info['size']}")
+    console.print(
+        f"{info['store']}  backbone {info['backbone']} ({info['weights']}), canvas {info['size']}"
+    )
     console.print(
         f"{info['images']} images x {info['views_per_image']} views = {info['views']} views, {info['boxes']} boxes; "
         f"shards complete: {info['shards_complete']}/{info['shards_total']}"
@@ -40,8 +48,14 @@ def cache_info_command(
     for col in ("level", "stride", "shape (views, C, H, W)", "dtype", "raw", "on disk"):
         table.add_column(col, justify="right" if col not in ("level", "dtype") else "left")
     for lv in info["levels"]:
-        table.add_row(lv["name"], str(lv["stride"]), "x".join(map(str, lv["shape"])), lv["dtype"],
-                      human_bytes(lv["bytes_raw"]), human_bytes(lv["bytes_stored"]))
+        table.add_row(
+            lv["name"],
+            str(lv["stride"]),
+            "x".join(map(str, lv["shape"])),
+            lv["dtype"],
+            human_bytes(lv["bytes_raw"]),
+            human_bytes(lv["bytes_stored"]),
+        )
     console.print(table)
     ratio = f"{info['compression_ratio']:.3f}x" if info["compression_ratio"] else "-"
     console.print(
@@ -49,12 +63,21 @@ def cache_info_command(
         f"compression ratio {ratio}; {human_bytes(info['bytes_per_view'])} per view"
     )
     m = info["masks"]
-    console.print(f"instance masks: {m['objects']} objects, COCO RLE, {human_bytes(info['bytes_masks'])} on disk"
-                  + (f" ({m['objects_from_boxes']} without segmentation stored as their box)" if m["objects_from_boxes"] else "")
-                  if m else "instance masks: none")
+    console.print(
+        f"instance masks: {m['objects']} objects, COCO RLE, {human_bytes(info['bytes_masks'])} on disk"
+        + (
+            f" ({m['objects_from_boxes']} without segmentation stored as their box)"
+            if m["objects_from_boxes"]
+            else ""
+        )
+        if m
+        else "instance masks: none"
+    )
     if info["hybrid_cache_stage"] is not None:
-        console.print(f"hybrid cache: stops after backbone stage {info['hybrid_cache_stage']}; "
-                      "train it with train-heads --adapters")
+        console.print(
+            f"hybrid cache: stops after backbone stage {info['hybrid_cache_stage']}; "
+            "train it with train-heads --adapters"
+        )
     if info["skipped_images"]:
         console.print(f"skipped images: {len(info['skipped_images'])}", style="yellow")
 
@@ -80,12 +103,18 @@ def cache_verify_command(
         print(json.dumps(report, indent=2))
     else:
         console = make_console()
-        console.print(f"{store}: {len(report['complete'])}/{report['shards_total']} shards complete and intact, "
-                      f"{len(report['incomplete'])} incomplete, {len(report['damaged'])} damaged")
+        console.print(
+            f"{store}: {len(report['complete'])}/{report['shards_total']} shards complete and intact, "
+            f"{len(report['incomplete'])} incomplete, {len(report['damaged'])} damaged"
+        )
         if report["incomplete"]:
-            console.print("incomplete: " + _ranges(report["incomplete"]) + " (rerun extract to finish them)")
+            console.print(
+                "incomplete: " + _ranges(report["incomplete"]) + " (rerun extract to finish them)"
+            )
         for d in report["damaged"]:
-            console.print(f"damaged shard {d['shard']}, level {d['level']}: {d['error']}", style="red")
+            console.print(
+                f"damaged shard {d['shard']}, level {d['level']}: {d['error']}", style="red"
+            )
         if report["damaged"]:
             console.print("rerun the extract command with --repair to recompute the damaged shards")
     if report["incomplete"] or report["damaged"]:

@@ -10,6 +10,11 @@ import typer
 
 from cachedet.errors import CachedetError
 
+RECIPE_HELP = (
+    "Defaults for the schedule (cachedet.recipes): short (LSJ 0.8-1.25; the default) or paper "
+    "(LSJ 0.1-2.0, for ~100+ epochs); explicit options win."
+)
+
 
 def user_errors(fn):
     """Run a command; a CachedetError becomes 'cachedet: error: …' on stderr and exit status 2."""
@@ -39,9 +44,13 @@ def flag_of() -> dict[str, str]:
     options = [p for p in inspect.signature(train_heads_command).parameters if p != "ctx"]
     by_field: dict[str, list[str]] = {}
     for option in options:
-        by_field.setdefault(TRAIN_FIELD_OF.get(option, option), []).append("--" + option.replace("_", "-"))
+        by_field.setdefault(TRAIN_FIELD_OF.get(option, option), []).append(
+            "--" + option.replace("_", "-")
+        )
     table = {PATH_OF[f]: "/".join(flags) for f, flags in by_field.items() if f in PATH_OF}
-    table.update({f"detector.options.{name}": "--" + name.replace("_", "-") for name in DETECTOR_FLAGS})
+    table.update(
+        {f"detector.options.{name}": "--" + name.replace("_", "-") for name in DETECTOR_FLAGS}
+    )
     return table
 
 
@@ -50,8 +59,11 @@ def with_flags(message: str) -> str:
     import re
 
     table = flag_of()
-    return re.sub(r"\b(?:TrainConfig|source|detector|optim|loader)\.\w+(?:\.\w+)?\b",
-                  lambda m: table.get(m.group(0), m.group(0)), message)
+    return re.sub(
+        r"\b(?:TrainConfig|source|detector|optim|loader|val)\.\w+(?:\.\w+)?\b",
+        lambda m: table.get(m.group(0), m.group(0)),
+        message,
+    )
 
 
 def console():
@@ -93,27 +105,44 @@ def parse_int_list(text: str | None, option: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
     except ValueError:
-        raise CachedetError(f"{option} {text}: expected comma-separated integers, e.g. 2,3,4") from None
+        raise CachedetError(
+            f"{option} {text}: expected comma-separated integers, e.g. 2,3,4"
+        ) from None
 
 
-def backbone_indices(backbone: str, out_indices: str | None, taps: str | None) -> tuple[int, ...] | None:
+def backbone_indices(
+    backbone: str, out_indices: str | None, taps: str | None
+) -> tuple[int, ...] | None:
     """timm out_indices from --out-indices (CNN levels) or --taps (a plain ViT's blocks); None: the default."""
     from cachedet.vit import is_vit
 
     if out_indices is not None and taps is not None:
-        raise CachedetError("--taps and --out-indices exclude each other (a ViT's taps are its out_indices)")
+        raise CachedetError(
+            "--taps and --out-indices exclude each other (a ViT's taps are its out_indices)"
+        )
     if taps is None:
         return parse_int_list(out_indices, "--out-indices")
     if not is_vit(backbone):
-        raise CachedetError(f"--taps: {backbone} is not a plain ViT (vit_*, eva*, deit*); choose its levels with --out-indices")
+        raise CachedetError(
+            f"--taps: {backbone} is not a plain ViT (vit_*, eva*, deit*); choose its levels with --out-indices"
+        )
     return parse_int_list(taps, "--taps")
 
 
 TAPS_HELP = "ViT blocks to store, 0-based, e.g. 3,5,7,11 (-1: last; default: the last block)."
 
 
-def detector_options(nasfpn_repeats: int | None = None, cascade_ious: str | None = None, box_convs: int | None = None,
-                     box_fcs: int | None = None, mask_convs: int | None = None, mask_channels: int | None = None) -> dict:
+def detector_options(
+    nasfpn_repeats: int | None = None,
+    cascade_ious: str | None = None,
+    box_convs: int | None = None,
+    box_fcs: int | None = None,
+    mask_convs: int | None = None,
+    mask_channels: int | None = None,
+    box_representation: int | None = None,
+    rois_per_image: int | None = None,
+    proposals_per_image: int | None = None,
+) -> dict:
     """Detector options from CLI flags; unset flags are left out so the model's defaults apply."""
     opts = {}
     if nasfpn_repeats is not None and nasfpn_repeats != 5:
@@ -122,12 +151,20 @@ def detector_options(nasfpn_repeats: int | None = None, cascade_ious: str | None
         try:
             opts["cascade_ious"] = [float(v) for v in cascade_ious.split(",") if v.strip()]
         except ValueError:
-            raise CachedetError(f"--cascade-ious {cascade_ious}: expected comma-separated numbers, e.g. 0.5,0.6,0.7") from None
+            raise CachedetError(
+                f"--cascade-ious {cascade_ious}: expected comma-separated numbers, e.g. 0.5,0.6,0.7"
+            ) from None
     if box_convs is not None:
         opts["box_convs"] = box_convs
     if box_fcs is not None:
         opts["box_fcs"] = box_fcs
-    for flag, name, value, least in (("--mask-convs", "mask_convs", mask_convs, 0), ("--mask-channels", "mask_channels", mask_channels, 1)):
+    for flag, name, value, least in (
+        ("--mask-convs", "mask_convs", mask_convs, 0),
+        ("--mask-channels", "mask_channels", mask_channels, 1),
+        ("--box-representation", "box_representation", box_representation, 1),
+        ("--rois-per-image", "rois_per_image", rois_per_image, 1),
+        ("--proposals-per-image", "proposals_per_image", proposals_per_image, 1),
+    ):
         if value is not None:
             if value < least:
                 raise CachedetError(f"{flag} {value}: expected an integer >= {least}")

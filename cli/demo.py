@@ -8,20 +8,32 @@ from typing import Literal
 import typer
 
 from cachedet.atomic import write_json_atomic
-from cachedet_cli.common import console as make_console, human_bytes, human_seconds, user_errors
+from cachedet_cli.common import console as make_console
+from cachedet_cli.common import human_bytes, human_seconds, user_errors
 from cachedet_cli.eval_predict import print_metrics
 from cachedet_cli.vocabulary import QUIET_HELP, Head, examples
 
-EXAMPLES = examples("cachedet demo --quick", "cachedet demo --out demo_nasfpn --neck nasfpn --head cascade --no-masks")
+EXAMPLES = examples(
+    "cachedet demo --quick",
+    "cachedet demo --out demo_nasfpn --neck nasfpn --head cascade --no-masks",
+)
 
 
 @user_errors
 def demo_command(
-    quick: bool = typer.Option(False, "--quick", help="A smaller setting (CI): fewer, smaller images, 2 epochs."),
-    out: str = typer.Option("demo_out", "--out", metavar="DIR", help="Folder for the dataset, cache, run and metrics."),
-    neck: Literal["fpn", "nasfpn"] = typer.Option("fpn", "--neck", help="Neck of the trained detector."),
+    quick: bool = typer.Option(
+        False, "--quick", help="A smaller setting (CI): fewer, smaller images, 2 epochs."
+    ),
+    out: str = typer.Option(
+        "demo_out", "--out", metavar="DIR", help="Folder for the dataset, cache, run and metrics."
+    ),
+    neck: Literal["fpn", "nasfpn"] = typer.Option(
+        "fpn", "--neck", help="Neck of the trained detector."
+    ),
     head: Head = typer.Option("faster-rcnn", "--head", help="Detection head."),
-    no_masks: bool = typer.Option(False, "--no-masks", help="Boxes only: no mask head, no mask AP."),
+    no_masks: bool = typer.Option(
+        False, "--no-masks", help="Boxes only: no mask head, no mask AP."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ):
     """Generate a dataset, extract features and masks, train heads, evaluate box and mask AP: the whole pipeline offline."""
@@ -30,7 +42,15 @@ def demo_command(
     from cachedet.demo import run_demo
 
     console = make_console()
-    result = run_demo(out, quick=quick, progress=not quiet, log=console.print, neck=neck, head=head, masks=not no_masks)
+    result = run_demo(
+        out,
+        quick=quick,
+        progress=not quiet,
+        log=console.print,
+        neck=neck,
+        head=head,
+        masks=not no_masks,
+    )
     print_metrics(result["metrics"], console)
     info = result["cache"]
     t = Table(title="cachedet demo" + (" --quick" if quick else ""))
@@ -46,7 +66,22 @@ def demo_command(
     )
     m = result["metrics"]
     mask = f", mask AP {m['segm']['AP']:.1f} (AP50 {m['segm']['AP50']:.1f})" if "segm" in m else ""
-    console.print(f"box AP {m['bbox']['AP']:.1f} (AP50 {m['bbox']['AP50']:.1f}){mask}; "
-                  f"run in {result['run']}, metrics in {os.path.join(out, 'metrics.json')}")
-    write_json_atomic(os.path.join(out, "demo_summary.json"),
-                      {k: v for k, v in result.items() if k != "metrics"} | {"bbox": m["bbox"], "segm": m.get("segm")}, indent=2)
+    console.print(
+        f"box AP {m['bbox']['AP']:.1f} (AP50 {m['bbox']['AP50']:.1f}){mask}; "
+        f"run in {result['run']}, metrics in {os.path.join(out, 'metrics.json')}"
+    )
+    console.print("the same run, step by step (after the dataset is generated):")
+    for command in result["commands"]:
+        console.print("  " + command)
+    console.print(
+        f"curves: {os.path.join(result['run'], 'curves.png')}; best checkpoint: "
+        f"{os.path.join(result['run'], 'checkpoints', 'best.pt')}"
+    )
+    if result["note"]:
+        console.print(result["note"], style="yellow")
+    write_json_atomic(
+        os.path.join(out, "demo_summary.json"),
+        {k: v for k, v in result.items() if k != "metrics"}
+        | {"bbox": m["bbox"], "segm": m.get("segm")},
+        indent=2,
+    )

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
 from cachedet.atomic import write_json_atomic
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
-from cachedet_cli.common import console as make_console, parse_int_list, user_errors
+from cachedet_cli.common import console as make_console
+from cachedet_cli.common import parse_int_list, user_errors
 from cachedet_cli.vocabulary import DEVICE_HELP, QUIET_HELP, examples
 
 EVAL_EXAMPLES = examples(
@@ -23,6 +25,7 @@ PREDICT_EXAMPLES = examples(
     "cachedet predict a.jpg b.png --run runs/demo --out dets.json --score-threshold 0.5 --device cpu",
 )
 
+CHECKPOINT_HELP = "The run's last checkpoint, or the best by validation (train-heads --val-*)."
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -36,7 +39,9 @@ def print_metrics(metrics: dict, console) -> None:
 
     masks = "segm" in metrics
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
-    t = Table(title=f"{'box and mask' if masks else 'box'} AP on {metrics['num_images']} images ({metrics['source']})")
+    t = Table(
+        title=f"{'box and mask' if masks else 'box'} AP on {metrics['num_images']} images ({metrics['source']})"
+    )
     t.add_column("")
     for k in keys:
         t.add_column(k, justify="right")
@@ -77,24 +82,50 @@ def print_metrics(metrics: dict, console) -> None:
     for c in ("category", "train annotations", *ap_titles):
         t.add_column(c, justify="right" if c != "category" else "left")
     for row in metrics["per_class"]:
-        t.add_row(f"{row['name']} ({row['category_id']})", str(row.get("train_annotations", "-")),
-                  *(fmt(row.get(k)) for k in ap_columns))
+        t.add_row(
+            f"{row['name']} ({row['category_id']})",
+            str(row.get("train_annotations", "-")),
+            *(fmt(row.get(k)) for k in ap_columns),
+        )
     console.print(t)
 
 
 @user_errors
 def eval_command(
     run: str = typer.Option(..., "--run", metavar="RUN", help="Run directory from train-heads."),
-    annotations: Path = typer.Option(..., "--annotations", metavar="JSON", help="Validation COCO/LVIS annotation file."),
-    images: Optional[Path] = typer.Option(None, "--images", metavar="DIR", help="Validation image folder."),
-    train_annotations: Optional[Path] = typer.Option(None, "--train-annotations", metavar="JSON",
-                                                     help="Training annotation file, for AP by training count."),
-    cache: Optional[str] = typer.Option(None, "--cache", metavar="STORE",
-                                        help="Score from a --no-augment --views 1 store of the validation set."),
-    out: Optional[Path] = typer.Option(None, "--out", metavar="JSON",
-                                       help="metrics.json to write, detections beside it (default: RUN/metrics.json)."),
-    count_bins: str = typer.Option("10,100,1000", "--count-bins", metavar="A,B,C",
-                                    help="Upper edges of the training-count bins."),
+    annotations: Path = typer.Option(
+        ..., "--annotations", metavar="JSON", help="Validation COCO/LVIS annotation file."
+    ),
+    images: Optional[Path] = typer.Option(
+        None, "--images", metavar="DIR", help="Validation image folder."
+    ),
+    train_annotations: Optional[Path] = typer.Option(
+        None,
+        "--train-annotations",
+        metavar="JSON",
+        help="Training annotation file, for AP by training count.",
+    ),
+    cache: Optional[str] = typer.Option(
+        None,
+        "--cache",
+        metavar="STORE",
+        help="Score from a --no-augment --views 1 store of the validation set.",
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        metavar="JSON",
+        help="metrics.json to write, detections beside it (default: RUN/metrics.json).",
+    ),
+    count_bins: str = typer.Option(
+        "10,100,1000",
+        "--count-bins",
+        metavar="A,B,C",
+        help="Upper edges of the training-count bins.",
+    ),
+    checkpoint: str = typer.Option(
+        "last", "--checkpoint", metavar="best|last", help=CHECKPOINT_HELP
+    ),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
@@ -104,11 +135,22 @@ def eval_command(
 
     bins = parse_int_list(count_bins, "--count-bins")
     if not bins or list(bins) != sorted(set(bins)) or bins[0] < 1:
-        raise CachedetError(f"--count-bins {count_bins}: expected increasing positive integers, e.g. 10,100,1000")
-    metrics, _ = evaluate_run(run, str(annotations), str(images) if images else None,
-                           str(train_annotations) if train_annotations else None, cache,
-                           str(out) if out else os.path.join(run, "metrics.json"), bins, device, batch_size,
-                           progress=not quiet)
+        raise CachedetError(
+            f"--count-bins {count_bins}: expected increasing positive integers, e.g. 10,100,1000"
+        )
+    metrics, _ = evaluate_run(
+        run,
+        str(annotations),
+        str(images) if images else None,
+        str(train_annotations) if train_annotations else None,
+        cache,
+        str(out) if out else os.path.join(run, "metrics.json"),
+        bins,
+        device,
+        batch_size,
+        progress=not quiet,
+        checkpoint=checkpoint,
+    )
     print_metrics(metrics, make_console())
 
 
@@ -117,9 +159,15 @@ def predict_command(
     inputs: List[Path] = typer.Argument(..., help="Images or folders of images."),
     run: str = typer.Option(..., "--run", metavar="RUN", help="Run directory from train-heads."),
     out: Path = typer.Option(..., "--out", metavar="JSON", help="detections.json to write."),
-    draw: Optional[Path] = typer.Option(None, "--draw", metavar="DIR",
-                                        help="Folder for PNGs with the boxes (and masks) drawn."),
-    score_threshold: float = typer.Option(0.3, "--score-threshold", help="Keep detections scoring at least this."),
+    draw: Optional[Path] = typer.Option(
+        None, "--draw", metavar="DIR", help="Folder for PNGs with the boxes (and masks) drawn."
+    ),
+    score_threshold: float = typer.Option(
+        0.3, "--score-threshold", help="Keep detections scoring at least this."
+    ),
+    checkpoint: str = typer.Option(
+        "last", "--checkpoint", metavar="best|last", help=CHECKPOINT_HELP
+    ),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
 ):
     """Detect objects in images; COCO-style detections in original-image pixels (with RLE masks for mask runs)."""
@@ -137,7 +185,9 @@ def predict_command(
             raise CachedetError(f"{p}: no such image or folder")
     if not paths:
         raise CachedetError("no images found in " + ", ".join(map(str, inputs)))
-    predictor = Predictor(run, device=device, score_threshold=score_threshold)
+    predictor = Predictor(
+        run, device=device, score_threshold=score_threshold, checkpoint=checkpoint
+    )
     items = [(i, str(p), None) for i, p in enumerate(paths)]
     detections = predictor.predict_images(items)
     for d in detections:
@@ -145,7 +195,9 @@ def predict_command(
         d["category_name"] = predictor.categories.name_of(d["category_id"])
     write_json_atomic(out, detections, indent=1)
     console = make_console()
-    console.print(f"{len(detections)} detections in {len(paths)} images (score >= {score_threshold}) -> {out}")
+    console.print(
+        f"{len(detections)} detections in {len(paths)} images (score >= {score_threshold}) -> {out}"
+    )
     if draw:
-        written = draw_detections(paths, detections, draw)
+        written = draw_detections(paths, detections, draw, category_ids=predictor.categories.ids)
         console.print(f"drew {len(written)} images into {draw}")

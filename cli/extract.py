@@ -8,9 +8,26 @@ from typing import Optional
 import typer
 
 from cachedet.errors import CachedetError
-from cachedet_cli.common import TAPS_HELP, backbone_indices, console as make_console, human_bytes, human_seconds, user_errors
+from cachedet_cli.common import (
+    RECIPE_HELP,
+    TAPS_HELP,
+    backbone_indices,
+    human_bytes,
+    human_seconds,
+    user_errors,
+)
+from cachedet_cli.common import console as make_console
 from cachedet_cli.vocabulary import (
-    DEFAULT_BACKBONE, DEFAULT_CANVAS, DEVICE_HELP, LOADER_WORKERS_HELP, QUIET_HELP, SEED_HELP, SIZE_HELP, Codec, Dtype,
+    DEFAULT_BACKBONE,
+    DEFAULT_CANVAS,
+    DEVICE_HELP,
+    LOADER_WORKERS_HELP,
+    QUIET_HELP,
+    SEED_HELP,
+    SIZE_HELP,
+    Codec,
+    Dtype,
+    Recipe,
     examples,
 )
 
@@ -24,64 +41,182 @@ EXAMPLES = examples(
 
 @user_errors
 def extract_command(
-    annotations: Path = typer.Option(..., "--annotations", metavar="JSON", help="COCO/LVIS annotation file.",
-                                     rich_help_panel=DATA),
-    images: Path = typer.Option(..., "--images", metavar="DIR", rich_help_panel=DATA,
-                                help="Folder the annotation file's file_name entries are relative to."),
-    out: str = typer.Option(..., "--out", metavar="STORE", help="Store to write (a path or an fsspec URL).",
-                            rich_help_panel=DATA),
-    skip_bad: bool = typer.Option(False, "--skip-bad", rich_help_panel=DATA,
-                                  help="Record unreadable images in the store instead of stopping."),
-    no_masks: bool = typer.Option(False, "--no-masks", rich_help_panel=DATA,
-                                  help="Store no instance masks even when the annotations carry segmentation."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", metavar="TIMM_NAME", help="timm model name.",
-                                 rich_help_panel=BACKBONE),
-    weights: Optional[Path] = typer.Option(None, "--weights", metavar="PATH", rich_help_panel=BACKBONE,
-                                           help="Local checkpoint for the backbone."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="timm's own pretrained weights (needs network).",
-                                    rich_help_panel=BACKBONE),
-    random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights (timing, tests).",
-                                     rich_help_panel=BACKBONE),
-    out_indices: Optional[str] = typer.Option(None, "--out-indices", metavar="I,J,K", rich_help_panel=BACKBONE,
-                                              help="timm feature indices, e.g. 2,3,4 (default: stride 8/16/32)."),
-    taps: Optional[str] = typer.Option(None, "--taps", metavar="I,J,K", help=TAPS_HELP, rich_help_panel=BACKBONE),
-    cache_stage: Optional[int] = typer.Option(None, "--cache-stage", metavar="K", rich_help_panel=BACKBONE, help=(
-        "Hybrid cache for adapters: store the backbone up to this stage (its output and the pyramid levels "
-        "before it; a ViT: block K's tokens and the taps before it).")),
+    annotations: Path = typer.Option(
+        ...,
+        "--annotations",
+        metavar="JSON",
+        help="COCO/LVIS annotation file.",
+        rich_help_panel=DATA,
+    ),
+    images: Path = typer.Option(
+        ...,
+        "--images",
+        metavar="DIR",
+        rich_help_panel=DATA,
+        help="Folder the annotation file's file_name entries are relative to.",
+    ),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        metavar="STORE",
+        help="Store to write (a path or an fsspec URL).",
+        rich_help_panel=DATA,
+    ),
+    skip_bad: bool = typer.Option(
+        False,
+        "--skip-bad",
+        rich_help_panel=DATA,
+        help="Record unreadable images in the store instead of stopping.",
+    ),
+    no_masks: bool = typer.Option(
+        False,
+        "--no-masks",
+        rich_help_panel=DATA,
+        help="Store no instance masks even when the annotations carry segmentation.",
+    ),
+    backbone: str = typer.Option(
+        DEFAULT_BACKBONE,
+        "--backbone",
+        metavar="TIMM_NAME",
+        help="timm model name.",
+        rich_help_panel=BACKBONE,
+    ),
+    weights: Optional[Path] = typer.Option(
+        None,
+        "--weights",
+        metavar="PATH",
+        rich_help_panel=BACKBONE,
+        help="Local checkpoint for the backbone.",
+    ),
+    pretrained: bool = typer.Option(
+        False,
+        "--pretrained",
+        help="timm's own pretrained weights (needs network).",
+        rich_help_panel=BACKBONE,
+    ),
+    random_init: bool = typer.Option(
+        False,
+        "--random-init",
+        help="Seeded random weights (timing, tests).",
+        rich_help_panel=BACKBONE,
+    ),
+    out_indices: Optional[str] = typer.Option(
+        None,
+        "--out-indices",
+        metavar="I,J,K",
+        rich_help_panel=BACKBONE,
+        help="timm feature indices, e.g. 2,3,4 (default: stride 8/16/32).",
+    ),
+    taps: Optional[str] = typer.Option(
+        None, "--taps", metavar="I,J,K", help=TAPS_HELP, rich_help_panel=BACKBONE
+    ),
+    cache_stage: Optional[int] = typer.Option(
+        None,
+        "--cache-stage",
+        metavar="K",
+        rich_help_panel=BACKBONE,
+        help=(
+            "Hybrid cache for adapters: store the backbone up to this stage (its output and the pyramid levels "
+            "before it; a ViT: block K's tokens and the taps before it)."
+        ),
+    ),
     size: int = typer.Option(DEFAULT_CANVAS, "--size", help=SIZE_HELP, rich_help_panel=VIEWS),
-    views: int = typer.Option(4, "--views", help="Augmented views per image.", rich_help_panel=VIEWS),
-    scale_range: tuple[float, float] = typer.Option((0.1, 2.0), "--scale-range", metavar="MIN MAX",
-                                                    rich_help_panel=VIEWS, help=(
-        "Large-Scale-Jittering: the longer side becomes f x size, f uniform in [MIN, MAX].")),
-    no_augment: bool = typer.Option(False, "--no-augment", rich_help_panel=VIEWS,
-                                    help="One plain resize-and-pad view per image (evaluation caches)."),
+    views: int = typer.Option(
+        4, "--views", help="Augmented views per image.", rich_help_panel=VIEWS
+    ),
+    scale_range: Optional[tuple[float, float]] = typer.Option(
+        None,
+        "--scale-range",
+        metavar="MIN MAX",
+        rich_help_panel=VIEWS,
+        help=(
+            "Large-Scale-Jittering: the longer side becomes f x size, f uniform in [MIN, MAX] "
+            "(default: the recipe's)."
+        ),
+    ),
+    recipe: Optional[Recipe] = typer.Option(
+        None, "--recipe", help=RECIPE_HELP, rich_help_panel=VIEWS
+    ),
+    no_augment: bool = typer.Option(
+        False,
+        "--no-augment",
+        rich_help_panel=VIEWS,
+        help="One plain resize-and-pad view per image (evaluation caches).",
+    ),
     seed: int = typer.Option(0, "--seed", help=SEED_HELP, rich_help_panel=VIEWS),
-    copy_paste: float = typer.Option(0.0, "--copy-paste", metavar="P", rich_help_panel=VIEWS, help=(
-        "Probability per view of pasting objects (masks, else boxes) from another jittered image.")),
-    paste_min_visible: float = typer.Option(0.3, "--paste-min-visible", metavar="SHARE", rich_help_panel=VIEWS,
-                                            help="An object the paste covers keeps its (shrunk) box if this "
-                                                 "share of it stays visible."),
-    dtype: Dtype = typer.Option("float16", "--dtype", rich_help_panel=STORAGE, help=(
-        "Stored feature type; uint8 is affine per view and channel: lossy, half of float16's bytes.")),
-    codec: Codec = typer.Option("zstd", "--codec", help="Blosc compressor (bit-shuffle) or none.",
-                                rich_help_panel=STORAGE),
-    shard_views: int = typer.Option(64, "--shard-views", help="Views per shard (the unit of work).",
-                                    rich_help_panel=STORAGE),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing store.", rich_help_panel=STORAGE),
-    repair: bool = typer.Option(False, "--repair", rich_help_panel=STORAGE,
-                                help="Verify complete shards' checksums first and recompute damaged ones."),
-    dask_workers: int = typer.Option(0, "--dask-workers", rich_help_panel=RUN,
-                                     help="Dask worker processes on this machine (0: in-process)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDR", rich_help_panel=RUN,
-                                            help="Address of a running dask.distributed scheduler."),
-    device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP, rich_help_panel=RUN),
-    batch_size: int = typer.Option(8, "--batch-size", help="Views per backbone forward pass.", rich_help_panel=RUN),
-    loader_workers: int = typer.Option(0, "--loader-workers", help=LOADER_WORKERS_HELP + " Per shard task.",
-                                       rich_help_panel=RUN),
-    dry_run: bool = typer.Option(False, "--dry-run", rich_help_panel=RUN,
-                                 help="Print views, size and time estimates; write nothing."),
-    num_images: Optional[int] = typer.Option(None, "--num-images", rich_help_panel=RUN,
-                                             help="With --dry-run: plan for this many images instead of the file's."),
+    copy_paste: float = typer.Option(
+        0.0,
+        "--copy-paste",
+        metavar="P",
+        rich_help_panel=VIEWS,
+        help=(
+            "Probability per view of pasting objects (masks, else boxes) from another jittered image."
+        ),
+    ),
+    paste_min_visible: float = typer.Option(
+        0.3,
+        "--paste-min-visible",
+        metavar="SHARE",
+        rich_help_panel=VIEWS,
+        help="An object the paste covers keeps its (shrunk) box if this share of it stays visible.",
+    ),
+    dtype: Dtype = typer.Option(
+        "float16",
+        "--dtype",
+        rich_help_panel=STORAGE,
+        help=(
+            "Stored feature type; uint8 is affine per view and channel: lossy, half of float16's bytes."
+        ),
+    ),
+    codec: Codec = typer.Option(
+        "zstd", "--codec", help="Blosc compressor (bit-shuffle) or none.", rich_help_panel=STORAGE
+    ),
+    shard_views: int = typer.Option(
+        64, "--shard-views", help="Views per shard (the unit of work).", rich_help_panel=STORAGE
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Rebuild an existing store.", rich_help_panel=STORAGE
+    ),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        rich_help_panel=STORAGE,
+        help="Verify complete shards' checksums first and recompute damaged ones.",
+    ),
+    dask_workers: int = typer.Option(
+        0,
+        "--dask-workers",
+        rich_help_panel=RUN,
+        help="Dask worker processes on this machine (0: in-process).",
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None,
+        "--scheduler",
+        metavar="ADDR",
+        rich_help_panel=RUN,
+        help="Address of a running dask.distributed scheduler.",
+    ),
+    device: str = typer.Option(
+        "auto", "--device", metavar="DEVICE", help=DEVICE_HELP, rich_help_panel=RUN
+    ),
+    batch_size: int = typer.Option(
+        8, "--batch-size", help="Views per backbone forward pass.", rich_help_panel=RUN
+    ),
+    loader_workers: int = typer.Option(
+        0, "--loader-workers", help=LOADER_WORKERS_HELP + " Per shard task.", rich_help_panel=RUN
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        rich_help_panel=RUN,
+        help="Print views, size and time estimates; write nothing.",
+    ),
+    num_images: Optional[int] = typer.Option(
+        None,
+        "--num-images",
+        rich_help_panel=RUN,
+        help="With --dry-run: plan for this many images instead of the file's.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP, rich_help_panel=RUN),
 ):
     """Run the frozen backbone over augmented views and store multi-scale features (stage 1)."""
@@ -89,21 +224,58 @@ def extract_command(
 
     from cachedet.backbones import BackboneConfig
     from cachedet.data.views import AugmentConfig
-    from cachedet.extract import ExtractConfig, dry_run as plan_dry_run, extract
+    from cachedet.extract import ExtractConfig, extract
+    from cachedet.extract import dry_run as plan_dry_run
+    from cachedet.recipes import get_recipe, schedule_advice
 
     if sum([weights is not None, pretrained, random_init]) > 1:
         raise CachedetError("--weights, --pretrained and --random-init exclude each other")
-    weight_source = str(weights) if weights else "timm" if pretrained else "random" if random_init else "default"
+    weight_source = (
+        str(weights)
+        if weights
+        else "timm"
+        if pretrained
+        else "random"
+        if random_init
+        else "default"
+    )
+    chosen = get_recipe(recipe)
+    scale_range = tuple(scale_range or chosen.scale_range)
     cfg = ExtractConfig(
-        annotations=str(annotations), images=str(images), out=out,
-        backbone=BackboneConfig(backbone, backbone_indices(backbone, out_indices, taps), weight_source),
-        augment=AugmentConfig(size=size, scale_range=tuple(scale_range), augment=not no_augment, seed=seed,
-                               copy_paste=copy_paste, paste_min_visible=paste_min_visible),
-        views=views, dtype=dtype, codec=codec, shard_views=shard_views, workers=dask_workers, scheduler=scheduler,
-        device=device, batch_size=batch_size, loader_workers=loader_workers, overwrite=overwrite, skip_bad=skip_bad,
-        repair=repair, cache_stage=cache_stage, masks=not no_masks,
+        annotations=str(annotations),
+        images=str(images),
+        out=out,
+        backbone=BackboneConfig(
+            backbone, backbone_indices(backbone, out_indices, taps), weight_source
+        ),
+        augment=AugmentConfig(
+            size=size,
+            scale_range=tuple(scale_range),
+            augment=not no_augment,
+            seed=seed,
+            copy_paste=copy_paste,
+            paste_min_visible=paste_min_visible,
+        ),
+        views=views,
+        dtype=dtype,
+        codec=codec,
+        shard_views=shard_views,
+        workers=dask_workers,
+        scheduler=scheduler,
+        device=device,
+        batch_size=batch_size,
+        loader_workers=loader_workers,
+        overwrite=overwrite,
+        skip_bad=skip_bad,
+        repair=repair,
+        cache_stage=cache_stage,
+        masks=not no_masks,
+        recipe=chosen.name,
     )
     console = make_console()
+    advice = None if no_augment else schedule_advice(scale_range, views=views)
+    if advice:
+        console.print(advice, style="yellow")
     if dry_run:
         r = plan_dry_run(cfg, num_images=num_images)
         table = Table(title=f"extract --dry-run: {backbone} at {size}x{size}, nothing written")
@@ -113,7 +285,9 @@ def extract_command(
         table.add_row("views", f"{r.num_views:,} ({r.views_per_image} per image)")
         for name, shape in r.feature_shapes.items():
             table.add_row(f"level {name}", "x".join(str(v) for v in shape))
-        table.add_row(f"bytes per view ({dtype}, before compression)", human_bytes(r.bytes_per_view))
+        table.add_row(
+            f"bytes per view ({dtype}, before compression)", human_bytes(r.bytes_per_view)
+        )
         table.add_row("cache size (before compression)", human_bytes(r.total_bytes))
         table.add_row(f"backbone throughput ({r.device})", f"{r.views_per_second:.2f} views/s")
         table.add_row("estimated extraction time (one device)", human_seconds(r.estimated_seconds))
@@ -126,14 +300,39 @@ def extract_command(
         f"ran {result.shards_run}, {result.shards_skipped_complete} already complete; "
         f"{result.seconds:.1f} s"
     )
-    console.print("instance masks: " + (f"stored ({result.masks['objects']} objects" + (
-        f", {result.masks['objects_from_boxes']} without segmentation stored as their box)" if result.masks["objects_from_boxes"]
-        else ")") if result.masks else "none (the annotations have no segmentation)" if not no_masks else "off (--no-masks)"))
+    console.print(
+        "instance masks: "
+        + (
+            f"stored ({result.masks['objects']} objects"
+            + (
+                f", {result.masks['objects_from_boxes']} without segmentation stored as their box)"
+                if result.masks["objects_from_boxes"]
+                else ")"
+            )
+            if result.masks
+            else "none (the annotations have no segmentation)"
+            if not no_masks
+            else "off (--no-masks)"
+        )
+    )
     if cfg.repair:
-        console.print(f"repaired {len(result.repaired)} damaged shard(s)" + (
-            ": " + ", ".join(f"{d['shard']} ({d['level']}: {d['error']})" for d in result.repaired) if result.repaired else ""))
-    console.print("dropped annotations: " + (", ".join(f"{k} {v}" for k, v in dropped.items()) if dropped else "none"))
+        console.print(
+            f"repaired {len(result.repaired)} damaged shard(s)"
+            + (
+                ": "
+                + ", ".join(f"{d['shard']} ({d['level']}: {d['error']})" for d in result.repaired)
+                if result.repaired
+                else ""
+            )
+        )
+    console.print(
+        "dropped annotations: "
+        + (", ".join(f"{k} {v}" for k, v in dropped.items()) if dropped else "none")
+    )
     if result.skipped_images:
-        console.print(f"skipped {len(result.skipped_images)} unreadable image views (recorded in the store):", style="yellow")
+        console.print(
+            f"skipped {len(result.skipped_images)} unreadable image views (recorded in the store):",
+            style="yellow",
+        )
         for s in result.skipped_images[:10]:
             console.print(f"  {s['error']}")

@@ -25,10 +25,19 @@ Neck = Literal["auto", "fpn", "nasfpn", "simple"]  # = auto + cachedet.models.bu
 Head = Literal["faster-rcnn", "cascade", "retinanet"]  # = cachedet.models.build.HEADS
 Dtype = Literal["float16", "bfloat16", "float32", "uint8"]  # = cachedet.cache.schema.DTYPES
 Codec = Literal["zstd", "lz4", "none"]  # = cachedet.cache.schema.CODECS
+Recipe = Literal["short", "paper"]  # = cachedet.recipes.RECIPES
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "cosine"]
-BENCH_REGIMES = ("finetune", "online_frozen", "cached", "heads_in_memory", "torchvision_frozen",  # = cachedet.bench
-                 "torchvision_finetune", "adapters_online", "adapters_hybrid")
+BENCH_REGIMES = (
+    "finetune",
+    "online_frozen",
+    "cached",
+    "heads_in_memory",
+    "torchvision_frozen",  # = cachedet.bench
+    "torchvision_finetune",
+    "adapters_online",
+    "adapters_hybrid",
+)
 
 DEVICE_HELP = "auto: CUDA when available, else CPU; or cpu, cuda, cuda:N."
 SIZE_HELP = f"Side of the square canvas in pixels (default {DEFAULT_CANVAS})."
@@ -47,17 +56,47 @@ ALIASES = {
 
 # train-heads option (parameter name) -> TrainConfig field it sets (None: no field); names not
 # listed set the field of the same name. --resume compares and overrides settings by field.
-DETECTOR_FLAGS = ("nasfpn_repeats", "cascade_ious", "box_convs", "box_fcs", "mask_convs", "mask_channels")
-TRAIN_FIELD_OF = {"pretrained": "weights", "random_init": "weights", "taps": "out_indices", "no_amp": "amp",
-                  "loader_workers": "workers", "quiet": None,
-                  **{name: "detector_options" for name in DETECTOR_FLAGS}}
+DETECTOR_FLAGS = (
+    "nasfpn_repeats",
+    "cascade_ious",
+    "box_convs",
+    "box_fcs",
+    "mask_convs",
+    "mask_channels",
+    "box_representation",
+    "rois_per_image",
+    "proposals_per_image",
+)
+TRAIN_FIELD_OF = {
+    "pretrained": "weights",
+    "random_init": "weights",
+    "taps": "out_indices",
+    "no_amp": "amp",
+    "loader_workers": "workers",
+    "quiet": None,
+    "config": None,
+    **{name: "detector_options" for name in DETECTOR_FLAGS},
+}
 # extract option -> ExtractConfig field (nested fields as "backbone.*" / "augment.*")
-EXTRACT_FIELD_OF = {"backbone": "backbone.name", "weights": "backbone.weights", "pretrained": "backbone.weights",
-                    "random_init": "backbone.weights", "out_indices": "backbone.out_indices",
-                    "taps": "backbone.out_indices", "size": "augment.size", "scale_range": "augment.scale_range",
-                    "no_augment": "augment.augment", "seed": "augment.seed", "copy_paste": "augment.copy_paste",
-                    "paste_min_visible": "augment.paste_min_visible", "dask_workers": "workers",
-                    "no_masks": "masks", "dry_run": None, "num_images": None, "quiet": None}
+EXTRACT_FIELD_OF = {
+    "backbone": "backbone.name",
+    "weights": "backbone.weights",
+    "pretrained": "backbone.weights",
+    "random_init": "backbone.weights",
+    "out_indices": "backbone.out_indices",
+    "taps": "backbone.out_indices",
+    "size": "augment.size",
+    "scale_range": "augment.scale_range",
+    "no_augment": "augment.augment",
+    "seed": "augment.seed",
+    "copy_paste": "augment.copy_paste",
+    "paste_min_visible": "augment.paste_min_visible",
+    "dask_workers": "workers",
+    "no_masks": "masks",
+    "dry_run": None,
+    "num_images": None,
+    "quiet": None,
+}
 
 
 def flags_of_field(field: str, field_of: dict[str, str | None]) -> str:
@@ -83,8 +122,10 @@ def rename_aliases(command: str | None, args: list[str]) -> list[str]:
         old, eq, value = arg.partition("=")
         if old in aliases:
             new = aliases[old]
-            print(f"cachedet: warning: {command} {old} is now {new}; the old spelling goes in the next release",
-                  file=sys.stderr)
+            print(
+                f"cachedet: warning: {command} {old} is now {new}; the old spelling goes in the next release",
+                file=sys.stderr,
+            )
             out[i] = new + eq + value
     return out
 

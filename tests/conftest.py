@@ -22,7 +22,9 @@ warnings.filterwarnings("ignore", message="no offline weights for test_")
 def synthetic(tmp_path_factory):
     """12 train + 4 val images, 96-180 px, up to 4 objects each."""
     root = tmp_path_factory.mktemp("synthetic")
-    return make_synthetic_dataset(str(root), SyntheticSpec(num_train=12, num_val=4, min_side=96, max_side=180, max_objects=4))
+    return make_synthetic_dataset(
+        str(root), SyntheticSpec(num_train=12, num_val=4, min_side=96, max_side=180, max_objects=4)
+    )
 
 
 @pytest.fixture
@@ -35,23 +37,42 @@ def dataset_copy(synthetic, tmp_path):
 
 def small_config(paths: dict, out: str, **kw) -> ExtractConfig:
     defaults = dict(
-        annotations=paths["train"], images=paths["images"], out=out,
+        annotations=paths["train"],
+        images=paths["images"],
+        out=out,
         backbone=BackboneConfig("test_resnet", None, "random"),
-        augment=AugmentConfig(size=96, seed=3), views=2, shard_views=5, batch_size=4,
+        augment=AugmentConfig(size=96, seed=3),
+        views=2,
+        shard_views=5,
+        batch_size=4,
     )
     defaults.update(kw)
     return ExtractConfig(**defaults)
 
 
-TRAIN_LIGHT = {"box_convs": 0, "box_fcs": 2, "box_representation": 128, "rois_per_image": 64, "proposals_per_image": 200}
+TRAIN_LIGHT = {
+    "box_convs": 0,
+    "box_fcs": 2,
+    "box_representation": 128,
+    "rois_per_image": 64,
+    "proposals_per_image": 200,
+}
 
 
 def train_config(out, cache, **kw):
     """A TrainConfig for a few CPU steps on a tiny detector; ``kw`` overrides any field."""
     from cachedet.engine.train import TrainConfig
 
-    defaults = dict(out=str(out), cache=cache, epochs=2, batch_size=4, neck_channels=32, lr=0.01,
-                    warmup_steps=2, detector_options=TRAIN_LIGHT)
+    defaults = dict(
+        out=str(out),
+        cache=cache,
+        epochs=2,
+        batch_size=4,
+        neck_channels=32,
+        lr=0.01,
+        warmup_steps=2,
+        detector_options=TRAIN_LIGHT,
+    )
     return TrainConfig.of(**{**defaults, **kw})
 
 
@@ -66,7 +87,9 @@ def to_lvis(data: dict) -> dict:
     for a in data["annotations"]:
         present.setdefault(a["image_id"], set()).add(a["category_id"])
     for img in data["images"]:
-        img["neg_category_ids"] = [c["id"] for c in data["categories"] if c["id"] not in present.get(img["id"], set())]
+        img["neg_category_ids"] = [
+            c["id"] for c in data["categories"] if c["id"] not in present.get(img["id"], set())
+        ]
         img["not_exhaustive_category_ids"] = []
     return data
 
@@ -117,5 +140,47 @@ def tiny_store(synthetic, tmp_path_factory):
     from cachedet.extract import extract
 
     out = str(tmp_path_factory.mktemp("tiny") / "tiny.zarr")
-    extract(small_config(synthetic, out, augment=AugmentConfig(size=64, seed=1), views=1, shard_views=4), progress=False)
+    extract(
+        small_config(
+            synthetic, out, augment=AugmentConfig(size=64, seed=1), views=1, shard_views=4
+        ),
+        progress=False,
+    )
     return StoreReader(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic, tmp_path_factory):
+    """tiny_run(head, masks=False) -> a run dir trained for 2 steps on a 96-px test_resnet cache
+    (each built once per session)."""
+    from cachedet.engine.train import train
+    from cachedet.extract import extract
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    cache = small_config(synthetic, str(root / "cache.zarr"), views=1)
+    runs = {}
+
+    def make(head: str = "faster-rcnn", masks: bool = False) -> str:
+        if (head, masks) not in runs:
+            if not runs:
+                extract(cache, progress=False)
+            out = root / f"{head}{'-masks' if masks else ''}"
+            options = (
+                {**TRAIN_LIGHT, "mask_convs": 1, "mask_channels": 16} if masks else TRAIN_LIGHT
+            )
+            train(
+                train_config(
+                    out,
+                    cache.out,
+                    head=head,
+                    masks=masks,
+                    epochs=1,
+                    max_steps_per_epoch=2,
+                    detector_options=options,
+                ),
+                progress=False,
+            )
+            runs[head, masks] = str(out)
+        return runs[head, masks]
+
+    return make

@@ -18,7 +18,9 @@ from cachedet.errors import CachedetError
 from cachedet.structures import targets_of
 
 
-def choose_epoch_views(image_ids: np.ndarray, usable: np.ndarray, views_per_epoch: int, seed: int, epoch: int) -> np.ndarray:
+def choose_epoch_views(
+    image_ids: np.ndarray, usable: np.ndarray, views_per_epoch: int, seed: int, epoch: int
+) -> np.ndarray:
     """Sorted view indices used in ``epoch``: ``views_per_epoch`` usable views of every image."""
     rng = np.random.default_rng([seed, epoch, 17])
     ids = image_ids[usable]
@@ -48,23 +50,44 @@ class _EpochViews:
     """What both feeds share: the store's header and specs, its usable views, and which of them
     one rank reads in one epoch (``choose_epoch_views`` -> shard blocks -> this rank's share)."""
 
-    def __init__(self, url: str, views_per_epoch: int, seed: int, rank: int, world: int, masks: bool = False):
-        self.url, self.views_per_epoch, self.seed, self.rank, self.world = url, views_per_epoch, seed, rank, world
+    def __init__(
+        self, url: str, views_per_epoch: int, seed: int, rank: int, world: int, masks: bool = False
+    ):
+        self.url, self.views_per_epoch, self.seed, self.rank, self.world = (
+            url,
+            views_per_epoch,
+            seed,
+            rank,
+            world,
+        )
         self.epoch = 0
         store = StoreReader(url)
-        self.masks = masks and store.has_masks  # instance masks in the targets (when the store has them)
+        self.masks = (
+            masks and store.has_masks
+        )  # instance masks in the targets (when the store has them)
         self.header, self.specs = store.header, store.specs
-        self._image_ids, self._usable, self._shard_views = store.meta["image_id"], store.usable_views(), store.shard_views
+        self._image_ids, self._usable, self._shard_views = (
+            store.meta["image_id"],
+            store.usable_views(),
+            store.shard_views,
+        )
         if not len(self._usable):
-            raise CachedetError(f"{url}: no complete shard to train from (run cachedet extract to finish it)")
+            raise CachedetError(
+                f"{url}: no complete shard to train from (run cachedet extract to finish it)"
+            )
         self._opened = store
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def blocks_for(self, rank: int, epoch: int | None = None) -> list[np.ndarray]:
-        chosen = choose_epoch_views(self._image_ids, self._usable, self.views_per_epoch, self.seed,
-                                    self.epoch if epoch is None else epoch)
+        chosen = choose_epoch_views(
+            self._image_ids,
+            self._usable,
+            self.views_per_epoch,
+            self.seed,
+            self.epoch if epoch is None else epoch,
+        )
         return rank_blocks(shard_blocks(chosen, self._shard_views), rank, self.world)
 
     def views_per_rank(self, epoch: int | None = None) -> list[int]:
@@ -84,8 +107,17 @@ class CachedViews(_EpochViews, IterableDataset):
     ``keep_float16`` hands out float16 features (for autocast) instead of float32.
     """
 
-    def __init__(self, url: str, views_per_epoch: int = 1, seed: int = 0, shuffle_buffer: int = 256,
-                 rank: int = 0, world: int = 1, keep_float16: bool = False, masks: bool = False):
+    def __init__(
+        self,
+        url: str,
+        views_per_epoch: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        rank: int = 0,
+        world: int = 1,
+        keep_float16: bool = False,
+        masks: bool = False,
+    ):
         super().__init__(url, views_per_epoch, seed, rank, world, masks)
         self.shuffle_buffer, self.keep_float16 = shuffle_buffer, keep_float16
         self._opened = None  # validated above; each worker opens its own
@@ -103,8 +135,12 @@ class CachedViews(_EpochViews, IterableDataset):
             feats[spec.name] = x.half() if self.keep_float16 else x
         for i, view in enumerate(block.tolist()):
             boxes, labels = store.boxes(view)
-            sample = {"features": {name: x[i] for name, x in feats.items()}, "boxes": torch.from_numpy(boxes.copy()),
-                      "labels": torch.from_numpy(labels.copy()), "view": view}
+            sample = {
+                "features": {name: x[i] for name, x in feats.items()},
+                "boxes": torch.from_numpy(boxes.copy()),
+                "labels": torch.from_numpy(labels.copy()),
+                "view": view,
+            }
             if self.masks:
                 sample["masks"] = torch.from_numpy(store.masks(view))
             yield sample
@@ -132,25 +168,42 @@ class InMemoryViews(_EpochViews):
     decoded one view at a time, batched without a DataLoader. ``keep_float16`` hands out float16
     features (for autocast; a float16 store's views are then used as stored, without decoding)."""
 
-    def __init__(self, url: str, views_per_epoch: int = 1, seed: int = 0, rank: int = 0, world: int = 1,
-                 masks: bool = False, keep_float16: bool = False):
+    def __init__(
+        self,
+        url: str,
+        views_per_epoch: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        masks: bool = False,
+        keep_float16: bool = False,
+    ):
         super().__init__(url, views_per_epoch, seed, rank, world, masks)
         store, self._opened = self._opened, None
         self.dtype, self.canvas = store.dtype, store.header.canvas
         self.keep_float16 = keep_float16
         self.stored = {s.name: store.read_stored(s.name, slice(None)) for s in self.specs}
-        self.targets = [tuple(torch.from_numpy(a.copy()) for a in store.boxes(v)) for v in range(store.num_views)]
+        self.targets = [
+            tuple(torch.from_numpy(a.copy()) for a in store.boxes(v))
+            for v in range(store.num_views)
+        ]
         usable = set(self._usable.tolist())  # masks stay RLE in RAM, decoded per sample
-        self.mask_rles = [store.mask_rles(v) if v in usable else [] for v in range(store.num_views)] if self.masks else None
+        self.mask_rles = (
+            [store.mask_rles(v) if v in usable else [] for v in range(store.num_views)]
+            if self.masks
+            else None
+        )
 
     def _features(self, view: int) -> dict[str, torch.Tensor]:
         out = {}
         for name, (stored, quant) in self.stored.items():
             if self.keep_float16 and self.dtype == "float16":
-                out[name] = torch.from_numpy(stored[view])  # a view of the RAM copy; collate stacks it
+                out[name] = torch.from_numpy(
+                    stored[view]
+                )  # a view of the RAM copy; collate stacks it
                 continue
-            q = None if quant is None else quant[view:view + 1]
-            x = torch.from_numpy(decode(stored[view:view + 1], self.dtype, q)[0])
+            q = None if quant is None else quant[view : view + 1]
+            x = torch.from_numpy(decode(stored[view : view + 1], self.dtype, q)[0])
             out[name] = x.half() if self.keep_float16 else x
         return out
 
@@ -160,9 +213,16 @@ class InMemoryViews(_EpochViews):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         for view in views[rng.permutation(len(views))].tolist():
             boxes, labels = self.targets[view]
-            sample = {"features": self._features(view), "boxes": boxes, "labels": labels, "view": view}
+            sample = {
+                "features": self._features(view),
+                "boxes": boxes,
+                "labels": labels,
+                "view": view,
+            }
             if self.mask_rles is not None:
-                sample["masks"] = torch.from_numpy(decode_rles(self.mask_rles[view], (self.canvas, self.canvas)))
+                sample["masks"] = torch.from_numpy(
+                    decode_rles(self.mask_rles[view], (self.canvas, self.canvas))
+                )
             yield sample
 
 

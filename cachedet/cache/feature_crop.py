@@ -30,11 +30,14 @@ def check_alignment(specs: list[FeatureSpec], shapes: dict[str, tuple[int, int, 
         if coarse.stride % s.stride or tuple(shapes[s.name][1:]) != (ch * f, cw * f):
             raise CachedetError(
                 f"--feature-crop: level {s.name} is {shapes[s.name][1]}x{shapes[s.name][2]}, not {f}x the coarsest "
-                f"level's {ch}x{cw}; extract with a --size that is a multiple of {coarse.stride}")
+                f"level's {ch}x{cw}; extract with a --size that is a multiple of {coarse.stride}"
+            )
     return coarse.stride
 
 
-def crop_batch(batch: dict, specs: list[FeatureSpec], min_fraction: float, rng: np.random.Generator) -> dict:
+def crop_batch(
+    batch: dict, specs: list[FeatureSpec], min_fraction: float, rng: np.random.Generator
+) -> dict:
     """Crop a collated batch (inputs {level: (B, C, H, W)}, targets [{boxes (N, 4) xyxy, labels[, masks]}]).
 
     Returns the batch with cropped inputs, shifted targets and ``image_sizes`` [(h, w)] in pixels.
@@ -50,7 +53,9 @@ def crop_batch(batch: dict, specs: list[FeatureSpec], min_fraction: float, rng: 
     for s in specs:
         f = stride // s.stride
         x = batch["inputs"][s.name]
-        inputs[s.name] = torch.stack([x[i, :, oy[i] * f:(oy[i] + ch) * f, ox[i] * f:(ox[i] + cw) * f] for i in range(n)])
+        inputs[s.name] = torch.stack(
+            [x[i, :, oy[i] * f : (oy[i] + ch) * f, ox[i] * f : (ox[i] + cw) * f] for i in range(n)]
+        )
     h, w = ch * stride, cw * stride
     targets = []
     for i, t in enumerate(batch["targets"]):
@@ -61,7 +66,12 @@ def crop_batch(batch: dict, specs: list[FeatureSpec], min_fraction: float, rng: 
         cropped = {**t, "boxes": b[keep], "labels": t["labels"][keep]}
         if "masks" in t:  # canvas masks (N, S, S) cut at the same window
             y0, x0 = int(oy[i] * stride), int(ox[i] * stride)
-            cropped["masks"] = t["masks"][keep][:, y0:y0 + h, x0:x0 + w]
+            cropped["masks"] = t["masks"][keep][:, y0 : y0 + h, x0 : x0 + w]
         targets.append(cropped)
-    return {**batch, "inputs": inputs, "targets": targets, "image_sizes": [(h, w)] * n,
-            "crop_offsets": [(int(oy[i] * stride), int(ox[i] * stride)) for i in range(n)]}
+    return {
+        **batch,
+        "inputs": inputs,
+        "targets": targets,
+        "image_sizes": [(h, w)] * n,
+        "crop_offsets": [(int(oy[i] * stride), int(ox[i] * stride)) for i in range(n)],
+    }

@@ -16,8 +16,16 @@ from cachedet.errors import CachedetError
 from cachedet.structures import FeatureSpec
 
 # Parts of the header that must match for a rerun to resume into an existing store.
-IDENTITY_KEYS = ("backbone", "feature_specs", "dataset_sha256", "augment", "views", "storage", "hybrid",
-                 "masks")
+IDENTITY_KEYS = (
+    "backbone",
+    "feature_specs",
+    "dataset_sha256",
+    "augment",
+    "views",
+    "storage",
+    "hybrid",
+    "masks",
+)
 # What a trained head depends on from its backbone's identity.
 FINGERPRINT_BACKBONE_KEYS = ("name", "out_indices", "weights_sha256", "mean", "std")
 
@@ -67,12 +75,19 @@ class MaskInfo:
     objects_from_boxes: int
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "objects": self.objects, "objects_from_boxes": self.objects_from_boxes}
+        return {
+            "format": self.format,
+            "objects": self.objects,
+            "objects_from_boxes": self.objects_from_boxes,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "MaskInfo":
-        return cls(format=str(d["format"]), objects=int(d["objects"]),
-                   objects_from_boxes=int(d["objects_from_boxes"]))
+        return cls(
+            format=str(d["format"]),
+            objects=int(d["objects"]),
+            objects_from_boxes=int(d["objects_from_boxes"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -85,13 +100,19 @@ class Hybrid:
     specs: tuple[FeatureSpec, ...]
 
     def to_dict(self) -> dict:
-        return {"cache_stage": self.cache_stage, "backbone": self.backbone,
-                "feature_specs": [s.to_dict() for s in self.specs]}
+        return {
+            "cache_stage": self.cache_stage,
+            "backbone": self.backbone,
+            "feature_specs": [s.to_dict() for s in self.specs],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Hybrid":
-        return cls(cache_stage=int(d["cache_stage"]), backbone=d["backbone"],
-                   specs=_specs(d["feature_specs"]))
+        return cls(
+            cache_stage=int(d["cache_stage"]),
+            backbone=d["backbone"],
+            specs=_specs(d["feature_specs"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -105,9 +126,15 @@ class Fingerprint:
     categories: tuple[tuple[int, str], ...]  # (dataset category id, name), in label order
 
     @classmethod
-    def of(cls, specs, backbone_identity: dict, canvas: int, categories: CategoryMap) -> "Fingerprint":
-        return cls(specs=tuple(specs), backbone={k: backbone_identity[k] for k in FINGERPRINT_BACKBONE_KEYS},
-                   canvas=int(canvas), categories=tuple(zip(categories.ids, categories.names)))
+    def of(
+        cls, specs, backbone_identity: dict, canvas: int, categories: CategoryMap
+    ) -> "Fingerprint":
+        return cls(
+            specs=tuple(specs),
+            backbone={k: backbone_identity[k] for k in FINGERPRINT_BACKBONE_KEYS},
+            canvas=int(canvas),
+            categories=tuple(zip(categories.ids, categories.names)),
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -119,8 +146,12 @@ class Fingerprint:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Fingerprint":
-        return cls(specs=_specs(d["feature_specs"]), backbone=dict(d["backbone"]), canvas=int(d["canvas"]),
-                   categories=tuple((int(c["id"]), str(c["name"])) for c in d["categories"]))
+        return cls(
+            specs=_specs(d["feature_specs"]),
+            backbone=dict(d["backbone"]),
+            canvas=int(d["canvas"]),
+            categories=tuple((int(c["id"]), str(c["name"])) for c in d["categories"]),
+        )
 
     def diff(self, wanted: "Fingerprint", found_label: str) -> list[str]:
         """One line per differing field, e.g. ``canvas: checkpoint has 96, asked for 128``."""
@@ -136,7 +167,9 @@ class Fingerprint:
             raise CachedetError(f"{message}: " + "; ".join(diff[:8]))
 
 
-def check_fingerprint(found: Fingerprint | dict, wanted: Fingerprint | dict, message: str, found_label: str):
+def check_fingerprint(
+    found: Fingerprint | dict, wanted: Fingerprint | dict, message: str, found_label: str
+):
     """``Fingerprint.check`` for fingerprints given as objects or as their saved dicts."""
     as_fp = lambda f: f if isinstance(f, Fingerprint) else Fingerprint.from_dict(f)  # noqa: E731
     as_fp(found).check(as_fp(wanted), message, found_label)
@@ -170,6 +203,9 @@ class StoreHeader:
     cachedet_version: str
     hybrid: Hybrid | None = None
     masks: MaskInfo | None = None
+    recipe: str | None = (
+        None  # cachedet.recipes name the views' settings came from (None: before recipes)
+    )
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     @property
@@ -211,7 +247,9 @@ class StoreHeader:
     def check_dataset(self, sha256: str, where: str, annotations: str) -> None:
         """Raise CachedetError unless the store was extracted from the annotation file of ``sha256``."""
         if self.dataset_sha256 != sha256:
-            raise CachedetError(f"{where}: was extracted from another annotation file than {annotations}")
+            raise CachedetError(
+                f"{where}: was extracted from another annotation file than {annotations}"
+            )
 
     def to_dict(self) -> dict:
         d = {
@@ -233,6 +271,8 @@ class StoreHeader:
         if self.hybrid is not None:
             d["hybrid"] = self.hybrid.to_dict()
         d["masks"] = self.masks.to_dict() if self.masks is not None else None
+        if self.recipe is not None:
+            d["recipe"] = self.recipe
         return {**d, **self.extra}
 
     @classmethod
@@ -243,27 +283,53 @@ class StoreHeader:
         of this schema version.
         """
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise CachedetError(f"{where}: not a cachedet feature store "
-                                "(no 'cachedet' header in its zarr.json)")
+            raise CachedetError(
+                f"{where}: not a cachedet feature store (no 'cachedet' header in its zarr.json)"
+            )
         if d.get("schema_version") != SCHEMA_VERSION:
-            raise CachedetError(f"{where}: schema_version is {d.get('schema_version')!r}, "
-                                f"this cachedet reads {SCHEMA_VERSION}; re-extract the cache")
+            raise CachedetError(
+                f"{where}: schema_version is {d.get('schema_version')!r}, "
+                f"this cachedet reads {SCHEMA_VERSION}; re-extract the cache"
+            )
         try:
             return cls(
-                backbone=d["backbone"], specs=_specs(d["feature_specs"]),
+                backbone=d["backbone"],
+                specs=_specs(d["feature_specs"]),
                 shapes={k: tuple(int(x) for x in v) for k, v in d["feature_shapes"].items()},
-                dataset=d["dataset"], augment=d["augment"], views=int(d["views"]),
-                storage=Storage.from_dict(d["storage"]), num_views=int(d["num_views"]),
-                num_images=int(d["num_images"]), cachedet_version=d["cachedet_version"],
+                dataset=d["dataset"],
+                augment=d["augment"],
+                views=int(d["views"]),
+                storage=Storage.from_dict(d["storage"]),
+                num_views=int(d["num_views"]),
+                num_images=int(d["num_images"]),
+                cachedet_version=d["cachedet_version"],
                 hybrid=Hybrid.from_dict(d["hybrid"]) if d.get("hybrid") else None,
                 masks=MaskInfo.from_dict(d["masks"]) if d.get("masks") else None,
+                recipe=d.get("recipe"),
                 extra={k: v for k, v in d.items() if k not in _KNOWN_KEYS},
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise CachedetError(f"{where}: malformed cachedet header in its zarr.json "
-                                f"({type(e).__name__}: {e})") from None
+            raise CachedetError(
+                f"{where}: malformed cachedet header in its zarr.json ({type(e).__name__}: {e})"
+            ) from None
 
 
-_KNOWN_KEYS = {"format", "schema_version", "cachedet_version", "backbone", "feature_specs", "feature_shapes",
-               "dataset", "dataset_sha256", "augment", "views", "storage", "num_views", "num_images",
-               "num_shards", "hybrid", "masks"}
+_KNOWN_KEYS = {
+    "format",
+    "schema_version",
+    "cachedet_version",
+    "backbone",
+    "feature_specs",
+    "feature_shapes",
+    "dataset",
+    "dataset_sha256",
+    "augment",
+    "views",
+    "storage",
+    "num_views",
+    "num_images",
+    "num_shards",
+    "hybrid",
+    "masks",
+    "recipe",
+}

@@ -19,7 +19,16 @@ from cachedet.cache.header import StoreHeader
 from cachedet.paths import resolve_path
 from cachedet.structures import ViewParams
 
-META_FIELDS = ("image_id", "view_index", "orig_size", "resized_size", "crop_offset", "flip", "scale", "valid_size")
+META_FIELDS = (
+    "image_id",
+    "view_index",
+    "orig_size",
+    "resized_size",
+    "crop_offset",
+    "flip",
+    "scale",
+    "valid_size",
+)
 
 
 def url_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -71,8 +80,13 @@ def meta_arrays(views: list[ViewParams]) -> dict[str, np.ndarray]:
     }
 
 
-def create_store(url: str, header: StoreHeader, views: list[ViewParams], boxes: dict[str, np.ndarray],
-                 extra_meta: dict[str, np.ndarray] | None = None) -> bool:
+def create_store(
+    url: str,
+    header: StoreHeader,
+    views: list[ViewParams],
+    boxes: dict[str, np.ndarray],
+    extra_meta: dict[str, np.ndarray] | None = None,
+) -> bool:
     """Lay out a new store: empty feature arrays, the view metadata, the ragged boxes, then the header.
 
     A local store is built whole under a temporary sibling name and renamed into place, so it
@@ -89,10 +103,14 @@ def create_store(url: str, header: StoreHeader, views: list[ViewParams], boxes: 
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     _remove_stale_creations(parent, name)
-    tmp = os.path.join(parent, f".{name}.creating-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(
+        parent, f".{name}.creating-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     try:
         _lay_out(tmp, header, views, boxes, extra_meta)
-        os.rename(tmp, path)  # atomic; fails when another creator's store (a non-empty folder) is there
+        os.rename(
+            tmp, path
+        )  # atomic; fails when another creator's store (a non-empty folder) is there
         return True
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
@@ -109,8 +127,13 @@ def _remove_stale_creations(parent: str, name: str) -> None:
     for entry in os.listdir(parent):
         if not entry.startswith(prefix):
             continue
-        owner = entry[len(prefix):].rsplit("-", 2)
-        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1])):
+        owner = entry[len(prefix) :].rsplit("-", 2)
+        if (
+            len(owner) == 3
+            and owner[0] == host
+            and owner[1].isdigit()
+            and not _alive(int(owner[1]))
+        ):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
@@ -124,8 +147,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _lay_out(url: str, header: StoreHeader, views: list[ViewParams], boxes: dict[str, np.ndarray],
-             extra_meta: dict[str, np.ndarray] | None) -> None:
+def _lay_out(
+    url: str,
+    header: StoreHeader,
+    views: list[ViewParams],
+    boxes: dict[str, np.ndarray],
+    extra_meta: dict[str, np.ndarray] | None,
+) -> None:
     group = zarr.open_group(url, mode="w")
     storage = header.storage
     sv = storage.shard_views
@@ -143,12 +171,22 @@ def _lay_out(url: str, header: StoreHeader, views: list[ViewParams], boxes: dict
             dimension_names=("view", "channel", "y", "x"),
         )
         if schema.is_quantized(storage.dtype):  # one chunk per shard: each shard keeps one writer
-            group.create_array(f"quant/{spec.name}", shape=(n, c, 2), chunks=(min(sv, max(n, 1)), c, 2),
-                               dtype="float32", fill_value=0, dimension_names=("view", "channel", "param"))
+            group.create_array(
+                f"quant/{spec.name}",
+                shape=(n, c, 2),
+                chunks=(min(sv, max(n, 1)), c, 2),
+                dtype="float32",
+                fill_value=0,
+                dimension_names=("view", "channel", "param"),
+            )
     meta = {**meta_arrays(views), **(extra_meta or {})}
-    for name, arr in {**{f"meta/{k}": v for k, v in meta.items()},
-                      **{f"boxes/{k}": v for k, v in boxes.items()}}.items():
-        z = group.create_array(name, shape=arr.shape, chunks=arr.shape if arr.size else None, dtype=arr.dtype)
+    for name, arr in {
+        **{f"meta/{k}": v for k, v in meta.items()},
+        **{f"boxes/{k}": v for k, v in boxes.items()},
+    }.items():
+        z = group.create_array(
+            name, shape=arr.shape, chunks=arr.shape if arr.size else None, dtype=arr.dtype
+        )
         if arr.size:
             z[...] = arr
     if header.masks is not None:  # filled shard by shard: masks/<shard>/{rle,offsets}

@@ -52,7 +52,9 @@ def check_storage(dtype: str, codec: str, shard_views: int):
 
 def zarr_dtype(dtype: str) -> str:
     """numpy dtype that holds ``dtype`` on disk (bfloat16 is kept as its raw uint16 bits)."""
-    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32", "uint8": "uint8"}[dtype]
+    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32", "uint8": "uint8"}[
+        dtype
+    ]
 
 
 def is_quantized(dtype: str) -> bool:
@@ -94,6 +96,8 @@ def decode(stored: np.ndarray, dtype: str, quant: np.ndarray | None = None) -> n
         if quant is None:
             raise ValueError("uint8 features need their quant parameters to decode")
         return quant[..., 0, None, None] + quant[..., 1, None, None] * stored.astype(np.float32)
-    if dtype == "float16":  # torch converts with vector instructions, numpy's astype about 6x slower
+    if (
+        dtype == "float16"
+    ):  # torch converts with vector instructions, numpy's astype about 6x slower
         return torch.from_numpy(np.ascontiguousarray(stored)).float().numpy()
     return stored.astype(np.float32)

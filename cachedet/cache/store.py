@@ -24,6 +24,7 @@ from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 from cachedet.structures import ViewParams
 
+
 def shard_range(shard: int, shard_views: int, num_views: int) -> tuple[int, int]:
     return shard * shard_views, min((shard + 1) * shard_views, num_views)
 
@@ -51,7 +52,7 @@ def pack_masks(per_view: list[list[bytes]]) -> tuple[np.ndarray, np.ndarray]:
 
 def write_level(array: zarr.Array, start: int, block: np.ndarray):
     """Write views [start, start + len(block)) of one level (one whole shard: one object)."""
-    array[start:start + len(block)] = block
+    array[start : start + len(block)] = block
 
 
 def bytes_on_disk(url: str, prefix: str = "") -> int:
@@ -68,9 +69,13 @@ class _StoreFiles:
 
     def shard_records(self) -> dict[int, dict]:
         """Completion records by shard index; an unreadable or partial record counts as absent."""
-        self.fs.invalidate_cache(f"{self.path}/_shards")  # object-store listings are cached; other writers add records
+        self.fs.invalidate_cache(
+            f"{self.path}/_shards"
+        )  # object-store listings are cached; other writers add records
         try:
-            keys = [k for k in self.fs.ls(f"{self.path}/_shards", detail=False) if k.endswith(".json")]
+            keys = [
+                k for k in self.fs.ls(f"{self.path}/_shards", detail=False) if k.endswith(".json")
+            ]
         except FileNotFoundError:
             return {}
         records = {}
@@ -110,8 +115,13 @@ class StoreWriter(_StoreFiles):
         super().__init__(url)
         self.group, self.header = _open(self.url, "r+")
 
-    def write_features(self, shard: int, blocks: dict[str, np.ndarray], start: int,
-                       quant: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+    def write_features(
+        self,
+        shard: int,
+        blocks: dict[str, np.ndarray],
+        start: int,
+        quant: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, str]:
         """Write one shard's encoded feature blocks {level: (n, C, H, W)} (and, for uint8 stores, their
         quant params {level: (n, C, 2)}) at views [start, start + n); return the sha256 per level."""
         digests = {}
@@ -127,9 +137,14 @@ class StoreWriter(_StoreFiles):
         ``masks/<shard>/{rle,offsets}`` with the store's codec; return their sha256."""
         rle, offsets = pack_masks(per_view)
         for name, arr in (("rle", rle), ("offsets", offsets)):
-            z = self.group.create_array(f"masks/{shard:06d}/{name}", shape=arr.shape, chunks=(max(len(arr), 1),),
-                                        dtype=arr.dtype, compressors=schema.compressors(self.header.storage.codec),
-                                        overwrite=True)
+            z = self.group.create_array(
+                f"masks/{shard:06d}/{name}",
+                shape=arr.shape,
+                chunks=(max(len(arr), 1),),
+                dtype=arr.dtype,
+                compressors=schema.compressors(self.header.storage.codec),
+                overwrite=True,
+            )
             if arr.size:
                 z[...] = arr
         return masks_sha256(rle, offsets)
@@ -168,8 +183,11 @@ class StoreReader(_StoreFiles):
         self.meta = {k: self.group[f"meta/{k}"][...] for k in META_FIELDS}
         n = self.num_views
         # optional: which image each view's Copy-Paste objects came from (-1: none)
-        self.meta["paste_image_id"] = self.group["meta/paste_image_id"][...] if "paste_image_id" in self.group["meta"] \
+        self.meta["paste_image_id"] = (
+            self.group["meta/paste_image_id"][...]
+            if "paste_image_id" in self.group["meta"]
             else np.full(n, -1, dtype=np.int64)
+        )
         self.box_offsets = self.group["boxes/offsets"][...]
         self._boxes = {k: self.group[f"boxes/{k}"][...] for k in ("xyxy", "labels", "ann_ids")}
         self._shard_masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -184,20 +202,24 @@ class StoreReader(_StoreFiles):
         if shard not in self._shard_masks:
             if len(self._shard_masks) >= 4:  # readers walk shard by shard: keep a few
                 self._shard_masks.pop(next(iter(self._shard_masks)))
-            self._shard_masks[shard] = (self.group[f"masks/{shard:06d}/rle"][...],
-                                        self.group[f"masks/{shard:06d}/offsets"][...])
+            self._shard_masks[shard] = (
+                self.group[f"masks/{shard:06d}/rle"][...],
+                self.group[f"masks/{shard:06d}/offsets"][...],
+            )
         return self._shard_masks[shard]
 
     def mask_rles(self, view: int) -> list[bytes]:
         """Compressed COCO RLE counts of the view's objects, aligned with ``boxes(view)``."""
         if not self.has_masks:
-            raise CachedetError(f"{self.url}: holds no instance masks (its annotations had no segmentation, "
-                                "or it was extracted with --no-masks)")
+            raise CachedetError(
+                f"{self.url}: holds no instance masks (its annotations had no segmentation, "
+                "or it was extracted with --no-masks)"
+            )
         shard = view // self.shard_views
         rle, offsets = self.read_shard_masks(shard)
         first = self.box_offsets[shard * self.shard_views]
         a, b = self.box_offsets[view] - first, self.box_offsets[view + 1] - first
-        return [rle[offsets[i]:offsets[i + 1]].tobytes() for i in range(a, b)]
+        return [rle[offsets[i] : offsets[i + 1]].tobytes() for i in range(a, b)]
 
     def masks(self, view: int) -> np.ndarray:
         """uint8 (N, S, S) instance masks of the view, in the order of ``boxes(view)``."""
@@ -211,13 +233,21 @@ class StoreReader(_StoreFiles):
     def features_array(self, name: str) -> zarr.Array:
         return self.group[f"features/{name}"]
 
-    def read_stored(self, name: str, views: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray | None]:
+    def read_stored(
+        self, name: str, views: np.ndarray | slice
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """One level as stored, (n, C, H, W) in the storage dtype, and its quant params (n, C, 2) or
         None, for a slice or a sorted index array of views (one read per array)."""
+
         def read(arr):
             if isinstance(views, slice):
                 return arr[views]
-            return arr.get_orthogonal_selection((views,)) if len(views) > 1 else arr[views[0]:views[0] + 1]
+            return (
+                arr.get_orthogonal_selection((views,))
+                if len(views) > 1
+                else arr[views[0] : views[0] + 1]
+            )
+
         quant = read(self.group[f"quant/{name}"]) if schema.is_quantized(self.dtype) else None
         return read(self.features_array(name)), quant
 
@@ -234,7 +264,7 @@ class StoreReader(_StoreFiles):
         return self._boxes["xyxy"][a:b], self._boxes["labels"][a:b]
 
     def ann_ids(self, view: int) -> np.ndarray:
-        return self._boxes["ann_ids"][self.box_offsets[view]:self.box_offsets[view + 1]]
+        return self._boxes["ann_ids"][self.box_offsets[view] : self.box_offsets[view + 1]]
 
     def view_params(self, view: int) -> ViewParams:
         m = self.meta
@@ -286,19 +316,33 @@ class StoreReader(_StoreFiles):
             try:
                 rle, offsets = self.read_shard_masks(rec["shard"])
             except Exception as e:
-                return {"level": "masks", "error": f"unreadable ({type(e).__name__}: {str(e)[:80]})"}
+                return {
+                    "level": "masks",
+                    "error": f"unreadable ({type(e).__name__}: {str(e)[:80]})",
+                }
             if rec.get("sha256", {}).get("masks") != masks_sha256(rle, offsets):
-                return {"level": "masks", "error": "checksum differs from the one recorded at write time"}
+                return {
+                    "level": "masks",
+                    "error": "checksum differs from the one recorded at write time",
+                }
         for spec in self.specs:
             want = rec.get("sha256", {}).get(spec.name)
             try:
                 stored, quant = self.read_stored(spec.name, slice(start, end))
-            except Exception as e:  # a corrupt chunk can fail in the codec, the shard index or the store
-                return {"level": spec.name, "error": f"unreadable ({type(e).__name__}: {str(e)[:80]})"}
+            except (
+                Exception
+            ) as e:  # a corrupt chunk can fail in the codec, the shard index or the store
+                return {
+                    "level": spec.name,
+                    "error": f"unreadable ({type(e).__name__}: {str(e)[:80]})",
+                }
             if want is None:
                 return {"level": spec.name, "error": "no checksum in the completion record"}
             if features_sha256(stored, quant) != want:
-                return {"level": spec.name, "error": "checksum differs from the one recorded at write time"}
+                return {
+                    "level": spec.name,
+                    "error": "checksum differs from the one recorded at write time",
+                }
         return None
 
     def info(self) -> dict:
@@ -308,10 +352,16 @@ class StoreReader(_StoreFiles):
         levels = []
         for spec in self.specs:
             arr = self.features_array(spec.name)
-            levels.append({
-                "name": spec.name, "stride": spec.stride, "shape": list(arr.shape), "dtype": self.dtype,
-                "bytes_raw": int(arr.nbytes), "bytes_stored": self.bytes_on_disk(f"features/{spec.name}"),
-            })
+            levels.append(
+                {
+                    "name": spec.name,
+                    "stride": spec.stride,
+                    "shape": list(arr.shape),
+                    "dtype": self.dtype,
+                    "bytes_raw": int(arr.nbytes),
+                    "bytes_stored": self.bytes_on_disk(f"features/{spec.name}"),
+                }
+            )
         # only written shards are on disk: compare them with the raw size of the same views
         raw_written = sum(lv["bytes_raw"] for lv in levels) * done_views / max(self.num_views, 1)
         stored_total = sum(lv["bytes_stored"] for lv in levels)
@@ -337,7 +387,9 @@ class StoreReader(_StoreFiles):
             "bytes_per_view": (stored_total / done_views) if done_views else None,
             "shards_complete": complete,
             "shards_total": self.num_shards,
-            "skipped_images": sorted({s["image_id"] for r in records.values() for s in r.get("skipped", [])}),
+            "skipped_images": sorted(
+                {s["image_id"] for r in records.values() for s in r.get("skipped", [])}
+            ),
             "dropped_annotations": h.dataset["dropped"],
         }
 

@@ -19,7 +19,14 @@ import numpy as np
 
 from cachedet.errors import CachedetError
 
-DROP_REASONS = ("crowd", "non_finite", "degenerate", "outside_image", "unknown_category", "unknown_image")
+DROP_REASONS = (
+    "crowd",
+    "non_finite",
+    "degenerate",
+    "outside_image",
+    "unknown_category",
+    "unknown_image",
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,9 @@ class DetectionDataset:
     def annotation_rows(self) -> dict[int, tuple[ImageRecord, int]]:
         """annotation id -> (its image's record, its row in the record's boxes); built once."""
         if self._rows is None:
-            self._rows = {int(a): (r, i) for r in self.images for i, a in enumerate(r.ann_ids.tolist())}
+            self._rows = {
+                int(a): (r, i) for r in self.images for i, a in enumerate(r.ann_ids.tolist())
+            }
         return self._rows
 
     def image_path(self, record: ImageRecord) -> str:
@@ -170,7 +179,10 @@ class _Checker:
 
     def list_field(self, obj: dict, key: str) -> list:
         if key not in obj:
-            self.fail(key, "missing (a COCO annotation file needs 'images', 'annotations' and 'categories')")
+            self.fail(
+                key,
+                "missing (a COCO annotation file needs 'images', 'annotations' and 'categories')",
+            )
         if not isinstance(obj[key], list):
             self.fail(key, f"expected a list, got {type(obj[key]).__name__}")
         return obj[key]
@@ -206,7 +218,10 @@ def _file_name(chk: _Checker, where: str, img: dict) -> str:
         chk.fail(f"{where}.file_name", f"expected a file name, got {name!r}")
     parts = name.replace("\\", "/").split("/")
     if os.path.isabs(name) or name.startswith("/") or ".." in parts or "\x00" in name:
-        chk.fail(f"{where}.file_name", f"{name[:80]!r} leaves the --images folder (absolute, '..' or NUL)")
+        chk.fail(
+            f"{where}.file_name",
+            f"{name[:80]!r} leaves the --images folder (absolute, '..' or NUL)",
+        )
     return name
 
 
@@ -217,14 +232,26 @@ def _segmentation(chk: _Checker, where: str, ann: dict):
         return None
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)
-                and isinstance(counts, (str, list))):
+        if not (
+            isinstance(size, list)
+            and len(size) == 2
+            and all(_is_int(v) and v > 0 for v in size)
+            and isinstance(counts, (str, list))
+        ):
             chk.fail(f"{where}.segmentation", "expected an RLE {'size': [h, w], 'counts': ...}")
         return seg
-    if isinstance(seg, list) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                                     and all(_is_number(v) and math.isfinite(v) for v in p) for p in seg):
+    if isinstance(seg, list) and all(
+        isinstance(p, list)
+        and len(p) >= 6
+        and len(p) % 2 == 0
+        and all(_is_number(v) and math.isfinite(v) for v in p)
+        for p in seg
+    ):
         return seg
-    chk.fail(f"{where}.segmentation", "expected polygons [[x1, y1, x2, y2, x3, y3, ...], ...] of finite numbers or an RLE dict")
+    chk.fail(
+        f"{where}.segmentation",
+        "expected polygons [[x1, y1, x2, y2, x3, y3, ...], ...] of finite numbers or an RLE dict",
+    )
 
 
 def read_annotation_json(path: str | os.PathLike) -> tuple[dict, str]:
@@ -245,7 +272,9 @@ def read_annotation_json(path: str | os.PathLike) -> tuple[dict, str]:
     return data, hashlib.sha256(raw).hexdigest()
 
 
-def load_detection_dataset(annotations: str | os.PathLike, images_dir: str | os.PathLike) -> DetectionDataset:
+def load_detection_dataset(
+    annotations: str | os.PathLike, images_dir: str | os.PathLike
+) -> DetectionDataset:
     """Validate a COCO/LVIS annotation file and build per-image box targets.
 
     Boxes are converted from COCO xywh to xyxy and clipped to the image. Dropped annotations are

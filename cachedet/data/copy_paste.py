@@ -48,9 +48,15 @@ def instance_mask(record: ImageRecord, i: int) -> np.ndarray:
     return mask_source(record, i).decode()
 
 
-def plan_copy_paste(cfg: AugmentConfig, dataset: DetectionDataset, index: int, params: ViewParams,
-                    boxes: np.ndarray, labels: np.ndarray, ann_ids: np.ndarray
-                    ) -> tuple[PastePlan | None, np.ndarray, np.ndarray, np.ndarray]:
+def plan_copy_paste(
+    cfg: AugmentConfig,
+    dataset: DetectionDataset,
+    index: int,
+    params: ViewParams,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    ann_ids: np.ndarray,
+) -> tuple[PastePlan | None, np.ndarray, np.ndarray, np.ndarray]:
     """Decide the paste of one view and return (plan or None, boxes, labels, ann_ids) after it.
 
     ``boxes`` (N, 4) xyxy canvas pixels, ``labels`` and ``ann_ids`` are the view's own objects
@@ -88,7 +94,9 @@ def plan_copy_paste(cfg: AugmentConfig, dataset: DetectionDataset, index: int, p
         own = mask_to_canvas(params, instance_mask(*rows[a]))
         area = own.sum()
         visible = own & ~paste
-        if area == 0 or visible.sum() == area:  # untouched (or too small to rasterise): box unchanged
+        if (
+            area == 0 or visible.sum() == area
+        ):  # untouched (or too small to rasterise): box unchanged
             keep.append(True)
             new_boxes.append(b)
         elif visible.sum() >= cfg.paste_min_visible * area:
@@ -97,12 +105,18 @@ def plan_copy_paste(cfg: AugmentConfig, dataset: DetectionDataset, index: int, p
         else:
             keep.append(False)
     keep = np.asarray(keep, dtype=bool)
-    out_boxes = np.concatenate([np.asarray(new_boxes, dtype=np.float32).reshape(-1, 4), np.stack(pasted_boxes)])
+    out_boxes = np.concatenate(
+        [np.asarray(new_boxes, dtype=np.float32).reshape(-1, 4), np.stack(pasted_boxes)]
+    )
     out_labels = np.concatenate([labels[keep], np.asarray(pasted_labels, dtype=np.int64)])
     out_ids = np.concatenate([ann_ids[keep], np.asarray(pasted_ids, dtype=np.int64)])
     rle = mask_utils.encode(np.asfortranarray(paste.astype(np.uint8)))
-    plan = PastePlan(source_image_id=source.id, source_path=dataset.image_path(source), source_view=source_view,
-                     mask_rle={"size": list(rle["size"]), "counts": rle["counts"].decode()})
+    plan = PastePlan(
+        source_image_id=source.id,
+        source_path=dataset.image_path(source),
+        source_view=source_view,
+        mask_rle={"size": list(rle["size"]), "counts": rle["counts"].decode()},
+    )
     return plan, out_boxes, out_labels, out_ids
 
 

@@ -47,15 +47,17 @@ def max_image_pixels() -> int:
     try:
         return int(text) if text else DEFAULT_MAX_IMAGE_PIXELS
     except ValueError:
-        raise CachedetError(f"CACHEDET_MAX_IMAGE_PIXELS={text}: expected an integer number of pixels") from None
+        raise CachedetError(
+            f"CACHEDET_MAX_IMAGE_PIXELS={text}: expected an integer number of pixels"
+        ) from None
 
 
 def bit_depth_scale(values: np.ndarray) -> float:
     """255 / (2**bits - 1) for the smallest bit depth in ``BIT_DEPTHS`` that holds ``values.max()``."""
     top = float(values.max()) if values.size else 0.0
     for bits in BIT_DEPTHS:
-        if top <= 2 ** bits - 1:
-            return 255.0 / (2 ** bits - 1)
+        if top <= 2**bits - 1:
+            return 255.0 / (2**bits - 1)
     return 255.0 / top
 
 
@@ -68,7 +70,9 @@ def _scaled_gray(pil: Image.Image) -> Image.Image:
 
 
 def _has_alpha(pil: Image.Image) -> bool:
-    return pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (pil.mode in ("P", "L", "RGB") and "transparency" in pil.info)
+    return pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        pil.mode in ("P", "L", "RGB") and "transparency" in pil.info
+    )
 
 
 def to_rgb(pil: Image.Image) -> Image.Image:
@@ -94,8 +98,10 @@ def _decode(path: str, data: bytes) -> tuple[np.ndarray, int]:
     with pil:
         w, h = pil.size
         if w * h > limit:
-            raise CachedetError(f"{path}: image is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the reader's "
-                                f"limit of {limit / 1e6:.0f}; raise CACHEDET_MAX_IMAGE_PIXELS to decode it")
+            raise CachedetError(
+                f"{path}: image is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the reader's "
+                f"limit of {limit / 1e6:.0f}; raise CACHEDET_MAX_IMAGE_PIXELS to decode it"
+            )
         orientation = int(pil.getexif().get(EXIF_ORIENTATION, 1) or 1)
         upright = ImageOps.exif_transpose(pil) if orientation != 1 else pil
         return np.asarray(to_rgb(upright)), orientation
@@ -134,16 +140,24 @@ def read_image(path: str, expected_size: tuple[int, int] | None = None) -> torch
         raise CachedetError(f"{path}: cannot decode image ({_first_line(e)})") from None
     image = torch.from_numpy(array.copy()).permute(2, 0, 1)
     if expected_size is not None and tuple(image.shape[-2:]) != tuple(expected_size):
-        raise CachedetError(_size_mismatch(path, tuple(image.shape[-2:]), tuple(expected_size), orientation))
+        raise CachedetError(
+            _size_mismatch(path, tuple(image.shape[-2:]), tuple(expected_size), orientation)
+        )
     return image
 
 
-def _size_mismatch(path: str, found: tuple[int, int], expected: tuple[int, int], orientation: int) -> str:
+def _size_mismatch(
+    path: str, found: tuple[int, int], expected: tuple[int, int], orientation: int
+) -> str:
     (fh, fw), (eh, ew) = found, expected
-    text = (f"{path}: image is {fw}x{fh} (width x height) but the annotation file's images[].width/height "
-            f"say {ew}x{eh}")
+    text = (
+        f"{path}: image is {fw}x{fh} (width x height) but the annotation file's images[].width/height "
+        f"say {ew}x{eh}"
+    )
     if orientation in _SWAPS_SIDES and (fw, fh) == (eh, ew):
-        text += (f"; the file's EXIF Orientation {orientation} turns its stored {fh}x{fw} pixels upright to "
-                 f"{fw}x{fh}, so the annotation file was likely made from the stored, unrotated pixels: "
-                 "re-export it from a tool that applies EXIF, or strip the EXIF orientation from the images")
+        text += (
+            f"; the file's EXIF Orientation {orientation} turns its stored {fh}x{fw} pixels upright to "
+            f"{fw}x{fh}, so the annotation file was likely made from the stored, unrotated pixels: "
+            "re-export it from a tool that applies EXIF, or strip the EXIF orientation from the images"
+        )
     return text

@@ -27,8 +27,16 @@ class ViewDataset(Dataset):
     masks need no pixels, so a bad image still gets them.
     """
 
-    def __init__(self, views: list[ViewParams], paths: list[str], mean, std, skip_bad: bool = False,
-                 pastes: list | None = None, masks: list | None = None):
+    def __init__(
+        self,
+        views: list[ViewParams],
+        paths: list[str],
+        mean,
+        std,
+        skip_bad: bool = False,
+        pastes: list | None = None,
+        masks: list | None = None,
+    ):
         assert len(views) == len(paths)
         self.views, self.paths = views, paths
         self.pastes = pastes or [None] * len(views)  # Copy-Paste plans (cachedet.data.copy_paste)
@@ -41,20 +49,34 @@ class ViewDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str, list[bytes] | None]:
         masks = None
         if self.masks is not None:
-            masks = [encode_rle(m) for m in view_masks(self.views[i], self.masks[i], self.pastes[i])]
+            masks = [
+                encode_rle(m) for m in view_masks(self.views[i], self.masks[i], self.pastes[i])
+            ]
         view, error = self._view(i)
         return view, error, masks
 
     def _view(self, i: int) -> tuple[torch.Tensor, str]:
         params, paste = self.views[i], self.pastes[i]
         try:
-            view = transform_image(params, normalize(read_image(self.paths[i], params.orig_size), self.mean, self.std))
+            view = transform_image(
+                params, normalize(read_image(self.paths[i], params.orig_size), self.mean, self.std)
+            )
             if paste is not None:
                 source = read_image(paste.source_path, paste.source_view.orig_size)
-                view = composite(view, transform_image(paste.source_view, normalize(source, self.mean, self.std)), paste.mask())
-        except Exception as e:  # --skip-bad records every image that cannot become a view, whatever failed
+                view = composite(
+                    view,
+                    transform_image(paste.source_view, normalize(source, self.mean, self.std)),
+                    paste.mask(),
+                )
+        except (
+            Exception
+        ) as e:  # --skip-bad records every image that cannot become a view, whatever failed
             if not self.skip_bad:
                 raise
-            message = str(e) if isinstance(e, CachedetError) else f"{self.paths[i]}: {type(e).__name__}: {e}"
+            message = (
+                str(e)
+                if isinstance(e, CachedetError)
+                else f"{self.paths[i]}: {type(e).__name__}: {e}"
+            )
             return torch.zeros(3, params.canvas, params.canvas), message
         return view, ""

@@ -43,17 +43,25 @@ def decode_segmentation(seg, height: int, width: int, box) -> np.ndarray:
     if seg is None:
         m = np.zeros((height, width), dtype=np.uint8)
         x1, y1, x2, y2 = box
-        m[int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = 1
+        m[int(np.floor(y1)) : int(np.ceil(y2)), int(np.floor(x1)) : int(np.ceil(x2))] = 1
         return m
     if isinstance(seg, dict):
         counts = seg["counts"]
-        rle = mask_utils.frPyObjects(seg, height, width) if isinstance(counts, list) else \
-            {"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+        rle = (
+            mask_utils.frPyObjects(seg, height, width)
+            if isinstance(counts, list)
+            else {
+                "size": seg["size"],
+                "counts": counts.encode() if isinstance(counts, str) else counts,
+            }
+        )
     else:
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     m = mask_utils.decode(rle)
     if m.shape != (height, width):  # an RLE made for another image size
-        m = F.resize(torch.from_numpy(m)[None], [height, width], interpolation=F.InterpolationMode.NEAREST)[0].numpy()
+        m = F.resize(
+            torch.from_numpy(m)[None], [height, width], interpolation=F.InterpolationMode.NEAREST
+        )[0].numpy()
     return m
 
 
@@ -65,7 +73,9 @@ def nearest_source_index(out_size: int, in_size: int) -> np.ndarray:
     if out_size == 2 * in_size:
         return np.arange(out_size) >> 1
     scale = np.float32(in_size) / np.float32(out_size)
-    return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
+    return np.minimum(
+        np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1
+    )
 
 
 def mask_to_canvas(params: ViewParams, mask: np.ndarray) -> np.ndarray:
@@ -80,11 +90,11 @@ def mask_to_canvas(params: ViewParams, mask: np.ndarray) -> np.ndarray:
     if not len(ys):
         return out
     top, left = params.crop_offset
-    rows = nearest_source_index(params.resized_size[0], mask.shape[0])[top:top + s]
+    rows = nearest_source_index(params.resized_size[0], mask.shape[0])[top : top + s]
     cols = nearest_source_index(params.resized_size[1], mask.shape[1])
     if params.flip:
         cols = cols[::-1]
-    cols = cols[left:left + s]
+    cols = cols[left : left + s]
     ry = np.flatnonzero((rows >= ys[0]) & (rows <= ys[-1]))
     cx = np.flatnonzero((cols >= xs[0]) & (cols <= xs[-1]))
     if len(ry) and len(cx):  # only the object's rows and columns are gathered
@@ -139,4 +149,6 @@ def rle_json(mask: np.ndarray) -> dict:
 def mask_source(record, i: int, pasted: bool = False) -> MaskSource:
     """The ``MaskSource`` of an ``ImageRecord``'s i-th kept object."""
     seg = record.segmentations[i] if i < len(record.segmentations) else None
-    return MaskSource(seg, record.height, record.width, tuple(float(v) for v in record.boxes[i]), pasted)
+    return MaskSource(
+        seg, record.height, record.width, tuple(float(v) for v in record.boxes[i]), pasted
+    )

@@ -13,7 +13,13 @@ from torch.utils.data import Dataset
 from cachedet.data.coco import DetectionDataset
 from cachedet.data.images import read_image
 from cachedet.data.masks import mask_source, view_masks
-from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_boxes, transform_image
+from cachedet.data.views import (
+    AugmentConfig,
+    normalize,
+    plan_view,
+    transform_boxes,
+    transform_image,
+)
 from cachedet.errors import CachedetError
 from cachedet.structures import targets_of
 
@@ -22,7 +28,9 @@ class OnlineViews(Dataset):
     """Items: dict(image float32 (3, S, S) normalised, boxes (N, 4) xyxy, labels (N,), view=image index),
     and with ``masks`` masks uint8 (N, S, S) moved with the image."""
 
-    def __init__(self, dataset: DetectionDataset, augment: AugmentConfig, mean, std, masks: bool = False):
+    def __init__(
+        self, dataset: DetectionDataset, augment: AugmentConfig, mean, std, masks: bool = False
+    ):
         self.dataset, self.augment, self.masks = dataset, augment, masks
         self.mean, self.std = tuple(mean), tuple(std)
         self.epoch = 0
@@ -35,16 +43,25 @@ class OnlineViews(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rec = self.dataset.images[i]
-        params = plan_view(self.augment, rec.id, self.epoch if self.augment.augment else 0, rec.height, rec.width)
+        params = plan_view(
+            self.augment, rec.id, self.epoch if self.augment.augment else 0, rec.height, rec.width
+        )
         image = read_image(self.dataset.image_path(rec), (rec.height, rec.width))
         boxes, labels, ann_ids = transform_boxes(params, rec.boxes, rec.labels, rec.ann_ids)
-        item = {"image": transform_image(params, normalize(image, self.mean, self.std)),
-                "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "view": i}
+        item = {
+            "image": transform_image(params, normalize(image, self.mean, self.std)),
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.from_numpy(labels),
+            "view": i,
+        }
         if self.masks:
             rows = self.dataset.annotation_rows()
             masks = view_masks(params, tuple(mask_source(*rows[a]) for a in ann_ids.tolist()))
-            item["masks"] = torch.from_numpy(np.stack(masks).astype(np.uint8) if masks else
-                                             np.zeros((0, params.canvas, params.canvas), dtype=np.uint8))
+            item["masks"] = torch.from_numpy(
+                np.stack(masks).astype(np.uint8)
+                if masks
+                else np.zeros((0, params.canvas, params.canvas), dtype=np.uint8)
+            )
         return item
 
 

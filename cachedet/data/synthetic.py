@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from pycocotools import mask as mask_utils
 from PIL import Image, ImageDraw, ImageFilter
+from pycocotools import mask as mask_utils
 
 # name, shape, colour (RGB), relative frequency (long-tailed), LVIS-style frequency bucket
 CLASSES = (
@@ -41,8 +41,13 @@ class SyntheticSpec:
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     def ring(n, radius, phase=0.0):
-        return [(cx + radius * math.cos(phase + angle + 2 * math.pi * k / n),
-                 cy + radius * math.sin(phase + angle + 2 * math.pi * k / n)) for k in range(n)]
+        return [
+            (
+                cx + radius * math.cos(phase + angle + 2 * math.pi * k / n),
+                cy + radius * math.sin(phase + angle + 2 * math.pi * k / n),
+            )
+            for k in range(n)
+        ]
 
     if shape in ("disc", "ring"):
         return ring(32, r)
@@ -60,11 +65,28 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
             pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
         return pts
     if shape == "bar":
-        return [(cx - r * 1.4, cy - r * 0.4), (cx + r * 1.4, cy - r * 0.4), (cx + r * 1.4, cy + r * 0.4), (cx - r * 1.4, cy + r * 0.4)]
+        return [
+            (cx - r * 1.4, cy - r * 0.4),
+            (cx + r * 1.4, cy - r * 0.4),
+            (cx + r * 1.4, cy + r * 0.4),
+            (cx - r * 1.4, cy + r * 0.4),
+        ]
     if shape == "cross":
         a, b = r * 1.2, r * 0.4
-        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx + b, cy + b),
-                (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
+        return [
+            (cx - b, cy - a),
+            (cx + b, cy - a),
+            (cx + b, cy - b),
+            (cx + a, cy - b),
+            (cx + a, cy + b),
+            (cx + b, cy + b),
+            (cx + b, cy + a),
+            (cx - b, cy + a),
+            (cx - b, cy + b),
+            (cx - a, cy + b),
+            (cx - a, cy - b),
+            (cx - b, cy - b),
+        ]
     raise ValueError(shape)
 
 
@@ -75,13 +97,22 @@ def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
     grad = rng.uniform(-60, 60, size=(3, 2))
     img = np.stack([base[c] + grad[c, 0] * yy / h + grad[c, 1] * xx / w for c in range(3)], -1)
     period, phase, theta = rng.uniform(8, 40), rng.uniform(0, 2 * math.pi), rng.uniform(0, math.pi)
-    img += 18 * np.sin(2 * math.pi * (xx * math.cos(theta) + yy * math.sin(theta)) / period + phase)[..., None]
-    noise = Image.fromarray(rng.uniform(0, 255, size=(h, w, 3)).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.5))
+    img += (
+        18
+        * np.sin(2 * math.pi * (xx * math.cos(theta) + yy * math.sin(theta)) / period + phase)[
+            ..., None
+        ]
+    )
+    noise = Image.fromarray(rng.uniform(0, 255, size=(h, w, 3)).astype(np.uint8)).filter(
+        ImageFilter.GaussianBlur(1.5)
+    )
     img = 0.8 * img + 0.2 * np.asarray(noise, dtype=np.float32)
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
 
-def _make_split(spec: SyntheticSpec, split: str, n: int, out_dir: str, first_image_id: int, ann_id: list[int]) -> dict:
+def _make_split(
+    spec: SyntheticSpec, split: str, n: int, out_dir: str, first_image_id: int, ann_id: list[int]
+) -> dict:
     rng = np.random.default_rng([spec.seed, {"train": 0, "val": 1}[split]])
     weights = np.array([c[3] for c in CLASSES], dtype=np.float64)
     weights /= weights.sum()
@@ -97,26 +128,52 @@ def _make_split(spec: SyntheticSpec, split: str, n: int, out_dir: str, first_ima
             name, shape, colour, _, _ = CLASSES[label]
             r = float(min(h, w) * rng.uniform(0.05, 0.3))  # small, medium and large objects
             cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-            poly = _polygon(shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi)) if shape in ("square", "triangle", "star") else 0.0)
+            poly = _polygon(
+                shape,
+                cx,
+                cy,
+                r,
+                float(rng.uniform(0, 2 * math.pi))
+                if shape in ("square", "triangle", "star")
+                else 0.0,
+            )
             shade = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in colour)
             draw.polygon(poly, fill=shade)
-            if shape == "ring":  # a hole in the same place for image and mask is not needed; keep it filled
-                draw.ellipse([cx - r * 0.45, cy - r * 0.45, cx + r * 0.45, cy + r * 0.45], fill=tuple(c // 2 for c in shade))
+            if (
+                shape == "ring"
+            ):  # a hole in the same place for image and mask is not needed; keep it filled
+                draw.ellipse(
+                    [cx - r * 0.45, cy - r * 0.45, cx + r * 0.45, cy + r * 0.45],
+                    fill=tuple(c // 2 for c in shade),
+                )
             xs, ys = [p[0] for p in poly], [p[1] for p in poly]
             x1, y1 = max(0.0, min(xs)), max(0.0, min(ys))
             x2, y2 = min(float(w), max(xs)), min(float(h), max(ys))
             ann_id[0] += 1
-            segmentation = [[round(v, 2) for p in poly for v in (min(max(p[0], 0), w), min(max(p[1], 0), h))]]
-            annotations.append({
-                "id": ann_id[0], "image_id": image_id, "category_id": label + 1,
-                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                "area": float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w)))),  # as COCO: mask area
-                "iscrowd": 0, "segmentation": segmentation,
-            })
+            segmentation = [
+                [round(v, 2) for p in poly for v in (min(max(p[0], 0), w), min(max(p[1], 0), h))]
+            ]
+            annotations.append(
+                {
+                    "id": ann_id[0],
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                    "area": float(
+                        mask_utils.area(
+                            mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
+                        )
+                    ),  # as COCO: mask area
+                    "iscrowd": 0,
+                    "segmentation": segmentation,
+                }
+            )
         file_name = f"{split}/{image_id:06d}.png"
         img.save(os.path.join(out_dir, file_name))
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
-    categories = [{"id": i + 1, "name": c[0], "supercategory": "shape"} for i, c in enumerate(CLASSES)]
+    categories = [
+        {"id": i + 1, "name": c[0], "supercategory": "shape"} for i, c in enumerate(CLASSES)
+    ]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 

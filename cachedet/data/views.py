@@ -33,7 +33,9 @@ class AugmentConfig:
     augment: bool = True
     seed: int = 0
     copy_paste: float = 0.0  # probability that a view gets objects pasted from another image
-    paste_min_visible: float = 0.3  # an occluded object keeps its box if this share of it stays visible
+    paste_min_visible: float = (
+        0.3  # an occluded object keeps its box if this share of it stays visible
+    )
 
     def __post_init__(self):
         if self.size < 32:
@@ -44,9 +46,13 @@ class AugmentConfig:
         if self.seed < 0:
             raise CachedetError(f"--seed: expected a non-negative integer, got {self.seed}")
         if not 0.0 <= self.copy_paste <= 1.0:
-            raise CachedetError(f"--copy-paste: expected a probability in [0, 1], got {self.copy_paste}")
+            raise CachedetError(
+                f"--copy-paste: expected a probability in [0, 1], got {self.copy_paste}"
+            )
         if not 0.0 < self.paste_min_visible <= 1.0:
-            raise CachedetError(f"--paste-min-visible: expected a fraction in (0, 1], got {self.paste_min_visible}")
+            raise CachedetError(
+                f"--paste-min-visible: expected a fraction in (0, 1], got {self.paste_min_visible}"
+            )
         if self.copy_paste and not self.augment:
             raise CachedetError("--copy-paste needs augmented views (drop --no-augment)")
 
@@ -68,8 +74,14 @@ class AugmentConfig:
         )
 
 
-def plan_view(cfg: AugmentConfig, image_id: int, view_index: int, height: int, width: int,
-              rng: np.random.Generator | None = None) -> ViewParams:
+def plan_view(
+    cfg: AugmentConfig,
+    image_id: int,
+    view_index: int,
+    height: int,
+    width: int,
+    rng: np.random.Generator | None = None,
+) -> ViewParams:
     """Draw the parameters of view ``view_index`` of an image of size (height, width).
 
     A pure function of (cfg.seed, image_id, view_index, image size): the same call gives the
@@ -99,7 +111,9 @@ def plan_view(cfg: AugmentConfig, image_id: int, view_index: int, height: int, w
     )
 
 
-_sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=lambda d: (d["labels"], d["ann_ids"]))
+_sanitize = v2.SanitizeBoundingBoxes(
+    min_size=1.0, labels_getter=lambda d: (d["labels"], d["ann_ids"])
+)
 
 
 def transform_boxes(
@@ -111,13 +125,17 @@ def transform_boxes(
     (``SanitizeBoundingBoxes``) together with their labels and annotation ids.
     """
     bb = tv_tensors.BoundingBoxes(
-        torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=params.orig_size
+        torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        format="XYXY",
+        canvas_size=params.orig_size,
     )
     bb = F.resize(bb, list(params.resized_size))
     if params.flip:
         bb = F.horizontal_flip(bb)
     bb = F.crop(bb, params.crop_offset[0], params.crop_offset[1], params.canvas, params.canvas)
-    out = _sanitize({"boxes": bb, "labels": torch.as_tensor(labels), "ann_ids": torch.as_tensor(ann_ids)})
+    out = _sanitize(
+        {"boxes": bb, "labels": torch.as_tensor(labels), "ann_ids": torch.as_tensor(ann_ids)}
+    )
     return (
         out["boxes"].as_subclass(torch.Tensor).numpy().astype(np.float32),
         out["labels"].numpy().astype(np.int64),
@@ -128,7 +146,9 @@ def transform_boxes(
 def transform_image(params: ViewParams, image: torch.Tensor) -> torch.Tensor:
     """Make the view of a normalised image (float (3, H, W)) -> (3, size, size); padding is 0."""
     if tuple(image.shape[-2:]) != params.orig_size:
-        raise ValueError(f"image is {tuple(image.shape[-2:])}, the view was planned for {params.orig_size}")
+        raise ValueError(
+            f"image is {tuple(image.shape[-2:])}, the view was planned for {params.orig_size}"
+        )
     img = tv_tensors.Image(image)
     img = F.resize(img, list(params.resized_size), antialias=True)
     if params.flip:

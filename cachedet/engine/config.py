@@ -1,8 +1,8 @@
 """Typed settings of stage 2, one small frozen dataclass per concern.
 
 ``TrainConfig`` = where the features come from (``source``), what is trained (``detector``), how
-(``optim``) and how batches are fed (``loader``), plus the run's place, seed and device. Errors
-name the field by its path from ``TrainConfig`` (``optim.epochs``, ``TrainConfig.out``); the CLI
+(``optim``), how batches are fed (``loader``) and what it is validated on (``val``), plus the
+run's place, seed and device. Errors name the field by its path from ``TrainConfig`` (``optim.epochs``, ``TrainConfig.out``); the CLI
 shows the option that sets it instead (``cachedet_cli.common.FLAG_OF``).
 
 ``TrainConfig.of(**settings)`` builds one from flat names (``epochs=3, head="cascade"``), as the
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from cachedet.backbones import DEFAULT_BACKBONE
 from cachedet.errors import CachedetError
 from cachedet.models.build import check_head
 from cachedet.paths import resolve_path
-
+from cachedet.recipes import DEFAULT_RECIPE, LEGACY_SCALE_RANGE, detector_options_for, get_recipe
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,18 @@ class SourceConfig:
     weights: str = "default"  # default | random | timm | a checkpoint path
     out_indices: tuple[int, ...] | None = None
     size: int = 640  # online canvas (pixels)
-    scale_range: tuple[float, float] = (0.1, 2.0)  # online LSJ range
+    scale_range: tuple[float, float] | None = None  # online LSJ range; None: the recipe's
     backbone_trainable: bool = False
-    adapters: bool = False  # residual adapters in the frozen backbone (online, or after a hybrid cache's stage)
-    adapt_stages: tuple[int, ...] | None = None  # None: every stage after the stem (or after the cache)
+    adapters: bool = (
+        False  # residual adapters in the frozen backbone (online, or after a hybrid cache's stage)
+    )
+    adapt_stages: tuple[int, ...] | None = (
+        None  # None: every stage after the stem (or after the cache)
+    )
 
-    def __post_init__(self):  # paths resolved once (cachedet.paths), so config.json records where things are
+    def __post_init__(
+        self,
+    ):  # paths resolved once (cachedet.paths), so config.json records where things are
         for name in ("cache", "annotations", "images"):
             object.__setattr__(self, name, resolve_path(getattr(self, name)))
         if self.weights not in ("default", "random", "timm"):
@@ -48,15 +54,20 @@ class SourceConfig:
 
     def validate(self):
         if self.online == (self.cache is not None):
-            raise CachedetError("give either source.cache STORE or source.online (with source.annotations, "
-                                "source.images, source.backbone)")
+            raise CachedetError(
+                "give either source.cache STORE or source.online (with source.annotations, "
+                "source.images, source.backbone)"
+            )
         if self.online and (not self.annotations or not self.images):
             raise CachedetError("source.online needs source.annotations and source.images")
         if self.backbone_trainable and not self.online:
-            raise CachedetError("source.backbone_trainable fine-tunes the backbone, so it needs source.online")
+            raise CachedetError(
+                "source.backbone_trainable fine-tunes the backbone, so it needs source.online"
+            )
         if self.adapters and self.backbone_trainable:
-            raise CachedetError("source.adapters trains adapters inside a frozen backbone; "
-                                "drop source.backbone_trainable")
+            raise CachedetError(
+                "source.adapters trains adapters inside a frozen backbone; drop source.backbone_trainable"
+            )
         if self.adapt_stages is not None and not self.adapters:
             raise CachedetError("source.adapt_stages needs source.adapters")
 
@@ -69,7 +80,9 @@ class HeadsConfig:
     head: str = "faster-rcnn"
     neck_channels: int = 256
     options: dict = field(default_factory=dict)
-    masks: bool = False  # Mask R-CNN mask branch, trained on the instance masks (cache or annotations)
+    masks: bool = (
+        False  # Mask R-CNN mask branch, trained on the instance masks (cache or annotations)
+    )
 
     def validate(self):
         check_head(self.head, self.masks)
@@ -84,7 +97,9 @@ class OptimConfig:
     lr: float | None = None  # default: 0.02 x batch/16 for SGD, 1e-4 for AdamW
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int | None = (
+        None  # None: min(1000, 5% of the run) (cachedet.recipes.warmup_steps_for)
+    )
     schedule: str = "step"
     clip_grad: float | None = 10.0
     amp: bool = True  # bfloat16 autocast, CUDA only
@@ -115,20 +130,110 @@ class LoaderConfig:
     def validate(self, online: bool):
         for name in ("batch_size", "views_per_epoch"):
             if getattr(self, name) < 1:
-                raise CachedetError(f"loader.{name}: expected a positive integer, got {getattr(self, name)}")
+                raise CachedetError(
+                    f"loader.{name}: expected a positive integer, got {getattr(self, name)}"
+                )
         if self.feature_crop and online:
-            raise CachedetError("loader.feature_crop crops cached features; online training draws fresh "
-                                "LSJ views instead")
+            raise CachedetError(
+                "loader.feature_crop crops cached features; online training draws fresh LSJ views instead"
+            )
         if not 0 < self.feature_crop_min <= 1:
-            raise CachedetError(f"loader.feature_crop_min: expected a fraction in (0, 1], got {self.feature_crop_min}")
+            raise CachedetError(
+                f"loader.feature_crop_min: expected a fraction in (0, 1], got {self.feature_crop_min}"
+            )
 
 
-SECTIONS = {"source": SourceConfig, "detector": HeadsConfig, "optim": OptimConfig, "loader": LoaderConfig}
-TOP = ("out", "seed", "device", "resume")
-FLAT_NAME = {("detector", "options"): "detector_options"}  # (section, field) -> flat name, where they differ
-PATH_OF = {**{name: f"TrainConfig.{name}" for name in TOP},
-           **{FLAT_NAME.get((section, f.name), f.name): f"{section}.{f.name}"
-              for section, cls in SECTIONS.items() for f in fields(cls)}}
+VAL_PARTS = ("bbox", "segm")  # DetectionEvaluator's summaries that best_metric may name
+VAL_STATS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)  # = scoring.COCO_STATS
+
+
+@dataclass(frozen=True)
+class ValConfig:
+    """Validation during training: from images (``annotations`` + ``images``) or from a ``--no-augment
+    --views 1`` store of the validation set (``annotations`` optional: the store's own file is used),
+    every ``every`` epochs (None: 1 when validation is given); ``best_metric`` ("bbox.AP", "segm.AP50"...)
+    chooses checkpoints/best.pt."""
+
+    annotations: str | None = None
+    images: str | None = None
+    cache: str | None = None
+    every: int | None = None
+    best_metric: str = "bbox.AP"
+
+    def __post_init__(self):
+        for name in ("annotations", "images", "cache"):
+            object.__setattr__(self, name, resolve_path(getattr(self, name)))
+
+    @property
+    def enabled(self) -> bool:
+        return self.images is not None or self.cache is not None
+
+    @property
+    def period(self) -> int:
+        """Epochs between validations (0: no validation)."""
+        return (self.every or 1) if self.enabled else 0
+
+    def validate(self):
+        if self.images is not None and self.cache is not None:
+            raise CachedetError(
+                "val.images and val.cache exclude each other: validate from images or from a store"
+            )
+        if self.images is not None and self.annotations is None:
+            raise CachedetError("val.images needs val.annotations (the validation COCO/LVIS file)")
+        if self.cache is not None and self.annotations is None:
+            raise CachedetError(
+                "val.cache needs val.annotations (the file the store was extracted from)"
+            )
+        if self.annotations is not None and not self.enabled:
+            raise CachedetError("val.annotations needs val.images DIR or val.cache STORE")
+        if self.every is not None and self.every < 1:
+            raise CachedetError(
+                f"val.every: expected a positive number of epochs, got {self.every}"
+            )
+        part, _, stat = self.best_metric.partition(".")
+        if part not in VAL_PARTS or stat not in VAL_STATS:
+            raise CachedetError(
+                f"val.best_metric {self.best_metric}: expected PART.STAT with PART one of "
+                f"{', '.join(VAL_PARTS)} and STAT one of {', '.join(VAL_STATS)} (e.g. bbox.AP)"
+            )
+
+
+SECTIONS = {
+    "source": SourceConfig,
+    "detector": HeadsConfig,
+    "optim": OptimConfig,
+    "loader": LoaderConfig,
+    "val": ValConfig,
+}
+TOP = ("out", "seed", "device", "resume", "recipe")
+FLAT_NAME = {
+    ("detector", "options"): "detector_options",  # (section, field) -> flat name, where they differ
+    ("val", "annotations"): "val_annotations",
+    ("val", "images"): "val_images",
+    ("val", "cache"): "val_cache",
+    ("val", "every"): "eval_every",
+}
+PATH_OF = {
+    **{name: f"TrainConfig.{name}" for name in TOP},
+    **{
+        FLAT_NAME.get((section, f.name), f.name): f"{section}.{f.name}"
+        for section, cls in SECTIONS.items()
+        for f in fields(cls)
+    },
+}
 TUPLES = ("out_indices", "scale_range", "adapt_stages")
 
 
@@ -139,12 +244,23 @@ class TrainConfig:
     detector: HeadsConfig = field(default_factory=HeadsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    val: ValConfig = field(default_factory=ValConfig)
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    recipe: str | None = (
+        DEFAULT_RECIPE  # cachedet.recipes; None: no recipe (runs recorded before recipes)
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "out", resolve_path(self.out))
+        recipe = get_recipe(self.recipe) if self.recipe is not None else None
+        if self.source.scale_range is None:  # the recipe fills in what was not given
+            scale_range = recipe.scale_range if recipe else LEGACY_SCALE_RANGE
+            object.__setattr__(self, "source", replace(self.source, scale_range=tuple(scale_range)))
+        if recipe is not None:
+            options = detector_options_for(recipe, self.detector.head, self.detector.options)
+            object.__setattr__(self, "detector", replace(self.detector, options=options))
 
     @classmethod
     def of(cls, **settings) -> "TrainConfig":
@@ -183,6 +299,7 @@ class TrainConfig:
         self.detector.validate()
         self.optim.validate()
         self.loader.validate(self.source.online)
+        self.val.validate()
         if self.learning_rate <= 0:
             raise CachedetError(f"optim.lr: expected a positive number, got {self.learning_rate}")
 
@@ -198,7 +315,10 @@ class TrainConfig:
                 flat.update({FLAT_NAME.get((key, name), name): v for name, v in value.items()})
             elif key in PATH_OF:
                 flat[key] = value
-        flat = {k: v for k, v in flat.items() if k in PATH_OF}
+        flat = {
+            "recipe": None,
+            **{k: v for k, v in flat.items() if k in PATH_OF},
+        }  # older runs: no recipe
         for key in TUPLES:
             if flat.get(key) is not None:
                 flat[key] = tuple(flat[key])
@@ -212,8 +332,10 @@ class TrainConfig:
             with open(path) as f:
                 return cls.from_dict(json.load(f)["train"])
         except FileNotFoundError:
-            raise CachedetError(f"TrainConfig.out {out}: no run to resume here (no config.json)") from None
+            raise CachedetError(
+                f"TrainConfig.out {out}: no run to resume here (no config.json)"
+            ) from None
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CachedetError(f"{path}: unreadable run configuration ({type(e).__name__})") from None
-
-
+            raise CachedetError(
+                f"{path}: unreadable run configuration ({type(e).__name__})"
+            ) from None

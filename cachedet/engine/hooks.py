@@ -22,17 +22,30 @@ class MetricsHook(Hook):
         from cachedet.progress import ViewProgress
 
         self._file = open(self.path, "a")
-        self._bar = ViewProgress("train-heads", self.steps, unit="steps", enabled=self.progress).__enter__()
+        self._bar = ViewProgress(
+            "train-heads", self.steps, unit="steps", enabled=self.progress
+        ).__enter__()
 
     def write(self, record: dict) -> None:
         """One line of metrics.jsonl (other hooks log validation results through this too)."""
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
+    def log(self, text: str) -> None:
+        """A console line, printed above the progress bar when there is one."""
+        progress = getattr(self._bar, "_progress", None)
+        if progress is not None:
+            progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
     def after_step(self, trainer: Trainer, record: dict) -> None:
         self.write(record)
-        self._bar.advance(1, status=f"epoch {record['epoch'] + 1}/{self.epochs} loss {record['loss']:.3f} "
-                                    f"lr {record['lr']:.2g}")
+        self._bar.advance(
+            1,
+            status=f"epoch {record['epoch'] + 1}/{self.epochs} loss {record['loss']:.3f} "
+            f"lr {record['lr']:.2g}",
+        )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -44,7 +57,8 @@ class MetricsHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Writes checkpoints/last.pt (atomically) after every epoch: weights, optimiser, scheduler, record."""
+    """Writes checkpoints/last.pt (atomically) after every epoch: weights, optimiser, scheduler, record,
+    and the best validation result so far (``trainer.state.extra["best"]``, set by the EvalHook)."""
 
     def __init__(self, path: str, record: RunRecord):
         self.path, self.record = path, record
@@ -53,8 +67,19 @@ class CheckpointHook(Hook):
         model = trainer.model
         backbone = model.backbone
         keep_backbone = backbone is not None and (backbone.trainable or backbone.has_adapters)
-        return {"detector": model.detector.state_dict(), "backbone": backbone.state_dict() if keep_backbone else None,
-                "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict()}
+        return {
+            "detector": model.detector.state_dict(),
+            "backbone": backbone.state_dict() if keep_backbone else None,
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+        }
 
     def after_epoch(self, trainer: Trainer) -> None:
-        save_run_checkpoint(self.path, self.record, trainer.state.epoch, trainer.state.step, self.state(trainer))
+        save_run_checkpoint(
+            self.path,
+            self.record,
+            trainer.state.epoch,
+            trainer.state.step,
+            self.state(trainer),
+            best=trainer.state.extra.get("best"),
+        )

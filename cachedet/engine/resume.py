@@ -6,7 +6,8 @@ given with ``--resume`` with the checkpoint's:
 
 - ``RESUMABLE`` settings may change: the schedule's length (``epochs``), the optimiser's ``lr``,
   ``weight_decay`` and ``clip_grad``, and where and how the run executes (``device``, ``workers``,
-  ``loader_start``, ``amp``). They are applied from the first resumed step and recorded.
+  ``loader_start``, ``amp``) and the validation settings (a changed ``best_metric`` starts a new
+  best). They are applied from the first resumed step and recorded.
 - Locations (``out``, ``cache``, ``annotations``, ``images``) are not compared: the data's identity
   is checked by its fingerprint instead.
 - Everything else shapes the model, the data or the schedule's form; a difference is refused in
@@ -25,7 +26,21 @@ import torch
 from cachedet.engine.config import PATH_OF
 from cachedet.errors import CachedetError
 
-RESUMABLE = ("epochs", "lr", "weight_decay", "clip_grad", "device", "workers", "loader_start", "amp")
+RESUMABLE = (
+    "epochs",
+    "lr",
+    "weight_decay",
+    "clip_grad",
+    "device",
+    "workers",
+    "loader_start",
+    "amp",
+    "val_annotations",
+    "val_images",
+    "val_cache",
+    "eval_every",
+    "best_metric",
+)
 LOCATIONS = ("out", "cache", "annotations", "images", "resume")
 
 
@@ -58,15 +73,23 @@ def resume_changes(saved: dict, cfg) -> dict[str, list]:
         else:
             fixed.append(f"{flag(key)}: run {old!r}, given {new!r}")
     if fixed:
-        raise CachedetError(f"TrainConfig.resume: {cfg.out} was trained with other settings than given "
-                            f"({'; '.join(fixed)}); resume with the run's values (TrainConfig.of_run reads them) "
-                            f"or start another TrainConfig.out. These may change on resume: "
-                            f"{', '.join(flag(k) for k in RESUMABLE)}")
+        raise CachedetError(
+            f"TrainConfig.resume: {cfg.out} was trained with other settings than given "
+            f"({'; '.join(fixed)}); resume with the run's values (TrainConfig.of_run reads them) "
+            f"or start another TrainConfig.out. These may change on resume: "
+            f"{', '.join(flag(k) for k in RESUMABLE)}"
+        )
     return changed
 
 
-def continue_schedule(optimizer: torch.optim.Optimizer, scheduler, base_lr: float, weight_decay: float,
-                      factor, step: int) -> None:
+def continue_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    base_lr: float,
+    weight_decay: float,
+    factor,
+    step: int,
+) -> None:
     """After loading the optimiser and scheduler states: make the next step use the curve ``factor``
     (the new run length) scaled by ``base_lr``, as a fresh run would at ``step``."""
     for group in optimizer.param_groups:

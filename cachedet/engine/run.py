@@ -5,7 +5,11 @@ Run directory::
     config.json            RunRecord.to_dict() + "resumes" (the settings changed at each resume)
     metrics.jsonl          one JSON object per step (and per validation)
     checkpoints/last.pt    {"format", "epoch", "step", "run": RunRecord.to_dict(),
-                            "state": {"detector", "backbone", "optimizer", "scheduler"}}
+                            "state": {"detector", "backbone", "optimizer", "scheduler"},
+                            "best": {"metric", "value", "step", "epoch"} or None (validated runs)}
+    checkpoints/best.pt    the same, written when the validation metric ``best`` names improves
+    tensorboard/           TensorBoard event files (when tensorboard is installed)
+    curves.png             losses, lr and validation AP against steps
     .lock                  held (flock) while a train-heads writes the run
 
 Checkpoints written before this layout (flat keys "config", "detector_config", "backbone_identity"
@@ -19,12 +23,21 @@ import os
 from dataclasses import dataclass
 
 from cachedet import __version__
-from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from cachedet.cache.header import check_fingerprint
+from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from cachedet.errors import CachedetError
+from cachedet.paths import resolve_path
 
-RECORD_KEYS = ("train", "detector", "fingerprint", "backbone", "augment", "categories", "adapters",
-               "cachedet_version")
+RECORD_KEYS = (
+    "train",
+    "detector",
+    "fingerprint",
+    "backbone",
+    "augment",
+    "categories",
+    "adapters",
+    "cachedet_version",
+)
 
 
 @dataclass(frozen=True)
@@ -57,20 +70,33 @@ class RunRecord:
     def check_fits(self, found: dict, where: str, found_label: str) -> None:
         """Raise CachedetError naming each difference when features/classes ``found`` (a fingerprint
         of a store, an online backbone or another run) do not fit this run's heads."""
-        check_fingerprint(found, self.fingerprint, f"{where} does not fit this run", found_label=found_label)
+        check_fingerprint(
+            found, self.fingerprint, f"{where} does not fit this run", found_label=found_label
+        )
 
 
 def _upgrade(ckpt: dict) -> dict:
     """A checkpoint of the flat layout (cachedet 0.1 before the run record) in the current shape."""
     if "run" in ckpt:
         return ckpt
-    record = RunRecord(train=ckpt["config"], detector=ckpt["detector_config"], fingerprint=ckpt["fingerprint"],
-                       backbone=ckpt.get("backbone_identity"), augment=ckpt.get("augment") or {},
-                       categories=ckpt["categories"], adapters=ckpt.get("adapters"),
-                       cachedet_version=ckpt.get("cachedet_version", "0.1.0"))
+    record = RunRecord(
+        train=ckpt["config"],
+        detector=ckpt["detector_config"],
+        fingerprint=ckpt["fingerprint"],
+        backbone=ckpt.get("backbone_identity"),
+        augment=ckpt.get("augment") or {},
+        categories=ckpt["categories"],
+        adapters=ckpt.get("adapters"),
+        cachedet_version=ckpt.get("cachedet_version", "0.1.0"),
+    )
     state = {k: ckpt.get(k) for k in ("detector", "backbone", "optimizer", "scheduler")}
-    return {"format": ckpt["format"], "epoch": ckpt["epoch"], "step": ckpt["step"], "run": record.to_dict(),
-            "state": state}
+    return {
+        "format": ckpt["format"],
+        "epoch": ckpt["epoch"],
+        "step": ckpt["step"],
+        "run": record.to_dict(),
+        "state": state,
+    }
 
 
 def load_run_checkpoint(path: str) -> dict:
@@ -79,13 +105,58 @@ def load_run_checkpoint(path: str) -> dict:
     try:
         return _upgrade(ckpt)
     except KeyError as e:
-        raise CachedetError(f"{path}: a cachedet checkpoint without its {e.args[0]!r} entry") from None
+        raise CachedetError(
+            f"{path}: a cachedet checkpoint without its {e.args[0]!r} entry"
+        ) from None
 
 
-def save_run_checkpoint(path: str, record: RunRecord, epoch: int, step: int, state: dict) -> None:
-    """Atomically write checkpoints/last.pt (temp file + rename): a reader sees old or new, never half."""
-    save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "run": record.to_dict(),
-                 "state": state}, path)
+def save_run_checkpoint(
+    path: str, record: RunRecord, epoch: int, step: int, state: dict, best: dict | None = None
+) -> None:
+    """Atomically write a checkpoint (temp file + rename): a reader sees old or new, never half.
+    ``best``: the best validation result so far ({metric, value, step, epoch}), kept for resuming."""
+    save_atomic(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "step": step,
+            "run": record.to_dict(),
+            "state": state,
+            "best": best,
+        },
+        path,
+    )
+
+
+CHECKPOINTS = ("last", "best")
+ORIGIN_KEYS = ("replayed_from", "overrides")
+
+
+def checkpoint_path(run: str, checkpoint: str = "last") -> str:
+    """The checkpoint file of ``run`` for ``checkpoint``: "last" (RUN/checkpoints/last.pt), "best"
+    (RUN/checkpoints/best.pt, written by validation during training) or a path to a .pt file.
+
+    Raises CachedetError naming the file when it does not exist (no fallback from best to last)."""
+    run = resolve_path(run)
+    if checkpoint in CHECKPOINTS:
+        if os.path.isfile(run) and checkpoint == "last":  # a checkpoint file given as the run
+            return run
+        if not os.path.isdir(run):
+            raise CachedetError(f"{run}: no such run directory")
+        path = os.path.join(run, "checkpoints", f"{checkpoint}.pt")
+        if checkpoint == "best" and not os.path.isfile(path):
+            raise CachedetError(
+                f"checkpoint best: no {path}: {run} has no checkpoints/best.pt (train-heads "
+                "writes it when it validates: val.annotations with val.images or val.cache); "
+                "use checkpoint last"
+            )
+        if not os.path.isfile(path):
+            raise CachedetError(f"{path}: no such checkpoint")
+        return path
+    path = resolve_path(checkpoint)
+    if not os.path.isfile(path):
+        raise CachedetError(f"checkpoint {path}: expected 'best', 'last' or a checkpoint file")
+    return path
 
 
 class RunDir:
@@ -95,6 +166,9 @@ class RunDir:
         self.path = path
         self.checkpoints = os.path.join(path, "checkpoints")
         self.checkpoint = os.path.join(self.checkpoints, "last.pt")
+        self.best = os.path.join(self.checkpoints, "best.pt")
+        self.tensorboard = os.path.join(path, "tensorboard")
+        self.curves = os.path.join(path, "curves.png")
         self.metrics = os.path.join(path, "metrics.jsonl")
         self.config = os.path.join(path, "config.json")
         self._lock = None
@@ -110,8 +184,10 @@ class RunDir:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise CachedetError(f"TrainConfig.out {self.path}: another train-heads is writing this run; "
-                                "wait for it, or choose another TrainConfig.out") from None
+            raise CachedetError(
+                f"TrainConfig.out {self.path}: another train-heads is writing this run; "
+                "wait for it, or choose another TrainConfig.out"
+            ) from None
         self._lock = f
 
     def unlock(self) -> None:
@@ -131,6 +207,18 @@ class RunDir:
         if resumed:
             history.append({"step": step, "epoch": epoch, "changed": changes})
         return history
+
+    def origin(self, origin: dict | None, resumed: bool) -> dict:
+        """config.json's record of where the settings came from (``replayed_from``, ``overrides``): the
+        given one, or on resume the one the run already has."""
+        if origin is not None or not resumed or not os.path.exists(self.config):
+            return dict(origin or {})
+        try:
+            with open(self.config) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return {k: saved[k] for k in ORIGIN_KEYS if k in saved}
 
     def truncate_metrics(self, last_step: int):
         """Drop metric lines written after the checkpoint we resume from (a killed run's tail)."""

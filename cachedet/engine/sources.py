@@ -14,15 +14,15 @@ from itertools import islice
 import numpy as np
 from torch.utils.data import DataLoader, Subset
 
-from cachedet.errors import CachedetError
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone, config_from_identity
 from cachedet.cache.dataset import CachedViews, InMemoryViews, collate_views
-from cachedet.cache.header import Fingerprint, check_weights
 from cachedet.cache.feature_crop import check_alignment, crop_batch
+from cachedet.cache.header import Fingerprint, check_weights
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.online import OnlineViews, collate_images, rank_indices
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.distributed import DistInfo
+from cachedet.errors import CachedetError
 
 
 def steps_in_epoch(views_per_rank: list[int], batch_size: int) -> int:
@@ -51,50 +51,98 @@ class _AdapterMixin:
 
     def enable_adapters(self, stages: tuple[int, ...] | None):
         if self.backbone is None:
-            raise CachedetError(f"--adapters: {self.where} holds plain frozen features; train adapters --online, or "
-                                "extract a hybrid cache with --cache-stage K")
-        first = self.hybrid_stage + 1 if self.hybrid_stage is not None else self.backbone.first_adaptable_stage
+            raise CachedetError(
+                f"--adapters: {self.where} holds plain frozen features; train adapters --online, or "
+                "extract a hybrid cache with --cache-stage K"
+            )
+        first = (
+            self.hybrid_stage + 1
+            if self.hybrid_stage is not None
+            else self.backbone.first_adaptable_stage
+        )
         last = len(self.backbone.stage_names()) - 1
         stages = tuple(stages) if stages else tuple(range(first, last + 1))
         inside = [k for k in stages if k < first]
         if inside:
-            raise CachedetError(f"--adapt-stages {','.join(map(str, stages))}: stage {inside[0]} is inside the cache "
-                                f"(it stops at stage {self.hybrid_stage}); adapt stages {first}..{last} only")
+            raise CachedetError(
+                f"--adapt-stages {','.join(map(str, stages))}: stage {inside[0]} is inside the cache "
+                f"(it stops at stage {self.hybrid_stage}); adapt stages {first}..{last} only"
+            )
         self.backbone.add_adapters(stages)
 
 
 class CacheSource(_AdapterMixin):
-
-    def __init__(self, url: str, batch_size: int, workers: int, in_memory: bool, views_per_epoch: int,
-                 seed: int, shuffle_buffer: int, dist: DistInfo, loader_start: str | None = None,
-                 keep_float16: bool = False, feature_crop_min: float | None = None, masks: bool = False):
-        self.batch_size, self.workers, self.in_memory, self.loader_start = batch_size, workers, in_memory, loader_start
+    def __init__(
+        self,
+        url: str,
+        batch_size: int,
+        workers: int,
+        in_memory: bool,
+        views_per_epoch: int,
+        seed: int,
+        shuffle_buffer: int,
+        dist: DistInfo,
+        loader_start: str | None = None,
+        keep_float16: bool = False,
+        feature_crop_min: float | None = None,
+        masks: bool = False,
+    ):
+        self.batch_size, self.workers, self.in_memory, self.loader_start = (
+            batch_size,
+            workers,
+            in_memory,
+            loader_start,
+        )
         self.seed, self.rank, self.feature_crop_min = seed, dist.rank, feature_crop_min
         if in_memory:
-            self.dataset = InMemoryViews(url, views_per_epoch, seed, dist.rank, dist.world, masks, keep_float16)
+            self.dataset = InMemoryViews(
+                url, views_per_epoch, seed, dist.rank, dist.world, masks, keep_float16
+            )
         else:
-            self.dataset = CachedViews(url, views_per_epoch, seed, shuffle_buffer, dist.rank, dist.world, keep_float16, masks)
+            self.dataset = CachedViews(
+                url,
+                views_per_epoch,
+                seed,
+                shuffle_buffer,
+                dist.rank,
+                dist.world,
+                keep_float16,
+                masks,
+            )
         self.masks = self.dataset.masks  # False when the store holds no masks
-        self.no_masks_reason = "it holds no instance masks (no segmentation in its annotations, or --no-masks)"
+        self.no_masks_reason = (
+            "it holds no instance masks (no segmentation in its annotations, or --no-masks)"
+        )
         header = self.dataset.header
         self.where = f"--cache {url}"
         self.specs = list(self.dataset.specs)
         self.canvas = header.canvas
-        self.categories = header.dataset["categories"]  # as JSON: saved in the run's config and checkpoints
+        self.categories = header.dataset[
+            "categories"
+        ]  # as JSON: saved in the run's config and checkpoints
         self.backbone_identity = header.backbone
-        if header.hybrid is not None:  # the cache stops at a stage; the rest of the backbone runs in the model
+        if (
+            header.hybrid is not None
+        ):  # the cache stops at a stage; the rest of the backbone runs in the model
             self.hybrid_stage = header.hybrid.cache_stage
             self.backbone_identity = header.hybrid.backbone
             self.backbone = build_backbone(config_from_identity(self.backbone_identity), warn=False)
-            check_weights(self.backbone.identity, self.backbone_identity,
-                          f"{self.where}: its backbone weights ({self.backbone_identity['weights']}) are not "
-                          "available here, so the stages after the cache cannot be rebuilt")
+            check_weights(
+                self.backbone.identity,
+                self.backbone_identity,
+                f"{self.where}: its backbone weights ({self.backbone_identity['weights']}) are not "
+                "available here, so the stages after the cache cannot be rebuilt",
+            )
             self.specs = list(self.backbone.specs)
-        self.fingerprint = Fingerprint.of(self.specs, self.backbone_identity, self.canvas, header.categories).to_dict()
+        self.fingerprint = Fingerprint.of(
+            self.specs, self.backbone_identity, self.canvas, header.categories
+        ).to_dict()
         self.augment = header.augment
         if feature_crop_min is not None:
             if self.hybrid_stage is not None:
-                raise CachedetError(f"--feature-crop: {self.where} is a hybrid cache; crops apply to complete pyramids only")
+                raise CachedetError(
+                    f"--feature-crop: {self.where} is a hybrid cache; crops apply to complete pyramids only"
+                )
             check_alignment(self.specs, header.shapes)
 
     def steps(self, epoch: int) -> int:
@@ -105,9 +153,16 @@ class CacheSource(_AdapterMixin):
         if self.in_memory:
             batches = _batched(iter(self.dataset), self.batch_size, collate_views)
         else:
-            batches = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
-                                 collate_fn=collate_views, multiprocessing_context=self.loader_start if self.workers else None)
-        if self.feature_crop_min is not None:  # seeded by epoch, so a resumed run replays the same crops
+            batches = DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                num_workers=self.workers,
+                collate_fn=collate_views,
+                multiprocessing_context=self.loader_start if self.workers else None,
+            )
+        if (
+            self.feature_crop_min is not None
+        ):  # seeded by epoch, so a resumed run replays the same crops
             rng = np.random.default_rng([self.seed, epoch, self.rank, 23])
             batches = (crop_batch(b, self.specs, self.feature_crop_min, rng) for b in batches)
         return islice(batches, self.steps(epoch))
@@ -116,8 +171,19 @@ class CacheSource(_AdapterMixin):
 class OnlineSource(_AdapterMixin):
     """Images decoded and augmented every step; the frozen (or trainable) backbone runs in the model."""
 
-    def __init__(self, annotations: str, images: str, backbone: BackboneConfig, augment: AugmentConfig,
-                 trainable: bool, batch_size: int, workers: int, seed: int, dist: DistInfo, masks: bool = False):
+    def __init__(
+        self,
+        annotations: str,
+        images: str,
+        backbone: BackboneConfig,
+        augment: AugmentConfig,
+        trainable: bool,
+        batch_size: int,
+        workers: int,
+        seed: int,
+        dist: DistInfo,
+        masks: bool = False,
+    ):
         self.where = "the online backbone"
         self.dataset_info = load_detection_dataset(annotations, images)
         self.masks = masks and self.dataset_info.has_masks
@@ -126,19 +192,29 @@ class OnlineSource(_AdapterMixin):
         self.specs = list(self.backbone.specs)
         self.canvas = augment.size
         self.categories = self.dataset_info.categories.to_json()
-        self.fingerprint = Fingerprint.of(self.specs, self.backbone.identity, self.canvas,
-                                          self.dataset_info.categories).to_dict()
+        self.fingerprint = Fingerprint.of(
+            self.specs, self.backbone.identity, self.canvas, self.dataset_info.categories
+        ).to_dict()
         self.backbone_identity = self.backbone.identity
         self.augment = augment.to_dict()
-        self.views = OnlineViews(self.dataset_info, augment, self.backbone.mean, self.backbone.std, self.masks)
+        self.views = OnlineViews(
+            self.dataset_info, augment, self.backbone.mean, self.backbone.std, self.masks
+        )
         self.batch_size, self.workers, self.seed, self.dist = batch_size, workers, seed, dist
 
     def steps(self, epoch: int) -> int:
         n = len(self.views)
-        return steps_in_epoch([len(range(r, n, self.dist.world)) for r in range(self.dist.world)], self.batch_size)
+        return steps_in_epoch(
+            [len(range(r, n, self.dist.world)) for r in range(self.dist.world)], self.batch_size
+        )
 
     def batches(self, epoch: int):
         self.views.set_epoch(epoch)
-        subset = Subset(self.views, rank_indices(len(self.views), self.seed, epoch, self.dist.rank, self.dist.world))
-        loader = DataLoader(subset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate_images)
+        subset = Subset(
+            self.views,
+            rank_indices(len(self.views), self.seed, epoch, self.dist.rank, self.dist.world),
+        )
+        loader = DataLoader(
+            subset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate_images
+        )
         return islice(loader, self.steps(epoch))

@@ -23,7 +23,12 @@ class TrainModel(nn.Module):
     backbone runs its stages after K. A frozen backbone (no adapters) runs in inference mode.
     """
 
-    def __init__(self, detector: nn.Module, backbone: nn.Module | None = None, hybrid_stage: int | None = None):
+    def __init__(
+        self,
+        detector: nn.Module,
+        backbone: nn.Module | None = None,
+        hybrid_stage: int | None = None,
+    ):
         super().__init__()
         self.detector, self.backbone, self.hybrid_stage = detector, backbone, hybrid_stage
 
@@ -59,9 +64,18 @@ class StepOutput:
     losses: dict[str, torch.Tensor]
 
 
-def train_step(model: nn.Module, inputs, targets: list[dict], image_sizes=None, *,
-               optimizer: torch.optim.Optimizer | None = None, params=None, clip_grad: float | None = None,
-               autocast: torch.device | None = None, check_finite: bool = True) -> StepOutput:
+def train_step(
+    model: nn.Module,
+    inputs,
+    targets: list[dict],
+    image_sizes=None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    params=None,
+    clip_grad: float | None = None,
+    autocast: torch.device | None = None,
+    check_finite: bool = True,
+) -> StepOutput:
     """forward -> sum of the loss terms -> backward; with ``optimizer`` also clip and update.
 
     model: called as ``model(inputs, targets[, image_sizes])`` and returning ``{name: scalar}``
@@ -72,8 +86,11 @@ def train_step(model: nn.Module, inputs, targets: list[dict], image_sizes=None, 
     update when ``check_finite`` and the loss is NaN or infinite (this reads the loss: a host sync).
     """
     args = (inputs, targets) if image_sizes is None else (inputs, targets, image_sizes)
-    with torch.autocast(autocast.type if autocast is not None else "cpu", dtype=torch.bfloat16,
-                        enabled=autocast is not None):
+    with torch.autocast(
+        autocast.type if autocast is not None else "cpu",
+        dtype=torch.bfloat16,
+        enabled=autocast is not None,
+    ):
         losses = model(*args)
     loss = sum(losses.values())
     if check_finite and not torch.isfinite(loss):

@@ -2,7 +2,8 @@
 
 After the features, all three regimes run the same code: ``TrainModel`` -> ``Detector`` losses
 -> SGD/AdamW with warm-up and step/cosine decay -> atomic checkpoint every epoch.
-Run directory: config.json, metrics.jsonl (one JSON object per step), checkpoints/last.pt.
+Run directory: config.json, metrics.jsonl (one JSON object per step and per validation),
+checkpoints/last.pt (and best.pt with validation), tensorboard/, curves.png (``cachedet.engine.run``).
 """
 
 from __future__ import annotations
@@ -16,25 +17,34 @@ from dataclasses import dataclass
 import torch
 
 from cachedet.atomic import write_json_atomic
-from cachedet.backbones import BackboneConfig
+from cachedet.backbones import BackboneConfig, build_backbone, config_from_identity
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.config import TrainConfig
 from cachedet.engine.distributed import DistInfo, init_distributed, shutdown
 from cachedet.engine.hooks import CheckpointHook, MetricsHook
+from cachedet.engine.monitor import CurvesHook, TensorBoardHook
 from cachedet.engine.resume import continue_schedule, resume_changes
 from cachedet.engine.run import RunDir, RunRecord, load_run_checkpoint
 from cachedet.engine.sources import CacheSource, OnlineSource
 from cachedet.engine.step import TrainModel
 from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
+from cachedet.engine.validation import EvalHook, ValidationSet
 from cachedet.errors import CachedetError
-from cachedet.runtime import resolve_device
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
+from cachedet.recipes import warmup_steps_for
+from cachedet.runtime import resolve_device
 
 
 def lr_factor(cfg: TrainConfig, total_steps: int):
-    """Multiplier of the base learning rate at a step: linear warm-up, then step or cosine decay."""
-    warmup = min(cfg.optim.warmup_steps, max(total_steps - 1, 0))
+    """Multiplier of the base learning rate at a step: linear warm-up (``optim.warmup_steps``, or
+    min(1000, 5% of ``total_steps``)), then step or cosine decay."""
+    warmup = (
+        cfg.optim.warmup_steps
+        if cfg.optim.warmup_steps is not None
+        else warmup_steps_for(total_steps)
+    )
+    warmup = min(warmup, max(total_steps - 1, 0))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -49,30 +59,60 @@ def lr_factor(cfg: TrainConfig, total_steps: int):
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optim.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.learning_rate,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.optim.weight_decay)
 
 
 def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
     if cfg.source.online:
         source = OnlineSource(
-            cfg.source.annotations, cfg.source.images, BackboneConfig(cfg.source.backbone, cfg.source.out_indices, cfg.source.weights),
-            AugmentConfig(size=cfg.source.size, scale_range=tuple(cfg.source.scale_range), seed=cfg.seed),
-            cfg.source.backbone_trainable, cfg.loader.batch_size, cfg.loader.workers, cfg.seed, info, masks=cfg.detector.masks,
+            cfg.source.annotations,
+            cfg.source.images,
+            BackboneConfig(cfg.source.backbone, cfg.source.out_indices, cfg.source.weights),
+            AugmentConfig(
+                size=cfg.source.size, scale_range=tuple(cfg.source.scale_range), seed=cfg.seed
+            ),
+            cfg.source.backbone_trainable,
+            cfg.loader.batch_size,
+            cfg.loader.workers,
+            cfg.seed,
+            info,
+            masks=cfg.detector.masks,
         )
     else:
         # under CUDA autocast the features travel as float16 (half the host-to-device bytes)
-        source = CacheSource(cfg.source.cache, cfg.loader.batch_size, cfg.loader.workers, cfg.loader.in_memory, cfg.loader.views_per_epoch, cfg.seed,
-                             cfg.loader.shuffle_buffer, info, cfg.loader.loader_start, keep_float16=cfg.optim.amp and device.type == "cuda",
-                             feature_crop_min=cfg.loader.feature_crop_min if cfg.loader.feature_crop else None, masks=cfg.detector.masks)
+        source = CacheSource(
+            cfg.source.cache,
+            cfg.loader.batch_size,
+            cfg.loader.workers,
+            cfg.loader.in_memory,
+            cfg.loader.views_per_epoch,
+            cfg.seed,
+            cfg.loader.shuffle_buffer,
+            info,
+            cfg.loader.loader_start,
+            keep_float16=cfg.optim.amp and device.type == "cuda",
+            feature_crop_min=cfg.loader.feature_crop_min if cfg.loader.feature_crop else None,
+            masks=cfg.detector.masks,
+        )
     if cfg.detector.masks and not source.masks:
-        warnings.warn(f"detector.masks: {source.where} cannot train masks, {source.no_masks_reason}; masks are off, "
-                      "this run trains boxes only", stacklevel=2)
+        warnings.warn(
+            f"detector.masks: {source.where} cannot train masks, {source.no_masks_reason}; masks are off, "
+            "this run trains boxes only",
+            stacklevel=2,
+        )
     if cfg.source.adapters:
         source.enable_adapters(cfg.source.adapt_stages)
     elif source.hybrid_stage is not None:
-        raise CachedetError(f"source.cache {cfg.source.cache}: a hybrid cache (it stops at stage {source.hybrid_stage}); "
-                            "train it with source.adapters")
+        raise CachedetError(
+            f"source.cache {cfg.source.cache}: a hybrid cache (it stops at stage {source.hybrid_stage}); "
+            "train it with source.adapters"
+        )
     return source
 
 
@@ -87,8 +127,12 @@ class TrainResult:
     views_per_second: float
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, progress: bool = True, origin: dict | None = None) -> TrainResult:
     """Run stage 2 (see module docstring); with ``cfg.resume`` continue from checkpoints/last.pt.
+
+    With ``cfg.val`` the validation set is loaded before the first step and scored every
+    ``val.every`` epochs (``cachedet.engine.validation``). ``origin``: where the settings came from
+    (e.g. {"replayed_from": path, "overrides": {...}}), recorded in config.json and kept on resume.
 
     The run directory is locked for the whole run. Resuming compares ``cfg`` with the run's
     settings (``cachedet.engine.resume``): a changed schedule length, lr, weight decay or clipping
@@ -105,23 +149,37 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if info.is_main:
         run.lock()
     try:
-        return _train_locked(cfg, run, device, info, progress)
+        return _train_locked(cfg, run, device, info, progress, origin)
     finally:
         run.unlock()
 
 
-def _train_locked(cfg: TrainConfig, run: RunDir, device: torch.device, info: DistInfo, progress: bool) -> TrainResult:
+def _train_locked(
+    cfg: TrainConfig,
+    run: RunDir,
+    device: torch.device,
+    info: DistInfo,
+    progress: bool,
+    origin: dict | None,
+) -> TrainResult:
     if not cfg.resume and os.path.exists(run.checkpoint):
-        raise CachedetError(f"TrainConfig.out {cfg.out}: holds a run already (set TrainConfig.resume to continue it, "
-                            "or choose another TrainConfig.out)")
+        raise CachedetError(
+            f"TrainConfig.out {cfg.out}: holds a run already (set TrainConfig.resume to continue it, "
+            "or choose another TrainConfig.out)"
+        )
     ckpt = load_run_checkpoint(run.checkpoint) if cfg.resume else None
     changes = resume_changes(ckpt["run"]["train"], cfg) if ckpt is not None else {}
 
     source = make_source(cfg, info, device)
     det_cfg = DetectorConfig(
-        num_classes=len(source.categories), canvas=source.canvas, in_specs=tuple(source.specs),
-        neck=resolve_neck(cfg.detector.neck, source.specs), head=cfg.detector.head, neck_channels=cfg.detector.neck_channels,
-        options=dict(cfg.detector.options), masks=source.masks,
+        num_classes=len(source.categories),
+        canvas=source.canvas,
+        in_specs=tuple(source.specs),
+        neck=resolve_neck(cfg.detector.neck, source.specs),
+        head=cfg.detector.head,
+        neck_channels=cfg.detector.neck_channels,
+        options=dict(cfg.detector.options),
+        masks=source.masks,
     )
     if ckpt is not None:
         _check_resumable(cfg, run, ckpt, det_cfg, source)
@@ -138,41 +196,139 @@ def _train_locked(cfg: TrainConfig, run: RunDir, device: torch.device, info: Dis
     state = TrainState()
     if ckpt is not None:
         state = _restore(ckpt, model, optimizer, scheduler)
-        continue_schedule(optimizer, scheduler, cfg.learning_rate, cfg.optim.weight_decay, factor, state.step)
+        continue_schedule(
+            optimizer, scheduler, cfg.learning_rate, cfg.optim.weight_decay, factor, state.step
+        )
         if info.is_main:
             run.truncate_metrics(state.step)
-    record = RunRecord(train=cfg.to_dict(), detector=det_cfg.to_dict(), fingerprint=source.fingerprint,
-                       backbone=source.backbone_identity, augment=source.augment, categories=source.categories,
-                       adapters=list(model.backbone.adapter_stages) if model.backbone is not None else None)
+    record = RunRecord(
+        train=cfg.to_dict(),
+        detector=det_cfg.to_dict(),
+        fingerprint=source.fingerprint,
+        backbone=source.backbone_identity,
+        augment=source.augment,
+        categories=source.categories,
+        adapters=list(model.backbone.adapter_stages) if model.backbone is not None else None,
+    )
     hooks = []
     if info.is_main:
-        write_json_atomic(run.config, {**record.to_dict(), "resumes": run.resume_history(
-            state.step, state.epoch, changes, ckpt is not None)}, indent=2)
-        hooks = [MetricsHook(run.metrics, steps_per_epoch * (cfg.optim.epochs - state.epoch), cfg.optim.epochs, progress),
-                 CheckpointHook(run.checkpoint, record)]
+        validation = _validation(
+            cfg, source, det_cfg, model, device
+        )  # before any training: fail early
+        history = run.resume_history(state.step, state.epoch, changes, ckpt is not None)
+        write_json_atomic(
+            run.config,
+            {**record.to_dict(), **run.origin(origin, ckpt is not None), "resumes": history},
+            indent=2,
+        )
+        metrics = MetricsHook(
+            run.metrics,
+            steps_per_epoch * (cfg.optim.epochs - state.epoch),
+            cfg.optim.epochs,
+            progress,
+        )
+        checkpoint = CheckpointHook(run.checkpoint, record)
+        hooks = [metrics]
+        if validation is not None:
+            hooks.append(
+                EvalHook(
+                    *validation,
+                    cfg.val.period,
+                    cfg.val.best_metric,
+                    run.best,
+                    record,
+                    metrics,
+                    checkpoint,
+                )
+            )
+        hooks += [checkpoint, TensorBoardHook(run.tensorboard), CurvesHook(run.metrics, run.curves)]
     ddp = model
     if info.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loop = LoopConfig(epochs=cfg.optim.epochs, steps_per_epoch=steps_per_epoch, seed=cfg.seed, clip_grad=cfg.optim.clip_grad, amp=cfg.optim.amp)
-    trainer = Trainer(model, optimizer, scheduler, source, loop, device, info, hooks, forward_model=ddp, state=state)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    loop = LoopConfig(
+        epochs=cfg.optim.epochs,
+        steps_per_epoch=steps_per_epoch,
+        seed=cfg.seed,
+        clip_grad=cfg.optim.clip_grad,
+        amp=cfg.optim.amp,
+    )
+    trainer = Trainer(
+        model,
+        optimizer,
+        scheduler,
+        source,
+        loop,
+        device,
+        info,
+        hooks,
+        forward_model=ddp,
+        state=state,
+    )
     t_start = time.perf_counter()
     state = trainer.run()
     seconds = time.perf_counter() - t_start
     shutdown(info)
-    return TrainResult(run=cfg.out, steps=state.step, epochs=cfg.optim.epochs, first_loss=state.first_loss,
-                       last_loss=state.last_loss, seconds=seconds,
-                       views_per_second=state.views / seconds if seconds else 0.0)
+    return TrainResult(
+        run=cfg.out,
+        steps=state.step,
+        epochs=cfg.optim.epochs,
+        first_loss=state.first_loss,
+        last_loss=state.last_loss,
+        seconds=seconds,
+        views_per_second=state.views / seconds if seconds else 0.0,
+    )
 
 
-def _check_resumable(cfg: TrainConfig, run: RunDir, ckpt: dict, det_cfg: DetectorConfig, source) -> None:
+def _validation(
+    cfg: TrainConfig, source, det_cfg: DetectorConfig, model: TrainModel, device: torch.device
+):
+    """(ValidationSet, Predictor on the model in training) for ``cfg.val``, or None without validation.
+    A cache run validated on images gets its own frozen backbone (the store's)."""
+    if not cfg.val.enabled:
+        return None
+    from cachedet.evaluation.predictor import Predictor
+
+    validation = ValidationSet(
+        cfg.val, source.categories, det_cfg.masks, batch_size=cfg.loader.batch_size
+    )
+    backbone = model.backbone
+    if backbone is None and cfg.val.images is not None:
+        backbone = (
+            build_backbone(config_from_identity(source.backbone_identity), warn=False)
+            .to(device)
+            .eval()
+        )
+    adapters = list(model.backbone.adapter_stages) if model.backbone is not None else ()
+    predictor = Predictor.from_model(
+        det_cfg,
+        model.detector,
+        source.categories,
+        source.fingerprint,
+        backbone=backbone,
+        adapters=adapters,
+        device=device,
+    )
+    validation.check(predictor)
+    return validation, predictor
+
+
+def _check_resumable(
+    cfg: TrainConfig, run: RunDir, ckpt: dict, det_cfg: DetectorConfig, source
+) -> None:
     """Refuse to resume a run whose mask branch or features differ from what is given now."""
     saved = RunRecord.from_dict(ckpt["run"])
     trained_masks = bool(saved.detector.get("masks"))
     if trained_masks != det_cfg.masks:
-        raise CachedetError(f"TrainConfig.resume: the run at {cfg.out} was trained {'with' if trained_masks else 'without'} "
-                            "a mask branch; resume it with the same detector.masks setting")
+        raise CachedetError(
+            f"TrainConfig.resume: the run at {cfg.out} was trained {'with' if trained_masks else 'without'} "
+            "a mask branch; resume it with the same detector.masks setting"
+        )
     where = f"source.cache {cfg.source.cache}" if cfg.source.cache else "the online backbone"
-    saved.check_fits(source.fingerprint, f"{where} (checkpoint {run.checkpoint})", found_label="checkpoint")
+    saved.check_fits(
+        source.fingerprint, f"{where} (checkpoint {run.checkpoint})", found_label="checkpoint"
+    )
 
 
 def _restore(ckpt: dict, model: TrainModel, optimizer, scheduler) -> TrainState:
@@ -183,4 +339,4 @@ def _restore(ckpt: dict, model: TrainModel, optimizer, scheduler) -> TrainState:
         model.backbone.load_state_dict(weights["backbone"])
     optimizer.load_state_dict(weights["optimizer"])
     scheduler.load_state_dict(weights["scheduler"])
-    return TrainState(epoch=ckpt["epoch"] + 1, step=ckpt["step"])
+    return TrainState(epoch=ckpt["epoch"] + 1, step=ckpt["step"], extra={"best": ckpt.get("best")})

@@ -7,6 +7,7 @@ lines, the progress bar, checkpoints, validation) is a ``Hook`` that the caller 
     before_train(trainer)          once, before the first step
     after_step(trainer, record)    after every step; ``record`` is that step's metrics line
     after_epoch(trainer)           after every epoch, on every rank, before the barrier
+    after_eval(trainer, line)      after each validation (``cachedet.engine.validation``), its metrics line
     after_train(trainer)           once, after the last epoch (not after an exception)
     close()                        always, last (release files, stop bars)
 
@@ -37,6 +38,9 @@ class Hook:
     def after_epoch(self, trainer: "Trainer") -> None:
         pass
 
+    def after_eval(self, trainer: "Trainer", line: dict) -> None:
+        pass
+
     def after_train(self, trainer: "Trainer") -> None:
         pass
 
@@ -48,7 +52,9 @@ class Hook:
 class TrainState:
     epoch: int = 0
     step: int = 0  # optimiser steps taken so far (a resumed run starts at its checkpoint's)
-    first_loss: float | None = None  # of this process's first step (after a resume: the first resumed step)
+    first_loss: float | None = (
+        None  # of this process's first step (after a resume: the first resumed step)
+    )
     last_loss: float | None = None
     views: int = 0  # views trained on by this invocation, all ranks
     extra: dict = field(default_factory=dict)  # what hooks want to share (e.g. the best metric)
@@ -71,9 +77,25 @@ class Trainer:
     Raises CachedetError when the loss becomes NaN or infinite, naming step and epoch.
     """
 
-    def __init__(self, model, optimizer, scheduler, source, loop: LoopConfig, device: torch.device,
-                 info: DistInfo, hooks: list[Hook] = (), forward_model=None, state: TrainState | None = None):
-        self.model, self.optimizer, self.scheduler, self.source = model, optimizer, scheduler, source
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        source,
+        loop: LoopConfig,
+        device: torch.device,
+        info: DistInfo,
+        hooks: list[Hook] = (),
+        forward_model=None,
+        state: TrainState | None = None,
+    ):
+        self.model, self.optimizer, self.scheduler, self.source = (
+            model,
+            optimizer,
+            scheduler,
+            source,
+        )
         self.loop, self.device, self.info, self.hooks = loop, device, info, list(hooks)
         self.forward_model = forward_model or model
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -92,7 +114,9 @@ class Trainer:
             hook.before_train(self)
         for epoch in range(self.state.epoch, self.loop.epochs):
             self.state.epoch = epoch
-            torch.manual_seed(self.loop.seed * 100_003 + epoch)  # RoI sampling etc.: resume replays it exactly
+            torch.manual_seed(
+                self.loop.seed * 100_003 + epoch
+            )  # RoI sampling etc.: resume replays it exactly
             self.model.train()
             for i, batch in enumerate(self.source.batches(epoch)):
                 if i >= self.loop.steps_per_epoch:
@@ -112,12 +136,21 @@ class Trainer:
         t0 = time.perf_counter()
         inputs, targets, image_sizes = self._to_device(batch)
         try:
-            out = train_step(self.forward_model, inputs, targets, image_sizes, optimizer=self.optimizer,
-                             params=self.params, clip_grad=self.loop.clip_grad,
-                             autocast=self.device if self.use_amp else None)
+            out = train_step(
+                self.forward_model,
+                inputs,
+                targets,
+                image_sizes,
+                optimizer=self.optimizer,
+                params=self.params,
+                clip_grad=self.loop.clip_grad,
+                autocast=self.device if self.use_amp else None,
+            )
         except NonFiniteLoss as e:
-            raise CachedetError(f"{e} at step {self.state.step} (epoch {self.state.epoch}); "
-                                "lower optim.lr or raise optim.warmup_steps") from None
+            raise CachedetError(
+                f"{e} at step {self.state.step} (epoch {self.state.epoch}); "
+                "lower optim.lr or raise optim.warmup_steps"
+            ) from None
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.state.step += 1
@@ -128,10 +161,19 @@ class Trainer:
         self.state.last_loss = loss
         if self.state.first_loss is None:
             self.state.first_loss = loss
-        logged = getattr(getattr(self.model, "detector", None), "last_logged", {})  # e.g. cascade stage losses
-        return {"epoch": self.state.epoch, "step": self.state.step, "lr": lr, "loss": loss,
-                **{k: float(v) for k, v in out.losses.items()}, **{k: float(v) for k, v in logged.items()},
-                "views_per_s": n / dt, "step_s": dt}
+        logged = getattr(
+            getattr(self.model, "detector", None), "last_logged", {}
+        )  # e.g. cascade stage losses
+        return {
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "lr": lr,
+            "loss": loss,
+            **{k: float(v) for k, v in out.losses.items()},
+            **{k: float(v) for k, v in logged.items()},
+            "views_per_s": n / dt,
+            "step_s": dt,
+        }
 
     def _to_device(self, batch: dict):
         inputs, device = batch["inputs"], self.device

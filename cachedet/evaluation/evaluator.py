@@ -15,7 +15,10 @@ from collections import Counter
 from typing import Iterable
 
 from cachedet.evaluation.scoring import (
-    DEFAULT_COUNT_BINS, coco_evaluate, lvis_evaluate, stratify_by_count,
+    DEFAULT_COUNT_BINS,
+    coco_evaluate,
+    lvis_evaluate,
+    stratify_by_count,
 )
 
 
@@ -59,16 +62,26 @@ class DetectionEvaluator(DatasetEvaluator):
     ground_truth: the dataset from ``scoring_ground_truth``; names: {category_id: name};
     masks: score segm too (the run predicts masks and the file has segmentations); lvis: add LVISEval;
     train_counts: training annotations per category id, to stratify per-class AP (None: no strata).
+    After ``evaluate``, ``precision`` holds {"bbox"[, "segm"]: (COCOeval precision (10, 101, K),
+    category ids)} for precision-recall curves (``cachedet.plots.plot_pr_curves``).
     ``evaluate`` returns dict(num_detections, bbox, per_class [{category_id, name, AP[, mask_AP,
     train_annotations]}], by_size, and where they apply segm, mask_by_size, lvis_bbox, lvis_segm,
     by_train_count, count_bins). AP values are 0..100 or None where the scorer leaves them undefined.
     """
 
-    def __init__(self, ground_truth: dict, names: dict[int, str], masks: bool = False, lvis: bool = False,
-                 train_counts: Counter | None = None, count_bins: tuple[int, ...] = DEFAULT_COUNT_BINS):
+    def __init__(
+        self,
+        ground_truth: dict,
+        names: dict[int, str],
+        masks: bool = False,
+        lvis: bool = False,
+        train_counts: Counter | None = None,
+        count_bins: tuple[int, ...] = DEFAULT_COUNT_BINS,
+    ):
         super().__init__()
         self.names, self.train_counts, self.count_bins = names, train_counts, tuple(count_bins)
         self.parts = {"bbox": COCOEvaluator(ground_truth, "bbox")}
+        self.precision: dict = {}
         if masks:
             self.parts["segm"] = COCOEvaluator(ground_truth, "segm")
         if lvis:
@@ -89,11 +102,18 @@ class DetectionEvaluator(DatasetEvaluator):
     def evaluate(self) -> dict:
         scores = {name: part.evaluate() for name, part in self.parts.items()}
         coco, segm = scores["bbox"], scores.get("segm")
+        self.precision = {
+            name: (scores[name]["precision"], scores[name]["category_ids"])
+            for name in ("bbox", "segm")
+            if name in scores
+        }
         metrics = {
             "num_detections": len(self.detections),
             "bbox": coco["summary"],
-            "per_class": [{"category_id": cid, "name": self.names.get(cid, str(cid)), "AP": ap}
-                          for cid, ap in sorted(coco["per_class"].items())],
+            "per_class": [
+                {"category_id": cid, "name": self.names.get(cid, str(cid)), "AP": ap}
+                for cid, ap in sorted(coco["per_class"].items())
+            ],
         }
         if segm is not None:
             metrics["segm"] = segm["summary"]
@@ -115,13 +135,16 @@ class DetectionEvaluator(DatasetEvaluator):
             row["train_annotations"] = counts.get(row["category_id"], 0)
         metrics["by_train_count"] = stratify_by_count(coco["per_class"], counts, bins)
         if segm is not None:
-            for row, mask_row in zip(metrics["by_train_count"], stratify_by_count(segm["per_class"], counts, bins)):
+            for row, mask_row in zip(
+                metrics["by_train_count"], stratify_by_count(segm["per_class"], counts, bins)
+            ):
                 row["mask_AP"] = mask_row["AP"]
         metrics["count_bins"] = list(bins)
 
 
-def inference_on_dataset(batches: Iterable[tuple[int, list[dict]]], evaluator: DatasetEvaluator,
-                         on_images=None) -> dict:
+def inference_on_dataset(
+    batches: Iterable[tuple[int, list[dict]]], evaluator: DatasetEvaluator, on_images=None
+) -> dict:
     """Reset ``evaluator``, feed it every batch of (number of images, detections), and score.
 
     ``batches`` is a predictor's iterator (``Predictor.iter_images`` / ``iter_store``);

@@ -43,7 +43,9 @@ def _area(ann: dict, height: int | None, width: int | None) -> float:
 
 
 def _int_list(path: str, where: str, value) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
         raise CachedetError(f"{path}: {where}: expected a list of category ids, got {value!r:.60}")
     return value
 
@@ -63,14 +65,20 @@ def scoring_ground_truth(data: dict, path: str, is_lvis: bool) -> dict:
             try:
                 ann["area"] = _area(ann, *sizes.get(ann.get("image_id"), (None, None)))
             except (ValueError, TypeError, KeyError) as e:
-                raise CachedetError(f"{path}: annotations[{i}].area: missing, and the segmentation gives none ({e})") from None
+                raise CachedetError(
+                    f"{path}: annotations[{i}].area: missing, and the segmentation gives none ({e})"
+                ) from None
         elif isinstance(area, bool) or not isinstance(area, (int, float)):
-            raise CachedetError(f"{path}: annotations[{i}].area: expected a number, got {area!r:.60}")
+            raise CachedetError(
+                f"{path}: annotations[{i}].area: expected a number, got {area!r:.60}"
+            )
     if is_lvis:
         missing = [i for i, c in enumerate(data["categories"]) if not c.get("frequency")]
         if missing:
-            raise CachedetError(f"{path}: categories[{missing[0]}].frequency: missing in {len(missing)} of "
-                                f"{len(data['categories'])} categories; LVIS needs 'r', 'c' or 'f' for every category")
+            raise CachedetError(
+                f"{path}: categories[{missing[0]}].frequency: missing in {len(missing)} of "
+                f"{len(data['categories'])} categories; LVIS needs 'r', 'c' or 'f' for every category"
+            )
         for i, img in enumerate(data["images"]):
             for key in LVIS_IMAGE_LISTS:
                 img[key] = _int_list(path, f"images[{i}].{key}", img.get(key, []))

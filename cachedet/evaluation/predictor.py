@@ -10,8 +10,6 @@ contiguous labels turned back into the dataset's category ids.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -21,68 +19,177 @@ from cachedet.cache.store import StoreReader
 from cachedet.data.coco import CategoryMap
 from cachedet.data.images import read_image
 from cachedet.data.masks import rle_json
-from cachedet.data.views import AugmentConfig, normalize, plan_view, transform_image, view_to_image_boxes
-from cachedet.engine.run import RunRecord, load_run_checkpoint
+from cachedet.data.views import (
+    AugmentConfig,
+    normalize,
+    plan_view,
+    transform_image,
+    view_to_image_boxes,
+)
+from cachedet.engine.run import RunRecord, checkpoint_path, load_run_checkpoint
 from cachedet.errors import CachedetError
+from cachedet.models.detector import DetectorConfig, build_detector
+from cachedet.models.masks import paste_masks
 from cachedet.paths import resolve_path
 from cachedet.runtime import resolve_device
-from cachedet.models.masks import paste_masks
-from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.structures import ViewParams
 
 
-class Predictor:
-    """Loads RUN/checkpoints/last.pt; ``predict_views`` and ``predict_images`` give COCO results."""
+def set_score_threshold(detector, threshold: float) -> None:
+    """Set the detector's own score threshold (applied per class before NMS; 0.05 when trained):
+    ``RoIHeads``/cascade ``score_thresh`` for R-CNN heads, the RetinaNet head's ``score_thresh``."""
+    if not 0.0 <= threshold <= 1.0:
+        raise CachedetError(f"score_threshold {threshold}: expected a value in [0, 1]")
+    head = detector.head
+    (head.roi_heads if hasattr(head, "roi_heads") else head).score_thresh = float(threshold)
 
-    def __init__(self, run: str, device: str = "auto", score_threshold: float = 0.0, need_backbone: bool = True):
+
+class Predictor:
+    """Loads RUN/checkpoints/last.pt (``checkpoint="best"``: best.pt; or a checkpoint file as ``run``); ``predict_views`` and ``predict_images``
+    give COCO results. ``Predictor.from_model`` wraps a detector in memory (validation during training)."""
+
+    def __init__(
+        self,
+        run: str,
+        device: str = "auto",
+        score_threshold: float = 0.0,
+        need_backbone: bool = True,
+        checkpoint: str = "last",
+    ):
         run = resolve_path(run)
-        path = os.path.join(run, "checkpoints", "last.pt") if os.path.isdir(run) else run
+        path = checkpoint_path(run, checkpoint)
         ckpt = load_run_checkpoint(path)
         record, weights = RunRecord.from_dict(ckpt["run"]), ckpt["state"]
-        self.run, self.device, self.record = run, resolve_device(device), record
-        self.fingerprint = Fingerprint.from_dict(record.fingerprint)
-        self.categories = CategoryMap.from_json(record.categories)  # the run's labels <-> dataset category ids
-        self.detector_config = DetectorConfig.from_dict(record.detector)
-        self.canvas = self.detector_config.canvas
-        self.masks = self.detector_config.masks  # detections carry RLE segmentations
-        self.detector = build_detector(self.detector_config)
-        self.detector.load_state_dict(weights["detector"])
-        self.detector.to(self.device).eval()
-        self.score_threshold = score_threshold
-        self.adapters = tuple(record.adapters or ())  # stages with trained adapters
-        self.backbone: Backbone | None = None
+        self.record = record
+        detector_config = DetectorConfig.from_dict(record.detector)
+        detector = build_detector(detector_config)
+        detector.load_state_dict(weights["detector"])
+        adapters = tuple(record.adapters or ())  # stages with trained adapters
+        backbone = None
         if need_backbone:
             ident = record.backbone
-            self.backbone = build_backbone(config_from_identity(ident), warn=False)
-            fine_tuned = weights.get("backbone") is not None and not self.adapters
+            backbone = build_backbone(config_from_identity(ident), warn=False)
+            fine_tuned = weights.get("backbone") is not None and not adapters
             if not fine_tuned:
-                check_weights(self.backbone.identity, ident,
-                              f"{path}: the backbone weights available here ({self.backbone.identity['weights']}) "
-                              f"are not the ones the run was trained on ({ident['weights']})")
-            if self.adapters:  # the frozen weights above, plus the trained adapters
-                self.backbone.add_adapters(self.adapters)
+                check_weights(
+                    backbone.identity,
+                    ident,
+                    f"{path}: the backbone weights available here ({backbone.identity['weights']}) "
+                    f"are not the ones the run was trained on ({ident['weights']})",
+                )
+            if adapters:  # the frozen weights above, plus the trained adapters
+                backbone.add_adapters(adapters)
             if weights.get("backbone") is not None:
-                self.backbone.load_state_dict(weights["backbone"])
+                backbone.load_state_dict(weights["backbone"])
+        self._attach(
+            run,
+            resolve_device(device),
+            record.fingerprint,
+            CategoryMap.from_json(record.categories),
+            detector_config,
+            detector,
+            backbone,
+            adapters,
+            score_threshold,
+        )
+        self.detector.to(self.device).eval()
+        if self.backbone is not None:
             self.backbone.to(self.device).eval()
+
+    @classmethod
+    def from_model(
+        cls,
+        detector_config: DetectorConfig,
+        detector,
+        categories: list[dict],
+        fingerprint: dict,
+        backbone: Backbone | None = None,
+        adapters=(),
+        device: torch.device | None = None,
+        score_threshold: float = 0.0,
+        name: str = "(in training)",
+    ) -> "Predictor":
+        """A predictor on a detector (and backbone, for images) in memory, used as they are: the caller
+        puts them in eval mode and on ``device`` (default: the detector's). ``categories``: [{id, name}]
+        in label order; ``fingerprint``: the features the detector fits (checked against a store)."""
+        self = cls.__new__(cls)
+        self.record = None
+        device = device or next(detector.parameters()).device
+        self._attach(
+            name,
+            device,
+            fingerprint,
+            CategoryMap.from_json(categories),
+            detector_config,
+            detector,
+            backbone,
+            tuple(adapters or ()),
+            score_threshold,
+        )
+        return self
+
+    def _attach(
+        self,
+        run,
+        device,
+        fingerprint,
+        categories,
+        detector_config,
+        detector,
+        backbone,
+        adapters,
+        score_threshold,
+    ):
+        self.run, self.device = run, device
+        self.fingerprint = Fingerprint.from_dict(fingerprint)
+        self.categories = categories  # the run's labels <-> dataset category ids
+        self.detector_config = detector_config
+        self.canvas = detector_config.canvas
+        self.masks = detector_config.masks  # detections carry RLE segmentations
+        self.detector, self.backbone, self.adapters = detector, backbone, adapters
+        self.score_threshold = score_threshold
+
+    def image_detections(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
+        """Per view, its detections in original-image pixels, filtered by ``score_threshold``:
+        dict(boxes float64 (N, 4) xyxy, scores float32 (N,), labels int64 (N,) contiguous 0..C-1,
+        masks bool (N, H, W) of the original image or None). Boxes left with no area in the image
+        (they lay in the canvas padding) are dropped."""
+        out = []
+        for p, det in zip(params, detections):
+            boxes = view_to_image_boxes(p, det["boxes"].float().cpu().numpy())
+            keep = (det["scores"].cpu() >= self.score_threshold) & torch.from_numpy(
+                (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            )
+            masks = None
+            if "masks" in det:
+                kept = keep.to(det["scores"].device)
+                masks = np.zeros((int(keep.sum()), *p.orig_size), dtype=bool)
+                for i, m in enumerate(self._image_masks(p, det["boxes"][kept], det["masks"][kept])):
+                    masks[i] = m
+            out.append(
+                {
+                    "boxes": boxes[keep.numpy()],
+                    "scores": det["scores"].cpu()[keep].float().numpy(),
+                    "labels": det["labels"].cpu()[keep].numpy().astype(np.int64),
+                    "masks": masks,
+                }
+            )
+        return out
 
     def _to_results(self, params: list[ViewParams], detections: list[dict]) -> list[dict]:
         results = []
-        for p, det in zip(params, detections):
-            boxes = view_to_image_boxes(p, det["boxes"].float().cpu().numpy())
-            # a box left with no area in the image (it lay in the canvas padding) is dropped
-            keep = (det["scores"].cpu() >= self.score_threshold) & torch.from_numpy(
-                (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
-            boxes = boxes[keep.numpy()]
-            keep = keep.to(det["scores"].device)
-            masks = self._image_masks(p, det["boxes"][keep], det["masks"][keep]) if "masks" in det else None
-            for box, score, label in zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist()):
+        for p, det in zip(params, self.image_detections(params, detections)):
+            rows = zip(det["boxes"], det["scores"].tolist(), det["labels"].tolist())
+            for i, (box, score, label) in enumerate(rows):
                 x1, y1, x2, y2 = (float(v) for v in box)
-                mask = next(masks) if masks is not None else None
-                result = {"image_id": p.image_id, "category_id": self.categories.to_id(label),
-                          "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                          "score": round(float(score), 5)}
-                if mask is not None:
-                    result["segmentation"] = rle_json(mask)
+                result = {
+                    "image_id": p.image_id,
+                    "category_id": self.categories.to_id(label),
+                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                    "score": round(float(score), 5),
+                }
+                if det["masks"] is not None:
+                    result["segmentation"] = rle_json(det["masks"][i])
                 results.append(result)
         return results
 
@@ -90,48 +197,78 @@ class Predictor:
     def _image_masks(p: ViewParams, boxes: torch.Tensor, probs: torch.Tensor):
         """Yield bool (H, W) original-image masks: each box's 28x28 probabilities pasted into the box
         mapped back to the image (unclipped, so a box reaching into the padding keeps its scale)."""
-        image_boxes = torch.from_numpy(view_to_image_boxes(p, boxes.float().cpu().numpy(), clip=False))
+        image_boxes = torch.from_numpy(
+            view_to_image_boxes(p, boxes.float().cpu().numpy(), clip=False)
+        )
         probs = probs.float().cpu()
         if p.flip:  # the mask was predicted on the mirrored view
             probs = probs.flip(-1)
         return paste_masks(probs, image_boxes, p.orig_size)
 
-    def predict_features(self, params: list[ViewParams], features: dict[str, torch.Tensor]) -> list[dict]:
+    def predict_features(
+        self, params: list[ViewParams], features: dict[str, torch.Tensor]
+    ) -> list[dict]:
         feats = {k: v.to(self.device).float() for k, v in features.items()}
         return self._to_results(params, self.detector.predict(feats))
 
-    def predict_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8,
-                       on_images=None) -> list[dict]:
+    def predict_images(
+        self,
+        items: list[tuple[int, str, tuple[int, int] | None]],
+        batch_size: int = 8,
+        on_images=None,
+    ) -> list[dict]:
         """items: (image_id, path, (height, width) from the annotations or None) -> COCO results."""
         return _flatten(self.iter_images(items, batch_size), on_images)
 
-    def iter_images(self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8):
+    def iter_images(
+        self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8
+    ):
         """Yield (images in the batch, their COCO results) for ``items`` read from image files."""
-        if self.backbone is None:
-            raise CachedetError(f"run {self.run}: this predictor was loaded without its backbone; "
-                                "predicting images needs it")
-        plain = AugmentConfig(size=self.canvas, augment=False)
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            params, views = [], []
-            for image_id, path, size in chunk:
-                image = read_image(path, size)
-                p = plan_view(plain, image_id, 0, int(image.shape[1]), int(image.shape[2]))
-                params.append(p)
-                views.append(transform_image(p, normalize(image, self.backbone.mean, self.backbone.std)))
-            with torch.inference_mode():
-                feats = self.backbone(torch.stack(views).to(self.device))
-            yield len(chunk), self.predict_features(params, feats)
+            chunk = items[start : start + batch_size]
+            pixels = [(image_id, read_image(path, size)) for image_id, path, size in chunk]
+            yield len(chunk), self._to_results(*self.detect_pixels(pixels))
 
-    def check_store(self, store: StoreReader):
-        """Refuse a cache whose features do not fit the run (adapters, augmented views, fingerprint)."""
+    def detect_pixels(
+        self, images: list[tuple[int, torch.Tensor]]
+    ) -> tuple[list[ViewParams], list[dict]]:
+        """images: (image_id, uint8 (3, H, W) RGB) -> (their plain views, detections in canvas pixels),
+        one backbone batch; ``image_detections`` maps the detections back to the images.
+        Raises CachedetError when the predictor was loaded without its backbone."""
+        if self.backbone is None:
+            raise CachedetError(
+                f"run {self.run}: this predictor was loaded without its backbone; predicting images needs it"
+            )
+        plain = AugmentConfig(size=self.canvas, augment=False)
+        params, views = [], []
+        for image_id, image in images:
+            p = plan_view(plain, image_id, 0, int(image.shape[1]), int(image.shape[2]))
+            params.append(p)
+            views.append(
+                transform_image(p, normalize(image, self.backbone.mean, self.backbone.std))
+            )
+        with torch.inference_mode():
+            feats = self.backbone(torch.stack(views).to(self.device))
+            return params, self.detector.predict({k: v.float() for k, v in feats.items()})
+
+    def check_store(self, store: StoreReader, option: str = "--cache"):
+        """Refuse a cache whose features do not fit the run (adapters, augmented views, fingerprint);
+        errors name ``option``."""
         header = store.header
         if self.adapters:
-            raise CachedetError(f"--cache {store.url}: run {self.run} trained adapters inside the backbone, so cached frozen "
-                                "features do not fit it; evaluate from --images")
+            raise CachedetError(
+                f"{option} {store.url}: run {self.run} trained adapters inside the backbone, so cached frozen "
+                "features do not fit it; evaluate from --images"
+            )
         if header.augmented:
-            raise CachedetError(f"--cache {store.url}: an augmented cache; evaluate from one made with --no-augment --views 1")
-        header.fingerprint().check(self.fingerprint, f"--cache {store.url} does not fit run {self.run}", found_label="store")
+            raise CachedetError(
+                f"{option} {store.url}: an augmented cache; evaluate from one made with --no-augment --views 1"
+            )
+        header.fingerprint().check(
+            self.fingerprint,
+            f"{option} {store.url} does not fit run {self.run}",
+            found_label="store",
+        )
 
     def predict_store(self, store: StoreReader, batch_size: int = 16, on_images=None) -> list[dict]:
         """COCO results for every usable view of a ``--no-augment --views 1`` store."""
@@ -142,12 +279,15 @@ class Predictor:
         self.check_store(store)
         usable = store.usable_views()
         for start in range(0, len(usable), batch_size):
-            views = usable[start:start + batch_size]
+            views = usable[start : start + batch_size]
             a, b = int(views[0]), int(views[-1]) + 1
             block = store.read_features(a, b)
-            idx = (views - a)
+            idx = views - a
             feats = {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in block.items()}
-            yield len(views), self.predict_features([store.view_params(int(v)) for v in views], feats)
+            yield (
+                len(views),
+                self.predict_features([store.view_params(int(v)) for v in views], feats),
+            )
 
 
 def _flatten(batches, on_images=None) -> list[dict]:

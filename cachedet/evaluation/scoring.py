@@ -14,7 +14,20 @@ from collections import Counter
 
 import numpy as np
 
-COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+COCO_STATS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
 DEFAULT_COUNT_BINS = (10, 100, 1000)  # -> 1-10, 11-100, 101-1000, >1000
 
 
@@ -71,8 +84,11 @@ def _coco_results(gt, detections: list[dict], iou_type: str):
     if detections:
         return gt.loadRes(copy.deepcopy(for_iou_type(detections, iou_type)))
     dt = COCO()
-    dt.dataset = {"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
-                  "annotations": []}
+    dt.dataset = {
+        "images": list(gt.dataset["images"]),
+        "categories": copy.deepcopy(gt.dataset["categories"]),
+        "annotations": [],
+    }
     dt.createIndex()
     return dt
 
@@ -81,7 +97,10 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
     """Score COCO-format detections with pycocotools' COCOeval (``iou_type`` bbox or segm).
 
     Returns {"summary": {AP, AP50, ..., ARl in 0..100, or None where COCOeval says -1 (no ground
-    truth of that size)}, "per_class": {category_id: AP or None}}. No detections scores 0 wherever
+    truth of that size)}, "per_class": {category_id: AP or None}, "precision": COCOeval's precision
+    for area all and 100 detections, nested lists (IoU thresholds 0.5:0.95 = 10, 101 recall points,
+    classes in "category_ids" order; -1 where a class has no ground truth),
+    "category_ids": [...]}. No detections scores 0 wherever
     there is ground truth. For segm, ground truth without a segmentation is scored as its box.
     """
     from pycocotools.cocoeval import COCOeval
@@ -99,7 +118,12 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
         per_class[int(cid)] = float(p.mean() * 100) if p.size else None
-    return {"summary": summary, "per_class": per_class}
+    return {
+        "summary": summary,
+        "per_class": per_class,
+        "precision": precision[:, :, :, 0, -1].tolist(),
+        "category_ids": [int(c) for c in ev.params.catIds],
+    }
 
 
 @contextlib.contextmanager
@@ -169,16 +193,23 @@ def lvis_evaluate(ground_truth: dict | str, detections: list[dict], iou_type: st
 
 def training_counts(train_dataset: dict) -> Counter:
     """Training annotations per category id (crowd excluded)."""
-    return Counter(a["category_id"] for a in train_dataset.get("annotations", []) if not a.get("iscrowd", 0))
+    return Counter(
+        a["category_id"] for a in train_dataset.get("annotations", []) if not a.get("iscrowd", 0)
+    )
 
 
-def stratify_by_count(per_class: dict, counts: Counter, edges: tuple[int, ...] = DEFAULT_COUNT_BINS) -> list[dict]:
+def stratify_by_count(
+    per_class: dict, counts: Counter, edges: tuple[int, ...] = DEFAULT_COUNT_BINS
+) -> list[dict]:
     """Mean AP of the classes in each training-count bin (classes with no val objects are left out)."""
     labels = count_bins_labels(edges)
     rows = []
     for b, label in enumerate(labels):
-        aps = [ap for cid, ap in per_class.items() if ap is not None and counts.get(cid, 0) > 0
-               and bin_of(counts[cid], edges) == b]
+        aps = [
+            ap
+            for cid, ap in per_class.items()
+            if ap is not None and counts.get(cid, 0) > 0 and bin_of(counts[cid], edges) == b
+        ]
         rows.append({"bin": label, "classes": len(aps), "AP": float(np.mean(aps)) if aps else None})
     unseen = [ap for cid, ap in per_class.items() if ap is not None and counts.get(cid, 0) == 0]
     if unseen:

@@ -20,7 +20,13 @@ from torch import nn
 from cachedet.errors import CachedetError
 from cachedet.models.cascade import DEFAULT_WEIGHTS, CascadeRoIHeads
 from cachedet.models.config import (
-    MASKS_NEED_ROIS, CascadeConfig, FasterRCNNConfig, FPNConfig, MaskConfig, NASFPNConfig, RetinaNetConfig,
+    MASKS_NEED_ROIS,
+    CascadeConfig,
+    FasterRCNNConfig,
+    FPNConfig,
+    MaskConfig,
+    NASFPNConfig,
+    RetinaNetConfig,
     SimplePyramidConfig,
 )
 from cachedet.models.heads import BoxRoIHeads, Proposals, RCNNHead, RetinaNetDetHead
@@ -34,27 +40,51 @@ def roi_levels(specs: list[FeatureSpec]) -> list[str]:
     return [s.name for s in specs[:-1]]
 
 
-def build_mask_branch(cfg: FasterRCNNConfig, specs: list[FeatureSpec], num_classes: int) -> MaskBranch | None:
+def build_mask_branch(
+    cfg: FasterRCNNConfig, specs: list[FeatureSpec], num_classes: int
+) -> MaskBranch | None:
     if cfg.mask is None:
         return None
-    return MaskBranch(roi_levels(specs), specs[0].channels, num_classes, convs=cfg.mask.convs,
-                      channels=cfg.mask.channels)
+    return MaskBranch(
+        roi_levels(specs),
+        specs[0].channels,
+        num_classes,
+        convs=cfg.mask.convs,
+        channels=cfg.mask.channels,
+    )
 
 
-def build_faster_rcnn(cfg: FasterRCNNConfig, specs: list[FeatureSpec], num_classes: int) -> nn.Module:
+def build_faster_rcnn(
+    cfg: FasterRCNNConfig, specs: list[FeatureSpec], num_classes: int
+) -> nn.Module:
     """RPN + ``BoxRoIHeads`` (class-specific boxes) [+ mask branch]."""
     rpn = Proposals(specs, cfg.proposals_per_image)
-    boxes = BoxRoIHeads(roi_levels(specs), specs[0].channels, num_classes, cfg.box_convs, cfg.box_fcs,
-                        cfg.box_representation, cfg.rois_per_image)
+    boxes = BoxRoIHeads(
+        roi_levels(specs),
+        specs[0].channels,
+        num_classes,
+        cfg.box_convs,
+        cfg.box_fcs,
+        cfg.box_representation,
+        cfg.rois_per_image,
+    )
     return RCNNHead(rpn, boxes, build_mask_branch(cfg, specs, num_classes))
 
 
 def build_cascade(cfg: CascadeConfig, specs: list[FeatureSpec], num_classes: int) -> nn.Module:
     """RPN + ``CascadeRoIHeads`` (one stage per IoU threshold) [+ mask branch]."""
     weights = tuple(DEFAULT_WEIGHTS[min(i, len(DEFAULT_WEIGHTS) - 1)] for i in range(len(cfg.ious)))
-    stages = CascadeRoIHeads(roi_levels(specs), specs[0].channels, num_classes, cfg.ious, weights,
-                             convs=cfg.box_convs, fcs=cfg.box_fcs, fc_dim=cfg.box_representation,
-                             rois_per_image=cfg.rois_per_image)  # before the RPN: see the module docstring
+    stages = CascadeRoIHeads(
+        roi_levels(specs),
+        specs[0].channels,
+        num_classes,
+        cfg.ious,
+        weights,
+        convs=cfg.box_convs,
+        fcs=cfg.box_fcs,
+        fc_dim=cfg.box_representation,
+        rois_per_image=cfg.rois_per_image,
+    )  # before the RPN: see the module docstring
     rpn = Proposals(specs, cfg.proposals_per_image)
     return RCNNHead(rpn, stages, build_mask_branch(cfg, specs, num_classes))
 
@@ -68,13 +98,20 @@ class Part(NamedTuple):
     build: Callable[..., nn.Module]
 
 
-NECKS = {"fpn": Part(FPNConfig, build_fpn), "nasfpn": Part(NASFPNConfig, build_nasfpn),
-         "simple": Part(SimplePyramidConfig, build_simple_pyramid)}
-HEADS = {"faster-rcnn": Part(FasterRCNNConfig, build_faster_rcnn),
-         "cascade": Part(CascadeConfig, build_cascade),
-         "retinanet": Part(RetinaNetConfig, build_retinanet)}
+NECKS = {
+    "fpn": Part(FPNConfig, build_fpn),
+    "nasfpn": Part(NASFPNConfig, build_nasfpn),
+    "simple": Part(SimplePyramidConfig, build_simple_pyramid),
+}
+HEADS = {
+    "faster-rcnn": Part(FasterRCNNConfig, build_faster_rcnn),
+    "cascade": Part(CascadeConfig, build_cascade),
+    "retinanet": Part(RetinaNetConfig, build_retinanet),
+}
 CONFIGS = (*(p.config for p in NECKS.values()), *(p.config for p in HEADS.values()), MaskConfig)
-OPTIONS = tuple(dict.fromkeys(option for c in CONFIGS for option in c.OPTIONS))  # DetectorConfig.options keys
+OPTIONS = tuple(
+    dict.fromkeys(option for c in CONFIGS for option in c.OPTIONS)
+)  # DetectorConfig.options keys
 
 
 def check_head(name: str, masks: bool = False) -> None:
@@ -96,7 +133,9 @@ def check_options(options: dict) -> None:
     """Unknown option names are a CachedetError that lists the known ones."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise CachedetError(f"unknown detector option(s) {sorted(unknown)}; known: {', '.join(OPTIONS)}")
+        raise CachedetError(
+            f"unknown detector option(s) {sorted(unknown)}; known: {', '.join(OPTIONS)}"
+        )
 
 
 def head_config(name: str, options: dict, masks: bool = False):

@@ -28,7 +28,16 @@ STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)  # as in the Cascade R-CNN paper
 class CascadeStage(nn.Module):
     """RoI features (N, channels, 7, 7) -> class logits (N, C + 1), class-agnostic deltas (N, 4)."""
 
-    def __init__(self, channels: int, num_classes: int, iou: float, weights, convs: int, fcs: int, fc_dim: int):
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        iou: float,
+        weights,
+        convs: int,
+        fcs: int,
+        fc_dim: int,
+    ):
         super().__init__()
         self.head = BoxHead(channels, convs, fcs, fc_dim)
         self.cls_score = nn.Linear(self.head.out_dim, num_classes + 1)
@@ -52,17 +61,35 @@ class CascadeRoIHeads(nn.Module):
     Without targets, outputs are the detections: dict(boxes (N, 4), scores (N,), labels (N,)).
     """
 
-    def __init__(self, roi_levels: list[str], channels: int, num_classes: int, ious=DEFAULT_IOUS,
-                 weights=DEFAULT_WEIGHTS, convs: int = 0, fcs: int = 2, fc_dim: int = 1024, rois_per_image: int = 512,
-                 score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100):
+    def __init__(
+        self,
+        roi_levels: list[str],
+        channels: int,
+        num_classes: int,
+        ious=DEFAULT_IOUS,
+        weights=DEFAULT_WEIGHTS,
+        convs: int = 0,
+        fcs: int = 2,
+        fc_dim: int = 1024,
+        rois_per_image: int = 512,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+    ):
         super().__init__()
         if len(ious) != len(weights):
             raise ValueError(f"{len(ious)} IoU thresholds but {len(weights)} box-coder weight sets")
         self.box_roi_pool = roi_pool(roi_levels)
-        self.stages = nn.ModuleList(CascadeStage(channels, num_classes, iou, w, convs, fcs, fc_dim)
-                                    for iou, w in zip(ious, weights))
+        self.stages = nn.ModuleList(
+            CascadeStage(channels, num_classes, iou, w, convs, fcs, fc_dim)
+            for iou, w in zip(ious, weights)
+        )
         self.sampler = det_utils.BalancedPositiveNegativeSampler(rois_per_image, 0.25)
-        self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        self.score_thresh, self.nms_thresh, self.detections_per_img = (
+            score_thresh,
+            nms_thresh,
+            detections_per_img,
+        )
 
     @property
     def logged_names(self) -> tuple[str, ...]:
@@ -102,7 +129,9 @@ class CascadeRoIHeads(nn.Module):
             logits, deltas = stage(pooled)
             refined = stage.box_coder.decode(deltas, boxes).reshape(-1, 4)
             per_image = [len(b) for b in boxes]
-            refined = [clip_boxes_to_image(r, s) for r, s in zip(refined.split(per_image), image_sizes)]
+            refined = [
+                clip_boxes_to_image(r, s) for r, s in zip(refined.split(per_image), image_sizes)
+            ]
             outputs.append((boxes, logits, deltas, refined))
             boxes = [r.detach() for r in refined]
         return outputs
@@ -121,23 +150,34 @@ class CascadeRoIHeads(nn.Module):
             logits, deltas = stage(pooled)
             per_image, matched, rows = self._match(stage, boxes, targets)
             if t == 0:
-                positives = [{"boxes": b[lab > 0], "matched": r[lab > 0]}
-                             for b, r, lab in zip(boxes, rows, per_image)]
+                positives = [
+                    {"boxes": b[lab > 0], "matched": r[lab > 0]}
+                    for b, r, lab in zip(boxes, rows, per_image)
+                ]
             labels = torch.cat(per_image)
             loss_cls = F.cross_entropy(logits, labels)
             pos = torch.where(labels > 0)[0]
-            reg_targets = stage.box_coder.encode_single(torch.cat(matched)[pos], torch.cat(boxes)[pos])
-            loss_box = F.smooth_l1_loss(deltas[pos], reg_targets, beta=1 / 9, reduction="sum") / max(labels.numel(), 1)
+            reg_targets = stage.box_coder.encode_single(
+                torch.cat(matched)[pos], torch.cat(boxes)[pos]
+            )
+            loss_box = F.smooth_l1_loss(
+                deltas[pos], reg_targets, beta=1 / 9, reduction="sum"
+            ) / max(labels.numel(), 1)
             losses[f"stage{t + 1}/loss_cls"], losses[f"stage{t + 1}/loss_box"] = loss_cls, loss_box
             w = STAGE_LOSS_WEIGHTS[t] if t < len(STAGE_LOSS_WEIGHTS) else STAGE_LOSS_WEIGHTS[-1]
             total_cls, total_box = total_cls + w * loss_cls, total_box + w * loss_box
             refined = stage.box_coder.decode(deltas.detach(), boxes).reshape(-1, 4)
-            boxes = [clip_boxes_to_image(r, s) for r, s in zip(refined.split([len(b) for b in boxes]), image_sizes)]
+            boxes = [
+                clip_boxes_to_image(r, s)
+                for r, s in zip(refined.split([len(b) for b in boxes]), image_sizes)
+            ]
         return positives, {"loss_cls": total_cls, "loss_box": total_box, **losses}
 
     def _detect(self, features, proposals, image_sizes) -> list[dict]:
         outputs = self.stage_outputs(features, proposals, image_sizes)
-        scores = torch.stack([F.softmax(logits, -1) for _, logits, _, _ in outputs]).mean(0)  # ensemble
+        scores = torch.stack([F.softmax(logits, -1) for _, logits, _, _ in outputs]).mean(
+            0
+        )  # ensemble
         final_boxes = outputs[-1][3]
         results = []
         for boxes, sc in zip(final_boxes, scores.split([len(b) for b in final_boxes])):

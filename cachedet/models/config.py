@@ -16,8 +16,10 @@ from typing import ClassVar
 from cachedet.errors import CachedetError
 
 DEFAULT_IOUS = (0.5, 0.6, 0.7)
-MASKS_NEED_ROIS = ("detector.masks: the retinanet head has no RoIs for a mask branch; "
-                   "use detector.head faster-rcnn or cascade")
+MASKS_NEED_ROIS = (
+    "detector.masks: the retinanet head has no RoIs for a mask branch; "
+    "use detector.head faster-rcnn or cascade"
+)
 
 
 class FromOptions:
@@ -33,7 +35,9 @@ class FromOptions:
                 default = cls.__dataclass_fields__[name].default
                 value = options[option]
                 tuple_field = isinstance(default, tuple)
-                fields[name] = tuple(float(v) for v in value) if tuple_field else type(default)(value)
+                fields[name] = (
+                    tuple(float(v) for v in value) if tuple_field else type(default)(value)
+                )
         return cls(**fields)
 
 
@@ -61,7 +65,9 @@ class NASFPNConfig(FromOptions):
 
     def __post_init__(self):
         if self.repeats < 1:
-            raise CachedetError(f"detector.options.nasfpn_repeats: expected a positive integer, got {self.repeats}")
+            raise CachedetError(
+                f"detector.options.nasfpn_repeats: expected a positive integer, got {self.repeats}"
+            )
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,13 @@ class MaskConfig(FromOptions):
     channels: int = 256
 
 
-RCNN_OPTIONS = {"box_convs": "box_convs", "box_fcs": "box_fcs", "box_representation": "box_representation",
-                "rois_per_image": "rois_per_image", "proposals_per_image": "proposals_per_image"}
+RCNN_OPTIONS = {
+    "box_convs": "box_convs",
+    "box_fcs": "box_fcs",
+    "box_representation": "box_representation",
+    "rois_per_image": "rois_per_image",
+    "proposals_per_image": "proposals_per_image",
+}
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,9 @@ class CascadeConfig(FasterRCNNConfig):
 
     def __post_init__(self):
         if not self.ious or any(not 0 < v < 1 for v in self.ious):
-            raise CachedetError(f"detector.options.cascade_ious {list(self.ious)}: expected thresholds between 0 and 1")
+            raise CachedetError(
+                f"detector.options.cascade_ious {list(self.ious)}: expected thresholds between 0 and 1"
+            )
 
 
 @dataclass(frozen=True)

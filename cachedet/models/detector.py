@@ -15,15 +15,30 @@ from torch import nn
 
 from cachedet.errors import CachedetError
 from cachedet.models.build import HEADS as HEAD_PARTS
-from cachedet.models.build import NECKS, OPTIONS, check_head, check_options, head_config, head_supports_masks
-from cachedet.models.build import neck_config
+from cachedet.models.build import (
+    NECKS,
+    OPTIONS,
+    check_head,
+    check_options,
+    head_config,
+    head_supports_masks,
+    neck_config,
+)
 from cachedet.models.config import MASKS_NEED_ROIS
 from cachedet.models.necks import resolve_neck
 from cachedet.structures import FeatureSpec
 
 HEADS = tuple(HEAD_PARTS)
-__all__ = ["HEADS", "MASKS_NEED_ROIS", "OPTIONS", "DetectorConfig", "Detector", "build_detector",
-           "check_head", "head_supports_masks"]
+__all__ = [
+    "HEADS",
+    "MASKS_NEED_ROIS",
+    "OPTIONS",
+    "DetectorConfig",
+    "Detector",
+    "build_detector",
+    "check_head",
+    "head_supports_masks",
+]
 
 
 @dataclass(frozen=True)
@@ -75,8 +90,12 @@ class Detector(nn.Module):
         n = next(iter(features.values())).shape[0]
         return [(self.canvas, self.canvas)] * n
 
-    def forward(self, features: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]],
-                image_sizes: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        features: dict[str, torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Losses keyed by ``loss_names``, whose sum is the training loss. Alias: ``loss``.
 
         targets: per view dict(boxes float (N, 4) xyxy canvas pixels, labels int64 (N,) in
@@ -98,7 +117,9 @@ class Detector(nn.Module):
     loss = forward
 
     @torch.no_grad()
-    def predict(self, features: dict[str, torch.Tensor], image_sizes: list[tuple[int, int]] | None = None):
+    def predict(
+        self, features: dict[str, torch.Tensor], image_sizes: list[tuple[int, int]] | None = None
+    ):
         """Detections per view: dict(boxes (N, 4) xyxy canvas pixels, scores (N,), labels (N,) 0..C-1,
         and with masks: masks float (N, 1, 28, 28) probabilities inside each box)."""
         was_training = self.training

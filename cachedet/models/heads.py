@@ -38,7 +38,9 @@ MASK_LOSS = "loss_mask"
 ROI_SIZE = 7  # the box head's RoIs: 7x7
 
 
-def _image_list(features: "OrderedDict[str, torch.Tensor]", image_sizes: list[tuple[int, int]]) -> ImageList:
+def _image_list(
+    features: "OrderedDict[str, torch.Tensor]", image_sizes: list[tuple[int, int]]
+) -> ImageList:
     """An ImageList without pixels: anchors need only the canvas size, dtype and device."""
     first = next(iter(features.values()))
     h = max(s[0] for s in image_sizes)
@@ -55,8 +57,12 @@ class BoxHead(FastRCNNConvFCHead):
     """
 
     def __init__(self, channels: int, convs: int, fcs: int, fc_dim: int = 1024):
-        super().__init__((channels, ROI_SIZE, ROI_SIZE), [channels] * convs, [fc_dim] * fcs,
-                         norm_layer=nn.BatchNorm2d)
+        super().__init__(
+            (channels, ROI_SIZE, ROI_SIZE),
+            [channels] * convs,
+            [fc_dim] * fcs,
+            norm_layer=nn.BatchNorm2d,
+        )
         self.out_dim = fc_dim if fcs else channels * ROI_SIZE * ROI_SIZE
 
 
@@ -75,13 +81,20 @@ class Proposals(RegionProposalNetwork):
     NAMES = {"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_box"}
 
     def __init__(self, specs: list[FeatureSpec], proposals_per_image: int = 1000):
-        anchors = AnchorGenerator(sizes=tuple((4 * s.stride,) for s in specs),
-                                  aspect_ratios=((0.5, 1.0, 2.0),) * len(specs))
+        anchors = AnchorGenerator(
+            sizes=tuple((4 * s.stride,) for s in specs),
+            aspect_ratios=((0.5, 1.0, 2.0),) * len(specs),
+        )
         super().__init__(
-            anchors, RPNHead(specs[0].channels, anchors.num_anchors_per_location()[0]),
-            fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
+            anchors,
+            RPNHead(specs[0].channels, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=256,
+            positive_fraction=0.5,
             pre_nms_top_n=dict(training=2000, testing=1000),
-            post_nms_top_n=dict(training=proposals_per_image, testing=proposals_per_image), nms_thresh=0.7,
+            post_nms_top_n=dict(training=proposals_per_image, testing=proposals_per_image),
+            nms_thresh=0.7,
         )
 
     def forward(self, images, features, targets=None):
@@ -101,13 +114,29 @@ class BoxRoIHeads(RoIHeads):
 
     logged_names: tuple[str, ...] = ()
 
-    def __init__(self, levels: list[str], channels: int, num_classes: int, convs: int, fcs: int, fc_dim: int,
-                 rois_per_image: int):
+    def __init__(
+        self,
+        levels: list[str],
+        channels: int,
+        num_classes: int,
+        convs: int,
+        fcs: int,
+        fc_dim: int,
+        rois_per_image: int,
+    ):
         head = BoxHead(channels, convs, fcs, fc_dim)
         super().__init__(
-            roi_pool(levels), head, FastRCNNPredictor(head.out_dim, num_classes + 1),
-            fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=rois_per_image, positive_fraction=0.25,
-            bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
+            roi_pool(levels),
+            head,
+            FastRCNNPredictor(head.out_dim, num_classes + 1),
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5,
+            batch_size_per_image=rois_per_image,
+            positive_fraction=0.25,
+            bbox_reg_weights=None,
+            score_thresh=0.05,
+            nms_thresh=0.5,
+            detections_per_img=100,
         )
 
     def _predict(self, features, boxes, image_sizes):
@@ -116,13 +145,21 @@ class BoxRoIHeads(RoIHeads):
     def forward(self, features, proposals, image_sizes, targets=None):
         if targets is None:
             logits, deltas = self._predict(features, proposals, image_sizes)
-            boxes, scores, labels = self.postprocess_detections(logits, deltas, proposals, image_sizes)
-            return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)], {}
-        proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
+            boxes, scores, labels = self.postprocess_detections(
+                logits, deltas, proposals, image_sizes
+            )
+            return [
+                {"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)
+            ], {}
+        proposals, matched, labels, regression_targets = self.select_training_samples(
+            proposals, targets
+        )
         logits, deltas = self._predict(features, proposals, image_sizes)
         loss_cls, loss_box = fastrcnn_loss(logits, deltas, labels, regression_targets)
-        positives = [{"boxes": p[lab > 0], "matched": m[lab > 0]}
-                     for p, m, lab in zip(proposals, matched, labels)]
+        positives = [
+            {"boxes": p[lab > 0], "matched": m[lab > 0]}
+            for p, m, lab in zip(proposals, matched, labels)
+        ]
         return positives, {"loss_cls": loss_cls, "loss_box": loss_box}
 
 
@@ -154,20 +191,29 @@ class RCNNHead(nn.Module):
             if self.mask_branch is not None:
                 detections = self.mask_branch.predict(features, detections, image_sizes)
             return [{**d, "labels": d["labels"] - 1} for d in detections], {}
-        targets = [{**t, "labels": t["labels"] + 1} for t in targets]  # torchvision reserves 0 for background
+        targets = [
+            {**t, "labels": t["labels"] + 1} for t in targets
+        ]  # torchvision reserves 0 for background
         proposals, losses = self.rpn(images, features, targets)
         positives, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
         losses.update(roi_losses)
         if self.mask_branch is not None:
-            losses[MASK_LOSS] = self.mask_branch.loss(features, [p["boxes"] for p in positives],
-                                                      [p["matched"] for p in positives], targets, image_sizes)
+            losses[MASK_LOSS] = self.mask_branch.loss(
+                features,
+                [p["boxes"] for p in positives],
+                [p["matched"] for p in positives],
+                targets,
+                image_sizes,
+            )
         return [], losses
 
 
 # Where checkpoints written before the R-CNN head owned its mask branch kept it.
-OLD_MASK_PREFIXES = {"roi_heads.mask_head.": "mask_branch.head.",  # plugged into torchvision's RoIHeads
-                     "roi_heads.mask_predictor.": "mask_branch.predictor.",
-                     "roi_heads.mask_branch.": "mask_branch."}  # the cascade's attribute
+OLD_MASK_PREFIXES = {
+    "roi_heads.mask_head.": "mask_branch.head.",  # plugged into torchvision's RoIHeads
+    "roi_heads.mask_predictor.": "mask_branch.predictor.",
+    "roi_heads.mask_branch.": "mask_branch.",
+}  # the cascade's attribute
 
 
 def _old_mask_keys(module, state_dict, prefix, *_):
@@ -175,7 +221,7 @@ def _old_mask_keys(module, state_dict, prefix, *_):
     for key in [k for k in state_dict if k.startswith(prefix)]:
         for old, new in OLD_MASK_PREFIXES.items():
             if key.startswith(prefix + old):
-                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
 
 
 class RetinaNetDetHead(nn.Module):
@@ -196,10 +242,17 @@ class RetinaNetDetHead(nn.Module):
             sizes=tuple(tuple(4 * s.stride * 2 ** (k / 3) for k in range(3)) for s in specs),
             aspect_ratios=((0.5, 1.0, 2.0),) * len(specs),
         )
-        self.head = RetinaNetHead(specs[0].channels, self.anchor_generator.num_anchors_per_location()[0], num_classes)
+        self.head = RetinaNetHead(
+            specs[0].channels, self.anchor_generator.num_anchors_per_location()[0], num_classes
+        )
         self.proposal_matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
         self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-        self.score_thresh, self.nms_thresh, self.detections_per_img, self.topk_candidates = 0.05, 0.5, 100, 1000
+        self.score_thresh, self.nms_thresh, self.detections_per_img, self.topk_candidates = (
+            0.05,
+            0.5,
+            100,
+            1000,
+        )
 
     def forward(self, features, image_sizes, targets=None):
         feats = list(features.values())
@@ -208,8 +261,12 @@ class RetinaNetDetHead(nn.Module):
         if targets is not None:
             losses = self.compute_loss(targets, outputs, anchors)
             zero = losses["classification"].new_zeros(())
-            return [], {"loss_rpn_cls": zero, "loss_rpn_box": zero,
-                        "loss_cls": losses["classification"], "loss_box": losses["bbox_regression"]}
+            return [], {
+                "loss_rpn_cls": zero,
+                "loss_rpn_box": zero,
+                "loss_cls": losses["classification"],
+                "loss_box": losses["bbox_regression"],
+            }
         per_level = [f.size(2) * f.size(3) for f in feats]
         a = outputs["cls_logits"].size(1) // sum(per_level)
         split = [n * a for n in per_level]

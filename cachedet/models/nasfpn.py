@@ -33,7 +33,9 @@ NASFPN_CELLS = (
 MIN_LEVEL, MAX_LEVEL = 3, 7
 
 
-def _resample(x: torch.Tensor, from_level: int, to_level: int, size: tuple[int, int]) -> torch.Tensor:
+def _resample(
+    x: torch.Tensor, from_level: int, to_level: int, size: tuple[int, int]
+) -> torch.Tensor:
     if from_level < to_level:
         for _ in range(to_level - from_level):
             x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
@@ -46,16 +48,26 @@ def _resample(x: torch.Tensor, from_level: int, to_level: int, size: tuple[int, 
 def _conv_bn(cin: int, cout: int, k: int) -> nn.Sequential:
     """conv -> GroupNorm. The paper's library uses (synchronised) BatchNorm over large batches;
     GroupNorm has the same parameters and works with the small per-device batches of head training."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(min(32, cout), cout))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(min(32, cout), cout)
+    )
 
 
 class MergingCell(nn.Module):
-    def __init__(self, level: int, merge: str, inputs: tuple[int, int], is_output: bool, channels: int):
+    def __init__(
+        self, level: int, merge: str, inputs: tuple[int, int], is_output: bool, channels: int
+    ):
         super().__init__()
         self.level, self.merge, self.inputs, self.is_output = level, merge, inputs, is_output
         self.conv = _conv_bn(channels, channels, 3)
 
-    def forward(self, nodes: list[torch.Tensor], levels: list[int], consumed: list[int], sizes: dict[int, tuple]) -> torch.Tensor:
+    def forward(
+        self,
+        nodes: list[torch.Tensor],
+        levels: list[int],
+        consumed: list[int],
+        sizes: dict[int, tuple],
+    ) -> torch.Tensor:
         size = sizes[self.level]
         (i, j) = self.inputs
         a = _resample(nodes[i], levels[i], self.level, size)
@@ -87,9 +99,12 @@ class NASFPNNeck(nn.Module):
         self.laterals = nn.ModuleList(_conv_bn(s.channels, channels, 1) for s in in_specs)
         self.p6 = _conv_bn(in_specs[-1].channels, channels, 1)
         self.repeats = nn.ModuleList(
-            nn.ModuleList(MergingCell(*cell, channels) for cell in NASFPN_CELLS) for _ in range(repeats)
+            nn.ModuleList(MergingCell(*cell, channels) for cell in NASFPN_CELLS)
+            for _ in range(repeats)
         )
-        self.out_specs = [FeatureSpec(f"p{lvl}", channels, 2 ** lvl) for lvl in range(MIN_LEVEL, MAX_LEVEL + 1)]
+        self.out_specs = [
+            FeatureSpec(f"p{lvl}", channels, 2**lvl) for lvl in range(MIN_LEVEL, MAX_LEVEL + 1)
+        ]
 
     def forward(self, features: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
         c = [features[s.name] for s in self.in_specs]

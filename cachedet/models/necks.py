@@ -36,9 +36,15 @@ class FPNNeck(nn.Module):
             extra_block, n_extra = LastLevelP6P7(in_specs[-1].channels, channels), 2
         else:
             raise ValueError(extra)
-        self.fpn = FeaturePyramidNetwork([s.channels for s in in_specs], channels, extra_blocks=extra_block)
-        strides = [s.stride for s in in_specs] + [in_specs[-1].stride * 2 ** (k + 1) for k in range(n_extra)]
-        self.out_specs = [FeatureSpec(f"p{FeatureSpec.level_name(s)[1:]}", channels, s) for s in strides]
+        self.fpn = FeaturePyramidNetwork(
+            [s.channels for s in in_specs], channels, extra_blocks=extra_block
+        )
+        strides = [s.stride for s in in_specs] + [
+            in_specs[-1].stride * 2 ** (k + 1) for k in range(n_extra)
+        ]
+        self.out_specs = [
+            FeatureSpec(f"p{FeatureSpec.level_name(s)[1:]}", channels, s) for s in strides
+        ]
 
     def forward(self, features: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
         x = OrderedDict((s.name, features[s.name]) for s in self.in_specs)
@@ -47,14 +53,16 @@ class FPNNeck(nn.Module):
 
 
 def resolve_neck(name: str, in_specs: list[FeatureSpec]) -> str:
-    """"auto": the simple pyramid for a plain ViT's taps (all at one stride), FPN otherwise; other names as given."""
+    """ "auto": the simple pyramid for a plain ViT's taps (all at one stride), FPN otherwise; other names as given."""
     from cachedet.models.simple_pyramid import vit_taps
 
     if name == "auto":
         return "simple" if vit_taps(in_specs) else "fpn"
     if name == "fpn" and vit_taps(in_specs):
-        raise CachedetError(f"detector.neck fpn: the backbone's levels {[s.name for s in in_specs]} share one stride "
-                            f"({in_specs[0].stride}, a plain ViT); use detector.neck simple (or auto)")
+        raise CachedetError(
+            f"detector.neck fpn: the backbone's levels {[s.name for s in in_specs]} share one stride "
+            f"({in_specs[0].stride}, a plain ViT); use detector.neck simple (or auto)"
+        )
     return name
 
 
@@ -62,7 +70,9 @@ def build_fpn(cfg: FPNConfig, in_specs: list[FeatureSpec], extra: str) -> nn.Mod
     return FPNNeck(in_specs, cfg.channels, extra)
 
 
-def build_simple_pyramid(cfg: SimplePyramidConfig, in_specs: list[FeatureSpec], extra: str) -> nn.Module:
+def build_simple_pyramid(
+    cfg: SimplePyramidConfig, in_specs: list[FeatureSpec], extra: str
+) -> nn.Module:
     from cachedet.models.simple_pyramid import RCNN_LEVELS, RETINANET_LEVELS, SimplePyramidNeck
 
     levels = RETINANET_LEVELS if extra == "p6p7" else RCNN_LEVELS
@@ -73,23 +83,33 @@ def build_nasfpn(cfg: NASFPNConfig, in_specs: list[FeatureSpec], extra: str) -> 
     """NAS-FPN always makes P3-P7 (whatever ``extra``); on single-stride taps on top of the simple
     pyramid's P3-P5. Raises CachedetError for backbone levels not at strides 8, 16, 32."""
     from cachedet.models.nasfpn import NASFPNNeck
-    from cachedet.models.simple_pyramid import NASFPN_LEVELS, SimplePyramidNeck, StackedNeck, vit_taps
+    from cachedet.models.simple_pyramid import (
+        NASFPN_LEVELS,
+        SimplePyramidNeck,
+        StackedNeck,
+        vit_taps,
+    )
 
     if vit_taps(in_specs):
         pyramid = SimplePyramidNeck(in_specs, cfg.channels, NASFPN_LEVELS, extra=None)
         return StackedNeck(pyramid, NASFPNNeck(pyramid.out_specs, cfg.channels, cfg.repeats))
     if [s.stride for s in in_specs] != [8, 16, 32]:
-        raise CachedetError(f"detector.neck nasfpn: needs backbone levels at strides 8, 16, 32, "
-                            f"got {[s.stride for s in in_specs]}")
+        raise CachedetError(
+            f"detector.neck nasfpn: needs backbone levels at strides 8, 16, 32, "
+            f"got {[s.stride for s in in_specs]}"
+        )
     return NASFPNNeck(in_specs, cfg.channels, cfg.repeats)
 
 
-def build_neck(name: str, in_specs: list[FeatureSpec], channels: int, extra: str,
-               repeats: int = 5) -> nn.Module:
+def build_neck(
+    name: str, in_specs: list[FeatureSpec], channels: int, extra: str, repeats: int = 5
+) -> nn.Module:
     """Neck ``name`` (auto, fpn, nasfpn, simple) with the ``extra`` levels a head needs ("maxpool":
     P6; "p6p7": P6, P7), through ``cachedet.models.build.NECKS``. Unknown names and unsuitable
     levels are CachedetErrors."""
     from cachedet.models.build import NECKS, neck_config
 
     name = resolve_neck(name, in_specs)
-    return NECKS[name].build(neck_config(name, {"nasfpn_repeats": repeats}, channels), list(in_specs), extra)
+    return NECKS[name].build(
+        neck_config(name, {"nasfpn_repeats": repeats}, channels), list(in_specs), extra
+    )

@@ -57,7 +57,9 @@ def _rescale(channels: int, log2_factor: int) -> tuple[nn.Module, int]:
     if log2_factor == 0:
         return nn.Identity(), channels
     if log2_factor < 0:
-        return nn.Sequential(*[nn.MaxPool2d(2, 2, ceil_mode=True) for _ in range(-log2_factor)]), channels
+        return nn.Sequential(
+            *[nn.MaxPool2d(2, 2, ceil_mode=True) for _ in range(-log2_factor)]
+        ), channels
     layers: list[nn.Module] = []
     for k in range(log2_factor):
         if k:
@@ -80,44 +82,68 @@ class SimplePyramidNeck(nn.Module):
     Raises CachedetError when the taps do not share one stride.
     """
 
-    def __init__(self, in_specs: list[FeatureSpec], channels: int = 256, levels: tuple[int, ...] = RCNN_LEVELS,
-                 extra: str | None = "maxpool"):
+    def __init__(
+        self,
+        in_specs: list[FeatureSpec],
+        channels: int = 256,
+        levels: tuple[int, ...] = RCNN_LEVELS,
+        extra: str | None = "maxpool",
+    ):
         super().__init__()
         if not single_stride(in_specs):
-            raise CachedetError(f"detector.neck simple: needs taps at one stride (a plain ViT), got strides "
-                                f"{[s.stride for s in in_specs]}; use detector.neck fpn")
+            raise CachedetError(
+                f"detector.neck simple: needs taps at one stride (a plain ViT), got strides "
+                f"{[s.stride for s in in_specs]}; use detector.neck fpn"
+            )
         if extra not in ("maxpool", "p6p7", None):
             raise ValueError(extra)
         self.in_specs = list(in_specs)
         stride = in_specs[0].stride
         self.base_level = int(round(math.log2(stride)))
-        self.resample_from = stride if stride != 2 ** self.base_level else None  # e.g. 14 -> 16
-        self.sources = [in_specs[tap_for_level(j, len(levels), len(in_specs))].name for j in range(len(levels))]
+        self.resample_from = stride if stride != 2**self.base_level else None  # e.g. 14 -> 16
+        self.sources = [
+            in_specs[tap_for_level(j, len(levels), len(in_specs))].name for j in range(len(levels))
+        ]
         self.scales = nn.ModuleList()
         self.outputs = nn.ModuleList()
         for source, level in zip(self.sources, levels):
-            scale, c_in = _rescale(next(s.channels for s in in_specs if s.name == source), self.base_level - level)
+            scale, c_in = _rescale(
+                next(s.channels for s in in_specs if s.name == source), self.base_level - level
+            )
             self.scales.append(scale)
-            self.outputs.append(nn.Sequential(
-                nn.Conv2d(c_in, channels, 1, bias=False), LayerNorm2d(channels),
-                nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels),
-            ))
+            self.outputs.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, channels, 1, bias=False),
+                    LayerNorm2d(channels),
+                    nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                    LayerNorm2d(channels),
+                )
+            )
         self.extra = extra
         self.p6p7 = LastLevelP6P7(channels, channels) if extra == "p6p7" else None
         n_extra = {"maxpool": 1, "p6p7": 2, None: 0}[extra]
         out_levels = list(levels) + [levels[-1] + k + 1 for k in range(n_extra)]
-        self.out_specs = [FeatureSpec(f"p{lvl}", channels, 2 ** lvl) for lvl in out_levels]
+        self.out_specs = [FeatureSpec(f"p{lvl}", channels, 2**lvl) for lvl in out_levels]
 
     def forward(self, features: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
         taps = {s.name: features[s.name] for s in self.in_specs}
         if self.resample_from:
-            size = [round(n * self.resample_from / 2 ** self.base_level) for n in next(iter(taps.values())).shape[-2:]]
-            taps = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for k, v in taps.items()}
-        outs = [out(scale(taps[src])) for src, scale, out in zip(self.sources, self.scales, self.outputs)]
+            size = [
+                round(n * self.resample_from / 2**self.base_level)
+                for n in next(iter(taps.values())).shape[-2:]
+            ]
+            taps = {
+                k: F.interpolate(v, size=size, mode="bilinear", align_corners=False)
+                for k, v in taps.items()
+            }
+        outs = [
+            out(scale(taps[src]))
+            for src, scale, out in zip(self.sources, self.scales, self.outputs)
+        ]
         if self.extra == "maxpool":
             outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
         elif self.extra == "p6p7":
-            outs, _ = self.p6p7(outs, outs, [s.name for s in self.out_specs[:len(outs)]])
+            outs, _ = self.p6p7(outs, outs, [s.name for s in self.out_specs[: len(outs)]])
         return OrderedDict((spec.name, t) for spec, t in zip(self.out_specs, outs))
 
 

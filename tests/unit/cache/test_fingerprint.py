@@ -12,19 +12,34 @@ from cachedet.structures import FeatureSpec
 
 
 def test_the_cache_source_saves_the_store_fingerprint(tiny_store):
-    source = CacheSource(tiny_store.url, batch_size=2, workers=0, in_memory=True, views_per_epoch=1, seed=0,
-                         shuffle_buffer=4, dist=DistInfo(0, 1, 0))
+    source = CacheSource(
+        tiny_store.url,
+        batch_size=2,
+        workers=0,
+        in_memory=True,
+        views_per_epoch=1,
+        seed=0,
+        shuffle_buffer=4,
+        dist=DistInfo(0, 1, 0),
+    )
     fp = tiny_store.header.fingerprint()
     assert source.fingerprint == fp.to_dict() and Fingerprint.from_dict(source.fingerprint) == fp
     assert list(fp.to_dict()) == ["feature_specs", "backbone", "canvas", "categories"]
-    assert set(fp.backbone) == {"name", "out_indices", "weights_sha256", "mean", "std"} and fp.canvas == 64
+    assert (
+        set(fp.backbone) == {"name", "out_indices", "weights_sha256", "mean", "std"}
+        and fp.canvas == 64
+    )
     assert [c["id"] for c in fp.to_dict()["categories"]] == list(tiny_store.header.categories.ids)
 
 
 def test_check_names_every_difference_with_both_values(tiny_store):
     fp = tiny_store.header.fingerprint()
-    other = dataclasses.replace(fp, canvas=96, specs=fp.specs[:-1] + (FeatureSpec("c5", 1, 32),),
-                                backbone={**fp.backbone, "weights_sha256": "x"})
+    other = dataclasses.replace(
+        fp,
+        canvas=96,
+        specs=fp.specs[:-1] + (FeatureSpec("c5", 1, 32),),
+        backbone={**fp.backbone, "weights_sha256": "x"},
+    )
     fp.check(fp, "same", found_label="checkpoint")
     with pytest.raises(CachedetError) as err:
         fp.check(other, "--cache S (checkpoint C) does not fit this run", found_label="checkpoint")
@@ -39,7 +54,9 @@ def test_saved_dicts_and_objects_check_alike(tiny_store):
     fp = tiny_store.header.fingerprint()
     check_fingerprint(fp.to_dict(), fp, "m", found_label="store")
     changed = {**fp.to_dict(), "categories": [{"id": 1, "name": "other"}]}
-    with pytest.raises(CachedetError, match=r"^m: categories: store has \[\{'id': 1, 'name': 'other'\}\]"):
+    with pytest.raises(
+        CachedetError, match=r"^m: categories: store has \[\{'id': 1, 'name': 'other'\}\]"
+    ):
         check_fingerprint(changed, fp, "m", found_label="store")
 
 

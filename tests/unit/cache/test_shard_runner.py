@@ -2,20 +2,22 @@
 
 import numpy as np
 import pytest
+from conftest import small_config
 
+from cachedet.backbones import build_backbone
 from cachedet.cache.store import StoreReader
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.views import AugmentConfig
 from cachedet.errors import CachedetError
 from cachedet.extract import _header, extract, plan_views, prepare_store, shard_tasks
 from cachedet.shards import compute_shard, run_shard, run_shards_in_process, write_shard
-from cachedet.backbones import build_backbone
-from conftest import small_config
 
 
 def planned(synthetic, out):
     """A laid-out store with no shard written, and its shard tasks (4 shards of 3 views, masks)."""
-    cfg = small_config(synthetic, out, augment=AugmentConfig(size=64, seed=2), views=1, shard_views=3)
+    cfg = small_config(
+        synthetic, out, augment=AugmentConfig(size=64, seed=2), views=1, shard_views=3
+    )
     dataset = load_detection_dataset(cfg.annotations, cfg.images)
     plan = plan_views(dataset, cfg.augment, cfg.views)
     header = _header(cfg, build_backbone(cfg.backbone, warn=False), dataset, plan, None, True)
@@ -25,7 +27,12 @@ def planned(synthetic, out):
 
 def test_records_name_their_views_levels_and_masks(synthetic, tmp_path):
     cfg, tasks = planned(synthetic, str(tmp_path / "s.zarr"))
-    assert [(t.shard, t.start, len(t.views)) for t in tasks] == [(0, 0, 3), (1, 3, 3), (2, 6, 3), (3, 9, 3)]
+    assert [(t.shard, t.start, len(t.views)) for t in tasks] == [
+        (0, 0, 3),
+        (1, 3, 3),
+        (2, 6, 3),
+        (3, 9, 3),
+    ]
     records = run_shards_in_process(tasks[1:3])
     store = StoreReader(cfg.out)
     assert store.shard_records() == {r["shard"]: r for r in records}
@@ -33,7 +40,12 @@ def test_records_name_their_views_levels_and_masks(synthetic, tmp_path):
     levels = {s.name for s in store.specs}
     assert all(set(r["sha256"]) == levels | {"masks"} and r["seconds"] > 0 for r in records)
     assert store.usable_views().tolist() == [3, 4, 5, 6, 7, 8]
-    assert store.verify() == {"complete": [1, 2], "incomplete": [0, 3], "damaged": [], "shards_total": 4}
+    assert store.verify() == {
+        "complete": [1, 2],
+        "incomplete": [0, 3],
+        "damaged": [],
+        "shards_total": 4,
+    }
 
 
 def test_a_partial_store_resumes_to_the_same_arrays(synthetic, tmp_path):
@@ -41,12 +53,16 @@ def test_a_partial_store_resumes_to_the_same_arrays(synthetic, tmp_path):
     run_shard(tasks[2])
     result = extract(cfg, progress=False)
     assert (result.shards_run, result.shards_skipped_complete, result.views_run) == (3, 1, 9)
-    whole = small_config(synthetic, str(tmp_path / "whole.zarr"), augment=cfg.augment, views=1, shard_views=3)
+    whole = small_config(
+        synthetic, str(tmp_path / "whole.zarr"), augment=cfg.augment, views=1, shard_views=3
+    )
     extract(whole, progress=False)
     a, b = StoreReader(cfg.out), StoreReader(whole.out)
     for spec in a.specs:
         every = slice(None)
-        np.testing.assert_array_equal(a.read_stored(spec.name, every)[0], b.read_stored(spec.name, every)[0])
+        np.testing.assert_array_equal(
+            a.read_stored(spec.name, every)[0], b.read_stored(spec.name, every)[0]
+        )
     strip = lambda recs: {k: {**r, "seconds": 0} for k, r in recs.items()}  # noqa: E731
     assert strip(a.shard_records()) == strip(b.shard_records())
 

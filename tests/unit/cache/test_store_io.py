@@ -5,7 +5,7 @@ import pytest
 import zarr
 
 from cachedet.cache import schema
-from cachedet.cache.header import MaskInfo, StoreHeader, Storage
+from cachedet.cache.header import MaskInfo, Storage, StoreHeader
 from cachedet.cache.layout import create_store
 from cachedet.cache.store import StoreReader, StoreWriter
 from cachedet.data.masks import encode_rle
@@ -19,16 +19,29 @@ SPECS = (FeatureSpec("c3", 4, 8), FeatureSpec("c4", 6, 16))
 def make_store(tmp_path, dtype="float16") -> str:
     header = StoreHeader(
         backbone={"name": "handmade", "weights": "none", "weights_sha256": "0" * 64},
-        specs=SPECS, shapes={s.name: (s.channels, CANVAS // s.stride, CANVAS // s.stride) for s in SPECS},
-        dataset={"annotations_sha256": "f" * 64, "categories": [{"id": 3, "name": "a"}], "dropped": {}},
-        augment={"size": CANVAS, "augment": False}, views=1, storage=Storage(dtype, "zstd", SHARD),
-        num_views=VIEWS, num_images=VIEWS, cachedet_version="test",
-        masks=MaskInfo(format=schema.MASK_FORMAT, objects=VIEWS, objects_from_boxes=0))
+        specs=SPECS,
+        shapes={s.name: (s.channels, CANVAS // s.stride, CANVAS // s.stride) for s in SPECS},
+        dataset={
+            "annotations_sha256": "f" * 64,
+            "categories": [{"id": 3, "name": "a"}],
+            "dropped": {},
+        },
+        augment={"size": CANVAS, "augment": False},
+        views=1,
+        storage=Storage(dtype, "zstd", SHARD),
+        num_views=VIEWS,
+        num_images=VIEWS,
+        cachedet_version="test",
+        masks=MaskInfo(format=schema.MASK_FORMAT, objects=VIEWS, objects_from_boxes=0),
+    )
     side = (CANVAS, CANVAS)
     views = [ViewParams(i, 0, side, side, (0, 0), False, CANVAS) for i in range(VIEWS)]
-    boxes = {"offsets": np.arange(VIEWS + 1, dtype=np.int64),
-             "xyxy": np.tile(np.array([[2, 2, 10, 12]], dtype=np.float32), (VIEWS, 1)),
-             "labels": np.zeros(VIEWS, dtype=np.int64), "ann_ids": np.arange(VIEWS, dtype=np.int64)}
+    boxes = {
+        "offsets": np.arange(VIEWS + 1, dtype=np.int64),
+        "xyxy": np.tile(np.array([[2, 2, 10, 12]], dtype=np.float32), (VIEWS, 1)),
+        "labels": np.zeros(VIEWS, dtype=np.int64),
+        "ann_ids": np.arange(VIEWS, dtype=np.int64),
+    }
     url = str(tmp_path / "hand.zarr")
     assert create_store(url, header, views, boxes)
     return url
@@ -42,7 +55,7 @@ def features(n: int, seed: int) -> dict[str, np.ndarray]:
 
 def square_mask(v: int) -> bytes:
     m = np.zeros((CANVAS, CANVAS), dtype=bool)
-    m[2:12, 2 + v:10 + v] = True
+    m[2:12, 2 + v : 10 + v] = True
     return encode_rle(m)
 
 
@@ -50,8 +63,16 @@ def write_shard(writer: StoreWriter, shard: int, start: int, n: int, dtype: str)
     encoded = {k: schema.encode(v, dtype) for k, v in features(n, shard).items()}
     quant = {k: q for k, (_, q) in encoded.items()} if schema.is_quantized(dtype) else None
     digests = writer.write_features(shard, {k: e for k, (e, _) in encoded.items()}, start, quant)
-    digests["masks"] = writer.write_masks(shard, [[square_mask(v)] for v in range(start, start + n)])
-    record = {"shard": shard, "views": [start, start + n], "sha256": digests, "skipped": [], "seconds": 0.0}
+    digests["masks"] = writer.write_masks(
+        shard, [[square_mask(v)] for v in range(start, start + n)]
+    )
+    record = {
+        "shard": shard,
+        "views": [start, start + n],
+        "sha256": digests,
+        "skipped": [],
+        "seconds": 0.0,
+    }
     writer.write_record(record)
     return record
 
@@ -90,11 +111,14 @@ def test_changed_bytes_are_reported_as_damaged(tmp_path):
     record = write_shard(writer, 0, 0, SHARD, "float16")
     writer.write_record({**record, "sha256": {**record["sha256"], "c4": "0" * 64}})
     assert StoreReader(url).verify()["damaged"] == [
-        {"shard": 0, "level": "c4", "error": "checksum differs from the one recorded at write time"}]
+        {"shard": 0, "level": "c4", "error": "checksum differs from the one recorded at write time"}
+    ]
 
 
 def test_writer_and_reader_refuse_what_is_not_a_store(tmp_path):
-    zarr.open_group(str(tmp_path / "group.zarr"), mode="w")  # a zarr group without a cachedet header
+    zarr.open_group(
+        str(tmp_path / "group.zarr"), mode="w"
+    )  # a zarr group without a cachedet header
     (tmp_path / "plain").mkdir()
     for cls in (StoreWriter, StoreReader):
         with pytest.raises(CachedetError, match="group.zarr: not a cachedet feature store"):

@@ -57,15 +57,34 @@ def make_trainer(values, hooks, epochs=2, steps=10, state=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     loop = LoopConfig(epochs=epochs, steps_per_epoch=steps, seed=0)
-    return Trainer(model, opt, sched, Source(values), loop, torch.device("cpu"), DistInfo(0, 1, 0), hooks, state=state)
+    return Trainer(
+        model,
+        opt,
+        sched,
+        Source(values),
+        loop,
+        torch.device("cpu"),
+        DistInfo(0, 1, 0),
+        hooks,
+        state=state,
+    )
 
 
 def test_hooks_run_in_order_and_see_every_step():
     rec = Recorder()
     state = make_trainer([1.0, 0.5, 2.0], [rec], epochs=2, steps=2).run()
     kinds = [e if isinstance(e, str) else e[:3] for e in rec.events]
-    assert kinds == ["before", ("step", 0, 1), ("step", 0, 2), ("epoch", 0), ("step", 1, 3), ("step", 1, 4),
-                     ("epoch", 1), "after", "close"]
+    assert kinds == [
+        "before",
+        ("step", 0, 1),
+        ("step", 0, 2),
+        ("epoch", 0),
+        ("step", 1, 3),
+        ("step", 1, 4),
+        ("epoch", 1),
+        "after",
+        "close",
+    ]
     assert state.step == 4 and state.views == 8
     assert state.first_loss == pytest.approx(1.0 + 2.0)  # (2 * 1 - 1)^2 + |2|
 
@@ -73,7 +92,10 @@ def test_hooks_run_in_order_and_see_every_step():
 def test_resumed_state_starts_at_its_epoch_and_step():
     rec = Recorder()
     make_trainer([1.0], [rec], epochs=3, state=TrainState(epoch=2, step=7)).run()
-    assert [e for e in rec.events if isinstance(e, tuple)] == [("step", 2, 8, rec.events[1][3]), ("epoch", 2)]
+    assert [e for e in rec.events if isinstance(e, tuple)] == [
+        ("step", 2, 8, rec.events[1][3]),
+        ("epoch", 2),
+    ]
 
 
 def test_a_non_finite_loss_names_its_step_and_still_closes_hooks():
@@ -95,28 +117,54 @@ def test_train_step_matches_a_hand_written_step():
     loss.backward()
     torch.nn.utils.clip_grad_norm_(list(b.parameters()), 0.5)
     opt_b.step()
-    assert float(out.loss) == pytest.approx(float(loss.detach())) and set(out.losses) == {"loss_a", "loss_b"}
-    assert float(a.w) == pytest.approx(float(b.w))
+    assert float(out.loss) == pytest.approx(float(loss.detach())) and set(out.losses) == {
+        "loss_a",
+        "loss_b",
+    }
+    assert float(a.w.detach()) == pytest.approx(float(b.w.detach()))
 
 
-FP = {"feature_specs": [{"name": "c3", "channels": 8, "stride": 8}], "canvas": 64,
-      "backbone": {"name": "test_resnet", "out_indices": None, "weights_sha256": "0" * 64, "mean": [0.5] * 3,
-                   "std": [0.5] * 3},
-      "categories": [{"id": 1, "name": "a"}]}
+FP = {
+    "feature_specs": [{"name": "c3", "channels": 8, "stride": 8}],
+    "canvas": 64,
+    "backbone": {
+        "name": "test_resnet",
+        "out_indices": None,
+        "weights_sha256": "0" * 64,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    },
+    "categories": [{"id": 1, "name": "a"}],
+}
 
 
 def test_a_checkpoint_of_the_flat_layout_loads_as_a_run_record(tmp_path):
-    old = {"format": CHECKPOINT_FORMAT, "cachedet_version": "0.1.0", "epoch": 3, "step": 12,
-           "config": {"out": "r", "epochs": 4}, "detector_config": {"head": "faster-rcnn"},
-           "fingerprint": FP, "backbone_identity": {"name": "test_resnet"}, "categories": [{"id": 1}],
-           "augment": {"size": 64}, "detector": {"w": torch.ones(1)}, "backbone": None, "adapters": None,
-           "optimizer": {"state": {}}, "scheduler": {"last_epoch": 12}}
+    old = {
+        "format": CHECKPOINT_FORMAT,
+        "cachedet_version": "0.1.0",
+        "epoch": 3,
+        "step": 12,
+        "config": {"out": "r", "epochs": 4},
+        "detector_config": {"head": "faster-rcnn"},
+        "fingerprint": FP,
+        "backbone_identity": {"name": "test_resnet"},
+        "categories": [{"id": 1}],
+        "augment": {"size": 64},
+        "detector": {"w": torch.ones(1)},
+        "backbone": None,
+        "adapters": None,
+        "optimizer": {"state": {}},
+        "scheduler": {"last_epoch": 12},
+    }
     torch.save(old, tmp_path / "last.pt")
     ckpt = load_run_checkpoint(str(tmp_path / "last.pt"))
     record = RunRecord.from_dict(ckpt["run"])
     assert record.train == {"out": "r", "epochs": 4} and record.backbone == {"name": "test_resnet"}
     assert record.detector == {"head": "faster-rcnn"} and ckpt["epoch"] == 3 and ckpt["step"] == 12
-    assert torch.equal(ckpt["state"]["detector"]["w"], torch.ones(1)) and ckpt["state"]["scheduler"]["last_epoch"] == 12
+    assert (
+        torch.equal(ckpt["state"]["detector"]["w"], torch.ones(1))
+        and ckpt["state"]["scheduler"]["last_epoch"] == 12
+    )
     with pytest.raises(CachedetError, match="does not fit this run: .*canvas"):
         record.check_fits({**FP, "canvas": 128}, "--cache S", found_label="store")
     record.check_fits(dict(FP), "--cache S", found_label="store")  # the same features fit

@@ -1,0 +1,199 @@
+"""The Python API: ``load`` a trained run and ``predict`` on images; run the three stages from Python.
+
+``cachedet.load(run).predict(images)`` accepts what a user holds: image paths, PIL images, numpy
+(H, W, 3) uint8 arrays or (3, H, W) tensors, one or a batch. Paths go through the one image reader
+(``cachedet.data.decode.read_image``: EXIF orientation, every Pillow mode to RGB); PIL images follow
+the same rules (EXIF orientation applied, then ``to_rgb``). Each image is resized to fit the run's
+canvas and padded, exactly as ``cachedet predict`` does, and its detections come back in the
+image's own pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachedet.errors import CachedetError
+from cachedet.paths import resolve_path
+
+
+@dataclass
+class Detections:
+    """Detections of one image, in its original pixels (after EXIF orientation).
+
+    boxes float32 (N, 4) xyxy pixels; scores float32 (N,) in [0, 1], descending; labels int64 (N,)
+    dataset category ids (as in the training annotations); names list[str] (N) category names;
+    masks bool (N, H, W) for runs trained with ``--masks``, else None.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+    masks: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def _pil_pixels(image) -> torch.Tensor:
+    from PIL import ImageOps
+
+    from cachedet.data.decode import to_rgb
+
+    array = np.asarray(to_rgb(ImageOps.exif_transpose(image)))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _array_pixels(array: np.ndarray, where: str) -> torch.Tensor:
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (1, 3):
+        raise CachedetError(
+            f"{where}: a numpy image must be (H, W, 3) or (H, W), got shape {tuple(array.shape)}"
+        )
+    if array.dtype != np.uint8:
+        raise CachedetError(f"{where}: a numpy image must be uint8 (0-255), got {array.dtype}")
+    array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
+    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)
+
+
+def _tensor_pixels(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
+        raise CachedetError(
+            f"{where}: a tensor image must be (3, H, W) or (1, H, W), got shape {tuple(tensor.shape)}"
+        )
+    tensor = tensor.detach().cpu()
+    if tensor.dtype.is_floating_point:  # torchvision's convention: floats in [0, 1]
+        tensor = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
+    elif tensor.dtype != torch.uint8:
+        raise CachedetError(
+            f"{where}: a tensor image must be uint8 (0-255) or float (0-1), got {tensor.dtype}"
+        )
+    return tensor.expand(3, -1, -1).contiguous()
+
+
+def to_pixels(image, where: str = "image") -> torch.Tensor:
+    """One image as uint8 (3, H, W) RGB: a path (str or Path), PIL image, numpy (H, W, 3) / (H, W) uint8
+    array, or tensor (3, H, W) uint8 or float in [0, 1]. Raises CachedetError naming ``where``."""
+    from PIL import Image
+
+    from cachedet.data.decode import read_image
+
+    if isinstance(image, (str, Path)):
+        return read_image(resolve_path(str(image)))
+    if isinstance(image, Image.Image):
+        return _pil_pixels(image)
+    if isinstance(image, np.ndarray):
+        return _array_pixels(image, where)
+    if isinstance(image, torch.Tensor):
+        return _tensor_pixels(image, where)
+    raise CachedetError(
+        f"{where}: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}"
+    )
+
+
+def _as_batch(images) -> tuple[list, bool]:
+    """(list of single images, whether the input was a batch)."""
+    if isinstance(images, (list, tuple)):
+        return list(images), True
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return list(images), True
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images), True
+    return [images], False
+
+
+class Model:
+    """A trained run, ready to predict: backbone (with adapters if trained), neck and head.
+
+    Built by ``load``; ``categories`` is the run's list of {id, name} dicts, ``canvas`` its square
+    input side in pixels, ``masks`` whether detections carry instance masks.
+    """
+
+    def __init__(self, path: str, device: str = "auto", score_threshold: float = 0.05):
+        from cachedet.evaluation.predictor import Predictor, set_score_threshold
+
+        self.checkpoint = path
+        self.predictor = Predictor(path, device=device, score_threshold=score_threshold)
+        set_score_threshold(self.predictor.detector, score_threshold)
+        self.categories = self.predictor.categories.to_json()
+        self.canvas = self.predictor.canvas
+        self.masks = self.predictor.masks
+
+    def predict(self, images, batch_size: int = 8) -> Detections | list[Detections]:
+        """Detect objects in one image or a batch (list/tuple, (B, 3, H, W) tensor, (B, H, W, 3) array).
+
+        Returns one ``Detections`` for a single image, a list of them for a batch, in input order.
+        Raises CachedetError naming the image (its path, or ``images[i]``) that cannot be read.
+        """
+        items, batched = _as_batch(images)
+        p = self.predictor
+        results = []
+        for start in range(0, len(items), batch_size):
+            pixels = [
+                (
+                    i,
+                    to_pixels(
+                        image, str(image) if isinstance(image, (str, Path)) else f"images[{i}]"
+                    ),
+                )
+                for i, image in enumerate(items[start : start + batch_size], start)
+            ]
+            for det in p.image_detections(*p.detect_pixels(pixels)):
+                ids = [p.categories.to_id(int(k)) for k in det["labels"]]
+                results.append(
+                    Detections(
+                        boxes=det["boxes"].astype(np.float32),
+                        scores=det["scores"],
+                        labels=np.asarray(ids, dtype=np.int64),
+                        names=[p.categories.name_of(i) for i in ids],
+                        masks=det["masks"],
+                    )
+                )
+        return results if batched else results[0]
+
+    __call__ = predict
+
+
+def load(
+    run: str, checkpoint: str = "last", device: str = "auto", score_threshold: float = 0.05
+) -> Model:
+    """Load a run written by ``train_heads`` / ``cachedet train-heads`` for prediction.
+
+    run: the run directory. checkpoint: "last" (default), "best" (RUN/checkpoints/best.pt; an error
+    naming the file when the run has none) or a checkpoint file. device: "auto", "cpu", "cuda", ...
+    score_threshold: detections below it are dropped (inside the detector, before NMS; default 0.05 as
+    in training).
+    Raises CachedetError when the run or checkpoint is missing or unreadable, or when the backbone
+    weights available here differ from the ones the run was trained on.
+    """
+    from cachedet.engine.run import checkpoint_path
+
+    return Model(checkpoint_path(run, checkpoint), device=device, score_threshold=score_threshold)
+
+
+def train_heads(cfg, progress: bool = True):
+    """Stage 2: train neck and heads as ``cachedet train-heads`` does, from a ``TrainConfig``.
+
+    Returns ``TrainResult`` (run dir, steps, first/last loss, seconds, views/s); the run directory holds
+    config.json, metrics.jsonl and checkpoints/last.pt. Raises CachedetError for invalid settings."""
+    from cachedet.engine.train import train
+
+    return train(cfg, progress=progress)
+
+
+def evaluate(
+    run: str, annotations: str, images: str | None = None, **kwargs
+) -> tuple[dict, list[dict]]:
+    """Stage 3: score ``run`` on a COCO/LVIS validation file as ``cachedet eval`` does.
+
+    Keyword arguments as ``cachedet.evaluation.evaluate.evaluate_run`` (train_annotations, cache, out,
+    count_bins, device, batch_size, progress). Returns (metrics dict, COCO-format detections: bbox
+    [x, y, w, h] in original-image pixels). Raises CachedetError for missing or mismatched inputs."""
+    from cachedet.evaluation.evaluate import evaluate_run
+
+    return evaluate_run(run, annotations, images, **kwargs)

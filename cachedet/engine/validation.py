@@ -1,0 +1,205 @@
+"""Validation during training: the same evaluator as ``cachedet eval``, and checkpoints/best.pt.
+
+``ValidationSet`` loads the validation annotations, their scoring ground truth and (for
+``val.cache``) the store once, before the first step, so a wrong file fails the run before any
+training. ``EvalHook`` then runs every ``val.every`` epochs (and after the last one) on the main
+process (DDP ranks wait at the trainer's barrier): it predicts with the detector in memory
+(``Predictor.from_model``), scores with ``DetectionEvaluator``, writes a metrics.jsonl line
+``{"step", "epoch", "val": {"bbox": {AP, AP50, ...}, "segm": {...}, "num_detections", "seconds"}}``,
+prints one console line, and writes checkpoints/best.pt (atomically, the format of last.pt) when
+``val.best_metric`` improves. The best so far travels in every checkpoint's ``best`` entry, so a
+resumed run keeps comparing against it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from cachedet.engine.config import ValConfig
+from cachedet.engine.run import RunRecord, save_run_checkpoint
+from cachedet.engine.trainer import Hook, Trainer
+from cachedet.errors import CachedetError
+
+SUMMARY_PARTS = ("bbox", "segm", "lvis_bbox", "lvis_segm")
+
+
+class ValidationSet:
+    """The validation images (or store) and their ground truth, read once.
+
+    categories: the run's [{id, name}] in label order (the validation file must have the same ids);
+    masks: the detector predicts masks (scored as segm when the file has segmentations).
+    Raises CachedetError naming val.annotations / val.images / val.cache when they cannot be used.
+    """
+
+    def __init__(self, cfg: ValConfig, categories: list[dict], masks: bool, batch_size: int = 8):
+        from cachedet.data.coco import load_detection_dataset
+        from cachedet.evaluation.evaluator import DetectionEvaluator
+        from cachedet.evaluation.ground_truth import scoring_ground_truth
+
+        self.cfg, self.batch_size = cfg, batch_size
+        if cfg.images is not None and not os.path.isdir(cfg.images):
+            raise CachedetError(f"val.images {cfg.images}: no such folder")
+        if not os.path.exists(cfg.annotations):
+            raise CachedetError(f"val.annotations {cfg.annotations}: no such file")
+        dataset = load_detection_dataset(
+            cfg.annotations, cfg.images or os.path.dirname(cfg.annotations)
+        )
+        ids = [c["id"] for c in categories]
+        if list(dataset.categories.ids) != ids:
+            raise CachedetError(
+                f"val.annotations {cfg.annotations}: categories differ from the training set's "
+                f"({len(dataset.categories.ids)} vs {len(ids)}); validate on a file with the "
+                "training categories"
+            )
+        ground_truth = scoring_ground_truth(dataset.raw, cfg.annotations, dataset.is_lvis)
+        self.evaluator = DetectionEvaluator(
+            ground_truth,
+            {c["id"]: c["name"] for c in categories},
+            masks=masks and dataset.has_masks,
+            lvis=dataset.is_lvis,
+        )
+        self.num_images = len(dataset.images)
+        self.store = self.items = None
+        if cfg.cache is not None:
+            from cachedet.cache.store import StoreReader
+
+            self.store = StoreReader(cfg.cache)
+            self.store.header.check_dataset(
+                dataset.sha256, f"val.cache {cfg.cache}", cfg.annotations
+            )
+        else:
+            self.items = [
+                (r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images
+            ]
+
+    def check(self, predictor) -> None:
+        """Refuse a store that does not fit the detector, before training."""
+        if self.store is not None:
+            predictor.check_store(self.store, option="val.cache")
+
+    def evaluate(self, predictor) -> dict:
+        """Predict and score the whole set; the DetectionEvaluator's metrics."""
+        from cachedet.evaluation.evaluator import inference_on_dataset
+
+        if self.store is not None:
+            batches = predictor.iter_store(self.store, batch_size=self.batch_size)
+        else:
+            batches = predictor.iter_images(self.items, batch_size=self.batch_size)
+        return inference_on_dataset(batches, self.evaluator)
+
+
+def metric_of(val: dict, name: str) -> float | None:
+    """The value ``name`` ("bbox.AP") picks from a validation line's ``val`` (None: not scored)."""
+    part, _, stat = name.partition(".")
+    return (val.get(part) or {}).get(stat)
+
+
+def val_line(val: dict) -> str:
+    """One console line: box (and mask) AP, AP50, AP75."""
+    parts = []
+    for name, label in (("bbox", "box"), ("segm", "mask")):
+        if name in val:
+            parts.append(
+                label
+                + " "
+                + " ".join(
+                    f"{k} {'-' if val[name][k] is None else format(val[name][k], '.1f')}"
+                    for k in ("AP", "AP50", "AP75")
+                )
+            )
+    return " | ".join(parts)
+
+
+class EvalHook(Hook):
+    """Validates every ``period`` epochs and after the last; keeps ``best_path`` (see module docstring).
+
+    predictor: a ``Predictor.from_model`` on the trained detector; metrics: the run's ``MetricsHook``
+    (lines and console); checkpoint: the run's ``CheckpointHook`` (what a checkpoint holds).
+    Other hooks hear of each result through ``after_eval(trainer, line)``.
+    """
+
+    def __init__(
+        self,
+        validation: ValidationSet,
+        predictor,
+        period: int,
+        best_metric: str,
+        best_path: str,
+        record: RunRecord,
+        metrics,
+        checkpoint,
+    ):
+        self.validation, self.predictor, self.period = validation, predictor, period
+        self.best_metric, self.best_path, self.record = best_metric, best_path, record
+        self.metrics, self.checkpoint = metrics, checkpoint
+
+    def before_train(self, trainer: Trainer) -> None:
+        best = trainer.state.extra.get("best")
+        if (
+            best is not None and best.get("metric") != self.best_metric
+        ):  # a new metric starts a new best
+            trainer.state.extra["best"] = None
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        epoch = trainer.state.epoch + 1
+        if epoch % self.period and epoch != trainer.loop.epochs:
+            return
+        line = {
+            "step": trainer.state.step,
+            "epoch": trainer.state.epoch,
+            "val": self.evaluate(trainer),
+        }
+        self.metrics.write(line)
+        value, best = metric_of(line["val"], self.best_metric), trainer.state.extra.get("best")
+        improved = value is not None and (best is None or value > best["value"])
+        if improved:
+            best = {
+                "metric": self.best_metric,
+                "value": value,
+                "step": trainer.state.step,
+                "epoch": trainer.state.epoch,
+            }
+            trainer.state.extra["best"] = best
+            save_run_checkpoint(
+                self.best_path,
+                self.record,
+                trainer.state.epoch,
+                trainer.state.step,
+                self.checkpoint.state(trainer),
+                best=best,
+            )
+        note = (
+            f"new best {self.best_metric}"
+            if improved
+            else f"best {self.best_metric} {best['value']:.1f} at step {best['step']}"
+            if best
+            else ""
+        )
+        self.metrics.log(
+            f"val epoch {epoch} step {trainer.state.step}: {val_line(line['val'])}"
+            + (f"  ({note})" if note else "")
+        )
+        for hook in trainer.hooks:
+            hook.after_eval(trainer, line)
+
+    def evaluate(self, trainer: Trainer) -> dict:
+        t0 = time.perf_counter()
+        modules = [m for m in (self.predictor.detector, self.predictor.backbone) if m is not None]
+        modes = [m.training for m in modules]
+        with torch.random.fork_rng(devices=[]):  # validation draws nothing from the training stream
+            for m in modules:
+                m.eval()
+            try:
+                scores = self.validation.evaluate(self.predictor)
+            finally:
+                for m, mode in zip(modules, modes):
+                    m.train(mode)
+        val = {k: scores[k] for k in SUMMARY_PARTS if k in scores}
+        return {
+            **val,
+            "num_detections": scores["num_detections"],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }

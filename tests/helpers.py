@@ -1,0 +1,47 @@
+"""Helpers shared by test modules in different folders (import: ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cachedet.cache.store import FeatureStore
+
+
+def reference_boxes(params, boxes):
+    """Independent numpy re-statement of resize -> flip -> crop/pad -> clip -> drop (< 1 px)."""
+    sy, sx = (
+        params.resized_size[0] / params.orig_size[0],
+        params.resized_size[1] / params.orig_size[1],
+    )
+    b = boxes.astype(np.float64) * [sx, sy, sx, sy]
+    if params.flip:
+        b[:, [0, 2]] = params.resized_size[1] - b[:, [2, 0]]
+    b -= [params.crop_offset[1], params.crop_offset[0]] * 2
+    b = b.clip(0, params.canvas)
+    keep = ((b[:, 2] - b[:, 0]) >= 1) & ((b[:, 3] - b[:, 1]) >= 1)
+    return b[keep], keep
+
+
+def all_arrays(url):
+    fs = FeatureStore(url)
+    out = {f"features/{s.name}": fs.features_array(s.name)[...] for s in fs.specs}
+    out.update({f"meta/{k}": v for k, v in fs.meta.items()})
+    out["boxes/offsets"] = fs.box_offsets
+    out.update({f"boxes/{k}": v for k, v in fs._boxes.items()})
+    if fs.has_masks:  # every shard's packed instance masks
+        for shard in range(fs.num_shards):
+            out[f"masks/{shard}/rle"], out[f"masks/{shard}/offsets"] = fs.read_shard_masks(shard)
+    return out
+
+
+def assert_same_store(a_url: str, b_url: str):
+    """Same views, boxes and metadata; features equal up to float16 rounding."""
+    a, b = all_arrays(a_url), all_arrays(b_url)
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.startswith("features/"):
+            np.testing.assert_allclose(
+                a[k].astype(np.float32), b[k].astype(np.float32), rtol=1e-3, atol=1e-3, err_msg=k
+            )
+        else:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import torch
+from helpers import reference_boxes
+
+from cachedet.data.views import (
+    AugmentConfig,
+    plan_view,
+    transform_boxes,
+    transform_image,
+    view_to_image_boxes,
+)
+
+
+def random_boxes(rng, h, w, n=12):
+    x1, y1 = rng.uniform(0, w - 2, n), rng.uniform(0, h - 2, n)
+    return np.stack(
+        [
+            x1,
+            y1,
+            np.minimum(x1 + rng.uniform(1, w / 2, n), w),
+            np.minimum(y1 + rng.uniform(1, h / 2, n), h),
+        ],
+        1,
+    ).astype(np.float32)
+
+
+def test_plan_is_deterministic_and_varies_with_view():
+    cfg = AugmentConfig(size=256, seed=11)
+    a = plan_view(cfg, 42, 3, 300, 500)
+    assert a == plan_view(cfg, 42, 3, 300, 500)
+    others = {plan_view(cfg, 42, k, 300, 500) for k in range(8)}
+    assert len(others) == 8
+    assert plan_view(AugmentConfig(size=256, seed=12), 42, 3, 300, 500) != a
+
+
+def test_scale_range_and_crop_bounds():
+    cfg = AugmentConfig(size=128, scale_range=(0.5, 1.5), seed=0)
+    for k in range(200):
+        p = plan_view(cfg, 7, k, 90, 160)
+        longer = max(p.resized_size)
+        assert 0.5 * 128 - 1 <= longer <= 1.5 * 128 + 1
+        assert 0 <= p.crop_offset[0] <= max(p.resized_size[0] - 128, 0)
+        assert 0 <= p.crop_offset[1] <= max(p.resized_size[1] - 128, 0)
+    flips = [plan_view(cfg, 7, k, 90, 160).flip for k in range(200)]
+    assert 60 < sum(flips) < 140
+
+
+def test_no_augment_fits_the_canvas():
+    p = plan_view(AugmentConfig(size=128, augment=False), 1, 0, 90, 160)
+    assert p.resized_size == (72, 128) and p.crop_offset == (0, 0) and not p.flip
+    assert p.valid_size == (72, 128)
+
+
+def test_boxes_match_an_independent_reference():
+    rng = np.random.default_rng(0)
+    cfg = AugmentConfig(size=96, seed=5)
+    checked_flip = checked_crop = checked_pad = 0
+    for k in range(60):
+        h, w = (int(v) for v in rng.integers(40, 200, 2))
+        boxes = random_boxes(rng, h, w)
+        labels = np.arange(len(boxes))
+        p = plan_view(cfg, 3, k, h, w)
+        got, got_labels, got_ids = transform_boxes(p, boxes, labels, labels + 100)
+        want, keep = reference_boxes(p, boxes)
+        np.testing.assert_allclose(got, want, atol=1e-3)
+        assert got_labels.tolist() == labels[keep].tolist()
+        assert got_ids.tolist() == (labels[keep] + 100).tolist()
+        checked_flip += p.flip
+        checked_crop += max(p.resized_size) > 96
+        checked_pad += min(p.valid_size) < 96
+    assert checked_flip and checked_crop and checked_pad
+
+
+def test_image_and_boxes_stay_aligned():
+    """Paint each box's area in the source image; the view's box area has that colour."""
+    cfg = AugmentConfig(size=128, seed=2, scale_range=(0.8, 1.6))
+    h, w = 120, 150
+    boxes = np.array([[10, 20, 50, 70], [80, 30, 140, 100]], dtype=np.float32)
+    image = torch.zeros(3, h, w)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.astype(int)):
+        image[i, y1:y2, x1:x2] = 1.0
+    for k in range(10):
+        p = plan_view(cfg, 9, k, h, w)
+        view = transform_image(p, image)
+        assert view.shape == (3, 128, 128)
+        got, labels, _ = transform_boxes(p, boxes, np.array([0, 1]), np.array([0, 1]))
+        for (x1, y1, x2, y2), lab in zip(got, labels):
+            inner = view[lab, int(y1) + 2 : int(y2) - 2, int(x1) + 2 : int(x2) - 2]
+            if inner.numel():
+                assert inner.mean() > 0.95
+        assert view[:, p.valid_size[0] :, :].abs().sum() == 0  # padding below the image
+        assert view[:, :, p.valid_size[1] :].abs().sum() == 0  # padding right of the image
+
+
+def test_view_boxes_map_back_to_the_image():
+    rng = np.random.default_rng(2)
+    cfg = AugmentConfig(size=160, seed=4, scale_range=(0.3, 2.0))
+    mapped = 0
+    for k in range(40):
+        h, w = (int(v) for v in rng.integers(60, 220, 2))
+        boxes = random_boxes(rng, h, w)
+        p = plan_view(cfg, 5, k, h, w)
+        got, _, ids = transform_boxes(p, boxes, np.zeros(len(boxes)), np.arange(len(boxes)))
+        back = view_to_image_boxes(p, got)
+        # boxes that were not clipped by the crop come back exactly (up to float rounding)
+        ref, keep = reference_boxes(p, boxes)
+        unclipped = [i for i, b in zip(ids, ref) if (b > 0).all() and (b < p.canvas).all()]
+        for i in unclipped:
+            j = ids.tolist().index(i)
+            np.testing.assert_allclose(back[j], boxes[i], atol=1e-2)
+            mapped += 1
+    assert mapped > 50
+
+
+def test_bad_options():
+    from cachedet.errors import CachedetError
+
+    with pytest.raises(CachedetError, match="--scale-range"):
+        AugmentConfig(scale_range=(2.0, 0.5))
+    with pytest.raises(CachedetError, match="--size"):
+        AugmentConfig(size=8)

@@ -1,0 +1,98 @@
+"""The benchmark harness measures what it says (no timing is asserted: benchmarks are not tests)."""
+
+import numpy as np
+import pytest
+
+from cachedet.bench import OUR_REGIMES, BenchConfig, decode_speeds, run_benchmark
+
+REQUIRED = {
+    "backbone",
+    "detector",
+    "size",
+    "batch",
+    "device",
+    "regime",
+    "step_s_median",
+    "flops_per_step",
+    "peak_mem_bytes",
+}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    cfg = BenchConfig(
+        backbone="test_resnet",
+        out_indices=None,
+        size=96,
+        batch=2,
+        warmup=1,
+        steps=2,
+        num_classes=5,
+        options={"box_convs": 0, "box_fcs": 2, "box_representation": 64, "rois_per_image": 32},
+        workdir=str(tmp_path_factory.mktemp("bench")),
+    )
+    return run_benchmark(cfg, fresh_process=False, log=lambda *a: None)
+
+
+def test_every_regime_is_measured_with_the_required_fields(small_run):
+    recs = {r["regime"]: r for r in small_run["records"]}
+    assert set(recs) == set(OUR_REGIMES)  # no torchvision peer for a non-ResNet-50 backbone
+    for r in recs.values():
+        assert REQUIRED <= r.keys()
+        assert len(r["step_s_all"]) == 2 and r["step_s_median"] > 0 and r["peak_mem_bytes"] > 0
+    f = {k: r["flops_per_step"] for k, r in recs.items()}
+    # the same views through the same detector: only the backbone's share differs
+    assert f["finetune"] > f["online_frozen"] > f["cached"] == f["heads_in_memory"] > 0
+
+
+def test_stage_measurements(small_run):
+    st = small_run["stages"]
+    assert st["extract_views_per_s"] > 0 and st["backbone_forward_views_per_s"] > 0
+    assert set(st["cache_bytes_per_view_by_level"]) == {"c3", "c4", "c5"}
+    assert st["cache_bytes_per_view"] == pytest.approx(
+        sum(st["cache_bytes_per_view_by_level"].values()), rel=0.05
+    )
+    assert "break_even_epochs" in st
+
+
+def test_codec_table_covers_every_dtype_and_codec(small_run):
+    rows = decode_speeds(
+        small_run["config"]["workdir"] + "/bench.zarr", small_run["config"]["workdir"]
+    )
+    assert {(r["dtype"], r["codec"]) for r in rows} == {
+        (d, c) for d in ("float16", "bfloat16", "float32", "uint8") for c in ("zstd", "lz4", "none")
+    }
+    by = {(r["dtype"], r["codec"]): r for r in rows}
+    assert by[("float32", "none")]["max_abs_error"] == 0
+    assert by[("float16", "zstd")]["bytes_per_view"] < by[("float32", "zstd")]["bytes_per_view"]
+    assert by[("bfloat16", "none")]["max_abs_error"] > by[("float16", "none")]["max_abs_error"]
+    assert by[("uint8", "none")]["bytes_per_view"] < 0.6 * by[("float16", "none")]["bytes_per_view"]
+    assert all(np.isfinite(r["decode_MBps"]) and r["decode_MBps"] > 0 for r in rows)
+
+
+def test_adapter_regimes_cost_between_cached_and_online(tmp_path):
+    from cachedet.bench import ADAPTER_REGIMES
+
+    cfg = BenchConfig(
+        backbone="test_resnet",
+        out_indices=None,
+        size=96,
+        batch=2,
+        warmup=1,
+        steps=1,
+        num_classes=5,
+        options={"box_convs": 0, "box_fcs": 2, "box_representation": 64, "rois_per_image": 32},
+        workdir=str(tmp_path),
+    )
+    run = run_benchmark(
+        cfg,
+        regimes=("online_frozen", "cached") + ADAPTER_REGIMES,
+        fresh_process=False,
+        log=lambda *a: None,
+    )
+    f = {r["regime"]: r["flops_per_step"] for r in run["records"]}
+    # adapters add their own backward (and a backward through the last stage); the hybrid skips stages 0-3
+    assert (
+        f["adapters_online"] > f["online_frozen"]
+        and f["cached"] < f["adapters_hybrid"] < f["adapters_online"]
+    )
