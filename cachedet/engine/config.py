@@ -7,14 +7,14 @@ shows the option that sets it instead (``cachedet_cli.common.FLAG_OF``).
 
 ``TrainConfig.of(**settings)`` builds one from flat names (``epochs=3, head="cascade"``), as the
 CLI, the demo and the tests do; ``PATH_OF`` maps each flat name to its field path. config.json
-stores ``to_dict()`` (nested); ``from_dict`` also reads the flat layout of cachedet 0.1 runs.
+stores ``to_dict()`` (the flat names); ``from_dict`` reads that, the nested ``asdict`` layout and cachedet 0.1 runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from cachedet.backbones import DEFAULT_BACKBONE
 from cachedet.errors import CachedetError
@@ -304,7 +304,9 @@ class TrainConfig:
             raise CachedetError(f"optim.lr: expected a positive number, got {self.learning_rate}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The flat settings (``flat``), as config.json keeps them: the names of cachedet 0.1's
+        config.json and of the train-heads options, so scripts that read it keep working."""
+        return self.flat()
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

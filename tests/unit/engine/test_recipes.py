@@ -140,8 +140,8 @@ def test_extract_and_train_heads_agree_on_the_recipe(cli, synthetic, tmp_path):
     assert "for 1 epochs try --recipe short" in r.stdout  # the guidance line
     with open(tmp_path / "run" / "config.json") as f:
         train = json.load(f)["train"]
-    assert train["recipe"] == "paper" and train["optim"]["warmup_steps"] is None
-    assert train["detector"]["options"] == {"box_convs": 4, "box_fcs": 1}
+    assert train["recipe"] == "paper" and train["warmup_steps"] is None
+    assert train["detector_options"] == {"box_convs": 4, "box_fcs": 1}
 
     r = cli(
         "train-heads",
@@ -159,7 +159,7 @@ def test_extract_and_train_heads_agree_on_the_recipe(cli, synthetic, tmp_path):
     assert "extracted with --recipe paper" in r.stdout
     with open(tmp_path / "run2" / "config.json") as f:
         train = json.load(f)["train"]
-    assert train["recipe"] == "short" and train["detector"]["options"] == {
+    assert train["recipe"] == "short" and train["detector_options"] == {
         "box_convs": 1,
         "box_fcs": 1,
     }

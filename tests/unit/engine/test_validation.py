@@ -76,7 +76,7 @@ def test_validation_from_images_keeps_the_best_checkpoint(stores, synthetic, tmp
     weights = best["state"]["detector"]
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
     with open(os.path.join(run, "config.json")) as f:
-        assert json.load(f)["train"]["val"]["every"] == 2
+        assert json.load(f)["train"]["eval_every"] == 2
     assert is_png(os.path.join(run, "curves.png"))
 
 
@@ -228,6 +228,6 @@ def test_config_replay_with_an_override_trains_as_that_setting_would(cli, stores
         original / "config.json"
     )
     assert (
-        config["train"]["optim"]["lr"] == 0.02
-        and config["train"]["detector"]["options"]["box_representation"] == 128
+        config["train"]["lr"] == 0.02
+        and config["train"]["detector_options"]["box_representation"] == 128
     )
