@@ -297,7 +297,15 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
         if regime == "heads_in_memory":
             batches = mem
         else:
-            source = CacheSource(store, cfg.batch, 1, False, 1, 0, 4, DistInfo(0, 1, 0))
+            # the feed train-heads uses on this device: its default workers, pinned memory on CUDA
+            from cachedet.engine.config import LoaderConfig
+            from cachedet.engine.sources import FeedOptions
+
+            workers = LoaderConfig().resolved(device).workers or 1
+            feed = FeedOptions(pin_memory=device.type == "cuda", prefetch_factor=4)
+            source = CacheSource(
+                store, cfg.batch, workers, False, 1, 0, 4, DistInfo(0, 1, 0), feed=feed
+            )
             batches = ((b["inputs"], b["targets"]) for b in source.batches(0))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)

@@ -386,8 +386,11 @@ def train_heads_command(
     device: str = typer.Option(
         "auto", "--device", metavar="DEVICE", help=DEVICE_HELP, rich_help_panel=RUN
     ),
-    loader_workers: int = typer.Option(
-        0, "--loader-workers", help=LOADER_WORKERS_HELP, rich_help_panel=RUN
+    loader_workers: int | None = typer.Option(
+        None,
+        "--loader-workers",
+        help=LOADER_WORKERS_HELP + " Default: min(8, cores - 1) on CUDA, 0 otherwise.",
+        rich_help_panel=RUN,
     ),
     no_amp: bool = typer.Option(
         False, "--no-amp", help="No bfloat16 autocast on CUDA.", rich_help_panel=RUN

@@ -77,6 +77,23 @@ class _EpochViews:
             )
         self._opened = store
 
+    _shared_epoch = None
+
+    @property
+    def epoch(self) -> int:
+        return self._shared_epoch.value if self._shared_epoch is not None else self._epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int):
+        self._epoch = epoch
+        if self._shared_epoch is not None:
+            self._shared_epoch.value = epoch
+
+    def share_epoch(self, context) -> None:
+        """Keep the epoch in shared memory (``context``: a multiprocessing context), so that
+        persistent DataLoader workers, which keep their copy of this dataset, see ``set_epoch``."""
+        self._shared_epoch = context.RawValue("q", self._epoch)
+
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 

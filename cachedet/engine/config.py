@@ -115,10 +115,14 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """How batches are fed: size, workers, RAM, views per epoch, feature crops."""
+    """How batches are fed: size, workers, RAM, views per epoch, feature crops, metrics lines.
+
+    On CUDA the loader pins host memory; with workers it prefetches ``prefetch_factor`` batches
+    per worker and (``persistent_workers``) keeps its workers alive across epochs.
+    """
 
     batch_size: int = 8
-    workers: int = 0
+    workers: int | None = None  # None: min(8, cores - 1) on CUDA, 0 (the main process) otherwise
     loader_start: str | None = None  # DataLoader start method (None: platform default, or "spawn")
     in_memory: bool = False
     views_per_epoch: int = 1
@@ -126,10 +130,24 @@ class LoaderConfig:
     feature_crop_min: float = 0.6  # smallest crop side, as a share of the canvas
     shuffle_buffer: int = 256
     max_steps_per_epoch: int | None = None
+    prefetch_factor: int = 4  # batches each worker prepares ahead
+    persistent_workers: bool = True
+    log_every: int | None = None  # steps per metrics line (None: 50 on CUDA, 1 otherwise)
+
+    def resolved(self, device) -> "LoaderConfig":
+        """This config with ``workers`` and ``log_every`` set for ``device`` (a torch.device)."""
+        cuda = device.type == "cuda"
+        workers = self.workers
+        if workers is None:
+            workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
+        log_every = self.log_every if self.log_every is not None else (50 if cuda else 1)
+        return replace(self, workers=workers, log_every=log_every)
 
     def validate(self, online: bool):
-        for name in ("batch_size", "views_per_epoch"):
-            if getattr(self, name) < 1:
+        if self.workers is not None and self.workers < 0:
+            raise CachedetError(f"loader.workers: expected 0 or more, got {self.workers}")
+        for name in ("batch_size", "views_per_epoch", "prefetch_factor", "log_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise CachedetError(
                     f"loader.{name}: expected a positive integer, got {getattr(self, name)}"
                 )

@@ -12,15 +12,18 @@ from cachedet.engine.trainer import Hook, Trainer
 
 
 class MetricsHook(Hook):
-    """Appends each step's record to metrics.jsonl (flushed per line) and advances a progress bar."""
+    """Appends each metrics line (one per ``log_every`` steps) to metrics.jsonl, flushed per line,
+    and advances a progress bar by the steps it covers."""
 
     def __init__(self, path: str, steps: int, epochs: int, progress: bool = True):
         self.path, self.steps, self.epochs, self.progress = path, steps, epochs, progress
         self._file = self._bar = None
+        self._step = 0  # the step of the last line written
 
     def before_train(self, trainer: Trainer) -> None:
         from cachedet.progress import ViewProgress
 
+        self._step = trainer.state.step
         self._file = open(self.path, "a")
         self._bar = ViewProgress(
             "train-heads", self.steps, unit="steps", enabled=self.progress
@@ -42,10 +45,11 @@ class MetricsHook(Hook):
     def after_step(self, trainer: Trainer, record: dict) -> None:
         self.write(record)
         self._bar.advance(
-            1,
+            record["step"] - self._step,
             status=f"epoch {record['epoch'] + 1}/{self.epochs} loss {record['loss']:.3f} "
             f"lr {record['lr']:.2g}",
         )
+        self._step = record["step"]
 
     def close(self) -> None:
         if self._bar is not None:

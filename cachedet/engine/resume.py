@@ -6,7 +6,8 @@ given with ``--resume`` with the checkpoint's:
 
 - ``RESUMABLE`` settings may change: the schedule's length (``epochs``), the optimiser's ``lr``,
   ``weight_decay`` and ``clip_grad``, and where and how the run executes (``device``, ``workers``,
-  ``loader_start``, ``amp``) and the validation settings (a changed ``best_metric`` starts a new
+  ``loader_start``, ``prefetch_factor``, ``persistent_workers``, ``log_every``, ``amp``) and the
+  validation settings (a changed ``best_metric`` starts a new
   best). They are applied from the first resumed step and recorded.
 - Locations (``out``, ``cache``, ``annotations``, ``images``) are not compared: the data's identity
   is checked by its fingerprint instead.
@@ -34,6 +35,9 @@ RESUMABLE = (
     "device",
     "workers",
     "loader_start",
+    "prefetch_factor",
+    "persistent_workers",
+    "log_every",
     "amp",
     "val_annotations",
     "val_images",

@@ -9,6 +9,8 @@ normalised images (B, 3, S, S) (online; ``backbone`` turns them into features).
 from __future__ import annotations
 
 import math
+import multiprocessing
+from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
@@ -30,6 +32,28 @@ def steps_in_epoch(views_per_rank: list[int], batch_size: int) -> int:
     if len(views_per_rank) == 1:
         return math.ceil(views_per_rank[0] / batch_size)
     return max(1, min(views_per_rank) // batch_size)
+
+
+@dataclass(frozen=True)
+class FeedOptions:
+    """DataLoader settings beyond the worker count (see ``LoaderConfig``): ``pin_memory`` for
+    non-blocking copies to a GPU; with workers, ``prefetch_factor`` batches each worker prepares
+    ahead and ``persistent`` workers kept alive across epochs."""
+
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    persistent: bool = False
+    start: str | None = None  # multiprocessing start method (None: the platform's default)
+
+    def loader_kwargs(self, workers: int) -> dict:
+        kwargs = {"num_workers": workers, "pin_memory": self.pin_memory}
+        if workers:
+            kwargs.update(
+                prefetch_factor=self.prefetch_factor,
+                persistent_workers=self.persistent,
+                multiprocessing_context=self.start,
+            )
+        return kwargs
 
 
 def _batched(samples, batch_size: int, collate):
@@ -86,13 +110,11 @@ class CacheSource(_AdapterMixin):
         keep_float16: bool = False,
         feature_crop_min: float | None = None,
         masks: bool = False,
+        feed: FeedOptions | None = None,
     ):
-        self.batch_size, self.workers, self.in_memory, self.loader_start = (
-            batch_size,
-            workers,
-            in_memory,
-            loader_start,
-        )
+        self.batch_size, self.workers, self.in_memory = batch_size, workers, in_memory
+        self.feed = feed or FeedOptions(start=loader_start)
+        self._loader = None  # kept across epochs when its workers persist
         self.seed, self.rank, self.feature_crop_min = seed, dist.rank, feature_crop_min
         if in_memory:
             self.dataset = InMemoryViews(
@@ -153,19 +175,27 @@ class CacheSource(_AdapterMixin):
         if self.in_memory:
             batches = _batched(iter(self.dataset), self.batch_size, collate_views)
         else:
-            batches = DataLoader(
-                self.dataset,
-                batch_size=self.batch_size,
-                num_workers=self.workers,
-                collate_fn=collate_views,
-                multiprocessing_context=self.loader_start if self.workers else None,
-            )
+            batches = self._loader or self._make_loader()
         if (
             self.feature_crop_min is not None
         ):  # seeded by epoch, so a resumed run replays the same crops
             rng = np.random.default_rng([self.seed, epoch, self.rank, 23])
             batches = (crop_batch(b, self.specs, self.feature_crop_min, rng) for b in batches)
         return islice(batches, self.steps(epoch))
+
+    def _make_loader(self) -> DataLoader:
+        persistent = self.feed.persistent and self.workers > 0
+        if persistent:  # the workers keep their copy of the dataset: share its epoch with them
+            self.dataset.share_epoch(multiprocessing.get_context(self.feed.start))
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            collate_fn=collate_views,
+            **self.feed.loader_kwargs(self.workers),
+        )
+        if persistent:
+            self._loader = loader
+        return loader
 
 
 class OnlineSource(_AdapterMixin):
@@ -183,8 +213,10 @@ class OnlineSource(_AdapterMixin):
         seed: int,
         dist: DistInfo,
         masks: bool = False,
+        feed: FeedOptions | None = None,
     ):
         self.where = "the online backbone"
+        self.feed = feed or FeedOptions()
         self.dataset_info = load_detection_dataset(annotations, images)
         self.masks = masks and self.dataset_info.has_masks
         self.no_masks_reason = f"--annotations {annotations} has no segmentation"
@@ -214,7 +246,8 @@ class OnlineSource(_AdapterMixin):
             self.views,
             rank_indices(len(self.views), self.seed, epoch, self.dist.rank, self.dist.world),
         )
-        loader = DataLoader(
-            subset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate_images
-        )
+        # a new Subset (this epoch's order) each epoch, so its workers never persist
+        kwargs = self.feed.loader_kwargs(self.workers)
+        kwargs.pop("persistent_workers", None)
+        loader = DataLoader(subset, batch_size=self.batch_size, collate_fn=collate_images, **kwargs)
         return islice(loader, self.steps(epoch))

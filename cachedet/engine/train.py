@@ -25,7 +25,7 @@ from cachedet.engine.hooks import CheckpointHook, MetricsHook
 from cachedet.engine.monitor import CurvesHook, TensorBoardHook
 from cachedet.engine.resume import continue_schedule, resume_changes
 from cachedet.engine.run import RunDir, RunRecord, load_run_checkpoint
-from cachedet.engine.sources import CacheSource, OnlineSource
+from cachedet.engine.sources import CacheSource, FeedOptions, OnlineSource
 from cachedet.engine.step import TrainModel
 from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
 from cachedet.engine.validation import EvalHook, ValidationSet
@@ -69,6 +69,13 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
+    loader = cfg.loader.resolved(device)
+    feed = FeedOptions(
+        pin_memory=device.type == "cuda",
+        prefetch_factor=loader.prefetch_factor,
+        persistent=loader.persistent_workers,
+        start=loader.loader_start,
+    )
     if cfg.source.online:
         source = OnlineSource(
             cfg.source.annotations,
@@ -79,17 +86,18 @@ def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
             ),
             cfg.source.backbone_trainable,
             cfg.loader.batch_size,
-            cfg.loader.workers,
+            loader.workers,
             cfg.seed,
             info,
             masks=cfg.detector.masks,
+            feed=feed,
         )
     else:
         # under CUDA autocast the features travel as float16 (half the host-to-device bytes)
         source = CacheSource(
             cfg.source.cache,
             cfg.loader.batch_size,
-            cfg.loader.workers,
+            loader.workers,
             cfg.loader.in_memory,
             cfg.loader.views_per_epoch,
             cfg.seed,
@@ -99,6 +107,7 @@ def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
             keep_float16=cfg.optim.amp and device.type == "cuda",
             feature_crop_min=cfg.loader.feature_crop_min if cfg.loader.feature_crop else None,
             masks=cfg.detector.masks,
+            feed=feed,
         )
     if cfg.detector.masks and not source.masks:
         warnings.warn(
@@ -253,6 +262,7 @@ def _train_locked(
         seed=cfg.seed,
         clip_grad=cfg.optim.clip_grad,
         amp=cfg.optim.amp,
+        log_every=cfg.loader.resolved(device).log_every,
     )
     trainer = Trainer(
         model,

@@ -5,7 +5,8 @@ the per-epoch seed that makes a resumed run replay RoI sampling exactly. Everyth
 lines, the progress bar, checkpoints, validation) is a ``Hook`` that the caller passes in:
 
     before_train(trainer)          once, before the first step
-    after_step(trainer, record)    after every step; ``record`` is that step's metrics line
+    after_step(trainer, record)    after every ``loop.log_every`` steps (and at the end of each epoch);
+                                   ``record`` is the metrics line of those steps (means of the losses)
     after_epoch(trainer)           after every epoch, on every rank, before the barrier
     after_eval(trainer, line)      after each validation (``cachedet.engine.validation``), its metrics line
     after_train(trainer)           once, after the last epoch (not after an exception)
@@ -16,13 +17,14 @@ Hooks run in the order given. ``trainer.state`` holds epoch, step and the last l
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from cachedet.engine.distributed import DistInfo, barrier
-from cachedet.engine.step import NonFiniteLoss, train_step
+from cachedet.engine.step import StepOutput, train_step
 from cachedet.errors import CachedetError
 
 
@@ -67,6 +69,41 @@ class LoopConfig:
     seed: int
     clip_grad: float | None = None
     amp: bool = False  # bfloat16 autocast (CUDA only)
+    log_every: int = 1  # steps per metrics line; the device is read (synchronised) only then
+
+
+class LossWindow:
+    """Losses of the steps since the last metrics line, summed on their device (no host sync)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = self.views = 0
+        self.lr = 0.0
+        self.t0 = 0.0
+        self.first = self.last = None  # the window's first and last summed loss (device scalars)
+
+    def add(self, out: StepOutput, logged: dict, views: int, lr: float, t0: float) -> None:
+        if not self.steps:
+            self.t0, self.first = t0, out.loss
+        terms = {"loss": out.loss, **out.losses, **logged}
+        for name, value in terms.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps, self.views, self.lr, self.last = (
+            self.steps + 1,
+            self.views + views,
+            lr,
+            out.loss,
+        )
+
+    def read(self) -> tuple[dict[str, float], float, float]:
+        """({term: mean over the window}, last step's loss, first step's loss): one device read."""
+        names = list(self.sums)
+        values = torch.stack(
+            [self.sums[k] for k in names] + [self.last.float(), self.first.float()]
+        )
+        values = values.tolist()
+        return {k: v / self.steps for k, v in zip(names, values)}, values[-2], values[-1]
 
 
 class Trainer:
@@ -74,7 +111,10 @@ class Trainer:
 
     source: has ``batches(epoch)`` yielding dict(inputs, targets[, image_sizes]) (see
     ``cachedet.engine.sources``). model: a ``TrainModel`` (possibly DDP-wrapped as ``forward_model``).
-    Raises CachedetError when the loss becomes NaN or infinite, naming step and epoch.
+    Nothing is read back from the device between metrics lines (``loop.log_every`` steps): losses
+    are summed there, and the sum is checked when the line is written. Raises CachedetError when
+    the loss becomes NaN or infinite, naming the step (or the window's step range) and epoch; the
+    steps of that window have then already updated the weights (checkpoints come after epochs).
     """
 
     def __init__(
@@ -101,6 +141,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.state = state or TrainState()
         self.use_amp = loop.amp and device.type == "cuda"
+        self.window = LossWindow()
 
     def run(self) -> TrainState:
         try:
@@ -121,9 +162,8 @@ class Trainer:
             for i, batch in enumerate(self.source.batches(epoch)):
                 if i >= self.loop.steps_per_epoch:
                     break
-                record = self.run_step(batch)
-                for hook in self.hooks:
-                    hook.after_step(self, record)
+                self._after_step(self.run_step(batch))
+            self._after_step(self.close_window())  # windows never span epochs
             for hook in self.hooks:
                 hook.after_epoch(self)
             barrier(self.info)
@@ -131,49 +171,72 @@ class Trainer:
             hook.after_train(self)
         return self.state
 
-    def run_step(self, batch: dict) -> dict:
-        """One optimiser step on ``batch``; returns its metrics line (floats)."""
+    def run_step(self, batch: dict) -> dict | None:
+        """One optimiser step on ``batch``, without reading anything back from the device.
+
+        Returns the metrics line of the window this step closes (floats: the window's mean of each
+        loss term, ``views_per_s`` and ``step_s`` over the window), or None inside a window.
+        """
         t0 = time.perf_counter()
         inputs, targets, image_sizes = self._to_device(batch)
-        try:
-            out = train_step(
-                self.forward_model,
-                inputs,
-                targets,
-                image_sizes,
-                optimizer=self.optimizer,
-                params=self.params,
-                clip_grad=self.loop.clip_grad,
-                autocast=self.device if self.use_amp else None,
-            )
-        except NonFiniteLoss as e:
-            raise CachedetError(
-                f"{e} at step {self.state.step} (epoch {self.state.epoch}); "
-                "lower optim.lr or raise optim.warmup_steps"
-            ) from None
+        out = train_step(
+            self.forward_model,
+            inputs,
+            targets,
+            image_sizes,
+            optimizer=self.optimizer,
+            params=self.params,
+            clip_grad=self.loop.clip_grad,
+            autocast=self.device if self.use_amp else None,
+            check_finite=False,  # checked on the window's sum when it is logged: no sync here
+        )
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.state.step += 1
         n = len(targets) * self.info.world
-        dt = time.perf_counter() - t0
         self.state.views += n
-        loss = float(out.loss)
-        self.state.last_loss = loss
-        if self.state.first_loss is None:
-            self.state.first_loss = loss
         logged = getattr(
             getattr(self.model, "detector", None), "last_logged", {}
         )  # e.g. cascade stage losses
+        self.window.add(out, logged, n, lr, t0)
+        if self.window.steps >= self.loop.log_every:
+            return self.close_window()
+        return None
+
+    def close_window(self) -> dict | None:
+        """The metrics line of the open window (one host sync), or None when it is empty.
+
+        Raises CachedetError when a loss in it was NaN or infinite, naming the step (or step range)
+        and the epoch."""
+        window, self.window = self.window, LossWindow()
+        if not window.steps:
+            return None
+        # steps counted from 0 in errors (as before windows), from 1 in metrics lines
+        first, last = self.state.step - window.steps, self.state.step - 1
+        means, last_loss, first_loss = window.read()
+        if not math.isfinite(means["loss"]):
+            where = f"step {last}" if first == last else f"a step in {first}..{last}"
+            raise CachedetError(
+                f"the loss became {means['loss']} at {where} (epoch {self.state.epoch}); "
+                "lower optim.lr or raise optim.warmup_steps"
+            )
+        self.state.last_loss = last_loss
+        if self.state.first_loss is None:
+            self.state.first_loss = first_loss
+        dt = time.perf_counter() - window.t0
         return {
             "epoch": self.state.epoch,
             "step": self.state.step,
-            "lr": lr,
-            "loss": loss,
-            **{k: float(v) for k, v in out.losses.items()},
-            **{k: float(v) for k, v in logged.items()},
-            "views_per_s": n / dt,
-            "step_s": dt,
+            "lr": window.lr,
+            **means,
+            "views_per_s": window.views / dt,
+            "step_s": dt / window.steps,
         }
+
+    def _after_step(self, record: dict | None) -> None:
+        if record is not None:
+            for hook in self.hooks:
+                hook.after_step(self, record)
 
     def _to_device(self, batch: dict):
         inputs, device = batch["inputs"], self.device

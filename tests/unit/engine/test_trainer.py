@@ -168,3 +168,50 @@ def test_a_checkpoint_of_the_flat_layout_loads_as_a_run_record(tmp_path):
     with pytest.raises(CachedetError, match="does not fit this run: .*canvas"):
         record.check_fits({**FP, "canvas": 128}, "--cache S", found_label="store")
     record.check_fits(dict(FP), "--cache S", found_label="store")  # the same features fit
+
+
+def window_lines(values, log_every, epochs=2):
+    rec = []
+
+    class Lines(Hook):
+        def after_step(self, trainer, record):
+            rec.append(record)
+
+    trainer = make_trainer(values, [Lines()], epochs=epochs, steps=10)
+    trainer.loop.log_every = log_every
+    return trainer.run(), rec
+
+
+def test_logging_every_n_steps_gives_the_window_means_of_per_step_logging():
+    values = [1.0, 0.5, 2.0, 0.3, 1.5]
+    state_1, per_step = window_lines(values, 1)
+    state_3, windows = window_lines(values, 3)
+    # windows close every 3 steps and at each epoch's end: steps 3, 5 | 8, 10
+    assert [r["step"] for r in windows] == [3, 5, 8, 10] and [r["epoch"] for r in windows] == [
+        0,
+        0,
+        1,
+        1,
+    ]
+    bounds = [(0, 3), (3, 5), (5, 8), (8, 10)]
+    for line, (a, b) in zip(windows, bounds):
+        for key in ("loss", "loss_a", "loss_b"):
+            mean = sum(r[key] for r in per_step[a:b]) / (b - a)
+            assert line[key] == pytest.approx(mean, rel=1e-6)
+        assert (
+            line["lr"] == per_step[b - 1]["lr"] and line["views_per_s"] > 0 and line["step_s"] > 0
+        )
+    assert (state_3.first_loss, state_3.last_loss, state_3.step, state_3.views) == pytest.approx(
+        (state_1.first_loss, state_1.last_loss, state_1.step, state_1.views)
+    )
+
+
+def test_a_non_finite_loss_inside_a_window_names_the_window_steps():
+    rec = Recorder()
+    trainer = make_trainer([1.0, 1.0, 1.0, 1.0, float("nan"), 1.0], [rec])
+    trainer.loop.log_every = 3
+    with pytest.raises(
+        CachedetError, match=r"the loss became nan at a step in 3\.\.5 \(epoch 0\);"
+    ):
+        trainer.run()
+    assert [e[2] for e in rec.events if isinstance(e, tuple)] == [3] and rec.events[-1] == "close"
