@@ -32,11 +32,12 @@ from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
 from cachedet.runtime import resolve_device
 from cachedet.shards import (
+    ShardRunner,
     ShardTask,
     compute_features,
+    default_loader_workers,
     run_shards_in_process,
     run_shards_on_dask,
-    worker_backbone,
 )
 from cachedet.structures import ViewParams
 
@@ -56,7 +57,7 @@ class ExtractConfig:
     scheduler: str | None = None  # address of an existing dask.distributed scheduler
     device: str = "auto"
     batch_size: int = 8
-    loader_workers: int = 0
+    loader_workers: int | None = None  # decode processes; None: default_loader_workers(device)
     overwrite: bool = False
     skip_bad: bool = False
     repair: bool = False  # verify complete shards first and recompute the damaged ones
@@ -83,7 +84,7 @@ class ExtractConfig:
             raise CachedetError(f"--batch-size: expected a positive integer, got {self.batch_size}")
         if self.workers < 0:
             raise CachedetError(f"--workers: expected 0 or more, got {self.workers}")
-        if self.loader_workers < 0:
+        if self.loader_workers is not None and self.loader_workers < 0:
             raise CachedetError(f"--loader-workers: expected 0 or more, got {self.loader_workers}")
         if self.workers and self.scheduler:
             raise CachedetError("--workers and --scheduler exclude each other")
@@ -288,6 +289,14 @@ def _check_existing(cfg: ExtractConfig, header: StoreHeader) -> bool:
     return True
 
 
+def loader_workers(cfg: ExtractConfig) -> int:
+    """Decode processes per shard runner: ``--loader-workers``, else none on dask (its worker
+    processes already run shards side by side), else ``default_loader_workers``."""
+    if cfg.loader_workers is not None:
+        return cfg.loader_workers
+    return 0 if cfg.workers or cfg.scheduler else default_loader_workers(cfg.device)
+
+
 def shard_tasks(
     cfg: ExtractConfig,
     backbone: BackboneConfig,
@@ -314,7 +323,7 @@ def shard_tasks(
                 device=cfg.device,
                 dtype=cfg.dtype,
                 batch_size=cfg.batch_size,
-                loader_workers=cfg.loader_workers,
+                loader_workers=loader_workers(cfg),
                 skip_bad=cfg.skip_bad,
                 threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
                 masks=mask_sources(masks_of, plan, start, end) if masks_of is not None else None,
@@ -342,16 +351,17 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     total = header.num_shards
     tasks = shard_tasks(cfg, backbone_cfg, dataset if with_masks else None, plan, skip=set(done))
     todo_views = sum(len(t.views) for t in tasks)
-    if tasks and not (cfg.workers or cfg.scheduler):
-        worker_backbone(
-            backbone_cfg, cfg.device
-        )  # built before the clock starts, as on a dask worker
+    runner = None
+    if tasks and not (cfg.workers or cfg.scheduler):  # built before the clock starts, as on dask
+        runner = ShardRunner(backbone_cfg, cfg.device)
+        if runner.pin:  # first-call kernel selection, outside the measured shard work
+            compute_features(runner.backbone, torch.zeros(1, 3, cfg.augment.size, cfg.augment.size))
     t_shards = time.perf_counter()
     with ViewProgress("extract", todo_views, enabled=progress) as bar:
         if cfg.workers or cfg.scheduler:
             records = run_shards_on_dask(tasks, cfg.workers, cfg.scheduler, bar)
         else:
-            records = run_shards_in_process(tasks, on_views=bar.advance)
+            records = run_shards_in_process(tasks, on_views=bar.advance, runner=runner)
     shard_seconds = time.perf_counter() - t_shards
     skipped = [s for r in records for s in r["skipped"]]
     skipped += [s for r in done.values() for s in r.get("skipped", [])]

@@ -1,13 +1,15 @@
 """Shards, the unit of extraction work: decode + augment + Copy-Paste -> frozen backbone -> encode
--> write features (and the views' instance masks) -> write the completion record. In-process (a
-writer thread overlaps a shard's write with the next shard's compute) or on dask workers (one
-shard per task).
+(on the backbone's device) -> write features (and the views' instance masks) -> write the
+completion record. In-process (one ``ShardRunner``: a DataLoader over every shard's views, and a
+thread pool that compresses and writes finished shards, one thread per shard) or on dask workers
+(one shard per task, one runner per worker).
 """
 
 from __future__ import annotations
 
-import functools
+import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,9 +49,8 @@ class ShardTask:
     )
 
 
-@functools.lru_cache(maxsize=2)
-def worker_backbone(cfg: BackboneConfig, device: str) -> Backbone:
-    """One backbone per process and config (dask workers keep it between shard tasks)."""
+def load_backbone(cfg: BackboneConfig, device: str) -> Backbone:
+    """The frozen backbone of ``cfg`` on ``device`` (channels_last on CUDA)."""
     backbone = build_backbone(cfg, warn=False)
     dev = resolve_device(device)
     backbone = backbone.to(dev)
@@ -58,21 +59,47 @@ def worker_backbone(cfg: BackboneConfig, device: str) -> Backbone:
     return backbone
 
 
-def compute_features(backbone: Backbone, images: torch.Tensor) -> dict[str, np.ndarray]:
-    """images float32 (B, 3, S, S) normalised -> {level: float32 (B, C, H, W)} on the CPU.
+def default_loader_workers(device: str) -> int:
+    """Decode workers when ``--loader-workers`` is not given: on CUDA the host only decodes,
+    augments, compresses and writes, so min(8, cores - 1) processes; on a CPU the backbone wants
+    the cores, so none up to 2 cores, then a quarter of them (at most 4)."""
+    cores = os.cpu_count() or 1
+    if resolve_device(device).type == "cuda":
+        return max(0, min(8, cores - 1))
+    return 0 if cores <= 2 else min(4, cores // 4)
 
-    On CUDA the forward pass runs under float16 autocast with channels_last inputs.
-    """
+
+def forward(backbone: Backbone, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """images float32 (B, 3, S, S) normalised (pinned on CUDA) -> {level: (B, C, H, W)} on the
+    backbone's device (float16 on CUDA: autocast, channels_last inputs; float32 on the CPU)."""
     dev = next(backbone.parameters()).device
     with torch.inference_mode():
         x = images.to(dev, non_blocking=True)
         if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16):
-                feats = backbone(x)
-        else:
-            feats = backbone(x)
-    return {k: v.float().cpu().numpy() for k, v in feats.items()}
+                return backbone(x)
+        return backbone(x)
+
+
+def compute_features(backbone: Backbone, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """images float32 (B, 3, S, S) normalised -> {level: float32 (B, C, H, W)} on the CPU."""
+    return {k: v.float().cpu().numpy() for k, v in forward(backbone, images).items()}
+
+
+def encode_on_device(
+    feats: dict[str, torch.Tensor], dtype: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """{level: (B, C, H, W)} on the device -> the stored arrays on the host (and uint8 quant
+    params): the cast or quantisation runs where the features are; only stored bytes are copied."""
+    blocks, quant = {}, {}
+    with torch.inference_mode():
+        for name, x in feats.items():
+            stored, params = schema.encode_tensor(x, dtype)
+            blocks[name] = schema.stored_numpy(stored.cpu(), dtype)
+            if params is not None:
+                quant[name] = params.cpu().numpy()
+    return blocks, quant or None
 
 
 def _collate(batch):
@@ -91,54 +118,119 @@ class ComputedShard:
     masks: list[list[bytes]] | None = None
 
 
-def compute_shard(task: ShardTask, on_views=None) -> ComputedShard:
-    """Decode, augment, run the backbone and encode every view of one shard (nothing is written)."""
-    if task.threads:
-        torch.set_num_threads(task.threads)
-    backbone = worker_backbone(task.backbone, task.device)
-    t0 = time.perf_counter()  # the backbone is built once per process, outside the shard's time
-    loader = DataLoader(
-        ViewDataset(
-            list(task.views),
-            list(task.paths),
-            backbone.mean,
-            backbone.std,
-            skip_bad=True,
-            pastes=list(task.pastes),
-            masks=list(task.masks) if task.masks is not None else None,
-        ),
-        batch_size=task.batch_size,
-        num_workers=task.loader_workers,
-        collate_fn=_collate,
-    )
-    blocks: dict[str, list[np.ndarray]] = {}
-    quant: dict[str, list[np.ndarray]] = {}
-    skipped, done, masks = [], 0, []
-    for images, errors, view_masks in loader:
-        masks += view_masks
+class _Assembler:
+    """Collects one shard's encoded batches into a ``ComputedShard``."""
+
+    def __init__(self, task: ShardTask):
+        self.task, self.done, self.t0 = task, 0, time.perf_counter()
+        self.blocks: dict[str, list[np.ndarray]] = {}
+        self.quant: dict[str, list[np.ndarray]] = {}
+        self.skipped, self.masks = [], []
+
+    def add(self, errors: list[str], view_masks: list, blocks: dict, quant: dict | None):
+        task = self.task
         for i, err in enumerate(errors):
+            if err and not task.skip_bad:
+                raise CachedetError(err)
             if err:
-                if not task.skip_bad:
-                    raise CachedetError(err)
-                view = task.start + done + i
-                skipped.append(
-                    {"view": view, "image_id": task.views[done + i].image_id, "error": err}
+                view = self.done + i
+                self.skipped.append(
+                    {"view": task.start + view, "image_id": task.views[view].image_id, "error": err}
                 )
-        for name, feats in compute_features(backbone, images).items():
-            stored, params = schema.encode(feats, task.dtype)
-            blocks.setdefault(name, []).append(stored)
-            if params is not None:
-                quant.setdefault(name, []).append(params)
-        done += len(errors)
-        if on_views:
-            on_views(len(errors))
-    return ComputedShard(
-        blocks={k: np.concatenate(v) for k, v in blocks.items()},
-        quant={k: np.concatenate(v) for k, v in quant.items()} if quant else None,
-        skipped=skipped,
-        seconds=time.perf_counter() - t0,
-        masks=masks if task.masks is not None else None,
-    )
+        self.masks += view_masks
+        for name, block in blocks.items():
+            self.blocks.setdefault(name, []).append(block)
+            if quant is not None:
+                self.quant.setdefault(name, []).append(quant[name])
+        self.done += len(errors)
+
+    def full(self) -> bool:
+        return self.done == len(self.task.views)
+
+    def result(self) -> ComputedShard:
+        cat = lambda parts: {k: np.concatenate(v) for k, v in parts.items()}  # noqa: E731
+        return ComputedShard(
+            blocks=cat(self.blocks),
+            quant=cat(self.quant) if self.quant else None,
+            skipped=self.skipped,
+            seconds=time.perf_counter() - self.t0,
+            masks=self.masks if self.task.masks is not None else None,
+        )
+
+
+class ShardRunner:
+    """Owns one frozen backbone on one device and computes shards with it: one DataLoader over all
+    the shards' views (its decode workers live for the whole run), batches never span two shards
+    (so a shard's bytes do not depend on which other shards run), pinned host memory and
+    non-blocking copies on CUDA, encoding on the device. Writes are not its business."""
+
+    def __init__(self, cfg: BackboneConfig, device: str, backbone: Backbone | None = None):
+        self.cfg, self.device = cfg, device
+        self.backbone = backbone if backbone is not None else load_backbone(cfg, device)
+        self.pin = resolve_device(device).type == "cuda"
+
+    def computed(self, tasks: list[ShardTask], on_views=None):
+        """Yield (task, ComputedShard) for each task, in order (nothing is written)."""
+        if not tasks:
+            return
+        first = tasks[0]
+        if first.threads:
+            torch.set_num_threads(first.threads)
+        views, paths, pastes, masks, batches = [], [], [], [], []
+        for task in tasks:
+            offset = len(views)
+            views += task.views
+            paths += task.paths
+            pastes += task.pastes
+            masks += task.masks if task.masks is not None else [None] * len(task.views)
+            n, b = len(task.views), task.batch_size
+            batches += [list(range(offset + i, offset + min(i + b, n))) for i in range(0, n, b)]
+        dataset = ViewDataset(
+            views, paths, self.backbone.mean, self.backbone.std, skip_bad=True, pastes=pastes,
+            masks=masks if first.masks is not None else None,
+        )  # fmt: skip
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=first.loader_workers,
+            collate_fn=_collate,
+            pin_memory=self.pin,
+        )
+        queue = iter(tasks)
+        shard = _Assembler(next(queue))
+        for images, errors, view_masks in loader:
+            blocks, quant = encode_on_device(forward(self.backbone, images), shard.task.dtype)
+            shard.add(errors, view_masks, blocks, quant)
+            if on_views:
+                on_views(len(errors))
+            if shard.full():
+                yield shard.task, shard.result()
+                task = next(queue, None)
+                shard = _Assembler(task) if task is not None else None
+
+
+def worker_runner(cfg: BackboneConfig, device: str) -> ShardRunner:
+    """On a dask worker, the worker's own runner for (cfg, device), kept between shard tasks (an
+    attribute of the ``distributed.Worker``, which owns it); elsewhere a new runner."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return ShardRunner(cfg, device)
+    runners = worker.__dict__.setdefault("_cachedet_runners", {})
+    if (cfg, device) not in runners:
+        runners.clear()  # one backbone per worker: a new config replaces the old one
+        runners[(cfg, device)] = ShardRunner(cfg, device)
+    return runners[(cfg, device)]
+
+
+def compute_shard(
+    task: ShardTask, on_views=None, runner: ShardRunner | None = None
+) -> ComputedShard:
+    """Decode, augment, run the backbone and encode every view of one shard (nothing is written)."""
+    runner = runner or worker_runner(task.backbone, task.device)
+    return next(runner.computed([task], on_views))[1]
 
 
 def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
@@ -176,20 +268,38 @@ def run_shard(task: ShardTask, on_views=None) -> dict:
     return write_shard(task, compute_shard(task, on_views))
 
 
-def run_shards_in_process(tasks: list[ShardTask], on_views=None) -> list[dict]:
-    """Compute shards one after another while a writer thread stores the previous one (at most
-    one shard waits for its write, so memory stays at two shards)."""
+def default_write_threads() -> int:
+    """Threads that compress and write shards (Blosc and the file writes release the GIL)."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+def run_shards_in_process(
+    tasks: list[ShardTask],
+    on_views=None,
+    runner: ShardRunner | None = None,
+    write_threads: int | None = None,
+) -> list[dict]:
+    """Compute shards one after another while a pool of ``write_threads`` threads compresses and
+    writes finished ones, each shard by exactly one thread. At most ``write_threads`` shards wait
+    for their write, so memory stays at ``write_threads + 1`` shards. Records in shard order."""
     from concurrent.futures import ThreadPoolExecutor
 
-    records, pending = [], None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachedet-writer") as writer:
-        for task in tasks:
-            computed = compute_shard(task, on_views)
-            if pending is not None:
-                records.append(pending.result())
-            pending = writer.submit(write_shard, task, computed)
-        if pending is not None:
-            records.append(pending.result())
+    if not tasks:
+        return []
+    runner = runner or ShardRunner(tasks[0].backbone, tasks[0].device)
+    threads = write_threads or default_write_threads()
+    records, pending = [], deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cachedet-writer") as pool:
+        try:
+            for task, computed in runner.computed(tasks, on_views):
+                while len(pending) >= threads:
+                    records.append(pending.popleft().result())
+                pending.append(pool.submit(write_shard, task, computed))
+            while pending:
+                records.append(pending.popleft().result())
+        finally:
+            for fut in pending:  # an error: let queued writes go, never half-wait on them
+                fut.cancel()
     return records
 
 

@@ -202,8 +202,12 @@ def extract_command(
     batch_size: int = typer.Option(
         8, "--batch-size", help="Views per backbone forward pass.", rich_help_panel=RUN
     ),
-    loader_workers: int = typer.Option(
-        0, "--loader-workers", help=LOADER_WORKERS_HELP + " Per shard task.", rich_help_panel=RUN
+    loader_workers: int | None = typer.Option(
+        None,
+        "--loader-workers",
+        help=LOADER_WORKERS_HELP
+        + " Default: min(8, cores - 1) on CUDA, 0 on a CPU up to 2 cores; 0 under dask.",
+        rich_help_panel=RUN,
     ),
     dry_run: bool = typer.Option(
         False,

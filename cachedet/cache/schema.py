@@ -69,23 +69,40 @@ def compressors(codec: str) -> list:
 
 
 def encode(features: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """float32 (n, C, H, W) -> (on-disk array of ``dtype``, quant params (n, C, 2) or None).
+    """float32 (n, C, H, W) numpy -> (on-disk array of ``dtype``, quant params (n, C, 2) or None).
 
-    Floats round to nearest. uint8 maps each view's channel [min, max] affinely onto 0..255, so
-    the error is at most half a step, (max - min) / 510.
+    The host-side form of ``encode_tensor`` (same bytes: it runs it on a CPU tensor).
     """
-    x = np.ascontiguousarray(features, dtype=np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    stored, params = encode_tensor(x, dtype)
+    return stored_numpy(stored, dtype), None if params is None else params.numpy()
+
+
+def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features (n, C, H, W), any float dtype, on any device -> (stored, quant params (n, C, 2) or
+    None), both on ``x``'s device, so that only the stored bytes need to cross to the host.
+
+    ``stored`` has the numpy dtype of ``zarr_dtype(dtype)`` once moved to the CPU (bfloat16 as its
+    raw bits in int16; view them as uint16). Values are first taken to float32. Floats round to
+    nearest even. uint8 maps each view's channel [min, max] affinely onto 0..255, so the error is
+    at most half a step, (max - min) / 510; quant params are float32 (offset, step).
+    """
+    x = x.float()
     if dtype == "bfloat16":
-        bits = x.view(np.uint32)
-        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)  # round half to even
-        return ((bits + rounding) >> 16).astype(np.uint16), None
+        return x.to(torch.bfloat16).view(torch.int16), None
     if dtype == "uint8":
-        flat = x.reshape(x.shape[0], x.shape[1], -1)
-        lo, hi = flat.min(axis=2), flat.max(axis=2)
-        step = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
-        q = np.rint((x - lo[..., None, None]) / step[..., None, None])
-        return np.clip(q, 0, 255).astype(np.uint8), np.stack([lo, step], axis=-1).astype(np.float32)
-    return x.astype(zarr_dtype(dtype)), None
+        flat = x.flatten(2)
+        lo, hi = flat.amin(dim=2), flat.amax(dim=2)
+        step = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+        q = torch.round((x - lo[..., None, None]) / step[..., None, None])
+        return q.clamp_(0, 255).to(torch.uint8), torch.stack([lo, step], dim=-1)
+    return x.to(getattr(torch, zarr_dtype(dtype))), None
+
+
+def stored_numpy(stored: torch.Tensor, dtype: str) -> np.ndarray:
+    """A CPU tensor from ``encode_tensor`` -> the numpy array zarr stores (bfloat16 bits as uint16)."""
+    arr = stored.numpy()
+    return arr.view(np.uint16) if dtype == "bfloat16" else arr
 
 
 def decode(stored: np.ndarray, dtype: str, quant: np.ndarray | None = None) -> np.ndarray:

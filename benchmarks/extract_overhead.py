@@ -1,0 +1,370 @@
+"""Extraction's CPU-side overhead against its primitives, with the backbone stubbed out (issue 15).
+
+The backbone is replaced by a stub that returns, instantly, fixed ReLU-like float32 tensors of a
+declared backbone's shapes (ResNet-50: 256/512/1024/2048 channels at strides 4/8/16/32), so what
+is left is the host's share of extraction: decode, augment, device copy, encode, compress, write.
+For each config it reports, in core-milliseconds per view (process CPU time, all threads):
+
+- the whole pipeline (``run_shards_in_process``: DataLoader, encode, write pool, records);
+- each stage as the pipeline runs it (cachedet's functions on the same views);
+- beside each, the primitive alone on the same bytes: PIL decode of the file, a bilinear resize
+  to the view's size, a memory copy, a float16 cast, the Blosc codec on the stored block, a plain
+  file write of the compressed bytes;
+- views/s with 1 and 2 worker processes, each running whole shards (as dask workers do);
+- the cached feed: ``CachedViews`` reading and decoding the store against a plain zarr read plus
+  float32 decode of the same blocks, views/s in one process.
+
+Run: ``flock /tmp/cpu-bench.lock python benchmarks/extract_overhead.py`` (writes
+``benchmarks/results/extract_overhead.{json,md}``).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import cachedet.extract as extract_mod
+import cachedet.shards as shards
+from cachedet.backbones import BackboneConfig
+from cachedet.data.views import AugmentConfig
+from cachedet.structures import FeatureSpec
+
+R50 = {"c2": (256, 4), "c3": (512, 8), "c4": (1024, 16), "c5": (2048, 32)}
+CONFIGS = [  # name, levels, canvas, source image (w, h)
+    ("r50_c3-c5_640", ("c3", "c4", "c5"), 640, (640, 480)),
+    ("r50_c2-c5_640", ("c2", "c3", "c4", "c5"), 640, (640, 480)),
+    ("r50_c3-c5_1024", ("c3", "c4", "c5"), 1024, (1280, 960)),
+    ("r50_c2-c5_1024", ("c2", "c3", "c4", "c5"), 1024, (1280, 960)),
+]
+IMAGES, VIEWS, SHARD_VIEWS, BATCH = 6, 2, 4, 2  # 12 views, 3 shards per config
+
+
+class StubBackbone(torch.nn.Module):
+    """Instantly returns fixed features of ResNet-50's shapes for ``levels`` (benchmark only)."""
+
+    def __init__(self, levels: tuple[str, ...], size: int):
+        super().__init__()
+        self.levels, self.size = levels, size
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the stub a device
+        self.specs = [FeatureSpec(k, R50[k][0], R50[k][1]) for k in levels]
+        self.mean, self.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        self.identity = {"name": "stub_resnet50", "out_indices": list(range(len(levels)))}
+        self.identity.update(weights="stub", weights_sha256=None, mean=self.mean, std=self.std)
+        g = torch.Generator().manual_seed(0)
+        self.out = {  # ReLU outputs: about half exact zeros, as ResNet stages give
+            k: torch.randn(BATCH, R50[k][0], size // R50[k][1], size // R50[k][1], generator=g)
+            .relu_()
+            .mul_(0.5)
+            for k in levels
+        }
+
+    def feature_shapes(self, size: int) -> dict[str, tuple[int, int, int]]:
+        return {k: tuple(v.shape[1:]) for k, v in self.out.items()}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[: len(images)] for k, v in self.out.items()}
+
+
+def install_stub(levels, size):
+    stub = StubBackbone(tuple(levels), size)
+    extract_mod.build_backbone = shards.build_backbone = lambda *a, **k: stub
+    return stub
+
+
+def natural_jpeg(path: str, w: int, h: int, seed: int):
+    """A smooth gradient with blobs and grain, JPEG quality 90 (sizes like camera photos)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([x / w * 200, y / h * 180, (x + y) / (w + h) * 160], axis=-1)
+    for _ in range(12):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(20, w / 4)
+        img += (((y - cy) ** 2 + (x - cx) ** 2) < r * r)[..., None] * rng.uniform(-60, 60, 3)
+    img += rng.normal(0, 12, img.shape)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_dataset(root: str, wh: tuple[int, int]) -> dict:
+    os.makedirs(root, exist_ok=True)
+    w, h = wh
+    images, anns = [], []
+    for i in range(IMAGES):
+        natural_jpeg(os.path.join(root, f"{i}.jpg"), w, h, i)
+        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": w, "height": h})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                     "bbox": [w / 4, h / 4, w / 3, h / 3], "area": w * h / 9})  # fmt: skip
+    data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "blob"}]}
+    with open(os.path.join(root, "train.json"), "w") as f:
+        json.dump(data, f)
+    return {"train": os.path.join(root, "train.json"), "images": root}
+
+
+def planned_tasks(data: dict, out: str, size: int, loader_workers: int = 0):
+    """A laid-out store and its shard tasks, as ``extract`` makes them (no shard written)."""
+    from cachedet.data.coco import load_detection_dataset
+
+    cfg = extract_mod.ExtractConfig(
+        annotations=data["train"], images=data["images"], out=out,
+        backbone=BackboneConfig("stub_resnet50", None, "random"),
+        augment=AugmentConfig(size=size, seed=0), views=VIEWS, shard_views=SHARD_VIEWS,
+        batch_size=BATCH, device="cpu", loader_workers=loader_workers, overwrite=True,
+    )  # fmt: skip
+    dataset = load_detection_dataset(cfg.annotations, cfg.images)
+    plan = extract_mod.plan_views(dataset, cfg.augment, cfg.views)
+    backbone = extract_mod.build_backbone(cfg.backbone)
+    header = extract_mod._header(cfg, backbone, dataset, plan, None, False)
+    extract_mod.prepare_store(cfg, header, plan)
+    return extract_mod.shard_tasks(cfg, cfg.backbone, None, plan), backbone, plan
+
+
+def cpu_ms(fn, reps: int = 1) -> float:
+    t = time.process_time()
+    for _ in range(reps):
+        fn()
+    return (time.process_time() - t) * 1000 / reps
+
+
+def pipeline_ms_per_view(data, work, size) -> float:
+    tasks, backbone, _ = planned_tasks(data, os.path.join(work, "warm.zarr"), size)
+    runner = shards.ShardRunner(tasks[0].backbone, "cpu", backbone=backbone)
+    shards.run_shards_in_process(tasks[:1], runner=runner)  # warm-up: imports, allocator
+    tasks, _, _ = planned_tasks(data, os.path.join(work, "pipe.zarr"), size)
+    n = sum(len(t.views) for t in tasks)
+    return cpu_ms(lambda: shards.run_shards_in_process(tasks, runner=runner)) / n
+
+
+def stages(data, work, size, backbone) -> dict:
+    """Core-ms per view of each stage as the pipeline runs it, and of its primitive alone."""
+    import numcodecs
+    import torch.nn.functional as F
+
+    from cachedet.data.decode import read_image
+    from cachedet.data.views import normalize, transform_image
+
+    tasks, _, _ = planned_tasks(data, os.path.join(work, "stages.zarr"), size)
+    task = tasks[0]
+    k = len(task.views)
+    pipe, prim = {}, {}
+    params = task.views[0]
+    pipe["decode"] = cpu_ms(lambda: read_image(task.paths[0], params.orig_size), 3)
+    prim["decode"] = cpu_ms(lambda: Image.open(task.paths[0]).convert("RGB").load(), 3)
+    img = read_image(task.paths[0], params.orig_size)
+    pipe["augment"] = cpu_ms(
+        lambda: transform_image(params, normalize(img, backbone.mean, backbone.std)), 3
+    )
+    hw = params.resized_size
+    prim["augment"] = cpu_ms(
+        lambda: F.interpolate(img[None].float(), size=hw, mode="bilinear", antialias=False), 3
+    )
+    images = torch.randn(BATCH, 3, size, size)
+    pipe["device_copy"] = cpu_ms(lambda: images.to("cpu", non_blocking=True), 3) / BATCH
+    prim["device_copy"] = cpu_ms(lambda: images.clone(), 3) / BATCH
+    feats = backbone(images)
+    pipe["encode"] = cpu_ms(lambda: shards.encode_on_device(feats, "float16"), 3) / BATCH
+    prim["encode"] = cpu_ms(lambda: [v.half() for v in feats.values()], 3) / BATCH
+    computed = shards.compute_shard(task, runner=shards.ShardRunner(None, "cpu", backbone))
+    blocks = computed.blocks
+    codec = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+    per_view = {n: [b[i] for i in range(k)] for n, b in blocks.items()}
+    compressed = []
+    prim["compress"] = (
+        cpu_ms(lambda: compressed.extend(codec.encode(v) for vs in per_view.values() for v in vs))
+        / k
+    )
+    raw = sum(b.nbytes for b in blocks.values()) / k
+    stored = sum(len(c) for c in compressed) / k
+
+    def plain_write():
+        for i, c in enumerate(compressed):
+            with open(os.path.join(work, f"plain_{i}.bin"), "wb") as f:
+                f.write(c)
+
+    prim["write"] = cpu_ms(plain_write) / k
+    # the pipeline writes a shard with zarr: compress and write in one call; split them with the
+    # codec's own share measured above (same bytes, same codec settings)
+    pipe["compress_write"] = cpu_ms(lambda: shards.write_shard(task, computed)) / k
+    return {"pipeline": pipe, "primitives": prim, "raw_bytes": raw, "stored_bytes": stored}
+
+
+def _worker_init(levels, size):
+    torch.set_num_threads(1)
+    install_stub(levels, size)
+
+
+def _work(tasks) -> int:
+    backbone = shards.build_backbone(None)
+    return len(
+        shards.run_shards_in_process(tasks, runner=shards.ShardRunner(None, "cpu", backbone))
+    )
+
+
+def views_per_s(data, work, levels, size, procs: int) -> float:
+    """Whole shards on ``procs`` spawned processes (1 torch thread each), after a warm-up."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(procs, initializer=_worker_init, initargs=(levels, size)) as pool:
+        warm, _, _ = planned_tasks(data, os.path.join(work, f"w{procs}.zarr"), size)
+        pool.map(_work, [[t] for t in warm[:procs]], chunksize=1)
+        tasks, _, _ = planned_tasks(data, os.path.join(work, f"p{procs}.zarr"), size)
+        t = time.perf_counter()
+        pool.map(_work, [[t] for t in tasks], chunksize=1)
+        return sum(len(x.views) for x in tasks) / (time.perf_counter() - t)
+
+
+def feed(work, size) -> dict:
+    """One process: CachedViews over the store against plain zarr reads + decode of the blocks."""
+    import zarr
+
+    from cachedet.cache import schema
+    from cachedet.cache.dataset import CachedViews
+    from cachedet.cache.store import StoreReader
+
+    url = os.path.join(work, "pipe.zarr")
+    reader = StoreReader(url)
+    n = reader.num_views
+
+    def cached():
+        ds = CachedViews(url, views_per_epoch=VIEWS, shuffle_buffer=4)
+        ds.set_epoch(0)
+        return sum(1 for _ in ds)
+
+    def plain():
+        g = zarr.open_group(url, mode="r")
+        for a in range(0, n, SHARD_VIEWS):
+            for s in reader.specs:
+                x = g[f"features/{s.name}"][a : a + SHARD_VIEWS]
+                schema.decode(x, "float16")
+
+    cached(), plain()  # warm-up
+    t = time.perf_counter()
+    assert cached() == n
+    cached_s = time.perf_counter() - t
+    t = time.perf_counter()
+    plain()
+    plain_s = time.perf_counter() - t
+    return {"views_per_s_per_worker": n / cached_s, "plain_read_views_per_s": n / plain_s}
+
+
+def run_config(name, levels, size, wh, work) -> dict:
+    torch.set_num_threads(1)  # core-ms: one core does the work, as in one worker process
+    backbone = install_stub(levels, size)
+    data = make_dataset(os.path.join(work, "data"), wh)
+    jpeg_kb = np.mean(
+        [os.path.getsize(os.path.join(data["images"], f"{i}.jpg")) for i in range(IMAGES)]
+    )
+    total = pipeline_ms_per_view(data, work, size)
+    st = stages(data, work, size, backbone)
+    prim_total = sum(st["primitives"].values())
+    entry = {
+        "name": name,
+        "canvas": size,
+        "levels": list(levels),
+        "source_image": list(wh),
+        "jpeg_kb": round(float(jpeg_kb) / 1024, 1),
+        "bytes_per_view_raw": int(st["raw_bytes"]),
+        "bytes_per_view_stored": int(st["stored_bytes"]),
+        "pipeline_ms_per_view": round(total, 1),
+        "primitives_ms_per_view": round(prim_total, 1),
+        "ratio": round(total / prim_total, 3),
+        "stages_ms_per_view": {k: round(v, 2) for k, v in st["pipeline"].items()},
+        "primitive_ms_per_view": {k: round(v, 2) for k, v in st["primitives"].items()},
+        "views_per_s_1": round(views_per_s(data, work, levels, size, 1), 2),
+        "views_per_s_2": round(views_per_s(data, work, levels, size, 2), 2),
+    }
+    entry["scaling_2_over_1"] = round(entry["views_per_s_2"] / entry["views_per_s_1"], 3)
+    entry["feed"] = {k: round(v, 2) for k, v in feed(work, size).items()}
+    return entry
+
+
+def machine() -> dict:
+    import numcodecs
+    import zarr
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "loadavg_before": open("/proc/loadavg").read().split()[:3],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "pillow": Image.__version__,
+    }
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    out = [
+        "# Extraction overhead against its primitives (stub backbone, CPU)",
+        "",
+        f"Machine: {m['cores']} cores ({m['cpu']}), load average {' '.join(m['loadavg_before'])} before, "
+        f"{' '.join(res['loadavg_after'])} after; Python {m['python']}, torch {m['torch']}, zarr "
+        f"{m['zarr']}, numcodecs {m['numcodecs']}, Pillow {m['pillow']}. {IMAGES * VIEWS} views per "
+        f"config, shards of {SHARD_VIEWS}, batch {BATCH}, float16, zstd. Core-ms per view.",
+        "",
+        "| config | stored MB/view | pipeline | primitives | ratio | views/s 1 proc | 2 procs | 2/1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in res["configs"]:
+        out.append(
+            f"| {c['name']} | {c['bytes_per_view_stored'] / 1e6:.1f} (raw {c['bytes_per_view_raw'] / 1e6:.1f}) "
+            f"| {c['pipeline_ms_per_view']} | {c['primitives_ms_per_view']} | {c['ratio']} "
+            f"| {c['views_per_s_1']} | {c['views_per_s_2']} | {c['scaling_2_over_1']} |"
+        )
+    out += [
+        "",
+        "Per stage, pipeline / primitive (core-ms per view; compress and write are one zarr call):",
+        "",
+    ]
+    out += [
+        "| config | decode | augment | device copy | encode | compress + write |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in res["configs"]:
+        s, p = c["stages_ms_per_view"], c["primitive_ms_per_view"]
+        out.append(
+            f"| {c['name']} | {s['decode']} / {p['decode']} | {s['augment']} / {p['augment']} "
+            f"| {s['device_copy']} / {p['device_copy']} | {s['encode']} / {p['encode']} "
+            f"| {s['compress_write']} / {p['compress'] + p['write']:.2f} |"
+        )
+    out += ["", "Cached feed, one process (views/s): CachedViews / plain zarr read + decode", ""]
+    out += ["| config | CachedViews | plain read | ratio |", "|---|---|---|---|"]
+    for f in res["feed"]:
+        out.append(
+            f"| {f['name']} | {f['views_per_s_per_worker']} | {f['plain_read_views_per_s']} "
+            f"| {f['views_per_s_per_worker'] / f['plain_read_views_per_s']:.2f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main(names: list[str]):
+    res = {"machine": machine(), "configs": [], "feed": []}
+    for name, levels, size, wh in CONFIGS:
+        if names and name not in names:
+            continue
+        work = tempfile.mkdtemp(prefix="extract_overhead_")
+        try:
+            entry = run_config(name, levels, size, wh, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        res["feed"].append({"name": name, **entry.pop("feed")})
+        res["configs"].append(entry)
+        print(json.dumps(entry), flush=True)
+    res["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    with open(os.path.join(here, "extract_overhead.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(here, "extract_overhead.md"), "w") as f:
+        f.write(markdown(res))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
