@@ -20,12 +20,12 @@ Run: ``flock /tmp/cpu-bench.lock python benchmarks/extract_overhead.py`` (writes
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
@@ -345,10 +345,18 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(names: list[str]):
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="configs to run (default: all)")
+    ap.add_argument("--quick", action="store_true", help="only the 640-pixel configs")
+    ap.add_argument(
+        "--out", default=None, help="folder for extract_overhead.{json,md} (default: results/)"
+    )
+    args = ap.parse_args(argv)
+    names = args.names or [c[0] for c in CONFIGS if not args.quick or "640" in c[0]]
     res = {"machine": machine(), "configs": [], "feed": []}
     for name, levels, size, wh in CONFIGS:
-        if names and name not in names:
+        if name not in names:
             continue
         work = tempfile.mkdtemp(prefix="extract_overhead_")
         try:
@@ -359,7 +367,8 @@ def main(names: list[str]):
         res["configs"].append(entry)
         print(json.dumps(entry), flush=True)
     res["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    here = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(here, exist_ok=True)
     with open(os.path.join(here, "extract_overhead.json"), "w") as f:
         json.dump(res, f, indent=1)
     with open(os.path.join(here, "extract_overhead.md"), "w") as f:
@@ -367,4 +376,4 @@ def main(names: list[str]):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
