@@ -206,7 +206,8 @@ def _default_out_indices(name: str) -> tuple[int, ...]:
     idx = tuple(i for i, r in enumerate(reductions) if r in DEFAULT_STRIDES)
     if not idx:
         raise CachedetError(
-            f"--backbone {name}: has no stride 8/16/32 levels (strides {reductions}); pass --out-indices"
+            f"backbone.name {name}: has no stride 8/16/32 levels (strides {reductions}); "
+            "set backbone.out_indices"
         )
     return idx
 
@@ -239,18 +240,20 @@ def _offline_state_dict(arch: str, target_keys: list[str]) -> tuple[dict, str]:
 
 def _file_state_dict(path: str, target: dict[str, torch.Tensor], full_keys: list[str]) -> dict:
     if not os.path.isfile(path):
-        raise CachedetError(f"--weights {path}: file not found")
+        raise CachedetError(f"backbone.weights {path}: file not found")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
         raise CachedetError(
-            f"--weights {path}: not a readable PyTorch checkpoint ({type(e).__name__})"
+            f"backbone.weights {path}: not a readable PyTorch checkpoint ({type(e).__name__})"
         ) from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise CachedetError(f"--weights {path}: expected a state dict, got {type(sd).__name__}")
+        raise CachedetError(
+            f"backbone.weights {path}: expected a state dict, got {type(sd).__name__}"
+        )
     if all(k in sd for k in target):
         return {k: sd[k] for k in target}
     if len(sd) == len(full_keys):  # same tensors, other names: map in order
@@ -258,7 +261,7 @@ def _file_state_dict(path: str, target: dict[str, torch.Tensor], full_keys: list
         return {k: by_order[k] for k in target}
     missing = [k for k in target if k not in sd]
     raise CachedetError(
-        f"--weights {path}: {len(missing)} backbone tensors missing, e.g. {missing[0]!r}"
+        f"backbone.weights {path}: {len(missing)} backbone tensors missing, e.g. {missing[0]!r}"
     )
 
 
@@ -304,12 +307,12 @@ def _create(name: str, out_indices: tuple[int, ...], weights: str) -> nn.Module:
         if vit.is_vit(name):
             vit.check_taps(name, out_indices, len(timm.create_model(name, pretrained=False).blocks))
         raise CachedetError(
-            f"--out-indices {list(out_indices)}: not valid for {name} ({e})"
+            f"backbone.out_indices {list(out_indices)}: not valid for {name} ({e})"
         ) from None
     except Exception as e:
         if weights == "timm":
             raise CachedetError(
-                f"--pretrained: timm could not load weights for {name} ({type(e).__name__}: {e})"
+                f"backbone.weights: timm could not load pretrained weights for {name} ({type(e).__name__}: {e})"
             ) from None
         raise
 
@@ -319,7 +322,7 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
     if (
         timm.models.split_model_name_tag(cfg.name)[0] not in timm.list_models()
     ):  # a pretrained tag may follow
-        raise CachedetError(f"--backbone {cfg.name}: not a timm model name")
+        raise CachedetError(f"backbone.name {cfg.name}: not a timm model name")
     plain_vit = vit.is_vit(cfg.name)
     if plain_vit:  # taps are checked against the depth once the model exists; -1 is the last block
         out_indices = tuple(cfg.out_indices) if cfg.out_indices is not None else vit.DEFAULT_TAPS

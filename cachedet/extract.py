@@ -77,19 +77,30 @@ class ExtractConfig:
 
     def validate(self):
         if self.views < 1:
-            raise CachedetError(f"--views: expected a positive integer, got {self.views}")
+            raise CachedetError(
+                f"ExtractConfig.views: expected a positive integer, got {self.views}"
+            )
         if not self.augment.augment and self.views != 1:
-            raise CachedetError("--no-augment makes one plain view per image: use --views 1")
+            raise CachedetError(
+                f"ExtractConfig.views {self.views}: a store without augmentation (augment.augment) has "
+                "one plain view per image; use 1"
+            )
         if self.batch_size < 1:
-            raise CachedetError(f"--batch-size: expected a positive integer, got {self.batch_size}")
+            raise CachedetError(
+                f"ExtractConfig.batch_size: expected a positive integer, got {self.batch_size}"
+            )
         if self.workers < 0:
-            raise CachedetError(f"--workers: expected 0 or more, got {self.workers}")
+            raise CachedetError(f"ExtractConfig.workers: expected 0 or more, got {self.workers}")
         if self.loader_workers is not None and self.loader_workers < 0:
-            raise CachedetError(f"--loader-workers: expected 0 or more, got {self.loader_workers}")
+            raise CachedetError(
+                f"ExtractConfig.loader_workers: expected 0 or more, got {self.loader_workers}"
+            )
         if self.workers and self.scheduler:
-            raise CachedetError("--workers and --scheduler exclude each other")
+            raise CachedetError(
+                "ExtractConfig.workers and ExtractConfig.scheduler exclude each other"
+            )
         if not os.path.isdir(self.images):
-            raise CachedetError(f"--images {self.images}: not a directory")
+            raise CachedetError(f"ExtractConfig.images {self.images}: not a directory")
         schema.check_storage(self.dtype, self.codec, self.shard_views)
         resolve_device(self.device)
 
@@ -204,7 +215,7 @@ def hybrid_backbone(cfg: ExtractConfig) -> tuple[BackboneConfig, Hybrid | None]:
     k = cfg.cache_stage
     if not 0 <= k < max(out):
         raise CachedetError(
-            f"--cache-stage {k}: expected 0..{max(out) - 1} for {cfg.backbone.name} (its pyramid "
+            f"ExtractConfig.cache_stage {k}: expected 0..{max(out) - 1} for {cfg.backbone.name} (its pyramid "
             f"ends at stage {max(out)}; a later cache stage leaves nothing to adapt)"
         )
     stages = tuple(sorted({i for i in out if i <= k} | {k}))
@@ -260,7 +271,7 @@ def prepare_store(cfg: ExtractConfig, header: StoreHeader, plan: ViewPlan) -> No
         ):
             return
     raise CachedetError(
-        f"--out {cfg.out}: another process keeps replacing this store; run one extraction at a time"
+        f"ExtractConfig.out {cfg.out}: another process keeps replacing this store; run one extraction at a time"
     )
 
 
@@ -273,7 +284,8 @@ def _check_existing(cfg: ExtractConfig, header: StoreHeader) -> bool:
         found = None
     if found is None and not interrupted_creation(cfg.out):
         raise CachedetError(
-            f"--out {cfg.out}: exists and is not a cachedet store; pass --overwrite to replace it"
+            f"ExtractConfig.out {cfg.out}: exists and is not a cachedet store; "
+            "set ExtractConfig.overwrite to replace it"
         )
     if found is None:
         remove_store(
@@ -283,8 +295,8 @@ def _check_existing(cfg: ExtractConfig, header: StoreHeader) -> bool:
     diff = found.diff(header)
     if diff:
         raise CachedetError(
-            f"--out {cfg.out}: the store was made with another configuration "
-            f"(pass --overwrite to rebuild it): " + "; ".join(diff[:5])
+            f"ExtractConfig.out {cfg.out}: the store was made with another configuration "
+            f"(set ExtractConfig.overwrite to rebuild it): " + "; ".join(diff[:5])
         )
     return True
 

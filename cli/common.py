@@ -51,6 +51,25 @@ def flag_of() -> dict[str, str]:
     table.update(
         {f"detector.options.{name}": "--" + name.replace("_", "-") for name in DETECTOR_FLAGS}
     )
+    table.update(_extract_flags())
+    return table
+
+
+def _extract_flags() -> dict[str, str]:
+    """{ExtractConfig field path (``ExtractConfig.views``, ``augment.size``): extract's option(s)}."""
+    import inspect
+
+    from cachedet_cli.extract import extract_command
+    from cachedet_cli.vocabulary import EXTRACT_FIELD_OF
+
+    by_field: dict[str, list[str]] = {}
+    for option in inspect.signature(extract_command).parameters:
+        field = EXTRACT_FIELD_OF.get(option, option)
+        if field is not None:
+            path = field if "." in field else f"ExtractConfig.{field}"
+            by_field.setdefault(path, []).append("--" + option.replace("_", "-"))
+    table = {path: "/".join(flags) for path, flags in by_field.items()}
+    table["augment.augment"] = "--no-augment"  # the option turns the field off
     return table
 
 
@@ -60,7 +79,7 @@ def with_flags(message: str) -> str:
 
     table = flag_of()
     return re.sub(
-        r"\b(?:TrainConfig|source|detector|optim|loader|val)\.\w+(?:\.\w+)?\b",
+        r"\b(?:TrainConfig|ExtractConfig|source|detector|optim|loader|val|augment|backbone)\.\w+(?:\.\w+)?\b",
         lambda m: table.get(m.group(0), m.group(0)),
         message,
     )

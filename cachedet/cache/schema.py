@@ -43,11 +43,13 @@ MASK_FORMAT = "coco-rle"  # header["masks"]["format"]: compressed COCO RLE of th
 
 def check_storage(dtype: str, codec: str, shard_views: int):
     if dtype not in DTYPES:
-        raise CachedetError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+        raise CachedetError(f"ExtractConfig.dtype {dtype}: expected one of {', '.join(DTYPES)}")
     if codec not in CODECS:
-        raise CachedetError(f"--codec {codec}: expected one of {', '.join(CODECS)}")
+        raise CachedetError(f"ExtractConfig.codec {codec}: expected one of {', '.join(CODECS)}")
     if shard_views < 1:
-        raise CachedetError(f"--shard-views: expected a positive integer, got {shard_views}")
+        raise CachedetError(
+            f"ExtractConfig.shard_views: expected a positive integer, got {shard_views}"
+        )
 
 
 def zarr_dtype(dtype: str) -> str:

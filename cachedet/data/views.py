@@ -39,22 +39,25 @@ class AugmentConfig:
 
     def __post_init__(self):
         if self.size < 32:
-            raise CachedetError(f"--size: expected at least 32 pixels, got {self.size}")
+            raise CachedetError(f"augment.size: expected at least 32 pixels, got {self.size}")
         lo, hi = self.scale_range
         if not (0 < lo <= hi):
-            raise CachedetError(f"--scale-range: expected 0 < MIN <= MAX, got {lo} {hi}")
+            raise CachedetError(f"augment.scale_range: expected 0 < MIN <= MAX, got {lo} {hi}")
         if self.seed < 0:
-            raise CachedetError(f"--seed: expected a non-negative integer, got {self.seed}")
+            raise CachedetError(f"augment.seed: expected a non-negative integer, got {self.seed}")
         if not 0.0 <= self.copy_paste <= 1.0:
             raise CachedetError(
-                f"--copy-paste: expected a probability in [0, 1], got {self.copy_paste}"
+                f"augment.copy_paste: expected a probability in [0, 1], got {self.copy_paste}"
             )
         if not 0.0 < self.paste_min_visible <= 1.0:
             raise CachedetError(
-                f"--paste-min-visible: expected a fraction in (0, 1], got {self.paste_min_visible}"
+                f"augment.paste_min_visible: expected a fraction in (0, 1], got {self.paste_min_visible}"
             )
         if self.copy_paste and not self.augment:
-            raise CachedetError("--copy-paste needs augmented views (drop --no-augment)")
+            raise CachedetError(
+                "augment.copy_paste needs augmented views: a store without augmentation "
+                "(augment.augment) has none"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -202,7 +202,7 @@ def test_adapters_need_a_backbone(synthetic, tmp_path):
     extract(cfg, progress=False)
     with pytest.raises(CachedetError, match="plain frozen features"):
         train(tiny_train(tmp_path / "run", cfg.out, adapters=True), progress=False)
-    with pytest.raises(CachedetError, match="--cache-stage 4"):
+    with pytest.raises(CachedetError, match="ExtractConfig.cache_stage 4"):
         extract(
             small_config(synthetic, str(tmp_path / "h.zarr"), views=1, cache_stage=4),
             progress=False,

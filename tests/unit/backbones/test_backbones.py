@@ -72,7 +72,7 @@ def test_weights_from_a_local_checkpoint(tmp_path):
 def test_unknown_backbone_and_indices():
     with pytest.raises(CachedetError, match="not a timm model"):
         build_backbone(BackboneConfig("no_such_net"))
-    with pytest.raises(CachedetError, match="--out-indices"):
+    with pytest.raises(CachedetError, match="backbone.out_indices"):
         build_backbone(BackboneConfig("test_resnet", (7,), "random"))
 
 

@@ -132,11 +132,11 @@ def test_a_polygon_mask_follows_the_view_geometry(tmp_path):
 
 
 def test_options_are_checked():
-    with pytest.raises(CachedetError, match="--copy-paste"):
+    with pytest.raises(CachedetError, match="augment.copy_paste"):
         AugmentConfig(copy_paste=1.5)
-    with pytest.raises(CachedetError, match="--paste-min-visible"):
+    with pytest.raises(CachedetError, match="augment.paste_min_visible"):
         AugmentConfig(copy_paste=0.5, paste_min_visible=0)
-    with pytest.raises(CachedetError, match="--no-augment"):
+    with pytest.raises(CachedetError, match="augment.augment"):
         AugmentConfig(copy_paste=0.5, augment=False)
 
 

@@ -116,7 +116,7 @@ def test_view_boxes_map_back_to_the_image():
 def test_bad_options():
     from cachedet.errors import CachedetError
 
-    with pytest.raises(CachedetError, match="--scale-range"):
+    with pytest.raises(CachedetError, match="augment.scale_range"):
         AugmentConfig(scale_range=(2.0, 0.5))
-    with pytest.raises(CachedetError, match="--size"):
+    with pytest.raises(CachedetError, match="augment.size"):
         AugmentConfig(size=8)
