@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -36,6 +35,7 @@ from PIL import Image
 import cachedet.extract as extract_mod
 import cachedet.shards as shards
 from cachedet.backbones import BackboneConfig
+from cachedet.bench import machine_info
 from cachedet.data.views import AugmentConfig
 from cachedet.structures import FeatureSpec
 
@@ -289,11 +289,8 @@ def machine() -> dict:
     import zarr
 
     return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+        **machine_info(),
         "loadavg_before": open("/proc/loadavg").read().split()[:3],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
         "zarr": zarr.__version__,
         "numcodecs": numcodecs.__version__,
         "pillow": Image.__version__,

@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import torch
 
-from cachedet.bench import TORCHVISION_LIKE
+from cachedet.bench import TORCHVISION_LIKE, machine_info
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.structures import FeatureSpec
 
@@ -212,10 +212,9 @@ def main(argv=None) -> dict:
         parts[part] = {**got, "ratio": got["ours"] / got["torchvision"]}
     result = {
         "machine": {
+            **machine_info(),
             "platform": platform.platform(),
-            "cpus": os.cpu_count(),
             "threads": args.threads,
-            "torch": torch.__version__,
             "loadavg": open("/proc/loadavg").read().split()[:3],
         },
         "settings": {
@@ -244,7 +243,7 @@ def markdown(r: dict) -> str:
         "# Our neck + heads vs torchvision's, on identical features",
         "",
         f"ResNet-50 c2-c5 features at {s['size']}², batch {s['batch']}, forward + backward, median of "
-        f"{s['steps']} steps; {r['machine']['cpus']} CPUs, {r['machine']['threads']} threads, "
+        f"{s['steps']} steps; {r['machine']['cores']} CPUs, {r['machine']['threads']} threads, "
         f"load {' '.join(r['machine']['loadavg'])}, torch {r['machine']['torch']}.",
         "",
         "| variant | step s | vs torchvision |",

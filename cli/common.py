@@ -189,3 +189,74 @@ def detector_options(
                 raise CachedetError(f"{flag} {value}: expected an integer >= {least}")
             opts[name] = value
     return opts
+
+
+# The backbone's options, shared by extract and train-heads (``panel``: the help panel they sit in).
+def backbone_option(panel: str):
+    from cachedet_cli.vocabulary import DEFAULT_BACKBONE
+
+    return typer.Option(
+        DEFAULT_BACKBONE,
+        "--backbone",
+        metavar="TIMM_NAME",
+        help="timm model name.",
+        rich_help_panel=panel,
+    )
+
+
+def weights_option(panel: str):
+    return typer.Option(
+        None,
+        "--weights",
+        metavar="PATH",
+        help="Local checkpoint for the backbone.",
+        rich_help_panel=panel,
+    )
+
+
+def pretrained_option(panel: str):
+    return typer.Option(
+        False,
+        "--pretrained",
+        help="timm's own pretrained weights (needs network).",
+        rich_help_panel=panel,
+    )
+
+
+def random_init_option(panel: str):
+    return typer.Option(
+        False,
+        "--random-init",
+        help="Seeded random backbone weights (timing, tests).",
+        rich_help_panel=panel,
+    )
+
+
+def out_indices_option(panel: str):
+    return typer.Option(
+        None,
+        "--out-indices",
+        metavar="I,J,K",
+        rich_help_panel=panel,
+        help="timm feature indices, e.g. 2,3,4 (default: stride 8/16/32).",
+    )
+
+
+def taps_option(panel: str):
+    return typer.Option(None, "--taps", metavar="I,J,K", help=TAPS_HELP, rich_help_panel=panel)
+
+
+def weight_source(weights, pretrained: bool, random_init: bool) -> str:
+    """BackboneConfig.weights from --weights PATH / --pretrained / --random-init (default: "default").
+    Raises CachedetError when more than one is given."""
+    if sum([weights is not None, pretrained, random_init]) > 1:
+        raise CachedetError("--weights, --pretrained and --random-init exclude each other")
+    return (
+        str(weights)
+        if weights
+        else "timm"
+        if pretrained
+        else "random"
+        if random_init
+        else "default"
+    )

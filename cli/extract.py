@@ -7,18 +7,22 @@ from typing import Optional
 
 import typer
 
-from cachedet.errors import CachedetError
 from cachedet_cli.common import (
     RECIPE_HELP,
-    TAPS_HELP,
     backbone_indices,
+    backbone_option,
     human_bytes,
     human_seconds,
+    out_indices_option,
+    pretrained_option,
+    random_init_option,
+    taps_option,
     user_errors,
+    weight_source,
+    weights_option,
 )
 from cachedet_cli.common import console as make_console
 from cachedet_cli.vocabulary import (
-    DEFAULT_BACKBONE,
     DEFAULT_CANVAS,
     DEVICE_HELP,
     LOADER_WORKERS_HELP,
@@ -74,42 +78,12 @@ def extract_command(
         rich_help_panel=DATA,
         help="Store no instance masks even when the annotations carry segmentation.",
     ),
-    backbone: str = typer.Option(
-        DEFAULT_BACKBONE,
-        "--backbone",
-        metavar="TIMM_NAME",
-        help="timm model name.",
-        rich_help_panel=BACKBONE,
-    ),
-    weights: Optional[Path] = typer.Option(
-        None,
-        "--weights",
-        metavar="PATH",
-        rich_help_panel=BACKBONE,
-        help="Local checkpoint for the backbone.",
-    ),
-    pretrained: bool = typer.Option(
-        False,
-        "--pretrained",
-        help="timm's own pretrained weights (needs network).",
-        rich_help_panel=BACKBONE,
-    ),
-    random_init: bool = typer.Option(
-        False,
-        "--random-init",
-        help="Seeded random weights (timing, tests).",
-        rich_help_panel=BACKBONE,
-    ),
-    out_indices: Optional[str] = typer.Option(
-        None,
-        "--out-indices",
-        metavar="I,J,K",
-        rich_help_panel=BACKBONE,
-        help="timm feature indices, e.g. 2,3,4 (default: stride 8/16/32).",
-    ),
-    taps: Optional[str] = typer.Option(
-        None, "--taps", metavar="I,J,K", help=TAPS_HELP, rich_help_panel=BACKBONE
-    ),
+    backbone: str = backbone_option(BACKBONE),
+    weights: Optional[Path] = weights_option(BACKBONE),
+    pretrained: bool = pretrained_option(BACKBONE),
+    random_init: bool = random_init_option(BACKBONE),
+    out_indices: Optional[str] = out_indices_option(BACKBONE),
+    taps: Optional[str] = taps_option(BACKBONE),
     cache_stage: Optional[int] = typer.Option(
         None,
         "--cache-stage",
@@ -232,17 +206,7 @@ def extract_command(
     from cachedet.extract import dry_run as plan_dry_run
     from cachedet.recipes import get_recipe, schedule_advice
 
-    if sum([weights is not None, pretrained, random_init]) > 1:
-        raise CachedetError("--weights, --pretrained and --random-init exclude each other")
-    weight_source = (
-        str(weights)
-        if weights
-        else "timm"
-        if pretrained
-        else "random"
-        if random_init
-        else "default"
-    )
+    weights_from = weight_source(weights, pretrained, random_init)
     chosen = get_recipe(recipe)
     scale_range = tuple(scale_range or chosen.scale_range)
     cfg = ExtractConfig(
@@ -250,7 +214,7 @@ def extract_command(
         images=str(images),
         out=out,
         backbone=BackboneConfig(
-            backbone, backbone_indices(backbone, out_indices, taps), weight_source
+            backbone, backbone_indices(backbone, out_indices, taps), weights_from
         ),
         augment=AugmentConfig(
             size=size,

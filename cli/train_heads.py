@@ -10,16 +10,21 @@ import typer
 from cachedet.errors import CachedetError
 from cachedet_cli.common import (
     RECIPE_HELP,
-    TAPS_HELP,
     backbone_indices,
+    backbone_option,
     detector_options,
+    out_indices_option,
     parse_int_list,
+    pretrained_option,
+    random_init_option,
+    taps_option,
     user_errors,
+    weight_source,
+    weights_option,
 )
 from cachedet_cli.common import console as make_console
 from cachedet_cli.vocabulary import (
     BATCH_HELP,
-    DEFAULT_BACKBONE,
     DEFAULT_CANVAS,
     DEVICE_HELP,
     LOADER_WORKERS_HELP,
@@ -260,35 +265,12 @@ def train_heads_command(
     images: Optional[Path] = typer.Option(
         None, "--images", metavar="DIR", help="Image folder.", rich_help_panel=ONLINE
     ),
-    backbone: str = typer.Option(
-        DEFAULT_BACKBONE,
-        "--backbone",
-        metavar="TIMM_NAME",
-        help="timm model name.",
-        rich_help_panel=ONLINE,
-    ),
-    weights: Optional[Path] = typer.Option(
-        None, "--weights", metavar="PATH", help="Backbone checkpoint.", rich_help_panel=ONLINE
-    ),
-    pretrained: bool = typer.Option(
-        False,
-        "--pretrained",
-        help="timm's pretrained weights (needs network).",
-        rich_help_panel=ONLINE,
-    ),
-    random_init: bool = typer.Option(
-        False, "--random-init", help="Seeded random backbone weights.", rich_help_panel=ONLINE
-    ),
-    out_indices: Optional[str] = typer.Option(
-        None,
-        "--out-indices",
-        metavar="I,J,K",
-        rich_help_panel=ONLINE,
-        help="timm feature indices, e.g. 2,3,4 (default: stride 8/16/32).",
-    ),
-    taps: Optional[str] = typer.Option(
-        None, "--taps", metavar="I,J,K", help=TAPS_HELP, rich_help_panel=ONLINE
-    ),
+    backbone: str = backbone_option(ONLINE),
+    weights: Optional[Path] = weights_option(ONLINE),
+    pretrained: bool = pretrained_option(ONLINE),
+    random_init: bool = random_init_option(ONLINE),
+    out_indices: Optional[str] = out_indices_option(ONLINE),
+    taps: Optional[str] = taps_option(ONLINE),
     size: Optional[int] = typer.Option(
         None,
         "--size",
@@ -412,8 +394,7 @@ def train_heads_command(
     from cachedet.engine.train import TrainConfig, train
     from cachedet.recipes import schedule_advice, store_header, train_recipe
 
-    if sum([weights is not None, pretrained, random_init]) > 1:
-        raise CachedetError("--weights, --pretrained and --random-init exclude each other")
+    weights_from = weight_source(weights, pretrained, random_init)
     if size is not None and cache and not online:
         raise CachedetError(
             f"--size {size}: a cache run uses the canvas its store was made with; --size is for --online"
@@ -428,13 +409,7 @@ def train_heads_command(
         annotations=str(annotations) if annotations else None,
         images=str(images) if images else None,
         backbone=backbone,
-        weights=str(weights)
-        if weights
-        else "timm"
-        if pretrained
-        else "random"
-        if random_init
-        else "default",
+        weights=weights_from,
         out_indices=backbone_indices(backbone, out_indices, taps),
         size=DEFAULT_CANVAS if size is None else size,
         scale_range=scale_range and tuple(scale_range),

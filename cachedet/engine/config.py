@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from cachedet.backbones import DEFAULT_BACKBONE
 from cachedet.errors import CachedetError
+from cachedet.evaluation.scoring import COCO_STATS
 from cachedet.models.build import check_head
 from cachedet.paths import resolve_path
 from cachedet.recipes import DEFAULT_RECIPE, LEGACY_SCALE_RANGE, detector_options_for, get_recipe
@@ -162,20 +163,7 @@ class LoaderConfig:
 
 
 VAL_PARTS = ("bbox", "segm")  # DetectionEvaluator's summaries that best_metric may name
-VAL_STATS = (
-    "AP",
-    "AP50",
-    "AP75",
-    "APs",
-    "APm",
-    "APl",
-    "AR1",
-    "AR10",
-    "AR100",
-    "ARs",
-    "ARm",
-    "ARl",
-)  # = scoring.COCO_STATS
+VAL_STATS = COCO_STATS  # the summary numbers best_metric may name
 
 
 @dataclass(frozen=True)
