@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import time
-from dataclasses import replace
 
 from cachedet.backbones import BackboneConfig
 from cachedet.cache.store import FeatureStore
@@ -111,7 +110,7 @@ def train_and_score(
             "scale_range": s.scale_range,
             **train_kw,
         }
-    cfg = replace(cfg, **train_kw)
+    cfg = cfg.with_settings(**train_kw)
     t = time.perf_counter()
     train(cfg, progress=False)
     seconds = time.perf_counter() - t

@@ -29,10 +29,16 @@ def shard_range(shard: int, shard_views: int, num_views: int) -> tuple[int, int]
     return shard * shard_views, min((shard + 1) * shard_views, num_views)
 
 
+def _raw_bytes(a: np.ndarray) -> np.ndarray:
+    """``a``'s bytes as a flat uint8 view (no copy when ``a`` is C-contiguous): what ``tobytes`` gives."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
 def features_sha256(block: np.ndarray, quant: np.ndarray | None = None) -> str:
-    h = hashlib.sha256(np.ascontiguousarray(block).tobytes())
+    """sha256 of a block's bytes (and its float32 quant params), hashed in place without a copy."""
+    h = hashlib.sha256(_raw_bytes(block))
     if quant is not None:
-        h.update(np.ascontiguousarray(quant, dtype=np.float32).tobytes())
+        h.update(_raw_bytes(np.asarray(quant, dtype=np.float32)))
     return h.hexdigest()
 
 
@@ -50,9 +56,15 @@ def pack_masks(per_view: list[list[bytes]]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets
 
 
+# zarr skips chunks equal to the fill value by default, at the price of comparing every chunk
+# with it: 40% of a feature shard's write time (benchmarks/extract_overhead.py). Feature chunks are
+# almost never all zeros, so they are written as they are (the stored arrays read the same).
+WRITE_CONFIG = {"write_empty_chunks": True}
+
+
 def write_level(array: zarr.Array, start: int, block: np.ndarray):
     """Write views [start, start + len(block)) of one level (one whole shard: one object)."""
-    array[start : start + len(block)] = block
+    array.with_config(WRITE_CONFIG)[start : start + len(block)] = block
 
 
 def bytes_on_disk(url: str, prefix: str = "") -> int:
@@ -246,6 +258,8 @@ class StoreReader(_StoreFiles):
             # in benchmarks/extract_overhead.py): read the covering slice when it is at most
             # twice the views asked for, else one slice per view
             a, b = int(views[0]), int(views[-1]) + 1
+            if b - a == len(views):  # sorted and contiguous: the slice itself, no gather copy
+                return arr[a:b]
             if b - a <= 2 * len(views):
                 return arr[a:b][views - a]
             return np.concatenate([arr[int(v) : int(v) + 1] for v in views])

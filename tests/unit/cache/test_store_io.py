@@ -135,3 +135,52 @@ def test_bytes_on_disk_grow_with_written_shards(tmp_path):
     write_shard(writer, 0, 0, SHARD, "float16")
     written = writer.bytes_on_disk("features")
     assert written > empty and writer.bytes_on_disk() >= written
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.uint16, np.uint8])
+def test_features_sha256_hashes_the_bytes_tobytes_gives(dtype):
+    """The digest is hashed in place (no copy) but must equal sha256 of ``tobytes()``, which every
+    completion record written before was computed from; strided blocks included."""
+    import hashlib
+
+    from cachedet.cache.store import features_sha256
+
+    block = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5).astype(dtype)
+    quant = np.linspace(0, 1, 2 * 3 * 2).reshape(2, 3, 2)
+    for b in (block, block[:, ::2], block.transpose(0, 1, 3, 2)):
+        want = hashlib.sha256(np.ascontiguousarray(b).tobytes())
+        assert features_sha256(b) == want.hexdigest()
+        want.update(quant.astype(np.float32).tobytes())
+        assert features_sha256(b, quant) == want.hexdigest()
+
+
+def test_an_all_zero_shard_is_written(tmp_path):
+    """Feature chunks are written even when they equal the fill value (zarr would skip them, after
+    comparing every chunk with it): every complete shard has its object on disk."""
+    url = make_store(tmp_path)
+    writer = StoreWriter(url)
+    zeros = {k: np.zeros_like(v, dtype=np.float16) for k, v in features(SHARD, 0).items()}
+    digests = writer.write_features(0, zeros, 0)
+    digests["masks"] = writer.write_masks(0, [[square_mask(v)] for v in range(SHARD)])
+    writer.write_record(
+        {"shard": 0, "views": [0, SHARD], "sha256": digests, "skipped": [], "seconds": 0.0}
+    )
+    for s in SPECS:
+        assert (
+            tmp_path / "hand.zarr" / "features" / s.name / "c" / "0" / "0" / "0" / "0"
+        ).is_file()
+    reader = StoreReader(url)
+    assert not reader.read_level("c3", slice(0, SHARD)).any()
+    assert reader.verify()["complete"] == [0]
+
+
+def test_index_reads_equal_slice_reads(tmp_path):
+    url = make_store(tmp_path)
+    writer = StoreWriter(url)
+    write_shard(writer, 0, 0, SHARD, "float16")
+    write_shard(writer, 1, SHARD, VIEWS - SHARD, "float16")
+    reader = StoreReader(url)
+    whole = reader.read_level("c4", slice(0, VIEWS))
+    for views in ([1, 2, 3], [0, 2, 4], [0, 4], [3]):
+        got = reader.read_level("c4", np.array(views))
+        np.testing.assert_array_equal(got, whole[views])
