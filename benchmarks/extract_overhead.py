@@ -2,15 +2,18 @@
 
 The backbone is replaced by a stub that returns, instantly, fixed ReLU-like float32 tensors of a
 declared backbone's shapes (ResNet-50: 256/512/1024/2048 channels at strides 4/8/16/32), so what
-is left is the host's share of extraction: decode, augment, device copy, encode, compress, write.
+is left is the host's share of extraction: decode, augment, device copy, encode, compress, write,
+and the sha256 digest of each level that the completion record keeps for ``verify``.
 For each config it reports, in core-milliseconds per view (process CPU time, all threads):
 
 - the whole pipeline (``run_shards_in_process``: DataLoader, encode, write pool, records);
 - each stage as the pipeline runs it (cachedet's functions on the same views);
-- beside each, the primitive alone on the same bytes: PIL decode of the file, a bilinear resize
-  to the view's size, a memory copy, a float16 cast, the Blosc codec on the stored block, a plain
-  file write of the compressed bytes;
-- views/s with 1 and 2 worker processes, each running whole shards (as dask workers do);
+- beside each, the primitive alone on the same bytes: PIL decode of the file, torchvision's
+  antialiased bilinear resize to the view's size (the resize LSJ makes; normalising, flipping and
+  padding count as overhead), a memory copy, a float16 cast, the Blosc codec on the stored block,
+  a plain file write of the compressed bytes;
+- views/s with 1 and 2 worker processes, each pinned to its own core and running an equal share
+  of whole shards with one runner (as a dask worker keeps its runner between shard tasks);
 - the cached feed: ``CachedViews`` reading and decoding the store against a plain zarr read plus
   float32 decode of the same blocks, views/s in one process.
 
@@ -25,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -46,7 +50,8 @@ CONFIGS = [  # name, levels, canvas, source image (w, h)
     ("r50_c3-c5_1024", ("c3", "c4", "c5"), 1024, (1280, 960)),
     ("r50_c2-c5_1024", ("c2", "c3", "c4", "c5"), 1024, (1280, 960)),
 ]
-IMAGES, VIEWS, SHARD_VIEWS, BATCH = 6, 2, 4, 2  # 12 views, 3 shards per config
+IMAGES, VIEWS, SHARD_VIEWS, BATCH = 8, 2, 4, 2  # 16 views, 4 shards per config
+SCALING_IMAGES = 24  # views/s with 1 and 2 processes: 48 views, 12 shards (6 per process)
 
 
 class StubBackbone(torch.nn.Module):
@@ -93,11 +98,11 @@ def natural_jpeg(path: str, w: int, h: int, seed: int):
     Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def make_dataset(root: str, wh: tuple[int, int]) -> dict:
+def make_dataset(root: str, wh: tuple[int, int], count: int = IMAGES) -> dict:
     os.makedirs(root, exist_ok=True)
     w, h = wh
     images, anns = [], []
-    for i in range(IMAGES):
+    for i in range(count):
         natural_jpeg(os.path.join(root, f"{i}.jpg"), w, h, i)
         images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": w, "height": h})
         anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
@@ -126,27 +131,39 @@ def planned_tasks(data: dict, out: str, size: int, loader_workers: int = 0):
     return extract_mod.shard_tasks(cfg, cfg.backbone, None, plan), backbone, plan
 
 
-def cpu_ms(fn, reps: int = 1) -> float:
-    t = time.process_time()
+REPS = 5  # each stage and primitive: the median of this many calls (page-cache writes vary)
+
+
+def cpu_ms(fn, reps: int = REPS) -> float:
+    """Median process CPU milliseconds (all threads) of ``reps`` calls of ``fn``."""
+    times = []
     for _ in range(reps):
+        t = time.process_time()
         fn()
-    return (time.process_time() - t) * 1000 / reps
+        times.append((time.process_time() - t) * 1000)
+    return statistics.median(times)
 
 
-def pipeline_ms_per_view(data, work, size) -> float:
+def pipeline_ms_per_view(data, work, size, runs: int = 3) -> float:
+    """The whole pipeline's core-ms per view: the median of ``runs`` runs, each into a new store."""
     tasks, backbone, _ = planned_tasks(data, os.path.join(work, "warm.zarr"), size)
     runner = shards.ShardRunner(tasks[0].backbone, "cpu", backbone=backbone)
     shards.run_shards_in_process(tasks[:1], runner=runner)  # warm-up: imports, allocator
-    tasks, _, _ = planned_tasks(data, os.path.join(work, "pipe.zarr"), size)
-    n = sum(len(t.views) for t in tasks)
-    return cpu_ms(lambda: shards.run_shards_in_process(tasks, runner=runner)) / n
+    per_view = []
+    for run in range(runs):
+        tasks, _, _ = planned_tasks(data, os.path.join(work, f"pipe{run}.zarr"), size)
+        n = sum(len(t.views) for t in tasks)
+        per_view.append(cpu_ms(lambda: shards.run_shards_in_process(tasks, runner=runner), 1) / n)
+    return statistics.median(per_view)
 
 
 def stages(data, work, size, backbone) -> dict:
     """Core-ms per view of each stage as the pipeline runs it, and of its primitive alone."""
     import numcodecs
-    import torch.nn.functional as F
+    import torchvision.transforms.v2.functional as TF
 
+    from cachedet.cache import schema
+    from cachedet.cache.store import StoreWriter, features_sha256, write_level
     from cachedet.data.decode import read_image
     from cachedet.data.views import normalize, transform_image
 
@@ -155,31 +172,30 @@ def stages(data, work, size, backbone) -> dict:
     k = len(task.views)
     pipe, prim = {}, {}
     params = task.views[0]
-    pipe["decode"] = cpu_ms(lambda: read_image(task.paths[0], params.orig_size), 3)
-    prim["decode"] = cpu_ms(lambda: Image.open(task.paths[0]).convert("RGB").load(), 3)
+    pipe["decode"] = cpu_ms(lambda: read_image(task.paths[0], params.orig_size))
+    prim["decode"] = cpu_ms(lambda: Image.open(task.paths[0]).convert("RGB").load())
     img = read_image(task.paths[0], params.orig_size)
     pipe["augment"] = cpu_ms(
-        lambda: transform_image(params, normalize(img, backbone.mean, backbone.std)), 3
+        lambda: transform_image(params, normalize(img, backbone.mean, backbone.std))
     )
     hw = params.resized_size
-    prim["augment"] = cpu_ms(
-        lambda: F.interpolate(img[None].float(), size=hw, mode="bilinear", antialias=False), 3
-    )
+    as_float = img.float()
+    prim["augment"] = cpu_ms(lambda: TF.resize(as_float, list(hw), antialias=True))
     images = torch.randn(BATCH, 3, size, size)
-    pipe["device_copy"] = cpu_ms(lambda: images.to("cpu", non_blocking=True), 3) / BATCH
-    prim["device_copy"] = cpu_ms(lambda: images.clone(), 3) / BATCH
+    pipe["device_copy"] = cpu_ms(lambda: images.to("cpu", non_blocking=True)) / BATCH
+    prim["device_copy"] = cpu_ms(lambda: images.clone()) / BATCH
     feats = backbone(images)
-    pipe["encode"] = cpu_ms(lambda: shards.encode_on_device(feats, "float16"), 3) / BATCH
-    prim["encode"] = cpu_ms(lambda: [v.half() for v in feats.values()], 3) / BATCH
+    out = {k: np.empty(tuple(v.shape), dtype=np.float16) for k, v in feats.items()}
+    pipe["encode"] = (
+        cpu_ms(lambda: [schema.encode_into(v, "float16", out[k]) for k, v in feats.items()]) / BATCH
+    )
+    prim["encode"] = cpu_ms(lambda: [v.half() for v in feats.values()]) / BATCH
     computed = shards.compute_shard(task, runner=shards.ShardRunner(None, "cpu", backbone))
     blocks = computed.blocks
     codec = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
     per_view = {n: [b[i] for i in range(k)] for n, b in blocks.items()}
-    compressed = []
-    prim["compress"] = (
-        cpu_ms(lambda: compressed.extend(codec.encode(v) for vs in per_view.values() for v in vs))
-        / k
-    )
+    compressed = [codec.encode(v) for vs in per_view.values() for v in vs]
+    prim["compress"] = cpu_ms(lambda: [codec.encode(v) for vs in per_view.values() for v in vs]) / k
     raw = sum(b.nbytes for b in blocks.values()) / k
     stored = sum(len(c) for c in compressed) / k
 
@@ -189,13 +205,29 @@ def stages(data, work, size, backbone) -> dict:
                 f.write(c)
 
     prim["write"] = cpu_ms(plain_write) / k
-    # the pipeline writes a shard with zarr: compress and write in one call; split them with the
-    # codec's own share measured above (same bytes, same codec settings)
-    pipe["compress_write"] = cpu_ms(lambda: shards.write_shard(task, computed)) / k
+    # the pipeline writes a shard's levels with zarr (compress and write in one call), then hashes
+    # them for the completion record (verify's checksums; no primitive: it is cachedet's own check)
+    writer = StoreWriter(task.store)
+    pipe["compress_write"] = (
+        cpu_ms(
+            lambda: [
+                write_level(writer.group[f"features/{n}"], task.start, b) for n, b in blocks.items()
+            ]
+        )
+        / k
+    )
+    pipe["digest"] = cpu_ms(lambda: [features_sha256(b) for b in blocks.values()]) / k
     return {"pipeline": pipe, "primitives": prim, "raw_bytes": raw, "stored_bytes": stored}
 
 
-def _worker_init(levels, size):
+def _worker_init(levels, size, next_core):
+    """One core per worker process (all its threads on it), so that 1 and 2 processes compare
+    one core against two, not one process that already spreads its writer threads over both."""
+    with next_core.get_lock():
+        core = next_core.value
+        next_core.value += 1
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[core % len(cores)]})
     torch.set_num_threads(1)
     install_stub(levels, size)
 
@@ -208,14 +240,16 @@ def _work(tasks) -> int:
 
 
 def views_per_s(data, work, levels, size, procs: int) -> float:
-    """Whole shards on ``procs`` spawned processes (1 torch thread each), after a warm-up."""
+    """Whole shards on ``procs`` spawned processes (1 torch thread each, each pinned to its own
+    core), each an equal share of the shards with one runner, after a warm-up shard per process."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(procs, initializer=_worker_init, initargs=(levels, size)) as pool:
+    next_core = ctx.Value("i", 0)
+    with ctx.Pool(procs, initializer=_worker_init, initargs=(levels, size, next_core)) as pool:
         warm, _, _ = planned_tasks(data, os.path.join(work, f"w{procs}.zarr"), size)
         pool.map(_work, [[t] for t in warm[:procs]], chunksize=1)
         tasks, _, _ = planned_tasks(data, os.path.join(work, f"p{procs}.zarr"), size)
         t = time.perf_counter()
-        pool.map(_work, [[t] for t in tasks], chunksize=1)
+        pool.map(_work, [tasks[i::procs] for i in range(procs)], chunksize=1)
         return sum(len(x.views) for x in tasks) / (time.perf_counter() - t)
 
 
@@ -227,7 +261,7 @@ def feed(work, size) -> dict:
     from cachedet.cache.dataset import CachedViews
     from cachedet.cache.store import StoreReader
 
-    url = os.path.join(work, "pipe.zarr")
+    url = os.path.join(work, "pipe0.zarr")  # written by pipeline_ms_per_view
     reader = StoreReader(url)
     n = reader.num_views
 
@@ -261,6 +295,7 @@ def run_config(name, levels, size, wh, work) -> dict:
         [os.path.getsize(os.path.join(data["images"], f"{i}.jpg")) for i in range(IMAGES)]
     )
     total = pipeline_ms_per_view(data, work, size)
+    scaling = make_dataset(os.path.join(work, "scaling"), wh, SCALING_IMAGES)
     st = stages(data, work, size, backbone)
     prim_total = sum(st["primitives"].values())
     entry = {
@@ -276,8 +311,8 @@ def run_config(name, levels, size, wh, work) -> dict:
         "ratio": round(total / prim_total, 3),
         "stages_ms_per_view": {k: round(v, 2) for k, v in st["pipeline"].items()},
         "primitive_ms_per_view": {k: round(v, 2) for k, v in st["primitives"].items()},
-        "views_per_s_1": round(views_per_s(data, work, levels, size, 1), 2),
-        "views_per_s_2": round(views_per_s(data, work, levels, size, 2), 2),
+        "views_per_s_1": round(views_per_s(scaling, work, levels, size, 1), 2),
+        "views_per_s_2": round(views_per_s(scaling, work, levels, size, 2), 2),
     }
     entry["scaling_2_over_1"] = round(entry["views_per_s_2"] / entry["views_per_s_1"], 3)
     entry["feed"] = {k: round(v, 2) for k, v in feed(work, size).items()}
@@ -305,7 +340,9 @@ def markdown(res: dict) -> str:
         f"Machine: {m['cores']} cores ({m['cpu']}), load average {' '.join(m['loadavg_before'])} before, "
         f"{' '.join(res['loadavg_after'])} after; Python {m['python']}, torch {m['torch']}, zarr "
         f"{m['zarr']}, numcodecs {m['numcodecs']}, Pillow {m['pillow']}. {IMAGES * VIEWS} views per "
-        f"config, shards of {SHARD_VIEWS}, batch {BATCH}, float16, zstd. Core-ms per view.",
+        f"config ({SCALING_IMAGES * VIEWS} for views/s), shards of {SHARD_VIEWS}, batch {BATCH}, float16, zstd. Core-ms per view (pipeline: median of 3 runs; "
+        f"stages and primitives: median of {REPS} calls); views/s with each worker process pinned "
+        "to its own core.",
         "",
         "| config | stored MB/view | pipeline | primitives | ratio | views/s 1 proc | 2 procs | 2/1 |",
         "|---|---|---|---|---|---|---|---|",
@@ -318,19 +355,20 @@ def markdown(res: dict) -> str:
         )
     out += [
         "",
-        "Per stage, pipeline / primitive (core-ms per view; compress and write are one zarr call):",
+        "Per stage, pipeline / primitive (core-ms per view; compress and write are one zarr call; the "
+        "pipeline total also holds the DataLoader, batching and the completion record):",
         "",
     ]
     out += [
-        "| config | decode | augment | device copy | encode | compress + write |",
-        "|---|---|---|---|---|---|",
+        "| config | decode | augment | device copy | encode | compress + write | digest (sha256) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in res["configs"]:
         s, p = c["stages_ms_per_view"], c["primitive_ms_per_view"]
         out.append(
             f"| {c['name']} | {s['decode']} / {p['decode']} | {s['augment']} / {p['augment']} "
             f"| {s['device_copy']} / {p['device_copy']} | {s['encode']} / {p['encode']} "
-            f"| {s['compress_write']} / {p['compress'] + p['write']:.2f} |"
+            f"| {s['compress_write']} / {p['compress'] + p['write']:.2f} | {s['digest']} / - |"
         )
     out += ["", "Cached feed, one process (views/s): CachedViews / plain zarr read + decode", ""]
     out += ["| config | CachedViews | plain read | ratio |", "|---|---|---|---|"]

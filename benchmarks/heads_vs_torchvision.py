@@ -8,6 +8,8 @@ targets, and the same configuration (torchvision's fasterrcnn_resnet50_fpn: FPN 
 max-pooled P6, 3 anchors per location, 2000 proposals before and after NMS in training, 512 RoIs
 per image, a 2-FC box head of 1024). ``same_config`` checks the parameter counts part by part.
 What still differs by construction is printed: our anchors are 4 x stride, torchvision's 8 x.
+A third variant, ``ours_defaults``, is the detector ``train-heads`` builds with no detector flags
+(issue 21: a default run must be no slower per step than torchvision's Faster R-CNN).
 
 Each variant times forward + backward (no optimiser), median of ``--steps`` after 2 warm-ups,
 interleaved so load drifts hit both sides; per part as well (neck, rpn, roi_heads). Writes
@@ -34,11 +36,20 @@ SPECS = [FeatureSpec(f"c{k}", 256 * 2 ** (k - 2), 2**k) for k in range(2, 6)]
 NUM_CLASSES = 91
 
 
-def ours(anchor_scale: int = 4):
-    """Our detector (FPN neck + R-CNN head) in the torchvision-like configuration."""
+def default_options() -> dict:
+    """The detector options ``train-heads`` uses when given none: the default recipe's box head
+    over the R-CNN head's defaults (models/config.py)."""
+    from cachedet.recipes import detector_options_for, get_recipe
+
+    return detector_options_for(get_recipe(None), "faster-rcnn", {})
+
+
+def ours(anchor_scale: int = 4, options: dict | None = None):
+    """Our detector (FPN neck + R-CNN head) in the torchvision-like configuration (or ``options``)."""
     torch.manual_seed(0)
+    opts = TORCHVISION_LIKE if options is None else options
     det = build_detector(
-        DetectorConfig(NUM_CLASSES, 512, tuple(SPECS), "fpn", "faster-rcnn", 256, TORCHVISION_LIKE)
+        DetectorConfig(NUM_CLASSES, 512, tuple(SPECS), "fpn", "faster-rcnn", 256, opts)
     )
     if anchor_scale != 4:
         from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -186,20 +197,28 @@ def interleaved(fns: dict, warmup: int, steps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=512)
+def parse(argv, doc: str, size: int, steps: int, threads: int) -> argparse.Namespace:
+    """--size/--batch/--steps/--threads/--out of a step-timing benchmark (threads applied)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--size", type=int, default=size)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--threads", type=int, default=threads)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv, __doc__, size=512, steps=6, threads=2)
     feats, targets = inputs(args.size, args.batch)
     det, det8, tv = ours().train(), ours(anchor_scale=8).train(), TorchvisionHeads().train()
+    defaults = ours(options=default_options()).train()
     whole = interleaved(
         {
             "ours": step_fn(det, feats, targets, args.size),
+            "ours_defaults": step_fn(defaults, feats, targets, args.size),
             "ours_tv_anchors": step_fn(det8, feats, targets, args.size),
             "torchvision": step_fn(tv, feats, targets, args.size),
         },
@@ -222,18 +241,24 @@ def main(argv=None) -> dict:
             "batch": args.batch,
             "steps": args.steps,
             **TORCHVISION_LIKE,
+            "defaults": default_options(),
         },
         "same_config": {k: list(v) for k, v in same_config().items()},
         "step_s": whole,
         "ours_vs_torchvision": whole["ours"] / whole["torchvision"],
         "parts_s": parts,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "heads_vs_torchvision.json"), "w") as f:
+    return write_results(args.out, "heads_vs_torchvision", result, markdown(result))
+
+
+def write_results(out: str, name: str, result: dict, text: str) -> dict:
+    """OUT/NAME.json and OUT/NAME.md (also printed); returns ``result``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "heads_vs_torchvision.md"), "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(text)
     return result
 
 
@@ -245,6 +270,10 @@ def markdown(r: dict) -> str:
         f"ResNet-50 c2-c5 features at {s['size']}², batch {s['batch']}, forward + backward, median of "
         f"{s['steps']} steps; {r['machine']['cores']} CPUs, {r['machine']['threads']} threads, "
         f"load {' '.join(r['machine']['loadavg'])}, torch {r['machine']['torch']}.",
+        "",
+        "`ours` is built like torchvision's detector; `ours_defaults` is what `train-heads` builds "
+        f"with no detector flags ({', '.join(f'{k} {v}' for k, v in s.get('defaults', {}).items())}"
+        ", the R-CNN head's defaults otherwise).",
         "",
         "| variant | step s | vs torchvision |",
         "|---|---|---|",

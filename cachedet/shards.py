@@ -87,21 +87,6 @@ def compute_features(backbone: Backbone, images: torch.Tensor) -> dict[str, np.n
     return {k: v.float().cpu().numpy() for k, v in forward(backbone, images).items()}
 
 
-def encode_on_device(
-    feats: dict[str, torch.Tensor], dtype: str
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """{level: (B, C, H, W)} on the device -> the stored arrays on the host (and uint8 quant
-    params): the cast or quantisation runs where the features are; only stored bytes are copied."""
-    blocks, quant = {}, {}
-    with torch.inference_mode():
-        for name, x in feats.items():
-            stored, params = schema.encode_tensor(x, dtype)
-            blocks[name] = schema.stored_numpy(stored.cpu(), dtype)
-            if params is not None:
-                quant[name] = params.cpu().numpy()
-    return blocks, quant or None
-
-
 def _collate(batch):
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch]
 
@@ -119,15 +104,18 @@ class ComputedShard:
 
 
 class _Assembler:
-    """Collects one shard's encoded batches into a ``ComputedShard``."""
+    """Encodes one shard's batches straight into the shard's host arrays (allocated once, at the
+    first batch) and hands them out as a ``ComputedShard``."""
 
     def __init__(self, task: ShardTask):
         self.task, self.done, self.t0 = task, 0, time.perf_counter()
-        self.blocks: dict[str, list[np.ndarray]] = {}
+        self.blocks: dict[str, np.ndarray] = {}
         self.quant: dict[str, list[np.ndarray]] = {}
         self.skipped, self.masks = [], []
 
-    def add(self, errors: list[str], view_masks: list, blocks: dict, quant: dict | None):
+    def add(self, errors: list[str], view_masks: list, feats: dict[str, torch.Tensor]):
+        """One batch: its per-view errors ("" when fine), masks and features {level: (B, C, H, W)}
+        on the device."""
         task = self.task
         for i, err in enumerate(errors):
             if err and not task.skip_bad:
@@ -138,20 +126,24 @@ class _Assembler:
                     {"view": task.start + view, "image_id": task.views[view].image_id, "error": err}
                 )
         self.masks += view_masks
-        for name, block in blocks.items():
-            self.blocks.setdefault(name, []).append(block)
-            if quant is not None:
-                self.quant.setdefault(name, []).append(quant[name])
-        self.done += len(errors)
+        a, b = self.done, self.done + len(errors)
+        with torch.inference_mode():
+            for name, x in feats.items():
+                if name not in self.blocks:
+                    shape = (len(task.views),) + tuple(x.shape[1:])
+                    self.blocks[name] = np.empty(shape, dtype=schema.zarr_dtype(task.dtype))
+                params = schema.encode_into(x, task.dtype, self.blocks[name][a:b])
+                if params is not None:
+                    self.quant.setdefault(name, []).append(params)
+        self.done = b
 
     def full(self) -> bool:
         return self.done == len(self.task.views)
 
     def result(self) -> ComputedShard:
-        cat = lambda parts: {k: np.concatenate(v) for k, v in parts.items()}  # noqa: E731
         return ComputedShard(
-            blocks=cat(self.blocks),
-            quant=cat(self.quant) if self.quant else None,
+            blocks=self.blocks,
+            quant={k: np.concatenate(v) for k, v in self.quant.items()} if self.quant else None,
             skipped=self.skipped,
             seconds=time.perf_counter() - self.t0,
             masks=self.masks if self.task.masks is not None else None,
@@ -199,8 +191,7 @@ class ShardRunner:
         queue = iter(tasks)
         shard = _Assembler(next(queue))
         for images, errors, view_masks in loader:
-            blocks, quant = encode_on_device(forward(self.backbone, images), shard.task.dtype)
-            shard.add(errors, view_masks, blocks, quant)
+            shard.add(errors, view_masks, forward(self.backbone, images))
             if on_views:
                 on_views(len(errors))
             if shard.full():

@@ -101,6 +101,25 @@ def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tens
     return x.to(getattr(torch, zarr_dtype(dtype))), None
 
 
+def encode_into(x: torch.Tensor, dtype: str, out: np.ndarray) -> np.ndarray | None:
+    """Encode features ``x`` (n, C, H, W) on any device into ``out``, a host array (n, C, H, W) of
+    ``zarr_dtype(dtype)``, with the bytes ``encode_tensor`` gives; return the uint8 quant params
+    (n, C, 2) or None.
+
+    A float storage dtype is a rounding cast, done in the copy itself on the host (no intermediate
+    array) and before the copy on an accelerator (only stored bytes cross to the host).
+    """
+    dst = torch.from_numpy(out)
+    if dtype in ("float16", "bfloat16", "float32"):
+        target = torch.bfloat16 if dtype == "bfloat16" else getattr(torch, zarr_dtype(dtype))
+        x = x.float()
+        dst.view(target).copy_(x if x.device.type == "cpu" else x.to(target))
+        return None
+    stored, params = encode_tensor(x, dtype)
+    dst.copy_(stored)
+    return params.cpu().numpy()
+
+
 def stored_numpy(stored: torch.Tensor, dtype: str) -> np.ndarray:
     """A CPU tensor from ``encode_tensor`` -> the numpy array zarr stores (bfloat16 bits as uint16)."""
     arr = stored.numpy()

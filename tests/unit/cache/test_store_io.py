@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from cachedet.cache import schema
@@ -184,3 +185,21 @@ def test_index_reads_equal_slice_reads(tmp_path):
     for views in ([1, 2, 3], [0, 2, 4], [0, 4], [3]):
         got = reader.read_level("c4", np.array(views))
         np.testing.assert_array_equal(got, whole[views])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "uint8"])
+def test_encode_into_writes_the_bytes_encode_gives(dtype):
+    """The pipeline encodes each batch straight into its slice of the shard's array; the bytes
+    and quant params must be those of ``schema.encode`` (every store written before used it),
+    for float16 inputs (autocast on CUDA) as for float32."""
+    x = np.random.default_rng(0).normal(size=(5, 3, 4, 6)).astype(np.float32) * 40
+    for source in (x, x.astype(np.float16)):
+        want, want_quant = schema.encode(source.astype(np.float32), dtype)
+        out = np.full((7,) + x.shape[1:], 7, dtype=schema.zarr_dtype(dtype))
+        quant = schema.encode_into(torch.from_numpy(source), dtype, out[1:6])
+        np.testing.assert_array_equal(out[1:6], want)
+        assert (out[0] == 7).all() and (out[6] == 7).all()  # nothing outside the slice
+        if want_quant is None:
+            assert quant is None
+        else:
+            np.testing.assert_array_equal(quant, want_quant)
