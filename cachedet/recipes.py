@@ -7,9 +7,9 @@ recorded in the store header (``recipe``) and in the run's config.json (``train.
 Both recipes warm up linearly for min(1000 steps, 5% of the run) and decay in steps (x0.1 at 2/3
 and 8/9 of the run); the schedule's length (``--epochs``) is the user's.
 
-  short  (default) mild jitter 0.8-1.25 (best on short runs in ``benchmarks/recipe_study.py`` and
-         on the issue-21 aerial data); the 4conv1fc box head, which beat torchvision's 2-FC head
-         there at equal steps and equal wall time (one seed: see the README before changing it).
+  short  (default) mild jitter 0.8-1.25 and torchvision's 2-FC box head: the winners of
+         ``benchmarks/recipe_study.py`` (results in benchmarks/results/recipe_study.md; the README's
+         Recipes section states the rule they follow).
   paper  Vasconcelos et al. 2022 (and the TF Model Garden configs it builds on): LSJ 0.1-2.0, the
          4conv1fc Faster R-CNN box head of Table 3, step decay; meant for hundreds of epochs.
 """
@@ -38,7 +38,7 @@ class Recipe:
 
 
 RECIPES = {
-    "short": Recipe("short", (0.8, 1.25), {"box_convs": 4, "box_fcs": 1}),
+    "short": Recipe("short", (0.8, 1.25), {"box_convs": 0, "box_fcs": 2}),
     "paper": Recipe("paper", (0.1, 2.0), {"box_convs": 4, "box_fcs": 1}, long_epochs=100),
 }
 DEFAULT_RECIPE = "short"

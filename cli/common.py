@@ -11,8 +11,8 @@ import typer
 from cachedet.errors import CachedetError
 
 RECIPE_HELP = (
-    "Defaults for the schedule (cachedet.recipes): short (LSJ 0.8-1.25; the default) or paper "
-    "(LSJ 0.1-2.0, for ~100+ epochs); explicit options win."
+    "Defaults for the schedule (cachedet.recipes): short (LSJ 0.8-1.25, 2-FC box head; the "
+    "default) or paper (LSJ 0.1-2.0, 4conv1fc box head, for ~100+ epochs); explicit options win."
 )
 
 

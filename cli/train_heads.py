@@ -169,13 +169,13 @@ def train_heads_command(
     box_convs: Optional[int] = typer.Option(
         None,
         "--box-convs",
-        help="Box head 3x3 convs (faster-rcnn 4, cascade 0).",
+        help="Box head 3x3 convs (faster-rcnn: the recipe's, short 0 / paper 4; cascade 0).",
         rich_help_panel=MODEL,
     ),
     box_fcs: Optional[int] = typer.Option(
         None,
         "--box-fcs",
-        help="Box head FC layers (faster-rcnn 1, cascade 2).",
+        help="Box head FC layers (faster-rcnn: the recipe's, short 2 / paper 1; cascade 2).",
         rich_help_panel=MODEL,
     ),
     box_representation: Optional[int] = typer.Option(

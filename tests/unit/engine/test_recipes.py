@@ -40,7 +40,7 @@ def test_recipe_fills_in_only_what_is_not_given():
     short, paper = RECIPES["short"], RECIPES["paper"]
     cfg = TrainConfig.of(out="r", cache="c")
     assert cfg.recipe == "short" and cfg.source.scale_range == short.scale_range
-    assert cfg.detector.options == {"box_convs": 4, "box_fcs": 1}
+    assert cfg.detector.options == {"box_convs": 0, "box_fcs": 2}
     cfg = TrainConfig.of(
         out="r", cache="c", recipe="paper", detector_options={"box_fcs": 2, "rois_per_image": 64}
     )
@@ -161,7 +161,7 @@ def test_extract_and_train_heads_agree_on_the_recipe(cli, synthetic, tmp_path):
         train = json.load(f)["train"]
     assert train["recipe"] == "short" and train["detector_options"] == {
         "box_convs": 1,
-        "box_fcs": 1,
+        "box_fcs": 2,
     }
 
 
