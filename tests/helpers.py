@@ -7,6 +7,12 @@ import numpy as np
 from cachedet.cache.store import FeatureStore
 
 
+def extract_args(data: dict, out) -> list:
+    """The start of a ``cachedet extract`` command line for a test dataset ({"train", "images"})
+    writing the store ``out``; the caller adds the rest."""
+    return ["extract", "--annotations", data["train"], "--images", data["images"], "--out", out]
+
+
 def reference_boxes(params, boxes):
     """Independent numpy re-statement of resize -> flip -> crop/pad -> clip -> drop (< 1 px)."""
     sy, sx = (

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import edit_json, small_config
-from helpers import all_arrays, reference_boxes
+from helpers import all_arrays, extract_args, reference_boxes
 
 from cachedet.backbones import BackboneConfig, build_backbone
 from cachedet.cache import store as store_mod
@@ -206,13 +206,7 @@ def test_dry_run_writes_nothing(synthetic, tmp_path):
 def test_cli_extract_cache_info_and_resume(cli, synthetic, tmp_path):
     out = tmp_path / "s.zarr"
     args = [
-        "extract",
-        "--annotations",
-        synthetic["train"],
-        "--images",
-        synthetic["images"],
-        "--out",
-        out,
+        *extract_args(synthetic, out),
         "--backbone",
         "test_resnet",
         "--random-init",

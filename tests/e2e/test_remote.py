@@ -6,7 +6,7 @@ import socket
 import pytest
 from conftest import small_config
 from conftest import train_config as tiny_train
-from helpers import assert_same_store
+from helpers import assert_same_store, extract_args
 
 from cachedet.cache.store import FeatureStore, StoreReader
 from cachedet.engine.train import train
@@ -55,13 +55,7 @@ def local_reference(synthetic, tmp_path_factory):
 def test_extract_info_verify_and_train_on_s3(s3, synthetic, local_reference, cli, tmp_path):
     url = f"{s3}/train.zarr"
     r = cli(
-        "extract",
-        "--annotations",
-        synthetic["train"],
-        "--images",
-        synthetic["images"],
-        "--out",
-        url,
+        *extract_args(synthetic, url),
         "--backbone",
         "test_resnet",
         "--random-init",

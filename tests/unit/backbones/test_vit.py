@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from conftest import small_config
+from helpers import extract_args
 
 from cachedet.backbones import BackboneConfig, build_backbone
 from cachedet.cache.store import FeatureStore
@@ -65,13 +66,7 @@ def test_taps_and_canvas_errors_are_one_line(synthetic, tmp_path, cli):
     with pytest.raises(CachedetError, match=r"^--size 100: .*multiple of 16 \(e\.g\. 96 or 112\)"):
         bb.feature_shapes(100)
     r = cli(
-        "extract",
-        "--annotations",
-        synthetic["train"],
-        "--images",
-        synthetic["images"],
-        "--out",
-        tmp_path / "s.zarr",
+        *extract_args(synthetic, tmp_path / "s.zarr"),
         "--backbone",
         "test_vit",
         "--random-init",
@@ -83,13 +78,7 @@ def test_taps_and_canvas_errors_are_one_line(synthetic, tmp_path, cli):
     )
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--size 100" in r.stderr
     r = cli(
-        "extract",
-        "--annotations",
-        synthetic["train"],
-        "--images",
-        synthetic["images"],
-        "--out",
-        tmp_path / "s.zarr",
+        *extract_args(synthetic, tmp_path / "s.zarr"),
         "--backbone",
         "test_resnet",
         "--taps",

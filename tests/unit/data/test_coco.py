@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 from conftest import edit_json
+from helpers import extract_args
 
 from cachedet.data.coco import CategoryMap, load_detection_dataset
 from cachedet.errors import CachedetError
@@ -174,13 +175,7 @@ def test_synthetic_dataset_loads_with_pycocotools(synthetic):
 def test_cli_bad_json_is_one_line_exit_2(cli, dataset_copy, tmp_path):
     edit_json(dataset_copy["train"], lambda d: d["images"][0].update(width="wide"))
     r = cli(
-        "extract",
-        "--annotations",
-        dataset_copy["train"],
-        "--images",
-        dataset_copy["images"],
-        "--out",
-        tmp_path / "s.zarr",
+        *extract_args(dataset_copy, tmp_path / "s.zarr"),
         "--backbone",
         "test_resnet",
         "--size",

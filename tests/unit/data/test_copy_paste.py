@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import small_config
+from helpers import extract_args
 from PIL import Image
 
 from cachedet.cache.store import FeatureStore
@@ -160,13 +161,7 @@ def test_extract_with_copy_paste_on_masks(synthetic, tmp_path, cli):
         fs.read_features(0, 24)["c3"][pasted],
     )  # the pixels were pasted, too
     r = cli(
-        "extract",
-        "--annotations",
-        synthetic["train"],
-        "--images",
-        synthetic["images"],
-        "--out",
-        tmp_path / "x.zarr",
+        *extract_args(synthetic, tmp_path / "x.zarr"),
         "--copy-paste",
         2,
         "--quiet",

@@ -38,6 +38,13 @@ LIGHT = {
 }
 
 
+def mask_config(out: str, **settings) -> TrainConfig:
+    """The module's light Mask R-CNN run: 1 epoch at batch 4, a 16-channel neck, the LIGHT heads,
+    1 warm-up step; ``settings`` (flat TrainConfig names) override or add."""
+    light = dict(masks=True, epochs=1, batch_size=4, neck_channels=16, warmup_steps=1)
+    return TrainConfig.of(out=out, **{**light, "detector_options": dict(LIGHT), **settings})
+
+
 def masks_as_detections(data: dict, shift: int = 0) -> list[dict]:
     """The ground truth as results: box and RLE mask of every object (the mask moved ``shift`` px right)."""
     sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
@@ -211,15 +218,9 @@ def test_predicted_masks_map_back_onto_the_image_masks(synthetic):
 def mask_run(mask_store, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("maskrun") / "run")
     train(
-        TrainConfig.of(
+        mask_config(
             out=run,
             cache=mask_store.out,
-            masks=True,
-            epochs=1,
-            batch_size=4,
-            neck_channels=16,
-            warmup_steps=1,
-            detector_options=dict(LIGHT),
         ),
         progress=False,
     )
@@ -274,16 +275,10 @@ def test_train_masks_then_eval_box_and_mask_ap_on_coco_and_lvis(mask_run, synthe
 def test_cascade_mask_run_evaluates_from_a_val_cache(mask_store, synthetic, tmp_path):
     run = str(tmp_path / "cascade")
     train(
-        TrainConfig.of(
+        mask_config(
             out=run,
             cache=mask_store.out,
             head="cascade",
-            masks=True,
-            epochs=1,
-            batch_size=4,
-            neck_channels=16,
-            warmup_steps=1,
-            detector_options=dict(LIGHT),
         ),
         progress=False,
     )
@@ -339,15 +334,9 @@ def test_masks_without_segmentation_train_boxes_with_a_notice(dataset_copy, tmp_
     run = str(tmp_path / "run")
     with pytest.warns(UserWarning, match="masks are off, this run trains boxes only"):
         train(
-            TrainConfig.of(
+            mask_config(
                 out=run,
                 cache=cfg.out,
-                masks=True,
-                epochs=1,
-                batch_size=4,
-                neck_channels=16,
-                warmup_steps=1,
-                detector_options=dict(LIGHT),
             ),
             progress=False,
         )
@@ -364,15 +353,11 @@ def test_resuming_with_another_masks_setting_is_refused(mask_run, mask_store):
         CachedetError, match="other settings than given \\(detector.masks: run True, given False\\)"
     ):
         train(
-            TrainConfig.of(
+            mask_config(
                 out=mask_run,
                 cache=mask_store.out,
                 masks=False,
                 epochs=2,
-                batch_size=4,
-                neck_channels=16,
-                warmup_steps=1,
-                detector_options=dict(LIGHT),
                 resume=True,
             ),
             progress=False,
@@ -383,7 +368,7 @@ def test_resuming_with_another_masks_setting_is_refused(mask_run, mask_store):
 def test_online_and_fine_tuned_regimes_train_masks(synthetic, tmp_path, trainable):
     run = str(tmp_path / "run")
     train(
-        TrainConfig.of(
+        mask_config(
             out=run,
             online=True,
             annotations=synthetic["train"],
@@ -392,13 +377,7 @@ def test_online_and_fine_tuned_regimes_train_masks(synthetic, tmp_path, trainabl
             weights="random",
             size=96,
             backbone_trainable=trainable,
-            masks=True,
-            epochs=1,
-            batch_size=4,
             max_steps_per_epoch=2,
-            neck_channels=16,
-            warmup_steps=1,
-            detector_options=dict(LIGHT),
         ),
         progress=False,
     )
