@@ -159,10 +159,8 @@ def step_seconds(store: str, heads: dict[str, dict], steps: int = 30, warmup: in
     """{name: median seconds} of a training step (forward, backward, SGD) of FPN + Faster R-CNN with
     each box head, on one batch of the store's features; the heads run in turn at every step, so
     load drifts hit both alike (the equal-wall-time cells use the ratio of these medians)."""
-    import statistics
-    import time
-
     import torch
+    from heads_vs_torchvision import interleaved
 
     from cachedet.cache.store import StoreReader
     from cachedet.models.detector import DetectorConfig, build_detector
@@ -197,14 +195,7 @@ def step_seconds(store: str, heads: dict[str, dict], steps: int = 30, warmup: in
             opt.step()
 
         steps_of_head[name] = step
-    times = {k: [] for k in heads}
-    for i in range(warmup + steps):
-        for name, step in steps_of_head.items():
-            t = time.perf_counter()
-            step()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved(steps_of_head, warmup, steps)
 
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
