@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from cachedet.backbones import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
-from cachedet.cache.store import StoreWriter
+from cachedet.cache.store import CHECKSUM, StoreWriter
 from cachedet.data.copy_paste import PastePlan
 from cachedet.data.images import ViewDataset
 from cachedet.data.masks import MaskSource
@@ -240,7 +240,7 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
     record = {
         "shard": task.shard,
         "views": [task.start, task.start + len(task.views)],
-        "sha256": digests,
+        CHECKSUM: digests,
         "skipped": computed.skipped,
         "seconds": round(computed.seconds + time.perf_counter() - t0, 3),  # compute + write
     }

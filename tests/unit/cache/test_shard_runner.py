@@ -38,7 +38,7 @@ def test_records_name_their_views_levels_and_masks(synthetic, tmp_path):
     assert store.shard_records() == {r["shard"]: r for r in records}
     assert [r["views"] for r in records] == [[3, 6], [6, 9]]
     levels = {s.name for s in store.specs}
-    assert all(set(r["sha256"]) == levels | {"masks"} and r["seconds"] > 0 for r in records)
+    assert all(set(r["crc32c"]) == levels | {"masks"} and r["seconds"] > 0 for r in records)
     assert store.usable_views().tolist() == [3, 4, 5, 6, 7, 8]
     assert store.verify() == {
         "complete": [1, 2],

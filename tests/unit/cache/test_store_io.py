@@ -8,7 +8,13 @@ import zarr
 from cachedet.cache import schema
 from cachedet.cache.header import MaskInfo, Storage, StoreHeader
 from cachedet.cache.layout import create_store
-from cachedet.cache.store import StoreReader, StoreWriter
+from cachedet.cache.store import (
+    CHECKSUM,
+    StoreReader,
+    StoreWriter,
+    features_checksum,
+    masks_checksum,
+)
 from cachedet.data.masks import encode_rle
 from cachedet.errors import CachedetError
 from cachedet.structures import FeatureSpec, ViewParams
@@ -70,7 +76,7 @@ def write_shard(writer: StoreWriter, shard: int, start: int, n: int, dtype: str)
     record = {
         "shard": shard,
         "views": [start, start + n],
-        "sha256": digests,
+        CHECKSUM: digests,
         "skipped": [],
         "seconds": 0.0,
     }
@@ -110,9 +116,31 @@ def test_changed_bytes_are_reported_as_damaged(tmp_path):
     url = make_store(tmp_path)
     writer = StoreWriter(url)
     record = write_shard(writer, 0, 0, SHARD, "float16")
-    writer.write_record({**record, "sha256": {**record["sha256"], "c4": "0" * 64}})
+    writer.write_record({**record, "crc32c": {**record["crc32c"], "c4": "0" * 8}})
     assert StoreReader(url).verify()["damaged"] == [
-        {"shard": 0, "level": "c4", "error": "checksum differs from the one recorded at write time"}
+        {"shard": 0, "level": "c4", "error": "crc32c differs from the one recorded at write time"}
+    ]
+
+
+def test_records_with_sha256_from_older_stores_still_verify(tmp_path):
+    """Stores written before CRC-32C keep sha256 records: verify checks those with sha256."""
+    url = make_store(tmp_path)
+    writer = StoreWriter(url)
+    record = write_shard(writer, 0, 0, SHARD, "float16")
+    reader = StoreReader(url)
+    stored = {k: reader.read_stored(k, slice(0, SHARD)) for k in record["crc32c"] if k != "masks"}
+    sha = {k: features_checksum(b, q, "sha256") for k, (b, q) in stored.items()}
+    sha["masks"] = masks_checksum(*reader.read_shard_masks(0), "sha256")
+    legacy = {k: v for k, v in record.items() if k != "crc32c"}
+    writer.write_record({**legacy, "sha256": sha})
+    assert StoreReader(url).verify()["complete"] == [0]
+    writer.write_record({**legacy, "sha256": {**sha, "masks": "0" * 64}})
+    assert StoreReader(url).verify()["damaged"] == [
+        {
+            "shard": 0,
+            "level": "masks",
+            "error": "sha256 differs from the one recorded at write time",
+        }
     ]
 
 
@@ -138,21 +166,37 @@ def test_bytes_on_disk_grow_with_written_shards(tmp_path):
     assert written > empty and writer.bytes_on_disk() >= written
 
 
+def test_crc32c_is_the_castagnoli_checksum():
+    """The check value of CRC-32C (RFC 3720, iSCSI) for the nine bytes "123456789"."""
+    nine = np.frombuffer(b"123456789", dtype=np.uint8)
+    assert features_checksum(nine) == "e3069283"
+    assert masks_checksum(nine, np.zeros(0, dtype=np.int64)) == "e3069283"
+
+
+@pytest.mark.parametrize("kind", ["crc32c", "sha256"])
 @pytest.mark.parametrize("dtype", [np.float16, np.uint16, np.uint8])
-def test_features_sha256_hashes_the_bytes_tobytes_gives(dtype):
-    """The digest is hashed in place (no copy) but must equal sha256 of ``tobytes()``, which every
-    completion record written before was computed from; strided blocks included."""
+def test_checksums_hash_the_bytes_tobytes_gives(dtype, kind):
+    """Checksums are taken in place (no copy) but must equal those of ``tobytes()`` (block, then
+    its quant params as float32), which every completion record was computed from; strided
+    blocks included."""
     import hashlib
 
-    from cachedet.cache.store import features_sha256
+    import google_crc32c
+
+    def reference(*parts: bytes) -> str:
+        if kind == "sha256":
+            return hashlib.sha256(b"".join(parts)).hexdigest()
+        return f"{google_crc32c.value(b''.join(parts)):08x}"
 
     block = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5).astype(dtype)
     quant = np.linspace(0, 1, 2 * 3 * 2).reshape(2, 3, 2)
     for b in (block, block[:, ::2], block.transpose(0, 1, 3, 2)):
-        want = hashlib.sha256(np.ascontiguousarray(b).tobytes())
-        assert features_sha256(b) == want.hexdigest()
-        want.update(quant.astype(np.float32).tobytes())
-        assert features_sha256(b, quant) == want.hexdigest()
+        raw = np.ascontiguousarray(b).tobytes()
+        assert features_checksum(b, None, kind) == reference(raw)
+        assert features_checksum(b, quant, kind) == reference(
+            raw, quant.astype(np.float32).tobytes()
+        )
+    assert b.flags.writeable  # the read-only byte view did not change the caller's array
 
 
 def test_an_all_zero_shard_is_written(tmp_path):
@@ -164,7 +208,7 @@ def test_an_all_zero_shard_is_written(tmp_path):
     digests = writer.write_features(0, zeros, 0)
     digests["masks"] = writer.write_masks(0, [[square_mask(v)] for v in range(SHARD)])
     writer.write_record(
-        {"shard": 0, "views": [0, SHARD], "sha256": digests, "skipped": [], "seconds": 0.0}
+        {"shard": 0, "views": [0, SHARD], CHECKSUM: digests, "skipped": [], "seconds": 0.0}
     )
     for s in SPECS:
         assert (
