@@ -15,6 +15,7 @@ from cachedet.cache.schema import decode
 from cachedet.cache.store import StoreReader
 from cachedet.data.masks import decode_rles
 from cachedet.errors import CachedetError
+from cachedet.runtime import retain_freed_memory
 from cachedet.structures import targets_of
 
 
@@ -140,7 +141,8 @@ class CachedViews(_EpochViews, IterableDataset):
         self._opened = None  # validated above; each worker opens its own
 
     def _read_block(self, block: np.ndarray):
-        if self._opened is None:
+        if self._opened is None:  # first read in this process (a DataLoader worker or the main)
+            retain_freed_memory()  # each block decodes into new arrays: reuse freed pages
             self._opened = StoreReader(self.url)
         store = self._opened
         feats = {}
