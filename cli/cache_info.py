@@ -88,7 +88,7 @@ def cache_verify_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ):
-    """Re-read every complete shard and check it against the sha256 recorded when it was written.
+    """Re-read every complete shard and check it against the checksums recorded when it was written.
 
     Exit status 0 when every shard is complete and intact, 1 otherwise. Damaged shards are
     recomputed by rerunning the store's extract command with --repair.
