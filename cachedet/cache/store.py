@@ -31,11 +31,9 @@ def shard_range(shard: int, shard_views: int, num_views: int) -> tuple[int, int]
 
 
 def _raw_bytes(a: np.ndarray) -> np.ndarray:
-    """``a``'s bytes as a flat read-only uint8 view (no copy when ``a`` is C-contiguous): what
-    ``tobytes`` gives."""
-    raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    raw.flags.writeable = False  # google_crc32c takes read-only buffers only
-    return raw
+    """``a``'s bytes as a flat uint8 view (no copy when ``a`` is C-contiguous): what ``tobytes``
+    gives."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
 
 def _crc32c(arrays: list[np.ndarray]) -> str:
@@ -366,7 +364,9 @@ class StoreReader(_StoreFiles):
                     "level": "masks",
                     "error": f"unreadable ({type(e).__name__}: {str(e)[:80]})",
                 }
-            if recorded.get("masks") != masks_checksum(rle, offsets, kind):
+            if "masks" not in recorded:
+                return {"level": "masks", "error": "no checksum in the completion record"}
+            if recorded["masks"] != masks_checksum(rle, offsets, kind):
                 return {
                     "level": "masks",
                     "error": f"{kind} differs from the one recorded at write time",
