@@ -302,10 +302,10 @@ def views_per_s(data, work, levels, size, procs: int) -> float:
         return sum(len(x.views) for x in tasks) / (time.perf_counter() - t)
 
 
-def feed(work, size) -> dict:
+def feed(work, size, rounds: int) -> dict:
     """One process: CachedViews over a store against plain zarr reads + decode of the same blocks
     (wall-clock views/s). The dataset is built once and iterated each pass, as a training run
-    does every epoch; passes of the two are taken in turn, ``ROUNDS`` times: medians, and the
+    does every epoch; passes of the two are taken in turn, ``rounds`` times: medians, and the
     median of the passes' ratios."""
     import zarr
 
@@ -336,7 +336,7 @@ def feed(work, size) -> dict:
         return time.perf_counter() - t
 
     cached(), plain()  # warm-up: each side opens its store
-    passes = [(seconds(cached), seconds(plain)) for _ in range(ROUNDS)]
+    passes = [(seconds(cached), seconds(plain)) for _ in range(rounds)]
     cached_s, plain_s = (statistics.median(p[i] for p in passes) for i in (0, 1))
     return {
         "views_per_s_per_worker": n / cached_s,
@@ -350,7 +350,7 @@ def feed_in_new_process(work, size) -> dict:
     the process that reads (``runtime.retain_freed_memory``), which must not reach the next
     config's pipeline and primitives."""
     with mp.get_context("spawn").Pool(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return pool.apply(feed, (work, size))
+        return pool.apply(feed, (work, size, ROUNDS))
 
 
 def run_config(name, levels, size, wh, work) -> dict:
@@ -452,13 +452,18 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None):
+    global ROUNDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", help="configs to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="only the 640-pixel configs")
     ap.add_argument(
         "--out", default=None, help="folder for extract_overhead.{json,md} (default: results/)"
     )
+    ap.add_argument(
+        "--rounds", type=int, default=ROUNDS, help=f"rounds and feed passes (default {ROUNDS})"
+    )
     args = ap.parse_args(argv)
+    ROUNDS = args.rounds  # read by measure and the markdown; handed to the feed's process
     names = args.names or [c[0] for c in CONFIGS if not args.quick or "640" in c[0]]
     res = {"machine": machine(), "configs": [], "feed": []}
     for name, levels, size, wh in CONFIGS:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15's GPU measurements in one run (under 8 minutes on an H100/H200):
 #   1. machine       nvidia-smi, CPU count, disk                        -> results/gpu_machine.txt
-#   2. overhead      benchmarks/extract_overhead.py --quick (CPU side)  -> results/gpu_extract_overhead.*
+#   2. overhead      benchmarks/extract_overhead.py r50_c2-c5_640 (CPU) -> results/gpu_extract_overhead/*
 #   3. limits        extraction views/s beside its three limits         -> results/gpu_limits.*
 #   4. savings R50   R50-FPN 640², batch 8, every regime + break-even   -> results/gpu_savings_resnet50.*
 #   5. savings large convnext_large 1024², batch 8 (random weights)    -> results/gpu_savings_large.*
@@ -36,7 +36,8 @@ machine() {
 
 overhead() {
     if [ -f benchmarks/extract_overhead.py ]; then
-        "$PY" benchmarks/extract_overhead.py --quick --out "$OUT/gpu_extract_overhead"
+        # the config the limits part reads (R50 c2-c5 at 640²), 3 rounds: 73 s on the 2-core development CPU
+        "$PY" benchmarks/extract_overhead.py r50_c2-c5_640 --rounds 3 --out "$OUT/gpu_extract_overhead"
     else
         echo "benchmarks/extract_overhead.py is not in this tree: the CPU-side limit is not measured"
     fi
