@@ -154,9 +154,12 @@ def transform_image(params: ViewParams, image: torch.Tensor) -> torch.Tensor:
         )
     img = tv_tensors.Image(image)
     img = F.resize(img, list(params.resized_size), antialias=True)
+    top, left = params.crop_offset  # in the flipped image when ``flip``
+    if params.flip:  # crop the mirrored window, then flip: the same pixels, fewer of them moved
+        left = params.resized_size[1] - left - params.canvas
+    img = F.crop(img, top, left, params.canvas, params.canvas)
     if params.flip:
         img = F.horizontal_flip(img)
-    img = F.crop(img, params.crop_offset[0], params.crop_offset[1], params.canvas, params.canvas)
     return img.as_subclass(torch.Tensor)
 
 

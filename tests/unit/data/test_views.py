@@ -93,6 +93,25 @@ def test_image_and_boxes_stay_aligned():
         assert view[:, :, p.valid_size[1] :].abs().sum() == 0  # padding right of the image
 
 
+def test_image_view_equals_resize_flip_crop():
+    """The view is exactly the resized image, flipped, then cropped or padded to the canvas (the
+    order LSJ is defined in), for crops inside the image and pads beyond it."""
+    import torchvision.transforms.v2.functional as F
+
+    cfg = AugmentConfig(size=64, seed=1, scale_range=(0.3, 2.0))
+    image = torch.randn(3, 50, 90)
+    seen = set()
+    for k in range(40):
+        p = plan_view(cfg, 4, k, 50, 90)
+        want = F.resize(image, list(p.resized_size), antialias=True)
+        want = F.horizontal_flip(want) if p.flip else want
+        want = F.crop(want, *p.crop_offset, 64, 64)
+        assert torch.equal(transform_image(p, image), want)
+        seen.add((p.flip, max(p.resized_size) > 64, min(p.resized_size) < 64))
+    assert {(True, True), (True, False), (False, True)} <= {s[:2] for s in seen}
+    assert any(f and pad for f, _, pad in seen)  # a flipped view padded to the canvas
+
+
 def test_view_boxes_map_back_to_the_image():
     rng = np.random.default_rng(2)
     cfg = AugmentConfig(size=160, seed=4, scale_range=(0.3, 2.0))
