@@ -29,22 +29,25 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt (glibc's malloc.h)
 
 
 def retain_freed_memory(limit: int = 1 << 30) -> bool:
-    """Have glibc's malloc serve blocks up to ``limit`` bytes (at most 2**31 - 1) from its heap and
-    keep freed memory for reuse, in this process, from now on; return whether glibc took both
-    settings (False, and nothing changed, on other C libraries).
+    """Have glibc's malloc serve blocks up to ``limit`` bytes (at most 2**31 - 1) from its main heap,
+    for every thread, and keep freed memory for reuse, in this process, from now on; return whether
+    glibc took every setting (False, and nothing changed, on other C libraries).
 
     By default glibc maps every block above its mmap threshold (at most 32 MiB) afresh and unmaps
     it on free, and trims the heap's top; every new block's pages are then faulted in and zeroed
     by the kernel. The cached feed decodes each shard block of each level into a new float32 array
     (4 views of ResNet-50's c3 at 640²: 52 MB) while the shuffle buffer holds earlier ones, so it
-    paid that on every read (``benchmarks/results/extract_overhead.md``, the feed). Older glibc
-    releases refuse a threshold above 32 MiB; the trim setting is applied either way. The
-    process's resident memory then stays near its peak, which a feed worker needs again for the
-    next block anyway.
+    paid that on every read (``benchmarks/results/extract_overhead.md``, the feed). zarr
+    decompresses in its pool's threads, and by default each thread allocates from an arena of its
+    own whose heaps (at most 64 MiB) map larger blocks afresh and are unmapped once empty, so the
+    threads' arenas are capped at one (the main heap; threads that already have an arena keep it).
+    Older glibc releases refuse a threshold above 32 MiB; the other settings are applied either
+    way. The process's resident memory then stays near its peak, which a feed worker needs again
+    for the next block anyway.
     """
     if not 0 < limit < 1 << 31:
         raise ValueError(f"limit {limit}: must be in 1 .. 2**31 - 1 (a C int)")
@@ -55,5 +58,5 @@ def retain_freed_memory(limit: int = 1 << 30) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    trimmed = mallopt(_M_TRIM_THRESHOLD, limit)
-    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(trimmed)
+    taken = [mallopt(_M_TRIM_THRESHOLD, limit), mallopt(_M_ARENA_MAX, 1)]
+    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and all(taken)

@@ -292,6 +292,14 @@ class StoreReader(_StoreFiles):
         quant = read(self.group[f"quant/{name}"]) if schema.is_quantized(self.dtype) else None
         return read(self.features_array(name)), quant
 
+    def stored_bytes_per_view(self) -> int:
+        """Bytes of one view's features as stored, uncompressed (all levels, with quant params)."""
+        per_value = schema.ITEMSIZE[self.dtype]
+        quant = 2 * 4 if schema.is_quantized(self.dtype) else 0  # float32 (offset, step) a channel
+        return sum(
+            int(np.prod(self.shapes[s.name])) * per_value + s.channels * quant for s in self.specs
+        )
+
     def read_level(self, name: str, views: np.ndarray | slice) -> np.ndarray:
         """float32 (n, C, H, W) of one level (see ``read_stored``)."""
         stored, quant = self.read_stored(name, views)

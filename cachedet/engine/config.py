@@ -129,7 +129,7 @@ class LoaderConfig:
     views_per_epoch: int = 1
     feature_crop: bool = False  # random crops of the cached maps (cachedet.cache.feature_crop)
     feature_crop_min: float = 0.6  # smallest crop side, as a share of the canvas
-    shuffle_buffer: int = 256
+    shuffle_buffer: int | None = None  # views mixed per worker (None: 1 GiB of them as stored)
     max_steps_per_epoch: int | None = None
     prefetch_factor: int = 4  # batches each worker prepares ahead
     persistent_workers: bool = True
@@ -147,7 +147,13 @@ class LoaderConfig:
     def validate(self, online: bool):
         if self.workers is not None and self.workers < 0:
             raise CachedetError(f"loader.workers: expected 0 or more, got {self.workers}")
-        for name in ("batch_size", "views_per_epoch", "prefetch_factor", "log_every"):
+        for name in (
+            "batch_size",
+            "views_per_epoch",
+            "shuffle_buffer",
+            "prefetch_factor",
+            "log_every",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise CachedetError(
                     f"loader.{name}: expected a positive integer, got {getattr(self, name)}"

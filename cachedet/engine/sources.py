@@ -104,7 +104,7 @@ class CacheSource(_AdapterMixin):
         in_memory: bool,
         views_per_epoch: int,
         seed: int,
-        shuffle_buffer: int,
+        shuffle_buffer: int | None,
         dist: DistInfo,
         loader_start: str | None = None,
         keep_float16: bool = False,

@@ -33,7 +33,7 @@ from cachedet.errors import CachedetError
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
 from cachedet.recipes import warmup_steps_for
-from cachedet.runtime import resolve_device
+from cachedet.runtime import resolve_device, retain_freed_memory
 
 
 def lr_factor(cfg: TrainConfig, total_steps: int):
@@ -149,6 +149,8 @@ def train(cfg: TrainConfig, progress: bool = True, origin: dict | None = None) -
     are refused, naming each. Raises CachedetError for the user's faults.
     """
     cfg.validate()
+    if not cfg.source.online:  # before zarr starts its threads, so they share the main heap
+        retain_freed_memory()  # the feed's blocks reuse freed pages (its DataLoader workers too)
     device = resolve_device(cfg.device)
     info = init_distributed(device)
     if device.type == "cuda" and info.world > 1:

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-# Allocate a 64 MiB block, touch it, free it, then do the same again: minor page faults of each.
+# Allocate a 64 MiB block, touch it, free it, then do the same again (each in the main thread, or
+# each in a new thread, as zarr decompresses in its pool's threads): minor page faults of each.
 FAULTS = """
-import resource, sys
+import resource, sys, threading
 import numpy as np
 from cachedet.runtime import retain_freed_memory
 if sys.argv[1] == "retain" and not retain_freed_memory():
@@ -21,7 +22,14 @@ def faults_of_a_new_block():
     block = np.ones(64 << 20, dtype=np.uint8)
     del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-first, second = faults_of_a_new_block(), faults_of_a_new_block()
+def in_a_new_thread():
+    out = []
+    thread = threading.Thread(target=lambda: out.append(faults_of_a_new_block()))
+    thread.start()
+    thread.join()
+    return out[0]
+allocate = in_a_new_thread if sys.argv[2] == "thread" else faults_of_a_new_block
+first, second = allocate(), allocate()
 print(first, second)
 """
 
@@ -30,9 +38,9 @@ glibc_only = pytest.mark.skipif(
 )
 
 
-def faults(mode: str) -> tuple[int, int]:
+def faults(mode: str, where: str = "main") -> tuple[int, int]:
     out = subprocess.run(
-        [sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", FAULTS, mode, where], capture_output=True, text=True, check=True
     ).stdout
     if out.strip() == "refused":
         pytest.skip("this glibc refuses a 1 GiB mmap threshold")
@@ -48,6 +56,17 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     retained_first, retained_second = faults("retain")
     assert default_second > default_first / 2  # the default pays again
     assert retained_second < retained_first / 10  # reused: almost no new faults
+
+
+@glibc_only
+def test_blocks_freed_in_other_threads_are_reused_too():
+    """By default each thread allocates from an arena of its own, whose heaps (at most 64 MiB)
+    cannot hold a 64 MiB block, so it is mapped afresh whatever the mmap threshold; retained,
+    every thread allocates from the main heap and the second thread reuses the first's pages."""
+    default_first, default_second = faults("default", "thread")
+    retained_first, retained_second = faults("retain", "thread")
+    assert default_second > default_first / 2
+    assert retained_second < retained_first / 10
 
 
 def test_a_limit_that_is_not_a_c_int_is_refused():

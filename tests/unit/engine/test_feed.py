@@ -29,7 +29,8 @@ def test_cpu_defaults_are_unchanged_and_cuda_defaults_use_workers():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("workers", -1), ("log_every", 0), ("prefetch_factor", 0)]
+    "field, value",
+    [("workers", -1), ("log_every", 0), ("prefetch_factor", 0), ("shuffle_buffer", 0)],
 )
 def test_bad_loader_settings_name_the_field(field, value):
     with pytest.raises(CachedetError, match=rf"^loader\.{field}: expected"):

@@ -89,6 +89,23 @@ def test_cached_and_in_memory_feeds_agree(which, request):
     assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == 12
 
 
+@pytest.mark.parametrize("which", ["store", "uint8_store"])
+def test_the_default_shuffle_buffer_holds_1_gib_of_views_as_stored(which, request, monkeypatch):
+    import cachedet.cache.dataset as dataset_mod
+
+    url = request.getfixturevalue(which).out
+    reader = FeatureStore(url)
+    per_view = reader.stored_bytes_per_view()
+    stored = [reader.read_stored(s.name, slice(0, 1)) for s in reader.specs]
+    assert per_view == sum(x.nbytes + (0 if q is None else q.nbytes) for x, q in stored)
+    assert CachedViews(url).shuffle_buffer == min(256, (1 << 30) // per_view)
+    monkeypatch.setattr(dataset_mod, "SHUFFLE_BUFFER_BYTES", 3 * per_view + 1)
+    assert CachedViews(url).shuffle_buffer == 3
+    monkeypatch.setattr(dataset_mod, "SHUFFLE_BUFFER_BYTES", per_view // 2)
+    assert CachedViews(url).shuffle_buffer == 1  # at least one view
+    assert CachedViews(url, shuffle_buffer=5).shuffle_buffer == 5  # given: kept
+
+
 def test_spawned_loader_workers_read_the_store(store):
     from torch.utils.data import DataLoader
 
