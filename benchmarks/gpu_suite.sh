@@ -36,8 +36,8 @@ machine() {
 
 overhead() {
     if [ -f benchmarks/extract_overhead.py ]; then
-        # the config the limits part reads (R50 c2-c5 at 640²), 3 rounds: 73 s on the 2-core development CPU
-        "$PY" benchmarks/extract_overhead.py r50_c2-c5_640 --rounds 3 --out "$OUT/gpu_extract_overhead"
+        # the config the limits part reads (R50 c2-c5 at 640²), 3 rounds and 1 views/s run of each: 81 s on the 2-core development CPU
+        "$PY" benchmarks/extract_overhead.py r50_c2-c5_640 --rounds 3 --scaling-rounds 1 --out "$OUT/gpu_extract_overhead"
     else
         echo "benchmarks/extract_overhead.py is not in this tree: the CPU-side limit is not measured"
     fi

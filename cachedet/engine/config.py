@@ -119,7 +119,9 @@ class LoaderConfig:
     """How batches are fed: size, workers, RAM, views per epoch, feature crops, metrics lines.
 
     On CUDA the loader pins host memory; with workers it prefetches ``prefetch_factor`` batches
-    per worker and (``persistent_workers``) keeps its workers alive across epochs.
+    per worker and (``persistent_workers``) keeps its workers alive across epochs. Each worker (or
+    the main process) keeps a shuffle buffer of ``shuffle_buffer`` views as stored; None holds
+    1 GiB of them (at most 256 views; ``cachedet.cache.dataset.CachedViews``).
     """
 
     batch_size: int = 8
