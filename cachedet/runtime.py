@@ -44,7 +44,11 @@ def retain_freed_memory(limit: int = 1 << 30) -> bool:
     paid that on every read (``benchmarks/results/extract_overhead.md``, the feed). zarr
     decompresses in its pool's threads, and by default each thread allocates from an arena of its
     own whose heaps (at most 64 MiB) map larger blocks afresh and are unmapped once empty, so the
-    threads' arenas are capped at one (the main heap; threads that already have an arena keep it).
+    threads' arenas are capped at one (the main heap). That reaches only threads that first
+    allocate while no other arena exists: call it before any other thread allocates (train-heads
+    does, first thing, for cached runs); in a process that already ran threads, new threads may
+    still be given their old arenas. The return value says whether glibc accepted the settings,
+    not whether they reach every thread.
     Older glibc releases refuse a threshold above 32 MiB; the other settings are applied either
     way. The process's resident memory then stays near its peak, which a feed worker needs again
     for the next block anyway.

@@ -136,9 +136,9 @@ class CachedViews(_EpochViews, IterableDataset):
 
     The store is opened lazily inside each DataLoader worker (never shared across a fork).
     Each worker reads whole shard blocks (one zarr call per level per block), and a shuffle
-    buffer of ``shuffle_buffer`` views mixes views across blocks. The buffer holds views as
-    stored (float16 / bfloat16 / uint8: a half or a quarter of float32) and decodes each as it is
-    handed out. By default it holds as many views as fit in ``SHUFFLE_BUFFER_BYTES`` (1 GiB; at
+    buffer of ``shuffle_buffer`` views mixes views across blocks. The buffer holds each view as
+    stored (float16 / bfloat16 / uint8: a half or a quarter of float32), copied out of its block so
+    that the block is freed once read, and decodes it as it is handed out. By default it holds as many views as fit in ``SHUFFLE_BUFFER_BYTES`` (1 GiB; at
     least one, at most 256): 93 views of ResNet-50 c3-c5 at 640² in float16, 17 of c2-c5 at 1024².
     Call ``set_epoch`` before iterating each epoch. ``keep_float16`` hands out float16 features
     (for autocast) instead of float32.
@@ -173,8 +173,8 @@ class CachedViews(_EpochViews, IterableDataset):
         for i, view in enumerate(block.tolist()):
             boxes, labels = store.boxes(view)
             sample = {
-                "stored": {
-                    n: (x[i : i + 1], None if q is None else q[i : i + 1])
+                "stored": {  # copies: a view of the block would keep the whole block alive
+                    n: (x[i : i + 1].copy(), None if q is None else q[i : i + 1].copy())
                     for n, (x, q) in levels.items()
                 },
                 "boxes": torch.from_numpy(boxes.copy()),

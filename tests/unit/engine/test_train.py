@@ -106,6 +106,16 @@ def test_the_default_shuffle_buffer_holds_1_gib_of_views_as_stored(which, reques
     assert CachedViews(url, shuffle_buffer=5).shuffle_buffer == 5  # given: kept
 
 
+def test_a_buffered_view_does_not_keep_its_block_alive(uint8_store):
+    ds = CachedViews(uint8_store.out)
+    block = ds.blocks_for(0)[0]
+    assert len(block) > 1
+    sample = next(ds._read_block(block))
+    for x, q in sample["stored"].values():  # its own bytes, not a view of the block's array
+        assert x.shape[0] == 1 and x.base is None
+        assert q.shape[0] == 1 and q.base is None
+
+
 def test_spawned_loader_workers_read_the_store(store):
     from torch.utils.data import DataLoader
 
