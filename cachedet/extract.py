@@ -435,7 +435,7 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
         device
     )  # a hybrid cache stores (and runs) less
     shapes = backbone.feature_shapes(cfg.augment.size)
-    per_view = sum(int(np.prod(s)) for s in shapes.values()) * schema.ITEMSIZE[cfg.dtype]
+    per_view = schema.bytes_per_view(shapes, cfg.dtype)
     views = num_images * cfg.views
     batch = torch.zeros(min(cfg.batch_size, 4), 3, cfg.augment.size, cfg.augment.size)
     compute_features(backbone, batch)  # warm-up

@@ -39,9 +39,9 @@ def retain_freed_memory(limit: int = 1 << 30) -> bool:
 
     By default glibc maps every block above its mmap threshold (at most 32 MiB) afresh and unmaps
     it on free, and trims the heap's top; every new block's pages are then faulted in and zeroed
-    by the kernel. The cached feed decodes each shard block of each level into a new float32 array
-    (4 views of ResNet-50's c3 at 640²: 52 MB) while the shuffle buffer holds earlier ones, so it
-    paid that on every read (``benchmarks/results/extract_overhead.md``, the feed). zarr
+    by the kernel. The cached feed reads each shard block of each level into a new array and
+    decodes each view into another (ResNet-50 c2 at 1024², one view: 67 MB of float32), so it paid
+    that on every read (``benchmarks/results/extract_overhead.md``, the feed). zarr
     decompresses in its pool's threads, and by default each thread allocates from an arena of its
     own whose heaps (at most 64 MiB) map larger blocks afresh and are unmapped once empty, so the
     threads' arenas are capped at one (the main heap). That reaches only threads that first

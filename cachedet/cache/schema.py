@@ -65,6 +65,13 @@ def is_quantized(dtype: str) -> bool:
     return dtype == "uint8"
 
 
+def bytes_per_view(shapes: dict[str, tuple[int, int, int]], dtype: str) -> int:
+    """Bytes of one view's features as stored, before compression: every level (C, H, W) in
+    ``dtype``, plus uint8 stores' float32 (offset, step) quant params per channel."""
+    quant = 2 * ITEMSIZE["float32"] if is_quantized(dtype) else 0
+    return sum(int(np.prod(s)) * ITEMSIZE[dtype] + s[0] * quant for s in shapes.values())
+
+
 def compressors(codec: str) -> list:
     if codec == "none":
         return []

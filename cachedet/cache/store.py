@@ -294,11 +294,7 @@ class StoreReader(_StoreFiles):
 
     def stored_bytes_per_view(self) -> int:
         """Bytes of one view's features as stored, uncompressed (all levels, with quant params)."""
-        per_value = schema.ITEMSIZE[self.dtype]
-        quant = 2 * 4 if schema.is_quantized(self.dtype) else 0  # float32 (offset, step) a channel
-        return sum(
-            int(np.prod(self.shapes[s.name])) * per_value + s.channels * quant for s in self.specs
-        )
+        return schema.bytes_per_view({s.name: self.shapes[s.name] for s in self.specs}, self.dtype)
 
     def read_level(self, name: str, views: np.ndarray | slice) -> np.ndarray:
         """float32 (n, C, H, W) of one level (see ``read_stored``)."""
