@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from demo_variants import make_cache, median_step_seconds, study_setup, train_and_score  # noqa: E402
 
-from cachedet.atomic import write_json_atomic  # noqa: E402
-from cachedet.bench import machine_info  # noqa: E402
+from cachedet.core.atomic import write_json_atomic  # noqa: E402
+from cachedet.tools.bench import machine_info  # noqa: E402
 
 VIEWS = (1, 2, 4, 8)
 COPY_PASTE = 0.5

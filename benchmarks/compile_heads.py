@@ -24,7 +24,7 @@ from heads_vs_torchvision import (
     write_results,
 )
 
-from cachedet.bench import machine_info
+from cachedet.tools.bench import machine_info
 
 
 def main(argv=None) -> dict:

@@ -13,14 +13,14 @@ import os
 import statistics
 import time
 
-from cachedet.backbones import BackboneConfig
+from cachedet.backbones.backbone import BackboneConfig
 from cachedet.cache.store import FeatureStore
 from cachedet.data.synthetic import make_synthetic_dataset
 from cachedet.data.views import AugmentConfig
-from cachedet.demo import FULL, DemoSettings
 from cachedet.engine.train import TrainConfig, train
 from cachedet.evaluation.evaluate import evaluate_run
-from cachedet.extract import ExtractConfig, extract
+from cachedet.extraction.run import ExtractConfig, extract
+from cachedet.tools.demo import FULL, DemoSettings
 
 BACKBONE = BackboneConfig("efficientnet_lite0", None, "default")
 

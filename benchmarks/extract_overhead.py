@@ -44,13 +44,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cachedet.extract as extract_mod
-import cachedet.shards as shards
-from cachedet.backbones import BackboneConfig
-from cachedet.bench import machine_info
+import cachedet.extraction.run as extract_mod
+import cachedet.extraction.shards as shards
+from cachedet.backbones.backbone import BackboneConfig
 from cachedet.cache.store import CHECKSUM
+from cachedet.core.structures import FeatureSpec
 from cachedet.data.views import AugmentConfig
-from cachedet.structures import FeatureSpec
+from cachedet.tools.bench import machine_info
 
 R50 = {"c2": (256, 4), "c3": (512, 8), "c4": (1024, 16), "c5": (2048, 32)}
 CONFIGS = [  # name, levels, canvas, source image (w, h)
@@ -382,7 +382,7 @@ def feed(work, size, rounds: int) -> dict:
     from cachedet.cache import schema
     from cachedet.cache.dataset import CachedViews
     from cachedet.cache.store import StoreReader
-    from cachedet.runtime import retain_freed_memory
+    from cachedet.core.runtime import retain_freed_memory
 
     retain_freed_memory()  # as train-heads sets it first, before zarr starts its threads
     url = os.path.join(work, "pipe0.zarr")  # written by the first pipeline run

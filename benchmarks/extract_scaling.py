@@ -16,12 +16,12 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cachedet.atomic import write_json_atomic  # noqa: E402
-from cachedet.backbones import BackboneConfig  # noqa: E402
-from cachedet.bench import machine_info  # noqa: E402
+from cachedet.backbones.backbone import BackboneConfig  # noqa: E402
+from cachedet.core.atomic import write_json_atomic  # noqa: E402
 from cachedet.data.synthetic import SyntheticSpec, make_synthetic_dataset  # noqa: E402
 from cachedet.data.views import AugmentConfig  # noqa: E402
-from cachedet.extract import ExtractConfig, extract  # noqa: E402
+from cachedet.extraction.run import ExtractConfig, extract  # noqa: E402
+from cachedet.tools.bench import machine_info  # noqa: E402
 
 
 def main():

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cachedet.bench import (  # noqa: E402
+from cachedet.tools.bench import (  # noqa: E402
     TORCHVISION_LIKE,
     BenchConfig,
     machine_info,

@@ -28,9 +28,9 @@ from collections import OrderedDict
 
 import torch
 
-from cachedet.bench import TORCHVISION_LIKE, machine_info
+from cachedet.core.structures import FeatureSpec
 from cachedet.models.detector import DetectorConfig, build_detector
-from cachedet.structures import FeatureSpec
+from cachedet.tools.bench import TORCHVISION_LIKE, machine_info
 
 SPECS = [FeatureSpec(f"c{k}", 256 * 2 ** (k - 2), 2**k) for k in range(2, 6)]
 NUM_CLASSES = 91
@@ -39,7 +39,7 @@ NUM_CLASSES = 91
 def default_options() -> dict:
     """The detector options ``train-heads`` uses when given none: the default recipe's box head
     over the R-CNN head's defaults (models/config.py)."""
-    from cachedet.recipes import detector_options_for, get_recipe
+    from cachedet.core.recipes import detector_options_for, get_recipe
 
     return detector_options_for(get_recipe(None), "faster-rcnn", {})
 

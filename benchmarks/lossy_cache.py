@@ -19,12 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from demo_variants import BACKBONE, make_cache, study_setup, train_and_score  # noqa: E402
 
-from cachedet.atomic import write_json_atomic  # noqa: E402
-from cachedet.bench import machine_info  # noqa: E402
+from cachedet.core.atomic import write_json_atomic  # noqa: E402
 from cachedet.data.views import AugmentConfig  # noqa: E402
-from cachedet.demo import FULL  # noqa: E402
 from cachedet.evaluation.evaluate import evaluate_run  # noqa: E402
-from cachedet.extract import ExtractConfig, extract  # noqa: E402
+from cachedet.extraction.run import ExtractConfig, extract  # noqa: E402
+from cachedet.tools.bench import machine_info  # noqa: E402
+from cachedet.tools.demo import FULL  # noqa: E402
 
 DTYPES = ("float16", "bfloat16", "uint8")
 

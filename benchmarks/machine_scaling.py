@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from cachedet.bench import machine_info
+from cachedet.tools.bench import machine_info
 
 KINDS = {"compute": 400, "memcpy": 60, "blosc": 60}  # kind: calls per run
 ROUNDS = 3

@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from cachedet.backbones import BackboneConfig
+from cachedet.backbones.backbone import BackboneConfig
 from cachedet.cache.store import FeatureStore
 from cachedet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import TrainConfig, train
-from cachedet.extract import ExtractConfig, extract
+from cachedet.extraction.run import ExtractConfig, extract
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

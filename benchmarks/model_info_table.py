@@ -1,6 +1,6 @@
 """Reproduce the paper's Table 3 (trainable parameters) and Figure 1 (FLOPs per step) ratios.
 
-Runs ``cachedet.model_info.model_info`` for timm ``resnetrs101`` (the paper's ResNet-101,
+Runs ``cachedet.tools.model_info.model_info`` for timm ``resnetrs101`` (the paper's ResNet-101,
 random init) at 1024x1024 with 91 classes for FPN, NAS-FPN and NAS-FPN + Cascade, each with
 Mask R-CNN's mask head as the paper's models have (parameters and FLOPs include it; the table
 also gives the box-only parameter count), and writes benchmarks/results/model_info.json and
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from cachedet.model_info import model_info
+from cachedet.tools.model_info import model_info
 
 CONFIGS = (("fpn", "faster-rcnn"), ("nasfpn", "faster-rcnn"), ("nasfpn", "cascade"))
 HERE = os.path.dirname(os.path.abspath(__file__))

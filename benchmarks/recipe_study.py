@@ -37,11 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from demo_variants import dataset_paths, make_cache, median_step_seconds, train_and_score  # noqa: E402
 
-from cachedet.atomic import write_bytes_atomic, write_json_atomic  # noqa: E402
-from cachedet.bench import machine_info  # noqa: E402
+from cachedet.core.atomic import write_bytes_atomic, write_json_atomic  # noqa: E402
+from cachedet.core.recipes import warmup_steps_for  # noqa: E402
 from cachedet.data.synthetic import SyntheticSpec  # noqa: E402
-from cachedet.demo import QUICK  # noqa: E402
-from cachedet.recipes import warmup_steps_for  # noqa: E402
+from cachedet.tools.bench import machine_info  # noqa: E402
+from cachedet.tools.demo import QUICK  # noqa: E402
 
 RANGES = ((0.1, 2.0), (0.5, 1.5), (0.8, 1.25))
 VIEWS = (1, 4)
@@ -204,7 +204,7 @@ BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 def backbone_times(records: list, save, reps: int = 10):
     """Per backbone, the frozen forward pass on one training batch (what ``--online`` adds to every
     cached step), 1 thread: part "backbone-time"."""
-    from cachedet.bench import BenchConfig, backbone_forward_views_per_s
+    from cachedet.tools.bench import BenchConfig, backbone_forward_views_per_s
 
     for name in BACKBONES:
         cfg = BenchConfig(

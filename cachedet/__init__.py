@@ -4,10 +4,10 @@ The public names below load lazily (PEP 562), so ``import cachedet`` stays cheap
 
 - ``load(run, checkpoint="last")`` -> ``Model``; ``Model.predict(images)`` -> ``Detections``
   (``cachedet.api``).
-- ``extract(ExtractConfig)`` -> ``ExtractResult`` (stage 1, ``cachedet.extract``; the module itself
-  is callable), ``train_heads(TrainConfig)`` -> ``TrainResult`` (stage 2), ``evaluate(run,
-  annotations, images, ...)`` -> (metrics, detections) (stage 3).
-- ``export(run, format="onnx")`` -> exported file (``cachedet.exporter``).
+- ``extract(ExtractConfig)`` -> ``ExtractResult`` (stage 1), ``train_heads(TrainConfig)`` ->
+  ``TrainResult`` (stage 2), ``evaluate(run, annotations, images, ...)`` -> (metrics, detections)
+  (stage 3), ``export(run, format="onnx")`` -> exported file: the front door ``cachedet.api``,
+  which the CLI calls too.
 - The typed configs the CLI builds: ``ExtractConfig``, ``AugmentConfig``, ``BackboneConfig``,
   ``TrainConfig`` (built with ``TrainConfig.of(**settings)``; sections ``SourceConfig``, ``HeadsConfig``,
   ``OptimConfig``, ``LoaderConfig``).
@@ -23,28 +23,25 @@ _LAZY = {
     "load": "cachedet.api",
     "Model": "cachedet.api",
     "Detections": "cachedet.api",
+    "extract": "cachedet.api",
     "train_heads": "cachedet.api",
     "evaluate": "cachedet.api",
-    "export": "cachedet.exporter",
-    "ExtractConfig": "cachedet.extract",
+    "export": "cachedet.api",
+    "ExtractConfig": "cachedet.extraction.run",
     "AugmentConfig": "cachedet.data.views",
-    "BackboneConfig": "cachedet.backbones",
+    "BackboneConfig": "cachedet.backbones.backbone",
     "TrainConfig": "cachedet.engine.config",
     "SourceConfig": "cachedet.engine.config",
     "HeadsConfig": "cachedet.engine.config",
     "OptimConfig": "cachedet.engine.config",
     "LoaderConfig": "cachedet.engine.config",
 }
-__all__ = ["__version__", "extract", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name == "extract":  # the stage-1 module, callable as extract(cfg) (see cachedet/extract.py)
-        return importlib.import_module("cachedet.extract")
     if name in _LAZY:
-        value = getattr(
-            importlib.import_module(_LAZY[name]), "export_run" if name == "export" else name
-        )
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'cachedet' has no attribute {name!r}")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cachedet.errors import CachedetError
-from cachedet.paths import resolve_path
+from cachedet.core.errors import CachedetError
+from cachedet.core.paths import resolve_path
 
 
 @dataclass
@@ -176,14 +176,27 @@ def load(
     return Model(checkpoint_path(run, checkpoint), device=device, score_threshold=score_threshold)
 
 
-def train_heads(cfg, progress: bool = True):
+def extract(cfg, progress: bool = True):
+    """Stage 1: run the frozen backbone over augmented views and write a feature store, as
+    ``cachedet extract`` does, from an ``ExtractConfig``.
+
+    Returns ``ExtractResult`` (store URL, views written, shards, seconds). Raises CachedetError for
+    invalid settings or inputs (the message names the config field or file at fault)."""
+    from cachedet.extraction.run import extract as run_extract
+
+    return run_extract(cfg, progress)
+
+
+def train_heads(cfg, progress: bool = True, origin: dict | None = None):
     """Stage 2: train neck and heads as ``cachedet train-heads`` does, from a ``TrainConfig``.
 
     Returns ``TrainResult`` (run dir, steps, first/last loss, seconds, views/s); the run directory holds
-    config.json, metrics.jsonl and checkpoints/last.pt. Raises CachedetError for invalid settings."""
+    config.json, metrics.jsonl and checkpoints/last.pt. ``cfg.recipe="auto"`` (the default) takes the
+    recipe of the store it trains from. ``origin``: where the settings came from (recorded in
+    config.json). Raises CachedetError for invalid settings."""
     from cachedet.engine.train import train
 
-    return train(cfg, progress=progress)
+    return train(cfg, progress=progress, origin=origin)
 
 
 def evaluate(
@@ -197,3 +210,13 @@ def evaluate(
     from cachedet.evaluation.evaluate import evaluate_run
 
     return evaluate_run(run, annotations, images, **kwargs)
+
+
+def export(run: str, format: str = "onnx", **kwargs):
+    """Export a run's detector for deployment, as ``cachedet export`` does.
+
+    Keyword arguments as ``cachedet.tools.export.export_run``. Returns the exported file's path.
+    Raises CachedetError for a missing run or an unsupported format."""
+    from cachedet.tools.export import export_run
+
+    return export_run(run, format, **kwargs)

@@ -1,4 +1,4 @@
-"""``cachedet bench``: every training regime on the same views, in one run (see cachedet.bench)."""
+"""``cachedet bench``: every training regime on the same views, in one run (see cachedet.tools.bench)."""
 
 from __future__ import annotations
 
@@ -67,9 +67,9 @@ def bench_command(
     """Measure finetune / online_frozen / cached / heads_in_memory (and torchvision's R50-FPN) on the same views."""
     from rich.table import Table
 
-    from cachedet.bench import TORCHVISION_LIKE, BenchConfig, run_benchmark
-    from cachedet.errors import CachedetError
-    from cachedet.shards import resolve_device
+    from cachedet.core.errors import CachedetError
+    from cachedet.extraction.shards import resolve_device
+    from cachedet.tools.bench import TORCHVISION_LIKE, BenchConfig, run_benchmark
 
     chosen = tuple(r for r in regimes.split(",") if r) if regimes else None
     for r in chosen or ():

@@ -94,7 +94,7 @@ def cache_verify_command(
     recomputed by rerunning the store's extract command with --repair.
     """
     from cachedet.cache.store import StoreReader
-    from cachedet.progress import ViewProgress
+    from cachedet.core.progress import ViewProgress
 
     reader = StoreReader(store)
     with ViewProgress("verify", reader.num_shards, unit="shards", enabled=not quiet) as bar:

@@ -8,12 +8,15 @@ import warnings
 
 import typer
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
 RECIPE_HELP = (
-    "Defaults for the schedule (cachedet.recipes): short (LSJ 0.8-1.25, 2-FC box head; the "
+    "Defaults for the schedule (cachedet.core.recipes): short (LSJ 0.8-1.25, 2-FC box head; the "
     "default) or paper (LSJ 0.1-2.0, 4conv1fc box head, for ~100+ epochs); explicit options win."
 )
+
+
+_COMMANDS: dict[str, object] = {}  # command function name -> function, filled by @user_errors
 
 
 def user_errors(fn):
@@ -29,19 +32,21 @@ def user_errors(fn):
             print(f"cachedet: error: {with_flags(str(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
 
+    _COMMANDS[fn.__name__] = fn  # read by flag_of: the commands' options name the fields
     return wrapper
 
 
 def flag_of() -> dict[str, str]:
     """{config field path (``optim.epochs``): the train-heads option(s) that set it (``--epochs``)},
-    read off the command's own options (``TRAIN_FIELD_OF`` names those that differ from the field)."""
+    read off the command's own options (``TRAIN_FIELD_OF`` names those that differ from the field).
+    The commands register with ``@user_errors`` (the CLI's main module imports every command)."""
     import inspect
 
     from cachedet.engine.config import PATH_OF
-    from cachedet_cli.train_heads import train_heads_command
     from cachedet_cli.vocabulary import DETECTOR_FLAGS, TRAIN_FIELD_OF
 
-    options = [p for p in inspect.signature(train_heads_command).parameters if p != "ctx"]
+    command = _COMMANDS.get("train_heads_command")
+    options = [p for p in inspect.signature(command).parameters if p != "ctx"] if command else []
     by_field: dict[str, list[str]] = {}
     for option in options:
         by_field.setdefault(TRAIN_FIELD_OF.get(option, option), []).append(
@@ -59,11 +64,11 @@ def _extract_flags() -> dict[str, str]:
     """{ExtractConfig field path (``ExtractConfig.views``, ``augment.size``): extract's option(s)}."""
     import inspect
 
-    from cachedet_cli.extract import extract_command
     from cachedet_cli.vocabulary import EXTRACT_FIELD_OF
 
+    command = _COMMANDS.get("extract_command")
     by_field: dict[str, list[str]] = {}
-    for option in inspect.signature(extract_command).parameters:
+    for option in inspect.signature(command).parameters if command else ():
         field = EXTRACT_FIELD_OF.get(option, option)
         if field is not None:
             path = field if "." in field else f"ExtractConfig.{field}"
@@ -133,7 +138,7 @@ def backbone_indices(
     backbone: str, out_indices: str | None, taps: str | None
 ) -> tuple[int, ...] | None:
     """timm out_indices from --out-indices (CNN levels) or --taps (a plain ViT's blocks); None: the default."""
-    from cachedet.vit import is_vit
+    from cachedet.backbones.vit import is_vit
 
     if out_indices is not None and taps is not None:
         raise CachedetError(

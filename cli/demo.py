@@ -7,7 +7,7 @@ from typing import Literal
 
 import typer
 
-from cachedet.atomic import write_json_atomic
+from cachedet.core.atomic import write_json_atomic
 from cachedet_cli.common import console as make_console
 from cachedet_cli.common import human_bytes, human_seconds, user_errors
 from cachedet_cli.eval_predict import print_metrics
@@ -39,7 +39,7 @@ def demo_command(
     """Generate a dataset, extract features and masks, train heads, evaluate box and mask AP: the whole pipeline offline."""
     from rich.table import Table
 
-    from cachedet.demo import run_demo
+    from cachedet.tools.demo import run_demo
 
     console = make_console()
     result = run_demo(

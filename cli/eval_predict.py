@@ -8,9 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from cachedet.atomic import write_json_atomic
-from cachedet.errors import CachedetError
-from cachedet.paths import resolve_path
+from cachedet.core.atomic import write_json_atomic
+from cachedet.core.errors import CachedetError
+from cachedet.core.paths import resolve_path
 from cachedet_cli.common import console as make_console
 from cachedet_cli.common import parse_int_list, user_errors
 from cachedet_cli.vocabulary import DEVICE_HELP, QUIET_HELP, examples

@@ -34,7 +34,7 @@ def export_command(
     ),
 ):
     """Export backbone, adapters, neck, head and NMS as one graph; preprocessing is in the .json beside it."""
-    from cachedet.exporter import export_run
+    from cachedet.tools.export import export_run
 
     path = export_run(run, format, str(out) if out else None, checkpoint, score_threshold)
     make_console().print(f"exported {run} -> {path} (metadata: {Path(path).with_suffix('.json')})")

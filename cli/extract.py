@@ -200,15 +200,14 @@ def extract_command(
     """Run the frozen backbone over augmented views and store multi-scale features (stage 1)."""
     from rich.table import Table
 
-    from cachedet.backbones import BackboneConfig
+    from cachedet.backbones.backbone import BackboneConfig
+    from cachedet.core.recipes import get_recipe, schedule_advice
     from cachedet.data.views import AugmentConfig
-    from cachedet.extract import ExtractConfig, extract
-    from cachedet.extract import dry_run as plan_dry_run
-    from cachedet.recipes import get_recipe, schedule_advice
+    from cachedet.extraction.run import ExtractConfig, extract
+    from cachedet.extraction.run import dry_run as plan_dry_run
 
     weights_from = weight_source(weights, pretrained, random_init)
     chosen = get_recipe(recipe)
-    scale_range = tuple(scale_range or chosen.scale_range)
     cfg = ExtractConfig(
         annotations=str(annotations),
         images=str(images),
@@ -218,7 +217,7 @@ def extract_command(
         ),
         augment=AugmentConfig(
             size=size,
-            scale_range=tuple(scale_range),
+            scale_range=tuple(scale_range) if scale_range else None,  # None: the recipe's
             augment=not no_augment,
             seed=seed,
             copy_paste=copy_paste,
@@ -241,7 +240,7 @@ def extract_command(
         recipe=chosen.name,
     )
     console = make_console()
-    advice = None if no_augment else schedule_advice(scale_range, views=views)
+    advice = None if no_augment else schedule_advice(cfg.augment.scale_range, views=views)
     if advice:
         console.print(advice, style="yellow")
     if dry_run:

@@ -89,7 +89,7 @@ def model_info_command(
     """Total and trainable parameters, and FLOPs of one training step: fine-tuned, frozen online, cached."""
     from rich.table import Table
 
-    from cachedet.model_info import ALL_STAGES, model_info
+    from cachedet.tools.model_info import ALL_STAGES, model_info
 
     stages = parse_int_list(adapt_stages, "--adapt-stages")
     info = model_info(

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 from cachedet_cli.common import (
     RECIPE_HELP,
     backbone_indices,
@@ -90,8 +90,8 @@ def replayed_config(cfg, ctx: typer.Context, path: str):
     {"replayed_from", "overrides"} recorded in the new run's config.json)."""
     import json
 
+    from cachedet.core.paths import resolve_path
     from cachedet.engine.train import TrainConfig
-    from cachedet.paths import resolve_path
 
     path = resolve_path(path)
     try:
@@ -391,18 +391,16 @@ def train_heads_command(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP, rich_help_panel=RUN),
 ):
     """Train necks and heads from cached features (stage 2); --online / --backbone-trainable for the baselines."""
-    from cachedet.engine.train import TrainConfig, train
-    from cachedet.recipes import schedule_advice, store_header, train_recipe
+    from cachedet.api import train_heads
+    from cachedet.engine.config import AUTO_RECIPE, TrainConfig
 
     weights_from = weight_source(weights, pretrained, random_init)
     if size is not None and cache and not online:
         raise CachedetError(
             f"--size {size}: a cache run uses the canvas its store was made with; --size is for --online"
         )
-    header = None if resume else store_header(cache)
-    recipe, note = train_recipe(recipe, header)
     cfg = TrainConfig.of(
-        recipe=recipe,
+        recipe=recipe or AUTO_RECIPE,  # auto: the store's (resolved by train, as from Python)
         out=out,
         cache=cache,
         online=online,
@@ -463,17 +461,7 @@ def train_heads_command(
         cfg, origin = replayed_config(cfg, ctx, str(config))
     elif resume:
         cfg = resumed_config(cfg, ctx)
-    jitter = (
-        header.augment["scale_range"]
-        if header is not None and header.augmented
-        else cfg.source.scale_range
-        if online
-        else None
-    )
-    for line in (note, jitter and schedule_advice(tuple(jitter), epochs=cfg.optim.epochs)):
-        if line:
-            make_console().print(line, style="yellow")
-    result = train(cfg, progress=not quiet, origin=origin)
+    result = train_heads(cfg, progress=not quiet, origin=origin)
     make_console().print(
         f"{result.run}: {result.steps} steps, {result.epochs} epochs, loss {result.first_loss:.3f} -> "
         f"{result.last_loss:.3f}, {result.views_per_second:.1f} views/s, {result.seconds:.1f} s"

@@ -19,13 +19,14 @@ from typing import Literal
 
 from typer.core import TyperCommand
 
-DEFAULT_CANVAS = 640
+from cachedet.core.recipes import DEFAULT_CANVAS  # imports no torch
+
 DEFAULT_BACKBONE = "efficientnet_lite0"  # = cachedet.backbones.DEFAULT_BACKBONE
 Neck = Literal["auto", "fpn", "nasfpn", "simple"]  # = auto + cachedet.models.build.NECKS
 Head = Literal["faster-rcnn", "cascade", "retinanet"]  # = cachedet.models.build.HEADS
 Dtype = Literal["float16", "bfloat16", "float32", "uint8"]  # = cachedet.cache.schema.DTYPES
 Codec = Literal["zstd", "lz4", "none"]  # = cachedet.cache.schema.CODECS
-Recipe = Literal["short", "paper"]  # = cachedet.recipes.RECIPES
+Recipe = Literal["short", "paper"]  # = cachedet.core.recipes.RECIPES
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "cosine"]
 BENCH_REGIMES = (
@@ -33,7 +34,7 @@ BENCH_REGIMES = (
     "online_frozen",
     "cached",
     "heads_in_memory",
-    "torchvision_frozen",  # = cachedet.bench
+    "torchvision_frozen",  # = cachedet.tools.bench
     "torchvision_finetune",
     "adapters_online",
     "adapters_hybrid",

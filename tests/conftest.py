@@ -10,10 +10,10 @@ import warnings
 import pytest
 from typer.testing import CliRunner
 
-from cachedet.backbones import BackboneConfig
+from cachedet.backbones.backbone import BackboneConfig
 from cachedet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from cachedet.data.views import AugmentConfig
-from cachedet.extract import ExtractConfig
+from cachedet.extraction.run import ExtractConfig
 
 warnings.filterwarnings("ignore", message="no offline weights for test_")
 
@@ -45,6 +45,7 @@ def small_config(paths: dict, out: str, **kw) -> ExtractConfig:
         views=2,
         shard_views=5,
         batch_size=4,
+        recipe="paper",  # LSJ 0.1-2.0 where a test gives no scale_range (the reference store's)
     )
     defaults.update(kw)
     return ExtractConfig(**defaults)
@@ -137,7 +138,7 @@ def reference_cocoeval(data: dict, detections: list[dict], iou_type: str = "bbox
 def tiny_store(synthetic, tmp_path_factory):
     """A real StoreReader on 12 images x 1 view (test_resnet, canvas 64, shards of 4 views, masks)."""
     from cachedet.cache.store import StoreReader
-    from cachedet.extract import extract
+    from cachedet.extraction.run import extract
 
     out = str(tmp_path_factory.mktemp("tiny") / "tiny.zarr")
     extract(
@@ -154,7 +155,7 @@ def tiny_run(synthetic, tmp_path_factory):
     """tiny_run(head, masks=False) -> a run dir trained for 2 steps on a 96-px test_resnet cache
     (each built once per session)."""
     from cachedet.engine.train import train
-    from cachedet.extract import extract
+    from cachedet.extraction.run import extract
 
     root = tmp_path_factory.mktemp("tiny_runs")
     cache = small_config(synthetic, str(root / "cache.zarr"), views=1)

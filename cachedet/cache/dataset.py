@@ -13,10 +13,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cachedet.cache.schema import decode
 from cachedet.cache.store import StoreReader
+from cachedet.core.errors import CachedetError
+from cachedet.core.runtime import retain_freed_memory
+from cachedet.core.structures import targets_of
 from cachedet.data.masks import decode_rles
-from cachedet.errors import CachedetError
-from cachedet.runtime import retain_freed_memory
-from cachedet.structures import targets_of
 
 
 def choose_epoch_views(

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cachedet.errors import CachedetError
-from cachedet.structures import FeatureSpec
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 
 
 def check_alignment(specs: list[FeatureSpec], shapes: dict[str, tuple[int, int, int]]) -> int:

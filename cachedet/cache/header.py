@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cachedet.cache.schema import FORMAT, SCHEMA_VERSION
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 from cachedet.data.coco import CategoryMap
-from cachedet.errors import CachedetError
-from cachedet.structures import FeatureSpec
 
 # Parts of the header that must match for a rerun to resume into an existing store.
 IDENTITY_KEYS = (
@@ -204,7 +204,7 @@ class StoreHeader:
     hybrid: Hybrid | None = None
     masks: MaskInfo | None = None
     recipe: str | None = (
-        None  # cachedet.recipes name the views' settings came from (None: before recipes)
+        None  # cachedet.core.recipes name the views' settings came from (None: before recipes)
     )
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 

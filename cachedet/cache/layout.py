@@ -16,8 +16,8 @@ import zarr
 
 from cachedet.cache import schema
 from cachedet.cache.header import StoreHeader
-from cachedet.paths import resolve_path
-from cachedet.structures import ViewParams
+from cachedet.core.paths import resolve_path
+from cachedet.core.structures import ViewParams
 
 META_FIELDS = (
     "image_id",

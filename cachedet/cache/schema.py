@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
 FORMAT = "cachedet.features"
 SCHEMA_VERSION = 1

@@ -16,14 +16,14 @@ import google_crc32c
 import numpy as np
 import zarr
 
-from cachedet.atomic import write_bytes_atomic
 from cachedet.cache import schema
 from cachedet.cache.header import StoreHeader
 from cachedet.cache.layout import META_FIELDS, open_group, url_fs
+from cachedet.core.atomic import write_bytes_atomic
+from cachedet.core.errors import CachedetError
+from cachedet.core.paths import resolve_path
+from cachedet.core.structures import ViewParams
 from cachedet.data.masks import decode_rles
-from cachedet.errors import CachedetError
-from cachedet.paths import resolve_path
-from cachedet.structures import ViewParams
 
 
 def shard_range(shard: int, shard_views: int, num_views: int) -> tuple[int, int]:
@@ -442,3 +442,16 @@ class StoreReader(_StoreFiles):
 
 
 FeatureStore = StoreReader  # the name older code and scripts use
+
+
+def store_header(url: str | None):
+    """The ``StoreHeader`` of the feature store at ``url``, or None when there is none to read (the
+    caller's own checks then report the real problem)."""
+    if url is None:
+        return None
+    try:
+        return StoreReader(url).header
+    except (
+        Exception
+    ):  # a missing or foreign store is reported by train itself, with its own message
+        return None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
 DROP_REASONS = (
     "crowd",

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from cachedet.core.structures import ViewParams
 from cachedet.data.coco import DetectionDataset, ImageRecord
 from cachedet.data.masks import mask_box, mask_source, mask_to_canvas
 from cachedet.data.views import AugmentConfig, plan_view
-from cachedet.structures import ViewParams
 
 PASTE_STREAM = 0xC0FFEE  # keeps Copy-Paste's random draws apart from the view's own LSJ draw
 

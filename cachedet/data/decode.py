@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
 TRANSPARENT_FILL = (124, 116, 104)  # ImageNet mean (0.485, 0.456, 0.406) x 255
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 30

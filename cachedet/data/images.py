@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import ViewParams
 from cachedet.data.copy_paste import composite
 from cachedet.data.decode import read_image
 from cachedet.data.masks import encode_rle, view_masks
 from cachedet.data.views import normalize, transform_image
-from cachedet.errors import CachedetError
-from cachedet.structures import ViewParams
 
 __all__ = ["ViewDataset", "read_image"]
 

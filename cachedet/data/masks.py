@@ -19,7 +19,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.transforms.v2 import functional as F
 
-from cachedet.structures import ViewParams
+from cachedet.core.structures import ViewParams
 
 
 @dataclass(frozen=True)

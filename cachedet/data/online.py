@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import targets_of
 from cachedet.data.coco import DetectionDataset
 from cachedet.data.images import read_image
 from cachedet.data.masks import mask_source, view_masks
@@ -20,8 +22,6 @@ from cachedet.data.views import (
     transform_boxes,
     transform_image,
 )
-from cachedet.errors import CachedetError
-from cachedet.structures import targets_of
 
 
 class OnlineViews(Dataset):

@@ -15,8 +15,9 @@ import torchvision.transforms.v2.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cachedet.errors import CachedetError
-from cachedet.structures import ViewParams
+from cachedet.core.errors import CachedetError
+from cachedet.core.recipes import DEFAULT_CANVAS, get_recipe
+from cachedet.core.structures import ViewParams
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,13 @@ class AugmentConfig:
     """How views are drawn.
 
     size: side of the square canvas. scale_range: LSJ factor range; the image is resized so its
-    longer side is ``factor * size``. augment=False gives one plain resize-to-fit-and-pad view.
+    longer side is ``factor * size``; None: the recipe's (``cachedet.core.recipes``: the default
+    recipe's here, the store's recipe inside an ``ExtractConfig``). augment=False gives one plain
+    resize-to-fit-and-pad view.
     """
 
-    size: int = 640
-    scale_range: tuple[float, float] = (0.1, 2.0)
+    size: int = DEFAULT_CANVAS
+    scale_range: tuple[float, float] | None = None
     flip: bool = True
     augment: bool = True
     seed: int = 0
@@ -40,6 +43,12 @@ class AugmentConfig:
     def __post_init__(self):
         if self.size < 32:
             raise CachedetError(f"augment.size: expected at least 32 pixels, got {self.size}")
+        given = (
+            self.scale_range is not None
+        )  # ExtractConfig fills a range not given from its recipe
+        object.__setattr__(self, "range_given", given)
+        if not given:
+            object.__setattr__(self, "scale_range", get_recipe(None).scale_range)
         lo, hi = self.scale_range
         if not (0 < lo <= hi):
             raise CachedetError(f"augment.scale_range: expected 0 < MIN <= MAX, got {lo} {hi}")

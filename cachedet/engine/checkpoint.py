@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from cachedet.atomic import save_torch_atomic
-from cachedet.errors import CachedetError
+from cachedet.core.atomic import save_torch_atomic
+from cachedet.core.errors import CachedetError
 
 CHECKPOINT_FORMAT = "cachedet.run"
 

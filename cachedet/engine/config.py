@@ -16,12 +16,19 @@ import json
 import os
 from dataclasses import dataclass, field, fields, replace
 
-from cachedet.backbones import DEFAULT_BACKBONE
-from cachedet.errors import CachedetError
+from cachedet.backbones.backbone import DEFAULT_BACKBONE
+from cachedet.core.errors import CachedetError
+from cachedet.core.paths import resolve_path
+from cachedet.core.recipes import (
+    DEFAULT_CANVAS,
+    LEGACY_SCALE_RANGE,
+    detector_options_for,
+    get_recipe,
+    schedule_advice,
+    train_recipe,
+)
 from cachedet.evaluation.scoring import COCO_STATS
 from cachedet.models.build import check_head
-from cachedet.paths import resolve_path
-from cachedet.recipes import DEFAULT_RECIPE, LEGACY_SCALE_RANGE, detector_options_for, get_recipe
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ class SourceConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str = "default"  # default | random | timm | a checkpoint path
     out_indices: tuple[int, ...] | None = None
-    size: int = 640  # online canvas (pixels)
+    size: int = DEFAULT_CANVAS  # online canvas (pixels)
     scale_range: tuple[float, float] | None = None  # online LSJ range; None: the recipe's
     backbone_trainable: bool = False
     adapters: bool = (
@@ -47,7 +54,7 @@ class SourceConfig:
 
     def __post_init__(
         self,
-    ):  # paths resolved once (cachedet.paths), so config.json records where things are
+    ):  # paths resolved once (cachedet.core.paths), so config.json records where things are
         for name in ("cache", "annotations", "images"):
             object.__setattr__(self, name, resolve_path(getattr(self, name)))
         if self.weights not in ("default", "random", "timm"):
@@ -99,7 +106,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int | None = (
-        None  # None: min(1000, 5% of the run) (cachedet.recipes.warmup_steps_for)
+        None  # None: min(1000, 5% of the run) (cachedet.core.recipes.warmup_steps_for)
     )
     schedule: str = "step"
     clip_grad: float | None = 10.0
@@ -225,6 +232,8 @@ class ValConfig:
             )
 
 
+AUTO_RECIPE = "auto"
+
 SECTIONS = {
     "source": SourceConfig,
     "detector": HeadsConfig,
@@ -262,12 +271,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
-    recipe: str | None = (
-        DEFAULT_RECIPE  # cachedet.recipes; None: no recipe (runs recorded before recipes)
-    )
+    # cachedet.core.recipes name; "auto": the store's recipe for a cache run, else the default
+    # (resolved by ``resolve_recipe`` at the front door); None: no recipe (runs before recipes)
+    recipe: str | None = AUTO_RECIPE
 
     def __post_init__(self):
         object.__setattr__(self, "out", resolve_path(self.out))
+        if self.recipe == AUTO_RECIPE:  # settings the recipe fills in wait for its resolution
+            return
         recipe = get_recipe(self.recipe) if self.recipe is not None else None
         if self.source.scale_range is None:  # the recipe fills in what was not given
             scale_range = recipe.scale_range if recipe else LEGACY_SCALE_RANGE
@@ -355,3 +366,41 @@ class TrainConfig:
             raise CachedetError(
                 f"{path}: unreadable run configuration ({type(e).__name__})"
             ) from None
+
+
+def resolve_recipe(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """``cfg`` with its recipe resolved, and one-line notes for the user: a given recipe that differs
+    from the store's, a jitter range wide for the schedule (``schedule_advice``).
+
+    ``recipe="auto"`` takes the recipe recorded in the header of the store a cache run trains from
+    (``source.cache``), else the default; a named recipe stays. ``train`` (the CLI and
+    ``cachedet.train_heads`` alike) comes through here, so one store gives one detector either way.
+    A resumed run keeps its own recipe (its config.json's)."""
+    from cachedet.cache.store import store_header
+
+    if cfg.recipe is None:  # a run recorded before recipes
+        return cfg, []
+    cached = cfg.source.cache is not None and not cfg.source.online
+    header = store_header(cfg.source.cache) if cached else None
+    given = None if cfg.recipe == AUTO_RECIPE else cfg.recipe
+    if cfg.resume and given is None:  # the run's own recipe (as --resume takes its settings)
+        resolved = replace(cfg, recipe=_recorded_recipe(cfg.out, header))
+        note = None
+    else:
+        name, note = train_recipe(given, None if cfg.resume else header)
+        resolved = cfg if name == cfg.recipe else replace(cfg, recipe=name)
+    if header is not None and header.augmented:
+        jitter = header.augment["scale_range"]
+    else:
+        jitter = resolved.source.scale_range if resolved.source.online else None
+    advice = jitter and schedule_advice(tuple(jitter), epochs=resolved.optim.epochs)
+    return resolved, [line for line in (note, advice) if line]
+
+
+def _recorded_recipe(out: str, header) -> str | None:
+    """The recipe of the run at ``out`` (its config.json); the store's or the default if it has none
+    to read (``train`` then reports the missing run in its own words)."""
+    try:
+        return TrainConfig.of_run(out).recipe
+    except CachedetError:
+        return train_recipe(None, header)[0]

@@ -21,7 +21,7 @@ class MetricsHook(Hook):
         self._step = 0  # the step of the last line written
 
     def before_train(self, trainer: Trainer) -> None:
-        from cachedet.progress import ViewProgress
+        from cachedet.core.progress import ViewProgress
 
         self._step = trainer.state.step
         self._file = open(self.path, "a")

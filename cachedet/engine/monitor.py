@@ -4,7 +4,7 @@
 term under ``loss/``, ``train/lr``, ``train/views_per_s`` and ``train/step_s`` per step, and each
 validation summary under ``val/`` (``val/bbox.AP``...). tensorboard is optional: without it the run
 warns once (``pip install tensorboard``) and goes on. ``CurvesHook`` redraws RUN/curves.png
-(``cachedet.plots.plot_curves``) after each validation and at the end of the run; without
+(``cachedet.core.plots.plot_curves``) after each validation and at the end of the run; without
 matplotlib it warns once. Both run on the main process only.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import warnings
 
+from cachedet.core.plots import NOT_LOSSES, matplotlib_available, plot_curves
 from cachedet.engine.trainer import Hook, Trainer
 from cachedet.engine.validation import SUMMARY_PARTS
-from cachedet.plots import NOT_LOSSES, matplotlib_available, plot_curves
 
 TRAIN_SCALARS = {"lr": "train/lr", "views_per_s": "train/views_per_s", "step_s": "train/step_s"}
 

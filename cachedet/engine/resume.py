@@ -24,8 +24,8 @@ import json
 
 import torch
 
+from cachedet.core.errors import CachedetError
 from cachedet.engine.config import PATH_OF
-from cachedet.errors import CachedetError
 
 RESUMABLE = (
     "epochs",

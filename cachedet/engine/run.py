@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 from cachedet import __version__
 from cachedet.cache.header import check_fingerprint
+from cachedet.core.errors import CachedetError
+from cachedet.core.paths import resolve_path
 from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
-from cachedet.errors import CachedetError
-from cachedet.paths import resolve_path
 
 RECORD_KEYS = (
     "train",

@@ -16,15 +16,20 @@ from itertools import islice
 import numpy as np
 from torch.utils.data import DataLoader, Subset
 
-from cachedet.backbones import Backbone, BackboneConfig, build_backbone, config_from_identity
+from cachedet.backbones.backbone import (
+    Backbone,
+    BackboneConfig,
+    build_backbone,
+    config_from_identity,
+)
 from cachedet.cache.dataset import CachedViews, InMemoryViews, collate_views
 from cachedet.cache.feature_crop import check_alignment, crop_batch
 from cachedet.cache.header import Fingerprint, check_weights
+from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.online import OnlineViews, collate_images, rank_indices
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.distributed import DistInfo
-from cachedet.errors import CachedetError
 
 
 def steps_in_epoch(views_per_rank: list[int], batch_size: int) -> int:
@@ -68,7 +73,7 @@ def _batched(samples, batch_size: int, collate):
 
 
 class _AdapterMixin:
-    """``enable_adapters``: residual adapters in the source's backbone (see ``cachedet.adapters``)."""
+    """``enable_adapters``: residual adapters in the source's backbone (see ``cachedet.backbones.adapters``)."""
 
     backbone: Backbone | None = None
     hybrid_stage: int | None = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
 
 class TrainModel(nn.Module):

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from cachedet.atomic import write_json_atomic
-from cachedet.backbones import BackboneConfig, build_backbone, config_from_identity
+from cachedet.backbones.backbone import BackboneConfig, build_backbone, config_from_identity
+from cachedet.core.atomic import write_json_atomic
+from cachedet.core.errors import CachedetError
+from cachedet.core.recipes import warmup_steps_for
+from cachedet.core.runtime import resolve_device, retain_freed_memory
 from cachedet.data.views import AugmentConfig
-from cachedet.engine.config import TrainConfig
+from cachedet.engine.config import TrainConfig, resolve_recipe
 from cachedet.engine.distributed import DistInfo, init_distributed, shutdown
 from cachedet.engine.hooks import CheckpointHook, MetricsHook
 from cachedet.engine.monitor import CurvesHook, TensorBoardHook
@@ -29,11 +32,8 @@ from cachedet.engine.sources import CacheSource, FeedOptions, OnlineSource
 from cachedet.engine.step import TrainModel
 from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
 from cachedet.engine.validation import EvalHook, ValidationSet
-from cachedet.errors import CachedetError
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
-from cachedet.recipes import warmup_steps_for
-from cachedet.runtime import resolve_device, retain_freed_memory
 
 
 def lr_factor(cfg: TrainConfig, total_steps: int):
@@ -146,8 +146,12 @@ def train(cfg: TrainConfig, progress: bool = True, origin: dict | None = None) -
     The run directory is locked for the whole run. Resuming compares ``cfg`` with the run's
     settings (``cachedet.engine.resume``): a changed schedule length, lr, weight decay or clipping
     applies from the next step and is recorded under ``resumes`` in config.json; other changes
-    are refused, naming each. Raises CachedetError for the user's faults.
+    are refused, naming each. The recipe is resolved first (``resolve_recipe``: "auto" takes the
+    store's); its notes are Python warnings. Raises CachedetError for the user's faults.
     """
+    cfg, notes = resolve_recipe(cfg)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     cfg.validate()
     if not cfg.source.online:  # before zarr starts its threads, so they share the main heap
         retain_freed_memory()  # the feed's blocks reuse freed pages (its DataLoader workers too)

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cachedet.core.errors import CachedetError
 from cachedet.engine.distributed import DistInfo, barrier
 from cachedet.engine.step import StepOutput, train_step
-from cachedet.errors import CachedetError
 
 
 class Hook:

@@ -6,15 +6,15 @@ import os
 import time
 import warnings
 
-from cachedet.atomic import write_json_atomic
 from cachedet.cache.store import StoreReader
+from cachedet.core.atomic import write_json_atomic
+from cachedet.core.errors import CachedetError
+from cachedet.core.paths import resolve_path
 from cachedet.data.coco import load_detection_dataset, read_annotation_json
-from cachedet.errors import CachedetError
 from cachedet.evaluation.evaluator import DetectionEvaluator, inference_on_dataset
 from cachedet.evaluation.ground_truth import scoring_ground_truth
 from cachedet.evaluation.predictor import Predictor
 from cachedet.evaluation.scoring import DEFAULT_COUNT_BINS, training_counts
-from cachedet.paths import resolve_path
 
 
 def evaluate_run(
@@ -36,7 +36,7 @@ def evaluate_run(
     ``checkpoint``: the run's last or best checkpoint. Returns (metrics, COCO-format detections); with
     ``out`` both are written as JSON, with the per-class AP chart and precision-recall curves beside them
     (``out``'s name + .per_class_ap.png / .pr_curves.png, when matplotlib is installed)."""
-    from cachedet.progress import ViewProgress
+    from cachedet.core.progress import ViewProgress
 
     if cache is None and images is None:
         raise CachedetError("eval needs --images DIR or --cache VALSTORE")
@@ -94,7 +94,7 @@ def evaluate_run(
 def write_pictures(metrics: dict, precision: dict, stem: str) -> list[str]:
     """STEM.per_class_ap.png and STEM.pr_curves.png (and STEM.mask_pr_curves.png for masks); nothing,
     with a warning, without matplotlib. Returns the files written."""
-    from cachedet.plots import matplotlib_available, plot_per_class_ap, plot_pr_curves
+    from cachedet.core.plots import matplotlib_available, plot_per_class_ap, plot_pr_curves
 
     if not matplotlib_available():
         warnings.warn(

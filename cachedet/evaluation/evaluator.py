@@ -63,7 +63,7 @@ class DetectionEvaluator(DatasetEvaluator):
     masks: score segm too (the run predicts masks and the file has segmentations); lvis: add LVISEval;
     train_counts: training annotations per category id, to stratify per-class AP (None: no strata).
     After ``evaluate``, ``precision`` holds {"bbox"[, "segm"]: (COCOeval precision (10, 101, K),
-    category ids)} for precision-recall curves (``cachedet.plots.plot_pr_curves``).
+    category ids)} for precision-recall curves (``cachedet.core.plots.plot_pr_curves``).
     ``evaluate`` returns dict(num_detections, bbox, per_class [{category_id, name, AP[, mask_AP,
     train_annotations]}], by_size, and where they apply segm, mask_by_size, lvis_bbox, lvis_segm,
     by_train_count, count_bins). AP values are 0..100 or None where the scorer leaves them undefined.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
 LVIS_IMAGE_LISTS = ("neg_category_ids", "not_exhaustive_category_ids")
 

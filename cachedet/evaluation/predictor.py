@@ -13,9 +13,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cachedet.backbones import Backbone, build_backbone, config_from_identity
+from cachedet.backbones.backbone import Backbone, build_backbone, config_from_identity
 from cachedet.cache.header import Fingerprint, check_weights
 from cachedet.cache.store import StoreReader
+from cachedet.core.errors import CachedetError
+from cachedet.core.paths import resolve_path
+from cachedet.core.runtime import resolve_device
+from cachedet.core.structures import ViewParams
 from cachedet.data.coco import CategoryMap
 from cachedet.data.images import read_image
 from cachedet.data.masks import rle_json
@@ -27,12 +31,8 @@ from cachedet.data.views import (
     view_to_image_boxes,
 )
 from cachedet.engine.run import RunRecord, checkpoint_path, load_run_checkpoint
-from cachedet.errors import CachedetError
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.masks import paste_masks
-from cachedet.paths import resolve_path
-from cachedet.runtime import resolve_device
-from cachedet.structures import ViewParams
 
 
 def set_score_threshold(detector, threshold: float) -> None:

@@ -17,7 +17,8 @@ from typing import Callable, NamedTuple
 
 from torch import nn
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 from cachedet.models.cascade import DEFAULT_WEIGHTS, CascadeRoIHeads
 from cachedet.models.config import (
     MASKS_NEED_ROIS,
@@ -31,8 +32,7 @@ from cachedet.models.config import (
 )
 from cachedet.models.heads import BoxRoIHeads, Proposals, RCNNHead, RetinaNetDetHead
 from cachedet.models.masks import MaskBranch
-from cachedet.models.necks import build_fpn, build_nasfpn, build_simple_pyramid
-from cachedet.structures import FeatureSpec
+from cachedet.models.necks import build_fpn, build_nasfpn, build_simple_pyramid, resolve_neck
 
 
 def roi_levels(specs: list[FeatureSpec]) -> list[str]:
@@ -151,3 +151,15 @@ def neck_config(name: str, options: dict, channels: int):
     if name not in NECKS:
         raise CachedetError(f"detector.neck {name}: expected one of auto, {', '.join(NECKS)}")
     return NECKS[name].config.from_options(options, channels=channels)
+
+
+def build_neck(
+    name: str, in_specs: list[FeatureSpec], channels: int, extra: str, repeats: int = 5
+) -> nn.Module:
+    """Neck ``name`` (auto, fpn, nasfpn, simple) with the ``extra`` levels a head needs ("maxpool":
+    P6; "p6p7": P6, P7), through ``NECKS``. Unknown names and unsuitable
+    levels are CachedetErrors."""
+    name = resolve_neck(name, in_specs)
+    return NECKS[name].build(
+        neck_config(name, {"nasfpn_repeats": repeats}, channels), list(in_specs), extra
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
 DEFAULT_IOUS = (0.5, 0.6, 0.7)
 MASKS_NEED_ROIS = (

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 from cachedet.models.build import HEADS as HEAD_PARTS
 from cachedet.models.build import (
     NECKS,
@@ -26,7 +27,6 @@ from cachedet.models.build import (
 )
 from cachedet.models.config import MASKS_NEED_ROIS
 from cachedet.models.necks import resolve_neck
-from cachedet.structures import FeatureSpec
 
 HEADS = tuple(HEAD_PARTS)
 __all__ = [

@@ -30,8 +30,8 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from cachedet.core.structures import FeatureSpec
 from cachedet.models.masks import MaskBranch
-from cachedet.structures import FeatureSpec
 
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
 MASK_LOSS = "loss_mask"

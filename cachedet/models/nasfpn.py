@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cachedet.structures import FeatureSpec
+from cachedet.core.structures import FeatureSpec
 
 # (output level, merge, (input node, input node), is an output cell); nodes 0-4 are P3-P7 and
 # every cell appends its output as the next node.

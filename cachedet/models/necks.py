@@ -14,9 +14,9 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 from cachedet.models.config import FPNConfig, NASFPNConfig, SimplePyramidConfig
-from cachedet.structures import FeatureSpec
 
 
 class FPNNeck(nn.Module):
@@ -99,17 +99,3 @@ def build_nasfpn(cfg: NASFPNConfig, in_specs: list[FeatureSpec], extra: str) -> 
             f"got {[s.stride for s in in_specs]}"
         )
     return NASFPNNeck(in_specs, cfg.channels, cfg.repeats)
-
-
-def build_neck(
-    name: str, in_specs: list[FeatureSpec], channels: int, extra: str, repeats: int = 5
-) -> nn.Module:
-    """Neck ``name`` (auto, fpn, nasfpn, simple) with the ``extra`` levels a head needs ("maxpool":
-    P6; "p6p7": P6, P7), through ``cachedet.models.build.NECKS``. Unknown names and unsuitable
-    levels are CachedetErrors."""
-    from cachedet.models.build import NECKS, neck_config
-
-    name = resolve_neck(name, in_specs)
-    return NECKS[name].build(
-        neck_config(name, {"nasfpn_repeats": repeats}, channels), list(in_specs), extra
-    )

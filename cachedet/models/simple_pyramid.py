@@ -34,8 +34,8 @@ from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from cachedet.errors import CachedetError
-from cachedet.structures import FeatureSpec
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 
 RCNN_LEVELS = (2, 3, 4, 5)  # + P6 by max-pooling: ViTDet's Mask R-CNN / Cascade pyramid
 RETINANET_LEVELS = (3, 4, 5)  # + P6, P7 by strided convs

@@ -136,11 +136,11 @@ def test_one_name_for_one_thing():
 
 
 def test_choices_and_defaults_equal_the_library():
-    from cachedet.backbones import DEFAULT_BACKBONE
-    from cachedet.bench import ADAPTER_REGIMES, OUR_REGIMES, TORCHVISION_REGIMES
+    from cachedet.backbones.backbone import DEFAULT_BACKBONE
     from cachedet.cache.schema import CODECS, DTYPES
     from cachedet.engine.config import SourceConfig
     from cachedet.models.build import HEADS, NECKS
+    from cachedet.tools.bench import ADAPTER_REGIMES, OUR_REGIMES, TORCHVISION_REGIMES
 
     assert voc.DEFAULT_BACKBONE == DEFAULT_BACKBONE and voc.DEFAULT_CANVAS == SourceConfig.size
     assert typing.get_args(voc.Neck) == ("auto", *NECKS) and typing.get_args(voc.Head) == tuple(
@@ -151,9 +151,9 @@ def test_choices_and_defaults_equal_the_library():
 
 
 def test_every_extract_option_maps_to_a_config_field():
-    from cachedet.backbones import BackboneConfig
+    from cachedet.backbones.backbone import BackboneConfig
     from cachedet.data.views import AugmentConfig
-    from cachedet.extract import ExtractConfig
+    from cachedet.extraction.run import ExtractConfig
     from cachedet_cli.extract import extract_command
 
     fields = {f.name for f in dataclasses.fields(ExtractConfig)}

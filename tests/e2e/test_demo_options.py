@@ -5,8 +5,8 @@ import shlex
 
 import pytest
 
-from cachedet.demo import QUICK, demo_commands, run_demo, smoke_note, train_settings
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
+from cachedet.tools.demo import QUICK, demo_commands, run_demo, smoke_note, train_settings
 
 
 def test_a_bad_option_is_refused_before_the_dataset_is_made(tmp_path):

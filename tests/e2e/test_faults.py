@@ -15,9 +15,9 @@ from helpers import assert_same_store
 
 from cachedet.cache import store as store_mod
 from cachedet.cache.store import FeatureStore, StoreReader, StoreWriter
+from cachedet.core.errors import CachedetError
 from cachedet.engine.train import train
-from cachedet.errors import CachedetError
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 
 
 def shard_object(url: str, level: str, shard: int) -> str:
@@ -113,7 +113,7 @@ import sys, time
 sys.path.insert(0, {tests!r})
 from conftest import small_config
 from cachedet.cache.store import StoreWriter
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 
 real = StoreWriter.write_record
 def slow_record(self, record):

@@ -8,8 +8,8 @@ import shutil
 
 from conftest import edit_json
 
+from cachedet.core.paths import resolve_path
 from cachedet.data.coco import load_detection_dataset
-from cachedet.paths import resolve_path
 
 
 def test_resolve_path_rules(tmp_path, monkeypatch):

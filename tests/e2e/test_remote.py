@@ -10,7 +10,7 @@ from helpers import assert_same_store, extract_args
 
 from cachedet.cache.store import FeatureStore, StoreReader
 from cachedet.engine.train import train
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 
 pytest.importorskip("s3fs", reason="remote-store tests need s3fs (pip install -e '.[test]')")
 moto_server = pytest.importorskip("moto.server", reason="remote-store tests need moto[server]")

@@ -1,4 +1,4 @@
-"""The process's allocator setting for the cached feed (``cachedet.runtime.retain_freed_memory``)."""
+"""The process's allocator setting for the cached feed (``cachedet.core.runtime.retain_freed_memory``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 FAULTS = """
 import resource, sys, threading
 import numpy as np
-from cachedet.runtime import retain_freed_memory
+from cachedet.core.runtime import retain_freed_memory
 if sys.argv[1] == "retain" and not retain_freed_memory():
     print("refused")  # an older glibc caps the mmap threshold at 32 MiB
     sys.exit()
@@ -70,7 +70,7 @@ def test_blocks_freed_in_other_threads_are_reused_too():
 
 
 def test_a_limit_that_is_not_a_c_int_is_refused():
-    from cachedet.runtime import retain_freed_memory
+    from cachedet.core.runtime import retain_freed_memory
 
     for limit in (0, 1 << 31):
         with pytest.raises(ValueError, match="must be in 1 .. 2\\*\\*31 - 1"):

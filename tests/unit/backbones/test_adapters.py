@@ -9,13 +9,13 @@ from conftest import TRAIN_LIGHT as LIGHT
 from conftest import small_config
 from conftest import train_config as tiny_train
 
-from cachedet.backbones import BackboneConfig, build_backbone
+from cachedet.backbones.backbone import BackboneConfig, build_backbone
 from cachedet.cache.store import FeatureStore
+from cachedet.core.errors import CachedetError
 from cachedet.data.images import ViewDataset
 from cachedet.engine.train import train
-from cachedet.errors import CachedetError
 from cachedet.evaluation.evaluate import evaluate_run
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 from cachedet.models.detector import DetectorConfig, build_detector
 
 

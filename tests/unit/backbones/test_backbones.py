@@ -2,8 +2,8 @@ import pytest
 import timm
 import torch
 
-from cachedet.backbones import BackboneConfig, _offline_state_dict, build_backbone
-from cachedet.errors import CachedetError
+from cachedet.backbones.backbone import BackboneConfig, _offline_state_dict, build_backbone
+from cachedet.core.errors import CachedetError
 
 
 @pytest.mark.parametrize(

@@ -9,16 +9,16 @@ import torch
 from conftest import small_config
 from helpers import extract_args
 
-from cachedet.backbones import BackboneConfig, build_backbone
+from cachedet.backbones.backbone import BackboneConfig, build_backbone
 from cachedet.cache.store import FeatureStore
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import TrainConfig, train
-from cachedet.errors import CachedetError
-from cachedet.extract import dry_run, extract
+from cachedet.extraction.run import dry_run, extract
+from cachedet.models.build import build_neck
 from cachedet.models.detector import DetectorConfig, build_detector
-from cachedet.models.necks import build_neck
 from cachedet.models.simple_pyramid import tap_for_level
-from cachedet.structures import FeatureSpec
 
 LIGHT = {
     "box_convs": 0,

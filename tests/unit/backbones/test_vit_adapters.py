@@ -8,15 +8,15 @@ import torch
 from conftest import small_config
 from test_vit import LIGHT
 
-from cachedet.backbones import BackboneConfig, build_backbone
+from cachedet.backbones.backbone import BackboneConfig, build_backbone
 from cachedet.cache.store import FeatureStore
+from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.images import ViewDataset
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import TrainConfig, train
-from cachedet.errors import CachedetError
 from cachedet.evaluation.evaluate import evaluate_run
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ from torchvision.ops import roi_align
 
 from cachedet.cache.dataset import InMemoryViews, collate_views
 from cachedet.cache.feature_crop import check_alignment, crop_batch
+from cachedet.core.errors import CachedetError
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import train
-from cachedet.errors import CachedetError
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 
 
 @pytest.fixture(scope="module")

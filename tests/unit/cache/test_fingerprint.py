@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 
 from cachedet.cache.header import Fingerprint, check_fingerprint, check_weights
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 from cachedet.engine.distributed import DistInfo
 from cachedet.engine.sources import CacheSource
-from cachedet.errors import CachedetError
-from cachedet.structures import FeatureSpec
 
 
 def test_the_cache_source_saves_the_store_fingerprint(tiny_store):

@@ -24,7 +24,7 @@ import zarr
 
 from cachedet.cache.store import CHECKSUMS
 from cachedet.data.views import AugmentConfig
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "reference_store.json")
 DTYPES = ("float16", "bfloat16", "uint8")

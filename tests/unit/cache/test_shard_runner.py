@@ -1,16 +1,16 @@
-"""The shard runner (cachedet.shards): completion records, and resuming a partial store."""
+"""The shard runner (cachedet.extraction.shards): completion records, and resuming a partial store."""
 
 import numpy as np
 import pytest
 from conftest import small_config
 
-from cachedet.backbones import build_backbone
+from cachedet.backbones.backbone import build_backbone
 from cachedet.cache.store import StoreReader
+from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.views import AugmentConfig
-from cachedet.errors import CachedetError
-from cachedet.extract import _header, extract, plan_views, prepare_store, shard_tasks
-from cachedet.shards import compute_shard, run_shard, run_shards_in_process, write_shard
+from cachedet.extraction.run import _header, extract, plan_views, prepare_store, shard_tasks
+from cachedet.extraction.shards import compute_shard, run_shard, run_shards_in_process, write_shard
 
 
 def planned(synthetic, out):

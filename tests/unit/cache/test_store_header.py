@@ -7,9 +7,9 @@ import pytest
 import zarr
 
 from cachedet.cache.header import Hybrid, MaskInfo, Storage, StoreHeader
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 from cachedet.data.coco import load_detection_dataset
-from cachedet.errors import CachedetError
-from cachedet.structures import FeatureSpec
 
 
 def raw_header(store) -> dict:
@@ -56,7 +56,7 @@ def test_optional_parts_and_unknown_keys_round_trip(tiny_store):
     d = {**header.to_dict(), "added_later": {"k": 1}}
     again = StoreHeader.from_dict(d, "s")
     assert again.to_dict() == d and list(again.to_dict()) == list(d)
-    assert d["masks"] is None and list(d)[-3:] == ["hybrid", "masks", "added_later"]
+    assert d["masks"] is None and list(d)[-4:] == ["hybrid", "masks", "recipe", "added_later"]
 
 
 def test_diff_names_each_differing_identity_field(tiny_store):

@@ -15,9 +15,9 @@ from cachedet.cache.store import (
     features_checksum,
     masks_checksum,
 )
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec, ViewParams
 from cachedet.data.masks import encode_rle
-from cachedet.errors import CachedetError
-from cachedet.structures import FeatureSpec, ViewParams
 
 CANVAS, VIEWS, SHARD = 32, 5, 3
 SPECS = (FeatureSpec("c3", 4, 8), FeatureSpec("c4", 6, 16))

@@ -5,8 +5,8 @@ import pytest
 from conftest import edit_json
 from helpers import extract_args
 
+from cachedet.core.errors import CachedetError
 from cachedet.data.coco import CategoryMap, load_detection_dataset
-from cachedet.errors import CachedetError
 
 
 def write(tmp_path, data, name="ann.json"):

@@ -10,12 +10,12 @@ from helpers import extract_args
 from PIL import Image
 
 from cachedet.cache.store import FeatureStore
+from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.copy_paste import instance_mask, mask_to_canvas
 from cachedet.data.images import ViewDataset
 from cachedet.data.views import AugmentConfig
-from cachedet.errors import CachedetError
-from cachedet.extract import extract, plan_views
+from cachedet.extraction.run import extract, plan_views
 
 # no jitter, no flip: every view is the 64x64 image itself, so expected boxes are easy to write
 PLAIN = dict(size=64, scale_range=(1.0, 1.0), flip=False, copy_paste=1.0)
@@ -110,7 +110,7 @@ def test_a_polygon_mask_follows_the_view_geometry(tmp_path):
         tmp_path, [([8, 8, 20, 10], [8, 8, 28, 8, 28, 18, 8, 18])], [([0, 0, 4, 4], None)]
     )
     rec = ds.images[0]
-    from cachedet.structures import ViewParams
+    from cachedet.core.structures import ViewParams
 
     # 2x larger, flipped, cropped at (top 4, left 60): x -> 128 - 2x - 60, y -> 2y - 4
     params = ViewParams(

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import ViewParams
 from cachedet.data.decode import TRANSPARENT_FILL, bit_depth_scale, read_image
 from cachedet.data.images import ViewDataset
-from cachedet.errors import CachedetError
-from cachedet.structures import ViewParams
 
 H, W, BOX = 24, 32, (8, 6, 16, 12)  # x, y, w, h
 

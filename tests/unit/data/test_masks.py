@@ -11,11 +11,11 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from cachedet.cache.store import FeatureStore, StoreReader
+from cachedet.core.structures import ViewParams
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.masks import decode_rles, encode_rle, mask_to_canvas
 from cachedet.data.views import AugmentConfig
-from cachedet.extract import extract, plan_views
-from cachedet.structures import ViewParams
+from cachedet.extraction.run import extract, plan_views
 
 
 def reference_canvas(params: ViewParams, mask: np.ndarray) -> np.ndarray:

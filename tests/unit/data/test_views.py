@@ -133,7 +133,7 @@ def test_view_boxes_map_back_to_the_image():
 
 
 def test_bad_options():
-    from cachedet.errors import CachedetError
+    from cachedet.core.errors import CachedetError
 
     with pytest.raises(CachedetError, match="augment.scale_range"):
         AugmentConfig(scale_range=(2.0, 0.5))

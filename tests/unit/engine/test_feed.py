@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
+from cachedet.core.errors import CachedetError
 from cachedet.engine.config import LoaderConfig
 from cachedet.engine.distributed import DistInfo
 from cachedet.engine.sources import CacheSource, FeedOptions
-from cachedet.errors import CachedetError
 
 
 def test_cpu_defaults_are_unchanged_and_cuda_defaults_use_workers():

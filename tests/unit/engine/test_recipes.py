@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import pytest
 import zarr
 
+from cachedet.core.errors import CachedetError
+from cachedet.core.recipes import RECIPES, schedule_advice, train_recipe, warmup_steps_for
+from cachedet.engine.config import resolve_recipe
 from cachedet.engine.train import TrainConfig, lr_factor
-from cachedet.errors import CachedetError
-from cachedet.recipes import RECIPES, schedule_advice, train_recipe, warmup_steps_for
 
 TINY = ("--epochs", 1, "--batch-size", 6, "--neck-channels", 16, "--quiet")
 
@@ -39,7 +40,9 @@ def test_warmup_is_five_percent_of_the_run_capped_at_1000_steps():
 def test_recipe_fills_in_only_what_is_not_given():
     short, paper = RECIPES["short"], RECIPES["paper"]
     cfg = TrainConfig.of(out="r", cache="c")
-    assert cfg.recipe == "short" and cfg.source.scale_range == short.scale_range
+    assert cfg.recipe == "auto" and cfg.source.scale_range is None  # resolved at the front door
+    cfg, notes = resolve_recipe(cfg)  # no store to read at "c": the default recipe
+    assert cfg.recipe == "short" and cfg.source.scale_range == short.scale_range and notes == []
     assert cfg.detector.options == {"box_convs": 0, "box_fcs": 2}
     cfg = TrainConfig.of(
         out="r", cache="c", recipe="paper", detector_options={"box_fcs": 2, "rois_per_image": 64}
@@ -137,7 +140,7 @@ def test_extract_and_train_heads_agree_on_the_recipe(cli, synthetic, tmp_path):
 
     r = cli("train-heads", "--cache", tmp_path / "paper.zarr", "--out", tmp_path / "run", *TINY)
     assert r.exit_code == 0, r.output
-    assert "for 1 epochs try --recipe short" in r.stdout  # the guidance line
+    assert "for 1 epochs try --recipe short" in r.output  # the guidance line
     with open(tmp_path / "run" / "config.json") as f:
         train = json.load(f)["train"]
     assert train["recipe"] == "paper" and train["warmup_steps"] is None
@@ -156,7 +159,7 @@ def test_extract_and_train_heads_agree_on_the_recipe(cli, synthetic, tmp_path):
         *TINY,
     )
     assert r.exit_code == 0, r.output
-    assert "extracted with --recipe paper" in r.stdout
+    assert "extracted with --recipe paper" in r.output
     with open(tmp_path / "run2" / "config.json") as f:
         train = json.load(f)["train"]
     assert train["recipe"] == "short" and train["detector_options"] == {

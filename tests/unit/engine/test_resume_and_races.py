@@ -13,14 +13,15 @@ import pytest
 import torch
 from conftest import small_config, train_config
 
-from cachedet.backbones import build_backbone
+import cachedet_cli.main  # noqa: F401  (imports every command, so each registers its options)
+from cachedet.backbones.backbone import build_backbone
 from cachedet.cache.store import FeatureStore, StoreReader
+from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.engine.config import PATH_OF
 from cachedet.engine.run import RunDir
 from cachedet.engine.train import TrainConfig, train
-from cachedet.errors import CachedetError
-from cachedet.extract import _header, extract, plan_views, prepare_store
+from cachedet.extraction.run import _header, extract, plan_views, prepare_store
 from cachedet_cli.common import with_flags
 
 LIGHT = {

@@ -8,17 +8,17 @@ import pytest
 import torch
 from conftest import TRAIN_LIGHT, small_config, train_config
 
-from cachedet.backbones import build_backbone
+from cachedet.backbones.backbone import build_backbone
 from cachedet.cache.dataset import CachedViews, InMemoryViews, choose_epoch_views
 from cachedet.cache.store import FeatureStore
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.images import read_image
 from cachedet.data.views import normalize, transform_image
 from cachedet.engine.train import train
-from cachedet.errors import CachedetError
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 from cachedet.models.detector import HEADS, DetectorConfig, build_detector
-from cachedet.structures import FeatureSpec
 
 LIGHT = TRAIN_LIGHT
 tiny_train = train_config
@@ -265,7 +265,7 @@ def test_an_incompatible_cache_is_refused_on_resume(store, synthetic, tmp_path):
     run = train(tiny_train(tmp_path / "run", store.out, epochs=1), progress=False)
     import dataclasses
 
-    from cachedet.backbones import BackboneConfig
+    from cachedet.backbones.backbone import BackboneConfig
 
     other = small_config(
         synthetic,

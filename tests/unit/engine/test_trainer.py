@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+from cachedet.core.errors import CachedetError
 from cachedet.engine.checkpoint import CHECKPOINT_FORMAT
 from cachedet.engine.distributed import DistInfo
 from cachedet.engine.run import RunRecord, load_run_checkpoint
 from cachedet.engine.step import train_step
 from cachedet.engine.trainer import Hook, LoopConfig, Trainer, TrainState
-from cachedet.errors import CachedetError
 
 
 class Toy(nn.Module):

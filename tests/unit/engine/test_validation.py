@@ -8,11 +8,11 @@ import torch
 from conftest import small_config, train_config
 from PIL import Image
 
+from cachedet.core.errors import CachedetError
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.run import load_run_checkpoint
 from cachedet.engine.train import train
-from cachedet.errors import CachedetError
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 
 
 @pytest.fixture(scope="module")

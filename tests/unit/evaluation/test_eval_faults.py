@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import reference_cocoeval
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.evaluation.ground_truth import scoring_ground_truth
 from cachedet.evaluation.scoring import COCO_STATS, coco_evaluate, lvis_evaluate, stratify_by_count

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cachedet.core.plots import plot_per_class_ap, plot_pr_curves
 from cachedet.evaluation.draw import PALETTE, class_color, draw_detections, mask_outlines
-from cachedet.plots import plot_per_class_ap, plot_pr_curves
 
 
 def test_colours_follow_the_class_index_and_labels_stay_inside(tmp_path):

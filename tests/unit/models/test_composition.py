@@ -5,12 +5,12 @@ import os
 import pytest
 import torch
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 from cachedet.models.build import HEADS, NECKS, check_head, head_config, head_supports_masks
 from cachedet.models.config import CascadeConfig, FasterRCNNConfig, MaskConfig, RetinaNetConfig
 from cachedet.models.detector import Detector, DetectorConfig, build_detector
 from cachedet.models.heads import BoxHead
-from cachedet.structures import FeatureSpec
 
 SPECS = (FeatureSpec("c3", 8, 8), FeatureSpec("c4", 8, 16), FeatureSpec("c5", 8, 32))
 OLD = os.path.join(os.path.dirname(__file__), "data", "old_detector_state_dicts.pt")

@@ -14,18 +14,18 @@ from torchvision.ops import roi_align
 from cachedet.cache.dataset import CachedViews, InMemoryViews
 from cachedet.cache.feature_crop import crop_batch
 from cachedet.cache.store import FeatureStore
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.masks import decode_segmentation, mask_to_canvas, rle_json
 from cachedet.data.online import OnlineViews
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.engine.train import TrainConfig, train
-from cachedet.errors import CachedetError
 from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.evaluation.predictor import Predictor
 from cachedet.evaluation.scoring import coco_evaluate, lvis_evaluate
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 from cachedet.models.detector import DetectorConfig, build_detector
-from cachedet.structures import FeatureSpec
 
 LIGHT = {
     "box_convs": 0,

@@ -2,11 +2,11 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+from cachedet.core.structures import FeatureSpec
+from cachedet.models.build import build_neck
 from cachedet.models.cascade import CascadeRoIHeads
 from cachedet.models.detector import HEADS, DetectorConfig, build_detector
 from cachedet.models.nasfpn import NASFPN_CELLS
-from cachedet.models.necks import build_neck
-from cachedet.structures import FeatureSpec
 
 SPECS = (FeatureSpec("c3", 48, 8), FeatureSpec("c4", 192, 16), FeatureSpec("c5", 96, 32))
 
@@ -157,7 +157,7 @@ def test_every_head_trains_and_predicts_on_nasfpn(head):
 
 
 def test_bad_detector_settings_are_clear_errors():
-    from cachedet.errors import CachedetError
+    from cachedet.core.errors import CachedetError
 
     with pytest.raises(CachedetError, match="detector.neck bifpn"):
         build_detector(DetectorConfig(num_classes=2, canvas=64, in_specs=SPECS, neck="bifpn"))

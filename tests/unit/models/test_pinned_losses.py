@@ -9,7 +9,7 @@ import pytest
 from conftest import small_config, train_config
 
 from cachedet.engine.train import train
-from cachedet.extract import extract
+from cachedet.extraction.run import extract
 
 LIGHT_MASKS = {"mask_convs": 1, "mask_channels": 16}
 LOGGED = ("loss", "loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")

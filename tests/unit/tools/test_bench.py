@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cachedet.bench import OUR_REGIMES, BenchConfig, decode_speeds, run_benchmark
+from cachedet.tools.bench import OUR_REGIMES, BenchConfig, decode_speeds, run_benchmark
 
 REQUIRED = {
     "backbone",
@@ -71,7 +71,7 @@ def test_codec_table_covers_every_dtype_and_codec(small_run):
 
 
 def test_adapter_regimes_cost_between_cached_and_online(tmp_path):
-    from cachedet.bench import ADAPTER_REGIMES
+    from cachedet.tools.bench import ADAPTER_REGIMES
 
     cfg = BenchConfig(
         backbone="test_resnet",

@@ -11,8 +11,8 @@ import torch
 
 import cachedet
 from cachedet.api import to_pixels
-from cachedet.errors import CachedetError
-from cachedet.exporter import export_run, image_boxes, prepare_image, read_metadata
+from cachedet.core.errors import CachedetError
+from cachedet.tools.export import export_run, image_boxes, prepare_image, read_metadata
 
 ort = pytest.importorskip("onnxruntime")
 THRESHOLD = 0.001  # untrained heads score low; keep enough detections to compare

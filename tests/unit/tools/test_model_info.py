@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cachedet.model_info import ALL_STAGES, model_info, paper_reference
+from cachedet.tools.model_info import ALL_STAGES, model_info, paper_reference
 
 
 def _both(head: str, stages):

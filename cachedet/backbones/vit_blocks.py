@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cachedet.errors import CachedetError
-from cachedet.structures import FeatureSpec
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 
 BOTTLENECK, SCALE = 64, 0.1
 

@@ -13,14 +13,14 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from cachedet.backbones import BackboneConfig
+from cachedet.backbones.backbone import BackboneConfig
 from cachedet.cache.store import FeatureStore
+from cachedet.core.errors import CachedetError
 from cachedet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import TrainConfig, train
-from cachedet.errors import CachedetError
 from cachedet.evaluation.evaluate import evaluate_run
-from cachedet.extract import ExtractConfig, extract
+from cachedet.extraction.run import ExtractConfig, extract
 from cachedet.models.build import NECKS, head_supports_masks
 
 # measured on the 2-core, no-GPU development machine (README "Quick start"): the full demo's figures

@@ -85,11 +85,11 @@ def machine_info() -> dict:
 
 def prepare(cfg: BenchConfig, hybrid: bool = False) -> dict:
     """Generate images, extract a plain (no-jitter) cache of them; return paths and stage measurements."""
-    from cachedet.backbones import BackboneConfig
+    from cachedet.backbones.backbone import BackboneConfig
     from cachedet.cache.store import FeatureStore
     from cachedet.data.synthetic import SyntheticSpec, make_synthetic_dataset
     from cachedet.data.views import AugmentConfig
-    from cachedet.extract import ExtractConfig, extract
+    from cachedet.extraction.run import ExtractConfig, extract
 
     data = make_synthetic_dataset(
         os.path.join(cfg.workdir, "data"),
@@ -129,7 +129,7 @@ def prepare(cfg: BenchConfig, hybrid: bool = False) -> dict:
     if hybrid:  # the same views, cached up to the stage before the last (for adapters_hybrid)
         from dataclasses import replace
 
-        from cachedet.backbones import build_backbone
+        from cachedet.backbones.backbone import build_backbone
 
         last = max(build_backbone(ecfg.backbone, warn=False).identity["out_indices"])
         prepared["hybrid_store"] = os.path.join(cfg.workdir, "hybrid.zarr")
@@ -244,7 +244,7 @@ def _torchvision_model(cfg: BenchConfig, regime: str):
 
 def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
     """Time ``cfg.steps`` training steps after ``cfg.warmup``; count one step's FLOPs; peak memory."""
-    from cachedet.backbones import BackboneConfig, build_backbone
+    from cachedet.backbones.backbone import BackboneConfig, build_backbone
     from cachedet.cache.store import FeatureStore
     from cachedet.engine.distributed import DistInfo
     from cachedet.engine.sources import CacheSource
@@ -372,8 +372,8 @@ def process_peak_rss() -> int:
 
 def backbone_forward_views_per_s(cfg: BenchConfig, reps: int = 3) -> tuple[float, int]:
     """Backbone-only forward throughput on a batch, and its FLOPs per view."""
-    from cachedet.backbones import BackboneConfig, build_backbone
-    from cachedet.shards import compute_features
+    from cachedet.backbones.backbone import BackboneConfig, build_backbone
+    from cachedet.extraction.shards import compute_features
 
     bb = build_backbone(BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False).to(
         cfg.device
@@ -447,8 +447,8 @@ def import_baseline_bytes() -> int:
     """Peak RSS of a fresh process that only imports what every regime imports (torch, torchvision,
     timm, zarr, cachedet): the floor under every CPU regime's peak memory."""
     code = (
-        "import torch, torchvision, timm, zarr, cachedet.bench, cachedet.engine.train; "
-        "from cachedet.bench import process_peak_rss; print(process_peak_rss())"
+        "import torch, torchvision, timm, zarr, cachedet.tools.bench, cachedet.engine.train; "
+        "from cachedet.tools.bench import process_peak_rss; print(process_peak_rss())"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(proc.stdout.strip().splitlines()[-1])
@@ -463,7 +463,10 @@ def _run_regime_in_fresh_process(cfg: BenchConfig, regime: str, prepared: dict) 
         }
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "cachedet.bench"], input=payload, capture_output=True, text=True
+        [sys.executable, "-m", "cachedet.tools.bench"],
+        input=payload,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"regime {regime} failed:\n{proc.stderr[-2000:]}")
@@ -474,7 +477,7 @@ def run_benchmark(
     cfg: BenchConfig, regimes=None, fresh_process: bool | None = None, log=print
 ) -> dict:
     """Prepare the data and cache, then measure every regime; returns records + stage measurements."""
-    from cachedet.backbones import BackboneConfig, build_backbone
+    from cachedet.backbones.backbone import BackboneConfig, build_backbone
     from cachedet.models.necks import resolve_neck
 
     workdir = cfg.workdir or tempfile.mkdtemp(prefix="cachedet-bench-")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
 
 class ParallelAdapter(nn.Module):

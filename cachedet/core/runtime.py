@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from cachedet.errors import CachedetError
+from cachedet.core.errors import CachedetError
 
 
 def resolve_device(device: str) -> torch.device:

@@ -2,7 +2,7 @@
 
 Planning needs only the annotation file (image sizes, boxes, masks), so every view's boxes,
 Copy-Paste and metadata are decided and written once, up front, by the driver. Shards are the
-unit of work (``cachedet.shards``): each shard task decodes its images, runs the backbone,
+unit of work (``cachedet.extraction.shards``): each shard task decodes its images, runs the backbone,
 rasterises its views' instance masks (when the annotations have segmentation) and writes its
 features and masks and then its completion record. A rerun skips complete shards.
 """
@@ -10,28 +10,28 @@ features and masks and then its completion record. A rerun skips complete shards
 from __future__ import annotations
 
 import os
-import sys
 import time
-import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
 from cachedet import __version__
-from cachedet.backbones import Backbone, BackboneConfig, build_backbone
+from cachedet.backbones.backbone import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
 from cachedet.cache.header import Hybrid, MaskInfo, Storage, StoreHeader
 from cachedet.cache.layout import create_store, interrupted_creation, remove_store, store_exists
 from cachedet.cache.store import StoreReader, StoreWriter, shard_range
+from cachedet.core.errors import CachedetError
+from cachedet.core.paths import resolve_path
+from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe
+from cachedet.core.runtime import resolve_device
+from cachedet.core.structures import ViewParams
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import MaskSource, mask_source
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
-from cachedet.errors import CachedetError
-from cachedet.paths import resolve_path
-from cachedet.runtime import resolve_device
-from cachedet.shards import (
+from cachedet.extraction.shards import (
     ShardRunner,
     ShardTask,
     compute_features,
@@ -39,7 +39,6 @@ from cachedet.shards import (
     run_shards_in_process,
     run_shards_on_dask,
 )
-from cachedet.structures import ViewParams
 
 
 @dataclass(frozen=True)
@@ -65,15 +64,16 @@ class ExtractConfig:
         None  # hybrid cache: store up to this backbone stage (adapters train after it)
     )
     masks: bool = True  # store instance masks when the annotations carry segmentation
-    recipe: str | None = (
-        None  # cachedet.recipes name the settings came from, recorded in the header
-    )
+    recipe: str | None = DEFAULT_RECIPE  # cachedet.core.recipes; recorded in the header
 
-    def __post_init__(
-        self,
-    ):  # paths resolved once (cachedet.paths), as every later reader sees them
+    def __post_init__(self):
+        # paths resolved once (cachedet.core.paths), as every later reader sees them
         for name in ("annotations", "images", "out"):
             object.__setattr__(self, name, resolve_path(getattr(self, name)))
+        # the recipe fills in the jitter the user did not give, as train-heads' recipe does
+        if self.recipe is not None and not self.augment.range_given:
+            jitter = tuple(get_recipe(self.recipe).scale_range)
+            object.__setattr__(self, "augment", replace(self.augment, scale_range=jitter))
 
     def validate(self):
         if self.views < 1:
@@ -346,7 +346,7 @@ def shard_tasks(
 
 def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     """Run stage 1 (see module docstring). Resumes into an existing compatible store."""
-    from cachedet.progress import ViewProgress
+    from cachedet.core.progress import ViewProgress
 
     t0 = time.perf_counter()
     cfg.validate()
@@ -395,7 +395,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
 
 def repair_store(url: str, progress: bool = True) -> list[dict]:
     """Verify every complete shard; unmark the damaged ones so this run recomputes them."""
-    from cachedet.progress import ViewProgress
+    from cachedet.core.progress import ViewProgress
 
     reader = StoreReader(url)
     with ViewProgress("verify", reader.num_shards, unit="shards", enabled=progress) as bar:
@@ -455,14 +455,3 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
         views_per_second=vps,
         estimated_seconds=views / vps,
     )
-
-
-class _CallableModule(types.ModuleType):
-    """``cachedet.extract(cfg)`` runs ``extract(cfg)``: the package's API name is this module's name, and
-    Python binds a package attribute to its submodule on import, so the module itself is made callable."""
-
-    def __call__(self, cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
-        return extract(cfg, progress)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -21,8 +21,8 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from cachedet.errors import CachedetError
-from cachedet.structures import FeatureSpec
+from cachedet.core.errors import CachedetError
+from cachedet.core.structures import FeatureSpec
 
 VIT_MODULES = ("timm.models.vision_transformer", "timm.models.eva", "timm.models.deit")
 DEFAULT_TAPS = (-1,)  # the last block

@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cachedet.backbones import Backbone, BackboneConfig, build_backbone
+from cachedet.backbones.backbone import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
 from cachedet.cache.store import CHECKSUM, StoreWriter
+from cachedet.core.errors import CachedetError
+from cachedet.core.runtime import resolve_device
+from cachedet.core.structures import ViewParams
 from cachedet.data.copy_paste import PastePlan
 from cachedet.data.images import ViewDataset
 from cachedet.data.masks import MaskSource
-from cachedet.errors import CachedetError
-from cachedet.runtime import resolve_device
-from cachedet.structures import ViewParams
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from cachedet.backbones import BackboneConfig, build_backbone
+from cachedet.backbones.backbone import BackboneConfig, build_backbone
+from cachedet.core.errors import CachedetError
 from cachedet.engine.step import TrainModel, train_step
-from cachedet.errors import CachedetError
 from cachedet.models.build import head_supports_masks
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
