@@ -43,8 +43,20 @@ def shard_blocks(views: np.ndarray, shard_views: int) -> list[np.ndarray]:
 
 
 def rank_blocks(blocks: list[np.ndarray], rank: int, world: int) -> list[np.ndarray]:
-    """The disjoint share of shard blocks read by one distributed rank."""
-    return blocks[rank::world]
+    """The disjoint share of shard blocks read by one distributed rank.
+
+    With at least ``world`` blocks, every ``world``-th block; with fewer (a small store in few
+    shards), the views are cut into ``world`` contiguous parts of near-equal size (each split at
+    shard boundaries), so that every rank gets work as long as there are ``world`` views."""
+    if len(blocks) >= world or not blocks:
+        return blocks[rank::world]
+    views = np.concatenate(blocks)
+    part = np.array_split(views, world)[rank]
+    if not len(part):
+        return []
+    shard_of = {int(v): i for i, b in enumerate(blocks) for v in b[:1]}  # first view -> block
+    starts = [i for i, v in enumerate(part.tolist()) if i == 0 or v in shard_of]
+    return [p for p in np.split(part, starts[1:]) if len(p)]
 
 
 class _EpochViews:
@@ -77,6 +89,22 @@ class _EpochViews:
                 f"{url}: no complete shard to train from (run cachedet extract to finish it)"
             )
         self._opened = store
+        if world > 1:
+            self.check_layout(url)
+
+    def check_layout(self, url: str) -> None:
+        """Refuse up front a distributed layout that leaves a rank without views (it would wait
+        for the others forever)."""
+        chosen = choose_epoch_views(
+            self._image_ids, self._usable, self.views_per_epoch, self.seed, 0
+        )
+        if len(chosen) < self.world:
+            blocks = len(shard_blocks(chosen, self._shard_views))
+            raise CachedetError(
+                f"source.cache {url}: {len(chosen)} views per epoch in {blocks} shard block(s) "
+                f"cannot give each of {self.world} ranks a view; train on at most {len(chosen)} "
+                "ranks, or raise loader.views_per_epoch"
+            )
 
     _shared_epoch = None
 

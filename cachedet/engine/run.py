@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 
 from cachedet import __version__
-from cachedet.cache.header import check_fingerprint
+from cachedet.cache.header import check_fingerprint, differences
 from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from cachedet.errors import CachedetError
 from cachedet.paths import resolve_path
@@ -36,8 +36,15 @@ RECORD_KEYS = (
     "augment",
     "categories",
     "adapters",
+    "data",
     "cachedet_version",
 )
+
+
+def _plain(value):
+    return json.loads(
+        json.dumps(value)
+    )  # tuples as lists, as config.json and checkpoints keep them
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,9 @@ class RunRecord:
     features and classes the heads fit (``cachedet.engine.sources.fingerprint``); backbone: the
     backbone's identity (timm name, out_indices, weights and their sha256, mean/std); augment: the
     views' augmentation settings; categories: [{id, name}] in label order; adapters: backbone
-    stages with trained adapters (None: no adapters).
+    stages with trained adapters (None: no adapters); data: the identity of the exact data it
+    trained on (``StoreHeader.data_identity`` of a cache, the annotation file of an online run;
+    None in runs recorded before it), compared on resume (``check_same_data``).
     """
 
     train: dict
@@ -58,6 +67,7 @@ class RunRecord:
     augment: dict
     categories: list
     adapters: list | None = None
+    data: dict | None = None
     cachedet_version: str = __version__
 
     def to_dict(self) -> dict:
@@ -73,6 +83,20 @@ class RunRecord:
         check_fingerprint(
             found, self.fingerprint, f"{where} does not fit this run", found_label=found_label
         )
+
+    def check_same_data(self, data: dict | None, where: str, run: str) -> None:
+        """Raise CachedetError listing each difference (``checkpoint has OLD, asked for NEW``) when
+        ``data`` (the identity of the data given now) is not what this run trained on. Runs recorded
+        before data identities (``self.data`` None) are not checked."""
+        if self.data is None or data is None:
+            return
+        diff = differences(_plain(self.data), _plain(data), found_label="checkpoint")
+        if diff:
+            raise CachedetError(
+                f"TrainConfig.resume: {where} holds other data than run {run} was trained on "
+                f"({'; '.join(diff)}); resume with the data it was trained on, or start another "
+                "TrainConfig.out"
+            )
 
 
 def _upgrade(ckpt: dict) -> dict:

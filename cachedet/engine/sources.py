@@ -1,7 +1,8 @@
 """Where a training step's features come from: a cache, RAM, or the backbone run online.
 
 Every source gives the same things: feature specs, canvas size, categories, a fingerprint
-(``cache.header.Fingerprint.to_dict()``) that a checkpoint must match, whether targets carry instance masks, the number of steps in an epoch, and batches
+(``cache.header.Fingerprint.to_dict()``) that a checkpoint must match, the identity of its data
+(``data``, compared on resume), whether targets carry instance masks, the number of steps in an epoch, and batches
 dict(inputs, targets, views), where inputs are features {level: (B, C, H, W)} (cache, RAM) or
 normalised images (B, 3, S, S) (online; ``backbone`` turns them into features).
 """
@@ -160,6 +161,7 @@ class CacheSource(_AdapterMixin):
             self.specs, self.backbone_identity, self.canvas, header.categories
         ).to_dict()
         self.augment = header.augment
+        self.data = header.data_identity()  # recorded by the run, compared on resume
         if feature_crop_min is not None:
             if self.hybrid_stage is not None:
                 raise CachedetError(
@@ -229,10 +231,19 @@ class OnlineSource(_AdapterMixin):
         ).to_dict()
         self.backbone_identity = self.backbone.identity
         self.augment = augment.to_dict()
+        self.data = {  # recorded by the run, compared on resume (the views are in its settings)
+            "annotations_sha256": self.dataset_info.sha256,
+            "images": len(self.dataset_info.images),
+        }
         self.views = OnlineViews(
             self.dataset_info, augment, self.backbone.mean, self.backbone.std, self.masks
         )
         self.batch_size, self.workers, self.seed, self.dist = batch_size, workers, seed, dist
+        if dist.world > len(self.views):  # a rank without views would wait for the others forever
+            raise CachedetError(
+                f"source.annotations {annotations}: {len(self.views)} views per epoch cannot give "
+                f"each of {dist.world} ranks a view; train on at most {len(self.views)} ranks"
+            )
 
     def steps(self, epoch: int) -> int:
         n = len(self.views)

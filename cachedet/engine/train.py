@@ -18,9 +18,10 @@ import torch
 
 from cachedet.atomic import write_json_atomic
 from cachedet.backbones import BackboneConfig, build_backbone, config_from_identity
+from cachedet.cache.header import check_fingerprint
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.config import TrainConfig
-from cachedet.engine.distributed import DistInfo, init_distributed, shutdown
+from cachedet.engine.distributed import DistInfo, all_ranks_ready, init_distributed, shutdown
 from cachedet.engine.hooks import CheckpointHook, MetricsHook
 from cachedet.engine.monitor import CurvesHook, TensorBoardHook
 from cachedet.engine.resume import continue_schedule, resume_changes
@@ -157,8 +158,6 @@ def train(cfg: TrainConfig, progress: bool = True, origin: dict | None = None) -
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     run = RunDir(cfg.out)
-    if info.is_main:
-        run.lock()
     try:
         return _train_locked(cfg, run, device, info, progress, origin)
     finally:
@@ -173,111 +172,118 @@ def _train_locked(
     progress: bool,
     origin: dict | None,
 ) -> TrainResult:
-    if not cfg.resume and os.path.exists(run.checkpoint):
-        raise CachedetError(
-            f"TrainConfig.out {cfg.out}: holds a run already (set TrainConfig.resume to continue it, "
-            "or choose another TrainConfig.out)"
-        )
-    ckpt = load_run_checkpoint(run.checkpoint) if cfg.resume else None
-    changes = resume_changes(ckpt["run"]["train"], cfg) if ckpt is not None else {}
-
-    source = make_source(cfg, info, device)
-    det_cfg = DetectorConfig(
-        num_classes=len(source.categories),
-        canvas=source.canvas,
-        in_specs=tuple(source.specs),
-        neck=resolve_neck(cfg.detector.neck, source.specs),
-        head=cfg.detector.head,
-        neck_channels=cfg.detector.neck_channels,
-        options=dict(cfg.detector.options),
-        masks=source.masks,
-    )
-    if ckpt is not None:
-        _check_resumable(cfg, run, ckpt, det_cfg, source)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        detector = build_detector(det_cfg)
-    model = TrainModel(detector, source.backbone, source.hybrid_stage).to(device)
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    steps_per_epoch = source.steps(0)
-    if cfg.loader.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.loader.max_steps_per_epoch)
-    factor = lr_factor(cfg, steps_per_epoch * cfg.optim.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    state = TrainState()
-    if ckpt is not None:
-        state = _restore(ckpt, model, optimizer, scheduler)
-        continue_schedule(
-            optimizer, scheduler, cfg.learning_rate, cfg.optim.weight_decay, factor, state.step
-        )
+    with all_ranks_ready(info):  # a rank that cannot start stops every rank, with its message
         if info.is_main:
-            run.truncate_metrics(state.step)
-    record = RunRecord(
-        train=cfg.to_dict(),
-        detector=det_cfg.to_dict(),
-        fingerprint=source.fingerprint,
-        backbone=source.backbone_identity,
-        augment=source.augment,
-        categories=source.categories,
-        adapters=list(model.backbone.adapter_stages) if model.backbone is not None else None,
-    )
-    hooks = []
-    if info.is_main:
-        validation = _validation(
-            cfg, source, det_cfg, model, device
-        )  # before any training: fail early
-        history = run.resume_history(state.step, state.epoch, changes, ckpt is not None)
-        write_json_atomic(
-            run.config,
-            {**record.to_dict(), **run.origin(origin, ckpt is not None), "resumes": history},
-            indent=2,
-        )
-        metrics = MetricsHook(
-            run.metrics,
-            steps_per_epoch * (cfg.optim.epochs - state.epoch),
-            cfg.optim.epochs,
-            progress,
-        )
-        checkpoint = CheckpointHook(run.checkpoint, record)
-        hooks = [metrics]
-        if validation is not None:
-            hooks.append(
-                EvalHook(
-                    *validation,
-                    cfg.val.period,
-                    cfg.val.best_metric,
-                    run.best,
-                    record,
-                    metrics,
-                    checkpoint,
-                )
+            run.lock()
+        if not cfg.resume and os.path.exists(run.checkpoint):
+            raise CachedetError(
+                f"TrainConfig.out {cfg.out}: holds a run already (set TrainConfig.resume to continue it, "
+                "or choose another TrainConfig.out)"
             )
-        hooks += [checkpoint, TensorBoardHook(run.tensorboard), CurvesHook(run.metrics, run.curves)]
-    ddp = model
-    if info.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
+        ckpt = load_run_checkpoint(run.checkpoint) if cfg.resume else None
+        changes = resume_changes(ckpt["run"]["train"], cfg) if ckpt is not None else {}
+
+        source = make_source(cfg, info, device)
+        det_cfg = DetectorConfig(
+            num_classes=len(source.categories),
+            canvas=source.canvas,
+            in_specs=tuple(source.specs),
+            neck=resolve_neck(cfg.detector.neck, source.specs),
+            head=cfg.detector.head,
+            neck_channels=cfg.detector.neck_channels,
+            options=dict(cfg.detector.options),
+            masks=source.masks,
+        )
+        if ckpt is not None:
+            _check_resumable(cfg, run, ckpt, det_cfg, source)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            detector = build_detector(det_cfg)
+        model = TrainModel(detector, source.backbone, source.hybrid_stage).to(device)
+        optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        steps_per_epoch = source.steps(0)
+        if cfg.loader.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.loader.max_steps_per_epoch)
+        factor = lr_factor(cfg, steps_per_epoch * cfg.optim.epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        state = TrainState()
+        if ckpt is not None:
+            state = _restore(ckpt, model, optimizer, scheduler)
+            continue_schedule(
+                optimizer, scheduler, cfg.learning_rate, cfg.optim.weight_decay, factor, state.step
+            )
+            if info.is_main:
+                run.truncate_metrics(state.step)
+        record = RunRecord(
+            train=cfg.to_dict(),
+            detector=det_cfg.to_dict(),
+            fingerprint=source.fingerprint,
+            backbone=source.backbone_identity,
+            augment=source.augment,
+            categories=source.categories,
+            adapters=list(model.backbone.adapter_stages) if model.backbone is not None else None,
+            data=source.data,
+        )
+        hooks = []
+        if info.is_main:
+            validation = _validation(
+                cfg, source, det_cfg, model, device
+            )  # before any training: fail early
+            history = run.resume_history(state.step, state.epoch, changes, ckpt is not None)
+            write_json_atomic(
+                run.config,
+                {**record.to_dict(), **run.origin(origin, ckpt is not None), "resumes": history},
+                indent=2,
+            )
+            metrics = MetricsHook(
+                run.metrics,
+                steps_per_epoch * (cfg.optim.epochs - state.epoch),
+                cfg.optim.epochs,
+                progress,
+            )
+            checkpoint = CheckpointHook(run.checkpoint, record)
+            hooks = [metrics]
+            if validation is not None:
+                hooks.append(
+                    EvalHook(
+                        *validation,
+                        cfg.val.period,
+                        cfg.val.best_metric,
+                        run.best,
+                        record,
+                        metrics,
+                        checkpoint,
+                    )
+                )
+            hooks += [
+                checkpoint,
+                TensorBoardHook(run.tensorboard),
+                CurvesHook(run.metrics, run.curves),
+            ]
+        loop = LoopConfig(
+            epochs=cfg.optim.epochs,
+            steps_per_epoch=steps_per_epoch,
+            seed=cfg.seed,
+            clip_grad=cfg.optim.clip_grad,
+            amp=cfg.optim.amp,
+            log_every=cfg.loader.resolved(device).log_every,
+        )
+        trainer = Trainer(
+            model,
+            optimizer,
+            scheduler,
+            source,
+            loop,
+            device,
+            info,
+            hooks,
+            state=state,
+        )
+    if info.world > 1:  # after the ranks agree: DDP's first broadcast is a collective
+        trainer.forward_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    loop = LoopConfig(
-        epochs=cfg.optim.epochs,
-        steps_per_epoch=steps_per_epoch,
-        seed=cfg.seed,
-        clip_grad=cfg.optim.clip_grad,
-        amp=cfg.optim.amp,
-        log_every=cfg.loader.resolved(device).log_every,
-    )
-    trainer = Trainer(
-        model,
-        optimizer,
-        scheduler,
-        source,
-        loop,
-        device,
-        info,
-        hooks,
-        forward_model=ddp,
-        state=state,
-    )
+
     t_start = time.perf_counter()
     state = trainer.run()
     seconds = time.perf_counter() - t_start
@@ -338,9 +344,15 @@ def _check_resumable(
             "a mask branch; resume it with the same detector.masks setting"
         )
     where = f"source.cache {cfg.source.cache}" if cfg.source.cache else "the online backbone"
-    saved.check_fits(
-        source.fingerprint, f"{where} (checkpoint {run.checkpoint})", found_label="checkpoint"
+    # the checkpoint's side first: "checkpoint has OLD, asked for NEW"
+    check_fingerprint(
+        saved.fingerprint,
+        source.fingerprint,
+        f"TrainConfig.resume: {where} does not fit this run (checkpoint {run.checkpoint})",
+        found_label="checkpoint",
     )
+    data_where = where if cfg.source.cache else f"source.annotations {cfg.source.annotations}"
+    saved.check_same_data(source.data, data_where, cfg.out)
 
 
 def _restore(ckpt: dict, model: TrainModel, optimizer, scheduler) -> TrainState:

@@ -1,0 +1,153 @@
+"""Runs as careful as stores: resume knows its data, distributed layouts that cannot hang."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+from conftest import small_config, train_config
+
+from cachedet.cache.dataset import CachedViews, rank_blocks, shard_blocks
+from cachedet.data.views import AugmentConfig
+from cachedet.engine.train import train
+from cachedet.errors import CachedetError
+from cachedet.extract import extract
+
+
+def tiny_extract(synthetic, out: str, **kw) -> str:
+    """A test_resnet store at 64 px (``kw`` overrides ``small_config``'s settings); its path."""
+    cfg = small_config(synthetic, out, augment=AugmentConfig(size=64, seed=1), **kw)
+    extract(cfg, progress=False)
+    return cfg.out
+
+
+@pytest.fixture(scope="module")
+def one_view_run(tiny_store, tmp_path_factory):
+    """A 1-epoch run on tiny_store (12 images x 1 view, 64 px)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(train_config(out, tiny_store.url, epochs=1), progress=False)
+    return str(out)
+
+
+def test_resume_on_a_reextracted_store_is_refused_listing_old_and_new(
+    one_view_run, synthetic, tmp_path
+):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(one_view_run, run)
+    other = tiny_extract(synthetic, str(tmp_path / "two_views.zarr"), views=2, shard_views=4)
+    with pytest.raises(CachedetError) as err:
+        train(train_config(run, other, epochs=2, resume=True), progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "holds other data than run" in msg
+    # the checkpoint's value first, then the one given now
+    assert "views_per_image: checkpoint has 1, asked for 2" in msg
+    assert "views: checkpoint has 12, asked for 24" in msg
+
+
+def test_resume_names_the_checkpoints_side_first(one_view_run, synthetic, tmp_path):
+    import shutil
+
+    from cachedet.backbones import BackboneConfig
+
+    run = str(tmp_path / "run")
+    shutil.copytree(one_view_run, run)
+    other = tiny_extract(
+        synthetic,
+        str(tmp_path / "effnet.zarr"),
+        views=1,
+        backbone=BackboneConfig("test_efficientnet", None, "random"),
+    )
+    with pytest.raises(CachedetError) as err:
+        train(train_config(run, other, epochs=2, resume=True), progress=False)
+    assert "backbone.name: checkpoint has 'test_resnet', asked for 'test_efficientnet'" in str(
+        err.value
+    )
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_fewer_shard_blocks_than_ranks_still_give_every_rank_views(world):
+    views = np.arange(6)
+    blocks = shard_blocks(views, 64)  # one shard: one block
+    shares = [rank_blocks(blocks, r, world) for r in range(world)]
+    flat = [np.concatenate(s) if s else np.zeros(0, int) for s in shares]
+    assert all(len(f) for f in flat)  # every rank has work
+    assert sorted(np.concatenate(flat).tolist()) == views.tolist()  # disjoint, complete
+    # shares never span shards
+    blocks = shard_blocks(np.arange(10), 4)  # 3 blocks: 4, 4, 2
+    for r in range(5):
+        for b in rank_blocks(blocks, r, 5):
+            assert len(set((b // 4).tolist())) == 1
+
+
+def test_enough_blocks_keep_the_round_robin_share():
+    blocks = shard_blocks(np.arange(12), 4)
+    assert [b.tolist() for b in rank_blocks(blocks, 1, 2)] == [[4, 5, 6, 7]]
+
+
+def test_more_ranks_than_views_is_refused_up_front(tiny_store):
+    with pytest.raises(CachedetError, match=r"12 views per epoch in 3 shard block\(s\).*13 ranks"):
+        CachedViews(tiny_store.url, rank=0, world=13)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, port: int, out: str, cache: str, results, **kw) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        r = train(
+            train_config(out, cache, epochs=1, batch_size=2, device="cpu", **kw), progress=False
+        )
+        results.put((rank, r.steps))
+    except CachedetError as e:
+        results.put((rank, str(e)))
+
+
+def _spawn_two(out: str, cache: str, **kw) -> dict:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_rank, args=(r, port, out, cache, results), kwargs=kw) for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU, spawned ranks")
+def test_two_gloo_ranks_train_on_a_store_of_one_shard_block(synthetic, tmp_path):
+    store = tiny_extract(synthetic, str(tmp_path / "one_shard.zarr"), views=1, shard_views=64)
+    got = _spawn_two(str(tmp_path / "ddp"), store)
+    assert got == {0: 3, 1: 3}  # 12 views: 6 per rank, batches of 2
+    # a rank that cannot start (only rank 0 loads the validation set) stops both, each with a
+    # message (rank 1 names rank 0's) instead of rank 1 waiting for it forever
+    missing = str(tmp_path / "no_val.json")
+    got = _spawn_two(
+        str(tmp_path / "ddp2"), store, val_annotations=missing, val_images=synthetic["images"]
+    )
+    assert "no_val.json" in got[0] and got[1].startswith("rank 0 of 2 stopped: ")
