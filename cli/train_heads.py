@@ -96,7 +96,8 @@ def replayed_config(cfg, ctx: typer.Context, path: str):
     path = resolve_path(path)
     try:
         with open(path) as f:
-            saved = TrainConfig.from_dict({**json.load(f)["train"], "out": cfg.out})
+            saved = json.load(f)["train"]
+        saved = TrainConfig.from_dict({**saved, "out": cfg.out}, where=f"--config {path}")
     except FileNotFoundError:
         raise CachedetError(f"--config {path}: no such file") from None
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -323,14 +323,32 @@ class TrainConfig:
         return self.flat()
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """The inverse of ``to_dict``; also reads the flat dict of cachedet 0.1's config.json."""
-        flat = {}
+    def from_dict(cls, d: dict, where: str = "TrainConfig") -> "TrainConfig":
+        """The inverse of ``to_dict``; also reads the flat dict of cachedet 0.1's config.json and
+        the nested ``asdict`` layout.
+
+        Raises CachedetError (prefixed ``where``) for settings this version does not know: a
+        config written by a newer cachedet is refused rather than run without them."""
+        from cachedet import __version__
+
+        flat, unknown = {}, []
         for key, value in d.items():
             if key in SECTIONS and isinstance(value, dict):
-                flat.update({FLAT_NAME.get((key, name), name): v for name, v in value.items()})
+                names = {FLAT_NAME.get((key, name), name): v for name, v in value.items()}
+                unknown += [
+                    f"{key}.{n}" for n in value if FLAT_NAME.get((key, n), n) not in PATH_OF
+                ]
+                flat.update({k: v for k, v in names.items() if k in PATH_OF})
             elif key in PATH_OF:
                 flat[key] = value
+            else:
+                unknown.append(str(key))
+        if unknown:
+            raise CachedetError(
+                f"{where}: settings this cachedet ({__version__}) does not know: "
+                f"{', '.join(sorted(unknown))} (written by a newer cachedet?); run it with the "
+                "version that wrote it, or remove those settings"
+            )
         flat = {
             "recipe": None,
             **{k: v for k, v in flat.items() if k in PATH_OF},
@@ -346,7 +364,8 @@ class TrainConfig:
         path = os.path.join(resolve_path(out), "config.json")
         try:
             with open(path) as f:
-                return cls.from_dict(json.load(f)["train"])
+                saved = json.load(f)["train"]
+            return cls.from_dict(saved, where=path)
         except FileNotFoundError:
             raise CachedetError(
                 f"TrainConfig.out {out}: no run to resume here (no config.json)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from cachedet.atomic import write_error
 from cachedet.engine.run import RunRecord, save_run_checkpoint
 from cachedet.engine.trainer import Hook, Trainer
 
@@ -24,15 +25,22 @@ class MetricsHook(Hook):
         from cachedet.progress import ViewProgress
 
         self._step = trainer.state.step
-        self._file = open(self.path, "a")
+        try:
+            self._file = open(self.path, "a")
+        except OSError as e:
+            raise write_error(e, self.path) from None
         self._bar = ViewProgress(
             "train-heads", self.steps, unit="steps", enabled=self.progress
         ).__enter__()
 
     def write(self, record: dict) -> None:
         """One line of metrics.jsonl (other hooks log validation results through this too)."""
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = json.dumps(record) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as e:
+            raise write_error(e, self.path, len(line)) from None
 
     def log(self, text: str) -> None:
         """A console line, printed above the progress bar when there is one."""

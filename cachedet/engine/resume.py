@@ -64,7 +64,7 @@ def resume_changes(saved: dict, cfg) -> dict[str, list]:
     TrainConfig given now; keys of the result are flat setting names. Raises CachedetError listing
     every other setting that differs, by field path.
     """
-    saved = type(cfg).from_dict({**saved, "out": cfg.out}).flat()
+    saved = type(cfg).from_dict({**saved, "out": cfg.out}, where="TrainConfig.resume").flat()
     fixed, changed = [], {}
     for key, value in cfg.flat().items():
         if key in LOCATIONS:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 from cachedet import __version__
+from cachedet.atomic import remove_stale_temps, write_bytes_atomic, write_error
 from cachedet.cache.header import check_fingerprint, differences
 from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from cachedet.errors import CachedetError
@@ -199,11 +201,17 @@ class RunDir:
 
     def lock(self) -> None:
         """Hold an exclusive lock on the run (``.lock``, ``fcntl.flock``) until ``unlock`` or the process
-        ends, so two train-heads with one --out never interleave. A crash releases it by itself."""
+        ends, so two train-heads with one --out never interleave. A crash releases it by itself.
+        Once held, removes the temporary files of writes a killed run left (``.last.pt.<hex>.tmp``).
+        Raises WriteError when the folder cannot be written."""
         import fcntl
 
-        os.makedirs(self.path, exist_ok=True)
-        f = open(os.path.join(self.path, ".lock"), "a+")
+        lock = os.path.join(self.path, ".lock")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            f = open(lock, "a+")
+        except OSError as e:
+            raise write_error(e, lock) from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -213,6 +221,8 @@ class RunDir:
                 "wait for it, or choose another TrainConfig.out"
             ) from None
         self._lock = f
+        for folder in (self.path, self.checkpoints):  # what killed writes left (we hold the lock)
+            remove_stale_temps(folder)
 
     def unlock(self) -> None:
         if self._lock is not None:
@@ -245,17 +255,33 @@ class RunDir:
         return {k: saved[k] for k in ORIGIN_KEYS if k in saved}
 
     def truncate_metrics(self, last_step: int):
-        """Drop metric lines written after the checkpoint we resume from (a killed run's tail)."""
+        """Drop metric lines written after the checkpoint we resume from (a killed run's tail; all
+        of them when the run starts at step 0), so that no step is recorded twice. A line that is
+        not a metrics object (half-written, edited) is dropped with a warning naming its line
+        number; the lines after it are kept. Raises WriteError when the file cannot be rewritten."""
         if not os.path.exists(self.metrics):
             return
-        with open(self.metrics) as f:
-            lines = [ln for ln in f if ln.strip()]
-        kept = []
-        for ln in lines:
+        with open(self.metrics, errors="replace") as f:
+            lines = f.readlines()
+        kept, bad = [], []
+        for number, ln in enumerate(lines, 1):
+            if not ln.strip():
+                continue
             try:
-                if json.loads(ln)["step"] <= last_step:
-                    kept.append(ln)
-            except (ValueError, KeyError):
-                break
-        with open(self.metrics, "w") as f:
-            f.writelines(kept)
+                row = json.loads(ln)
+                step = row["step"]
+                if not isinstance(step, int):
+                    raise TypeError(step)
+            except (ValueError, KeyError, TypeError):
+                bad.append(number)
+                continue
+            if step <= last_step:
+                kept.append(ln if ln.endswith("\n") else ln + "\n")
+        if bad:
+            warnings.warn(
+                f"{self.metrics}: skipped {len(bad)} malformed line(s) (line "
+                f"{', '.join(map(str, bad[:5]))}{', …' if len(bad) > 5 else ''}); the others are kept",
+                stacklevel=2,
+            )
+        if kept != lines:
+            write_bytes_atomic(self.metrics, "".join(kept).encode())

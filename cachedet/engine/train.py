@@ -30,7 +30,7 @@ from cachedet.engine.sources import CacheSource, FeedOptions, OnlineSource
 from cachedet.engine.step import TrainModel
 from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
 from cachedet.engine.validation import EvalHook, ValidationSet
-from cachedet.errors import CachedetError
+from cachedet.errors import CachedetError, WriteError
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
 from cachedet.recipes import warmup_steps_for
@@ -160,8 +160,24 @@ def train(cfg: TrainConfig, progress: bool = True, origin: dict | None = None) -
     run = RunDir(cfg.out)
     try:
         return _train_locked(cfg, run, device, info, progress, origin)
+    except WriteError as e:  # disk full, read-only: what to run once there is space
+        raise e.with_next_step(_how_to_continue(run)) from None
     finally:
         run.unlock()
+
+
+def _how_to_continue(run: RunDir) -> str:
+    """Where a stopped run stands and how to go on: resume from its checkpoint, or start again."""
+    try:
+        done = load_run_checkpoint(run.checkpoint) if os.path.isfile(run.checkpoint) else None
+    except CachedetError:
+        done = None
+    if done is None:
+        return f"nothing of {run.path} is lost; free space, then run the same command again"
+    return (
+        f"{run.checkpoint} (epoch {done['epoch'] + 1}, step {done['step']}) is intact; free space, "
+        f"then continue with TrainConfig.out {run.path} TrainConfig.resume"
+    )
 
 
 def _train_locked(
@@ -212,8 +228,8 @@ def _train_locked(
             continue_schedule(
                 optimizer, scheduler, cfg.learning_rate, cfg.optim.weight_decay, factor, state.step
             )
-            if info.is_main:
-                run.truncate_metrics(state.step)
+        if info.is_main:  # a fresh start (step 0) after a kill before the first checkpoint too
+            run.truncate_metrics(state.step)
         record = RunRecord(
             train=cfg.to_dict(),
             detector=det_cfg.to_dict(),

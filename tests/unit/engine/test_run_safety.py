@@ -151,3 +151,149 @@ def test_two_gloo_ranks_train_on_a_store_of_one_shard_block(synthetic, tmp_path)
         str(tmp_path / "ddp2"), store, val_annotations=missing, val_images=synthetic["images"]
     )
     assert "no_val.json" in got[0] and got[1].startswith("rank 0 of 2 stopped: ")
+
+
+# --- checkpoints, metrics, config.json and writes as careful as stores -----------------------
+
+
+def _flip_a_weight_bit(path: str) -> None:
+    import torch
+
+    ckpt = torch.load(path, weights_only=False)
+    weight = next(t for t in ckpt["state"]["detector"].values() if t.numel() >= 64)
+    raw = weight.contiguous().view(-1).view(torch.uint8).numpy().tobytes()[:64]
+    data = bytearray(open(path, "rb").read())
+    at = data.find(raw)
+    assert at >= 0
+    data[at + 3] ^= 0x40  # a high exponent bit of a float32 weight
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_flipped_bit_in_last_pt_is_refused(one_view_run, tmp_path):
+    import shutil
+
+    from cachedet.engine.run import load_run_checkpoint
+
+    path = str(tmp_path / "last.pt")
+    shutil.copy(os.path.join(one_view_run, "checkpoints", "last.pt"), path)
+    load_run_checkpoint(path)  # intact: loads
+    _flip_a_weight_bit(path)
+    with pytest.raises(CachedetError, match=r"last.pt: damaged checkpoint \(its checksum"):
+        load_run_checkpoint(path)
+
+
+def test_non_finite_weights_are_neither_written_nor_loaded(one_view_run, tmp_path):
+    import torch
+
+    from cachedet.engine.checkpoint import checksum, save_atomic
+    from cachedet.engine.run import load_run_checkpoint
+
+    ckpt = torch.load(os.path.join(one_view_run, "checkpoints", "last.pt"), weights_only=False)
+    name = next(iter(ckpt["state"]["detector"]))
+    ckpt["state"]["detector"][name].view(-1)[0] = float("nan")
+    path = str(tmp_path / "last.pt")
+    open(path, "wb").write(b"previous")
+    with pytest.raises(CachedetError, match=rf"not written: weight detector.{name} became NaN"):
+        save_atomic(ckpt, path)
+    assert open(path, "rb").read() == b"previous"
+    ckpt["checksum"] = checksum(ckpt)  # as a file with a NaN weight would be, checksum intact
+    torch.save(ckpt, path)
+    with pytest.raises(CachedetError, match=rf"weight detector.{name} is NaN or infinite"):
+        load_run_checkpoint(path)
+
+
+def test_a_full_disk_leaves_the_old_file_and_says_what_it_needed(tmp_path, monkeypatch):
+    import errno
+
+    from cachedet import atomic
+    from cachedet.errors import WriteError
+
+    path = tmp_path / "f.json"
+    atomic.write_json_atomic(str(path), {"old": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.raises(WriteError) as err:
+        atomic.write_bytes_atomic(str(path), b"x" * 5000)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: cannot write (No space left on device: 5.0 KB needed, ")
+    assert "free" in msg and "\n" not in msg
+    assert path.read_text() == '{"old": 1}' and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_with_how_to_continue(
+    tiny_store, tmp_path, monkeypatch
+):
+    import errno
+
+    import cachedet.engine.checkpoint as checkpoint_mod
+    from cachedet import atomic
+    from cachedet.engine.run import load_run_checkpoint
+    from cachedet.errors import WriteError
+
+    real, calls = checkpoint_mod.save_torch_atomic, []
+
+    def second_fails(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise atomic.write_error(OSError(errno.ENOSPC, "No space left on device"), path, 9)
+        real(obj, path)
+
+    monkeypatch.setattr(checkpoint_mod, "save_torch_atomic", second_fails)
+    out = tmp_path / "run"
+    with pytest.raises(WriteError) as err:
+        train(train_config(out, tiny_store.url, epochs=2), progress=False)
+    msg = str(err.value)
+    assert "last.pt: cannot write (No space left on device" in msg
+    assert msg.endswith(f"then continue with TrainConfig.out {out} TrainConfig.resume")
+    assert load_run_checkpoint(str(out / "checkpoints" / "last.pt"))["step"] == 3  # epoch 1's
+    monkeypatch.setattr(checkpoint_mod, "save_torch_atomic", real)
+    stale = out / "checkpoints" / f".last.pt.{'0' * 32}.tmp"  # what a killed write leaves
+    stale.write_bytes(b"half")
+    r = train(train_config(out, tiny_store.url, epochs=2, resume=True), progress=False)
+    assert r.steps == 6 and not stale.exists()
+
+
+def test_metrics_survive_a_bad_line_and_never_repeat_a_step(tiny_store, tmp_path):
+    import json
+    import warnings
+
+    from cachedet.engine.run import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+    os.makedirs(run.path)
+    rows = [{"epoch": 0, "step": s, "loss": 1.0} for s in (1, 2, 3, 4)]
+    lines = [json.dumps(r) + "\n" for r in rows]
+    open(run.metrics, "w").writelines(lines[:1] + ['{"step": 2, "lo\n'] + lines[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.truncate_metrics(3)
+    assert [json.loads(x)["step"] for x in open(run.metrics)] == [1, 2, 3]  # later lines kept
+    assert "skipped 1 malformed line(s) (line 2)" in str(caught[0].message)
+    # killed before its first checkpoint, then started again: no step twice
+    out = tmp_path / "fresh"
+    os.makedirs(out)
+    open(out / "metrics.jsonl", "w").writelines(lines[:2])
+    train(train_config(out, tiny_store.url, epochs=1), progress=False)
+    steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl")]
+    assert steps == [1, 2, 3]
+
+
+def test_a_config_json_with_unknown_settings_is_refused_not_downgraded(one_view_run, tmp_path, cli):
+
+    import json
+    import shutil
+
+    from cachedet.engine.config import TrainConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(one_view_run, run)
+    saved = json.load(open(run / "config.json"))
+    saved["train"]["ema_decay"] = 0.999  # a setting of a newer cachedet
+    json.dump(saved, open(run / "config.json", "w"))
+    with pytest.raises(CachedetError, match=r"config.json: settings .* does not know: ema_decay"):
+        TrainConfig.of_run(str(run))
+    r = cli("train-heads", "--config", run / "config.json", "--out", tmp_path / "x", "--quiet")
+    assert r.exit_code == 2 and "--config" in r.stderr and "ema_decay" in r.stderr
