@@ -359,7 +359,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     prepare_store(cfg, header, plan)
     repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
-    done = StoreWriter(cfg.out).shard_records()
+    store = StoreWriter(cfg.out)
+    store.remove_stale_temps()  # left by writes of a killed run
+    done = store.shard_records()
     total = header.num_shards
     tasks = shard_tasks(cfg, backbone_cfg, dataset if with_masks else None, plan, skip=set(done))
     todo_views = sum(len(t.views) for t in tasks)

@@ -128,6 +128,12 @@ def train_heads_command(
         help="Cached views of each image used per epoch.",
         rich_help_panel=DATA,
     ),
+    allow_incomplete: bool = typer.Option(
+        False,
+        "--allow-incomplete",
+        rich_help_panel=DATA,
+        help="Train on the finished shards of a store whose extraction has not finished (says so).",
+    ),
     feature_crop: bool = typer.Option(
         False,
         "--feature-crop",
@@ -441,6 +447,7 @@ def train_heads_command(
         amp=not no_amp,
         workers=loader_workers,
         in_memory=in_memory,
+        allow_incomplete=allow_incomplete,
         views_per_epoch=views_per_epoch,
         feature_crop=feature_crop,
         feature_crop_min=feature_crop_min,

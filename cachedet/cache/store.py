@@ -16,7 +16,7 @@ import google_crc32c
 import numpy as np
 import zarr
 
-from cachedet.atomic import write_bytes_atomic
+from cachedet.atomic import remove_stale_temps, write_bytes_atomic
 from cachedet.cache import schema
 from cachedet.cache.header import StoreHeader
 from cachedet.cache.layout import META_FIELDS, open_group, url_fs
@@ -185,6 +185,13 @@ class StoreWriter(_StoreFiles):
             if arr.size:
                 z[...] = arr
         return masks_checksum(rle, offsets)
+
+    def remove_stale_temps(self, older_than: float = 60.0) -> list[str]:
+        """Remove the temporary completion records (``.<shard>.json.<hex>.tmp``) of writes killed
+        more than ``older_than`` seconds ago (a live writer's are younger); local stores only."""
+        if not isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            return []  # object stores write records in one PUT: nothing is left behind
+        return remove_stale_temps(f"{self.path}/_shards", older_than)
 
     def write_record(self, record: dict):
         """Mark a shard complete. Local files are written to a temp name and renamed (atomic)."""

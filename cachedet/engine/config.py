@@ -136,6 +136,7 @@ class LoaderConfig:
     prefetch_factor: int = 4  # batches each worker prepares ahead
     persistent_workers: bool = True
     log_every: int | None = None  # steps per metrics line (None: 50 on CUDA, 1 otherwise)
+    allow_incomplete: bool = False  # train on the finished shards of an unfinished store
 
     def resolved(self, device) -> "LoaderConfig":
         """This config with ``workers`` and ``log_every`` set for ``device`` (a torch.device)."""

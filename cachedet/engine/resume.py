@@ -38,6 +38,7 @@ RESUMABLE = (
     "prefetch_factor",
     "persistent_workers",
     "log_every",
+    "allow_incomplete",
     "amp",
     "val_annotations",
     "val_images",

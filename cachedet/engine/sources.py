@@ -112,6 +112,7 @@ class CacheSource(_AdapterMixin):
         feature_crop_min: float | None = None,
         masks: bool = False,
         feed: FeedOptions | None = None,
+        allow_incomplete: bool = False,
     ):
         self.batch_size, self.workers, self.in_memory = batch_size, workers, in_memory
         self.feed = feed or FeedOptions(start=loader_start)
@@ -119,7 +120,14 @@ class CacheSource(_AdapterMixin):
         self.seed, self.rank, self.feature_crop_min = seed, dist.rank, feature_crop_min
         if in_memory:
             self.dataset = InMemoryViews(
-                url, views_per_epoch, seed, dist.rank, dist.world, masks, keep_float16
+                url,
+                views_per_epoch,
+                seed,
+                dist.rank,
+                dist.world,
+                masks,
+                keep_float16,
+                allow_incomplete,
             )
         else:
             self.dataset = CachedViews(
@@ -131,6 +139,7 @@ class CacheSource(_AdapterMixin):
                 dist.world,
                 keep_float16,
                 masks,
+                allow_incomplete,
             )
         self.masks = self.dataset.masks  # False when the store holds no masks
         self.no_masks_reason = (

@@ -109,6 +109,7 @@ def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
             feature_crop_min=cfg.loader.feature_crop_min if cfg.loader.feature_crop else None,
             masks=cfg.detector.masks,
             feed=feed,
+            allow_incomplete=cfg.loader.allow_incomplete,
         )
     if cfg.detector.masks and not source.masks:
         warnings.warn(

@@ -297,3 +297,34 @@ def test_a_config_json_with_unknown_settings_is_refused_not_downgraded(one_view_
         TrainConfig.of_run(str(run))
     r = cli("train-heads", "--config", run / "config.json", "--out", tmp_path / "x", "--quiet")
     assert r.exit_code == 2 and "--config" in r.stderr and "ema_decay" in r.stderr
+
+
+def test_an_unfinished_store_is_refused_unless_asked(tiny_store, tmp_path):
+    import shutil
+    import warnings
+
+    url = str(tmp_path / "partial.zarr")
+    shutil.copytree(tiny_store.url, url)
+    records = sorted(os.listdir(os.path.join(url, "_shards")))
+    os.remove(os.path.join(url, "_shards", records[-1]))  # as extract killed before the last
+    with pytest.raises(CachedetError, match=r"extraction unfinished \(2 of 3 shards complete"):
+        CachedViews(url)
+    with pytest.raises(CachedetError, match="loader.allow_incomplete"):
+        train(train_config(tmp_path / "run", url, epochs=1), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = CachedViews(url, allow_incomplete=True)
+    assert len(ds) == 8 and "training on the finished shards only" in str(caught[-1].message)
+
+
+def test_extract_removes_completion_record_temps_of_killed_writes(synthetic, tmp_path):
+    import time
+
+    url = tiny_extract(synthetic, str(tmp_path / "s.zarr"), views=1, shard_views=4)
+    old = os.path.join(url, "_shards", f".000001.json.{'a' * 32}.tmp")
+    live = os.path.join(url, "_shards", f".000002.json.{'b' * 32}.tmp")  # a writer at work now
+    for path in (old, live):
+        open(path, "w").write("{")
+    os.utime(old, (time.time() - 3600,) * 2)
+    tiny_extract(synthetic, url, views=1, shard_views=4)  # the next run (nothing to recompute)
+    assert not os.path.exists(old) and os.path.exists(live)
