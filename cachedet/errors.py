@@ -20,3 +20,39 @@ class WriteError(CachedetError):
     def with_next_step(self, step: str) -> "WriteError":
         """The same error with ``step`` (what to run once space is freed) appended."""
         return WriteError(f"{self}; {step}", self.path)
+
+
+def check_number(
+    field: str,
+    value,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    optional: bool = False,
+) -> None:
+    """Raise CachedetError ``field: expected an integer >= 1, got -8`` unless ``value`` is a number
+    of the right type (``integer``: an int, never a bool or 1.5; otherwise a finite int or float) in
+    [``low``, ``high``] (``low_open``: ``low`` itself excluded). ``optional``: None passes."""
+    import math
+    import numbers
+
+    if value is None and optional:
+        return
+    shown = lambda v: str(int(v)) if float(v).is_integer() else f"{v:g}"  # noqa: E731
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {shown(low)}")
+    if high is not None:
+        parts.append(f"<= {shown(high)}")
+    want = f"{'an integer' if integer else 'a number'}{' ' + ' and '.join(parts) if parts else ''}"
+    kind = numbers.Integral if integer else numbers.Real  # numpy's integers and floats too
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise CachedetError(f"{field}: expected {want}, got {value!r}")
+    if not integer and not math.isfinite(value):
+        raise CachedetError(f"{field}: expected {want}, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise CachedetError(f"{field}: expected {want}, got {value!r}")
+    if high is not None and value > high:
+        raise CachedetError(f"{field}: expected {want}, got {value!r}")

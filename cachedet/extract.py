@@ -28,7 +28,7 @@ from cachedet.data.coco import DetectionDataset, load_detection_dataset
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import MaskSource, mask_source
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
-from cachedet.errors import CachedetError
+from cachedet.errors import CachedetError, check_number
 from cachedet.paths import resolve_path
 from cachedet.runtime import resolve_device
 from cachedet.shards import (
@@ -76,10 +76,14 @@ class ExtractConfig:
             object.__setattr__(self, name, resolve_path(getattr(self, name)))
 
     def validate(self):
-        if self.views < 1:
-            raise CachedetError(
-                f"ExtractConfig.views: expected a positive integer, got {self.views}"
-            )
+        for name, low in (("views", 1), ("shard_views", 1), ("batch_size", 1), ("workers", 0)):
+            check_number(f"ExtractConfig.{name}", getattr(self, name), integer=True, low=low)
+        check_number(
+            "ExtractConfig.loader_workers", self.loader_workers, integer=True, low=0, optional=True
+        )
+        check_number(
+            "ExtractConfig.cache_stage", self.cache_stage, integer=True, low=0, optional=True
+        )
         if not self.augment.augment and self.views != 1:
             raise CachedetError(
                 f"ExtractConfig.views {self.views}: a store without augmentation (augment.augment) has "

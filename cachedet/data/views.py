@@ -15,7 +15,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cachedet.errors import CachedetError
+from cachedet.errors import CachedetError, check_number
 from cachedet.structures import ViewParams
 
 
@@ -38,6 +38,12 @@ class AugmentConfig:
     )
 
     def __post_init__(self):
+        check_number("augment.size", self.size, integer=True, low=32, high=1 << 14)
+        for bound in self.scale_range:
+            check_number("augment.scale_range", bound, low=0, low_open=True)
+        check_number("augment.seed", self.seed, integer=True, low=0)
+        check_number("augment.copy_paste", self.copy_paste, low=0, high=1)
+        check_number("augment.paste_min_visible", self.paste_min_visible)
         if self.size < 32:
             raise CachedetError(f"augment.size: expected at least 32 pixels, got {self.size}")
         lo, hi = self.scale_range

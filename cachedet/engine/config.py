@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 
 from cachedet.backbones import DEFAULT_BACKBONE
-from cachedet.errors import CachedetError
+from cachedet.errors import CachedetError, check_number
 from cachedet.evaluation.scoring import COCO_STATS
 from cachedet.models.build import check_head
 from cachedet.paths import resolve_path
@@ -54,6 +54,7 @@ class SourceConfig:
             object.__setattr__(self, "weights", resolve_path(self.weights))
 
     def validate(self):
+        check_number("source.size", self.size, integer=True, low=32, high=1 << 14)
         if self.online == (self.cache is not None):
             raise CachedetError(
                 "give either source.cache STORE or source.online (with source.annotations, "
@@ -86,6 +87,9 @@ class HeadsConfig:
     )
 
     def validate(self):
+        check_number(
+            "detector.neck_channels", self.neck_channels, integer=True, low=1, high=1 << 14
+        )
         check_head(self.head, self.masks)
 
 
@@ -110,8 +114,12 @@ class OptimConfig:
             raise CachedetError(f"optim.optimizer {self.optimizer}: expected sgd or adamw")
         if self.schedule not in ("step", "cosine"):
             raise CachedetError(f"optim.schedule {self.schedule}: expected step or cosine")
-        if self.epochs < 1:
-            raise CachedetError(f"optim.epochs: expected a positive integer, got {self.epochs}")
+        check_number("optim.epochs", self.epochs, integer=True, low=1, high=1 << 20)
+        check_number("optim.lr", self.lr, low=0, low_open=True, optional=True)
+        check_number("optim.momentum", self.momentum, low=0, high=1)
+        check_number("optim.weight_decay", self.weight_decay, low=0)
+        check_number("optim.warmup_steps", self.warmup_steps, integer=True, low=0, optional=True)
+        check_number("optim.clip_grad", self.clip_grad, low=0, low_open=True, optional=True)
 
 
 @dataclass(frozen=True)
@@ -148,23 +156,21 @@ class LoaderConfig:
         return replace(self, workers=workers, log_every=log_every)
 
     def validate(self, online: bool):
-        if self.workers is not None and self.workers < 0:
-            raise CachedetError(f"loader.workers: expected 0 or more, got {self.workers}")
+        check_number("loader.workers", self.workers, integer=True, low=0, high=1024, optional=True)
         for name in (
             "batch_size",
             "views_per_epoch",
             "shuffle_buffer",
             "prefetch_factor",
             "log_every",
-        ):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise CachedetError(
-                    f"loader.{name}: expected a positive integer, got {getattr(self, name)}"
-                )
+            "max_steps_per_epoch",
+        ):  # a batch larger than the data is cut to it by train (cachedet.engine.train)
+            check_number(f"loader.{name}", getattr(self, name), integer=True, low=1, optional=True)
         if self.feature_crop and online:
             raise CachedetError(
                 "loader.feature_crop crops cached features; online training draws fresh LSJ views instead"
             )
+        check_number("loader.feature_crop_min", self.feature_crop_min)
         if not 0 < self.feature_crop_min <= 1:
             raise CachedetError(
                 f"loader.feature_crop_min: expected a fraction in (0, 1], got {self.feature_crop_min}"
@@ -214,10 +220,7 @@ class ValConfig:
             )
         if self.annotations is not None and not self.enabled:
             raise CachedetError("val.annotations needs val.images DIR or val.cache STORE")
-        if self.every is not None and self.every < 1:
-            raise CachedetError(
-                f"val.every: expected a positive number of epochs, got {self.every}"
-            )
+        check_number("val.every", self.every, integer=True, low=1, optional=True)
         part, _, stat = self.best_metric.partition(".")
         if part not in VAL_PARTS or stat not in VAL_STATS:
             raise CachedetError(
@@ -309,7 +312,9 @@ class TrainConfig:
         return 0.02 * self.loader.batch_size / 16 if self.optim.optimizer == "sgd" else 1e-4
 
     def validate(self):
-        """Raise CachedetError naming the first field (by its path) whose value cannot work."""
+        """Raise CachedetError naming the first field (by its path) whose value cannot work: each
+        number is checked for its type and range (``cachedet.errors.check_number``)."""
+        check_number("TrainConfig.seed", self.seed, integer=True, low=0)
         self.source.validate()
         self.detector.validate()
         self.optim.validate()

@@ -181,6 +181,10 @@ class CacheSource(_AdapterMixin):
     def steps(self, epoch: int) -> int:
         return steps_in_epoch(self.dataset.views_per_rank(epoch), self.batch_size)
 
+    def largest_batch(self) -> int:
+        """The views of an epoch on the rank with fewest: no batch can be larger."""
+        return min(self.dataset.views_per_rank(0))
+
     def batches(self, epoch: int):
         self.dataset.set_epoch(epoch)
         if self.in_memory:
@@ -259,6 +263,10 @@ class OnlineSource(_AdapterMixin):
         return steps_in_epoch(
             [len(range(r, n, self.dist.world)) for r in range(self.dist.world)], self.batch_size
         )
+
+    def largest_batch(self) -> int:
+        """The views of an epoch on the rank with fewest: no batch can be larger."""
+        return len(self.views) // self.dist.world
 
     def batches(self, epoch: int):
         self.views.set_epoch(epoch)

@@ -12,7 +12,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -167,6 +167,21 @@ def train(cfg: TrainConfig, progress: bool = True, origin: dict | None = None) -
         run.unlock()
 
 
+def _fit_batch(cfg: TrainConfig, source) -> TrainConfig:
+    """``cfg`` with ``loader.batch_size`` cut to the views an epoch has per rank (with a warning),
+    so that an oversized batch never allocates for views that do not exist."""
+    largest = source.largest_batch()
+    if cfg.loader.batch_size <= largest:
+        return cfg
+    warnings.warn(
+        f"loader.batch_size {cfg.loader.batch_size}: an epoch has {largest} views per rank, so "
+        f"batches hold {largest}",
+        stacklevel=3,
+    )
+    source.batch_size = largest
+    return replace(cfg, loader=replace(cfg.loader, batch_size=largest))
+
+
 def _how_to_continue(run: RunDir) -> str:
     """Where a stopped run stands and how to go on: resume from its checkpoint, or start again."""
     try:
@@ -201,6 +216,7 @@ def _train_locked(
         changes = resume_changes(ckpt["run"]["train"], cfg) if ckpt is not None else {}
 
         source = make_source(cfg, info, device)
+        cfg = _fit_batch(cfg, source)
         det_cfg = DetectorConfig(
             num_classes=len(source.categories),
             canvas=source.canvas,

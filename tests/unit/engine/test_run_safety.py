@@ -328,3 +328,49 @@ def test_extract_removes_completion_record_temps_of_killed_writes(synthetic, tmp
     os.utime(old, (time.time() - 3600,) * 2)
     tiny_extract(synthetic, url, views=1, shard_views=4)  # the next run (nothing to recompute)
     assert not os.path.exists(old) and os.path.exists(live)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            {"neck_channels": -8},
+            "detector.neck_channels: expected an integer >= 1 and <= 16384, got -8",
+        ),
+        ({"weight_decay": -1}, "optim.weight_decay: expected a number >= 0, got -1"),
+        ({"lr": float("nan")}, "optim.lr: expected a number > 0, got nan"),
+        ({"batch_size": 2.5}, "loader.batch_size: expected an integer >= 1, got 2.5"),
+        ({"epochs": True}, "optim.epochs: expected an integer >= 1 and <= 1048576, got True"),
+    ],
+)
+def test_numbers_are_checked_in_one_line_naming_the_field(setting, message):
+    from cachedet.engine.config import TrainConfig
+
+    with pytest.raises(CachedetError) as err:
+        TrainConfig.of(out="r", cache="c", **setting).validate()
+    assert str(err.value) == message
+
+
+def test_extract_numbers_are_checked_naming_the_field(synthetic, tmp_path):
+    with pytest.raises(
+        CachedetError, match=r"^ExtractConfig.views: expected an integer >= 1, got 1.5$"
+    ):
+        small_config(synthetic, str(tmp_path / "s.zarr"), views=1.5).validate()
+    with pytest.raises(CachedetError, match=r"^augment.size: expected an integer >= 32"):
+        AugmentConfig(size=-3)
+
+
+def test_the_cli_shows_the_flag(cli, tmp_path):
+    r = cli("train-heads", "--cache", tmp_path, "--out", tmp_path / "r", "--neck-channels", "-8")
+    assert r.exit_code == 2 and "error: --neck-channels: expected an integer >= 1" in r.stderr
+    r = cli("train-heads", "--cache", tmp_path, "--out", tmp_path / "r", "--weight-decay", "-1")
+    assert r.exit_code == 2 and "error: --weight-decay: expected a number >= 0" in r.stderr
+
+
+def test_a_batch_larger_than_the_store_is_cut_to_it(tiny_store, tmp_path):
+    with pytest.warns(UserWarning, match=r"loader.batch_size 1000000000000: .* batches hold 12"):
+        r = train(
+            train_config(tmp_path / "r", tiny_store.url, epochs=1, batch_size=10**12),
+            progress=False,
+        )
+    assert r.steps == 1
