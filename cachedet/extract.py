@@ -55,6 +55,7 @@ class ExtractConfig:
     shard_views: int = 64
     workers: int = 0  # 0: in this process; N: a dask LocalCluster of N worker processes
     scheduler: str | None = None  # address of an existing dask.distributed scheduler
+    worker_timeout: float = 300.0  # dask: stop when the cluster has had no worker this long (s)
     device: str = "auto"
     batch_size: int = 8
     loader_workers: int | None = None  # decode processes; None: default_loader_workers(device)
@@ -84,6 +85,7 @@ class ExtractConfig:
         check_number(
             "ExtractConfig.cache_stage", self.cache_stage, integer=True, low=0, optional=True
         )
+        check_number("ExtractConfig.worker_timeout", self.worker_timeout, low=0, low_open=True)
         if not self.augment.augment and self.views != 1:
             raise CachedetError(
                 f"ExtractConfig.views {self.views}: a store without augmentation (augment.augment) has "
@@ -377,7 +379,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     t_shards = time.perf_counter()
     with ViewProgress("extract", todo_views, enabled=progress) as bar:
         if cfg.workers or cfg.scheduler:
-            records = run_shards_on_dask(tasks, cfg.workers, cfg.scheduler, bar)
+            records = run_shards_on_dask(
+                tasks, cfg.workers, cfg.scheduler, bar, worker_timeout=cfg.worker_timeout
+            )
         else:
             records = run_shards_in_process(tasks, on_views=bar.advance, runner=runner)
     shard_seconds = time.perf_counter() - t_shards

@@ -374,3 +374,21 @@ def test_a_batch_larger_than_the_store_is_cut_to_it(tiny_store, tmp_path):
             progress=False,
         )
     assert r.steps == 1
+
+
+def test_extraction_on_a_cluster_without_workers_stops_with_a_message():
+    from dask.distributed import LocalCluster
+
+    from cachedet.shards import run_shards_on_dask
+
+    class Bar:
+        def advance(self, n):
+            pass
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(CachedetError, match=r"no dask worker for 1 s with 2 shard\(s\) left"):
+            run_shards_on_dask(
+                [1, 2], 0, cluster.scheduler_address, Bar(), worker_timeout=1, poll=0.2
+            )
+    with pytest.raises(CachedetError, match=r"scheduler tcp://127.0.0.1:9: no dask scheduler"):
+        run_shards_on_dask([1], 0, "tcp://127.0.0.1:9", Bar(), worker_timeout=1)
