@@ -392,3 +392,21 @@ def test_extraction_on_a_cluster_without_workers_stops_with_a_message():
             )
     with pytest.raises(CachedetError, match=r"scheduler tcp://127.0.0.1:9: no dask scheduler"):
         run_shards_on_dask([1], 0, "tcp://127.0.0.1:9", Bar(), worker_timeout=1)
+
+
+def test_the_cli_turns_a_write_refused_by_the_system_into_one_line(capsys):
+    import errno
+
+    import typer
+
+    from cachedet_cli.common import user_errors
+
+    @user_errors
+    def command():
+        raise OSError(errno.EROFS, "Read-only file system", "/runs/r/export/model.onnx")
+
+    with pytest.raises(typer.Exit) as exit_:
+        command()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.exit_code == 2 and "\n" not in err
+    assert err.startswith("cachedet: error: /runs/r/export/model.onnx: cannot write (Read-only")
