@@ -22,6 +22,11 @@ class WriteError(CachedetError):
         return WriteError(f"{self}; {step}", self.path)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with one line saying what was kept and how to go on (the CLI prints it and exits
+    with status 130). A KeyboardInterrupt still, so callers that catch that see it unchanged."""
+
+
 def check_number(
     field: str,
     value,

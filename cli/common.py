@@ -29,6 +29,11 @@ def user_errors(fn):
         except CachedetError as e:
             print(f"cachedet: error: {with_flags(str(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except (
+            KeyboardInterrupt
+        ) as e:  # Ctrl-C: one line (what was kept, how to go on), no traceback
+            print(f"cachedet: {with_flags(str(e)) or 'interrupted'}", file=sys.stderr)
+            raise typer.Exit(130) from None
         except OSError as e:  # a full disk or read-only folder that no library call named
             if e.errno not in WRITE_ERRNOS:
                 raise

@@ -54,7 +54,7 @@ class MetricsHook(Hook):
         self.write(record)
         self._bar.advance(
             record["step"] - self._step,
-            status=f"epoch {record['epoch'] + 1}/{self.epochs} loss {record['loss']:.3f} "
+            status=f"epoch {record['epoch']}/{self.epochs} loss {record['loss']:.3f} "
             f"lr {record['lr']:.2g}",
         )
         self._step = record["step"]
@@ -90,7 +90,7 @@ class CheckpointHook(Hook):
         save_run_checkpoint(
             self.path,
             self.record,
-            trainer.state.epoch,
+            trainer.state.epoch + 1,  # the epoch just finished, counted from 1
             trainer.state.step,
             self.state(trainer),
             best=trainer.state.extra.get("best"),

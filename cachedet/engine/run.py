@@ -125,11 +125,19 @@ def _upgrade(ckpt: dict) -> dict:
     }
 
 
+EPOCH_NUMBERING = 1  # checkpoints' "epoch": the epoch finished, counted from 1 (as metrics.jsonl)
+
+
 def load_run_checkpoint(path: str) -> dict:
-    """A checkpoint in the current shape; raises CachedetError for a missing or foreign file."""
+    """A checkpoint in the current shape; raises CachedetError for a missing or foreign file.
+    ``epoch`` is the epoch it was written after, counted from 1 (older checkpoints counted from 0
+    and are read as such)."""
     ckpt = load_checkpoint(path)
     try:
-        return _upgrade(ckpt)
+        ckpt = _upgrade(ckpt)
+        if ckpt.get("epoch_numbering") != EPOCH_NUMBERING:
+            ckpt = {**ckpt, "epoch": ckpt["epoch"] + 1, "epoch_numbering": EPOCH_NUMBERING}
+        return ckpt
     except KeyError as e:
         raise CachedetError(
             f"{path}: a cachedet checkpoint without its {e.args[0]!r} entry"
@@ -140,11 +148,13 @@ def save_run_checkpoint(
     path: str, record: RunRecord, epoch: int, step: int, state: dict, best: dict | None = None
 ) -> None:
     """Atomically write a checkpoint (temp file + rename): a reader sees old or new, never half.
+    ``epoch``: the epoch just finished, counted from 1.
     ``best``: the best validation result so far ({metric, value, step, epoch}), kept for resuming."""
     save_atomic(
         {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
+            "epoch_numbering": EPOCH_NUMBERING,
             "step": step,
             "run": record.to_dict(),
             "state": state,
@@ -229,8 +239,11 @@ class RunDir:
             self._lock.close()
             self._lock = None
 
-    def resume_history(self, step: int, epoch: int, changes: dict, resumed: bool) -> list[dict]:
-        """config.json's list of resumptions so far, with this one (its step and changed settings) added."""
+    def resume_history(
+        self, step: int, epoch: int, changes: dict, resumed: bool, work_left: bool = True
+    ) -> list[dict]:
+        """config.json's list of resumptions so far, with this one (its step, epochs finished and
+        changed settings) added when it has ``work_left`` (a resume with nothing to do adds none)."""
         history = []
         if resumed and os.path.exists(self.config):
             try:
@@ -238,7 +251,7 @@ class RunDir:
                     history = list(json.load(f).get("resumes", []))
             except (OSError, ValueError):
                 history = []
-        if resumed:
+        if resumed and work_left:
             history.append({"step": step, "epoch": epoch, "changed": changes})
         return history
 

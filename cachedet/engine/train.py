@@ -24,13 +24,13 @@ from cachedet.engine.config import TrainConfig
 from cachedet.engine.distributed import DistInfo, all_ranks_ready, init_distributed, shutdown
 from cachedet.engine.hooks import CheckpointHook, MetricsHook
 from cachedet.engine.monitor import CurvesHook, TensorBoardHook
-from cachedet.engine.resume import continue_schedule, resume_changes
+from cachedet.engine.resume import continue_schedule, resolved_settings, resume_changes
 from cachedet.engine.run import RunDir, RunRecord, load_run_checkpoint
 from cachedet.engine.sources import CacheSource, FeedOptions, OnlineSource
 from cachedet.engine.step import TrainModel
 from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
 from cachedet.engine.validation import EvalHook, ValidationSet
-from cachedet.errors import CachedetError, WriteError
+from cachedet.errors import CachedetError, Interrupted, WriteError
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
 from cachedet.recipes import warmup_steps_for
@@ -162,7 +162,11 @@ def train(cfg: TrainConfig, progress: bool = True, origin: dict | None = None) -
     try:
         return _train_locked(cfg, run, device, info, progress, origin)
     except WriteError as e:  # disk full, read-only: what to run once there is space
-        raise e.with_next_step(_how_to_continue(run)) from None
+        raise e.with_next_step(_how_to_continue(run, "free space, then ")) from None
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # Ctrl-C: one line with where the run stands
+        raise Interrupted(f"interrupted; {_how_to_continue(run)}") from None
     finally:
         run.unlock()
 
@@ -182,17 +186,17 @@ def _fit_batch(cfg: TrainConfig, source) -> TrainConfig:
     return replace(cfg, loader=replace(cfg.loader, batch_size=largest))
 
 
-def _how_to_continue(run: RunDir) -> str:
+def _how_to_continue(run: RunDir, first: str = "") -> str:
     """Where a stopped run stands and how to go on: resume from its checkpoint, or start again."""
     try:
         done = load_run_checkpoint(run.checkpoint) if os.path.isfile(run.checkpoint) else None
     except CachedetError:
         done = None
     if done is None:
-        return f"nothing of {run.path} is lost; free space, then run the same command again"
+        return f"no checkpoint in {run.path} yet; {first}run the same command again"
     return (
-        f"{run.checkpoint} (epoch {done['epoch'] + 1}, step {done['step']}) is intact; free space, "
-        f"then continue with TrainConfig.out {run.path} TrainConfig.resume"
+        f"{run.checkpoint} (epoch {done['epoch']}, step {done['step']}) is intact; {first}"
+        f"continue with TrainConfig.out {run.path} TrainConfig.resume"
     )
 
 
@@ -247,8 +251,14 @@ def _train_locked(
             )
         if info.is_main:  # a fresh start (step 0) after a kill before the first checkpoint too
             run.truncate_metrics(state.step)
+        if ckpt is not None and info.is_main:
+            print(
+                f"resuming {run.path} after epoch {state.epoch} of {cfg.optim.epochs} "
+                f"(step {state.step}, {run.checkpoint})",
+                flush=True,
+            )
         record = RunRecord(
-            train=cfg.to_dict(),
+            train=resolved_settings(cfg, source.canvas),  # what runs, not "default"
             detector=det_cfg.to_dict(),
             fingerprint=source.fingerprint,
             backbone=source.backbone_identity,
@@ -262,7 +272,9 @@ def _train_locked(
             validation = _validation(
                 cfg, source, det_cfg, model, device
             )  # before any training: fail early
-            history = run.resume_history(state.step, state.epoch, changes, ckpt is not None)
+            history = run.resume_history(
+                state.step, state.epoch, changes, ckpt is not None, state.epoch < cfg.optim.epochs
+            )
             write_json_atomic(
                 run.config,
                 {**record.to_dict(), **run.origin(origin, ckpt is not None), "resumes": history},
@@ -396,4 +408,5 @@ def _restore(ckpt: dict, model: TrainModel, optimizer, scheduler) -> TrainState:
         model.backbone.load_state_dict(weights["backbone"])
     optimizer.load_state_dict(weights["optimizer"])
     scheduler.load_state_dict(weights["scheduler"])
-    return TrainState(epoch=ckpt["epoch"] + 1, step=ckpt["step"], extra={"best": ckpt.get("best")})
+    # ckpt["epoch"]: epochs finished (counted from 1), so the loop's next index
+    return TrainState(epoch=ckpt["epoch"], step=ckpt["step"], extra={"best": ckpt.get("best")})

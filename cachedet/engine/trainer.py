@@ -217,7 +217,7 @@ class Trainer:
         if not math.isfinite(means["loss"]):
             where = f"step {last}" if first == last else f"a step in {first}..{last}"
             raise CachedetError(
-                f"the loss became {means['loss']} at {where} (epoch {self.state.epoch}); "
+                f"the loss became {means['loss']} at {where} (epoch {self.state.epoch + 1}); "
                 "lower optim.lr or raise optim.warmup_steps"
             )
         self.state.last_loss = last_loss
@@ -225,7 +225,7 @@ class Trainer:
             self.state.first_loss = first_loss
         dt = time.perf_counter() - window.t0
         return {
-            "epoch": self.state.epoch,
+            "epoch": self.state.epoch + 1,  # counted from 1 everywhere (console, checkpoints)
             "step": self.state.step,
             "lr": window.lr,
             **means,

@@ -410,3 +410,65 @@ def test_the_cli_turns_a_write_refused_by_the_system_into_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.exit_code == 2 and "\n" not in err
     assert err.startswith("cachedet: error: /runs/r/export/model.onnx: cannot write (Read-only")
+
+
+def test_epochs_count_from_1_everywhere_and_a_resume_says_where_it_goes_on(
+    tiny_store, tmp_path, capsys
+):
+    import json
+
+    from cachedet.engine.run import load_run_checkpoint
+
+    out = tmp_path / "run"
+    train(train_config(out, tiny_store.url, epochs=2), progress=False)
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert sorted({r["epoch"] for r in rows}) == [1, 2]
+    assert load_run_checkpoint(str(out / "checkpoints" / "last.pt"))["epoch"] == 2
+    saved = json.load(open(out / "config.json"))
+    # what ran, not the defaults: the store's canvas, the lr the optimiser used
+    assert saved["train"]["size"] == 64 and saved["train"]["lr"] == 0.01
+    capsys.readouterr()
+    train(train_config(out, tiny_store.url, epochs=3, resume=True), progress=False)
+    assert f"resuming {out} after epoch 2 of 3 (step 6" in capsys.readouterr().out
+    train(train_config(out, tiny_store.url, epochs=3, resume=True), progress=False)  # done
+    resumes = json.load(open(out / "config.json"))["resumes"]
+    assert [r["epoch"] for r in resumes] == [2]  # the resume with nothing to do added none
+
+
+def test_ctrl_c_says_where_to_resume(tiny_store, tmp_path, monkeypatch):
+    import torch
+
+    from cachedet.errors import Interrupted
+
+    real, calls = torch.optim.SGD.step, []
+
+    def ctrl_c(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # in epoch 2, after epoch 1's checkpoint
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", ctrl_c)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as err:
+        train(train_config(out, tiny_store.url, epochs=2), progress=False)
+    assert str(err.value) == (
+        f"interrupted; {out}/checkpoints/last.pt (epoch 1, step 3) is intact; "
+        f"continue with TrainConfig.out {out} TrainConfig.resume"
+    )
+
+
+def test_the_cli_prints_ctrl_c_in_one_line_and_exits_130(capsys):
+    import typer
+
+    from cachedet.errors import Interrupted
+    from cachedet_cli.common import user_errors
+
+    @user_errors
+    def command():
+        raise Interrupted("interrupted; continue with TrainConfig.out r TrainConfig.resume")
+
+    with pytest.raises(typer.Exit) as exit_:
+        command()
+    assert exit_.value.exit_code == 130
+    assert capsys.readouterr().err == "cachedet: interrupted; continue with --out r --resume\n"
