@@ -395,6 +395,13 @@ def train_heads_command(
             "are refused."
         ),
     ),
+    checkpoint_every: Optional[int] = typer.Option(
+        None,
+        "--checkpoint-every",
+        metavar="N",
+        rich_help_panel=RUN,
+        help="Also write checkpoints/last.pt every N steps inside an epoch (--resume goes on from that step).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP, rich_help_panel=RUN),
 ):
     """Train necks and heads from cached features (stage 2); --online / --backbone-trainable for the baselines."""
@@ -444,6 +451,7 @@ def train_heads_command(
         warmup_steps=warmup_steps,
         schedule=schedule,
         clip_grad=clip_grad or None,
+        checkpoint_every=checkpoint_every,
         amp=not no_amp,
         workers=loader_workers,
         in_memory=in_memory,

@@ -108,6 +108,9 @@ class OptimConfig:
     schedule: str = "step"
     clip_grad: float | None = 10.0
     amp: bool = True  # bfloat16 autocast, CUDA only
+    checkpoint_every: int | None = (
+        None  # steps between checkpoints inside an epoch (None: per epoch)
+    )
 
     def validate(self):
         if self.optimizer not in ("sgd", "adamw"):
@@ -120,6 +123,9 @@ class OptimConfig:
         check_number("optim.weight_decay", self.weight_decay, low=0)
         check_number("optim.warmup_steps", self.warmup_steps, integer=True, low=0, optional=True)
         check_number("optim.clip_grad", self.clip_grad, low=0, low_open=True, optional=True)
+        check_number(
+            "optim.checkpoint_every", self.checkpoint_every, integer=True, low=1, optional=True
+        )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from cachedet.atomic import write_error
 from cachedet.engine.run import RunRecord, save_run_checkpoint
 from cachedet.engine.trainer import Hook, Trainer
@@ -94,4 +96,18 @@ class CheckpointHook(Hook):
             trainer.state.step,
             self.state(trainer),
             best=trainer.state.extra.get("best"),
+        )
+
+    def at_checkpoint_step(self, trainer: Trainer) -> None:
+        """Mid-epoch (``--checkpoint-every``): epochs finished, steps into the next one, and torch's
+        generator, so that a resume takes the next batch with the same random draws."""
+        save_run_checkpoint(
+            self.path,
+            self.record,
+            trainer.state.epoch,
+            trainer.state.step,
+            self.state(trainer),
+            best=trainer.state.extra.get("best"),
+            epoch_step=trainer.state.epoch_step,
+            rng=torch.get_rng_state(),
         )

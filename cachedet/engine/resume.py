@@ -38,6 +38,7 @@ RESUMABLE = (
     "prefetch_factor",
     "persistent_workers",
     "log_every",
+    "checkpoint_every",
     "allow_incomplete",
     "amp",
     "val_annotations",

@@ -145,10 +145,18 @@ def load_run_checkpoint(path: str) -> dict:
 
 
 def save_run_checkpoint(
-    path: str, record: RunRecord, epoch: int, step: int, state: dict, best: dict | None = None
+    path: str,
+    record: RunRecord,
+    epoch: int,
+    step: int,
+    state: dict,
+    best: dict | None = None,
+    epoch_step: int = 0,
+    rng=None,
 ) -> None:
     """Atomically write a checkpoint (temp file + rename): a reader sees old or new, never half.
-    ``epoch``: the epoch just finished, counted from 1.
+    ``epoch``: the epochs finished (counted from 1); ``epoch_step``: steps taken into the next
+    one by a mid-epoch checkpoint (0 at an epoch's end), with torch's generator state ``rng``.
     ``best``: the best validation result so far ({metric, value, step, epoch}), kept for resuming."""
     save_atomic(
         {
@@ -159,6 +167,8 @@ def save_run_checkpoint(
             "run": record.to_dict(),
             "state": state,
             "best": best,
+            "epoch_step": epoch_step,
+            "rng": rng,
         },
         path,
     )

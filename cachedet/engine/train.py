@@ -186,6 +186,18 @@ def _fit_batch(cfg: TrainConfig, source) -> TrainConfig:
     return replace(cfg, loader=replace(cfg.loader, batch_size=largest))
 
 
+def _position(ckpt: dict, epochs: int | None = None) -> str:
+    """Where a checkpoint stands: ``after epoch 2 of 3, step 6``, or mid-epoch
+    ``in epoch 3, after its step 2, step 8``."""
+    of = f" of {epochs}" if epochs else ""
+    if ckpt.get("epoch_step"):
+        return (
+            f"in epoch {ckpt['epoch'] + 1}{of}, after its step {ckpt['epoch_step']}, "
+            f"step {ckpt['step']}"
+        )
+    return f"after epoch {ckpt['epoch']}{of}, step {ckpt['step']}"
+
+
 def _how_to_continue(run: RunDir, first: str = "") -> str:
     """Where a stopped run stands and how to go on: resume from its checkpoint, or start again."""
     try:
@@ -195,7 +207,7 @@ def _how_to_continue(run: RunDir, first: str = "") -> str:
     if done is None:
         return f"no checkpoint in {run.path} yet; {first}run the same command again"
     return (
-        f"{run.checkpoint} (epoch {done['epoch']}, step {done['step']}) is intact; {first}"
+        f"{run.checkpoint} ({_position(done)}) is intact; {first}"
         f"continue with TrainConfig.out {run.path} TrainConfig.resume"
     )
 
@@ -252,11 +264,7 @@ def _train_locked(
         if info.is_main:  # a fresh start (step 0) after a kill before the first checkpoint too
             run.truncate_metrics(state.step)
         if ckpt is not None and info.is_main:
-            print(
-                f"resuming {run.path} after epoch {state.epoch} of {cfg.optim.epochs} "
-                f"(step {state.step}, {run.checkpoint})",
-                flush=True,
-            )
+            print(f"resuming {run.path} {_position(ckpt, cfg.optim.epochs)}", flush=True)
         record = RunRecord(
             train=resolved_settings(cfg, source.canvas),  # what runs, not "default"
             detector=det_cfg.to_dict(),
@@ -312,6 +320,7 @@ def _train_locked(
             clip_grad=cfg.optim.clip_grad,
             amp=cfg.optim.amp,
             log_every=cfg.loader.resolved(device).log_every,
+            checkpoint_every=cfg.optim.checkpoint_every,
         )
         trainer = Trainer(
             model,
@@ -409,4 +418,10 @@ def _restore(ckpt: dict, model: TrainModel, optimizer, scheduler) -> TrainState:
     optimizer.load_state_dict(weights["optimizer"])
     scheduler.load_state_dict(weights["scheduler"])
     # ckpt["epoch"]: epochs finished (counted from 1), so the loop's next index
-    return TrainState(epoch=ckpt["epoch"], step=ckpt["step"], extra={"best": ckpt.get("best")})
+    return TrainState(
+        epoch=ckpt["epoch"],
+        step=ckpt["step"],
+        epoch_step=ckpt.get("epoch_step") or 0,
+        rng=ckpt.get("rng"),
+        extra={"best": ckpt.get("best")},
+    )

@@ -429,7 +429,7 @@ def test_epochs_count_from_1_everywhere_and_a_resume_says_where_it_goes_on(
     assert saved["train"]["size"] == 64 and saved["train"]["lr"] == 0.01
     capsys.readouterr()
     train(train_config(out, tiny_store.url, epochs=3, resume=True), progress=False)
-    assert f"resuming {out} after epoch 2 of 3 (step 6" in capsys.readouterr().out
+    assert f"resuming {out} after epoch 2 of 3, step 6" in capsys.readouterr().out
     train(train_config(out, tiny_store.url, epochs=3, resume=True), progress=False)  # done
     resumes = json.load(open(out / "config.json"))["resumes"]
     assert [r["epoch"] for r in resumes] == [2]  # the resume with nothing to do added none
@@ -453,7 +453,7 @@ def test_ctrl_c_says_where_to_resume(tiny_store, tmp_path, monkeypatch):
     with pytest.raises(Interrupted) as err:
         train(train_config(out, tiny_store.url, epochs=2), progress=False)
     assert str(err.value) == (
-        f"interrupted; {out}/checkpoints/last.pt (epoch 1, step 3) is intact; "
+        f"interrupted; {out}/checkpoints/last.pt (after epoch 1, step 3) is intact; "
         f"continue with TrainConfig.out {out} TrainConfig.resume"
     )
 
@@ -472,3 +472,38 @@ def test_the_cli_prints_ctrl_c_in_one_line_and_exits_130(capsys):
         command()
     assert exit_.value.exit_code == 130
     assert capsys.readouterr().err == "cachedet: interrupted; continue with --out r --resume\n"
+
+
+def test_checkpoint_every_n_steps_resumes_mid_epoch_exactly(tiny_store, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from cachedet.engine.run import load_run_checkpoint
+
+    full = train(train_config(tmp_path / "full", tiny_store.url, epochs=2), progress=False)
+    real, calls = torch.optim.SGD.step, []
+
+    def killed(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:  # epoch 2's third step, after the checkpoint at step 5
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", killed)
+    out = tmp_path / "run"
+    cfg = train_config(out, tiny_store.url, epochs=2, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt, match=r"in epoch 2, after its step 2, step 5"):
+        train(cfg, progress=False)
+    monkeypatch.setattr(torch.optim.SGD, "step", real)
+    ckpt = load_run_checkpoint(str(out / "checkpoints" / "last.pt"))
+    assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (1, 2, 5)
+    resumed = train(train_config(out, tiny_store.url, epochs=2, resume=True), progress=False)
+    assert resumed.steps == full.steps == 6
+    a = load_run_checkpoint(str(tmp_path / "full" / "checkpoints" / "last.pt"))["state"]
+    b = load_run_checkpoint(str(out / "checkpoints" / "last.pt"))["state"]
+    for k, w in a["detector"].items():
+        torch.testing.assert_close(w, b["detector"][k], rtol=1e-5, atol=1e-6)
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in rows] == [1, 1, 1, 2, 2, 2]
