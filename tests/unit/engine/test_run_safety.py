@@ -507,3 +507,15 @@ def test_checkpoint_every_n_steps_resumes_mid_epoch_exactly(tiny_store, tmp_path
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["epoch"] for r in rows] == [1, 1, 1, 2, 2, 2]
+
+
+def test_api_images_and_numbers_are_checked_in_one_line():
+    import torch
+
+    from cachedet.api import to_pixels
+
+    with pytest.raises(CachedetError, match=r"^images\[0\]: an empty image \(shape \(0, 0, 3\)\)$"):
+        to_pixels(np.zeros((0, 0, 3), np.uint8), "images[0]")
+    nan = torch.full((3, 8, 8), float("nan"))
+    with pytest.raises(CachedetError, match=r"^image: the image holds NaN or infinite values$"):
+        to_pixels(nan)
