@@ -123,7 +123,6 @@ class Model:
     def __init__(self, path: str, device: str = "auto", score_threshold: float = 0.05):
         from cachedet.evaluation.predictor import Predictor, set_score_threshold
 
-        check_number("score_threshold", score_threshold, low=0, high=1)
         self.checkpoint = path
         self.predictor = Predictor(path, device=device, score_threshold=score_threshold)
         set_score_threshold(self.predictor.detector, score_threshold)
