@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cachedet.core.errors import CachedetError
+from cachedet.core.errors import CachedetError, check_number
 from cachedet.core.paths import resolve_path
 
 
@@ -57,6 +57,8 @@ def _array_pixels(array: np.ndarray, where: str) -> torch.Tensor:
         )
     if array.dtype != np.uint8:
         raise CachedetError(f"{where}: a numpy image must be uint8 (0-255), got {array.dtype}")
+    if not array.shape[0] or not array.shape[1]:
+        raise CachedetError(f"{where}: an empty image (shape {tuple(array.shape)})")
     array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
     return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)
 
@@ -67,6 +69,10 @@ def _tensor_pixels(tensor: torch.Tensor, where: str) -> torch.Tensor:
             f"{where}: a tensor image must be (3, H, W) or (1, H, W), got shape {tuple(tensor.shape)}"
         )
     tensor = tensor.detach().cpu()
+    if not tensor.shape[1] or not tensor.shape[2]:
+        raise CachedetError(f"{where}: an empty image (shape {tuple(tensor.shape)})")
+    if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
+        raise CachedetError(f"{where}: the image holds NaN or infinite values")
     if tensor.dtype.is_floating_point:  # torchvision's convention: floats in [0, 1]
         tensor = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
     elif tensor.dtype != torch.uint8:
@@ -130,6 +136,7 @@ class Model:
         Returns one ``Detections`` for a single image, a list of them for a batch, in input order.
         Raises CachedetError naming the image (its path, or ``images[i]``) that cannot be read.
         """
+        check_number("batch_size", batch_size, integer=True, low=1)
         items, batched = _as_batch(images)
         p = self.predictor
         results = []

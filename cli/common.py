@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 import warnings
@@ -31,9 +32,40 @@ def user_errors(fn):
         except CachedetError as e:
             print(f"cachedet: error: {with_flags(str(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except (
+            KeyboardInterrupt
+        ) as e:  # Ctrl-C: one line (what was kept, how to go on), no traceback
+            print(f"cachedet: {with_flags(str(e)) or 'interrupted'}", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except OSError as e:  # a full disk or read-only folder that no library call named
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            print(f"cachedet: error: {os_write_error(e)}", file=sys.stderr)
+            raise typer.Exit(2) from None
 
     _COMMANDS[fn.__name__] = fn  # read by flag_of: the commands' options name the fields
     return wrapper
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+def os_write_error(e: OSError) -> str:
+    """One line for an OSError of a write: the path, the reason, the space free where known."""
+    import os
+    import shutil
+
+    path = e.filename or "a file"
+    free = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename:
+        try:
+            free = f", {human_bytes(shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or '.').free)} free"
+        except OSError:
+            pass
+    return (
+        f"{path}: cannot write ({e.strerror or type(e).__name__}{free}); what was written before "
+        "is intact: free space or choose a writable place, then rerun the same command"
+    )
 
 
 def flag_of() -> dict[str, str]:

@@ -170,6 +170,13 @@ def extract_command(
         rich_help_panel=RUN,
         help="Address of a running dask.distributed scheduler.",
     ),
+    worker_timeout: float = typer.Option(
+        300.0,
+        "--worker-timeout",
+        metavar="SECONDS",
+        rich_help_panel=RUN,
+        help="With dask: stop (keeping finished shards) when the cluster has had no worker this long.",
+    ),
     device: str = typer.Option(
         "auto", "--device", metavar="DEVICE", help=DEVICE_HELP, rich_help_panel=RUN
     ),
@@ -229,6 +236,7 @@ def extract_command(
         shard_views=shard_views,
         workers=dask_workers,
         scheduler=scheduler,
+        worker_timeout=worker_timeout,
         device=device,
         batch_size=batch_size,
         loader_workers=loader_workers,

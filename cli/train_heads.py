@@ -96,7 +96,8 @@ def replayed_config(cfg, ctx: typer.Context, path: str):
     path = resolve_path(path)
     try:
         with open(path) as f:
-            saved = TrainConfig.from_dict({**json.load(f)["train"], "out": cfg.out})
+            saved = json.load(f)["train"]
+        saved = TrainConfig.from_dict({**saved, "out": cfg.out}, where=f"--config {path}")
     except FileNotFoundError:
         raise CachedetError(f"--config {path}: no such file") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -126,6 +127,12 @@ def train_heads_command(
         "--views-per-epoch",
         help="Cached views of each image used per epoch.",
         rich_help_panel=DATA,
+    ),
+    allow_incomplete: bool = typer.Option(
+        False,
+        "--allow-incomplete",
+        rich_help_panel=DATA,
+        help="Train on the finished shards of a store whose extraction has not finished (says so).",
     ),
     feature_crop: bool = typer.Option(
         False,
@@ -388,6 +395,13 @@ def train_heads_command(
             "are refused."
         ),
     ),
+    checkpoint_every: Optional[int] = typer.Option(
+        None,
+        "--checkpoint-every",
+        metavar="N",
+        rich_help_panel=RUN,
+        help="Also write checkpoints/last.pt every N steps inside an epoch (--resume goes on from that step).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP, rich_help_panel=RUN),
 ):
     """Train necks and heads from cached features (stage 2); --online / --backbone-trainable for the baselines."""
@@ -435,9 +449,11 @@ def train_heads_command(
         warmup_steps=warmup_steps,
         schedule=schedule,
         clip_grad=clip_grad or None,
+        checkpoint_every=checkpoint_every,
         amp=not no_amp,
         workers=loader_workers,
         in_memory=in_memory,
+        allow_incomplete=allow_incomplete,
         views_per_epoch=views_per_epoch,
         feature_crop=feature_crop,
         feature_crop_min=feature_crop_min,

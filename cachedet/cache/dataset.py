@@ -7,6 +7,8 @@ epochs the heads see all K views of every image, in a different order each time.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -43,8 +45,20 @@ def shard_blocks(views: np.ndarray, shard_views: int) -> list[np.ndarray]:
 
 
 def rank_blocks(blocks: list[np.ndarray], rank: int, world: int) -> list[np.ndarray]:
-    """The disjoint share of shard blocks read by one distributed rank."""
-    return blocks[rank::world]
+    """The disjoint share of shard blocks read by one distributed rank.
+
+    With at least ``world`` blocks, every ``world``-th block; with fewer (a small store in few
+    shards), the views are cut into ``world`` contiguous parts of near-equal size (each split at
+    shard boundaries), so that every rank gets work as long as there are ``world`` views."""
+    if len(blocks) >= world or not blocks:
+        return blocks[rank::world]
+    views = np.concatenate(blocks)
+    part = np.array_split(views, world)[rank]
+    if not len(part):
+        return []
+    shard_of = {int(v): i for i, b in enumerate(blocks) for v in b[:1]}  # first view -> block
+    starts = [i for i, v in enumerate(part.tolist()) if i == 0 or v in shard_of]
+    return [p for p in np.split(part, starts[1:]) if len(p)]
 
 
 class _EpochViews:
@@ -52,7 +66,14 @@ class _EpochViews:
     one rank reads in one epoch (``choose_epoch_views`` -> shard blocks -> this rank's share)."""
 
     def __init__(
-        self, url: str, views_per_epoch: int, seed: int, rank: int, world: int, masks: bool = False
+        self,
+        url: str,
+        views_per_epoch: int,
+        seed: int,
+        rank: int,
+        world: int,
+        masks: bool = False,
+        allow_incomplete: bool = False,
     ):
         self.url, self.views_per_epoch, self.seed, self.rank, self.world = (
             url,
@@ -76,7 +97,42 @@ class _EpochViews:
             raise CachedetError(
                 f"{url}: no complete shard to train from (run cachedet extract to finish it)"
             )
+        self.check_finished(store, allow_incomplete)
         self._opened = store
+        if world > 1:
+            self.check_layout(url)
+
+    def check_finished(self, store: StoreReader, allow_incomplete: bool) -> None:
+        """Refuse a store whose extraction has not finished (training would silently use a part of
+        the data), or with ``allow_incomplete`` say which part it trains on."""
+        done, total = len(store.shard_records()), store.num_shards
+        if done >= total:
+            return
+        what = (
+            f"source.cache {store.url}: extraction unfinished ({done} of {total} shards complete, "
+            f"{len(self._usable)} of {store.num_views} views)"
+        )
+        if not allow_incomplete:
+            raise CachedetError(
+                f"{what}; finish it by rerunning the extract command that made it, or set "
+                "loader.allow_incomplete to train on the finished shards"
+            )
+        if self.rank == 0:
+            warnings.warn(f"{what}: training on the finished shards only", stacklevel=2)
+
+    def check_layout(self, url: str) -> None:
+        """Refuse up front a distributed layout that leaves a rank without views (it would wait
+        for the others forever)."""
+        chosen = choose_epoch_views(
+            self._image_ids, self._usable, self.views_per_epoch, self.seed, 0
+        )
+        if len(chosen) < self.world:
+            blocks = len(shard_blocks(chosen, self._shard_views))
+            raise CachedetError(
+                f"source.cache {url}: {len(chosen)} views per epoch in {blocks} shard block(s) "
+                f"cannot give each of {self.world} ranks a view; train on at most {len(chosen)} "
+                "ranks, or raise loader.views_per_epoch"
+            )
 
     _shared_epoch = None
 
@@ -154,8 +210,9 @@ class CachedViews(_EpochViews, IterableDataset):
         world: int = 1,
         keep_float16: bool = False,
         masks: bool = False,
+        allow_incomplete: bool = False,
     ):
-        super().__init__(url, views_per_epoch, seed, rank, world, masks)
+        super().__init__(url, views_per_epoch, seed, rank, world, masks, allow_incomplete)
         self.dtype = self._opened.dtype
         if shuffle_buffer is None:
             per_view = self._opened.stored_bytes_per_view()
@@ -224,8 +281,9 @@ class InMemoryViews(_EpochViews):
         world: int = 1,
         masks: bool = False,
         keep_float16: bool = False,
+        allow_incomplete: bool = False,
     ):
-        super().__init__(url, views_per_epoch, seed, rank, world, masks)
+        super().__init__(url, views_per_epoch, seed, rank, world, masks, allow_incomplete)
         store, self._opened = self._opened, None
         self.dtype, self.canvas = store.dtype, store.header.canvas
         self.keep_float16 = keep_float16

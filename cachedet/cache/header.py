@@ -30,18 +30,52 @@ IDENTITY_KEYS = (
 FINGERPRINT_BACKBONE_KEYS = ("name", "out_indices", "weights_sha256", "mean", "std")
 
 
+def _is_specs(v) -> bool:
+    return bool(v) and all(
+        isinstance(x, dict) and {"name", "channels", "stride"} <= set(x) for x in v
+    )
+
+
+def _is_categories(v) -> bool:
+    return bool(v) and all(isinstance(x, dict) and set(x) == {"id", "name"} for x in v)
+
+
+def readable(value) -> str:
+    """A value as a difference line shows it: whole (hashes are never cut), feature specs as
+    ``c3 64ch/8``, a category list as ``2 categories: 1 'cat', 2 'dog'`` (the first 8)."""
+    if isinstance(value, list | tuple) and _is_specs(value):
+        return "[" + ", ".join(f"{s['name']} {s['channels']}ch/{s['stride']}" for s in value) + "]"
+    if isinstance(value, list | tuple) and _is_categories(value):
+        shown = ", ".join(f"{c['id']} {c['name']!r}" for c in value[:8])
+        more = ", …" if len(value) > 8 else ""
+        return f"{len(value)} categor{'y' if len(value) == 1 else 'ies'}: {shown}{more}"
+    return repr(value)
+
+
 def differences(found, wanted, prefix: str = "", found_label: str = "store") -> list[str]:
     """Human-readable differences between two JSON-like values, one line each:
-    ``<dotted.field>: <found_label> has <found>, asked for <wanted>``."""
+    ``<dotted.field>: <found_label> has <found>, asked for <wanted>``. Dicts, and lists of dicts of
+    one length, are compared item by item (``categories[3].name``); values are shown whole
+    (``readable``)."""
     if isinstance(found, dict) and isinstance(wanted, dict):
         out = []
         for k in sorted(set(found) | set(wanted), key=str):
             field_name = f"{prefix}.{k}" if prefix else str(k)
             out += differences(found.get(k), wanted.get(k), field_name, found_label)
         return out
+    pairs = (
+        isinstance(found, list | tuple)
+        and isinstance(wanted, list | tuple)
+        and len(found) == len(wanted)
+        and all(isinstance(x, dict) for x in (*found, *wanted))
+    )
+    if pairs and found != wanted:
+        out = []
+        for i, (a, b) in enumerate(zip(found, wanted)):
+            out += differences(a, b, f"{prefix}[{i}]", found_label)
+        return out
     if found != wanted:
-        short = lambda v: (repr(v)[:60] + "…") if len(repr(v)) > 60 else repr(v)  # noqa: E731
-        return [f"{prefix}: {found_label} has {short(found)}, asked for {short(wanted)}"]
+        return [f"{prefix}: {found_label} has {readable(found)}, asked for {readable(wanted)}"]
     return []
 
 
@@ -233,6 +267,24 @@ class StoreHeader:
     def fingerprint(self) -> Fingerprint:
         """The fingerprint of heads trained on this store's features as stored."""
         return Fingerprint.of(self.specs, self.backbone, self.canvas, self.categories)
+
+    def data_identity(self) -> dict:
+        """What a run trained on this store records of its data, so that a resume on another
+        store (re-extracted from other annotations, views, dtype or augmentation) is refused:
+        annotation file sha256, images, views per image, views, stored dtype, augmentation,
+        hybrid cache stage (and a projection, when a store records one)."""
+        d = {
+            "annotations_sha256": self.dataset_sha256,
+            "images": self.num_images,
+            "views_per_image": self.views,
+            "views": self.num_views,
+            "dtype": self.storage.dtype,
+            "augment": self.augment,
+            "cache_stage": self.hybrid.cache_stage if self.hybrid is not None else None,
+        }
+        if self.extra.get("projection") is not None:
+            d["projection"] = self.extra["projection"]
+        return d
 
     def identity(self) -> dict:
         """The parts that must match for a rerun to resume into this store (``IDENTITY_KEYS``)."""

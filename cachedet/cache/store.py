@@ -19,7 +19,7 @@ import zarr
 from cachedet.cache import schema
 from cachedet.cache.header import StoreHeader
 from cachedet.cache.layout import META_FIELDS, open_group, url_fs
-from cachedet.core.atomic import write_bytes_atomic
+from cachedet.core.atomic import remove_stale_temps, write_bytes_atomic
 from cachedet.core.errors import CachedetError
 from cachedet.core.paths import resolve_path
 from cachedet.core.structures import ViewParams
@@ -185,6 +185,13 @@ class StoreWriter(_StoreFiles):
             if arr.size:
                 z[...] = arr
         return masks_checksum(rle, offsets)
+
+    def remove_stale_temps(self, older_than: float = 60.0) -> list[str]:
+        """Remove the temporary completion records (``.<shard>.json.<hex>.tmp``) of writes killed
+        more than ``older_than`` seconds ago (a live writer's are younger); local stores only."""
+        if not isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            return []  # object stores write records in one PUT: nothing is left behind
+        return remove_stale_temps(f"{self.path}/_shards", older_than)
 
     def write_record(self, record: dict):
         """Mark a shard complete. Local files are written to a temp name and renamed (atomic)."""

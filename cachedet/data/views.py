@@ -15,7 +15,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cachedet.core.errors import CachedetError
+from cachedet.core.errors import CachedetError, check_number
 from cachedet.core.recipes import DEFAULT_CANVAS, get_recipe
 from cachedet.core.structures import ViewParams
 
@@ -41,14 +41,20 @@ class AugmentConfig:
     )
 
     def __post_init__(self):
-        if self.size < 32:
-            raise CachedetError(f"augment.size: expected at least 32 pixels, got {self.size}")
         given = (
             self.scale_range is not None
         )  # ExtractConfig fills a range not given from its recipe
         object.__setattr__(self, "range_given", given)
         if not given:
             object.__setattr__(self, "scale_range", get_recipe(None).scale_range)
+        check_number("augment.size", self.size, integer=True, low=32, high=1 << 14)
+        for bound in self.scale_range:
+            check_number("augment.scale_range", bound, low=0, low_open=True)
+        check_number("augment.seed", self.seed, integer=True, low=0)
+        check_number("augment.copy_paste", self.copy_paste, low=0, high=1)
+        check_number("augment.paste_min_visible", self.paste_min_visible)
+        if self.size < 32:
+            raise CachedetError(f"augment.size: expected at least 32 pixels, got {self.size}")
         lo, hi = self.scale_range
         if not (0 < lo <= hi):
             raise CachedetError(f"augment.scale_range: expected 0 < MIN <= MAX, got {lo} {hi}")

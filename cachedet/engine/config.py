@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 
 from cachedet.backbones.backbone import DEFAULT_BACKBONE
-from cachedet.core.errors import CachedetError
+from cachedet.core.errors import CachedetError, check_number
 from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import (
     DEFAULT_CANVAS,
@@ -61,6 +61,7 @@ class SourceConfig:
             object.__setattr__(self, "weights", resolve_path(self.weights))
 
     def validate(self):
+        check_number("source.size", self.size, integer=True, low=32, high=1 << 14)
         if self.online == (self.cache is not None):
             raise CachedetError(
                 "give either source.cache STORE or source.online (with source.annotations, "
@@ -93,6 +94,9 @@ class HeadsConfig:
     )
 
     def validate(self):
+        check_number(
+            "detector.neck_channels", self.neck_channels, integer=True, low=1, high=1 << 14
+        )
         check_head(self.head, self.masks)
 
 
@@ -111,14 +115,24 @@ class OptimConfig:
     schedule: str = "step"
     clip_grad: float | None = 10.0
     amp: bool = True  # bfloat16 autocast, CUDA only
+    checkpoint_every: int | None = (
+        None  # steps between checkpoints inside an epoch (None: per epoch)
+    )
 
     def validate(self):
         if self.optimizer not in ("sgd", "adamw"):
             raise CachedetError(f"optim.optimizer {self.optimizer}: expected sgd or adamw")
         if self.schedule not in ("step", "cosine"):
             raise CachedetError(f"optim.schedule {self.schedule}: expected step or cosine")
-        if self.epochs < 1:
-            raise CachedetError(f"optim.epochs: expected a positive integer, got {self.epochs}")
+        check_number("optim.epochs", self.epochs, integer=True, low=1, high=1 << 20)
+        check_number("optim.lr", self.lr, low=0, low_open=True, optional=True)
+        check_number("optim.momentum", self.momentum, low=0, high=1)
+        check_number("optim.weight_decay", self.weight_decay, low=0)
+        check_number("optim.warmup_steps", self.warmup_steps, integer=True, low=0, optional=True)
+        check_number("optim.clip_grad", self.clip_grad, low=0, low_open=True, optional=True)
+        check_number(
+            "optim.checkpoint_every", self.checkpoint_every, integer=True, low=1, optional=True
+        )
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,7 @@ class LoaderConfig:
     prefetch_factor: int = 4  # batches each worker prepares ahead
     persistent_workers: bool = True
     log_every: int | None = None  # steps per metrics line (None: 50 on CUDA, 1 otherwise)
+    allow_incomplete: bool = False  # train on the finished shards of an unfinished store
 
     def resolved(self, device) -> "LoaderConfig":
         """This config with ``workers`` and ``log_every`` set for ``device`` (a torch.device)."""
@@ -154,23 +169,21 @@ class LoaderConfig:
         return replace(self, workers=workers, log_every=log_every)
 
     def validate(self, online: bool):
-        if self.workers is not None and self.workers < 0:
-            raise CachedetError(f"loader.workers: expected 0 or more, got {self.workers}")
+        check_number("loader.workers", self.workers, integer=True, low=0, high=1024, optional=True)
         for name in (
             "batch_size",
             "views_per_epoch",
             "shuffle_buffer",
             "prefetch_factor",
             "log_every",
-        ):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise CachedetError(
-                    f"loader.{name}: expected a positive integer, got {getattr(self, name)}"
-                )
+            "max_steps_per_epoch",
+        ):  # a batch larger than the data is cut to it by train (cachedet.engine.train)
+            check_number(f"loader.{name}", getattr(self, name), integer=True, low=1, optional=True)
         if self.feature_crop and online:
             raise CachedetError(
                 "loader.feature_crop crops cached features; online training draws fresh LSJ views instead"
             )
+        check_number("loader.feature_crop_min", self.feature_crop_min)
         if not 0 < self.feature_crop_min <= 1:
             raise CachedetError(
                 f"loader.feature_crop_min: expected a fraction in (0, 1], got {self.feature_crop_min}"
@@ -220,10 +233,7 @@ class ValConfig:
             )
         if self.annotations is not None and not self.enabled:
             raise CachedetError("val.annotations needs val.images DIR or val.cache STORE")
-        if self.every is not None and self.every < 1:
-            raise CachedetError(
-                f"val.every: expected a positive number of epochs, got {self.every}"
-            )
+        check_number("val.every", self.every, integer=True, low=1, optional=True)
         part, _, stat = self.best_metric.partition(".")
         if part not in VAL_PARTS or stat not in VAL_STATS:
             raise CachedetError(
@@ -319,7 +329,9 @@ class TrainConfig:
         return 0.02 * self.loader.batch_size / 16 if self.optim.optimizer == "sgd" else 1e-4
 
     def validate(self):
-        """Raise CachedetError naming the first field (by its path) whose value cannot work."""
+        """Raise CachedetError naming the first field (by its path) whose value cannot work: each
+        number is checked for its type and range (``cachedet.core.errors.check_number``)."""
+        check_number("TrainConfig.seed", self.seed, integer=True, low=0)
         self.source.validate()
         self.detector.validate()
         self.optim.validate()
@@ -334,14 +346,32 @@ class TrainConfig:
         return self.flat()
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """The inverse of ``to_dict``; also reads the flat dict of cachedet 0.1's config.json."""
-        flat = {}
+    def from_dict(cls, d: dict, where: str = "TrainConfig") -> "TrainConfig":
+        """The inverse of ``to_dict``; also reads the flat dict of cachedet 0.1's config.json and
+        the nested ``asdict`` layout.
+
+        Raises CachedetError (prefixed ``where``) for settings this version does not know: a
+        config written by a newer cachedet is refused rather than run without them."""
+        from cachedet import __version__
+
+        flat, unknown = {}, []
         for key, value in d.items():
             if key in SECTIONS and isinstance(value, dict):
-                flat.update({FLAT_NAME.get((key, name), name): v for name, v in value.items()})
+                names = {FLAT_NAME.get((key, name), name): v for name, v in value.items()}
+                unknown += [
+                    f"{key}.{n}" for n in value if FLAT_NAME.get((key, n), n) not in PATH_OF
+                ]
+                flat.update({k: v for k, v in names.items() if k in PATH_OF})
             elif key in PATH_OF:
                 flat[key] = value
+            else:
+                unknown.append(str(key))
+        if unknown:
+            raise CachedetError(
+                f"{where}: settings this cachedet ({__version__}) does not know: "
+                f"{', '.join(sorted(unknown))} (written by a newer cachedet?); run it with the "
+                "version that wrote it, or remove those settings"
+            )
         flat = {
             "recipe": None,
             **{k: v for k, v in flat.items() if k in PATH_OF},
@@ -357,7 +387,8 @@ class TrainConfig:
         path = os.path.join(resolve_path(out), "config.json")
         try:
             with open(path) as f:
-                return cls.from_dict(json.load(f)["train"])
+                saved = json.load(f)["train"]
+            return cls.from_dict(saved, where=path)
         except FileNotFoundError:
             raise CachedetError(
                 f"TrainConfig.out {out}: no run to resume here (no config.json)"

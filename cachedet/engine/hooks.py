@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 
+import torch
+
+from cachedet.core.atomic import write_error
 from cachedet.engine.run import RunRecord, save_run_checkpoint
 from cachedet.engine.trainer import Hook, Trainer
 
@@ -24,15 +27,22 @@ class MetricsHook(Hook):
         from cachedet.core.progress import ViewProgress
 
         self._step = trainer.state.step
-        self._file = open(self.path, "a")
+        try:
+            self._file = open(self.path, "a")
+        except OSError as e:
+            raise write_error(e, self.path) from None
         self._bar = ViewProgress(
             "train-heads", self.steps, unit="steps", enabled=self.progress
         ).__enter__()
 
     def write(self, record: dict) -> None:
         """One line of metrics.jsonl (other hooks log validation results through this too)."""
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = json.dumps(record) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as e:
+            raise write_error(e, self.path, len(line)) from None
 
     def log(self, text: str) -> None:
         """A console line, printed above the progress bar when there is one."""
@@ -46,7 +56,7 @@ class MetricsHook(Hook):
         self.write(record)
         self._bar.advance(
             record["step"] - self._step,
-            status=f"epoch {record['epoch'] + 1}/{self.epochs} loss {record['loss']:.3f} "
+            status=f"epoch {record['epoch']}/{self.epochs} loss {record['loss']:.3f} "
             f"lr {record['lr']:.2g}",
         )
         self._step = record["step"]
@@ -82,8 +92,22 @@ class CheckpointHook(Hook):
         save_run_checkpoint(
             self.path,
             self.record,
+            trainer.state.epoch + 1,  # the epoch just finished, counted from 1
+            trainer.state.step,
+            self.state(trainer),
+            best=trainer.state.extra.get("best"),
+        )
+
+    def at_checkpoint_step(self, trainer: Trainer) -> None:
+        """Mid-epoch (``--checkpoint-every``): epochs finished, steps into the next one, and torch's
+        generator, so that a resume takes the next batch with the same random draws."""
+        save_run_checkpoint(
+            self.path,
+            self.record,
             trainer.state.epoch,
             trainer.state.step,
             self.state(trainer),
             best=trainer.state.extra.get("best"),
+            epoch_step=trainer.state.epoch_step,
+            rng=torch.get_rng_state(),
         )

@@ -38,6 +38,8 @@ RESUMABLE = (
     "prefetch_factor",
     "persistent_workers",
     "log_every",
+    "checkpoint_every",
+    "allow_incomplete",
     "amp",
     "val_annotations",
     "val_images",
@@ -57,6 +59,16 @@ def _plain(value):
     return json.loads(json.dumps(value))  # tuples and lists, as JSON and checkpoints keep them
 
 
+def resolved_settings(cfg, canvas: int | None = None) -> dict:
+    """``cfg.flat()`` with the values a run uses in place of "default": ``lr`` as
+    ``cfg.learning_rate`` and, for a cache run, ``size`` as the store's ``canvas`` (when given).
+    config.json and checkpoints record this."""
+    flat = {**cfg.flat(), "lr": cfg.learning_rate}
+    if canvas is not None and not cfg.source.online:
+        flat["size"] = int(canvas)
+    return flat
+
+
 def resume_changes(saved: dict, cfg) -> dict[str, list]:
     """{field: [run's value, given value]} for the ``RESUMABLE`` settings that differ.
 
@@ -64,11 +76,13 @@ def resume_changes(saved: dict, cfg) -> dict[str, list]:
     TrainConfig given now; keys of the result are flat setting names. Raises CachedetError listing
     every other setting that differs, by field path.
     """
-    saved = type(cfg).from_dict({**saved, "out": cfg.out}).flat()
+    saved = resolved_settings(
+        type(cfg).from_dict({**saved, "out": cfg.out}, where="TrainConfig.resume")
+    )
     fixed, changed = [], {}
-    for key, value in cfg.flat().items():
-        if key in LOCATIONS:
-            continue
+    for key, value in resolved_settings(cfg).items():
+        if key in LOCATIONS or (key == "size" and not cfg.source.online):
+            continue  # a cache run's canvas is its store's, checked by the fingerprint
         old, new = _plain(saved[key]), _plain(value)
         if old == new:
             continue

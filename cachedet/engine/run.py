@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 from cachedet import __version__
-from cachedet.cache.header import check_fingerprint
+from cachedet.cache.header import check_fingerprint, differences
+from cachedet.core.atomic import remove_stale_temps, write_bytes_atomic, write_error
 from cachedet.core.errors import CachedetError
 from cachedet.core.paths import resolve_path
 from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
@@ -36,8 +38,15 @@ RECORD_KEYS = (
     "augment",
     "categories",
     "adapters",
+    "data",
     "cachedet_version",
 )
+
+
+def _plain(value):
+    return json.loads(
+        json.dumps(value)
+    )  # tuples as lists, as config.json and checkpoints keep them
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,9 @@ class RunRecord:
     features and classes the heads fit (``cachedet.engine.sources.fingerprint``); backbone: the
     backbone's identity (timm name, out_indices, weights and their sha256, mean/std); augment: the
     views' augmentation settings; categories: [{id, name}] in label order; adapters: backbone
-    stages with trained adapters (None: no adapters).
+    stages with trained adapters (None: no adapters); data: the identity of the exact data it
+    trained on (``StoreHeader.data_identity`` of a cache, the annotation file of an online run;
+    None in runs recorded before it), compared on resume (``check_same_data``).
     """
 
     train: dict
@@ -58,6 +69,7 @@ class RunRecord:
     augment: dict
     categories: list
     adapters: list | None = None
+    data: dict | None = None
     cachedet_version: str = __version__
 
     def to_dict(self) -> dict:
@@ -73,6 +85,20 @@ class RunRecord:
         check_fingerprint(
             found, self.fingerprint, f"{where} does not fit this run", found_label=found_label
         )
+
+    def check_same_data(self, data: dict | None, where: str, run: str) -> None:
+        """Raise CachedetError listing each difference (``checkpoint has OLD, asked for NEW``) when
+        ``data`` (the identity of the data given now) is not what this run trained on. Runs recorded
+        before data identities (``self.data`` None) are not checked."""
+        if self.data is None or data is None:
+            return
+        diff = differences(_plain(self.data), _plain(data), found_label="checkpoint")
+        if diff:
+            raise CachedetError(
+                f"TrainConfig.resume: {where} holds other data than run {run} was trained on "
+                f"({'; '.join(diff)}); resume with the data it was trained on, or start another "
+                "TrainConfig.out"
+            )
 
 
 def _upgrade(ckpt: dict) -> dict:
@@ -99,11 +125,19 @@ def _upgrade(ckpt: dict) -> dict:
     }
 
 
+EPOCH_NUMBERING = 1  # checkpoints' "epoch": the epoch finished, counted from 1 (as metrics.jsonl)
+
+
 def load_run_checkpoint(path: str) -> dict:
-    """A checkpoint in the current shape; raises CachedetError for a missing or foreign file."""
+    """A checkpoint in the current shape; raises CachedetError for a missing or foreign file.
+    ``epoch`` is the epoch it was written after, counted from 1 (older checkpoints counted from 0
+    and are read as such)."""
     ckpt = load_checkpoint(path)
     try:
-        return _upgrade(ckpt)
+        ckpt = _upgrade(ckpt)
+        if ckpt.get("epoch_numbering") != EPOCH_NUMBERING:
+            ckpt = {**ckpt, "epoch": ckpt["epoch"] + 1, "epoch_numbering": EPOCH_NUMBERING}
+        return ckpt
     except KeyError as e:
         raise CachedetError(
             f"{path}: a cachedet checkpoint without its {e.args[0]!r} entry"
@@ -111,18 +145,30 @@ def load_run_checkpoint(path: str) -> dict:
 
 
 def save_run_checkpoint(
-    path: str, record: RunRecord, epoch: int, step: int, state: dict, best: dict | None = None
+    path: str,
+    record: RunRecord,
+    epoch: int,
+    step: int,
+    state: dict,
+    best: dict | None = None,
+    epoch_step: int = 0,
+    rng=None,
 ) -> None:
     """Atomically write a checkpoint (temp file + rename): a reader sees old or new, never half.
+    ``epoch``: the epochs finished (counted from 1); ``epoch_step``: steps taken into the next
+    one by a mid-epoch checkpoint (0 at an epoch's end), with torch's generator state ``rng``.
     ``best``: the best validation result so far ({metric, value, step, epoch}), kept for resuming."""
     save_atomic(
         {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
+            "epoch_numbering": EPOCH_NUMBERING,
             "step": step,
             "run": record.to_dict(),
             "state": state,
             "best": best,
+            "epoch_step": epoch_step,
+            "rng": rng,
         },
         path,
     )
@@ -175,11 +221,17 @@ class RunDir:
 
     def lock(self) -> None:
         """Hold an exclusive lock on the run (``.lock``, ``fcntl.flock``) until ``unlock`` or the process
-        ends, so two train-heads with one --out never interleave. A crash releases it by itself."""
+        ends, so two train-heads with one --out never interleave. A crash releases it by itself.
+        Once held, removes the temporary files of writes a killed run left (``.last.pt.<hex>.tmp``).
+        Raises WriteError when the folder cannot be written."""
         import fcntl
 
-        os.makedirs(self.path, exist_ok=True)
-        f = open(os.path.join(self.path, ".lock"), "a+")
+        lock = os.path.join(self.path, ".lock")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            f = open(lock, "a+")
+        except OSError as e:
+            raise write_error(e, lock) from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -189,14 +241,19 @@ class RunDir:
                 "wait for it, or choose another TrainConfig.out"
             ) from None
         self._lock = f
+        for folder in (self.path, self.checkpoints):  # what killed writes left (we hold the lock)
+            remove_stale_temps(folder)
 
     def unlock(self) -> None:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
 
-    def resume_history(self, step: int, epoch: int, changes: dict, resumed: bool) -> list[dict]:
-        """config.json's list of resumptions so far, with this one (its step and changed settings) added."""
+    def resume_history(
+        self, step: int, epoch: int, changes: dict, resumed: bool, work_left: bool = True
+    ) -> list[dict]:
+        """config.json's list of resumptions so far, with this one (its step, epochs finished and
+        changed settings) added when it has ``work_left`` (a resume with nothing to do adds none)."""
         history = []
         if resumed and os.path.exists(self.config):
             try:
@@ -204,7 +261,7 @@ class RunDir:
                     history = list(json.load(f).get("resumes", []))
             except (OSError, ValueError):
                 history = []
-        if resumed:
+        if resumed and work_left:
             history.append({"step": step, "epoch": epoch, "changed": changes})
         return history
 
@@ -221,17 +278,33 @@ class RunDir:
         return {k: saved[k] for k in ORIGIN_KEYS if k in saved}
 
     def truncate_metrics(self, last_step: int):
-        """Drop metric lines written after the checkpoint we resume from (a killed run's tail)."""
+        """Drop metric lines written after the checkpoint we resume from (a killed run's tail; all
+        of them when the run starts at step 0), so that no step is recorded twice. A line that is
+        not a metrics object (half-written, edited) is dropped with a warning naming its line
+        number; the lines after it are kept. Raises WriteError when the file cannot be rewritten."""
         if not os.path.exists(self.metrics):
             return
-        with open(self.metrics) as f:
-            lines = [ln for ln in f if ln.strip()]
-        kept = []
-        for ln in lines:
+        with open(self.metrics, errors="replace") as f:
+            lines = f.readlines()
+        kept, bad = [], []
+        for number, ln in enumerate(lines, 1):
+            if not ln.strip():
+                continue
             try:
-                if json.loads(ln)["step"] <= last_step:
-                    kept.append(ln)
-            except (ValueError, KeyError):
-                break
-        with open(self.metrics, "w") as f:
-            f.writelines(kept)
+                row = json.loads(ln)
+                step = row["step"]
+                if not isinstance(step, int):
+                    raise TypeError(step)
+            except (ValueError, KeyError, TypeError):
+                bad.append(number)
+                continue
+            if step <= last_step:
+                kept.append(ln if ln.endswith("\n") else ln + "\n")
+        if bad:
+            warnings.warn(
+                f"{self.metrics}: skipped {len(bad)} malformed line(s) (line "
+                f"{', '.join(map(str, bad[:5]))}{', …' if len(bad) > 5 else ''}); the others are kept",
+                stacklevel=2,
+            )
+        if kept != lines:
+            write_bytes_atomic(self.metrics, "".join(kept).encode())

@@ -1,7 +1,8 @@
 """Where a training step's features come from: a cache, RAM, or the backbone run online.
 
 Every source gives the same things: feature specs, canvas size, categories, a fingerprint
-(``cache.header.Fingerprint.to_dict()``) that a checkpoint must match, whether targets carry instance masks, the number of steps in an epoch, and batches
+(``cache.header.Fingerprint.to_dict()``) that a checkpoint must match, the identity of its data
+(``data``, compared on resume), whether targets carry instance masks, the number of steps in an epoch, and batches
 dict(inputs, targets, views), where inputs are features {level: (B, C, H, W)} (cache, RAM) or
 normalised images (B, 3, S, S) (online; ``backbone`` turns them into features).
 """
@@ -116,6 +117,7 @@ class CacheSource(_AdapterMixin):
         feature_crop_min: float | None = None,
         masks: bool = False,
         feed: FeedOptions | None = None,
+        allow_incomplete: bool = False,
     ):
         self.batch_size, self.workers, self.in_memory = batch_size, workers, in_memory
         self.feed = feed or FeedOptions(start=loader_start)
@@ -123,7 +125,14 @@ class CacheSource(_AdapterMixin):
         self.seed, self.rank, self.feature_crop_min = seed, dist.rank, feature_crop_min
         if in_memory:
             self.dataset = InMemoryViews(
-                url, views_per_epoch, seed, dist.rank, dist.world, masks, keep_float16
+                url,
+                views_per_epoch,
+                seed,
+                dist.rank,
+                dist.world,
+                masks,
+                keep_float16,
+                allow_incomplete,
             )
         else:
             self.dataset = CachedViews(
@@ -135,6 +144,7 @@ class CacheSource(_AdapterMixin):
                 dist.world,
                 keep_float16,
                 masks,
+                allow_incomplete,
             )
         self.masks = self.dataset.masks  # False when the store holds no masks
         self.no_masks_reason = (
@@ -165,6 +175,7 @@ class CacheSource(_AdapterMixin):
             self.specs, self.backbone_identity, self.canvas, header.categories
         ).to_dict()
         self.augment = header.augment
+        self.data = header.data_identity()  # recorded by the run, compared on resume
         if feature_crop_min is not None:
             if self.hybrid_stage is not None:
                 raise CachedetError(
@@ -174,6 +185,10 @@ class CacheSource(_AdapterMixin):
 
     def steps(self, epoch: int) -> int:
         return steps_in_epoch(self.dataset.views_per_rank(epoch), self.batch_size)
+
+    def largest_batch(self) -> int:
+        """The views of an epoch on the rank with fewest: no batch can be larger."""
+        return min(self.dataset.views_per_rank(0))
 
     def batches(self, epoch: int):
         self.dataset.set_epoch(epoch)
@@ -234,16 +249,29 @@ class OnlineSource(_AdapterMixin):
         ).to_dict()
         self.backbone_identity = self.backbone.identity
         self.augment = augment.to_dict()
+        self.data = {  # recorded by the run, compared on resume (the views are in its settings)
+            "annotations_sha256": self.dataset_info.sha256,
+            "images": len(self.dataset_info.images),
+        }
         self.views = OnlineViews(
             self.dataset_info, augment, self.backbone.mean, self.backbone.std, self.masks
         )
         self.batch_size, self.workers, self.seed, self.dist = batch_size, workers, seed, dist
+        if dist.world > len(self.views):  # a rank without views would wait for the others forever
+            raise CachedetError(
+                f"source.annotations {annotations}: {len(self.views)} views per epoch cannot give "
+                f"each of {dist.world} ranks a view; train on at most {len(self.views)} ranks"
+            )
 
     def steps(self, epoch: int) -> int:
         n = len(self.views)
         return steps_in_epoch(
             [len(range(r, n, self.dist.world)) for r in range(self.dist.world)], self.batch_size
         )
+
+    def largest_batch(self) -> int:
+        """The views of an epoch on the rank with fewest: no batch can be larger."""
+        return len(self.views) // self.dist.world
 
     def batches(self, epoch: int):
         self.views.set_epoch(epoch)

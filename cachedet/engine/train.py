@@ -12,21 +12,22 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from cachedet.backbones.backbone import BackboneConfig, build_backbone, config_from_identity
+from cachedet.cache.header import check_fingerprint
 from cachedet.core.atomic import write_json_atomic
-from cachedet.core.errors import CachedetError
+from cachedet.core.errors import CachedetError, Interrupted, WriteError
 from cachedet.core.recipes import warmup_steps_for
 from cachedet.core.runtime import resolve_device, retain_freed_memory
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.config import TrainConfig, resolve_recipe
-from cachedet.engine.distributed import DistInfo, init_distributed, shutdown
+from cachedet.engine.distributed import DistInfo, all_ranks_ready, init_distributed, shutdown
 from cachedet.engine.hooks import CheckpointHook, MetricsHook
 from cachedet.engine.monitor import CurvesHook, TensorBoardHook
-from cachedet.engine.resume import continue_schedule, resume_changes
+from cachedet.engine.resume import continue_schedule, resolved_settings, resume_changes
 from cachedet.engine.run import RunDir, RunRecord, load_run_checkpoint
 from cachedet.engine.sources import CacheSource, FeedOptions, OnlineSource
 from cachedet.engine.step import TrainModel
@@ -108,6 +109,7 @@ def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
             feature_crop_min=cfg.loader.feature_crop_min if cfg.loader.feature_crop else None,
             masks=cfg.detector.masks,
             feed=feed,
+            allow_incomplete=cfg.loader.allow_incomplete,
         )
     if cfg.detector.masks and not source.masks:
         warnings.warn(
@@ -161,12 +163,57 @@ def train(cfg: TrainConfig, progress: bool = True, origin: dict | None = None) -
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     run = RunDir(cfg.out)
-    if info.is_main:
-        run.lock()
     try:
         return _train_locked(cfg, run, device, info, progress, origin)
+    except WriteError as e:  # disk full, read-only: what to run once there is space
+        raise e.with_next_step(_how_to_continue(run, "free space, then ")) from None
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # Ctrl-C: one line with where the run stands
+        raise Interrupted(f"interrupted; {_how_to_continue(run)}") from None
     finally:
         run.unlock()
+
+
+def _fit_batch(cfg: TrainConfig, source) -> TrainConfig:
+    """``cfg`` with ``loader.batch_size`` cut to the views an epoch has per rank (with a warning),
+    so that an oversized batch never allocates for views that do not exist."""
+    largest = source.largest_batch()
+    if cfg.loader.batch_size <= largest:
+        return cfg
+    warnings.warn(
+        f"loader.batch_size {cfg.loader.batch_size}: an epoch has {largest} views per rank, so "
+        f"batches hold {largest}",
+        stacklevel=3,
+    )
+    source.batch_size = largest
+    return replace(cfg, loader=replace(cfg.loader, batch_size=largest))
+
+
+def _position(ckpt: dict, epochs: int | None = None) -> str:
+    """Where a checkpoint stands: ``after epoch 2 of 3, step 6``, or mid-epoch
+    ``in epoch 3, after its step 2, step 8``."""
+    of = f" of {epochs}" if epochs else ""
+    if ckpt.get("epoch_step"):
+        return (
+            f"in epoch {ckpt['epoch'] + 1}{of}, after its step {ckpt['epoch_step']}, "
+            f"step {ckpt['step']}"
+        )
+    return f"after epoch {ckpt['epoch']}{of}, step {ckpt['step']}"
+
+
+def _how_to_continue(run: RunDir, first: str = "") -> str:
+    """Where a stopped run stands and how to go on: resume from its checkpoint, or start again."""
+    try:
+        done = load_run_checkpoint(run.checkpoint) if os.path.isfile(run.checkpoint) else None
+    except CachedetError:
+        done = None
+    if done is None:
+        return f"no checkpoint in {run.path} yet; {first}run the same command again"
+    return (
+        f"{run.checkpoint} ({_position(done)}) is intact; {first}"
+        f"continue with TrainConfig.out {run.path} TrainConfig.resume"
+    )
 
 
 def _train_locked(
@@ -177,111 +224,124 @@ def _train_locked(
     progress: bool,
     origin: dict | None,
 ) -> TrainResult:
-    if not cfg.resume and os.path.exists(run.checkpoint):
-        raise CachedetError(
-            f"TrainConfig.out {cfg.out}: holds a run already (set TrainConfig.resume to continue it, "
-            "or choose another TrainConfig.out)"
-        )
-    ckpt = load_run_checkpoint(run.checkpoint) if cfg.resume else None
-    changes = resume_changes(ckpt["run"]["train"], cfg) if ckpt is not None else {}
-
-    source = make_source(cfg, info, device)
-    det_cfg = DetectorConfig(
-        num_classes=len(source.categories),
-        canvas=source.canvas,
-        in_specs=tuple(source.specs),
-        neck=resolve_neck(cfg.detector.neck, source.specs),
-        head=cfg.detector.head,
-        neck_channels=cfg.detector.neck_channels,
-        options=dict(cfg.detector.options),
-        masks=source.masks,
-    )
-    if ckpt is not None:
-        _check_resumable(cfg, run, ckpt, det_cfg, source)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        detector = build_detector(det_cfg)
-    model = TrainModel(detector, source.backbone, source.hybrid_stage).to(device)
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    steps_per_epoch = source.steps(0)
-    if cfg.loader.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.loader.max_steps_per_epoch)
-    factor = lr_factor(cfg, steps_per_epoch * cfg.optim.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    state = TrainState()
-    if ckpt is not None:
-        state = _restore(ckpt, model, optimizer, scheduler)
-        continue_schedule(
-            optimizer, scheduler, cfg.learning_rate, cfg.optim.weight_decay, factor, state.step
-        )
+    with all_ranks_ready(info):  # a rank that cannot start stops every rank, with its message
         if info.is_main:
-            run.truncate_metrics(state.step)
-    record = RunRecord(
-        train=cfg.to_dict(),
-        detector=det_cfg.to_dict(),
-        fingerprint=source.fingerprint,
-        backbone=source.backbone_identity,
-        augment=source.augment,
-        categories=source.categories,
-        adapters=list(model.backbone.adapter_stages) if model.backbone is not None else None,
-    )
-    hooks = []
-    if info.is_main:
-        validation = _validation(
-            cfg, source, det_cfg, model, device
-        )  # before any training: fail early
-        history = run.resume_history(state.step, state.epoch, changes, ckpt is not None)
-        write_json_atomic(
-            run.config,
-            {**record.to_dict(), **run.origin(origin, ckpt is not None), "resumes": history},
-            indent=2,
-        )
-        metrics = MetricsHook(
-            run.metrics,
-            steps_per_epoch * (cfg.optim.epochs - state.epoch),
-            cfg.optim.epochs,
-            progress,
-        )
-        checkpoint = CheckpointHook(run.checkpoint, record)
-        hooks = [metrics]
-        if validation is not None:
-            hooks.append(
-                EvalHook(
-                    *validation,
-                    cfg.val.period,
-                    cfg.val.best_metric,
-                    run.best,
-                    record,
-                    metrics,
-                    checkpoint,
-                )
+            run.lock()
+        if not cfg.resume and os.path.exists(run.checkpoint):
+            raise CachedetError(
+                f"TrainConfig.out {cfg.out}: holds a run already (set TrainConfig.resume to continue it, "
+                "or choose another TrainConfig.out)"
             )
-        hooks += [checkpoint, TensorBoardHook(run.tensorboard), CurvesHook(run.metrics, run.curves)]
-    ddp = model
-    if info.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
+        ckpt = load_run_checkpoint(run.checkpoint) if cfg.resume else None
+        changes = resume_changes(ckpt["run"]["train"], cfg) if ckpt is not None else {}
+
+        source = make_source(cfg, info, device)
+        cfg = _fit_batch(cfg, source)
+        det_cfg = DetectorConfig(
+            num_classes=len(source.categories),
+            canvas=source.canvas,
+            in_specs=tuple(source.specs),
+            neck=resolve_neck(cfg.detector.neck, source.specs),
+            head=cfg.detector.head,
+            neck_channels=cfg.detector.neck_channels,
+            options=dict(cfg.detector.options),
+            masks=source.masks,
+        )
+        if ckpt is not None:
+            _check_resumable(cfg, run, ckpt, det_cfg, source)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            detector = build_detector(det_cfg)
+        model = TrainModel(detector, source.backbone, source.hybrid_stage).to(device)
+        optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        steps_per_epoch = source.steps(0)
+        if cfg.loader.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.loader.max_steps_per_epoch)
+        factor = lr_factor(cfg, steps_per_epoch * cfg.optim.epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        state = TrainState()
+        if ckpt is not None:
+            state = _restore(ckpt, model, optimizer, scheduler)
+            continue_schedule(
+                optimizer, scheduler, cfg.learning_rate, cfg.optim.weight_decay, factor, state.step
+            )
+        if info.is_main:  # a fresh start (step 0) after a kill before the first checkpoint too
+            run.truncate_metrics(state.step)
+        if ckpt is not None and info.is_main:
+            print(f"resuming {run.path} {_position(ckpt, cfg.optim.epochs)}", flush=True)
+        record = RunRecord(
+            train=resolved_settings(cfg, source.canvas),  # what runs, not "default"
+            detector=det_cfg.to_dict(),
+            fingerprint=source.fingerprint,
+            backbone=source.backbone_identity,
+            augment=source.augment,
+            categories=source.categories,
+            adapters=list(model.backbone.adapter_stages) if model.backbone is not None else None,
+            data=source.data,
+        )
+        hooks = []
+        if info.is_main:
+            validation = _validation(
+                cfg, source, det_cfg, model, device
+            )  # before any training: fail early
+            history = run.resume_history(
+                state.step, state.epoch, changes, ckpt is not None, state.epoch < cfg.optim.epochs
+            )
+            write_json_atomic(
+                run.config,
+                {**record.to_dict(), **run.origin(origin, ckpt is not None), "resumes": history},
+                indent=2,
+            )
+            metrics = MetricsHook(
+                run.metrics,
+                steps_per_epoch * (cfg.optim.epochs - state.epoch),
+                cfg.optim.epochs,
+                progress,
+            )
+            checkpoint = CheckpointHook(run.checkpoint, record)
+            hooks = [metrics]
+            if validation is not None:
+                hooks.append(
+                    EvalHook(
+                        *validation,
+                        cfg.val.period,
+                        cfg.val.best_metric,
+                        run.best,
+                        record,
+                        metrics,
+                        checkpoint,
+                    )
+                )
+            hooks += [
+                checkpoint,
+                TensorBoardHook(run.tensorboard),
+                CurvesHook(run.metrics, run.curves),
+            ]
+        loop = LoopConfig(
+            epochs=cfg.optim.epochs,
+            steps_per_epoch=steps_per_epoch,
+            seed=cfg.seed,
+            clip_grad=cfg.optim.clip_grad,
+            amp=cfg.optim.amp,
+            log_every=cfg.loader.resolved(device).log_every,
+            checkpoint_every=cfg.optim.checkpoint_every,
+        )
+        trainer = Trainer(
+            model,
+            optimizer,
+            scheduler,
+            source,
+            loop,
+            device,
+            info,
+            hooks,
+            state=state,
+        )
+    if info.world > 1:  # after the ranks agree: DDP's first broadcast is a collective
+        trainer.forward_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    loop = LoopConfig(
-        epochs=cfg.optim.epochs,
-        steps_per_epoch=steps_per_epoch,
-        seed=cfg.seed,
-        clip_grad=cfg.optim.clip_grad,
-        amp=cfg.optim.amp,
-        log_every=cfg.loader.resolved(device).log_every,
-    )
-    trainer = Trainer(
-        model,
-        optimizer,
-        scheduler,
-        source,
-        loop,
-        device,
-        info,
-        hooks,
-        forward_model=ddp,
-        state=state,
-    )
+
     t_start = time.perf_counter()
     state = trainer.run()
     seconds = time.perf_counter() - t_start
@@ -342,9 +402,15 @@ def _check_resumable(
             "a mask branch; resume it with the same detector.masks setting"
         )
     where = f"source.cache {cfg.source.cache}" if cfg.source.cache else "the online backbone"
-    saved.check_fits(
-        source.fingerprint, f"{where} (checkpoint {run.checkpoint})", found_label="checkpoint"
+    # the checkpoint's side first: "checkpoint has OLD, asked for NEW"
+    check_fingerprint(
+        saved.fingerprint,
+        source.fingerprint,
+        f"TrainConfig.resume: {where} does not fit this run (checkpoint {run.checkpoint})",
+        found_label="checkpoint",
     )
+    data_where = where if cfg.source.cache else f"source.annotations {cfg.source.annotations}"
+    saved.check_same_data(source.data, data_where, cfg.out)
 
 
 def _restore(ckpt: dict, model: TrainModel, optimizer, scheduler) -> TrainState:
@@ -355,4 +421,11 @@ def _restore(ckpt: dict, model: TrainModel, optimizer, scheduler) -> TrainState:
         model.backbone.load_state_dict(weights["backbone"])
     optimizer.load_state_dict(weights["optimizer"])
     scheduler.load_state_dict(weights["scheduler"])
-    return TrainState(epoch=ckpt["epoch"] + 1, step=ckpt["step"], extra={"best": ckpt.get("best")})
+    # ckpt["epoch"]: epochs finished (counted from 1), so the loop's next index
+    return TrainState(
+        epoch=ckpt["epoch"],
+        step=ckpt["step"],
+        epoch_step=ckpt.get("epoch_step") or 0,
+        rng=ckpt.get("rng"),
+        extra={"best": ckpt.get("best")},
+    )

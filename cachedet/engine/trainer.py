@@ -8,6 +8,7 @@ lines, the progress bar, checkpoints, validation) is a ``Hook`` that the caller 
     after_step(trainer, record)    after every ``loop.log_every`` steps (and at the end of each epoch);
                                    ``record`` is the metrics line of those steps (means of the losses)
     after_epoch(trainer)           after every epoch, on every rank, before the barrier
+    at_checkpoint_step(trainer)    every ``loop.checkpoint_every`` steps inside an epoch
     after_eval(trainer, line)      after each validation (``cachedet.engine.validation``), its metrics line
     after_train(trainer)           once, after the last epoch (not after an exception)
     close()                        always, last (release files, stop bars)
@@ -40,6 +41,9 @@ class Hook:
     def after_epoch(self, trainer: "Trainer") -> None:
         pass
 
+    def at_checkpoint_step(self, trainer: "Trainer") -> None:
+        """Every ``loop.checkpoint_every`` steps inside an epoch (not at its end: ``after_epoch``)."""
+
     def after_eval(self, trainer: "Trainer", line: dict) -> None:
         pass
 
@@ -59,6 +63,10 @@ class TrainState:
     )
     last_loss: float | None = None
     views: int = 0  # views trained on by this invocation, all ranks
+    epoch_step: int = (
+        0  # steps taken in the current epoch (a mid-epoch checkpoint resumes after them)
+    )
+    rng: object = None  # torch's CPU generator state at a mid-epoch checkpoint, restored on resume
     extra: dict = field(default_factory=dict)  # what hooks want to share (e.g. the best metric)
 
 
@@ -70,6 +78,7 @@ class LoopConfig:
     clip_grad: float | None = None
     amp: bool = False  # bfloat16 autocast (CUDA only)
     log_every: int = 1  # steps per metrics line; the device is read (synchronised) only then
+    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints (None: per epoch)
 
 
 class LossWindow:
@@ -158,11 +167,24 @@ class Trainer:
             torch.manual_seed(
                 self.loop.seed * 100_003 + epoch
             )  # RoI sampling etc.: resume replays it exactly
+            skip, self.state.epoch_step = self.state.epoch_step, 0  # a mid-epoch checkpoint's
             self.model.train()
             for i, batch in enumerate(self.source.batches(epoch)):
                 if i >= self.loop.steps_per_epoch:
                     break
+                if i < skip:  # taken before the checkpoint: the same batches, not trained again
+                    continue
+                if i == skip and self.state.rng is not None:
+                    torch.set_rng_state(self.state.rng)
+                    self.state.rng = None
+                self.state.epoch_step = i + 1
                 self._after_step(self.run_step(batch))
+                every = self.loop.checkpoint_every
+                if every and self.state.step % every == 0 and i + 1 < self.loop.steps_per_epoch:
+                    self._after_step(self.close_window())  # the lines up to the checkpoint
+                    for hook in self.hooks:
+                        hook.at_checkpoint_step(self)
+            self.state.epoch_step = 0
             self._after_step(self.close_window())  # windows never span epochs
             for hook in self.hooks:
                 hook.after_epoch(self)
@@ -217,7 +239,7 @@ class Trainer:
         if not math.isfinite(means["loss"]):
             where = f"step {last}" if first == last else f"a step in {first}..{last}"
             raise CachedetError(
-                f"the loss became {means['loss']} at {where} (epoch {self.state.epoch}); "
+                f"the loss became {means['loss']} at {where} (epoch {self.state.epoch + 1}); "
                 "lower optim.lr or raise optim.warmup_steps"
             )
         self.state.last_loss = last_loss
@@ -225,7 +247,7 @@ class Trainer:
             self.state.first_loss = first_loss
         dt = time.perf_counter() - window.t0
         return {
-            "epoch": self.state.epoch,
+            "epoch": self.state.epoch + 1,  # counted from 1 everywhere (console, checkpoints)
             "step": self.state.step,
             "lr": window.lr,
             **means,

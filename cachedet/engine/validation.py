@@ -149,7 +149,7 @@ class EvalHook(Hook):
             return
         line = {
             "step": trainer.state.step,
-            "epoch": trainer.state.epoch,
+            "epoch": epoch,
             "val": self.evaluate(trainer),
         }
         self.metrics.write(line)
@@ -160,13 +160,13 @@ class EvalHook(Hook):
                 "metric": self.best_metric,
                 "value": value,
                 "step": trainer.state.step,
-                "epoch": trainer.state.epoch,
+                "epoch": epoch,
             }
             trainer.state.extra["best"] = best
             save_run_checkpoint(
                 self.best_path,
                 self.record,
-                trainer.state.epoch,
+                epoch,
                 trainer.state.step,
                 self.checkpoint.state(trainer),
                 best=best,

@@ -22,7 +22,7 @@ from cachedet.cache import schema
 from cachedet.cache.header import Hybrid, MaskInfo, Storage, StoreHeader
 from cachedet.cache.layout import create_store, interrupted_creation, remove_store, store_exists
 from cachedet.cache.store import StoreReader, StoreWriter, shard_range
-from cachedet.core.errors import CachedetError
+from cachedet.core.errors import CachedetError, check_number
 from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe
 from cachedet.core.runtime import resolve_device
@@ -54,6 +54,7 @@ class ExtractConfig:
     shard_views: int = 64
     workers: int = 0  # 0: in this process; N: a dask LocalCluster of N worker processes
     scheduler: str | None = None  # address of an existing dask.distributed scheduler
+    worker_timeout: float = 300.0  # dask: stop when the cluster has had no worker this long (s)
     device: str = "auto"
     batch_size: int = 8
     loader_workers: int | None = None  # decode processes; None: default_loader_workers(device)
@@ -76,10 +77,15 @@ class ExtractConfig:
             object.__setattr__(self, "augment", replace(self.augment, scale_range=jitter))
 
     def validate(self):
-        if self.views < 1:
-            raise CachedetError(
-                f"ExtractConfig.views: expected a positive integer, got {self.views}"
-            )
+        for name, low in (("views", 1), ("shard_views", 1), ("batch_size", 1), ("workers", 0)):
+            check_number(f"ExtractConfig.{name}", getattr(self, name), integer=True, low=low)
+        check_number(
+            "ExtractConfig.loader_workers", self.loader_workers, integer=True, low=0, optional=True
+        )
+        check_number(
+            "ExtractConfig.cache_stage", self.cache_stage, integer=True, low=0, optional=True
+        )
+        check_number("ExtractConfig.worker_timeout", self.worker_timeout, low=0, low_open=True)
         if not self.augment.augment and self.views != 1:
             raise CachedetError(
                 f"ExtractConfig.views {self.views}: a store without augmentation (augment.augment) has "
@@ -359,7 +365,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     prepare_store(cfg, header, plan)
     repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
-    done = StoreWriter(cfg.out).shard_records()
+    store = StoreWriter(cfg.out)
+    store.remove_stale_temps()  # left by writes of a killed run
+    done = store.shard_records()
     total = header.num_shards
     tasks = shard_tasks(cfg, backbone_cfg, dataset if with_masks else None, plan, skip=set(done))
     todo_views = sum(len(t.views) for t in tasks)
@@ -371,7 +379,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     t_shards = time.perf_counter()
     with ViewProgress("extract", todo_views, enabled=progress) as bar:
         if cfg.workers or cfg.scheduler:
-            records = run_shards_on_dask(tasks, cfg.workers, cfg.scheduler, bar)
+            records = run_shards_on_dask(
+                tasks, cfg.workers, cfg.scheduler, bar, worker_timeout=cfg.worker_timeout
+            )
         else:
             records = run_shards_in_process(tasks, on_views=bar.advance, runner=runner)
     shard_seconds = time.perf_counter() - t_shards

@@ -295,25 +295,55 @@ def run_shards_in_process(
 
 
 def run_shards_on_dask(
-    tasks: list[ShardTask], workers: int, scheduler: str | None, bar
+    tasks: list[ShardTask],
+    workers: int,
+    scheduler: str | None,
+    bar,
+    worker_timeout: float = 300.0,
+    poll: float = 2.0,
 ) -> list[dict]:
-    """Run shard tasks on an existing cluster (``scheduler``) or a LocalCluster of ``workers`` processes."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    """Run shard tasks on an existing cluster (``scheduler``) or a LocalCluster of ``workers`` processes.
+
+    Raises CachedetError when the scheduler cannot be reached, or when the cluster has had no
+    worker for ``worker_timeout`` seconds while shards remain (workers died or never came): the
+    shards finished so far are kept, and rerunning the command resumes after them."""
+    from dask.distributed import Client, LocalCluster, wait
 
     if scheduler:
-        client, cluster = Client(scheduler), None
+        try:
+            client, cluster = Client(scheduler, timeout=min(worker_timeout, 60)), None
+        except (OSError, TimeoutError) as e:
+            raise CachedetError(
+                f"ExtractConfig.scheduler {scheduler}: no dask scheduler answers there "
+                f"({type(e).__name__}); start it, or run without ExtractConfig.scheduler"
+            ) from None
     else:
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         )
         client = Client(cluster)
     try:
-        futures = client.map(run_shard, tasks, pure=False)
-        records = []
-        for fut in as_completed(futures):
-            rec = fut.result()
-            records.append(rec)
-            bar.advance(rec["views"][1] - rec["views"][0])
+        pending, records = set(client.map(run_shard, tasks, pure=False)), []
+        seen = time.monotonic()  # when the cluster last had a worker
+        while pending:
+            try:
+                done, _ = wait(list(pending), timeout=poll, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                done = set()
+            for fut in done:
+                rec = fut.result()
+                records.append(rec)
+                pending.discard(fut)
+                bar.advance(rec["views"][1] - rec["views"][0])
+            if done or client.scheduler_info().get("workers"):
+                seen = time.monotonic()
+            elif time.monotonic() - seen > worker_timeout:
+                raise CachedetError(
+                    f"ExtractConfig.scheduler {scheduler or 'local cluster'}: no dask worker for "
+                    f"{worker_timeout:.0f} s with {len(pending)} shard(s) left ({len(records)} "
+                    "finished and kept); start workers, then rerun the same command to resume "
+                    "(ExtractConfig.worker_timeout sets the wait)"
+                )
         return records
     finally:
         client.close()

@@ -170,6 +170,6 @@ def test_a_checkpoint_interrupted_while_written_leaves_the_previous_one(
     monkeypatch.setattr(os, "fsync", real_fsync)
     ckpt_dir = tmp_path / "killed" / "checkpoints"
     assert os.listdir(ckpt_dir) == ["last.pt"]  # no temp file left behind
-    assert torch.load(ckpt_dir / "last.pt", weights_only=False)["epoch"] == 1  # epochs count from 0
+    assert torch.load(ckpt_dir / "last.pt", weights_only=False)["epoch"] == 2  # epochs count from 1
     resumed = train(tiny_train(tmp_path / "killed", cfg.out, epochs=3, resume=True), progress=False)
     assert resumed.steps == full.steps

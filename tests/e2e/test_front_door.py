@@ -17,7 +17,7 @@ import zarr
 from helpers import extract_args
 
 import cachedet
-from cachedet.backbones import BackboneConfig
+from cachedet.backbones.backbone import BackboneConfig
 from cachedet.data.views import AugmentConfig
 
 pytestmark = pytest.mark.slow

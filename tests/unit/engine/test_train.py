@@ -273,7 +273,9 @@ def test_an_incompatible_cache_is_refused_on_resume(store, synthetic, tmp_path):
         backbone=BackboneConfig("test_efficientnet", None, "random"),
     )
     extract(other, progress=False)
-    with pytest.raises(CachedetError, match=r"does not fit this run: .*feature_specs"):
+    with pytest.raises(
+        CachedetError, match=r"does not fit this run \(checkpoint .*\): .*feature_specs"
+    ):
         train(
             dataclasses.replace(tiny_train(run.run, other.out, epochs=2), resume=True),
             progress=False,

@@ -74,13 +74,13 @@ def test_hooks_run_in_order_and_see_every_step():
     rec = Recorder()
     state = make_trainer([1.0, 0.5, 2.0], [rec], epochs=2, steps=2).run()
     kinds = [e if isinstance(e, str) else e[:3] for e in rec.events]
-    assert kinds == [
+    assert kinds == [  # metrics lines count epochs from 1; trainer.state.epoch is the loop's index
         "before",
-        ("step", 0, 1),
-        ("step", 0, 2),
+        ("step", 1, 1),
+        ("step", 1, 2),
         ("epoch", 0),
-        ("step", 1, 3),
-        ("step", 1, 4),
+        ("step", 2, 3),
+        ("step", 2, 4),
         ("epoch", 1),
         "after",
         "close",
@@ -93,14 +93,14 @@ def test_resumed_state_starts_at_its_epoch_and_step():
     rec = Recorder()
     make_trainer([1.0], [rec], epochs=3, state=TrainState(epoch=2, step=7)).run()
     assert [e for e in rec.events if isinstance(e, tuple)] == [
-        ("step", 2, 8, rec.events[1][3]),
+        ("step", 3, 8, rec.events[1][3]),
         ("epoch", 2),
     ]
 
 
 def test_a_non_finite_loss_names_its_step_and_still_closes_hooks():
     rec = Recorder()
-    with pytest.raises(CachedetError, match=r"the loss became (nan|inf) at step 1 \(epoch 0\)"):
+    with pytest.raises(CachedetError, match=r"the loss became (nan|inf) at step 1 \(epoch 1\)"):
         make_trainer([1.0, float("inf")], [rec]).run()
     assert rec.events[-1] == "close" and "after" not in rec.events
 
@@ -160,7 +160,9 @@ def test_a_checkpoint_of_the_flat_layout_loads_as_a_run_record(tmp_path):
     ckpt = load_run_checkpoint(str(tmp_path / "last.pt"))
     record = RunRecord.from_dict(ckpt["run"])
     assert record.train == {"out": "r", "epochs": 4} and record.backbone == {"name": "test_resnet"}
-    assert record.detector == {"head": "faster-rcnn"} and ckpt["epoch"] == 3 and ckpt["step"] == 12
+    assert (
+        record.detector == {"head": "faster-rcnn"} and ckpt["epoch"] == 4 and ckpt["step"] == 12
+    )  # 0.1 counted epochs from 0
     assert (
         torch.equal(ckpt["state"]["detector"]["w"], torch.ones(1))
         and ckpt["state"]["scheduler"]["last_epoch"] == 12
@@ -188,10 +190,10 @@ def test_logging_every_n_steps_gives_the_window_means_of_per_step_logging():
     state_3, windows = window_lines(values, 3)
     # windows close every 3 steps and at each epoch's end: steps 3, 5 | 8, 10
     assert [r["step"] for r in windows] == [3, 5, 8, 10] and [r["epoch"] for r in windows] == [
-        0,
-        0,
         1,
         1,
+        2,
+        2,
     ]
     bounds = [(0, 3), (3, 5), (5, 8), (8, 10)]
     for line, (a, b) in zip(windows, bounds):
@@ -211,7 +213,7 @@ def test_a_non_finite_loss_inside_a_window_names_the_window_steps():
     trainer = make_trainer([1.0, 1.0, 1.0, 1.0, float("nan"), 1.0], [rec])
     trainer.loop.log_every = 3
     with pytest.raises(
-        CachedetError, match=r"the loss became nan at a step in 3\.\.5 \(epoch 0\);"
+        CachedetError, match=r"the loss became nan at a step in 3\.\.5 \(epoch 1\);"
     ):
         trainer.run()
     assert [e[2] for e in rec.events if isinstance(e, tuple)] == [3] and rec.events[-1] == "close"

@@ -71,7 +71,7 @@ def test_validation_from_images_keeps_the_best_checkpoint(stores, synthetic, tmp
         progress=False,
     )
     lines, best = check_best(run)
-    assert [r["epoch"] for r in lines] == [1, 3]  # every 2 epochs (and the last)
+    assert [r["epoch"] for r in lines] == [2, 4]  # every 2 epochs (and the last), from 1
     assert set(lines[0]["val"]) >= {"bbox", "num_detections", "seconds"}
     weights = best["state"]["detector"]
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
@@ -90,7 +90,7 @@ def test_validation_from_a_store_resumes_against_the_best_so_far(stores, synthet
     first_best = load_run_checkpoint(os.path.join(run, "checkpoints", "best.pt"))["best"]
     train(cfg.with_settings(epochs=4, resume=True), progress=False)
     lines, best = check_best(run)
-    assert [r["epoch"] for r in lines] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
     assert best["best"]["value"] >= first_best["value"]
 
 
