@@ -120,12 +120,19 @@ class Model:
     input side in pixels, ``masks`` whether detections carry instance masks.
     """
 
-    def __init__(self, path: str, device: str = "auto", score_threshold: float = 0.05):
-        from cachedet.evaluation.predictor import Predictor, set_score_threshold
+    def __init__(
+        self,
+        path: str,
+        device: str = "auto",
+        score_threshold: float = 0.05,
+        max_detections: int = 100,
+    ):
+        from cachedet.evaluation.predictor import Predictor
 
         self.checkpoint = path
-        self.predictor = Predictor(path, device=device, score_threshold=score_threshold)
-        set_score_threshold(self.predictor.detector, score_threshold)
+        self.predictor = Predictor(
+            path, device=device, score_threshold=score_threshold, max_detections=max_detections
+        )
         self.categories = self.predictor.categories.to_json()
         self.canvas = self.predictor.canvas
         self.masks = self.predictor.masks
@@ -167,20 +174,30 @@ class Model:
 
 
 def load(
-    run: str, checkpoint: str = "last", device: str = "auto", score_threshold: float = 0.05
+    run: str,
+    checkpoint: str = "last",
+    device: str = "auto",
+    score_threshold: float = 0.05,
+    max_detections: int = 100,
 ) -> Model:
     """Load a run written by ``train_heads`` / ``cachedet train-heads`` for prediction.
 
     run: the run directory. checkpoint: "last" (default), "best" (RUN/checkpoints/best.pt; an error
     naming the file when the run has none) or a checkpoint file. device: "auto", "cpu", "cuda", ...
     score_threshold: detections below it are dropped (inside the detector, before NMS; default 0.05 as
-    in training).
+    in training; 0 keeps every score). max_detections: at most this many detections per image (after
+    NMS; default 100 as in training, 300 is the LVIS protocol's).
     Raises CachedetError when the run or checkpoint is missing or unreadable, or when the backbone
     weights available here differ from the ones the run was trained on.
     """
     from cachedet.engine.run import checkpoint_path
 
-    return Model(checkpoint_path(run, checkpoint), device=device, score_threshold=score_threshold)
+    return Model(
+        checkpoint_path(run, checkpoint),
+        device=device,
+        score_threshold=score_threshold,
+        max_detections=max_detections,
+    )
 
 
 def extract(cfg, progress: bool = True):
@@ -212,7 +229,8 @@ def evaluate(
     """Stage 3: score ``run`` on a COCO/LVIS validation file as ``cachedet eval`` does.
 
     Keyword arguments as ``cachedet.evaluation.evaluate.evaluate_run`` (train_annotations, cache, out,
-    count_bins, device, batch_size, progress). Returns (metrics dict, COCO-format detections: bbox
+    count_bins, device, batch_size, progress, score_threshold, max_detections: by default each
+    protocol's, COCO 100 detections per image with the trained 0.05 floor, LVIS 300 and no floor). Returns (metrics dict, COCO-format detections: bbox
     [x, y, w, h] in original-image pixels). Raises CachedetError for missing or mismatched inputs."""
     from cachedet.evaluation.evaluate import evaluate_run
 

@@ -26,7 +26,7 @@ PREDICT_EXAMPLES = examples(
 )
 
 CHECKPOINT_HELP = "The run's last checkpoint, or the best by validation (train-heads --val-*)."
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MAX_DETECTIONS_HELP = "At most this many detections per image (after NMS)."
 
 
 def fmt(v) -> str:
@@ -128,6 +128,14 @@ def eval_command(
     ),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
+    score_threshold: Optional[float] = typer.Option(
+        None,
+        "--score-threshold",
+        help="Score floor of the detector (default: COCO 0.05 as trained, LVIS 0: no floor).",
+    ),
+    max_detections: Optional[int] = typer.Option(
+        None, "--max-detections", help=MAX_DETECTIONS_HELP + " Default: COCO 100, LVIS 300."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ):
     """Score a trained run on a validation set (pycocotools / LVIS), stratified like the paper."""
@@ -150,6 +158,8 @@ def eval_command(
         batch_size,
         progress=not quiet,
         checkpoint=checkpoint,
+        score_threshold=score_threshold,
+        max_detections=max_detections,
     )
     print_metrics(metrics, make_console())
 
@@ -163,41 +173,72 @@ def predict_command(
         None, "--draw", metavar="DIR", help="Folder for PNGs with the boxes (and masks) drawn."
     ),
     score_threshold: float = typer.Option(
-        0.3, "--score-threshold", help="Keep detections scoring at least this."
+        0.3, "--score-threshold", help="Keep detections scoring at least this (0 keeps all)."
     ),
+    max_detections: int = typer.Option(100, "--max-detections", help=MAX_DETECTIONS_HELP),
     checkpoint: str = typer.Option(
         "last", "--checkpoint", metavar="best|last", help=CHECKPOINT_HELP
     ),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
 ):
-    """Detect objects in images; COCO-style detections in original-image pixels (with RLE masks for mask runs)."""
+    """Detect objects in images; COCO-style detections in original-image pixels (with RLE masks for mask runs).
+
+    In a folder, hidden and companion files (.*, ._*, .DS_Store, Thumbs.db), non-image names,
+    sub-folders and images that cannot be read are skipped and reported; an image named explicitly
+    that cannot be read is an error."""
     from cachedet.evaluation.draw import draw_detections
-    from cachedet.evaluation.predictor import Predictor
+    from cachedet.evaluation.predictor import Predictor, scan_inputs
 
     out, draw = resolve_path(out), resolve_path(draw)
-    paths = []
-    for p in (Path(resolve_path(q)) for q in inputs):
-        if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.exists():
-            paths.append(p)
-        else:
-            raise CachedetError(f"{p}: no such image or folder")
-    if not paths:
-        raise CachedetError("no images found in " + ", ".join(map(str, inputs)))
+    paths, names, skipped = scan_inputs(inputs)
+    named = {resolve_path(str(q)) for q in inputs}
+    unreadable = []
+
+    def skip(path, error):
+        if path in named:
+            raise error
+        unreadable.append(path)
+
     predictor = Predictor(
-        run, device=device, score_threshold=score_threshold, checkpoint=checkpoint
+        run,
+        device=device,
+        score_threshold=score_threshold,
+        checkpoint=checkpoint,
+        max_detections=max_detections,
     )
-    items = [(i, str(p), None) for i, p in enumerate(paths)]
-    detections = predictor.predict_images(items)
+    items = [(i, p, None) for i, p in enumerate(paths)]
+    detections = predictor.predict_images(items, skip=skip)
     for d in detections:
         d["file_name"] = str(paths[d["image_id"]])
         d["category_name"] = predictor.categories.name_of(d["category_id"])
     write_json_atomic(out, detections, indent=1)
     console = make_console()
+    if unreadable:
+        skipped["unreadable"] = unreadable
+    if skipped:
+        console.print(
+            "skipped "
+            + ", ".join(
+                f"{len(v)} {k} ({', '.join(os.path.basename(x) for x in v[:3])}"
+                f"{', ...' if len(v) > 3 else ''})"
+                for k, v in skipped.items()
+            ),
+            style="yellow",
+        )
+    done = len(paths) - len(unreadable)
     console.print(
-        f"{len(detections)} detections in {len(paths)} images (score >= {score_threshold}) -> {out}"
+        f"{len(detections)} detections in {done} images (score >= {score_threshold}, "
+        f"at most {max_detections} per image) -> {out}"
     )
     if draw:
-        written = draw_detections(paths, detections, draw, category_ids=predictor.categories.ids)
+        bad = set(unreadable)
+        keep = [i for i, p in enumerate(paths) if p not in bad]
+        index = {old: new for new, old in enumerate(keep)}
+        written = draw_detections(
+            [paths[i] for i in keep],
+            [{**d, "image_id": index[d["image_id"]]} for d in detections],
+            draw,
+            category_ids=predictor.categories.ids,
+            names=[names[i] for i in keep],
+        )
         console.print(f"drew {len(written)} images into {draw}")

@@ -125,13 +125,18 @@ def _legend(canvas: Image.Image, entries: list[tuple[str, tuple, int]], font) ->
 
 
 def draw_detections(
-    paths: list[Path], detections: list[dict], out_dir: str, category_ids: list[int] | None = None
+    paths: list[Path],
+    detections: list[dict],
+    out_dir: str,
+    category_ids: list[int] | None = None,
+    names: list[str] | None = None,
 ) -> list[str]:
     """One PNG per image in ``out_dir`` (named after the image): masks (COCO RLE ``segmentation``, when
     present) with outlines, boxes (``bbox`` [x, y, w, h] image pixels) labelled '``category_name``
     score', and a legend. ``detections[i]["image_id"]`` is the index of its image in ``paths``;
     ``category_ids``: the run's category ids in label order (colour = place in it; default: sorted ids
-    seen). Returns the files written."""
+    seen); ``names``: each image's name relative to its input folder, mirrored under ``out_dir`` (default:
+    the file name); a name drawn twice gets a ``-2``, ``-3`` ... suffix. Returns the files written."""
     os.makedirs(out_dir, exist_ok=True)
     order = (
         list(category_ids)
@@ -162,7 +167,12 @@ def draw_detections(
         )
         counts = Counter(zip(classes, names))
         entries = [(name, class_color(k), n) for (k, name), n in sorted(counts.items())]
-        target = os.path.join(out_dir, f"{Path(path).stem}.png")
+        stem = os.path.splitext(names[i] if names else Path(path).name)[0]
+        target, n = os.path.join(out_dir, f"{stem}.png"), 1
+        while target in written:
+            n += 1
+            target = os.path.join(out_dir, f"{stem}-{n}.png")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         _legend(canvas, entries, font).save(target)
         written.append(target)
     return written

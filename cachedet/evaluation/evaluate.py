@@ -13,7 +13,7 @@ from cachedet.core.paths import resolve_path
 from cachedet.data.coco import load_detection_dataset, read_annotation_json
 from cachedet.evaluation.evaluator import DetectionEvaluator, inference_on_dataset
 from cachedet.evaluation.ground_truth import scoring_ground_truth
-from cachedet.evaluation.predictor import Predictor
+from cachedet.evaluation.predictor import COCO_MAX_DETECTIONS, LVIS_MAX_DETECTIONS, Predictor
 from cachedet.evaluation.scoring import DEFAULT_COUNT_BINS, training_counts
 
 
@@ -29,11 +29,15 @@ def evaluate_run(
     batch_size: int = 8,
     progress: bool = True,
     checkpoint: str = "last",
+    score_threshold: float | None = None,
+    max_detections: int | None = None,
 ) -> tuple[dict, list[dict]]:
     """Predict on every image of ``annotations`` (from ``images`` or from a ``--no-augment`` cache), score
     with COCOeval (and LVISEval for an LVIS file), and stratify per-class AP by training counts. A run
     with a mask branch is scored for masks too (``segm``, ``lvis_segm``, ``mask_AP`` columns).
-    ``checkpoint``: the run's last or best checkpoint. Returns (metrics, COCO-format detections); with
+    ``checkpoint``: the run's last or best checkpoint. ``score_threshold`` and ``max_detections`` (per
+    image) set the detector's post-processing; by default each protocol's: COCO keeps the trained 0.05
+    floor and 100 detections, LVIS no floor (0) and 300. Returns (metrics, COCO-format detections); with
     ``out`` both are written as JSON, with the per-class AP chart and precision-recall curves beside them
     (``out``'s name + .per_class_ap.png / .pr_curves.png, when matplotlib is installed)."""
     from cachedet.core.progress import ViewProgress
@@ -48,12 +52,18 @@ def evaluate_run(
     ground_truth = scoring_ground_truth(
         dataset.raw, str(annotations), dataset.is_lvis
     )  # before any prediction
-    predictor = Predictor(run, device=device, need_backbone=cache is None, checkpoint=checkpoint)
-    if dataset.categories.ids != predictor.categories.ids:
-        raise CachedetError(
-            f"{annotations}: categories differ from the run's ({len(dataset.categories)} vs "
-            f"{len(predictor.categories)}); evaluate on a file with the training categories"
-        )
+    if dataset.is_lvis:
+        score_threshold = 0.0 if score_threshold is None else score_threshold
+        max_detections = max_detections or LVIS_MAX_DETECTIONS
+    predictor = Predictor(
+        run,
+        device=device,
+        need_backbone=cache is None,
+        checkpoint=checkpoint,
+        score_threshold=score_threshold,
+        max_detections=max_detections or COCO_MAX_DETECTIONS,
+    )
+    check_categories(dataset.raw["categories"], predictor.categories, annotations)
     evaluator = DetectionEvaluator(
         ground_truth,
         {cid: predictor.categories.name_of(cid) for cid in predictor.categories.ids},
@@ -89,6 +99,26 @@ def evaluate_run(
         write_json_atomic(out, metrics, indent=2)
         write_pictures(metrics, evaluator.precision, os.path.splitext(out)[0])
     return metrics, evaluator.detections
+
+
+def check_categories(categories: list[dict], run_categories, path: str) -> None:
+    """Refuse a validation file whose categories are not the run's, compared by id AND name (the
+    order of the table does not matter). Raises CachedetError listing the id->name pairs that differ."""
+    theirs = {int(c["id"]): str(c.get("name", "")) for c in categories}
+    ours = {cid: run_categories.name_of(cid) for cid in run_categories.ids}
+    if set(theirs) != set(ours):
+        raise CachedetError(
+            f"{path}: categories differ from the run's ({len(theirs)} vs {len(ours)}); "
+            "evaluate on a file with the training categories"
+        )
+    differ = [(cid, ours[cid], theirs[cid]) for cid in sorted(ours) if ours[cid] != theirs[cid]]
+    if differ:
+        pairs = ", ".join(f"{cid}: run {a!r} vs file {b!r}" for cid, a, b in differ[:10])
+        more = f" and {len(differ) - 10} more" if len(differ) > 10 else ""
+        raise CachedetError(
+            f"{path}: category names differ from the run's for {len(differ)} ids ({pairs}{more}); "
+            "evaluate on a file with the training categories"
+        )
 
 
 def write_pictures(metrics: dict, precision: dict, stem: str) -> list[str]:

@@ -13,6 +13,9 @@ LVIS only (the federated fields, per image):
   images[].neg_category_ids             []  (no verified-absent categories: false positives of
                                             categories not in the image are then not counted)
   images[].not_exhaustive_category_ids  []
+Renumbered: annotations[].id becomes 1, 2, ... in file order, so metrics never depend on how a tool
+numbered the file (pycocotools' matcher and LVISEval take annotation id 0 as "unmatched", and
+duplicated ids collide in their indexes).
 Refused: an LVIS file where only some categories have ``frequency`` (APr/APc/APf need all), and
 fields of the wrong type.
 """
@@ -59,6 +62,7 @@ def scoring_ground_truth(data: dict, path: str, is_lvis: bool) -> dict:
     data.setdefault("info", {})
     sizes = {img["id"]: (img.get("height"), img.get("width")) for img in data["images"]}
     for i, ann in enumerate(data.get("annotations", [])):
+        ann["id"] = i + 1  # the scorers' matchers use id 0 as "unmatched"
         ann.setdefault("iscrowd", 0)
         area = ann.get("area")
         if area is None:

@@ -10,6 +10,8 @@ contiguous labels turned back into the dataset's category ids.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -34,14 +36,30 @@ from cachedet.engine.run import RunRecord, checkpoint_path, load_run_checkpoint
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.masks import paste_masks
 
+COCO_MAX_DETECTIONS, LVIS_MAX_DETECTIONS = 100, 300  # per image, as each protocol scores
 
-def set_score_threshold(detector, threshold: float) -> None:
-    """Set the detector's own score threshold (applied per class before NMS; 0.05 when trained):
-    ``RoIHeads``/cascade ``score_thresh`` for R-CNN heads, the RetinaNet head's ``score_thresh``."""
-    if not 0.0 <= threshold <= 1.0:
-        raise CachedetError(f"score_threshold {threshold}: expected a value in [0, 1]")
+
+def set_score_threshold(
+    detector, threshold: float | None = None, max_detections: int | None = None
+) -> None:
+    """Set the detector's own post-processing (torchvision's ``box_score_thresh`` and
+    ``detections_per_img``; 0.05 and 100 when trained): ``score_thresh`` (applied per class before
+    NMS) and ``detections_per_img`` of ``RoIHeads``/cascade heads or of the RetinaNet head. ``None``
+    leaves a setting as it is. Raises CachedetError for a threshold outside [0, 1] or a count < 1."""
     head = detector.head
-    (head.roi_heads if hasattr(head, "roi_heads") else head).score_thresh = float(threshold)
+    post = head.roi_heads if hasattr(head, "roi_heads") else head
+    if threshold is not None:
+        if isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
+            raise CachedetError(f"score_threshold {threshold}: expected a value in [0, 1]")
+        post.score_thresh = float(threshold)
+    if max_detections is not None:
+        if (
+            isinstance(max_detections, bool)
+            or int(max_detections) != max_detections
+            or max_detections < 1
+        ):
+            raise CachedetError(f"max_detections {max_detections}: expected a whole number >= 1")
+        post.detections_per_img = int(max_detections)
 
 
 class Predictor:
@@ -52,10 +70,13 @@ class Predictor:
         self,
         run: str,
         device: str = "auto",
-        score_threshold: float = 0.0,
+        score_threshold: float | None = None,
         need_backbone: bool = True,
         checkpoint: str = "last",
+        max_detections: int | None = None,
     ):
+        """``score_threshold`` and ``max_detections`` (per image) set the detector's own
+        post-processing too (``set_score_threshold``); ``None`` keeps the trained 0.05 and 100."""
         run = resolve_path(run)
         path = checkpoint_path(run, checkpoint)
         ckpt = load_run_checkpoint(path)
@@ -90,8 +111,9 @@ class Predictor:
             detector,
             backbone,
             adapters,
-            score_threshold,
+            score_threshold or 0.0,
         )
+        set_score_threshold(self.detector, score_threshold, max_detections)
         self.detector.to(self.device).eval()
         if self.backbone is not None:
             self.backbone.to(self.device).eval()
@@ -216,18 +238,32 @@ class Predictor:
         items: list[tuple[int, str, tuple[int, int] | None]],
         batch_size: int = 8,
         on_images=None,
+        skip=None,
     ) -> list[dict]:
-        """items: (image_id, path, (height, width) from the annotations or None) -> COCO results."""
-        return _flatten(self.iter_images(items, batch_size), on_images)
+        """items: (image_id, path, (height, width) from the annotations or None) -> COCO results.
+        ``skip``: as ``iter_images``'."""
+        return _flatten(self.iter_images(items, batch_size, skip), on_images)
 
     def iter_images(
-        self, items: list[tuple[int, str, tuple[int, int] | None]], batch_size: int = 8
+        self,
+        items: list[tuple[int, str, tuple[int, int] | None]],
+        batch_size: int = 8,
+        skip=None,
     ):
-        """Yield (images in the batch, their COCO results) for ``items`` read from image files."""
+        """Yield (images in the batch, their COCO results) for ``items`` read from image files.
+        ``skip(path, error)``, when given, is told of each image that cannot be read, which is then
+        left out; without it such an image raises CachedetError naming it."""
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            pixels = [(image_id, read_image(path, size)) for image_id, path, size in chunk]
-            yield len(chunk), self._to_results(*self.detect_pixels(pixels))
+            pixels = []
+            for image_id, path, size in chunk:
+                try:
+                    pixels.append((image_id, read_image(path, size)))
+                except CachedetError as e:
+                    if skip is None:
+                        raise
+                    skip(path, e)
+            yield len(chunk), self._to_results(*self.detect_pixels(pixels)) if pixels else []
 
     def detect_pixels(
         self, images: list[tuple[int, torch.Tensor]]
@@ -288,6 +324,48 @@ class Predictor:
                 len(views),
                 self.predict_features([store.view_params(int(v)) for v in views], feats),
             )
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+JUNK_NAMES = ("thumbs.db", "desktop.ini")
+
+
+def scan_inputs(inputs) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Images named in ``inputs`` (files, or folders scanned one level deep, sorted).
+
+    In a folder, hidden files (``.name``, macOS ``._name`` companions, ``.DS_Store``), ``Thumbs.db``,
+    names without an image suffix and sub-folders (even ``old.jpg/``) are skipped and counted; a file
+    named explicitly is kept as given (an unreadable one is then an error when read). Returns (paths,
+    each path's name relative to the input it came from (the file name for a named file), skipped
+    {reason: [paths]}). Raises CachedetError naming an input that does not exist, or when no image is left."""
+    paths, names, skipped = [], [], {}
+    for given in inputs:
+        p = resolve_path(str(given))
+        if os.path.isdir(p):
+            for entry in sorted(os.listdir(p)):
+                full = os.path.join(p, entry)
+                reason = (
+                    "hidden"
+                    if entry.startswith(".") or entry.lower() in JUNK_NAMES
+                    else "folder"
+                    if os.path.isdir(full)
+                    else None
+                    if os.path.splitext(entry)[1].lower() in IMAGE_SUFFIXES
+                    else "not an image"
+                )
+                if reason:
+                    skipped.setdefault(reason, []).append(full)
+                else:
+                    paths.append(full)
+                    names.append(os.path.join(os.path.basename(os.path.normpath(p)), entry))
+        elif os.path.exists(p):
+            paths.append(p)
+            names.append(os.path.basename(p))
+        else:
+            raise CachedetError(f"{p}: no such image or folder")
+    if not paths:
+        raise CachedetError("no images found in " + ", ".join(map(str, inputs)))
+    return paths, names, skipped
 
 
 def _flatten(batches, on_images=None) -> list[dict]:
