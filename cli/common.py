@@ -115,6 +115,7 @@ def with_flags(message: str) -> str:
     import re
 
     table = flag_of()
+    message = re.sub(r"^device\b", "--device", message)  # a top-level field of every config
     return re.sub(
         r"\b(?:TrainConfig|ExtractConfig|source|detector|optim|loader|val|augment|backbone)\.\w+(?:\.\w+)?\b",
         lambda m: table.get(m.group(0), m.group(0)),
@@ -210,21 +211,16 @@ def detector_options(
             raise CachedetError(
                 f"--cascade-ious {cascade_ious}: expected comma-separated numbers, e.g. 0.5,0.6,0.7"
             ) from None
-    if box_convs is not None:
-        opts["box_convs"] = box_convs
-    if box_fcs is not None:
-        opts["box_fcs"] = box_fcs
-    for flag, name, value, least in (
-        ("--mask-convs", "mask_convs", mask_convs, 0),
-        ("--mask-channels", "mask_channels", mask_channels, 1),
-        ("--box-representation", "box_representation", box_representation, 1),
-        ("--rois-per-image", "rois_per_image", rois_per_image, 1),
-        ("--proposals-per-image", "proposals_per_image", proposals_per_image, 1),
-    ):
-        if value is not None:
-            if value < least:
-                raise CachedetError(f"{flag} {value}: expected an integer >= {least}")
-            opts[name] = value
+    given = {
+        "box_convs": box_convs,
+        "box_fcs": box_fcs,
+        "mask_convs": mask_convs,
+        "mask_channels": mask_channels,
+        "box_representation": box_representation,
+        "rois_per_image": rois_per_image,
+        "proposals_per_image": proposals_per_image,
+    }  # ranges: HeadsConfig.validate (detector.options.NAME, shown as --name)
+    opts.update({name: value for name, value in given.items() if value is not None})
     return opts
 
 

@@ -96,7 +96,7 @@ def add_adapters(model: nn.Module, stages: tuple[int, ...], model_name: str) -> 
     for k in stages:
         if not 0 < k < len(layout):
             raise CachedetError(
-                f"--adapt-stages {k}: {model_name} has stages 1..{len(layout) - 1} after its stem"
+                f"source.adapt_stages {k}: {model_name} has stages 1..{len(layout) - 1} after its stem"
             )
         found = 0
         for _, top in layout[k]:
@@ -111,7 +111,7 @@ def add_adapters(model: nn.Module, stages: tuple[int, ...], model_name: str) -> 
                     found += 1
         if not found:
             raise CachedetError(
-                f"--adapt-stages {k}: no ResNet or EfficientNet block in stage {k} of {model_name}"
+                f"source.adapt_stages {k}: no ResNet or EfficientNet block in stage {k} of {model_name}"
             )
     return params
 

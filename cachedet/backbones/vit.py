@@ -53,11 +53,13 @@ def check_taps(name: str, taps: tuple[int, ...] | None, n_blocks: int) -> tuple[
     """Absolute, sorted, distinct block indices; CachedetError naming --taps when out of range."""
     taps = DEFAULT_TAPS if taps is None else tuple(taps)
     if not taps:
-        raise CachedetError(f"--taps: give at least one block of {name} (0..{n_blocks - 1})")
+        raise CachedetError(
+            f"backbone.out_indices: give at least one block of {name} (0..{n_blocks - 1})"
+        )
     bad = [t for t in taps if not -n_blocks <= t < n_blocks]
     if bad:
         raise CachedetError(
-            f"--taps {','.join(map(str, taps))}: {name} has blocks 0..{n_blocks - 1} (or -1..-{n_blocks})"
+            f"backbone.out_indices {','.join(map(str, taps))}: {name} has blocks 0..{n_blocks - 1} (or -1..-{n_blocks})"
         )
     return tuple(sorted({t % n_blocks for t in taps}))
 

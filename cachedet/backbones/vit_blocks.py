@@ -76,7 +76,7 @@ def _check_block(block: nn.Module, k: int, name: str):
 
     if type(block) not in (Block, EvaBlock):
         raise CachedetError(
-            f"--adapt-stages {k}: block {k} of {name} is a {type(block).__name__}; adapters "
+            f"source.adapt_stages {k}: block {k} of {name} is a {type(block).__name__}; adapters "
             "support timm's pre-norm ViT and EVA blocks"
         )
 
@@ -87,7 +87,7 @@ def add_adapters(vit: nn.Module, blocks: tuple[int, ...], name: str) -> list[nn.
     for k in blocks:
         if not 0 <= k < len(vit.blocks):
             raise CachedetError(
-                f"--adapt-stages {k}: {name} runs blocks 0..{len(vit.blocks) - 1} (its deepest tap)"
+                f"source.adapt_stages {k}: {name} runs blocks 0..{len(vit.blocks) - 1} (its deepest tap)"
             )
         block = vit.blocks[k]
         if isinstance(block.mlp, _MLPWithInput):

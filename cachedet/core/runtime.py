@@ -22,10 +22,10 @@ def resolve_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise CachedetError(
-            f"--device {device}: not a device name (auto, cpu, cuda, cuda:N)"
+            f"device {device}: not a device name (auto, cpu, cuda, cuda:N)"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CachedetError(f"--device {device}: CUDA is not available on this machine")
+        raise CachedetError(f"device {device}: CUDA is not available on this machine")
     return dev
 
 

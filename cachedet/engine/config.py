@@ -81,6 +81,18 @@ class SourceConfig:
             raise CachedetError("source.adapt_stages needs source.adapters")
 
 
+OPTION_MINIMUM = {  # detector options that are counts: the least value that builds a model
+    "box_convs": 0,
+    "box_fcs": 0,
+    "mask_convs": 0,
+    "mask_channels": 1,
+    "box_representation": 1,
+    "rois_per_image": 1,
+    "proposals_per_image": 1,
+    "nasfpn_repeats": 1,
+}
+
+
 @dataclass(frozen=True)
 class HeadsConfig:
     """What is trained after the backbone: neck, head and their options (``DetectorConfig.options``)."""
@@ -97,6 +109,10 @@ class HeadsConfig:
         check_number(
             "detector.neck_channels", self.neck_channels, integer=True, low=1, high=1 << 14
         )
+        for name, least in OPTION_MINIMUM.items():  # the CLI's flags and Python's dicts alike
+            if name in self.options:
+                value = self.options[name]
+                check_number(f"detector.options.{name}", value, integer=True, low=least)
         check_head(self.head, self.masks)
 
 

@@ -82,7 +82,7 @@ class _AdapterMixin:
     def enable_adapters(self, stages: tuple[int, ...] | None):
         if self.backbone is None:
             raise CachedetError(
-                f"--adapters: {self.where} holds plain frozen features; train adapters --online, or "
+                f"source.adapters: {self.where} holds plain frozen features; train adapters --online, or "
                 "extract a hybrid cache with --cache-stage K"
             )
         first = (
@@ -95,7 +95,7 @@ class _AdapterMixin:
         inside = [k for k in stages if k < first]
         if inside:
             raise CachedetError(
-                f"--adapt-stages {','.join(map(str, stages))}: stage {inside[0]} is inside the cache "
+                f"source.adapt_stages {','.join(map(str, stages))}: stage {inside[0]} is inside the cache "
                 f"(it stops at stage {self.hybrid_stage}); adapt stages {first}..{last} only"
             )
         self.backbone.add_adapters(stages)
@@ -179,7 +179,7 @@ class CacheSource(_AdapterMixin):
         if feature_crop_min is not None:
             if self.hybrid_stage is not None:
                 raise CachedetError(
-                    f"--feature-crop: {self.where} is a hybrid cache; crops apply to complete pyramids only"
+                    f"source.feature_crop: {self.where} is a hybrid cache; crops apply to complete pyramids only"
                 )
             check_alignment(self.specs, header.shapes)
 

@@ -234,7 +234,7 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
             digests["masks"] = writer.write_masks(task.shard, computed.masks)
     except OSError as e:  # no space, no permission, a lost connection: the shard stays incomplete
         raise CachedetError(
-            f"--out {task.store}: writing shard {task.shard} failed: {e.strerror or e}; "
+            f"ExtractConfig.out {task.store}: writing shard {task.shard} failed: {e.strerror or e}; "
             "it is not marked complete, rerun the same command to resume"
         ) from None
     record = {
@@ -248,7 +248,7 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
         writer.write_record(record)
     except OSError as e:
         raise CachedetError(
-            f"--out {task.store}: writing the completion record of shard {task.shard} failed: "
+            f"ExtractConfig.out {task.store}: writing the completion record of shard {task.shard} failed: "
             f"{e.strerror or e}; rerun the same command to resume"
         ) from None
     return record

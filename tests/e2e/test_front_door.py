@@ -17,10 +17,9 @@ import zarr
 from helpers import extract_args
 
 import cachedet
+import cachedet.core.errors as cachedet_errors
 from cachedet.backbones.backbone import BackboneConfig
 from cachedet.data.views import AugmentConfig
-
-pytestmark = pytest.mark.slow
 
 
 def _header(store) -> dict:
@@ -42,6 +41,7 @@ def _shapes(run) -> dict:
     return {k: tuple(v.shape) for k, v in ckpt["state"]["detector"].items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [None, "paper"])  # the default, and the non-default recipe
 def test_cli_and_python_extract_and_train_the_same(cli, synthetic, tmp_path, recipe):
     chosen = ("--recipe", recipe) if recipe else ()
@@ -82,3 +82,34 @@ def test_cli_and_python_extract_and_train_the_same(cli, synthetic, tmp_path, rec
     want = {"box_convs": 4, "box_fcs": 1} if recipe == "paper" else {"box_convs": 0, "box_fcs": 2}
     assert _train_settings(py_run)["detector_options"] == want
     assert _shapes(cli_run) == _shapes(py_run)
+
+
+RANGES = [  # (train-heads flag, value, the TrainConfig.of setting, the field both name)
+    ("--mask-convs", -1, {"detector_options": {"mask_convs": -1}}, "detector.options.mask_convs"),
+    (
+        "--rois-per-image",
+        0,
+        {"detector_options": {"rois_per_image": 0}},
+        "detector.options.rois_per_image",
+    ),
+    ("--box-fcs", -2, {"detector_options": {"box_fcs": -2}}, "detector.options.box_fcs"),
+    ("--neck-channels", -8, {"neck_channels": -8}, "detector.neck_channels"),
+    ("--weight-decay", -1, {"weight_decay": -1}, "optim.weight_decay"),
+    ("--epochs", 0, {"epochs": 0}, "optim.epochs"),
+]
+
+
+@pytest.mark.parametrize("flag, value, setting, field", RANGES, ids=[r[0] for r in RANGES])
+def test_every_cli_range_is_refused_from_python_naming_the_field(
+    cli, tmp_path, flag, value, setting, field
+):
+    """The configs check themselves: Python gets the field, the CLI the flag, for the same value."""
+    with pytest.raises(cachedet_errors.CachedetError, match=rf"^{field}\b"):
+        cachedet.train_heads(
+            cachedet.TrainConfig.of(
+                out=str(tmp_path / "py"), cache=str(tmp_path / "none"), **setting
+            ),
+            progress=False,
+        )
+    r = cli("train-heads", "--cache", tmp_path / "none", "--out", tmp_path / "cli", flag, value)
+    assert r.exit_code == 2 and f"cachedet: error: {flag}" in r.stderr, r.output

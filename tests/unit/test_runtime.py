@@ -75,3 +75,17 @@ def test_a_limit_that_is_not_a_c_int_is_refused():
     for limit in (0, 1 << 31):
         with pytest.raises(ValueError, match="must be in 1 .. 2\\*\\*31 - 1"):
             retain_freed_memory(limit)
+
+
+def test_device_errors_name_the_field_and_the_cli_shows_the_flag():
+    """Library errors name config fields (``cachedet.load(device=...)`` users never typed a flag);
+    the CLI shows its option instead."""
+    import cachedet_cli.main  # noqa: F401  (every command registers its options)
+    from cachedet.core.errors import CachedetError
+    from cachedet.core.runtime import resolve_device
+    from cachedet_cli.common import with_flags
+
+    with pytest.raises(CachedetError, match=r"^device tpu9: not a device name") as err:
+        resolve_device("tpu9")
+    assert with_flags(str(err.value)).startswith("--device tpu9: not a device name")
+    assert with_flags("source.adapt_stages 7: no block").startswith("--adapt-stages 7")

@@ -83,7 +83,7 @@ def test_only_the_adapters_get_gradients(weights):
         for n, p in bb.named_parameters()
         if n not in adapters
     )
-    with pytest.raises(CachedetError, match="--adapt-stages 7"):
+    with pytest.raises(CachedetError, match="source.adapt_stages 7"):
         bb.add_adapters((7,))
 
 

@@ -60,7 +60,9 @@ def test_taps_are_named_by_block_declared_by_timm_and_drop_the_prefix_tokens():
 
 
 def test_taps_and_canvas_errors_are_one_line(synthetic, tmp_path, cli):
-    with pytest.raises(CachedetError, match=r"^--taps 8: test_vit2 has blocks 0\.\.7"):
+    with pytest.raises(
+        CachedetError, match=r"^backbone.out_indices 8: test_vit2 has blocks 0\.\.7"
+    ):
         build_backbone(BackboneConfig("test_vit2", (8,), "random"))
     bb = build_backbone(BackboneConfig("test_vit", None, "random"))
     with pytest.raises(CachedetError, match=r"^--size 100: .*multiple of 16 \(e\.g\. 96 or 112\)"):

@@ -52,7 +52,7 @@ def test_only_the_vit_adapters_get_gradients():
         for n, p in bb.named_parameters()
         if n not in adapters
     )
-    with pytest.raises(CachedetError, match="--adapt-stages 8: test_vit2 runs blocks 0..7"):
+    with pytest.raises(CachedetError, match="source.adapt_stages 8: test_vit2 runs blocks 0..7"):
         bb.add_adapters((8,))
 
 
