@@ -134,6 +134,12 @@ def train_heads_command(
         rich_help_panel=DATA,
         help="Train on the finished shards of a store whose extraction has not finished (says so).",
     ),
+    no_verify_reads: bool = typer.Option(
+        False,
+        "--no-verify-reads",
+        rich_help_panel=DATA,
+        help="Do not check each shard block read against its completion record (CRC-32C; on by default).",
+    ),
     feature_crop: bool = typer.Option(
         False,
         "--feature-crop",
@@ -454,6 +460,7 @@ def train_heads_command(
         workers=loader_workers,
         in_memory=in_memory,
         allow_incomplete=allow_incomplete,
+        verify_reads=not no_verify_reads,
         views_per_epoch=views_per_epoch,
         feature_crop=feature_crop,
         feature_crop_min=feature_crop_min,

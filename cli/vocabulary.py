@@ -73,6 +73,7 @@ TRAIN_FIELD_OF = {
     "random_init": "weights",
     "taps": "out_indices",
     "no_amp": "amp",
+    "no_verify_reads": "verify_reads",
     "loader_workers": "workers",
     "quiet": None,
     "config": None,

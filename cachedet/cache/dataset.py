@@ -211,8 +211,10 @@ class CachedViews(_EpochViews, IterableDataset):
         keep_float16: bool = False,
         masks: bool = False,
         allow_incomplete: bool = False,
+        verify_reads: bool = True,
     ):
         super().__init__(url, views_per_epoch, seed, rank, world, masks, allow_incomplete)
+        self.verify_reads = verify_reads  # each shard block checked against its completion record
         self.dtype = self._opened.dtype
         if shuffle_buffer is None:
             per_view = self._opened.stored_bytes_per_view()
@@ -226,7 +228,8 @@ class CachedViews(_EpochViews, IterableDataset):
             retain_freed_memory()  # each block decodes into new arrays: reuse freed pages
             self._opened = StoreReader(self.url)
         store = self._opened
-        levels = {s.name: store.read_stored(s.name, block) for s in self.specs}  # one read each
+        store.verify_reads = self.verify_reads
+        levels = store.read_block_checked(block)  # one read each, checked against the record
         for i, view in enumerate(block.tolist()):
             boxes, labels = store.boxes(view)
             sample = {
@@ -282,12 +285,20 @@ class InMemoryViews(_EpochViews):
         masks: bool = False,
         keep_float16: bool = False,
         allow_incomplete: bool = False,
+        verify_reads: bool = True,
     ):
         super().__init__(url, views_per_epoch, seed, rank, world, masks, allow_incomplete)
         store, self._opened = self._opened, None
         self.dtype, self.canvas = store.dtype, store.header.canvas
         self.keep_float16 = keep_float16
         self.stored = {s.name: store.read_stored(s.name, slice(None)) for s in self.specs}
+        if verify_reads:  # each complete shard's bytes against its completion record
+            for shard, rec in sorted(store.shard_records().items()):
+                a, b = rec["views"]
+                part = {
+                    n: (x[a:b], None if q is None else q[a:b]) for n, (x, q) in self.stored.items()
+                }
+                store.check_block(shard, part)
         self.targets = [
             tuple(torch.from_numpy(a.copy()) for a in store.boxes(v))
             for v in range(store.num_views)

@@ -235,6 +235,9 @@ class StoreReader(_StoreFiles):
         self.box_offsets = self.group["boxes/offsets"][...]
         self._boxes = {k: self.group[f"boxes/{k}"][...] for k in ("xyxy", "labels", "ann_ids")}
         self._shard_masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._verified: set[int] = set()  # shards whose bytes this reader checked
+        self._records: dict[int, dict] | None = None
+        self.verify_reads = True  # check every shard read against its completion record
 
     @property
     def has_masks(self) -> bool:
@@ -338,6 +341,73 @@ class StoreReader(_StoreFiles):
             skipped = {s["view"] for s in rec.get("skipped", [])}
             keep.extend(v for v in range(start, end) if v not in skipped)
         return np.asarray(keep, dtype=np.int64)
+
+    def _record(self, shard: int) -> dict | None:
+        if self._records is None or shard not in self._records:
+            self._records = self.shard_records()
+        return self._records.get(shard)
+
+    def damaged(self, shard: int, array: str, why: str) -> CachedetError:
+        """The one-line error for a shard block that does not match its completion record."""
+        return CachedetError(
+            f"{self.url}: shard {shard}, {array}: {why}; the store is damaged (an interrupted "
+            f"copy leaves absent chunks, which read as zeros). Check it with `cachedet cache verify "
+            f"{self.url}`, then rerun its extract command with --repair"
+        )
+
+    def check_block(self, shard: int, levels: dict[str, tuple[np.ndarray, np.ndarray | None]]):
+        """Raise ``damaged`` unless ``levels`` ({level: (stored, quant)} of all views of ``shard``,
+        as ``read_stored`` returns them) hash to the checksums of the shard's completion record.
+        Records without a checksum for a level (written before checksums) pass."""
+        rec = self._record(shard)
+        if rec is None:
+            raise self.damaged(shard, "completion record", "absent")
+        kind = next((k for k in CHECKSUMS if k in rec), CHECKSUM)
+        recorded = rec.get(kind, {})
+        for name, (stored, quant) in levels.items():
+            if name in recorded and features_checksum(stored, quant, kind) != recorded[name]:
+                why = f"{kind} of the bytes read differs from the completion record's"
+                raise self.damaged(shard, f"features/{name}", why)
+        self._verified.add(shard)
+
+    def read_shard_checked(self, shard: int) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Every level of ``shard`` as stored ({level: (stored, quant)}), checked against its
+        completion record (``check_block``; a chunk that cannot be decoded is ``damaged`` too)."""
+        rec = self._record(shard)
+        if rec is None:
+            raise self.damaged(shard, "completion record", "absent")
+        start, end = rec["views"]
+        levels = {}
+        for spec in self.specs:
+            try:
+                levels[spec.name] = self.read_stored(spec.name, slice(start, end))
+            except Exception as e:  # a corrupt chunk fails in the codec, the index or the store
+                why = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+                raise self.damaged(shard, f"features/{spec.name}", why) from None
+        self.check_block(shard, levels)
+        return levels
+
+    def ensure_verified(self, shard: int) -> None:
+        """Check ``shard`` once per reader (``read_shard_checked``), unless ``verify_reads`` is off."""
+        if self.verify_reads and shard not in self._verified:
+            self.read_shard_checked(shard)
+
+    def read_block_checked(
+        self, block: np.ndarray
+    ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """{level: (stored, quant)} of ``block`` (sorted views inside one shard), verified: a block
+        that is a whole shard is checked as read (no second read), a part of one by a check of its
+        whole shard, once per reader."""
+        shard = int(block[0]) // self.shard_views
+        rec = self._record(shard) if self.verify_reads else None
+        whole = rec is not None and list(rec["views"]) == [int(block[0]), int(block[-1]) + 1]
+        whole = whole and len(block) == rec["views"][1] - rec["views"][0]
+        if whole and shard not in self._verified:
+            levels = self.read_shard_checked(shard)
+        else:
+            self.ensure_verified(shard)
+            levels = {s.name: self.read_stored(s.name, block) for s in self.specs}
+        return levels
 
     def verify(self, on_shard=None) -> dict:
         """Re-read every complete shard and compare each level's checksum with its completion record's

@@ -174,6 +174,7 @@ class LoaderConfig:
     persistent_workers: bool = True
     log_every: int | None = None  # steps per metrics line (None: 50 on CUDA, 1 otherwise)
     allow_incomplete: bool = False  # train on the finished shards of an unfinished store
+    verify_reads: bool = True  # check each shard block read against its completion record
 
     def resolved(self, device) -> "LoaderConfig":
         """This config with ``workers`` and ``log_every`` set for ``device`` (a torch.device)."""

@@ -40,6 +40,7 @@ RESUMABLE = (
     "log_every",
     "checkpoint_every",
     "allow_incomplete",
+    "verify_reads",
     "amp",
     "val_annotations",
     "val_images",

@@ -118,6 +118,7 @@ class CacheSource(_AdapterMixin):
         masks: bool = False,
         feed: FeedOptions | None = None,
         allow_incomplete: bool = False,
+        verify_reads: bool = True,
     ):
         self.batch_size, self.workers, self.in_memory = batch_size, workers, in_memory
         self.feed = feed or FeedOptions(start=loader_start)
@@ -133,6 +134,7 @@ class CacheSource(_AdapterMixin):
                 masks,
                 keep_float16,
                 allow_incomplete,
+                verify_reads,
             )
         else:
             self.dataset = CachedViews(
@@ -145,6 +147,7 @@ class CacheSource(_AdapterMixin):
                 keep_float16,
                 masks,
                 allow_incomplete,
+                verify_reads,
             )
         self.masks = self.dataset.masks  # False when the store holds no masks
         self.no_masks_reason = (

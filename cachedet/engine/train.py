@@ -110,6 +110,7 @@ def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
             masks=cfg.detector.masks,
             feed=feed,
             allow_incomplete=cfg.loader.allow_incomplete,
+            verify_reads=cfg.loader.verify_reads,
         )
     if cfg.detector.masks and not source.masks:
         warnings.warn(

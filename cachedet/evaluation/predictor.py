@@ -317,6 +317,8 @@ class Predictor:
         for start in range(0, len(usable), batch_size):
             views = usable[start : start + batch_size]
             a, b = int(views[0]), int(views[-1]) + 1
+            for shard in range(a // store.shard_views, (b - 1) // store.shard_views + 1):
+                store.ensure_verified(shard)  # the bytes its completion record was written for
             block = store.read_features(a, b)
             idx = views - a
             feats = {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in block.items()}
