@@ -138,6 +138,7 @@ def draw_detections(
     seen); ``names``: each image's name relative to its input folder, mirrored under ``out_dir`` (default:
     the file name); a name drawn twice gets a ``-2``, ``-3`` ... suffix. Returns the files written."""
     os.makedirs(out_dir, exist_ok=True)
+    image_names = names
     order = (
         list(category_ids)
         if category_ids is not None
@@ -167,7 +168,7 @@ def draw_detections(
         )
         counts = Counter(zip(classes, names))
         entries = [(name, class_color(k), n) for (k, name), n in sorted(counts.items())]
-        stem = os.path.splitext(names[i] if names else Path(path).name)[0]
+        stem = os.path.splitext(image_names[i] if image_names else Path(path).name)[0]
         target, n = os.path.join(out_dir, f"{stem}.png"), 1
         while target in written:
             n += 1

@@ -229,7 +229,7 @@ def test_predict_writes_detections_and_pictures(trained, synthetic, cli, tmp_pat
         and {"image_id", "category_id", "bbox", "score", "file_name", "category_name"}
         <= dets[0].keys()
     )
-    pngs = sorted(os.listdir(tmp_path / "pics"))
+    pngs = sorted(os.listdir(tmp_path / "pics" / "val"))  # mirrors the input folder's name
     assert len(pngs) == len(os.listdir(val_dir))
     r = cli("predict", tmp_path / "nothing.png", "--run", run, "--out", tmp_path / "x.json")
     assert r.exit_code == 2 and "no such image" in r.stderr
