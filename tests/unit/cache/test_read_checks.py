@@ -8,7 +8,6 @@ import glob
 import os
 import shutil
 
-import numpy as np
 import pytest
 
 from cachedet.cache.dataset import CachedViews, InMemoryViews
@@ -70,6 +69,4 @@ def test_eval_from_a_store_checks_each_shard_once(store_copy):
     reader.ensure_verified(0)  # checked before: not read again
     with pytest.raises(CachedetError, match=rf"shard 2, features/{level}"):
         reader.ensure_verified(2)
-    assert np.array_equal(
-        reader.read_stored(level, slice(8, 12))[0], 0 * reader.read_stored(level, slice(8, 12))[0]
-    )
+    assert not reader.read_stored(level, slice(8, 12))[0].any()  # what zarr alone hands out

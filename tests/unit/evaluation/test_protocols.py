@@ -13,8 +13,8 @@ import pytest
 from conftest import to_lvis
 from test_eval_faults import medium_only, noisy_detections
 
+from cachedet.core.errors import CachedetError
 from cachedet.data.coco import CategoryMap
-from cachedet.errors import CachedetError
 from cachedet.evaluation.draw import draw_detections
 from cachedet.evaluation.evaluate import check_categories, evaluate_run
 from cachedet.evaluation.ground_truth import scoring_ground_truth
