@@ -88,6 +88,11 @@ def encode(features: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | N
     return stored_numpy(stored, dtype), None if params is None else params.numpy()
 
 
+# the largest magnitude each storage dtype holds as a finite value (float32 and uint8 take any
+# finite float32; uint8's per-channel range then spans it)
+FINITE_LIMIT = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+
 def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features (n, C, H, W), any float dtype, on any device -> (stored, quant params (n, C, 2) or
     None), both on ``x``'s device, so that only the stored bytes need to cross to the host.

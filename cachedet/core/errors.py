@@ -8,6 +8,10 @@ class CachedetError(Exception):
     """
 
 
+class NonFiniteFeatures(CachedetError):
+    """Backbone features that the store's dtype cannot hold (inf/NaN, or beyond float16's range)."""
+
+
 class WriteError(CachedetError):
     """A file could not be written (disk full, read-only folder, no permission): one line naming
     the path, the bytes it needed and the space its folder has; what was there before is intact.

@@ -22,7 +22,7 @@ from cachedet.cache import schema
 from cachedet.cache.header import Hybrid, MaskInfo, Storage, StoreHeader
 from cachedet.cache.layout import create_store, interrupted_creation, remove_store, store_exists
 from cachedet.cache.store import StoreReader, StoreWriter, shard_range
-from cachedet.core.errors import CachedetError, check_number
+from cachedet.core.errors import CachedetError, NonFiniteFeatures, check_number
 from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe
 from cachedet.core.runtime import resolve_device
@@ -362,6 +362,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     plan = plan_views(dataset, cfg.augment, cfg.views)
     with_masks = cfg.masks and dataset.has_masks
     header = _header(cfg, backbone, dataset, plan, hybrid, with_masks)
+    created = cfg.overwrite or not store_exists(cfg.out)
     prepare_store(cfg, header, plan)
     repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
@@ -383,7 +384,12 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
                 tasks, cfg.workers, cfg.scheduler, bar, worker_timeout=cfg.worker_timeout
             )
         else:
-            records = run_shards_in_process(tasks, on_views=bar.advance, runner=runner)
+            try:
+                records = run_shards_in_process(tasks, on_views=bar.advance, runner=runner)
+            except NonFiniteFeatures:
+                if created and not store.shard_records():  # made by this run, holding nothing
+                    remove_store(cfg.out)
+                raise
     shard_seconds = time.perf_counter() - t_shards
     skipped = [s for r in records for s in r["skipped"]]
     skipped += [s for r in done.values() for s in r.get("skipped", [])]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from cachedet.backbones.backbone import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
 from cachedet.cache.store import CHECKSUM, StoreWriter
-from cachedet.core.errors import CachedetError
+from cachedet.core.errors import CachedetError, NonFiniteFeatures
 from cachedet.core.runtime import resolve_device
 from cachedet.core.structures import ViewParams
 from cachedet.data.copy_paste import PastePlan
@@ -128,6 +128,7 @@ class _Assembler:
         self.masks += view_masks
         a, b = self.done, self.done + len(errors)
         with torch.inference_mode():
+            self._check_finite(feats, a, errors)
             for name, x in feats.items():
                 if name not in self.blocks:
                     shape = (len(task.views),) + tuple(x.shape[1:])
@@ -136,6 +137,29 @@ class _Assembler:
                 if params is not None:
                     self.quant.setdefault(name, []).append(params)
         self.done = b
+
+    def _check_finite(self, feats: dict[str, torch.Tensor], first: int, errors: list[str]):
+        """Refuse features the store's dtype cannot hold (NaN, inf, or beyond float16's 65504),
+        naming the first such image, view and level: stored, they would become inf silently."""
+        limit = schema.FINITE_LIMIT.get(self.task.dtype, float("inf"))
+        for name, x in feats.items():
+            bad = (~torch.isfinite(x) | (x.abs() > limit)).flatten(1).any(1)
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0])
+                if errors[i]:  # an unreadable image skipped with skip_bad: its zeros are fine
+                    continue
+                view = self.task.views[first + i]
+                top = (
+                    float(x[i][torch.isfinite(x[i])].abs().max())
+                    if torch.isfinite(x[i]).any()
+                    else float("nan")
+                )
+                raise NonFiniteFeatures(
+                    f"{self.task.paths[first + i]}: image {view.image_id}, view {view.view_index}, "
+                    f"level {name}: features beyond {self.task.dtype}'s range (largest finite "
+                    f"|x| {top:.4g}, non-finite or > {limit:g} present) would be stored as inf; "
+                    "extract with ExtractConfig.dtype float32 (or bfloat16), or check the backbone's weights"
+                )
 
     def full(self) -> bool:
         return self.done == len(self.task.views)
