@@ -29,6 +29,14 @@ CHECKPOINT_HELP = "The run's last checkpoint, or the best by validation (train-h
 MAX_DETECTIONS_HELP = "At most this many detections per image (after NMS)."
 
 
+def check_post_processing(score_threshold: float | None, max_detections: int | None) -> None:
+    """Refuse --score-threshold outside [0, 1] and --max-detections below 1, naming the flag."""
+    if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
+        raise CachedetError(f"--score-threshold {score_threshold}: expected a value in [0, 1]")
+    if max_detections is not None and max_detections < 1:
+        raise CachedetError(f"--max-detections {max_detections}: expected at least 1")
+
+
 def fmt(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
@@ -141,6 +149,7 @@ def eval_command(
     """Score a trained run on a validation set (pycocotools / LVIS), stratified like the paper."""
     from cachedet.evaluation.evaluate import evaluate_run
 
+    check_post_processing(score_threshold, max_detections)
     bins = parse_int_list(count_bins, "--count-bins")
     if not bins or list(bins) != sorted(set(bins)) or bins[0] < 1:
         raise CachedetError(
@@ -189,6 +198,7 @@ def predict_command(
     from cachedet.evaluation.draw import draw_detections
     from cachedet.evaluation.predictor import Predictor, scan_inputs
 
+    check_post_processing(score_threshold, max_detections)
     out, draw = resolve_path(out), resolve_path(draw)
     paths, names, skipped = scan_inputs(inputs)
     named = {resolve_path(str(q)) for q in inputs}

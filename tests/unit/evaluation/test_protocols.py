@@ -138,3 +138,14 @@ def test_drawn_names_mirror_the_input_folders(tmp_path):
     ]
     again = draw_detections(paths, [], str(tmp_path / "d2"), names=["same.jpg", "same.jpg"])
     assert len(set(again)) == 2
+
+
+def test_cli_refuses_out_of_range_options_naming_the_flag(cli, tmp_path):
+    r = cli(
+        "predict", tmp_path, "--run", tmp_path, "--out", tmp_path / "d.json", "--max-detections", 0
+    )
+    assert r.exit_code == 2 and "--max-detections 0" in r.stderr
+    r = cli(
+        "eval", "--run", tmp_path, "--annotations", tmp_path / "v.json", "--score-threshold", -1
+    )
+    assert r.exit_code == 2 and "--score-threshold -1" in r.stderr
