@@ -254,6 +254,38 @@ def _segmentation(chk: _Checker, where: str, ann: dict):
     )
 
 
+POLYGON_SLACK = 0.1  # polygon points may lie this share of the image's side outside it
+
+
+def _check_mask_size(chk: _Checker, where: str, which: str, seg, rec: dict) -> None:
+    """Refuse a mask drawn for another image size: an RLE whose ``size`` is not the image's
+    [height, width] (resizing it would shift or scramble the mask), or polygons reaching far
+    outside the image (more than ``POLYGON_SLACK`` of a side: coordinates of another scale)."""
+    h, w = rec["height"], rec["width"]
+    if isinstance(seg, dict) and list(seg["size"]) != [h, w]:
+        hint = (
+            "; it is [width, height]: COCO's RLE size is [height, width]"
+            if list(seg["size"]) == [w, h]
+            else ""
+        )
+        chk.fail(
+            f"{where}.segmentation.size",
+            f"{which}: {list(seg['size'])} disagrees with the image's [height, width] "
+            f"[{h}, {w}]{hint}",
+        )
+    if isinstance(seg, list):
+        points = np.concatenate([np.asarray(p, dtype=np.float64) for p in seg]).reshape(-1, 2)
+        lo = -POLYGON_SLACK * np.array([w, h])
+        hi = (1 + POLYGON_SLACK) * np.array([w, h])
+        if ((points < lo) | (points > hi)).any():
+            far = points[((points < lo) | (points > hi)).any(axis=1)][0]
+            chk.fail(
+                f"{where}.segmentation",
+                f"{which}: polygon point ({far[0]:g}, {far[1]:g}) lies far outside the {w}x{h} image "
+                "(coordinates of another image size?)",
+            )
+
+
 def read_annotation_json(path: str | os.PathLike) -> tuple[dict, str]:
     """Read and parse a JSON file; return (data, sha256 of its bytes)."""
     path = str(path)
@@ -359,7 +391,9 @@ def load_detection_dataset(
         rec["boxes"].append((x1, y1, x2, y2))
         rec["labels"].append(cmap.to_label(category_id))
         rec["ann_ids"].append(ann_ids[-1])
-        rec["segmentations"].append(_segmentation(chk, where, ann))
+        seg = _segmentation(chk, where, ann)
+        _check_mask_size(chk, where, f"annotation {ann_ids[-1]} of image {image_id}", seg, rec)
+        rec["segmentations"].append(seg)
     chk.unique_ids("annotations", ann_ids)
 
     records = [
