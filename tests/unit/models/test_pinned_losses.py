@@ -170,7 +170,7 @@ def pinned_store(synthetic, tmp_path_factory):
     return cfg
 
 
-def run_losses(store, out, neck, head, masks):
+def run_losses(store, out, neck, head, masks, **settings):
     options = {
         **(LIGHT_MASKS if masks else {}),
         **({"nasfpn_repeats": 1} if neck == "nasfpn" else {}),
@@ -184,6 +184,7 @@ def run_losses(store, out, neck, head, masks):
         head=head,
         masks=masks,
         detector_options={**train_config(out, None).detector.options, **options},
+        **settings,
     )
     result = train(cfg, progress=False)
     with open(os.path.join(result.run, "metrics.jsonl")) as f:
@@ -206,9 +207,33 @@ def test_losses_are_those_of_the_detector_before_the_redesign(
     pinned_store, tmp_path, neck, head, masks
 ):
     rows = run_losses(pinned_store, tmp_path / "run", neck, head, masks)
-    expected = PINNED[(neck, head, masks)]
-    assert len(rows) == len(expected)
+    assert loss_mismatches(rows, PINNED[(neck, head, masks)]) == []
+
+
+def tolerance(step: int) -> float:
+    """Relative tolerance of a pinned loss at ``step``. Step 0 runs the pinned weights on the
+    pinned features: only the float32 kernels' summation order differs between CPUs (AVX-512,
+    AVX2, ATEN_CPU_CAPABILITY=default), a few 1e-6 relative; 1e-4 leaves room. Each SGD step
+    feeds those differences back into the weights, so they grow with the step: measured 4.6e-4
+    at step 2 of NAS-FPN + Cascade between AVX-512 and the default kernels; 2e-3 per step leaves
+    4x room. A real change (another seed's RoI sampling, a changed weight) moves losses by
+    percents from step 0 (``test_a_real_change_leaves_the_tolerance``)."""
+    return 1e-4 if step == 0 else 2e-3 * step
+
+
+def loss_mismatches(rows: list[dict], expected: list[dict]) -> list[str]:
+    if len(rows) != len(expected):
+        return [f"{len(rows)} steps, pinned {len(expected)}"]
+    out = []
     for step, (got, want) in enumerate(zip(rows, expected)):
-        assert set(want) <= set(got), step
         for k, v in want.items():
-            assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (step, k)
+            if k not in got or got[k] != pytest.approx(v, rel=tolerance(step), abs=1e-6):
+                out.append(f"step {step} {k}: {got.get(k)} vs pinned {v}")
+    return out
+
+
+def test_a_real_change_leaves_the_tolerance(pinned_store, tmp_path):
+    """The tolerance still catches a real change: another seed (the heads' initial weights and
+    the RoI sampling) moves the losses out of it."""
+    rows = run_losses(pinned_store, tmp_path / "run", "fpn", "faster-rcnn", False, seed=1)
+    assert loss_mismatches(rows, PINNED[("fpn", "faster-rcnn", False)]) != []
