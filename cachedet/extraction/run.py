@@ -357,6 +357,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     t0 = time.perf_counter()
     cfg.validate()
     dataset = load_detection_dataset(cfg.annotations, cfg.images)
+    check_images_exist(dataset, cfg.skip_bad)  # before any store exists
     backbone_cfg, hybrid = hybrid_backbone(cfg)
     backbone = build_backbone(backbone_cfg)
     plan = plan_views(dataset, cfg.augment, cfg.views)
@@ -438,13 +439,31 @@ class DryRunReport:
         return asdict(self)
 
 
+def check_images_exist(dataset: DetectionDataset, skip_bad: bool) -> None:
+    """Refuse, before any work, an annotation file naming local images that are not there (one
+    line: the first missing file and how many); with ``skip_bad`` they are left to the per-view
+    skips that the store records. Remote (fsspec URL) image folders are not scanned."""
+    if skip_bad or "://" in dataset.images_dir:
+        return
+    missing = [dataset.image_path(r) for r in dataset.images]
+    missing = [p for p in missing if not os.path.isfile(p)]
+    if missing:
+        raise CachedetError(
+            f"{missing[0]}: image file not found ({len(missing)} of {len(dataset.images)} images "
+            f"of {dataset.annotation_path} missing under ExtractConfig.images {dataset.images_dir}); fix the "
+            "paths, or set ExtractConfig.skip_bad to leave them out"
+        )
+
+
 def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
     """Estimate the store's size and the extraction time without writing anything.
 
     ``num_images`` replaces the annotation file's image count (to plan, e.g., COCO train2017).
     """
     if num_images is None:
-        num_images = len(load_detection_dataset(cfg.annotations, cfg.images).images)
+        dataset = load_detection_dataset(cfg.annotations, cfg.images)
+        check_images_exist(dataset, cfg.skip_bad)
+        num_images = len(dataset.images)
     schema.check_storage(cfg.dtype, cfg.codec, cfg.shard_views)
     device = resolve_device(cfg.device)
     backbone = build_backbone(hybrid_backbone(cfg)[0]).to(

@@ -21,7 +21,8 @@ Two references, in ``data/``:
   by far more: a changed augmentation or a weight changed by 1 % fails (tested below), while a
   one-ulp change of every float16 value passes.
 
-Regenerate after an intended change with ``python tests/unit/cache/test_reference_store.py``.
+Regenerate after an intended change with
+``PYTHONPATH=tests python tests/unit/cache/test_reference_store.py`` (from the repository root).
 """
 
 from __future__ import annotations
