@@ -134,5 +134,5 @@ def test_a_canvas_that_the_coarsest_stride_does_not_divide_is_refused(synthetic,
     fs = FeatureStore(cfg.out)
     with pytest.raises(CachedetError, match="multiple of 32"):
         check_alignment(fs.specs, fs.shapes)
-    with pytest.raises(CachedetError, match="--feature-crop"):
+    with pytest.raises(CachedetError, match="source.feature_crop"):
         train(tiny_train(tmp_path / "run", cfg.out, epochs=1, feature_crop=True), progress=False)

@@ -37,6 +37,8 @@ def matched_share(boxes, scores, labels, ref, box_tol=0.05, score_tol=1e-4) -> f
 
 
 def spread_scores(run: str, out: str) -> str:
+    from cachedet.engine.checkpoint import save_atomic
+
     """A copy of a RetinaNet checkpoint with noise on its class logits: after 2 steps every anchor still
     scores the focal-loss prior 0.01, and which of equal scores fill the 100 slots is arbitrary."""
     ckpt = torch.load(Path(run) / "checkpoints" / "last.pt", weights_only=False)
@@ -44,7 +46,7 @@ def spread_scores(run: str, out: str) -> str:
     key = next(k for k in weights if k.endswith("cls_logits.weight"))
     noise = torch.randn(weights[key].shape, generator=torch.Generator().manual_seed(0))
     weights[key] = weights[key] + 2.0 * noise
-    torch.save(ckpt, out)
+    save_atomic({k: v for k, v in ckpt.items() if k != "checksum"}, out)  # a fresh checksum
     return out
 
 
