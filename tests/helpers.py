@@ -51,3 +51,22 @@ def assert_same_store(a_url: str, b_url: str):
             )
         else:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def reference_lvis_eval(path, detections: list[dict], iou_type: str = "bbox") -> dict:
+    """lvis-api's LVISEval run directly on the file at ``path`` (its printout silenced): the
+    reference results ({"AP": fraction, ...}) cachedet's LVIS scores are compared with."""
+    import contextlib
+    import copy
+    import io
+
+    from lvis import LVIS, LVISEval
+
+    np.float = float  # lvis 0.5.3 on numpy >= 1.24, only for this reference run
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = LVISEval(LVIS(str(path)), copy.deepcopy(detections), iou_type)
+            ev.run()
+        return ev.get_results()
+    finally:
+        del np.float

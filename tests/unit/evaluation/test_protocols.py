@@ -3,14 +3,12 @@ categories checked by id and name, metrics independent of annotation ids; predic
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 
-import numpy as np
 import pytest
 from conftest import to_lvis
+from helpers import reference_lvis_eval
 from test_eval_faults import medium_only, noisy_detections
 
 from cachedet.core.errors import CachedetError
@@ -68,7 +66,6 @@ def test_post_processing_set_from_the_options(tiny_run):
 
 
 def test_lvis_eval_uses_300_and_no_floor_and_equals_lvis_eval(synthetic, tiny_run, tmp_path):
-    from lvis import LVIS, LVISEval
 
     with open(synthetic["val"]) as f:
         data = to_lvis(json.load(f))
@@ -82,14 +79,7 @@ def test_lvis_eval_uses_300_and_no_floor_and_equals_lvis_eval(synthetic, tiny_ru
         per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
     # a head trained 2 steps: near-uniform scores, so more than COCO's 100 survive NMS per image
     assert 100 < max(per_image.values()) <= 300
-    np.float = float  # lvis 0.5.3 on numpy >= 1.24, only for this reference run
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            ev = LVISEval(LVIS(str(path)), copy.deepcopy(dets), "bbox")
-            ev.run()
-        ref = ev.get_results()
-    finally:
-        del np.float
+    ref = reference_lvis_eval(path, dets)
     assert metrics["lvis_bbox"]["AP"] == pytest.approx(ref["AP"] * 100)
     coco, _ = evaluate_run(
         tiny_run(), synthetic["val"], synthetic["images"], device="cpu", progress=False
