@@ -30,7 +30,7 @@ def user_errors(fn):
                 warnings.showwarning = _show_warning
                 return fn(*args, **kwargs)
         except CachedetError as e:
-            print(f"cachedet: error: {with_flags(str(e))}", file=sys.stderr)
+            print(f"cachedet: error: {with_flags(error_line(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
         except (
             KeyboardInterrupt
@@ -66,6 +66,17 @@ def os_write_error(e: OSError) -> str:
         f"{path}: cannot write ({e.strerror or type(e).__name__}{free}); what was written before "
         "is intact: free space or choose a writable place, then rerun the same command"
     )
+
+
+def error_line(e: CachedetError) -> str:
+    """The user's one line: a CachedetError raised in a DataLoader worker reaches the main process
+    as torch's "Caught CachedetError in DataLoader worker process N. Original Traceback ...", whose
+    last line holds the original message."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def flag_of() -> dict[str, str]:

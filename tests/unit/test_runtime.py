@@ -89,3 +89,27 @@ def test_device_errors_name_the_field_and_the_cli_shows_the_flag():
         resolve_device("tpu9")
     assert with_flags(str(err.value)).startswith("--device tpu9: not a device name")
     assert with_flags("source.adapt_stages 7: no block").startswith("--adapt-stages 7")
+
+
+class _Refusing(__import__("torch").utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from cachedet.core.errors import CachedetError
+
+        raise CachedetError("s.zarr: shard 0, features/c4: absent")
+
+
+def test_an_error_raised_in_a_loader_worker_is_still_one_line():
+    import torch
+
+    from cachedet.core.errors import CachedetError
+    from cachedet_cli.common import error_line
+
+    loader = torch.utils.data.DataLoader(_Refusing(), num_workers=1)
+    with pytest.raises(CachedetError) as err:
+        next(iter(loader))
+    assert "\n" in str(err.value)  # torch's wrapping, with the worker's traceback
+    assert error_line(err.value) == "s.zarr: shard 0, features/c4: absent"
+    assert error_line(CachedetError("plain: message")) == "plain: message"
