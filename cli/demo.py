@@ -73,10 +73,9 @@ def demo_command(
     console.print("the same run, step by step (after the dataset is generated):")
     for command in result["commands"]:
         console.print("  " + command)
-    console.print(
-        f"curves: {os.path.join(result['run'], 'curves.png')}; best checkpoint: "
-        f"{os.path.join(result['run'], 'checkpoints', 'best.pt')}"
-    )
+    written = written_files(result["run"])
+    if written:
+        console.print(written)
     if result["note"]:
         console.print(result["note"], style="yellow")
     write_json_atomic(
@@ -85,3 +84,13 @@ def demo_command(
         | {"bbox": m["bbox"], "segm": m.get("segm")},
         indent=2,
     )
+
+
+def written_files(run: str) -> str:
+    """ "curves: PATH; best checkpoint: PATH" for those of the two the run wrote (curves.png needs
+    matplotlib, best.pt validation): nothing is named that is not there."""
+    named = (
+        ("curves", os.path.join(run, "curves.png")),
+        ("best checkpoint", os.path.join(run, "checkpoints", "best.pt")),
+    )
+    return "; ".join(f"{what}: {path}" for what, path in named if os.path.exists(path))

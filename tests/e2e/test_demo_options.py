@@ -32,3 +32,15 @@ def test_a_quick_run_without_ap_says_it_is_a_smoke_test():
     assert "smoke test" in smoke_note({"bbox": {"AP": 0.0}}, quick=True)
     assert smoke_note({"bbox": {"AP": 12.0}}, quick=True) is None
     assert smoke_note({"bbox": {"AP": 0.0}}, quick=False) is None
+
+
+def test_the_demo_names_only_files_the_run_wrote(tmp_path):
+    from cachedet_cli.demo import written_files
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert written_files(str(run)) == ""
+    (run / "checkpoints" / "best.pt").write_bytes(b"x")
+    assert written_files(str(run)) == f"best checkpoint: {run / 'checkpoints' / 'best.pt'}"
+    (run / "curves.png").write_bytes(b"x")
+    assert written_files(str(run)).startswith(f"curves: {run / 'curves.png'}; best checkpoint: ")
