@@ -10,6 +10,7 @@ import pytest
 import zarr
 
 import cachedet.extraction.shards as shards
+from cachedet.cache.store import StoreReader
 from cachedet.core.errors import NonFiniteFeatures
 from cachedet.data.views import AugmentConfig
 from cachedet.extraction.run import extract
@@ -41,8 +42,9 @@ def test_features_beyond_the_dtype_are_refused_naming_image_view_and_level(
     synthetic, tmp_path, loud_backbone, dtype
 ):
     out = str(tmp_path / "s.zarr")
-    if dtype != "float16":  # bfloat16 and uint8 hold 1e5: stored as given
+    if dtype != "float16":  # bfloat16 and uint8 hold 1e5: stored, and read back finite
         extract(_config(synthetic, out, dtype), progress=False)
+        assert np.isfinite(StoreReader(out).read_level("c5", slice(None))).all()
         return
     with pytest.raises(NonFiniteFeatures) as err:
         extract(_config(synthetic, out, dtype), progress=False)
