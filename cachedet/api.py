@@ -190,7 +190,7 @@ def load(
     Raises CachedetError when the run or checkpoint is missing or unreadable, or when the backbone
     weights available here differ from the ones the run was trained on.
     """
-    from cachedet.engine.run import checkpoint_path
+    from cachedet.runs.record import checkpoint_path
 
     return Model(
         checkpoint_path(run, checkpoint),

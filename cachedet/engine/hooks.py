@@ -10,8 +10,8 @@ import json
 import torch
 
 from cachedet.core.atomic import write_error
-from cachedet.engine.run import RunRecord, save_run_checkpoint
 from cachedet.engine.trainer import Hook, Trainer
+from cachedet.runs.record import RunRecord, save_run_checkpoint
 
 
 class MetricsHook(Hook):

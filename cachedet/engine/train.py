@@ -3,7 +3,7 @@
 After the features, all three regimes run the same code: ``TrainModel`` -> ``Detector`` losses
 -> SGD/AdamW with warm-up and step/cosine decay -> atomic checkpoint every epoch.
 Run directory: config.json, metrics.jsonl (one JSON object per step and per validation),
-checkpoints/last.pt (and best.pt with validation), tensorboard/, curves.png (``cachedet.engine.run``).
+checkpoints/last.pt (and best.pt with validation), tensorboard/, curves.png (``cachedet.runs.record``).
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from cachedet.engine.distributed import DistInfo, all_ranks_ready, init_distribu
 from cachedet.engine.hooks import CheckpointHook, MetricsHook
 from cachedet.engine.monitor import CurvesHook, TensorBoardHook
 from cachedet.engine.resume import continue_schedule, resolved_settings, resume_changes
-from cachedet.engine.run import RunDir, RunRecord, load_run_checkpoint
 from cachedet.engine.sources import CacheSource, FeedOptions, OnlineSource
 from cachedet.engine.step import TrainModel
 from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
 from cachedet.engine.validation import EvalHook, ValidationSet
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.necks import resolve_neck
+from cachedet.runs.record import RunDir, RunRecord, load_run_checkpoint
 
 
 def lr_factor(cfg: TrainConfig, total_steps: int):

@@ -20,8 +20,8 @@ import torch
 
 from cachedet.core.errors import CachedetError
 from cachedet.engine.config import ValConfig
-from cachedet.engine.run import RunRecord, save_run_checkpoint
 from cachedet.engine.trainer import Hook, Trainer
+from cachedet.runs.record import RunRecord, save_run_checkpoint
 
 SUMMARY_PARTS = ("bbox", "segm", "lvis_bbox", "lvis_segm")
 

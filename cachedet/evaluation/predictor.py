@@ -32,9 +32,9 @@ from cachedet.data.views import (
     transform_image,
     view_to_image_boxes,
 )
-from cachedet.engine.run import RunRecord, checkpoint_path, load_run_checkpoint
 from cachedet.models.detector import DetectorConfig, build_detector
 from cachedet.models.masks import paste_masks
+from cachedet.runs.record import RunRecord, checkpoint_path, load_run_checkpoint
 
 COCO_MAX_DETECTIONS, LVIS_MAX_DETECTIONS = 100, 300  # per image, as each protocol scores
 

@@ -169,8 +169,8 @@ def export_run(
     """
     from cachedet.core.atomic import write_json_atomic
     from cachedet.core.paths import resolve_path
-    from cachedet.engine.run import checkpoint_path
     from cachedet.evaluation.predictor import Predictor, set_score_threshold
+    from cachedet.runs.record import checkpoint_path
 
     path = checkpoint_path(run, checkpoint)
     predictor = Predictor(path, device="cpu")

@@ -19,9 +19,9 @@ from cachedet.cache.store import FeatureStore, StoreReader
 from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.engine.config import PATH_OF
-from cachedet.engine.run import RunDir
 from cachedet.engine.train import TrainConfig, train
 from cachedet.extraction.run import _header, extract, plan_views, prepare_store
+from cachedet.runs.record import RunDir
 from cachedet_cli.common import with_flags
 
 LIGHT = {

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from cachedet.core.errors import CachedetError
-from cachedet.engine.checkpoint import CHECKPOINT_FORMAT
 from cachedet.engine.distributed import DistInfo
-from cachedet.engine.run import RunRecord, load_run_checkpoint
 from cachedet.engine.step import train_step
 from cachedet.engine.trainer import Hook, LoopConfig, Trainer, TrainState
+from cachedet.runs.checkpoint import CHECKPOINT_FORMAT
+from cachedet.runs.record import RunRecord, load_run_checkpoint
 
 
 class Toy(nn.Module):

@@ -10,9 +10,9 @@ from PIL import Image
 
 from cachedet.core.errors import CachedetError
 from cachedet.data.views import AugmentConfig
-from cachedet.engine.run import load_run_checkpoint
 from cachedet.engine.train import train
 from cachedet.extraction.run import extract
+from cachedet.runs.record import load_run_checkpoint
 
 
 @pytest.fixture(scope="module")

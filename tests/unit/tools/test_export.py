@@ -37,7 +37,7 @@ def matched_share(boxes, scores, labels, ref, box_tol=0.05, score_tol=1e-4) -> f
 
 
 def spread_scores(run: str, out: str) -> str:
-    from cachedet.engine.checkpoint import save_atomic
+    from cachedet.runs.checkpoint import save_atomic
 
     """A copy of a RetinaNet checkpoint with noise on its class logits: after 2 steps every anchor still
     scores the focal-loss prior 0.01, and which of equal scores fill the 100 slots is arbitrary."""

@@ -172,7 +172,7 @@ def _flip_a_weight_bit(path: str) -> None:
 def test_a_flipped_bit_in_last_pt_is_refused(one_view_run, tmp_path):
     import shutil
 
-    from cachedet.engine.run import load_run_checkpoint
+    from cachedet.runs.record import load_run_checkpoint
 
     path = str(tmp_path / "last.pt")
     shutil.copy(os.path.join(one_view_run, "checkpoints", "last.pt"), path)
@@ -185,8 +185,8 @@ def test_a_flipped_bit_in_last_pt_is_refused(one_view_run, tmp_path):
 def test_non_finite_weights_are_neither_written_nor_loaded(one_view_run, tmp_path):
     import torch
 
-    from cachedet.engine.checkpoint import checksum, save_atomic
-    from cachedet.engine.run import load_run_checkpoint
+    from cachedet.runs.checkpoint import checksum, save_atomic
+    from cachedet.runs.record import load_run_checkpoint
 
     ckpt = torch.load(os.path.join(one_view_run, "checkpoints", "last.pt"), weights_only=False)
     name = next(iter(ckpt["state"]["detector"]))
@@ -228,10 +228,10 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_how_to_continue(
 ):
     import errno
 
-    import cachedet.engine.checkpoint as checkpoint_mod
+    import cachedet.runs.checkpoint as checkpoint_mod
     from cachedet.core import atomic
     from cachedet.core.errors import WriteError
-    from cachedet.engine.run import load_run_checkpoint
+    from cachedet.runs.record import load_run_checkpoint
 
     real, calls = checkpoint_mod.save_torch_atomic, []
 
@@ -260,7 +260,7 @@ def test_metrics_survive_a_bad_line_and_never_repeat_a_step(tiny_store, tmp_path
     import json
     import warnings
 
-    from cachedet.engine.run import RunDir
+    from cachedet.runs.record import RunDir
 
     run = RunDir(str(tmp_path / "run"))
     os.makedirs(run.path)
@@ -417,7 +417,7 @@ def test_epochs_count_from_1_everywhere_and_a_resume_says_where_it_goes_on(
 ):
     import json
 
-    from cachedet.engine.run import load_run_checkpoint
+    from cachedet.runs.record import load_run_checkpoint
 
     out = tmp_path / "run"
     train(train_config(out, tiny_store.url, epochs=2), progress=False)
@@ -479,7 +479,7 @@ def test_checkpoint_every_n_steps_resumes_mid_epoch_exactly(tiny_store, tmp_path
 
     import torch
 
-    from cachedet.engine.run import load_run_checkpoint
+    from cachedet.runs.record import load_run_checkpoint
 
     full = train(train_config(tmp_path / "full", tiny_store.url, epochs=2), progress=False)
     real, calls = torch.optim.SGD.step, []

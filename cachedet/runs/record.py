@@ -28,7 +28,7 @@ from cachedet.cache.header import check_fingerprint, differences
 from cachedet.core.atomic import remove_stale_temps, write_bytes_atomic, write_error
 from cachedet.core.errors import CachedetError
 from cachedet.core.paths import resolve_path
-from cachedet.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from cachedet.runs.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 
 RECORD_KEYS = (
     "train",
