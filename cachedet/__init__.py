@@ -5,10 +5,10 @@ The public names below load lazily (PEP 562), so ``import cachedet`` stays cheap
 - ``load(run, checkpoint="last")`` -> ``Model``; ``Model.predict(images)`` -> ``Detections``
   (``cachedet.api``).
 - ``extract(ExtractConfig)`` -> ``ExtractResult`` (stage 1), ``train_heads(TrainConfig)`` ->
-  ``TrainResult`` (stage 2), ``evaluate(run, annotations, images, ...)`` -> (metrics, detections)
-  (stage 3), ``export(run, format="onnx")`` -> exported file: the front door ``cachedet.api``,
+  ``TrainResult`` (stage 2), ``evaluate(EvalConfig)`` (or ``evaluate(run, annotations, images,
+  ...)``) -> (metrics, detections) (stage 3), ``export(run, format="onnx")`` -> exported file: the front door ``cachedet.api``,
   which the CLI calls too.
-- The typed configs the CLI builds: ``ExtractConfig``, ``AugmentConfig``, ``BackboneConfig``,
+- The typed configs the CLI builds: ``ExtractConfig``, ``EvalConfig``, ``AugmentConfig``, ``BackboneConfig``,
   ``TrainConfig`` (built with ``TrainConfig.of(**settings)``; sections ``SourceConfig``, ``HeadsConfig``,
   ``OptimConfig``, ``LoaderConfig``).
 """
@@ -35,6 +35,7 @@ _LAZY = {
     "HeadsConfig": "cachedet.engine.config",
     "OptimConfig": "cachedet.engine.config",
     "LoaderConfig": "cachedet.engine.config",
+    "EvalConfig": "cachedet.evaluation.config",
 }
 __all__ = ["__version__", *_LAZY]
 

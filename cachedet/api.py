@@ -113,6 +113,11 @@ def _as_batch(images) -> tuple[list, bool]:
     return [images], False
 
 
+def _check_post_processing(score_threshold, max_detections) -> None:
+    check_number("score_threshold", score_threshold, low=0, high=1)
+    check_number("max_detections", max_detections, integer=True, low=1)
+
+
 class Model:
     """A trained run, ready to predict: backbone (with adapters if trained), neck and head.
 
@@ -129,6 +134,7 @@ class Model:
     ):
         from cachedet.evaluation.predictor import Predictor
 
+        _check_post_processing(score_threshold, max_detections)
         self.checkpoint = path
         self.predictor = Predictor(
             path, device=device, score_threshold=score_threshold, max_detections=max_detections
@@ -172,6 +178,57 @@ class Model:
 
     __call__ = predict
 
+    def predict_files(self, inputs, batch_size: int = 8) -> FilePredictions:
+        """Detect objects in image files and folders, as ``cachedet predict`` does.
+
+        ``inputs``: paths of images or folders (scanned one level deep, sorted). In a folder, hidden
+        and companion files (``.*``, ``._*``, ``.DS_Store``, ``Thumbs.db``), non-image names,
+        sub-folders and images that cannot be read are skipped and reported in ``skipped``; an image
+        named explicitly that cannot be read raises CachedetError naming it, as does an input that
+        does not exist or inputs holding no image."""
+        from cachedet.evaluation.predictor import scan_inputs
+
+        check_number("batch_size", batch_size, integer=True, low=1)
+        paths, names, skipped = scan_inputs(inputs)
+        named = {resolve_path(str(q)) for q in inputs}
+        unreadable = []
+
+        def skip(path, error):
+            if path in named:
+                raise error
+            unreadable.append(path)
+
+        items = [(i, path, None) for i, path in enumerate(paths)]
+        detections = self.predictor.predict_images(items, batch_size=batch_size, skip=skip)
+        for d in detections:
+            d["file_name"] = str(paths[d["image_id"]])
+            d["category_name"] = self.predictor.categories.name_of(d["category_id"])
+        if unreadable:
+            skipped["unreadable"] = unreadable
+        return FilePredictions(detections, paths, names, skipped)
+
+
+@dataclass
+class FilePredictions:
+    """What ``Model.predict_files`` found and detected.
+
+    detections: COCO-format dicts (``image_id``: index into ``paths``; ``bbox`` [x, y, w, h] in the
+    image's original pixels; ``score``; ``category_id``; ``category_name``; ``file_name``; an RLE
+    ``segmentation`` for mask runs). paths: every image found, in order; names: each one's path
+    relative to the input it came from (unique, for drawn pictures); skipped: {reason: [paths]}
+    (``hidden``, ``folder``, ``not an image``, ``unreadable``)."""
+
+    detections: list[dict]
+    paths: list[str]
+    names: list[str]
+    skipped: dict[str, list[str]]
+
+    @property
+    def predicted(self) -> list[int]:
+        """Indices into ``paths`` of the images that were read and predicted."""
+        bad = set(self.skipped.get("unreadable", ()))
+        return [i for i, path in enumerate(self.paths) if path not in bad]
+
 
 def load(
     run: str,
@@ -192,6 +249,7 @@ def load(
     """
     from cachedet.runs.record import checkpoint_path
 
+    _check_post_processing(score_threshold, max_detections)  # before any file is read
     return Model(
         checkpoint_path(run, checkpoint),
         device=device,
@@ -224,17 +282,28 @@ def train_heads(cfg, progress: bool = True, origin: dict | None = None):
 
 
 def evaluate(
-    run: str, annotations: str, images: str | None = None, **kwargs
+    cfg=None,
+    annotations: str | None = None,
+    images: str | None = None,
+    progress: bool = True,
+    **settings,
 ) -> tuple[dict, list[dict]]:
-    """Stage 3: score ``run`` on a COCO/LVIS validation file as ``cachedet eval`` does.
+    """Stage 3: score a run on a COCO/LVIS validation file as ``cachedet eval`` does, from an
+    ``EvalConfig`` (``cachedet.EvalConfig``), or from its fields as arguments:
+    ``evaluate(run, annotations, images, cache=..., out=..., max_detections=...)``.
 
-    Keyword arguments as ``cachedet.evaluation.evaluate.evaluate_run`` (train_annotations, cache, out,
-    count_bins, device, batch_size, progress, score_threshold, max_detections: by default each
-    protocol's, COCO 100 detections per image with the trained 0.05 floor, LVIS 300 and no floor). Returns (metrics dict, COCO-format detections: bbox
-    [x, y, w, h] in original-image pixels). Raises CachedetError for missing or mismatched inputs."""
+    Post-processing follows each protocol unless set: COCO 100 detections per image with the trained
+    0.05 floor, LVIS 300 and no floor. Returns (metrics dict, COCO-format detections: bbox
+    [x, y, w, h] in original-image pixels). Raises CachedetError for invalid settings or missing or
+    mismatched inputs, naming the EvalConfig field."""
+    from cachedet.evaluation.config import EvalConfig
     from cachedet.evaluation.evaluate import evaluate_run
 
-    return evaluate_run(run, annotations, images, **kwargs)
+    if not isinstance(cfg, EvalConfig):
+        cfg = EvalConfig.of(run=cfg, annotations=annotations, images=images, **settings)
+    elif annotations is not None or images is not None or settings:
+        raise CachedetError("evaluate: give an EvalConfig or its fields, not both")
+    return evaluate_run(cfg, progress)
 
 
 def export(run: str, format: str = "onnx", **kwargs):

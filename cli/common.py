@@ -100,25 +100,46 @@ def flag_of() -> dict[str, str]:
         {f"detector.options.{name}": "--" + name.replace("_", "-") for name in DETECTOR_FLAGS}
     )
     table.update(_extract_flags())
+    table.update(_config_flags("eval_command", "EvalConfig", {"quiet": None}))
     return table
+
+
+def _config_flags(command_name: str, config: str, field_of: dict) -> dict[str, str]:
+    """{``Config.field`` or section path (``augment.size``): the command's option(s) that set it},
+    read off the command's own options; ``field_of`` names those that differ from the field (None:
+    an option that sets no field)."""
+    import inspect
+
+    command = _COMMANDS.get(command_name)
+    by_field: dict[str, list[str]] = {}
+    for option in inspect.signature(command).parameters if command else ():
+        field = field_of.get(option, option)
+        if field is not None:
+            path = field if "." in field else f"{config}.{field}"
+            by_field.setdefault(path, []).append("--" + option.replace("_", "-"))
+    return {path: "/".join(flags) for path, flags in by_field.items()}
 
 
 def _extract_flags() -> dict[str, str]:
     """{ExtractConfig field path (``ExtractConfig.views``, ``augment.size``): extract's option(s)}."""
-    import inspect
-
     from cachedet_cli.vocabulary import EXTRACT_FIELD_OF
 
-    command = _COMMANDS.get("extract_command")
-    by_field: dict[str, list[str]] = {}
-    for option in inspect.signature(command).parameters if command else ():
-        field = EXTRACT_FIELD_OF.get(option, option)
-        if field is not None:
-            path = field if "." in field else f"ExtractConfig.{field}"
-            by_field.setdefault(path, []).append("--" + option.replace("_", "-"))
-    table = {path: "/".join(flags) for path, flags in by_field.items()}
+    table = _config_flags("extract_command", "ExtractConfig", EXTRACT_FIELD_OF)
     table["augment.augment"] = "--no-augment"  # the option turns the field off
     return table
+
+
+# A message that starts with one of these bare argument names (``cachedet.load``'s, ``Model``'s)
+# shows it as the option of the same name.
+BARE_ARGUMENTS = (
+    "device",
+    "score_threshold",
+    "max_detections",
+    "batch_size",
+    "checkpoint",
+    "format",
+    "neck",
+)
 
 
 def with_flags(message: str) -> str:
@@ -126,9 +147,11 @@ def with_flags(message: str) -> str:
     import re
 
     table = flag_of()
-    message = re.sub(r"^device\b", "--device", message)  # a top-level field of every config
+    message = re.sub(
+        rf"^({'|'.join(BARE_ARGUMENTS)})\b", lambda m: "--" + m.group(1).replace("_", "-"), message
+    )
     return re.sub(
-        r"\b(?:TrainConfig|ExtractConfig|source|detector|optim|loader|val|augment|backbone)\.\w+(?:\.\w+)?\b",
+        r"\b(?:TrainConfig|ExtractConfig|EvalConfig|source|detector|optim|loader|val|augment|backbone)\.\w+(?:\.\w+)?\b",
         lambda m: table.get(m.group(0), m.group(0)),
         message,
     )

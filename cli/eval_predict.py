@@ -9,7 +9,6 @@ from typing import List, Optional
 import typer
 
 from cachedet.core.atomic import write_json_atomic
-from cachedet.core.errors import CachedetError
 from cachedet.core.paths import resolve_path
 from cachedet_cli.common import console as make_console
 from cachedet_cli.common import parse_int_list, user_errors
@@ -27,14 +26,6 @@ PREDICT_EXAMPLES = examples(
 
 CHECKPOINT_HELP = "The run's last checkpoint, or the best by validation (train-heads --val-*)."
 MAX_DETECTIONS_HELP = "At most this many detections per image (after NMS)."
-
-
-def check_post_processing(score_threshold: float | None, max_detections: int | None) -> None:
-    """Refuse --score-threshold outside [0, 1] and --max-detections below 1, naming the flag."""
-    if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
-        raise CachedetError(f"--score-threshold {score_threshold}: expected a value in [0, 1]")
-    if max_detections is not None and max_detections < 1:
-        raise CachedetError(f"--max-detections {max_detections}: expected at least 1")
 
 
 def fmt(v) -> str:
@@ -147,29 +138,24 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ):
     """Score a trained run on a validation set (pycocotools / LVIS), stratified like the paper."""
-    from cachedet.evaluation.evaluate import evaluate_run
+    from cachedet.api import evaluate
+    from cachedet.evaluation.config import EvalConfig
 
-    check_post_processing(score_threshold, max_detections)
-    bins = parse_int_list(count_bins, "--count-bins")
-    if not bins or list(bins) != sorted(set(bins)) or bins[0] < 1:
-        raise CachedetError(
-            f"--count-bins {count_bins}: expected increasing positive integers, e.g. 10,100,1000"
-        )
-    metrics, _ = evaluate_run(
-        run,
-        str(annotations),
-        str(images) if images else None,
-        str(train_annotations) if train_annotations else None,
-        cache,
-        str(out) if out else os.path.join(run, "metrics.json"),
-        bins,
-        device,
-        batch_size,
-        progress=not quiet,
+    cfg = EvalConfig(
+        run=run,
+        annotations=str(annotations),
+        images=str(images) if images else None,
+        cache=cache,
+        train_annotations=str(train_annotations) if train_annotations else None,
+        out=str(out) if out else os.path.join(run, "metrics.json"),
         checkpoint=checkpoint,
+        count_bins=parse_int_list(count_bins, "--count-bins"),
+        device=device,
+        batch_size=batch_size,
         score_threshold=score_threshold,
         max_detections=max_detections,
     )
+    metrics, _ = evaluate(cfg, progress=not quiet)
     print_metrics(metrics, make_console())
 
 
@@ -195,60 +181,36 @@ def predict_command(
     In a folder, hidden and companion files (.*, ._*, .DS_Store, Thumbs.db), non-image names,
     sub-folders and images that cannot be read are skipped and reported; an image named explicitly
     that cannot be read is an error."""
+    from cachedet.api import load
     from cachedet.evaluation.draw import draw_detections
-    from cachedet.evaluation.predictor import Predictor, scan_inputs
 
-    check_post_processing(score_threshold, max_detections)
     out, draw = resolve_path(out), resolve_path(draw)
-    paths, names, skipped = scan_inputs(inputs)
-    named = {resolve_path(str(q)) for q in inputs}
-    unreadable = []
-
-    def skip(path, error):
-        if path in named:
-            raise error
-        unreadable.append(path)
-
-    predictor = Predictor(
-        run,
-        device=device,
-        score_threshold=score_threshold,
-        checkpoint=checkpoint,
-        max_detections=max_detections,
-    )
-    items = [(i, p, None) for i, p in enumerate(paths)]
-    detections = predictor.predict_images(items, skip=skip)
-    for d in detections:
-        d["file_name"] = str(paths[d["image_id"]])
-        d["category_name"] = predictor.categories.name_of(d["category_id"])
-    write_json_atomic(out, detections, indent=1)
+    model = load(run, checkpoint, device, score_threshold, max_detections)
+    found = model.predict_files(inputs)
+    write_json_atomic(out, found.detections, indent=1)
     console = make_console()
-    if unreadable:
-        skipped["unreadable"] = unreadable
-    if skipped:
+    if found.skipped:
         console.print(
             "skipped "
             + ", ".join(
                 f"{len(v)} {k} ({', '.join(os.path.basename(x) for x in v[:3])}"
                 f"{', ...' if len(v) > 3 else ''})"
-                for k, v in skipped.items()
+                for k, v in found.skipped.items()
             ),
             style="yellow",
         )
-    done = len(paths) - len(unreadable)
     console.print(
-        f"{len(detections)} detections in {done} images (score >= {score_threshold}, "
-        f"at most {max_detections} per image) -> {out}"
+        f"{len(found.detections)} detections in {len(found.predicted)} images "
+        f"(score >= {score_threshold}, at most {max_detections} per image) -> {out}"
     )
     if draw:
-        bad = set(unreadable)
-        keep = [i for i, p in enumerate(paths) if p not in bad]
+        keep = found.predicted
         index = {old: new for new, old in enumerate(keep)}
         written = draw_detections(
-            [paths[i] for i in keep],
-            [{**d, "image_id": index[d["image_id"]]} for d in detections],
+            [found.paths[i] for i in keep],
+            [{**d, "image_id": index[d["image_id"]]} for d in found.detections],
             draw,
-            category_ids=predictor.categories.ids,
-            names=[names[i] for i in keep],
+            category_ids=[c["id"] for c in model.categories],
+            names=[found.names[i] for i in keep],
         )
         console.print(f"drew {len(written)} images into {draw}")

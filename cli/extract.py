@@ -208,7 +208,7 @@ def extract_command(
     from rich.table import Table
 
     from cachedet.backbones.backbone import BackboneConfig
-    from cachedet.core.recipes import get_recipe, schedule_advice
+    from cachedet.core.recipes import get_recipe
     from cachedet.data.views import AugmentConfig
     from cachedet.extraction.run import ExtractConfig, extract
     from cachedet.extraction.run import dry_run as plan_dry_run
@@ -248,9 +248,6 @@ def extract_command(
         recipe=chosen.name,
     )
     console = make_console()
-    advice = None if no_augment else schedule_advice(cfg.augment.scale_range, views=views)
-    if advice:
-        console.print(advice, style="yellow")
     if dry_run:
         r = plan_dry_run(cfg, num_images=num_images)
         table = Table(title=f"extract --dry-run: {backbone} at {size}x{size}, nothing written")

@@ -94,16 +94,7 @@ def replayed_config(cfg, ctx: typer.Context, path: str):
     from cachedet.engine.train import TrainConfig
 
     path = resolve_path(path)
-    try:
-        with open(path) as f:
-            saved = json.load(f)["train"]
-        saved = TrainConfig.from_dict({**saved, "out": cfg.out}, where=f"--config {path}")
-    except FileNotFoundError:
-        raise CachedetError(f"--config {path}: no such file") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CachedetError(
-            f"--config {path}: not a train-heads config.json ({type(e).__name__})"
-        ) from None
+    saved = TrainConfig.of_file(path, "--config", out=cfg.out)
     changes = typed_changes(saved, cfg, ctx)
     replay = saved.with_settings(**changes, out=cfg.out, resume=False)
     return replay, {"replayed_from": path, "overrides": json.loads(json.dumps(changes))}

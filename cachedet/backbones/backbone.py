@@ -109,7 +109,7 @@ class Backbone(nn.Module):
             self.model.eval()  # frozen: dropout/drop-path off, as at classification inference
         return self
 
-    def check_canvas(self, size: int, option: str = "--size") -> "Backbone":
+    def check_canvas(self, size: int, option: str = "augment.size") -> "Backbone":
         """CachedetError (one line, naming ``option``) unless ``size`` suits the backbone."""
         return self
 
@@ -191,7 +191,7 @@ class VitBackbone(Backbone):
 
         return forward_from(self.model.model, cached, stage, self.identity["out_indices"])
 
-    def check_canvas(self, size: int, option: str = "--size") -> "Backbone":
+    def check_canvas(self, size: int, option: str = "augment.size") -> "Backbone":
         vit.check_canvas(self.identity["name"], self.patch, size, option)
         return self
 
@@ -344,7 +344,7 @@ def build_backbone(cfg: BackboneConfig, warn: bool = True) -> Backbone:
     if weights == "default" and cfg.name not in OFFLINE_WEIGHTS_ARCHS:
         if warn:
             warnings.warn(
-                f"no offline weights for {cfg.name}: random init (pass --pretrained or --weights PATH)"
+                f"no offline weights for {cfg.name}: random init (set backbone.weights to pretrained or a file)"
             )
         weights = "random"
     model = _create(cfg.name, out_indices, weights)

@@ -81,7 +81,7 @@ def patch_size(model: nn.Module) -> int:
     return int(p[0])
 
 
-def check_canvas(name: str, patch: int, size: int, option: str = "--size"):
+def check_canvas(name: str, patch: int, size: int, option: str = "augment.size"):
     """A one-line CachedetError unless ``size`` is a multiple of the patch size."""
     if size % patch:
         lower, upper = size // patch * patch, -(-size // patch) * patch

@@ -30,7 +30,7 @@ def check_alignment(specs: list[FeatureSpec], shapes: dict[str, tuple[int, int, 
         if coarse.stride % s.stride or tuple(shapes[s.name][1:]) != (ch * f, cw * f):
             raise CachedetError(
                 f"source.feature_crop: level {s.name} is {shapes[s.name][1]}x{shapes[s.name][2]}, not {f}x the coarsest "
-                f"level's {ch}x{cw}; extract with a --size that is a multiple of {coarse.stride}"
+                f"level's {ch}x{cw}; extract with a canvas (augment.size) that is a multiple of {coarse.stride}"
             )
     return coarse.stride
 

@@ -260,7 +260,7 @@ class StoreReader(_StoreFiles):
         if not self.has_masks:
             raise CachedetError(
                 f"{self.url}: holds no instance masks (its annotations had no segmentation, "
-                "or it was extracted with --no-masks)"
+                "or it was extracted without masks)"
             )
         shard = view // self.shard_views
         rle, offsets = self.read_shard_masks(shard)

@@ -69,10 +69,14 @@ def detector_options_for(recipe: Recipe, head: str, given: dict) -> dict:
 
 
 def schedule_advice(
-    scale_range: tuple[float, float], epochs: int | None = None, views: int | None = None
+    scale_range: tuple[float, float],
+    epochs: int | None = None,
+    views: int | None = None,
+    field: str = "recipe",
 ) -> str | None:
     """One line when the jitter range is wide for the schedule (the paper's range on a schedule far
-    shorter than the paper's), suggesting the short recipe; None when the pairing is fine.
+    shorter than the paper's), suggesting the short recipe (set by the config field ``field``); None
+    when the pairing is fine.
 
     ``epochs`` is the training length (train-heads); ``views`` the cached views per image (extract),
     each of which a short run sees only a few times."""
@@ -83,24 +87,27 @@ def schedule_advice(
     if epochs is not None and epochs < paper.long_epochs:
         return (
             f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs; "
-            f"for {epochs} epochs try --recipe short (LSJ 0.8-1.25; README: Recipes)"
+            f"for {epochs} epochs try {field} short (LSJ 0.8-1.25; README: Recipes)"
         )
     if epochs is None and views is not None and views < paper.long_epochs:
         return (
             f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs of fresh views; "
-            f"for short runs on {views} cached views per image use --recipe short (LSJ 0.8-1.25)"
+            f"for short runs on {views} cached views per image use {field} short (LSJ 0.8-1.25)"
         )
     return None
 
 
 def train_recipe(given: str | None, header) -> tuple[str, str | None]:
-    """The recipe a train-heads run uses: ``given`` (--recipe), else the store's, else the default;
-    and a one-line note when the given recipe differs from the store's (None otherwise)."""
+    """The recipe a train-heads run uses: ``given`` (``TrainConfig.recipe``), else the store's, else
+    the default; and a one-line note when the given recipe differs from the store's (None otherwise)."""
     stored = header.recipe if header is not None else None  # a StoreHeader
     if given is None:
         return get_recipe(stored if stored in RECIPES else None).name, None
     get_recipe(given)
     if stored is not None and stored != given:
-        note = f"--recipe {given}: the cache was extracted with --recipe {stored}; its views keep that jitter"
+        note = (
+            f"TrainConfig.recipe {given}: the cache was extracted with recipe {stored}; "
+            "its views keep that jitter"
+        )
         return given, note
     return given, None

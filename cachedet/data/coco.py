@@ -220,7 +220,7 @@ def _file_name(chk: _Checker, where: str, img: dict) -> str:
     if os.path.isabs(name) or name.startswith("/") or ".." in parts or "\x00" in name:
         chk.fail(
             f"{where}.file_name",
-            f"{name[:80]!r} leaves the --images folder (absolute, '..' or NUL)",
+            f"{name[:80]!r} leaves the images folder (absolute, '..' or NUL)",
         )
     return name
 

@@ -185,6 +185,19 @@ class LoaderConfig:
         log_every = self.log_every if self.log_every is not None else (50 if cuda else 1)
         return replace(self, workers=workers, log_every=log_every)
 
+    def loader_kwargs(self, pin_memory: bool = False) -> dict:
+        """torch DataLoader arguments for this feed (``workers`` resolved): with workers, each
+        prepares ``prefetch_factor`` batches ahead, persists across epochs when
+        ``persistent_workers``, and starts by ``loader_start``; ``pin_memory`` for GPU copies."""
+        kwargs = {"num_workers": self.workers or 0, "pin_memory": pin_memory}
+        if self.workers:
+            kwargs.update(
+                prefetch_factor=self.prefetch_factor,
+                persistent_workers=self.persistent_workers,
+                multiprocessing_context=self.loader_start,
+            )
+        return kwargs
+
     def validate(self, online: bool):
         check_number("loader.workers", self.workers, integer=True, low=0, high=1024, optional=True)
         for name in (
@@ -399,21 +412,33 @@ class TrainConfig:
         return cls.of(**flat)
 
     @classmethod
-    def of_run(cls, out: str) -> "TrainConfig":
-        """The settings a run at ``out`` was last trained with (its config.json), for resuming."""
-        path = os.path.join(resolve_path(out), "config.json")
+    def of_file(cls, path: str, where: str, out: str | None = None) -> "TrainConfig":
+        """The settings a run's config.json at ``path`` records (``out``: the run directory to use
+        instead of the recorded one). ``where`` names the field or option in errors. Raises
+        CachedetError when the file is missing, is not a train-heads config.json, or holds settings
+        this cachedet does not know (a newer version's)."""
         try:
             with open(path) as f:
                 saved = json.load(f)["train"]
-            return cls.from_dict(saved, where=path)
+            if out is not None:
+                saved = {**saved, "out": out}
+            return cls.from_dict(saved, where=f"{where} {path}")
+        except CachedetError:
+            raise
         except FileNotFoundError:
-            raise CachedetError(
-                f"TrainConfig.out {out}: no run to resume here (no config.json)"
-            ) from None
+            raise CachedetError(f"{where} {path}: no such file") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CachedetError(
-                f"{path}: unreadable run configuration ({type(e).__name__})"
+                f"{where} {path}: not a train-heads config.json ({type(e).__name__})"
             ) from None
+
+    @classmethod
+    def of_run(cls, out: str) -> "TrainConfig":
+        """The settings a run at ``out`` was last trained with (its config.json), for resuming."""
+        path = os.path.join(resolve_path(out), "config.json")
+        if not os.path.exists(path):
+            raise CachedetError(f"TrainConfig.out {out}: no run to resume here (no config.json)")
+        return cls.of_file(path, "TrainConfig.out")
 
 
 def resolve_recipe(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
@@ -423,13 +448,19 @@ def resolve_recipe(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     ``recipe="auto"`` takes the recipe recorded in the header of the store a cache run trains from
     (``source.cache``), else the default; a named recipe stays. ``train`` (the CLI and
     ``cachedet.train_heads`` alike) comes through here, so one store gives one detector either way.
-    A resumed run keeps its own recipe (its config.json's)."""
+    A resumed run keeps its own recipe (its config.json's). A cache run's canvas is its store's: a
+    ``source.size`` that differs from it (and from the default) is refused naming the field."""
     from cachedet.cache.store import store_header
 
     if cfg.recipe is None:  # a run recorded before recipes
         return cfg, []
     cached = cfg.source.cache is not None and not cfg.source.online
     header = store_header(cfg.source.cache) if cached else None
+    if header is not None and cfg.source.size not in (DEFAULT_CANVAS, header.canvas):
+        raise CachedetError(
+            f"source.size {cfg.source.size}: a cache run uses the canvas its store was made with "
+            f"({header.canvas}); source.size is for source.online"
+        )
     given = None if cfg.recipe == AUTO_RECIPE else cfg.recipe
     if cfg.resume and given is None:  # the run's own recipe (as --resume takes its settings)
         resolved = replace(cfg, recipe=_recorded_recipe(cfg.out, header))
@@ -441,7 +472,9 @@ def resolve_recipe(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
         jitter = header.augment["scale_range"]
     else:
         jitter = resolved.source.scale_range if resolved.source.online else None
-    advice = jitter and schedule_advice(tuple(jitter), epochs=resolved.optim.epochs)
+    advice = jitter and schedule_advice(
+        tuple(jitter), epochs=resolved.optim.epochs, field="TrainConfig.recipe"
+    )
     return resolved, [line for line in (note, advice) if line]
 
 

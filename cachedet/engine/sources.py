@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-from dataclasses import dataclass
+from dataclasses import replace
 from itertools import islice
 
 import numpy as np
@@ -30,6 +30,7 @@ from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.online import OnlineViews, collate_images, rank_indices
 from cachedet.data.views import AugmentConfig
+from cachedet.engine.config import LoaderConfig
 from cachedet.engine.distributed import DistInfo
 
 
@@ -40,26 +41,9 @@ def steps_in_epoch(views_per_rank: list[int], batch_size: int) -> int:
     return max(1, min(views_per_rank) // batch_size)
 
 
-@dataclass(frozen=True)
-class FeedOptions:
-    """DataLoader settings beyond the worker count (see ``LoaderConfig``): ``pin_memory`` for
-    non-blocking copies to a GPU; with workers, ``prefetch_factor`` batches each worker prepares
-    ahead and ``persistent`` workers kept alive across epochs."""
-
-    pin_memory: bool = False
-    prefetch_factor: int = 2
-    persistent: bool = False
-    start: str | None = None  # multiprocessing start method (None: the platform's default)
-
-    def loader_kwargs(self, workers: int) -> dict:
-        kwargs = {"num_workers": workers, "pin_memory": self.pin_memory}
-        if workers:
-            kwargs.update(
-                prefetch_factor=self.prefetch_factor,
-                persistent_workers=self.persistent,
-                multiprocessing_context=self.start,
-            )
-        return kwargs
+def _with_workers(loader: LoaderConfig) -> LoaderConfig:
+    """``loader`` with its worker count resolved (None: the main process, as on a CPU)."""
+    return loader if loader.workers is not None else replace(loader, workers=0)
 
 
 def _batched(samples, batch_size: int, collate):
@@ -82,8 +66,8 @@ class _AdapterMixin:
     def enable_adapters(self, stages: tuple[int, ...] | None):
         if self.backbone is None:
             raise CachedetError(
-                f"source.adapters: {self.where} holds plain frozen features; train adapters --online, or "
-                "extract a hybrid cache with --cache-stage K"
+                f"source.adapters: {self.where} holds plain frozen features; train adapters with "
+                "source.online, or extract a hybrid cache (ExtractConfig.cache_stage)"
             )
         first = (
             self.hybrid_stage + 1
@@ -102,59 +86,60 @@ class _AdapterMixin:
 
 
 class CacheSource(_AdapterMixin):
+    """Views read from a feature store: streamed by a DataLoader (``CachedViews``) or held in RAM
+    (``loader.in_memory``: ``InMemoryViews``).
+
+    ``loader``: the feed's settings (``LoaderConfig``; workers as resolved for the device, see
+    ``LoaderConfig.resolved``); ``keep_float16``: hand out float16 features (CUDA autocast);
+    ``masks``: targets carry instance masks when the store has them; ``pin_memory``: page-locked
+    batches for non-blocking copies to a GPU. Raises CachedetError naming ``source.cache`` for a
+    store that cannot be trained from.
+    """
+
     def __init__(
         self,
         url: str,
-        batch_size: int,
-        workers: int,
-        in_memory: bool,
-        views_per_epoch: int,
-        seed: int,
-        shuffle_buffer: int | None,
+        loader: LoaderConfig,
         dist: DistInfo,
-        loader_start: str | None = None,
-        keep_float16: bool = False,
-        feature_crop_min: float | None = None,
+        seed: int = 0,
+        *,
         masks: bool = False,
-        feed: FeedOptions | None = None,
-        allow_incomplete: bool = False,
-        verify_reads: bool = True,
+        keep_float16: bool = False,
+        pin_memory: bool = False,
     ):
-        self.batch_size, self.workers, self.in_memory = batch_size, workers, in_memory
-        self.feed = feed or FeedOptions(start=loader_start)
+        self.loader = _with_workers(loader)
+        self.pin_memory = pin_memory
+        self.batch_size, self.workers = loader.batch_size, self.loader.workers
+        self.in_memory = loader.in_memory
+        self.feature_crop_min = loader.feature_crop_min if loader.feature_crop else None
         self._loader = None  # kept across epochs when its workers persist
-        self.seed, self.rank, self.feature_crop_min = seed, dist.rank, feature_crop_min
-        if in_memory:
+        self.seed, self.rank = seed, dist.rank
+        views = (url, loader.views_per_epoch, seed)
+        if loader.in_memory:
             self.dataset = InMemoryViews(
-                url,
-                views_per_epoch,
-                seed,
+                *views,
                 dist.rank,
                 dist.world,
                 masks,
                 keep_float16,
-                allow_incomplete,
-                verify_reads,
+                loader.allow_incomplete,
+                loader.verify_reads,
             )
         else:
             self.dataset = CachedViews(
-                url,
-                views_per_epoch,
-                seed,
-                shuffle_buffer,
+                *views,
+                loader.shuffle_buffer,
                 dist.rank,
                 dist.world,
                 keep_float16,
                 masks,
-                allow_incomplete,
-                verify_reads,
+                loader.allow_incomplete,
+                loader.verify_reads,
             )
         self.masks = self.dataset.masks  # False when the store holds no masks
-        self.no_masks_reason = (
-            "it holds no instance masks (no segmentation in its annotations, or --no-masks)"
-        )
+        self.no_masks_reason = "it holds no instance masks (no segmentation in its annotations, or extracted without masks)"
         header = self.dataset.header
-        self.where = f"--cache {url}"
+        self.where = f"source.cache {url}"
         self.specs = list(self.dataset.specs)
         self.canvas = header.canvas
         self.categories = header.dataset[
@@ -179,7 +164,7 @@ class CacheSource(_AdapterMixin):
         ).to_dict()
         self.augment = header.augment
         self.data = header.data_identity()  # recorded by the run, compared on resume
-        if feature_crop_min is not None:
+        if self.feature_crop_min is not None:
             if self.hybrid_stage is not None:
                 raise CachedetError(
                     f"source.feature_crop: {self.where} is a hybrid cache; crops apply to complete pyramids only"
@@ -207,14 +192,14 @@ class CacheSource(_AdapterMixin):
         return islice(batches, self.steps(epoch))
 
     def _make_loader(self) -> DataLoader:
-        persistent = self.feed.persistent and self.workers > 0
+        persistent = self.loader.persistent_workers and self.workers > 0
         if persistent:  # the workers keep their copy of the dataset: share its epoch with them
-            self.dataset.share_epoch(multiprocessing.get_context(self.feed.start))
+            self.dataset.share_epoch(multiprocessing.get_context(self.loader.loader_start))
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
             collate_fn=collate_views,
-            **self.feed.loader_kwargs(self.workers),
+            **self.loader.loader_kwargs(self.pin_memory),
         )
         if persistent:
             self._loader = loader
@@ -231,19 +216,23 @@ class OnlineSource(_AdapterMixin):
         backbone: BackboneConfig,
         augment: AugmentConfig,
         trainable: bool,
-        batch_size: int,
-        workers: int,
-        seed: int,
+        loader: LoaderConfig,
         dist: DistInfo,
+        seed: int = 0,
+        *,
         masks: bool = False,
-        feed: FeedOptions | None = None,
+        pin_memory: bool = False,
     ):
         self.where = "the online backbone"
-        self.feed = feed or FeedOptions()
+        self.loader, self.pin_memory = _with_workers(loader), pin_memory
         self.dataset_info = load_detection_dataset(annotations, images)
         self.masks = masks and self.dataset_info.has_masks
-        self.no_masks_reason = f"--annotations {annotations} has no segmentation"
-        self.backbone = build_backbone(backbone).set_trainable(trainable).check_canvas(augment.size)
+        self.no_masks_reason = f"source.annotations {annotations} has no segmentation"
+        self.backbone = (
+            build_backbone(backbone)
+            .set_trainable(trainable)
+            .check_canvas(augment.size, "source.size")
+        )
         self.specs = list(self.backbone.specs)
         self.canvas = augment.size
         self.categories = self.dataset_info.categories.to_json()
@@ -259,7 +248,8 @@ class OnlineSource(_AdapterMixin):
         self.views = OnlineViews(
             self.dataset_info, augment, self.backbone.mean, self.backbone.std, self.masks
         )
-        self.batch_size, self.workers, self.seed, self.dist = batch_size, workers, seed, dist
+        self.batch_size, self.workers = loader.batch_size, self.loader.workers
+        self.seed, self.dist = seed, dist
         if dist.world > len(self.views):  # a rank without views would wait for the others forever
             raise CachedetError(
                 f"source.annotations {annotations}: {len(self.views)} views per epoch cannot give "
@@ -283,7 +273,7 @@ class OnlineSource(_AdapterMixin):
             rank_indices(len(self.views), self.seed, epoch, self.dist.rank, self.dist.world),
         )
         # a new Subset (this epoch's order) each epoch, so its workers never persist
-        kwargs = self.feed.loader_kwargs(self.workers)
+        kwargs = self.loader.loader_kwargs(self.pin_memory)
         kwargs.pop("persistent_workers", None)
         loader = DataLoader(subset, batch_size=self.batch_size, collate_fn=collate_images, **kwargs)
         return islice(loader, self.steps(epoch))

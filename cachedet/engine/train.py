@@ -28,7 +28,7 @@ from cachedet.engine.distributed import DistInfo, all_ranks_ready, init_distribu
 from cachedet.engine.hooks import CheckpointHook, MetricsHook
 from cachedet.engine.monitor import CurvesHook, TensorBoardHook
 from cachedet.engine.resume import continue_schedule, resolved_settings, resume_changes
-from cachedet.engine.sources import CacheSource, FeedOptions, OnlineSource
+from cachedet.engine.sources import CacheSource, OnlineSource
 from cachedet.engine.step import TrainModel
 from cachedet.engine.trainer import LoopConfig, Trainer, TrainState
 from cachedet.engine.validation import EvalHook, ValidationSet
@@ -70,13 +70,8 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
-    loader = cfg.loader.resolved(device)
-    feed = FeedOptions(
-        pin_memory=device.type == "cuda",
-        prefetch_factor=loader.prefetch_factor,
-        persistent=loader.persistent_workers,
-        start=loader.loader_start,
-    )
+    loader = cfg.loader.resolved(device)  # the one resolved feed config both sources read
+    pin_memory = device.type == "cuda"
     if cfg.source.online:
         source = OnlineSource(
             cfg.source.annotations,
@@ -86,31 +81,22 @@ def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
                 size=cfg.source.size, scale_range=tuple(cfg.source.scale_range), seed=cfg.seed
             ),
             cfg.source.backbone_trainable,
-            cfg.loader.batch_size,
-            loader.workers,
-            cfg.seed,
+            loader,
             info,
+            cfg.seed,
             masks=cfg.detector.masks,
-            feed=feed,
+            pin_memory=pin_memory,
         )
     else:
         # under CUDA autocast the features travel as float16 (half the host-to-device bytes)
         source = CacheSource(
             cfg.source.cache,
-            cfg.loader.batch_size,
-            loader.workers,
-            cfg.loader.in_memory,
-            cfg.loader.views_per_epoch,
-            cfg.seed,
-            cfg.loader.shuffle_buffer,
+            loader,
             info,
-            cfg.loader.loader_start,
-            keep_float16=cfg.optim.amp and device.type == "cuda",
-            feature_crop_min=cfg.loader.feature_crop_min if cfg.loader.feature_crop else None,
+            cfg.seed,
             masks=cfg.detector.masks,
-            feed=feed,
-            allow_incomplete=cfg.loader.allow_incomplete,
-            verify_reads=cfg.loader.verify_reads,
+            keep_float16=cfg.optim.amp and device.type == "cuda",
+            pin_memory=pin_memory,
         )
     if cfg.detector.masks and not source.masks:
         warnings.warn(

@@ -13,12 +13,10 @@ resumed run keeps comparing against it.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
-from cachedet.core.errors import CachedetError
 from cachedet.engine.config import ValConfig
 from cachedet.engine.trainer import Hook, Trainer
 from cachedet.runs.record import RunRecord, save_run_checkpoint
@@ -27,68 +25,28 @@ SUMMARY_PARTS = ("bbox", "segm", "lvis_bbox", "lvis_segm")
 
 
 class ValidationSet:
-    """The validation images (or store) and their ground truth, read once.
+    """The validation images (or store) and their ground truth, read once (``EvalSet``, as eval does).
 
-    categories: the run's [{id, name}] in label order (the validation file must have the same ids);
-    masks: the detector predicts masks (scored as segm when the file has segmentations).
+    categories: the run's [{id, name}] in label order (the validation file must have the same ids
+    and names); masks: the detector predicts masks (scored as segm when the file has segmentations).
     Raises CachedetError naming val.annotations / val.images / val.cache when they cannot be used.
     """
 
     def __init__(self, cfg: ValConfig, categories: list[dict], masks: bool, batch_size: int = 8):
-        from cachedet.data.coco import load_detection_dataset
-        from cachedet.evaluation.evaluator import DetectionEvaluator
-        from cachedet.evaluation.ground_truth import scoring_ground_truth
+        from cachedet.evaluation.evalset import EvalSet
 
         self.cfg, self.batch_size = cfg, batch_size
-        if cfg.images is not None and not os.path.isdir(cfg.images):
-            raise CachedetError(f"val.images {cfg.images}: no such folder")
-        if not os.path.exists(cfg.annotations):
-            raise CachedetError(f"val.annotations {cfg.annotations}: no such file")
-        dataset = load_detection_dataset(
-            cfg.annotations, cfg.images or os.path.dirname(cfg.annotations)
-        )
-        ids = [c["id"] for c in categories]
-        if list(dataset.categories.ids) != ids:
-            raise CachedetError(
-                f"val.annotations {cfg.annotations}: categories differ from the training set's "
-                f"({len(dataset.categories.ids)} vs {len(ids)}); validate on a file with the "
-                "training categories"
-            )
-        ground_truth = scoring_ground_truth(dataset.raw, cfg.annotations, dataset.is_lvis)
-        self.evaluator = DetectionEvaluator(
-            ground_truth,
-            {c["id"]: c["name"] for c in categories},
-            masks=masks and dataset.has_masks,
-            lvis=dataset.is_lvis,
-        )
-        self.num_images = len(dataset.images)
-        self.store = self.items = None
-        if cfg.cache is not None:
-            from cachedet.cache.store import StoreReader
-
-            self.store = StoreReader(cfg.cache)
-            self.store.header.check_dataset(
-                dataset.sha256, f"val.cache {cfg.cache}", cfg.annotations
-            )
-        else:
-            self.items = [
-                (r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images
-            ]
+        self.set = EvalSet(cfg.annotations, cfg.images, cfg.cache, prefix="val.")
+        self.evaluator = self.set.evaluator({c["id"]: c["name"] for c in categories}, masks)
+        self.num_images = self.set.num_images
 
     def check(self, predictor) -> None:
         """Refuse a store that does not fit the detector, before training."""
-        if self.store is not None:
-            predictor.check_store(self.store, option="val.cache")
+        self.set.check(predictor)
 
     def evaluate(self, predictor) -> dict:
         """Predict and score the whole set; the DetectionEvaluator's metrics."""
-        from cachedet.evaluation.evaluator import inference_on_dataset
-
-        if self.store is not None:
-            batches = predictor.iter_store(self.store, batch_size=self.batch_size)
-        else:
-            batches = predictor.iter_images(self.items, batch_size=self.batch_size)
-        return inference_on_dataset(batches, self.evaluator)
+        return self.set.score(predictor, self.evaluator, self.batch_size)
 
 
 def metric_of(val: dict, name: str) -> float | None:

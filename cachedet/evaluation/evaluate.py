@@ -6,119 +6,69 @@ import os
 import time
 import warnings
 
-from cachedet.cache.store import StoreReader
 from cachedet.core.atomic import write_json_atomic
-from cachedet.core.errors import CachedetError
-from cachedet.core.paths import resolve_path
-from cachedet.data.coco import load_detection_dataset, read_annotation_json
-from cachedet.evaluation.evaluator import DetectionEvaluator, inference_on_dataset
-from cachedet.evaluation.ground_truth import scoring_ground_truth
+from cachedet.data.coco import read_annotation_json
+from cachedet.evaluation.config import EvalConfig
+from cachedet.evaluation.evalset import EvalSet
 from cachedet.evaluation.predictor import COCO_MAX_DETECTIONS, LVIS_MAX_DETECTIONS, Predictor
-from cachedet.evaluation.scoring import DEFAULT_COUNT_BINS, training_counts
+from cachedet.evaluation.scoring import training_counts
 
 
-def evaluate_run(
-    run: str,
-    annotations: str,
-    images: str | None = None,
-    train_annotations: str | None = None,
-    cache: str | None = None,
-    out: str | None = None,
-    count_bins: tuple[int, ...] = DEFAULT_COUNT_BINS,
-    device: str = "auto",
-    batch_size: int = 8,
-    progress: bool = True,
-    checkpoint: str = "last",
-    score_threshold: float | None = None,
-    max_detections: int | None = None,
-) -> tuple[dict, list[dict]]:
-    """Predict on every image of ``annotations`` (from ``images`` or from a ``--no-augment`` cache), score
-    with COCOeval (and LVISEval for an LVIS file), and stratify per-class AP by training counts. A run
-    with a mask branch is scored for masks too (``segm``, ``lvis_segm``, ``mask_AP`` columns).
-    ``checkpoint``: the run's last or best checkpoint. ``score_threshold`` and ``max_detections`` (per
-    image) set the detector's post-processing; by default each protocol's: COCO keeps the trained 0.05
-    floor and 100 detections, LVIS no floor (0) and 300. Returns (metrics, COCO-format detections); with
-    ``out`` both are written as JSON, with the per-class AP chart and precision-recall curves beside them
-    (``out``'s name + .per_class_ap.png / .pr_curves.png, when matplotlib is installed)."""
+def evaluate_run(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Predict on every image of ``cfg.annotations`` (from ``cfg.images`` or from a ``--no-augment``
+    store ``cfg.cache``), score with COCOeval (and LVISEval for an LVIS file), and stratify per-class
+    AP by training counts. A run with a mask branch is scored for masks too (``segm``, ``lvis_segm``,
+    ``mask_AP`` columns). Post-processing follows each protocol unless ``cfg`` sets it (see
+    ``EvalConfig``). Returns (metrics, COCO-format detections: bbox [x, y, w, h] in original-image
+    pixels); with ``cfg.out`` both are written as JSON, with the per-class AP chart and
+    precision-recall curves beside them (``out``'s name + .per_class_ap.png / .pr_curves.png).
+    Raises CachedetError naming the EvalConfig field at fault."""
     from cachedet.core.progress import ViewProgress
 
-    if cache is None and images is None:
-        raise CachedetError("eval needs --images DIR or --cache VALSTORE")
+    cfg.validate()
     t0 = time.perf_counter()
-    run, annotations, images, train_annotations, cache, out = (
-        resolve_path(p) for p in (run, annotations, images, train_annotations, cache, out)
-    )
-    dataset = load_detection_dataset(annotations, images or os.path.dirname(annotations))
-    ground_truth = scoring_ground_truth(
-        dataset.raw, str(annotations), dataset.is_lvis
-    )  # before any prediction
-    if dataset.is_lvis:
+    evalset = EvalSet(cfg.annotations, cfg.images, cfg.cache)  # before any prediction
+    score_threshold, max_detections = cfg.score_threshold, cfg.max_detections
+    if evalset.is_lvis:
         score_threshold = 0.0 if score_threshold is None else score_threshold
         max_detections = max_detections or LVIS_MAX_DETECTIONS
     predictor = Predictor(
-        run,
-        device=device,
-        need_backbone=cache is None,
-        checkpoint=checkpoint,
+        cfg.run,
+        device=cfg.device,
+        need_backbone=cfg.cache is None,
+        checkpoint=cfg.checkpoint,
         score_threshold=score_threshold,
         max_detections=max_detections or COCO_MAX_DETECTIONS,
     )
-    check_categories(dataset.raw["categories"], predictor.categories, annotations)
-    evaluator = DetectionEvaluator(
-        ground_truth,
+    train_counts = None
+    if cfg.train_annotations:
+        train_counts = training_counts(read_annotation_json(cfg.train_annotations)[0])
+    evaluator = evalset.evaluator(
         {cid: predictor.categories.name_of(cid) for cid in predictor.categories.ids},
-        masks=predictor.masks and dataset.has_masks,
-        lvis=dataset.is_lvis,
-        train_counts=training_counts(read_annotation_json(train_annotations)[0])
-        if train_annotations
-        else None,
-        count_bins=tuple(count_bins),
+        predictor.masks,
+        train_counts,
+        cfg.count_bins,
     )
-    with ViewProgress("eval", len(dataset.images), unit="images", enabled=progress) as bar:
-        if cache is not None:
-            store = StoreReader(cache)
-            store.header.check_dataset(dataset.sha256, f"--cache {cache}", annotations)
-            batches = predictor.iter_store(store)
-        else:
-            items = [(r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images]
-            batches = predictor.iter_images(items, batch_size=batch_size)
-        scores = inference_on_dataset(batches, evaluator, on_images=bar.advance)
+    evalset.check(predictor)
+    with ViewProgress("eval", evalset.num_images, unit="images", enabled=progress) as bar:
+        scores = evalset.score(predictor, evaluator, cfg.batch_size, on_images=bar.advance)
     metrics = {
-        "run": run,
-        "checkpoint": checkpoint,
-        "annotations": annotations,
-        "source": "cache" if cache else "images",
-        "num_images": len(dataset.images),
+        "run": cfg.run,
+        "checkpoint": cfg.checkpoint,
+        "annotations": cfg.annotations,
+        "source": evalset.source,
+        "num_images": evalset.num_images,
         **scores,
         "seconds": time.perf_counter() - t0,
     }
-    if predictor.masks and not dataset.has_masks:
-        metrics["segm_skipped"] = f"{annotations} has no segmentation to score masks against"
-    if out:
-        write_json_atomic(os.path.splitext(out)[0] + ".detections.json", evaluator.detections)
-        write_json_atomic(out, metrics, indent=2)
-        write_pictures(metrics, evaluator.precision, os.path.splitext(out)[0])
+    if predictor.masks and not evalset.dataset.has_masks:
+        metrics["segm_skipped"] = f"{cfg.annotations} has no segmentation to score masks against"
+    if cfg.out:
+        stem = os.path.splitext(cfg.out)[0]
+        write_json_atomic(stem + ".detections.json", evaluator.detections)
+        write_json_atomic(cfg.out, metrics, indent=2)
+        write_pictures(metrics, evaluator.precision, stem)
     return metrics, evaluator.detections
-
-
-def check_categories(categories: list[dict], run_categories, path: str) -> None:
-    """Refuse a validation file whose categories are not the run's, compared by id AND name (the
-    order of the table does not matter). Raises CachedetError listing the id->name pairs that differ."""
-    theirs = {int(c["id"]): str(c.get("name", "")) for c in categories}
-    ours = {cid: run_categories.name_of(cid) for cid in run_categories.ids}
-    if set(theirs) != set(ours):
-        raise CachedetError(
-            f"{path}: categories differ from the run's ({len(theirs)} vs {len(ours)}); "
-            "evaluate on a file with the training categories"
-        )
-    differ = [(cid, ours[cid], theirs[cid]) for cid in sorted(ours) if ours[cid] != theirs[cid]]
-    if differ:
-        pairs = ", ".join(f"{cid}: run {a!r} vs file {b!r}" for cid, a, b in differ[:10])
-        more = f" and {len(differ) - 10} more" if len(differ) > 10 else ""
-        raise CachedetError(
-            f"{path}: category names differ from the run's for {len(differ)} ids ({pairs}{more}); "
-            "evaluate on a file with the training categories"
-        )
 
 
 def write_pictures(metrics: dict, precision: dict, stem: str) -> list[str]:

@@ -287,14 +287,14 @@ class Predictor:
             feats = self.backbone(torch.stack(views).to(self.device))
             return params, self.detector.predict({k: v.float() for k, v in feats.items()})
 
-    def check_store(self, store: StoreReader, option: str = "--cache"):
+    def check_store(self, store: StoreReader, option: str = "EvalConfig.cache"):
         """Refuse a cache whose features do not fit the run (adapters, augmented views, fingerprint);
-        errors name ``option``."""
+        errors name the field ``option``."""
         header = store.header
         if self.adapters:
             raise CachedetError(
                 f"{option} {store.url}: run {self.run} trained adapters inside the backbone, so cached frozen "
-                "features do not fit it; evaluate from --images"
+                "features do not fit it; evaluate from images"
             )
         if header.augmented:
             raise CachedetError(
@@ -310,9 +310,12 @@ class Predictor:
         """COCO results for every usable view of a ``--no-augment --views 1`` store."""
         return _flatten(self.iter_store(store, batch_size), on_images)
 
-    def iter_store(self, store: StoreReader, batch_size: int = 16):
-        """Yield (views in the batch, their COCO results) from a store's cached features."""
-        self.check_store(store)
+    def iter_store(
+        self, store: StoreReader, batch_size: int = 16, option: str = "EvalConfig.cache"
+    ):
+        """Yield (views in the batch, their COCO results) from a store's cached features, after
+        ``check_store`` (errors name the field ``option``)."""
+        self.check_store(store, option)
         usable = store.usable_views()
         for start in range(0, len(usable), batch_size):
             views = usable[start : start + batch_size]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -24,7 +25,7 @@ from cachedet.cache.layout import create_store, interrupted_creation, remove_sto
 from cachedet.cache.store import StoreReader, StoreWriter, shard_range
 from cachedet.core.errors import CachedetError, NonFiniteFeatures, check_number
 from cachedet.core.paths import resolve_path
-from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe
+from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe, schedule_advice
 from cachedet.core.runtime import resolve_device
 from cachedet.core.structures import ViewParams
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
@@ -356,6 +357,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
 
     t0 = time.perf_counter()
     cfg.validate()
+    warn_schedule(cfg)
     dataset = load_detection_dataset(cfg.annotations, cfg.images)
     check_images_exist(dataset, cfg.skip_bad)  # before any store exists
     backbone_cfg, hybrid = hybrid_backbone(cfg)
@@ -455,11 +457,22 @@ def check_images_exist(dataset: DetectionDataset, skip_bad: bool) -> None:
         )
 
 
+def warn_schedule(cfg: ExtractConfig) -> None:
+    """A warning when the views' jitter is the paper's wide range on few views per image
+    (``cachedet.core.recipes.schedule_advice``)."""
+    advice = cfg.augment.augment and schedule_advice(
+        cfg.augment.scale_range, views=cfg.views, field="ExtractConfig.recipe"
+    )
+    if advice:
+        warnings.warn(advice, stacklevel=3)
+
+
 def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
     """Estimate the store's size and the extraction time without writing anything.
 
     ``num_images`` replaces the annotation file's image count (to plan, e.g., COCO train2017).
     """
+    warn_schedule(cfg)
     if num_images is None:
         dataset = load_detection_dataset(cfg.annotations, cfg.images)
         check_images_exist(dataset, cfg.skip_bad)

@@ -254,13 +254,7 @@ class RunDir:
     ) -> list[dict]:
         """config.json's list of resumptions so far, with this one (its step, epochs finished and
         changed settings) added when it has ``work_left`` (a resume with nothing to do adds none)."""
-        history = []
-        if resumed and os.path.exists(self.config):
-            try:
-                with open(self.config) as f:
-                    history = list(json.load(f).get("resumes", []))
-            except (OSError, ValueError):
-                history = []
+        history = list(self.saved().get("resumes", [])) if resumed else []
         if resumed and work_left:
             history.append({"step": step, "epoch": epoch, "changed": changes})
         return history
@@ -268,14 +262,20 @@ class RunDir:
     def origin(self, origin: dict | None, resumed: bool) -> dict:
         """config.json's record of where the settings came from (``replayed_from``, ``overrides``): the
         given one, or on resume the one the run already has."""
-        if origin is not None or not resumed or not os.path.exists(self.config):
+        if origin is not None or not resumed:
             return dict(origin or {})
+        saved = self.saved()
+        return {k: saved[k] for k in ORIGIN_KEYS if k in saved}
+
+    def saved(self) -> dict:
+        """The run's config.json as written (empty when absent or unreadable: the settings
+        themselves are read, with their errors, by ``TrainConfig.of_run``)."""
         try:
             with open(self.config) as f:
                 saved = json.load(f)
         except (OSError, ValueError):
             return {}
-        return {k: saved[k] for k in ORIGIN_KEYS if k in saved}
+        return saved if isinstance(saved, dict) else {}
 
     def truncate_metrics(self, last_step: int):
         """Drop metric lines written after the checkpoint we resume from (a killed run's tail; all

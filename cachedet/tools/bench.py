@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -246,6 +246,7 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
     """Time ``cfg.steps`` training steps after ``cfg.warmup``; count one step's FLOPs; peak memory."""
     from cachedet.backbones.backbone import BackboneConfig, build_backbone
     from cachedet.cache.store import FeatureStore
+    from cachedet.engine.config import LoaderConfig
     from cachedet.engine.distributed import DistInfo
     from cachedet.engine.sources import CacheSource
     from cachedet.engine.step import train_step
@@ -278,7 +279,9 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
         ]
     elif regime == "adapters_hybrid":
         source = CacheSource(
-            prepared["hybrid_store"], cfg.batch, 1, False, 1, 0, 4, DistInfo(0, 1, 0)
+            prepared["hybrid_store"],
+            LoaderConfig(batch_size=cfg.batch, workers=1, shuffle_buffer=4),
+            DistInfo(0, 1, 0),
         )
         source.enable_adapters((source.hybrid_stage + 1,))
         model = (
@@ -293,13 +296,12 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
             batches = mem
         else:
             # the feed train-heads uses on this device: its default workers, pinned memory on CUDA
-            from cachedet.engine.config import LoaderConfig
-            from cachedet.engine.sources import FeedOptions
-
-            workers = LoaderConfig().resolved(device).workers or 1
-            feed = FeedOptions(pin_memory=device.type == "cuda", prefetch_factor=4)
+            loader = LoaderConfig(batch_size=cfg.batch, shuffle_buffer=4).resolved(device)
             source = CacheSource(
-                store, cfg.batch, workers, False, 1, 0, 4, DistInfo(0, 1, 0), feed=feed
+                store,
+                replace(loader, workers=loader.workers or 1),
+                DistInfo(0, 1, 0),
+                pin_memory=device.type == "cuda",
             )
             batches = ((b["inputs"], b["targets"]) for b in source.batches(0))
     params = [p for p in model.parameters() if p.requires_grad]

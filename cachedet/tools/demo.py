@@ -19,6 +19,7 @@ from cachedet.core.errors import CachedetError
 from cachedet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import TrainConfig, train
+from cachedet.evaluation.config import EvalConfig
 from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.extraction.run import ExtractConfig, extract
 from cachedet.models.build import NECKS, head_supports_masks
@@ -101,7 +102,7 @@ def weights_available() -> bool:
 def train_settings(s: DemoSettings, out_dir: str, neck: str, head: str, masks: bool) -> TrainConfig:
     """The demo's TrainConfig (validated): raises CachedetError for a bad option before any work."""
     if neck not in NECKS:
-        raise CachedetError(f"--neck {neck}: expected one of {', '.join(NECKS)}")
+        raise CachedetError(f"neck {neck}: expected one of {', '.join(NECKS)}")
     data_dir, epochs = os.path.join(out_dir, "data"), s.epochs
     cfg = TrainConfig.of(
         out=os.path.join(out_dir, "run"),
@@ -225,12 +226,14 @@ def run_demo(
 
     t = time.perf_counter()
     metrics, _ = evaluate_run(
-        run,
-        paths["val"],
-        paths["images"],
-        train_annotations=paths["train"],
-        out=os.path.join(out_dir, "metrics.json"),
-        count_bins=s.count_bins,
+        EvalConfig(
+            run,
+            paths["val"],
+            paths["images"],
+            train_annotations=paths["train"],
+            out=os.path.join(out_dir, "metrics.json"),
+            count_bins=s.count_bins,
+        ),
         progress=progress,
     )
     times["eval"] = time.perf_counter() - t

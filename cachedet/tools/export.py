@@ -93,7 +93,7 @@ def export_metadata(predictor, checkpoint: str, fmt: str, score_threshold: float
 
 def _refuse(predictor, fmt: str, where: str) -> None:
     if fmt not in FORMATS:
-        raise CachedetError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+        raise CachedetError(f"format {fmt}: expected one of {', '.join(FORMATS)}")
     if predictor.backbone.patch:
         name = predictor.backbone.identity["name"]
         raise CachedetError(
@@ -103,9 +103,9 @@ def _refuse(predictor, fmt: str, where: str) -> None:
         )
     if predictor.masks:
         raise CachedetError(
-            f"{where}: runs with a mask branch (--masks) cannot export yet "
+            f"{where}: runs with a mask branch (detector.masks) cannot export yet "
             "(the mask paste is per image outside the graph); "
-            "export a run trained without --masks"
+            "export a run trained without masks"
         )
 
 
@@ -143,10 +143,10 @@ def _export_pt2(model: nn.Module, example: torch.Tensor, out: str, meta: dict, w
         program = torch.export.export(model, (example,), strict=False)
     except Exception as e:  # torch.export raises several types for data-dependent code
         raise CachedetError(
-            f"{where}: --format pt2 cannot export the {meta['head']} head yet: torch.export "
+            f"{where}: format pt2 cannot export the {meta['head']} head yet: torch.export "
             "stops at the data-dependent shapes of torchvision's detection post-processing "
             f"({type(e).__name__}); "
-            "use --format onnx"
+            "use format onnx"
         ) from None
     torch.export.save(program, out, extra_files={"cachedet.json": json.dumps(meta)})
 

@@ -10,7 +10,7 @@ from cachedet.tools.demo import QUICK, demo_commands, run_demo, smoke_note, trai
 
 
 def test_a_bad_option_is_refused_before_the_dataset_is_made(tmp_path):
-    with pytest.raises(CachedetError, match="--neck bifpn"):
+    with pytest.raises(CachedetError, match="^neck bifpn"):
         run_demo(str(tmp_path / "demo"), quick=True, progress=False, neck="bifpn")
     with pytest.raises(CachedetError, match="yolo"):
         run_demo(str(tmp_path / "demo"), quick=True, progress=False, head="yolo")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -113,3 +114,95 @@ def test_every_cli_range_is_refused_from_python_naming_the_field(
         )
     r = cli("train-heads", "--cache", tmp_path / "none", "--out", tmp_path / "cli", flag, value)
     assert r.exit_code == 2 and f"cachedet: error: {flag}" in r.stderr, r.output
+
+
+EVAL_RANGES = [  # (eval flag, value, the EvalConfig field both name)
+    ("--batch-size", 0, "batch_size"),
+    ("--max-detections", 0, "max_detections"),
+    ("--score-threshold", 1.5, "score_threshold"),
+    ("--count-bins", "100,10", "count_bins"),
+    ("--checkpoint", "first", "checkpoint"),
+]
+
+
+@pytest.mark.parametrize("flag, value, field", EVAL_RANGES, ids=[r[0] for r in EVAL_RANGES])
+def test_every_eval_range_is_refused_from_python_naming_the_field(
+    cli, tmp_path, flag, value, field
+):
+    """EvalConfig checks itself: Python gets EvalConfig.FIELD, the CLI the flag, before any file is read."""
+    python_value = tuple(int(v) for v in value.split(",")) if field == "count_bins" else value
+    with pytest.raises(cachedet_errors.CachedetError, match=rf"^EvalConfig\.{field}\b"):
+        cachedet.evaluate(
+            str(tmp_path / "no-run"),
+            str(tmp_path / "v.json"),
+            str(tmp_path),
+            progress=False,
+            **{field: python_value},
+        )
+    r = cli(
+        "eval",
+        "--run",
+        tmp_path / "no-run",
+        "--annotations",
+        tmp_path / "v.json",
+        "--images",
+        tmp_path,
+        flag,
+        value,
+    )
+    assert r.exit_code == 2 and f"cachedet: error: {flag}" in r.stderr, r.output
+
+
+def test_evaluate_takes_a_config_or_its_fields(tmp_path):
+    cfg = cachedet.EvalConfig(run=str(tmp_path / "run"), annotations=str(tmp_path / "v.json"))
+    with pytest.raises(cachedet_errors.CachedetError, match="^EvalConfig.images: eval needs"):
+        cachedet.evaluate(cfg, progress=False)
+    with pytest.raises(cachedet_errors.CachedetError, match="EvalConfig has no setting colour"):
+        cachedet.evaluate(str(tmp_path), str(tmp_path / "v.json"), colour=1)
+    with pytest.raises(cachedet_errors.CachedetError, match="not both"):
+        cachedet.evaluate(cfg, images=str(tmp_path))
+
+
+def test_predict_cli_and_model_predict_files_agree(cli, tiny_run, synthetic, tmp_path):
+    """The CLI's predict goes through Model.predict_files: same detections, same skips."""
+    import json
+    import os
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(os.path.join(synthetic["images"], "val"), folder)
+    (folder / "._companion.jpg").write_bytes(b"\0\1")
+    (folder / "notes.txt").write_text("x")
+    run = tiny_run()
+    found = cachedet.load(run, device="cpu", score_threshold=0.0).predict_files([folder])
+    assert set(found.skipped) == {"hidden", "not an image"}
+    assert found.predicted == list(range(len(found.paths)))
+    r = cli(
+        "predict",
+        folder,
+        "--run",
+        run,
+        "--out",
+        tmp_path / "d.json",
+        "--device",
+        "cpu",
+        "--score-threshold",
+        0,
+    )
+    assert r.exit_code == 0, r.output
+    written = json.loads((tmp_path / "d.json").read_text())
+    assert [(d["file_name"], d["category_id"]) for d in written] == [
+        (d["file_name"], d["category_id"]) for d in found.detections
+    ]
+    np.testing.assert_allclose(  # boxes are rounded to 0.01 px in both
+        [d["bbox"] for d in written], [d["bbox"] for d in found.detections], atol=0.011
+    )
+
+
+def test_a_cache_runs_canvas_is_its_stores_from_python_too(tiny_store, tmp_path):
+    """The CLI refuses --size on a cache run; Python refuses source.size the same way."""
+    with pytest.raises(cachedet_errors.CachedetError, match=r"^source\.size 320: a cache run"):
+        cachedet.train_heads(
+            cachedet.TrainConfig.of(out=str(tmp_path / "run"), cache=tiny_store.url, size=320),
+            progress=False,
+        )

@@ -65,7 +65,9 @@ def test_taps_and_canvas_errors_are_one_line(synthetic, tmp_path, cli):
     ):
         build_backbone(BackboneConfig("test_vit2", (8,), "random"))
     bb = build_backbone(BackboneConfig("test_vit", None, "random"))
-    with pytest.raises(CachedetError, match=r"^--size 100: .*multiple of 16 \(e\.g\. 96 or 112\)"):
+    with pytest.raises(
+        CachedetError, match=r"^augment.size 100: .*multiple of 16 \(e\.g\. 96 or 112\)"
+    ):
         bb.feature_shapes(100)
     r = cli(
         *extract_args(synthetic, tmp_path / "s.zarr"),
@@ -152,7 +154,7 @@ def test_dry_run_plans_vit_taps(synthetic, tmp_path):
     assert r.feature_shapes == {"b1": (64, 8, 8), "b3": (64, 8, 8), "b5": (64, 8, 8)}
     assert r.bytes_per_view == 3 * 64 * 8 * 8 * 2 and r.total_bytes == 4000 * r.bytes_per_view
     assert r.views_per_second > 0 and not os.path.exists(cfg.out)
-    with pytest.raises(CachedetError, match="^--size 120: "):
+    with pytest.raises(CachedetError, match="^augment.size 120: "):
         dry_run(
             small_config(synthetic, cfg.out, backbone=cfg.backbone, augment=AugmentConfig(size=120))
         )
@@ -258,7 +260,7 @@ def test_vit_online_and_fine_tuned_regimes(synthetic, tmp_path):
             progress=False,
         )
         assert result.steps == 1 and result.last_loss > 0
-    with pytest.raises(CachedetError, match="^--size 72: "):
+    with pytest.raises(CachedetError, match="^source.size 72: "):
         train(
             TrainConfig.of(
                 out=str(tmp_path / "bad"),

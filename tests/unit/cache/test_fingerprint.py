@@ -7,6 +7,7 @@ import pytest
 from cachedet.cache.header import Fingerprint, check_fingerprint, check_weights
 from cachedet.core.errors import CachedetError
 from cachedet.core.structures import FeatureSpec
+from cachedet.engine.config import LoaderConfig
 from cachedet.engine.distributed import DistInfo
 from cachedet.engine.sources import CacheSource
 
@@ -14,13 +15,8 @@ from cachedet.engine.sources import CacheSource
 def test_the_cache_source_saves_the_store_fingerprint(tiny_store):
     source = CacheSource(
         tiny_store.url,
-        batch_size=2,
-        workers=0,
-        in_memory=True,
-        views_per_epoch=1,
-        seed=0,
-        shuffle_buffer=4,
-        dist=DistInfo(0, 1, 0),
+        LoaderConfig(batch_size=2, workers=0, in_memory=True, shuffle_buffer=4),
+        DistInfo(0, 1, 0),
     )
     fp = tiny_store.header.fingerprint()
     assert source.fingerprint == fp.to_dict() and Fingerprint.from_dict(source.fingerprint) == fp

@@ -87,19 +87,21 @@ def test_train_heads_takes_the_store_recipe_unless_given():
     assert train_recipe(None, None) == ("short", None)
     assert train_recipe(None, SimpleNamespace(recipe="paper")) == ("paper", None)
     name, note = train_recipe("short", SimpleNamespace(recipe="paper"))
-    assert name == "short" and "extracted with --recipe paper" in note
+    assert name == "short" and "extracted with recipe paper" in note
     with pytest.raises(CachedetError, match="TrainConfig.recipe nope"):
         train_recipe("nope", None)
 
 
 def test_schedule_advice_only_for_wide_jitter_on_short_schedules():
-    assert "--recipe short" in schedule_advice((0.1, 2.0), epochs=24)
+    assert "try recipe short" in schedule_advice((0.1, 2.0), epochs=24)
     assert schedule_advice((0.1, 2.0), epochs=600) is None
     assert (
         schedule_advice((0.8, 1.25), epochs=24) is None
         and schedule_advice((0.5, 1.5), epochs=5) is None
     )
-    assert "--recipe short" in schedule_advice((0.1, 2.0), views=4)
+    assert "use TrainConfig.recipe short" in schedule_advice(
+        (0.1, 2.0), views=4, field="TrainConfig.recipe"
+    )
 
 
 def _header(store: str) -> dict:
@@ -125,13 +127,13 @@ def test_extract_and_train_heads_agree_on_the_recipe(cli, synthetic, tmp_path):
     )
     r = cli("extract", *common, "--out", tmp_path / "paper.zarr", "--recipe", "paper")
     assert r.exit_code == 0, r.output
-    assert "LSJ 0.1-2 is the paper's range" in r.stdout and "--recipe short" in r.stdout
+    assert "LSJ 0.1-2 is the paper's range" in r.stderr and "use --recipe short" in r.stderr
     header = _header(str(tmp_path / "paper.zarr"))
     assert header["recipe"] == "paper" and header["augment"]["scale_range"] == [0.1, 2.0]
 
     r = cli("extract", *common, "--out", tmp_path / "mine.zarr", "--scale-range", 0.6, 1.4)
     assert r.exit_code == 0, r.output
-    assert "paper's range" not in r.stdout
+    assert "paper's range" not in r.output
     header = _header(str(tmp_path / "mine.zarr"))
     assert header["recipe"] == "short" and header["augment"]["scale_range"] == [
         0.6,
@@ -159,7 +161,7 @@ def test_extract_and_train_heads_agree_on_the_recipe(cli, synthetic, tmp_path):
         *TINY,
     )
     assert r.exit_code == 0, r.output
-    assert "extracted with --recipe paper" in r.output
+    assert "--recipe short: the cache was extracted with recipe paper" in r.output
     with open(tmp_path / "run2" / "config.json") as f:
         train = json.load(f)["train"]
     assert train["recipe"] == "short" and train["detector_options"] == {

@@ -12,6 +12,7 @@ from conftest import reference_cocoeval
 from helpers import reference_lvis_eval
 
 from cachedet.core.errors import CachedetError
+from cachedet.evaluation.config import EvalConfig
 from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.evaluation.ground_truth import scoring_ground_truth
 from cachedet.evaluation.scoring import COCO_STATS, coco_evaluate, lvis_evaluate, stratify_by_count
@@ -164,7 +165,9 @@ def test_fields_checked_before_any_prediction(tmp_path):
     path = tmp_path / "lvis.json"
     path.write_text(json.dumps(bad))
     with pytest.raises(CachedetError, match=r"categories\[0\].frequency"):
-        evaluate_run(str(tmp_path / "no-such-run"), str(path), str(tmp_path), progress=False)
+        evaluate_run(
+            EvalConfig(str(tmp_path / "no-such-run"), str(path), str(tmp_path)), progress=False
+        )
 
 
 def test_tables_show_undefined_as_a_dash():

@@ -12,9 +12,10 @@ from helpers import reference_lvis_eval
 from test_eval_faults import medium_only, noisy_detections
 
 from cachedet.core.errors import CachedetError
-from cachedet.data.coco import CategoryMap
+from cachedet.evaluation.config import EvalConfig
 from cachedet.evaluation.draw import draw_detections
-from cachedet.evaluation.evaluate import check_categories, evaluate_run
+from cachedet.evaluation.evalset import check_categories
+from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.evaluation.ground_truth import scoring_ground_truth
 from cachedet.evaluation.predictor import Predictor, scan_inputs, set_score_threshold
 from cachedet.evaluation.scoring import coco_evaluate, lvis_evaluate
@@ -46,7 +47,7 @@ def test_metrics_do_not_depend_on_annotation_ids(tmp_path, lvis):
 
 
 def test_categories_checked_by_id_and_name():
-    run = CategoryMap.from_json([{"id": 1, "name": "apple"}, {"id": 2, "name": "berry"}])
+    run = {1: "apple", 2: "berry"}
     check_categories([{"id": 2, "name": "berry"}, {"id": 1, "name": "apple"}], run, "v.json")
     with pytest.raises(CachedetError, match="1: run 'apple' vs file 'berry'.*2: run 'berry'"):
         check_categories([{"id": 1, "name": "berry"}, {"id": 2, "name": "apple"}], run, "v.json")
@@ -72,7 +73,7 @@ def test_lvis_eval_uses_300_and_no_floor_and_equals_lvis_eval(synthetic, tiny_ru
     path = tmp_path / "lvis_val.json"
     path.write_text(json.dumps(data))
     metrics, dets = evaluate_run(
-        tiny_run(), str(path), synthetic["images"], device="cpu", progress=False
+        EvalConfig(tiny_run(), str(path), synthetic["images"], device="cpu"), progress=False
     )
     per_image = {}
     for d in dets:
@@ -82,7 +83,7 @@ def test_lvis_eval_uses_300_and_no_floor_and_equals_lvis_eval(synthetic, tiny_ru
     ref = reference_lvis_eval(path, dets)
     assert metrics["lvis_bbox"]["AP"] == pytest.approx(ref["AP"] * 100)
     coco, _ = evaluate_run(
-        tiny_run(), synthetic["val"], synthetic["images"], device="cpu", progress=False
+        EvalConfig(tiny_run(), synthetic["val"], synthetic["images"], device="cpu"), progress=False
     )
     assert coco["num_detections"] <= 100 * len(data["images"])
 
@@ -134,8 +135,11 @@ def test_cli_refuses_out_of_range_options_naming_the_flag(cli, tmp_path):
     r = cli(
         "predict", tmp_path, "--run", tmp_path, "--out", tmp_path / "d.json", "--max-detections", 0
     )
-    assert r.exit_code == 2 and "--max-detections 0" in r.stderr
+    assert r.exit_code == 2 and "--max-detections: expected an integer >= 1, got 0" in r.stderr
     r = cli(
         "eval", "--run", tmp_path, "--annotations", tmp_path / "v.json", "--score-threshold", -1
     )
-    assert r.exit_code == 2 and "--score-threshold -1" in r.stderr
+    assert (
+        r.exit_code == 2
+        and "--score-threshold: expected a number >= 0 and <= 1, got -1" in r.stderr
+    )

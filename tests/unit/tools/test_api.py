@@ -116,7 +116,10 @@ def test_errors_name_the_input_or_the_file(model, tiny_run, tmp_path):
             r"images\[0\]: a tensor image must be \(3, H, W\)",
         ),
         (lambda: model.predict(str(tmp_path / "missing.jpg")), "missing.jpg: image file not found"),
-        (lambda: cachedet.load(run, score_threshold=2), "score_threshold 2"),
+        (
+            lambda: cachedet.load(run, score_threshold=2),
+            "score_threshold: expected a number >= 0 and <= 1, got 2",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(CachedetError, match=message) as info:

@@ -123,9 +123,9 @@ def test_cli_export_writes_the_graph_and_its_metadata(tiny_run, cli, tmp_path):
 @pytest.mark.slow
 def test_what_cannot_export_says_so_in_one_line(tiny_run, synthetic, cli, tmp_path):
     cases = [
-        (tiny_run("faster-rcnn"), "pt2", "--format pt2 cannot export the faster-rcnn head yet"),
+        (tiny_run("faster-rcnn"), "pt2", "format pt2 cannot export the faster-rcnn head yet"),
         (tiny_run("faster-rcnn", masks=True), "onnx", "mask branch .*cannot export yet"),
-        (tiny_run("faster-rcnn"), "tflite", "--format tflite: expected one of onnx, pt2"),
+        (tiny_run("faster-rcnn"), "tflite", "format tflite: expected one of onnx, pt2"),
         (
             online_adapter_run(synthetic, tmp_path / "vit", "test_vit"),
             "onnx",
