@@ -8,8 +8,8 @@ Both recipes warm up linearly for min(1000 steps, 5% of the run) and decay in st
 and 8/9 of the run); the schedule's length (``--epochs``) is the user's.
 
   short  (default) mild jitter 0.8-1.25 and torchvision's 2-FC box head: the winners of
-         ``benchmarks/recipe_study.py`` (results in benchmarks/results/recipe_study.md; the README's
-         Recipes section states the rule they follow).
+         ``benchmarks/recipe_study.py`` (results in benchmarks/results/recipe_study.md; docs/recipes.md
+         states the rule they follow).
   paper  Vasconcelos et al. 2022 (and the TF Model Garden configs it builds on): LSJ 0.1-2.0, the
          4conv1fc Faster R-CNN box head of Table 3, step decay; meant for hundreds of epochs.
 """
@@ -87,7 +87,7 @@ def schedule_advice(
     if epochs is not None and epochs < paper.long_epochs:
         return (
             f"LSJ {lo:g}-{hi:g} is the paper's range for ~{paper.long_epochs}+ epochs; "
-            f"for {epochs} epochs try {field} short (LSJ 0.8-1.25; README: Recipes)"
+            f"for {epochs} epochs try {field} short (LSJ 0.8-1.25; docs/recipes.md)"
         )
     if epochs is None and views is not None and views < paper.long_epochs:
         return (

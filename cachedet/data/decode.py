@@ -5,7 +5,8 @@ means the same thing everywhere. It follows what viewers and labelling tools sho
 
 - EXIF orientation is applied first (``PIL.ImageOps.exif_transpose``), before any size or box is
   compared: annotation files give the upright (displayed) size.
-- Every Pillow mode maps to RGB without losing the picture (``to_rgb``):
+- Every Pillow mode maps to RGB without losing the picture (``to_rgb``, kept in the torch-free
+  ``cachedet.data.preprocess`` that ``cachedet export`` ships beside a model):
   high-bit-depth integers (``I;16*``, ``I``) are scaled by their bit depth, taken as the smallest
   of 8, 10, 12, 14, 16, 24 or 32 bits that holds the image's largest value (so a 12-bit sensor
   stored in a 16-bit PNG is not 16× too dark); floats (``F``) in [0, 1] are scaled by 255, others by
@@ -28,14 +29,20 @@ import threading
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from cachedet.core.errors import CachedetError
+from cachedet.data.preprocess import (  # the RGB rules, shared with the export's numpy reference
+    EXIF_ORIENTATION,
+    TRANSPARENT_FILL,
+    bit_depth_scale,
+    to_rgb,
+    upright_rgb,
+)
 
-TRANSPARENT_FILL = (124, 116, 104)  # ImageNet mean (0.485, 0.456, 0.406) x 255
+__all__ = ["TRANSPARENT_FILL", "bit_depth_scale", "max_image_pixels", "read_image", "to_rgb"]
+
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 30
-BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
-EXIF_ORIENTATION = 0x0112
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 _OPEN_LOCK = threading.Lock()
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
@@ -50,40 +57,6 @@ def max_image_pixels() -> int:
         raise CachedetError(
             f"CACHEDET_MAX_IMAGE_PIXELS={text}: expected an integer number of pixels"
         ) from None
-
-
-def bit_depth_scale(values: np.ndarray) -> float:
-    """255 / (2**bits - 1) for the smallest bit depth in ``BIT_DEPTHS`` that holds ``values.max()``."""
-    top = float(values.max()) if values.size else 0.0
-    for bits in BIT_DEPTHS:
-        if top <= 2**bits - 1:
-            return 255.0 / (2**bits - 1)
-    return 255.0 / top
-
-
-def _scaled_gray(pil: Image.Image) -> Image.Image:
-    """An ``I;16*`` / ``I`` / ``F`` image as 8-bit ``L``, scaled by its bit depth (floats in [0, 1] by 255)."""
-    values = np.asarray(pil).astype(np.float64)
-    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
-    scale = 255.0 if pil.mode == "F" and values.max(initial=0) <= 1.0 else bit_depth_scale(values)
-    return Image.fromarray((values * scale).round().clip(0, 255).astype(np.uint8), mode="L")
-
-
-def _has_alpha(pil: Image.Image) -> bool:
-    return pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        pil.mode in ("P", "L", "RGB") and "transparency" in pil.info
-    )
-
-
-def to_rgb(pil: Image.Image) -> Image.Image:
-    """Any Pillow mode -> ``RGB`` (rules in the module docstring)."""
-    if pil.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return _scaled_gray(pil).convert("RGB")
-    if _has_alpha(pil):
-        rgba = pil.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, TRANSPARENT_FILL + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return pil if pil.mode == "RGB" else pil.convert("RGB")
 
 
 def _decode(path: str, data: bytes) -> tuple[np.ndarray, int]:
@@ -103,8 +76,7 @@ def _decode(path: str, data: bytes) -> tuple[np.ndarray, int]:
                 f"limit of {limit / 1e6:.0f}; raise CACHEDET_MAX_IMAGE_PIXELS to decode it"
             )
         orientation = int(pil.getexif().get(EXIF_ORIENTATION, 1) or 1)
-        upright = ImageOps.exif_transpose(pil) if orientation != 1 else pil
-        return np.asarray(to_rgb(upright)), orientation
+        return upright_rgb(pil), orientation
 
 
 def _first_line(e: Exception) -> str:

@@ -24,7 +24,7 @@ from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.extraction.run import ExtractConfig, extract
 from cachedet.models.build import NECKS, head_supports_masks
 
-# measured on the 2-core, no-GPU development machine (README "Quick start"): the full demo's figures
+# measured on the 2-core, no-GPU development machine (docs/benchmarks.md, "The demo"): the full demo's figures
 FULL_DEMO_MEASURED = (
     "the full demo (cachedet demo: 10 epochs on 160 images, validated every 2) took 5.7 min on "
     "an idle 2-core CPU and reached box AP 37.2"

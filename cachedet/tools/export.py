@@ -6,10 +6,11 @@ the dynamo exporter and ``torch.export`` stop at the data-dependent shapes of to
 post-processing in torch 2.14 (``GuardOnDataDependentSymNode`` in ``batched_nms`` and
 ``MultiScaleRoIAlign``). ``"pt2"`` tries ``torch.export`` and says so in one line when it cannot.
 
-The graph takes one canvas: float32 (1, 3, S, S), already resized and normalised; resizing and padding
-stay outside (they depend on each image's size). ``EXPORT_METADATA`` (in the ONNX ``metadata_props``
-under ``cachedet`` and in a ``.json`` file beside the export) spells the steps out; ``prepare_image`` and
-``image_boxes`` are their Python reference. Outputs: boxes float32 (N, 4) xyxy canvas pixels, scores
+The graph takes one canvas: float32 (1, 3, S, S), already normalised and resized; resizing and padding
+stay outside (they depend on each image's size). ``export_metadata`` (in the ONNX ``metadata_props``
+under ``cachedet`` and in a ``.json`` file beside the export) spells the steps out; ``REFERENCE``, a copy of
+``cachedet.data.preprocess`` written beside the export, does them with numpy and Pillow alone (no torch),
+equal to ``prepare_image`` (the torch steps ``predict`` runs) within float32 rounding. Outputs: boxes float32 (N, 4) xyxy canvas pixels, scores
 float32 (N,), labels int64 (N,) contiguous 0..C-1 (``category_ids[label]`` is the dataset id).
 """
 
@@ -26,11 +27,15 @@ from cachedet.core.errors import CachedetError
 
 FORMATS = ("onnx", "pt2")
 OPSET = 17
+REFERENCE = "cachedet_preprocess.py"  # the numpy + Pillow steps, written beside every export
 PREPROCESS = {
-    "resize": "scale = S / max(H, W); resize the RGB image to (round(H * scale), round(W * scale)), "
-    "bilinear with antialiasing",
-    "normalize": "(pixel / 255 - mean) / std, per RGB channel",
+    "read": "EXIF orientation applied, then any mode to 8-bit RGB (rules in the reference file)",
+    "normalize": "float32 (pixel * float32(1 / 255) - mean) / std, per RGB channel, BEFORE resizing",
+    "resize": "scale = S / max(H, W); the normalised float32 image resized to "
+    "(max(1, round(H * scale)), max(1, round(W * scale))) (Python round: halves to even), bilinear "
+    "with antialiasing: torch's interpolate(antialias=True) weights, float32, widths then heights",
     "pad": "bottom and right with 0 (after normalisation) to S x S; the image sits at the top-left",
+    "reference": f"{REFERENCE} beside this file: preprocess(load_image(path), metadata) (numpy, Pillow)",
 }
 POSTPROCESS = (
     "boxes / (round(W * scale) / W, round(H * scale) / H) per x and y gives original-image "
@@ -161,14 +166,16 @@ def export_run(
     """Export run's inference model as ONNX (``format="onnx"``) or a ``torch.export`` program (``"pt2"``).
 
     out: the file to write (default RUN/export/model.onnx or model.pt2); its metadata also goes to
-    ``out`` with ``.json`` in place of the suffix. checkpoint: "last", "best" or a file (as ``load``).
+    ``out`` with ``.json`` in place of the suffix, and the numpy/Pillow preprocessing to ``REFERENCE``
+    in the same folder. checkpoint: "last", "best" or a file (as ``load``).
     score_threshold: the graph drops detections below it (before NMS, as ``load``'s).
     Returns the written path. Raises CachedetError (one line) for an unknown format, a missing run or
     checkpoint, a run that cannot export yet (mask branch; pt2 with torchvision's post-processing), or
     an exporter failure.
     """
-    from cachedet.core.atomic import write_json_atomic
+    from cachedet.core.atomic import write_bytes_atomic, write_json_atomic
     from cachedet.core.paths import resolve_path
+    from cachedet.data import preprocess
     from cachedet.evaluation.predictor import Predictor, set_score_threshold
     from cachedet.runs.record import checkpoint_path
 
@@ -193,6 +200,8 @@ def export_run(
             message = f"{path}: ONNX export failed ({type(e).__name__}: {_first_line(e)})"
             raise CachedetError(message) from None
     write_json_atomic(os.path.splitext(out)[0] + ".json", meta, indent=2)
+    with open(preprocess.__file__, "rb") as f:
+        write_bytes_atomic(os.path.join(os.path.dirname(out), REFERENCE), f.read())
     return out
 
 

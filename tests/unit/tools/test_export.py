@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import cachedet
 from cachedet.api import to_pixels
 from cachedet.core.errors import CachedetError
-from cachedet.tools.export import export_run, image_boxes, prepare_image, read_metadata
+from cachedet.data import preprocess as reference
+from cachedet.data.decode import read_image
+from cachedet.tools.export import (
+    REFERENCE,
+    export_run,
+    image_boxes,
+    prepare_image,
+    read_metadata,
+)
 
 ort = pytest.importorskip("onnxruntime")
 THRESHOLD = 0.001  # untrained heads score low; keep enough detections to compare
@@ -75,6 +87,67 @@ def online_adapter_run(synthetic, out, backbone: str) -> str:
     return str(out)
 
 
+def shipped_reference(folder):
+    """The numpy/Pillow preprocessing module an export wrote into ``folder``, imported from there."""
+    spec = importlib.util.spec_from_file_location("shipped_preprocess", Path(folder) / REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _images(tmp_path) -> list[str]:
+    """Non-square files of several modes, smaller and larger than a 64 px canvas, and one whose EXIF
+    orientation turns it upright."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (120, 75, 4), dtype=np.uint8)
+    pixels[:40, :30] = (250, 20, 20, 255)  # an object, so resampling has edges to get right
+    cases = {
+        "rgb_wide.png": Image.fromarray(pixels[:45, :, :3]),
+        "rgb_tall_small.png": Image.fromarray(pixels[:37, :23, :3]),  # enlarged to 64 x 40
+        "grey.png": Image.fromarray(pixels[:, :61, 0]),
+        "rgba.png": Image.fromarray(pixels[:90]),
+        "palette.png": Image.fromarray(pixels[:50, :70, :3]).convert("P"),
+    }
+    paths = []
+    for name, pil in cases.items():
+        pil.save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 75 x 51, shown 51 x 75
+    Image.fromarray(pixels[:51, :, :3]).save(tmp_path / "exif6.jpg", exif=exif, quality=95)
+    return paths + [str(tmp_path / "exif6.jpg")]
+
+
+def test_numpy_pillow_reference_equals_predicts_preprocessing(tmp_path):
+    """The torch-free steps shipped beside an export give predict's input within float32 rounding."""
+    meta = {
+        "canvas": 64,
+        "preprocess": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    }
+    boxes = np.array([[3.2, 4.0, 40.5, 60.1], [50.0, 2.0, 70.0, 30.0], [0, 0, 64, 64]], np.float32)
+    for path in _images(tmp_path):
+        rgb = reference.load_image(path)
+        torch_rgb = read_image(path)
+        assert np.array_equal(rgb, torch_rgb.permute(1, 2, 0).numpy()), path
+        x, view = reference.preprocess(rgb, meta)
+        expected, params = prepare_image(torch_rgb, meta)
+        assert x.dtype == np.float32 and x.shape == expected.shape == (1, 3, 64, 64)
+        assert view["resized_size"] == params.resized_size, path
+        # a few float32 ulps at |x| <= 2.7 (Pillow's float64 bilinear resize is ~2e-5 away)
+        assert np.abs(x - expected).max() <= 2e-6, (path, np.abs(x - expected).max())
+        got, keep = reference.image_boxes(boxes, view)
+        want, want_keep = image_boxes(boxes, params)
+        assert np.allclose(got, want, atol=1e-4) and np.array_equal(keep, want_keep), path
+    # the recipe the docs gave before (resize the uint8 image, normalise after) is measurably off
+    rgb = reference.load_image(str(tmp_path / "rgb_wide.png"))
+    h, w = reference.resized_size(*rgb.shape[:2], 64)
+    small = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
+    mean, std = np.array(meta["preprocess"]["mean"]), np.array(meta["preprocess"]["std"])
+    old = ((small / 255 - mean) / std).transpose(2, 0, 1)
+    new = reference.preprocess(rgb, meta)[0][0, :, :h, :w]
+    assert np.abs(old - new).max() > 1e-3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("head", ["faster-rcnn", "retinanet", "cascade", "adapters"])
 def test_onnx_runtime_matches_predict(head, tiny_run, synthetic, tmp_path):
@@ -96,12 +169,13 @@ def test_onnx_runtime_matches_predict(head, tiny_run, synthetic, tmp_path):
     assert json.loads(embedded["cachedet"]) == meta
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     model = cachedet.load(run, score_threshold=THRESHOLD)
+    shipped = shipped_reference(tmp_path)  # numpy + Pillow only, as a runtime without torch has
     counts = []
     for image in sorted((Path(synthetic["images"]) / "val").iterdir()):
         pixels = to_pixels(image)
-        x, params = prepare_image(pixels, meta)
+        x, view = shipped.preprocess(shipped.load_image(str(image)), meta)
         boxes, scores, labels = session.run(None, {"image": x})
-        boxes, keep = image_boxes(boxes, params)
+        boxes, keep = shipped.image_boxes(boxes, view)
         ids = np.asarray(meta["category_ids"])[labels[keep]]
         ref = model.predict(pixels)
         assert abs(int(keep.sum()) - len(ref)) <= max(2, len(ref) // 20)
@@ -118,6 +192,19 @@ def test_cli_export_writes_the_graph_and_its_metadata(tiny_run, cli, tmp_path):
         (tmp_path / "det.onnx").is_file() and meta["exported_as"] == "onnx" and meta["opset"] == 17
     )
     assert meta["input"]["shape"] == [1, 3, 96, 96] and meta["category_names"]
+    # the preprocessing reference beside it runs where neither torch nor cachedet can be imported
+    code = (
+        "import sys; sys.modules['torch'] = sys.modules['cachedet'] = None\n"
+        "import json, numpy as np, cachedet_preprocess as p\n"
+        "meta = json.load(open('det.json'))\n"
+        "x, view = p.preprocess(np.full((50, 70, 3), 128, np.uint8), meta)\n"
+        "print(x.dtype, x.shape, view['resized_size'])"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["float32", "(1,", "3,", "96,", "96)", "(69,", "96)"]
 
 
 @pytest.mark.slow
