@@ -58,7 +58,8 @@ print(
 print(f"a batch of {len(batch)}: {[len(d) for d in batch]} detections")
 
 # Stage 3: COCO AP on the validation file (LVIS files are scored with LVISEval as well).
-metrics, detections = cachedet.evaluate(run, data["val"], data["images"], progress=False)
+cfg = cachedet.EvalConfig(run=run, annotations=data["val"], images=data["images"])
+metrics, detections = cachedet.evaluate(cfg, progress=False)
 print(f"box AP {metrics['bbox']['AP']} on {metrics['num_images']} images")
 
 # Export: the whole model as ONNX, preprocessing and categories in model.json beside it.
