@@ -67,35 +67,24 @@ def bench_command(
     """Measure finetune / online_frozen / cached / heads_in_memory (and torchvision's R50-FPN) on the same views."""
     from rich.table import Table
 
-    from cachedet.core.errors import CachedetError
-    from cachedet.extraction.shards import resolve_device
-    from cachedet.tools.bench import TORCHVISION_LIKE, BenchConfig, run_benchmark
+    from cachedet.tools.bench import BenchConfig, run_benchmark
 
     chosen = tuple(r for r in regimes.split(",") if r) if regimes else None
-    for r in chosen or ():
-        if r not in BENCH_REGIMES:
-            raise CachedetError(f"--regimes {r}: expected some of {', '.join(BENCH_REGIMES)}")
-    indices = backbone_indices(backbone, out_indices or None, taps)
-    if indices is None and taps is None and out_indices is None and backbone == "resnet50":
-        indices = (1, 2, 3, 4)
-    device = str(resolve_device(device))
+    given = out_indices is not None or taps is not None
+    cfg = BenchConfig(
+        backbone=backbone,
+        out_indices=backbone_indices(backbone, out_indices or None, taps) if given else "auto",
+        neck=neck,
+        head=head,
+        size=size,
+        batch=batch_size,
+        steps=steps,
+        warmup=warmup,
+        device=device,
+    ).resolved()
+    device = cfg.device
     console = make_console()
-    result = run_benchmark(
-        BenchConfig(
-            backbone=backbone,
-            out_indices=indices,
-            neck=neck,
-            head=head,
-            size=size,
-            batch=batch_size,
-            steps=steps,
-            warmup=warmup,
-            device=device,
-            options=dict(TORCHVISION_LIKE) if head != "retinanet" else {},
-        ),
-        regimes=chosen,
-        log=console.print,
-    )
+    result = run_benchmark(cfg, regimes=chosen, log=console.print)
     t = Table(
         title=f"{backbone} {result['config']['neck']}+{head} {size}x{size} batch {batch_size} on {device}"
     )

@@ -101,6 +101,13 @@ def flag_of() -> dict[str, str]:
     )
     table.update(_extract_flags())
     table.update(_config_flags("eval_command", "EvalConfig", {"quiet": None}))
+    table.update(
+        _config_flags(
+            "bench_command",
+            "BenchConfig",
+            {"batch_size": "batch", "taps": "out_indices", "regimes": None, "out": None},
+        )
+    )
     return table
 
 
@@ -139,6 +146,7 @@ BARE_ARGUMENTS = (
     "checkpoint",
     "format",
     "neck",
+    "regimes",
 )
 
 
@@ -151,7 +159,7 @@ def with_flags(message: str) -> str:
         rf"^({'|'.join(BARE_ARGUMENTS)})\b", lambda m: "--" + m.group(1).replace("_", "-"), message
     )
     return re.sub(
-        r"\b(?:TrainConfig|ExtractConfig|EvalConfig|source|detector|optim|loader|val|augment|backbone)\.\w+(?:\.\w+)?\b",
+        r"\b(?:TrainConfig|ExtractConfig|EvalConfig|BenchConfig|source|detector|optim|loader|val|augment|backbone)\.\w+(?:\.\w+)?\b",
         lambda m: table.get(m.group(0), m.group(0)),
         message,
     )

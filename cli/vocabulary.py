@@ -34,7 +34,7 @@ BENCH_REGIMES = (
     "online_frozen",
     "cached",
     "heads_in_memory",
-    "torchvision_frozen",  # = cachedet.tools.bench
+    "torchvision_frozen",  # = cachedet.tools.bench.BENCH_REGIMES (tests/unit/tools/test_bench.py)
     "torchvision_finetune",
     "adapters_online",
     "adapters_hybrid",

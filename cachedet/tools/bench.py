@@ -25,35 +25,65 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cachedet.core.errors import CachedetError
+from cachedet.core.recipes import DEFAULT_CANVAS
+
 OUR_REGIMES = ("finetune", "online_frozen", "cached", "heads_in_memory")
 ADAPTER_REGIMES = ("adapters_online", "adapters_hybrid")
 TORCHVISION_REGIMES = ("torchvision_frozen", "torchvision_finetune")
+BENCH_REGIMES = OUR_REGIMES + TORCHVISION_REGIMES + ADAPTER_REGIMES
 # the detector torchvision's fasterrcnn_resnet50_fpn builds: FPN on c2-c5, 2-FC box head, 2000 proposals
 TORCHVISION_LIKE = {"box_convs": 0, "box_fcs": 2, "proposals_per_image": 2000}
 
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """What ``cachedet bench`` measures (the CLI builds this; ``resolved`` fills the defaults that
+    depend on other fields, once, for the CLI and Python alike).
+
+    out_indices: levels or a ViT's taps; ``"auto"``: 1,2,3,4 for resnet50 (torchvision's R50-FPN),
+    the backbone's default otherwise; None: the backbone's default. neck ``"auto"``: the simple
+    pyramid for a ViT's taps, FPN otherwise. options: detector options; None: torchvision's
+    R50-FPN box head (``TORCHVISION_LIKE``) for two-stage heads, none for RetinaNet. size: canvas
+    (pixels); batch: images per step; warmup / steps: untimed / timed steps per regime.
+    """
+
     backbone: str = "resnet50"
-    out_indices: tuple[int, ...] | None = (1, 2, 3, 4)  # a ViT's taps; None: the backbone's default
-    neck: str = (
-        "auto"  # resolved by run_benchmark: the simple pyramid for a ViT's taps, FPN otherwise
-    )
+    out_indices: tuple[int, ...] | str | None = "auto"
+    neck: str = "auto"  # resolved by run_benchmark (needs the backbone's feature specs)
     head: str = "faster-rcnn"
-    size: int = 512
+    size: int = DEFAULT_CANVAS
     batch: int = 2
-    device: str = "cpu"
+    device: str = "auto"
     warmup: int = 2
     steps: int = 5
     num_classes: int = 91
-    options: dict = field(default_factory=lambda: dict(TORCHVISION_LIKE))
+    options: dict | None = None
     workdir: str = ""
+
+    def resolved(self) -> BenchConfig:
+        """This config with ``device``, ``out_indices`` and ``options`` resolved and its numbers
+        checked (CachedetError naming the field)."""
+        from cachedet.core.errors import check_number
+        from cachedet.core.runtime import resolve_device
+
+        for name in ("size", "batch", "steps", "num_classes"):
+            check_number(f"BenchConfig.{name}", getattr(self, name), integer=True, low=1)
+        check_number("BenchConfig.warmup", self.warmup, integer=True, low=0)
+        indices = self.out_indices
+        if indices == "auto":
+            indices = (1, 2, 3, 4) if self.backbone == "resnet50" else None
+        options = self.options
+        if options is None:
+            options = dict(TORCHVISION_LIKE) if self.head != "retinanet" else {}
+        device = str(resolve_device(self.device))
+        return replace(self, out_indices=indices, options=options, device=device)
 
     @property
     def num_images(self) -> int:
@@ -377,6 +407,8 @@ def backbone_forward_views_per_s(cfg: BenchConfig, reps: int = 3) -> tuple[float
     from cachedet.backbones.backbone import BackboneConfig, build_backbone
     from cachedet.extraction.shards import compute_features
 
+    cfg = cfg.resolved()
+
     bb = build_backbone(BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False).to(
         cfg.device
     )
@@ -482,6 +514,10 @@ def run_benchmark(
     from cachedet.backbones.backbone import BackboneConfig, build_backbone
     from cachedet.models.necks import resolve_neck
 
+    for regime in regimes or ():
+        if regime not in BENCH_REGIMES:
+            raise CachedetError(f"regimes {regime}: expected some of {', '.join(BENCH_REGIMES)}")
+    cfg = cfg.resolved()
     workdir = cfg.workdir or tempfile.mkdtemp(prefix="cachedet-bench-")
     backbone = build_backbone(
         BackboneConfig(cfg.backbone, cfg.out_indices, "random"), warn=False

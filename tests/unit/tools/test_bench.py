@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from cachedet.core.errors import CachedetError
 from cachedet.tools.bench import OUR_REGIMES, BenchConfig, decode_speeds, run_benchmark
 
 REQUIRED = {
@@ -96,3 +97,24 @@ def test_adapter_regimes_cost_between_cached_and_online(tmp_path):
         f["adapters_online"] > f["online_frozen"]
         and f["cached"] < f["adapters_hybrid"] < f["adapters_online"]
     )
+
+
+def test_bench_defaults_resolve_in_the_library_as_the_cli_had_them(cli):
+    """BenchConfig.resolved fills what the CLI used to: R50-FPN levels and box head, device."""
+    from cachedet.tools.bench import BENCH_REGIMES, TORCHVISION_LIKE
+    from cachedet_cli.vocabulary import BENCH_REGIMES as CLI_REGIMES
+
+    assert tuple(CLI_REGIMES) == BENCH_REGIMES
+    r50 = BenchConfig().resolved()
+    assert r50.out_indices == (1, 2, 3, 4) and r50.options == TORCHVISION_LIKE
+    assert r50.device == "cpu" and r50.size == 640
+    assert BenchConfig(backbone="test_vit").resolved().out_indices is None
+    assert BenchConfig(head="retinanet").resolved().options == {}
+    with pytest.raises(CachedetError, match=r"^BenchConfig\.batch: expected an integer >= 1"):
+        BenchConfig(batch=0).resolved()
+    with pytest.raises(CachedetError, match="^regimes warp: expected some of finetune"):
+        run_benchmark(BenchConfig(), regimes=("warp",))
+    r = cli("bench", "--batch-size", 0)
+    assert r.exit_code == 2 and "--batch-size: expected an integer >= 1" in r.stderr, r.output
+    r = cli("bench", "--regimes", "warp")
+    assert r.exit_code == 2 and "--regimes warp: expected some of" in r.stderr, r.output
