@@ -11,8 +11,8 @@ import typer
 from cachedet.core.atomic import write_json_atomic
 from cachedet.core.errors import CachedetError
 from cachedet.core.paths import resolve_path
+from cachedet_cli.common import check_inputs, parse_int_list, user_errors
 from cachedet_cli.common import console as make_console
-from cachedet_cli.common import parse_int_list, user_errors
 from cachedet_cli.vocabulary import DEVICE_HELP, QUIET_HELP, examples
 
 EVAL_EXAMPLES = examples(
@@ -147,6 +147,13 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ):
     """Score a trained run on a validation set (pycocotools / LVIS), stratified like the paper."""
+    check_inputs(
+        (run, "--run", "folder"),
+        (annotations, "--annotations", "file"),
+        (images, "--images", "folder"),
+        (train_annotations, "--train-annotations", "file"),
+        (cache, "--cache", "store"),
+    )
     from cachedet.evaluation.evaluate import evaluate_run
 
     check_post_processing(score_threshold, max_detections)

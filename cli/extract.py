@@ -11,6 +11,7 @@ from cachedet_cli.common import (
     RECIPE_HELP,
     backbone_indices,
     backbone_option,
+    check_inputs,
     human_bytes,
     human_seconds,
     out_indices_option,
@@ -205,6 +206,11 @@ def extract_command(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP, rich_help_panel=RUN),
 ):
     """Run the frozen backbone over augmented views and store multi-scale features (stage 1)."""
+    check_inputs(
+        (annotations, "--annotations", "file"),
+        (images, "--images", "folder"),
+        (weights, "--weights", "file"),
+    )
     from rich.table import Table
 
     from cachedet.backbones.backbone import BackboneConfig
