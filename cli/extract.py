@@ -263,6 +263,8 @@ def extract_command(
         table.add_column("quantity")
         table.add_column("value", justify="right")
         table.add_row("images", f"{r.num_images:,}")
+        if r.scan is not None:
+            table.add_row("image scan (headers)", r.scan.summary())
         table.add_row("views", f"{r.num_views:,} ({r.views_per_image} per image)")
         for name, shape in r.feature_shapes.items():
             table.add_row(f"level {name}", "x".join(str(v) for v in shape))
@@ -273,8 +275,12 @@ def extract_command(
         table.add_row(f"backbone throughput ({r.device})", f"{r.views_per_second:.2f} views/s")
         table.add_row("estimated extraction time (one device)", human_seconds(r.estimated_seconds))
         console.print(table)
+        print_scan_problems(r.scan, console, "extract leaves out (--skip-bad)")
         return
     result = extract(cfg, progress=not quiet)
+    print_scan_problems(
+        result.scan, console, "left out (--skip-bad), their views recorded in the store"
+    )
     dropped = {k: v for k, v in result.dropped.items() if v}
     console.print(
         f"{result.store}: {result.num_views} views in {result.shards_total} shards; "
@@ -317,3 +323,14 @@ def extract_command(
         )
         for s in result.skipped_images[:10]:
             console.print(f"  {s['error']}")
+
+
+def print_scan_problems(scan, console, fate: str) -> None:
+    """The bad images the header scan found (the first 10), and what becomes of them."""
+    if scan is None or not scan.bad:
+        return
+    console.print(f"image scan: {scan.summary()}; {fate}:", style="yellow")
+    for b in scan.bad[:10]:
+        console.print(f"  {b['error']}")
+    if len(scan.bad) > 10:
+        console.print(f"  ... and {len(scan.bad) - 10} more")

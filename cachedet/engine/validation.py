@@ -36,6 +36,7 @@ class ValidationSet:
 
     def __init__(self, cfg: ValConfig, categories: list[dict], masks: bool, batch_size: int = 8):
         from cachedet.data.coco import load_detection_dataset
+        from cachedet.data.scan import scan_images
         from cachedet.evaluation.evaluator import DetectionEvaluator
         from cachedet.evaluation.ground_truth import scoring_ground_truth
 
@@ -71,6 +72,7 @@ class ValidationSet:
                 dataset.sha256, f"val.cache {cfg.cache}", cfg.annotations
             )
         else:
+            scan_images(dataset, "val.images", progress=False)  # before training starts
             self.items = [
                 (r.id, dataset.image_path(r), (r.height, r.width)) for r in dataset.images
             ]

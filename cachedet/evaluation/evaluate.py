@@ -11,6 +11,7 @@ from cachedet.core.atomic import write_json_atomic
 from cachedet.core.errors import CachedetError
 from cachedet.core.paths import resolve_path
 from cachedet.data.coco import load_detection_dataset, read_annotation_json
+from cachedet.data.scan import scan_images
 from cachedet.evaluation.evaluator import DetectionEvaluator, inference_on_dataset
 from cachedet.evaluation.ground_truth import scoring_ground_truth
 from cachedet.evaluation.predictor import COCO_MAX_DETECTIONS, LVIS_MAX_DETECTIONS, Predictor
@@ -49,6 +50,8 @@ def evaluate_run(
         resolve_path(p) for p in (run, annotations, images, train_annotations, cache, out)
     )
     dataset = load_detection_dataset(annotations, images or os.path.dirname(annotations))
+    if cache is None:  # every image there and as annotated, before the run's model is built
+        scan_images(dataset, "--images", progress=progress)
     ground_truth = scoring_ground_truth(
         dataset.raw, str(annotations), dataset.is_lvis
     )  # before any prediction

@@ -30,6 +30,7 @@ from cachedet.core.structures import ViewParams
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import MaskSource, mask_source
+from cachedet.data.scan import ScanReport, scan_images
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.extraction.shards import (
     ShardRunner,
@@ -201,6 +202,7 @@ class ExtractResult:
         default_factory=list
     )  # damaged shards found by --repair and recomputed
     masks: dict | None = None  # the header's "masks" entry: stored instance masks, or None
+    scan: ScanReport | None = None  # the scan of the images' headers before work
 
     @property
     def views_per_second(self) -> float:
@@ -357,7 +359,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     t0 = time.perf_counter()
     cfg.validate()
     dataset = load_detection_dataset(cfg.annotations, cfg.images)
-    check_images_exist(dataset, cfg.skip_bad)  # before any store exists
+    scan = scan_dataset(cfg, dataset, progress)  # before any store exists or backbone is built
     backbone_cfg, hybrid = hybrid_backbone(cfg)
     backbone = build_backbone(backbone_cfg)
     plan = plan_views(dataset, cfg.augment, cfg.views)
@@ -407,6 +409,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         shard_seconds=shard_seconds,
         repaired=repaired,
         masks=header.masks.to_dict() if header.masks is not None else None,
+        scan=scan,
     )
 
 
@@ -423,6 +426,14 @@ def repair_store(url: str, progress: bool = True) -> list[dict]:
     return report["damaged"]
 
 
+def scan_dataset(cfg: ExtractConfig, dataset: DetectionDataset, progress: bool) -> ScanReport:
+    """The header scan of ``cachedet.data.scan`` for extraction: a bad image stops it in one line
+    unless ``cfg.skip_bad`` (then its views are skipped and recorded in the store)."""
+    return scan_images(
+        dataset, "ExtractConfig.images", "ExtractConfig.skip_bad", cfg.skip_bad, progress
+    )
+
+
 @dataclass
 class DryRunReport:
     num_images: int
@@ -434,25 +445,10 @@ class DryRunReport:
     device: str
     views_per_second: float
     estimated_seconds: float
+    scan: ScanReport | None = None  # None with num_images (no file to scan)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_images_exist(dataset: DetectionDataset, skip_bad: bool) -> None:
-    """Refuse, before any work, an annotation file naming local images that are not there (one
-    line: the first missing file and how many); with ``skip_bad`` they are left to the per-view
-    skips that the store records. Remote (fsspec URL) image folders are not scanned."""
-    if skip_bad or "://" in dataset.images_dir:
-        return
-    missing = [dataset.image_path(r) for r in dataset.images]
-    missing = [p for p in missing if not os.path.isfile(p)]
-    if missing:
-        raise CachedetError(
-            f"{missing[0]}: image file not found ({len(missing)} of {len(dataset.images)} images "
-            f"of {dataset.annotation_path} missing under ExtractConfig.images {dataset.images_dir}); fix the "
-            "paths, or set ExtractConfig.skip_bad to leave them out"
-        )
 
 
 def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
@@ -460,9 +456,10 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
 
     ``num_images`` replaces the annotation file's image count (to plan, e.g., COCO train2017).
     """
+    scan = None
     if num_images is None:
         dataset = load_detection_dataset(cfg.annotations, cfg.images)
-        check_images_exist(dataset, cfg.skip_bad)
+        scan = scan_dataset(cfg, dataset, progress=True)
         num_images = len(dataset.images)
     schema.check_storage(cfg.dtype, cfg.codec, cfg.shard_views)
     device = resolve_device(cfg.device)
@@ -489,4 +486,5 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
         device=str(device),
         views_per_second=vps,
         estimated_seconds=views / vps,
+        scan=scan,
     )

@@ -154,11 +154,22 @@ def test_bad_images_stop_with_the_file_name(dataset_copy, tmp_path, problem):
     with pytest.raises(CachedetError) as e:
         extract(cfg, progress=False)
     assert bad in str(e.value)
-    if problem == "missing":  # found by the scan before any work: no store, and the dry run says so
-        assert str(e.value).startswith(f"{bad}: image file not found (1 of 12 images")
+    if (
+        problem != "truncated"
+    ):  # found by the header scan before any work: no store, and the dry run says so
+        first = {
+            "missing": "image file not found",
+            "corrupt": "cannot read image header",
+            "wrong_size": "image is",
+        }[problem]
+        assert str(e.value).startswith(f"{bad}: {first}")
+        assert "(1 of 12 images of" in str(e.value)
         assert not os.path.exists(cfg.out)
-        with pytest.raises(CachedetError, match="image file not found"):
+        with pytest.raises(CachedetError, match=first):
             dry_run(cfg)
+        report = dry_run(small_config(dataset_copy, cfg.out, skip_bad=True))
+        assert report.scan.summary().startswith("1 of 12 images bad")
+        assert [b["image_id"] for b in report.scan.bad] == [ds.images[4].id]
     # --skip-bad: the image's views are recorded and left out, everything else is extracted
     result = extract(small_config(dataset_copy, cfg.out, skip_bad=True), progress=False)
     assert {s["image_id"] for s in result.skipped_images} == {ds.images[4].id}
