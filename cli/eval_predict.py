@@ -41,6 +41,24 @@ def fmt(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
+def per_class_table(rows: list[dict], masks: bool, title: str = "per-class AP"):
+    """A rich table of per-class AP rows ({category_id, name, AP[, mask_AP, train_annotations]})."""
+    from rich.table import Table
+
+    ap_columns = ("AP", "mask_AP") if masks else ("AP",)
+    ap_titles = ("box AP", "mask AP") if masks else ("AP",)
+    t = Table(title=title)
+    for c in ("category", "train annotations", *ap_titles):
+        t.add_column(c, justify="right" if c != "category" else "left")
+    for row in rows:
+        t.add_row(
+            f"{row['name']} ({row['category_id']})",
+            str(row.get("train_annotations", "-")),
+            *(fmt(row.get(k)) for k in ap_columns),
+        )
+    return t
+
+
 def print_metrics(metrics: dict, console) -> None:
     """The AP summaries (box, and mask for mask runs), the stratified tables and per-class AP, as rich tables."""
     from rich.table import Table
@@ -86,16 +104,7 @@ def print_metrics(metrics: dict, console) -> None:
     if masks:
         t.add_row("mask", *(fmt(metrics["mask_by_size"][k]) for k in ("APs", "APm", "APl")))
     console.print(t)
-    t = Table(title="per-class AP")
-    for c in ("category", "train annotations", *ap_titles):
-        t.add_column(c, justify="right" if c != "category" else "left")
-    for row in metrics["per_class"]:
-        t.add_row(
-            f"{row['name']} ({row['category_id']})",
-            str(row.get("train_annotations", "-")),
-            *(fmt(row.get(k)) for k in ap_columns),
-        )
-    console.print(t)
+    console.print(per_class_table(metrics["per_class"], masks))
 
 
 @user_errors

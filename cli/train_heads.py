@@ -502,3 +502,9 @@ def train_heads_command(
         if result.first_loss is not None
         else f"{result.run}: nothing left to train ({result.steps} steps done)"
     )
+    if result.val_per_class:
+        from cachedet_cli.eval_predict import per_class_table
+
+        masks = any("mask_AP" in row for row in result.val_per_class)
+        title = "per-class AP of the last validation (metrics.jsonl has every pass's summary)"
+        make_console().print(per_class_table(result.val_per_class, masks, title))
