@@ -152,6 +152,15 @@ def extract_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Rebuild an existing store.", rich_help_panel=STORAGE
     ),
+    update: bool = typer.Option(
+        False,
+        "--update",
+        rich_help_panel=STORAGE,
+        help=(
+            "Rebuild a store made from an earlier version of the annotations, keeping the shards whose "
+            "images did not change (boxes, categories and masks are rewritten)."
+        ),
+    ),
     repair: bool = typer.Option(
         False,
         "--repair",
@@ -247,6 +256,7 @@ def extract_command(
         batch_size=batch_size,
         loader_workers=loader_workers,
         overwrite=overwrite,
+        update=update,
         skip_bad=skip_bad,
         repair=repair,
         cache_stage=cache_stage,
@@ -284,8 +294,9 @@ def extract_command(
     dropped = {k: v for k, v in result.dropped.items() if v}
     console.print(
         f"{result.store}: {result.num_views} views in {result.shards_total} shards; "
-        f"ran {result.shards_run}, {result.shards_skipped_complete} already complete; "
-        f"{result.seconds:.1f} s"
+        f"ran {result.shards_run}, {result.shards_skipped_complete} already complete"
+        + (f" ({result.shards_reused} reused by --update)" if result.shards_reused else "")
+        + f"; {result.seconds:.1f} s"
     )
     console.print(
         "instance masks: "

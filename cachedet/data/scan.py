@@ -8,6 +8,7 @@ compares it when decoding.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -108,3 +109,17 @@ def scan_images(
             f"{report.kinds()}); fix the images or the annotation file{fix}"
         )
     return report
+
+
+def file_stamp(path: str) -> list | None:
+    """[path, size in bytes, modification time in ns] of a local file; None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def image_stamps(image_ids, paths) -> dict[str, list | None]:
+    """{image id: ``file_stamp``} of a shard's images (what its completion record keeps)."""
+    return {str(int(i)): file_stamp(p) for i, p in zip(image_ids, paths)}

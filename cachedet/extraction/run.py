@@ -32,6 +32,7 @@ from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import MaskSource, mask_source
 from cachedet.data.scan import ScanReport, scan_images
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
+from cachedet.extraction.reuse import refuse_or_rebuild
 from cachedet.extraction.shards import (
     ShardRunner,
     ShardTask,
@@ -60,6 +61,9 @@ class ExtractConfig:
     batch_size: int = 8
     loader_workers: int | None = None  # decode processes; None: default_loader_workers(device)
     overwrite: bool = False
+    update: bool = (
+        False  # a store from an earlier version of the annotations: reuse its unchanged shards
+    )
     skip_bad: bool = False
     repair: bool = False  # verify complete shards first and recompute the damaged ones
     cache_stage: int | None = (
@@ -101,6 +105,11 @@ class ExtractConfig:
         if self.loader_workers is not None and self.loader_workers < 0:
             raise CachedetError(
                 f"ExtractConfig.loader_workers: expected 0 or more, got {self.loader_workers}"
+            )
+        if self.overwrite and self.update:
+            raise CachedetError(
+                "ExtractConfig.overwrite and ExtractConfig.update exclude each other (update keeps "
+                "the shards whose images did not change; overwrite recomputes all)"
             )
         if self.workers and self.scheduler:
             raise CachedetError(
@@ -203,6 +212,7 @@ class ExtractResult:
     )  # damaged shards found by --repair and recomputed
     masks: dict | None = None  # the header's "masks" entry: stored instance masks, or None
     scan: ScanReport | None = None  # the scan of the images' headers before work
+    shards_reused: int = 0  # ExtractConfig.update: complete shards taken from the earlier store
 
     @property
     def views_per_second(self) -> float:
@@ -366,6 +376,10 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     with_masks = cfg.masks and dataset.has_masks
     header = _header(cfg, backbone, dataset, plan, hybrid, with_masks)
     created = cfg.overwrite or not store_exists(cfg.out)
+    reused = []
+    if not created:  # made from another version of the annotations: say what changed, or update
+        masks_of = dataset if with_masks else None
+        reused = refuse_or_rebuild(cfg.out, header, plan, dataset, cfg.update, masks_of) or []
     prepare_store(cfg, header, plan)
     repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
@@ -402,6 +416,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         shards_total=total,
         shards_run=len(tasks),
         shards_skipped_complete=len(done),
+        shards_reused=len(reused),
         skipped_images=skipped,
         dropped=dataset.dropped,
         seconds=time.perf_counter() - t0,
