@@ -211,6 +211,7 @@ def predict_command(
     In a folder, hidden and companion files (.*, ._*, .DS_Store, Thumbs.db), non-image names,
     sub-folders and images that cannot be read are skipped and reported; an image named explicitly
     that cannot be read is an error."""
+    check_inputs((run, "--run", "folder"))
     from cachedet.evaluation.draw import draw_detections
     from cachedet.evaluation.predictor import Predictor, scan_inputs
 

@@ -97,21 +97,16 @@ def _changes(old: StoreReader, dataset: DetectionDataset, plan) -> str:
     boxes = 0
     for i in set(new) & set(first):
         v, w = first[i], new_first[i]
-        a, b = old.box_offsets[v], old.box_offsets[v + 1]
         c, d = offsets[w], offsets[w + 1]
         if not (
-            np.array_equal(old._boxes["ann_ids"][a:b], ids[c:d])
-            and np.array_equal(old._boxes["xyxy"][a:b], plan.boxes["xyxy"][c:d])
+            np.array_equal(old.ann_ids(v), ids[c:d])
+            and np.array_equal(old.boxes(v)[0], plan.boxes["xyxy"][c:d])
         ):
             boxes += 1
-    parts = []
-    for n, what in ((len(added), "added"), (len(removed), "removed")):
-        if n:
-            parts.append(f"{n} image{'s' if n != 1 else ''} {what}")
-    if resized:
-        parts.append(f"{len(resized)} image size{'s' if len(resized) != 1 else ''} changed")
-    if boxes:
-        parts.append(f"boxes of {boxes} image{'s' if boxes != 1 else ''} changed")
+    images = lambda n: f"{n} image{'s' if n != 1 else ''}"  # noqa: E731
+    parts = [f"{images(len(added))} added", f"{images(len(removed))} removed"]
+    parts += [f"{len(resized)} image sizes changed", f"boxes of {images(boxes)} changed"]
+    parts = [p for p in parts if not p.startswith(("0 ", "boxes of 0 "))]
     was = {c["id"]: c["name"] for c in old.header.dataset["categories"]}
     now = {c["id"]: c["name"] for c in dataset.categories.to_json()}
     cats = [f"{len(set(now) - set(was))} added", f"{len(set(was) - set(now))} removed"]

@@ -185,6 +185,7 @@ def test_size_is_refused_for_a_cache_run(cli, tmp_path):
         "cache info nope.zarr",
         "cache verify nope.zarr",
         "eval --run . --annotations nope.json --images .",
+        "predict a.png --run nope.run --out d.json",
         "train-heads --cache nope.zarr --out run",
         "train-heads --online --annotations nope.json --images . --out run",
     ],
