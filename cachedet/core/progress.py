@@ -22,7 +22,8 @@ class RecentRate:
 
     An advance that took more than ``pause_factor`` times the recent time per item (and over
     ``min_pause`` seconds) is a pause (validation, a checkpoint) and left out; a second such advance
-    in a row is a real slow-down, and the estimate starts again from it.
+    in a row is a real slow-down, and the estimate starts again from it. The first advance (warm-up)
+    counts only until a second one arrives.
     """
 
     def __init__(self, window: int = 50, pause_factor: float = 5.0, min_pause: float = 1.0):
@@ -30,6 +31,10 @@ class RecentRate:
         self.pause_factor, self.min_pause = pause_factor, min_pause
         self.last: float | None = None
         self._paused = False
+        self._warmup: tuple[int, float] | None = (
+            None  # the first sample (workers starting, kernels chosen)
+        )
+        self._added = 0
 
     def start(self, now: float) -> None:
         self.last = now
@@ -50,6 +55,10 @@ class RecentRate:
         if pause:  # twice in a row: the work itself got slower
             self.samples.clear()
         self._paused = False
+        if self._warmup is not None and self._warmup in self.samples:
+            self.samples.remove(self._warmup)  # the first advance counts only until a second
+        self._warmup = (n, dt) if self._added == 0 else None
+        self._added += 1
         self.samples.append((n, dt))
 
     def per_item(self) -> float | None:

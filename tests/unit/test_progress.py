@@ -69,3 +69,13 @@ def test_rate_and_eta_survive_a_validation_pause(clock):
         clock.now += 30  # the work itself gets slower: the estimate follows after two steps
         _steps(bar, clock, 2, seconds=30)
         assert "0.0333 steps/s" in _line(bar, 80)
+
+
+def test_a_slow_first_advance_counts_only_until_the_next():
+    rate = progress_module.RecentRate()
+    rate.start(0.0)
+    rate.add(1, 30.0)  # workers starting, kernels chosen
+    assert rate.per_second() == pytest.approx(1 / 30)
+    for k in range(1, 4):
+        rate.add(1, 30.0 + 0.5 * k)
+    assert rate.per_second() == pytest.approx(2.0)
