@@ -88,22 +88,24 @@ def bench_command(
     t = Table(
         title=f"{backbone} {result['config']['neck']}+{head} {size}x{size} batch {batch_size} on {device}"
     )
-    for c in ("regime", "step (s)", "GFLOPs", "peak memory (GB)"):
+    for c in ("regime", "step (s)", "min-max (s)", "GFLOPs", "peak memory (GB)"):
         t.add_column(c, justify="right" if c != "regime" else "left")
     for r in result["records"]:
         t.add_row(
             r["regime"],
             f"{r['step_s_median']:.3f}",
+            f"{r['step_s_min']:.3f}-{r['step_s_max']:.3f}",
             f"{r['flops_per_step'] / 1e9:.1f}",
             f"{r['peak_mem_bytes'] / 1e9:.2f}",
         )
+    t.caption = f"step: median of {steps} timed steps after {warmup} warm-up; min-max: their spread"
     console.print(t)
     st = result["stages"]
     console.print(
         f"extraction {st['extract_views_per_s']:.2f} views/s, backbone forward "
-        f"{st['backbone_forward_views_per_s']:.2f} views/s; cache {st['cache_bytes_per_view'] / 1e6:.2f} MB/view; "
-        f"break-even epochs: {st.get('break_even_epochs')}"
+        f"{st['backbone_forward_views_per_s']:.2f} views/s; cache {st['cache_bytes_per_view'] / 1e6:.2f} MB/view"
     )
+    console.print(f"break-even: {st['break_even_reason']}")
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=2)

@@ -6,8 +6,8 @@ import json
 
 import typer
 
+from cachedet_cli.common import check_inputs, human_bytes, user_errors
 from cachedet_cli.common import console as make_console
-from cachedet_cli.common import human_bytes, user_errors
 from cachedet_cli.vocabulary import QUIET_HELP, examples
 
 INFO_EXAMPLES = examples(
@@ -28,6 +28,7 @@ def cache_info_command(
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
 ):
     """Describe a feature store: levels, shapes, size on disk, compression, completion."""
+    check_inputs((store, "STORE", "store"))
     from rich.table import Table
 
     from cachedet.cache.store import StoreReader
@@ -93,6 +94,7 @@ def cache_verify_command(
     Exit status 0 when every shard is complete and intact, 1 otherwise. Damaged shards are
     recomputed by rerunning the store's extract command with --repair.
     """
+    check_inputs((store, "STORE", "store"))
     from cachedet.cache.store import StoreReader
     from cachedet.core.progress import ViewProgress
 

@@ -154,15 +154,43 @@ def with_flags(message: str) -> str:
     """A library message with each config field path (``optim.epochs``) shown as its option (``--epochs``)."""
     import re
 
-    table = flag_of()
     message = re.sub(
         rf"^({'|'.join(BARE_ARGUMENTS)})\b", lambda m: "--" + m.group(1).replace("_", "-"), message
     )
-    return re.sub(
-        r"\b(?:TrainConfig|ExtractConfig|EvalConfig|BenchConfig|source|detector|optim|loader|val|augment|backbone)\.\w+(?:\.\w+)?\b",
-        lambda m: table.get(m.group(0), m.group(0)),
-        message,
+    fields = (
+        r"\b(?:TrainConfig|ExtractConfig|EvalConfig|BenchConfig|source|detector|optim|loader|val"
+        r"|augment|backbone)\.\w+(?:\.\w+)?\b"
     )
+    if not re.search(fields, message):  # the table imports the configs (torch): only when needed
+        return message
+    table = flag_of()
+    return re.sub(fields, lambda m: table.get(m.group(0), m.group(0)), message)
+
+
+def check_inputs(*inputs: tuple[object, str, str]) -> None:
+    """Refuse a local input that is not there before any heavy import (torch, timm, zarr, dask).
+
+    ``inputs``: (value, option, kind) with kind "file", "folder" or "store"; a None value (option not
+    given) and remote fsspec URLs pass (the library checks those). Raises CachedetError naming the
+    path and the option."""
+    import os
+
+    from cachedet.core.paths import is_url, resolve_path
+
+    what = {
+        "file": "file not found",
+        "folder": "folder not found",
+        "store": "no feature store here",
+    }
+    for value, option, kind in inputs:
+        if value is None or is_url(str(value)):
+            continue
+        path = resolve_path(str(value))
+        there = os.path.isfile(path) if kind == "file" else os.path.isdir(path)
+        if kind == "store":  # a local zarr store is a folder; a file there is not one either
+            there = os.path.exists(path)
+        if not there:
+            raise CachedetError(f"{path}: {what[kind]} ({option})")
 
 
 def console():

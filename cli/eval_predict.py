@@ -10,8 +10,8 @@ import typer
 
 from cachedet.core.atomic import write_json_atomic
 from cachedet.core.paths import resolve_path
+from cachedet_cli.common import check_inputs, parse_int_list, user_errors
 from cachedet_cli.common import console as make_console
-from cachedet_cli.common import parse_int_list, user_errors
 from cachedet_cli.vocabulary import DEVICE_HELP, QUIET_HELP, examples
 
 EVAL_EXAMPLES = examples(
@@ -30,6 +30,24 @@ MAX_DETECTIONS_HELP = "At most this many detections per image (after NMS)."
 
 def fmt(v) -> str:
     return "-" if v is None else f"{v:.1f}"
+
+
+def per_class_table(rows: list[dict], masks: bool, title: str = "per-class AP"):
+    """A rich table of per-class AP rows ({category_id, name, AP[, mask_AP, train_annotations]})."""
+    from rich.table import Table
+
+    ap_columns = ("AP", "mask_AP") if masks else ("AP",)
+    ap_titles = ("box AP", "mask AP") if masks else ("AP",)
+    t = Table(title=title)
+    for c in ("category", "train annotations", *ap_titles):
+        t.add_column(c, justify="right" if c != "category" else "left")
+    for row in rows:
+        t.add_row(
+            f"{row['name']} ({row['category_id']})",
+            str(row.get("train_annotations", "-")),
+            *(fmt(row.get(k)) for k in ap_columns),
+        )
+    return t
 
 
 def print_metrics(metrics: dict, console) -> None:
@@ -77,16 +95,7 @@ def print_metrics(metrics: dict, console) -> None:
     if masks:
         t.add_row("mask", *(fmt(metrics["mask_by_size"][k]) for k in ("APs", "APm", "APl")))
     console.print(t)
-    t = Table(title="per-class AP")
-    for c in ("category", "train annotations", *ap_titles):
-        t.add_column(c, justify="right" if c != "category" else "left")
-    for row in metrics["per_class"]:
-        t.add_row(
-            f"{row['name']} ({row['category_id']})",
-            str(row.get("train_annotations", "-")),
-            *(fmt(row.get(k)) for k in ap_columns),
-        )
-    console.print(t)
+    console.print(per_class_table(metrics["per_class"], masks))
 
 
 @user_errors
@@ -138,6 +147,13 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ):
     """Score a trained run on a validation set (pycocotools / LVIS), stratified like the paper."""
+    check_inputs(
+        (run, "--run", "folder"),
+        (annotations, "--annotations", "file"),
+        (images, "--images", "folder"),
+        (train_annotations, "--train-annotations", "file"),
+        (cache, "--cache", "store"),
+    )
     from cachedet.api import evaluate
     from cachedet.evaluation.config import EvalConfig
 
@@ -181,6 +197,7 @@ def predict_command(
     In a folder, hidden and companion files (.*, ._*, .DS_Store, Thumbs.db), non-image names,
     sub-folders and images that cannot be read are skipped and reported; an image named explicitly
     that cannot be read is an error."""
+    check_inputs((run, "--run", "folder"))
     from cachedet.api import load
     from cachedet.evaluation.draw import draw_detections
 

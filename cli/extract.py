@@ -11,6 +11,7 @@ from cachedet_cli.common import (
     RECIPE_HELP,
     backbone_indices,
     backbone_option,
+    check_inputs,
     human_bytes,
     human_seconds,
     out_indices_option,
@@ -151,6 +152,15 @@ def extract_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Rebuild an existing store.", rich_help_panel=STORAGE
     ),
+    update: bool = typer.Option(
+        False,
+        "--update",
+        rich_help_panel=STORAGE,
+        help=(
+            "Rebuild a store made from an earlier version of the annotations, keeping the shards whose "
+            "images did not change (boxes, categories and masks are rewritten)."
+        ),
+    ),
     repair: bool = typer.Option(
         False,
         "--repair",
@@ -205,6 +215,11 @@ def extract_command(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP, rich_help_panel=RUN),
 ):
     """Run the frozen backbone over augmented views and store multi-scale features (stage 1)."""
+    check_inputs(
+        (annotations, "--annotations", "file"),
+        (images, "--images", "folder"),
+        (weights, "--weights", "file"),
+    )
     from rich.table import Table
 
     from cachedet.backbones.backbone import BackboneConfig
@@ -241,6 +256,7 @@ def extract_command(
         batch_size=batch_size,
         loader_workers=loader_workers,
         overwrite=overwrite,
+        update=update,
         skip_bad=skip_bad,
         repair=repair,
         cache_stage=cache_stage,
@@ -254,6 +270,8 @@ def extract_command(
         table.add_column("quantity")
         table.add_column("value", justify="right")
         table.add_row("images", f"{r.num_images:,}")
+        if r.scan is not None:
+            table.add_row("image scan (headers)", r.scan.summary())
         table.add_row("views", f"{r.num_views:,} ({r.views_per_image} per image)")
         for name, shape in r.feature_shapes.items():
             table.add_row(f"level {name}", "x".join(str(v) for v in shape))
@@ -264,13 +282,18 @@ def extract_command(
         table.add_row(f"backbone throughput ({r.device})", f"{r.views_per_second:.2f} views/s")
         table.add_row("estimated extraction time (one device)", human_seconds(r.estimated_seconds))
         console.print(table)
+        print_scan_problems(r.scan, console, "extract leaves out (--skip-bad)")
         return
     result = extract(cfg, progress=not quiet)
+    print_scan_problems(
+        result.scan, console, "left out (--skip-bad), their views recorded in the store"
+    )
     dropped = {k: v for k, v in result.dropped.items() if v}
     console.print(
         f"{result.store}: {result.num_views} views in {result.shards_total} shards; "
-        f"ran {result.shards_run}, {result.shards_skipped_complete} already complete; "
-        f"{result.seconds:.1f} s"
+        f"ran {result.shards_run}, {result.shards_skipped_complete} already complete"
+        + (f" ({result.shards_reused} reused by --update)" if result.shards_reused else "")
+        + f"; {result.seconds:.1f} s"
     )
     console.print(
         "instance masks: "
@@ -308,3 +331,14 @@ def extract_command(
         )
         for s in result.skipped_images[:10]:
             console.print(f"  {s['error']}")
+
+
+def print_scan_problems(scan, console, fate: str) -> None:
+    """The bad images the header scan found (the first 10), and what becomes of them."""
+    if scan is None or not scan.bad:
+        return
+    console.print(f"image scan: {scan.summary()}; {fate}:", style="yellow")
+    for b in scan.bad[:10]:
+        console.print(f"  {b['error']}")
+    if len(scan.bad) > 10:
+        console.print(f"  ... and {len(scan.bad) - 10} more")

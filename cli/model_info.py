@@ -21,6 +21,7 @@ from cachedet_cli.vocabulary import (
     SIZE_HELP,
     Head,
     Neck,
+    Recipe,
     examples,
 )
 
@@ -64,10 +65,16 @@ def model_info_command(
         help="Cascade stage IoU thresholds (default 0.5,0.6,0.7).",
     ),
     box_convs: Optional[int] = typer.Option(
-        None, "--box-convs", help="Box head 3x3 convs (faster-rcnn 4, cascade 0)."
+        None, "--box-convs", help="Box head 3x3 convs (default: the recipe's; cascade 0)."
     ),
     box_fcs: Optional[int] = typer.Option(
-        None, "--box-fcs", help="Box head FC layers (faster-rcnn 1, cascade 2)."
+        None, "--box-fcs", help="Box head FC layers (default: the recipe's; cascade 2)."
+    ),
+    recipe: Optional[Recipe] = typer.Option(
+        None,
+        "--recipe",
+        help="Box head of a faster-rcnn head as train-heads' --recipe: short (2-FC; the default) or "
+        "paper (the paper's 4conv1fc).",
     ),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per counted training step."),
     adapters: bool = typer.Option(
@@ -89,9 +96,14 @@ def model_info_command(
     """Total and trainable parameters, and FLOPs of one training step: fine-tuned, frozen online, cached."""
     from rich.table import Table
 
+    from cachedet.core.recipes import detector_options_for, get_recipe
     from cachedet.tools.model_info import ALL_STAGES, model_info
 
     stages = parse_int_list(adapt_stages, "--adapt-stages")
+    chosen = get_recipe(recipe)  # as train-heads: the recipe fills in the box head not given
+    options = detector_options_for(
+        chosen, head, detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs)
+    )
     info = model_info(
         backbone,
         neck,
@@ -99,12 +111,13 @@ def model_info_command(
         size,
         num_classes,
         neck_channels,
-        detector_options(nasfpn_repeats, cascade_ious, box_convs, box_fcs),
+        options,
         batch_size,
         adapt_stages=(stages or ALL_STAGES) if adapters else None,
         masks=masks,
         out_indices=backbone_indices(backbone, out_indices, taps),
     )
+    info["recipe"] = chosen.name
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -116,6 +129,16 @@ def model_info_command(
     console.print(
         f"{backbone} + {info['neck']} + {head} at {size}x{size}, {num_classes} classes; levels {levels}"
     )
+    if head == "faster-rcnn":
+        from cachedet.models.config import FasterRCNNConfig
+
+        convs = options.get("box_convs", FasterRCNNConfig.box_convs)
+        fcs = options.get("box_fcs", FasterRCNNConfig.box_fcs)
+        console.print(
+            f"box head: {convs} conv + {fcs} FC (--recipe {chosen.name}"
+            + (", train-heads' default" if recipe is None else "")
+            + ("; --recipe paper: the paper's 4conv1fc)" if chosen.name != "paper" else ")")
+        )
     console.print(
         f"backbone: {p['backbone'] / 1e6:.1f} M   neck: {info['neck_params'] / 1e6:.1f} M   "
         f"head: {info['head_params'] / 1e6:.1f} M   total: {p['total'] / 1e6:.1f} M"

@@ -12,6 +12,7 @@ from cachedet_cli.common import (
     RECIPE_HELP,
     backbone_indices,
     backbone_option,
+    check_inputs,
     detector_options,
     out_indices_option,
     parse_int_list,
@@ -402,14 +403,24 @@ def train_heads_command(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP, rich_help_panel=RUN),
 ):
     """Train necks and heads from cached features (stage 2); --online / --backbone-trainable for the baselines."""
-    from cachedet.api import train_heads
-    from cachedet.engine.config import AUTO_RECIPE, TrainConfig
-
-    weights_from = weight_source(weights, pretrained, random_init)
     if size is not None and cache and not online:
         raise CachedetError(
             f"--size {size}: a cache run uses the canvas its store was made with; --size is for --online"
         )
+    check_inputs(
+        (cache, "--cache", "store"),
+        (annotations, "--annotations", "file"),
+        (images, "--images", "folder"),
+        (weights, "--weights", "file"),
+        (val_annotations, "--val-annotations", "file"),
+        (val_images, "--val-images", "folder"),
+        (val_cache, "--val-cache", "store"),
+        (config, "--config", "file"),
+    )
+    from cachedet.api import train_heads
+    from cachedet.engine.config import AUTO_RECIPE, TrainConfig
+
+    weights_from = weight_source(weights, pretrained, random_init)
     cfg = TrainConfig.of(
         recipe=recipe or AUTO_RECIPE,  # auto: the store's (resolved by train, as from Python)
         out=out,
@@ -482,3 +493,9 @@ def train_heads_command(
         if result.first_loss is not None
         else f"{result.run}: nothing left to train ({result.steps} steps done)"
     )
+    if result.val_per_class:
+        from cachedet_cli.eval_predict import per_class_table
+
+        masks = any("mask_AP" in row for row in result.val_per_class)
+        title = "per-class AP of the last validation (metrics.jsonl has every pass's summary)"
+        make_console().print(per_class_table(result.val_per_class, masks, title))

@@ -300,7 +300,9 @@ class StoreHeader:
         """Raise CachedetError unless the store was extracted from the annotation file of ``sha256``."""
         if self.dataset_sha256 != sha256:
             raise CachedetError(
-                f"{where}: was extracted from another annotation file than {annotations}"
+                f"{where}: was extracted from another annotation file than {annotations}; extract "
+                "the store again from that file with ExtractConfig.update (it keeps the shards whose "
+                "images did not change)"
             )
 
     def to_dict(self) -> dict:

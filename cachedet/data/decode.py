@@ -59,23 +59,63 @@ def max_image_pixels() -> int:
         ) from None
 
 
-def _decode(path: str, data: bytes) -> tuple[np.ndarray, int]:
-    """(H, W, 3) uint8 upright pixels and the file's EXIF orientation (1 when absent)."""
-    limit = max_image_pixels()
+def _open(source) -> Image.Image:
+    """``Image.open`` (header only) without Pillow's decompression-bomb guard (``max_image_pixels``
+    applies instead, when decoding)."""
     with _OPEN_LOCK:  # Pillow's guard is a module global: lift it only while this header is parsed
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit applies below
         try:
-            pil = Image.open(io.BytesIO(data))
+            return Image.open(source)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
-    with pil:
+
+
+def _orientation(pil: Image.Image, header_only: bool = False) -> int:
+    """The EXIF orientation (1 when absent). ``header_only``: a PNG whose eXIf chunk is not in the
+    part already parsed counts as 1 (Pillow would decode the pixels to look further)."""
+    if header_only and pil.format == "PNG" and "exif" not in pil.info:
+        return 1
+    return int(pil.getexif().get(EXIF_ORIENTATION, 1) or 1)
+
+
+def image_header(path: str) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation) of an image file from its header, without decoding the
+    pixels; width and height are upright (EXIF orientations 5-8 swap the stored sides), as
+    ``read_image`` returns them. Raises CachedetError naming the file when it is missing, a folder,
+    unreadable or not an image format Pillow can read."""
+    try:
+        with _open(path) as pil:
+            w, h = pil.size
+            orientation = _orientation(pil, header_only=True)
+    except FileNotFoundError:
+        raise CachedetError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise CachedetError(f"{path}: is a folder, not an image file") from None
+    except Exception as e:  # Pillow raises many types for truncated, exotic or hostile files
+        raise CachedetError(f"{path}: cannot read image header ({_first_line(e)})") from None
+    return (h, w, orientation) if orientation in _SWAPS_SIDES else (w, h, orientation)
+
+
+def check_image_size(
+    path: str, found: tuple[int, int], expected: tuple[int, int], orientation: int
+) -> None:
+    """Raise CachedetError when the upright (height, width) ``found`` is not the annotated
+    (height, width) ``expected``, naming the file and both sizes (and the EXIF cause, when it is one)."""
+    if tuple(found) != tuple(expected):
+        raise CachedetError(_size_mismatch(path, tuple(found), tuple(expected), orientation))
+
+
+def _decode(path: str, data: bytes) -> tuple[np.ndarray, int]:
+    """(H, W, 3) uint8 upright pixels and the file's EXIF orientation (1 when absent)."""
+    limit = max_image_pixels()
+    with _open(io.BytesIO(data)) as pil:
         w, h = pil.size
         if w * h > limit:
             raise CachedetError(
                 f"{path}: image is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the reader's "
                 f"limit of {limit / 1e6:.0f}; raise CACHEDET_MAX_IMAGE_PIXELS to decode it"
             )
-        orientation = int(pil.getexif().get(EXIF_ORIENTATION, 1) or 1)
+        orientation = _orientation(pil)
         return upright_rgb(pil), orientation
 
 
@@ -111,10 +151,8 @@ def read_image(path: str, expected_size: tuple[int, int] | None = None) -> torch
     except Exception as e:  # Pillow raises many types for truncated, exotic or hostile files
         raise CachedetError(f"{path}: cannot decode image ({_first_line(e)})") from None
     image = torch.from_numpy(array.copy()).permute(2, 0, 1)
-    if expected_size is not None and tuple(image.shape[-2:]) != tuple(expected_size):
-        raise CachedetError(
-            _size_mismatch(path, tuple(image.shape[-2:]), tuple(expected_size), orientation)
-        )
+    if expected_size is not None:
+        check_image_size(path, tuple(image.shape[-2:]), expected_size, orientation)
     return image
 
 

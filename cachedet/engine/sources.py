@@ -29,6 +29,7 @@ from cachedet.cache.header import Fingerprint, check_weights
 from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.online import OnlineViews, collate_images, rank_indices
+from cachedet.data.scan import scan_images
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.config import LoaderConfig
 from cachedet.engine.distributed import DistInfo
@@ -226,6 +227,9 @@ class OnlineSource(_AdapterMixin):
         self.where = "the online backbone"
         self.loader, self.pin_memory = _with_workers(loader), pin_memory
         self.dataset_info = load_detection_dataset(annotations, images)
+        scan_images(
+            self.dataset_info, "source.images", progress=dist.rank == 0
+        )  # before the backbone
         self.masks = masks and self.dataset_info.has_masks
         self.no_masks_reason = f"source.annotations {annotations} has no segmentation"
         self.backbone = (

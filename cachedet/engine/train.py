@@ -123,6 +123,8 @@ class TrainResult:
     last_loss: float | None
     seconds: float
     views_per_second: float
+    # the last validation's per-class AP rows ({category_id, name, AP[, mask_AP]}), None without one
+    val_per_class: list[dict] | None = None
 
 
 def train(cfg: TrainConfig, progress: bool = True, origin: dict | None = None) -> TrainResult:
@@ -341,6 +343,9 @@ def _train_locked(
         last_loss=state.last_loss,
         seconds=seconds,
         views_per_second=state.views / seconds if seconds else 0.0,
+        val_per_class=next(
+            (getattr(h, "per_class", None) for h in trainer.hooks if isinstance(h, EvalHook)), None
+        ),
     )
 
 

@@ -14,6 +14,7 @@ import os
 from cachedet.cache.store import StoreReader
 from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
+from cachedet.data.scan import scan_images
 from cachedet.evaluation.evaluator import DetectionEvaluator, inference_on_dataset
 from cachedet.evaluation.ground_truth import scoring_ground_truth
 from cachedet.evaluation.scoring import DEFAULT_COUNT_BINS
@@ -24,9 +25,10 @@ class EvalSet:
     or from ``cache`` (a ``--no-augment --views 1`` store extracted from the same file).
 
     ``prefix`` names the fields in errors: ``EvalConfig.`` for eval (the CLI shows ``--images``),
-    ``val.`` for validation during training (``--val-images``).
-    Raises CachedetError naming the field for a missing file or folder, an invalid annotation file or
-    a store extracted from another file.
+    ``val.`` for validation during training (``--val-images``). Images are scanned (each header
+    opened once, ``cachedet.data.scan``; ``progress``: a bar for large sets) before anything else.
+    Raises CachedetError naming the field for a missing file or folder, an invalid annotation file, a
+    missing, unreadable or wrongly sized image, or a store extracted from another file.
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class EvalSet:
         images: str | None = None,
         cache: str | None = None,
         prefix: str = "EvalConfig.",
+        progress: bool = False,
     ):
         self.prefix, self.annotations = prefix, annotations
         if images is not None and not os.path.isdir(images):
@@ -51,7 +54,8 @@ class EvalSet:
             self.store.header.check_dataset(
                 self.dataset.sha256, f"{prefix}cache {cache}", annotations
             )
-        else:
+        else:  # every image there and as annotated, before any model is built
+            scan_images(self.dataset, f"{prefix}images", progress=progress)
             self.items = [
                 (r.id, self.dataset.image_path(r), (r.height, r.width)) for r in self.dataset.images
             ]

@@ -27,7 +27,7 @@ def evaluate_run(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[dic
 
     cfg.validate()
     t0 = time.perf_counter()
-    evalset = EvalSet(cfg.annotations, cfg.images, cfg.cache)  # before any prediction
+    evalset = EvalSet(cfg.annotations, cfg.images, cfg.cache, progress=progress)  # before any model
     score_threshold, max_detections = cfg.score_threshold, cfg.max_detections
     if evalset.is_lvis:
         score_threshold = 0.0 if score_threshold is None else score_threshold

@@ -31,7 +31,9 @@ from cachedet.core.structures import ViewParams
 from cachedet.data.coco import DetectionDataset, load_detection_dataset
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import MaskSource, mask_source
+from cachedet.data.scan import ScanReport, scan_images
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
+from cachedet.extraction.reuse import refuse_or_rebuild
 from cachedet.extraction.shards import (
     ShardRunner,
     ShardTask,
@@ -60,6 +62,9 @@ class ExtractConfig:
     batch_size: int = 8
     loader_workers: int | None = None  # decode processes; None: default_loader_workers(device)
     overwrite: bool = False
+    update: bool = (
+        False  # a store from an earlier version of the annotations: reuse its unchanged shards
+    )
     skip_bad: bool = False
     repair: bool = False  # verify complete shards first and recompute the damaged ones
     cache_stage: int | None = (
@@ -101,6 +106,11 @@ class ExtractConfig:
         if self.loader_workers is not None and self.loader_workers < 0:
             raise CachedetError(
                 f"ExtractConfig.loader_workers: expected 0 or more, got {self.loader_workers}"
+            )
+        if self.overwrite and self.update:
+            raise CachedetError(
+                "ExtractConfig.overwrite and ExtractConfig.update exclude each other (update keeps "
+                "the shards whose images did not change; overwrite recomputes all)"
             )
         if self.workers and self.scheduler:
             raise CachedetError(
@@ -202,6 +212,8 @@ class ExtractResult:
         default_factory=list
     )  # damaged shards found by --repair and recomputed
     masks: dict | None = None  # the header's "masks" entry: stored instance masks, or None
+    scan: ScanReport | None = None  # the scan of the images' headers before work
+    shards_reused: int = 0  # ExtractConfig.update: complete shards taken from the earlier store
 
     @property
     def views_per_second(self) -> float:
@@ -359,13 +371,17 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     cfg.validate()
     warn_schedule(cfg)
     dataset = load_detection_dataset(cfg.annotations, cfg.images)
-    check_images_exist(dataset, cfg.skip_bad)  # before any store exists
+    scan = scan_dataset(cfg, dataset, progress)  # before any store exists or backbone is built
     backbone_cfg, hybrid = hybrid_backbone(cfg)
     backbone = build_backbone(backbone_cfg)
     plan = plan_views(dataset, cfg.augment, cfg.views)
     with_masks = cfg.masks and dataset.has_masks
     header = _header(cfg, backbone, dataset, plan, hybrid, with_masks)
     created = cfg.overwrite or not store_exists(cfg.out)
+    reused = []
+    if not created:  # made from another version of the annotations: say what changed, or update
+        masks_of = dataset if with_masks else None
+        reused = refuse_or_rebuild(cfg.out, header, plan, dataset, cfg.update, masks_of) or []
     prepare_store(cfg, header, plan)
     repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
@@ -402,6 +418,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         shards_total=total,
         shards_run=len(tasks),
         shards_skipped_complete=len(done),
+        shards_reused=len(reused),
         skipped_images=skipped,
         dropped=dataset.dropped,
         seconds=time.perf_counter() - t0,
@@ -409,6 +426,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         shard_seconds=shard_seconds,
         repaired=repaired,
         masks=header.masks.to_dict() if header.masks is not None else None,
+        scan=scan,
     )
 
 
@@ -425,6 +443,14 @@ def repair_store(url: str, progress: bool = True) -> list[dict]:
     return report["damaged"]
 
 
+def scan_dataset(cfg: ExtractConfig, dataset: DetectionDataset, progress: bool) -> ScanReport:
+    """The header scan of ``cachedet.data.scan`` for extraction: a bad image stops it in one line
+    unless ``cfg.skip_bad`` (then its views are skipped and recorded in the store)."""
+    return scan_images(
+        dataset, "ExtractConfig.images", "ExtractConfig.skip_bad", cfg.skip_bad, progress
+    )
+
+
 @dataclass
 class DryRunReport:
     num_images: int
@@ -436,25 +462,10 @@ class DryRunReport:
     device: str
     views_per_second: float
     estimated_seconds: float
+    scan: ScanReport | None = None  # None with num_images (no file to scan)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_images_exist(dataset: DetectionDataset, skip_bad: bool) -> None:
-    """Refuse, before any work, an annotation file naming local images that are not there (one
-    line: the first missing file and how many); with ``skip_bad`` they are left to the per-view
-    skips that the store records. Remote (fsspec URL) image folders are not scanned."""
-    if skip_bad or "://" in dataset.images_dir:
-        return
-    missing = [dataset.image_path(r) for r in dataset.images]
-    missing = [p for p in missing if not os.path.isfile(p)]
-    if missing:
-        raise CachedetError(
-            f"{missing[0]}: image file not found ({len(missing)} of {len(dataset.images)} images "
-            f"of {dataset.annotation_path} missing under ExtractConfig.images {dataset.images_dir}); fix the "
-            "paths, or set ExtractConfig.skip_bad to leave them out"
-        )
 
 
 def warn_schedule(cfg: ExtractConfig) -> None:
@@ -473,9 +484,10 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
     ``num_images`` replaces the annotation file's image count (to plan, e.g., COCO train2017).
     """
     warn_schedule(cfg)
+    scan = None
     if num_images is None:
         dataset = load_detection_dataset(cfg.annotations, cfg.images)
-        check_images_exist(dataset, cfg.skip_bad)
+        scan = scan_dataset(cfg, dataset, progress=True)
         num_images = len(dataset.images)
     schema.check_storage(cfg.dtype, cfg.codec, cfg.shard_views)
     device = resolve_device(cfg.device)
@@ -502,4 +514,5 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
         device=str(device),
         views_per_second=vps,
         estimated_seconds=views / vps,
+        scan=scan,
     )

@@ -25,6 +25,7 @@ from cachedet.core.structures import ViewParams
 from cachedet.data.copy_paste import PastePlan
 from cachedet.data.images import ViewDataset
 from cachedet.data.masks import MaskSource
+from cachedet.data.scan import image_stamps
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,8 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
         CHECKSUM: digests,
         "skipped": computed.skipped,
         "seconds": round(computed.seconds + time.perf_counter() - t0, 3),  # compute + write
+        # the image files the features came from, for reuse after an edit of the annotations
+        "images": image_stamps([v.image_id for v in task.views], task.paths),
     }
     try:
         writer.write_record(record)

@@ -379,6 +379,7 @@ def measure_regime(cfg: BenchConfig, regime: str, prepared: dict) -> dict:
         "device": cfg.device,
         "regime": regime,
         "step_s_median": statistics.median(times),
+        **step_spread(times),
         "step_s_all": times,
         "flops_per_step": flops,
         "peak_mem_bytes": int(peak),
@@ -566,15 +567,47 @@ def run_benchmark(
     }
     if fresh:
         stages["import_baseline_bytes"] = import_baseline_bytes()
-    if "online_frozen" in by and "cached" in by:
-        per_view_online = by["online_frozen"]["step_s_median"] / cfg.batch
-        per_view_cached = by["cached"]["step_s_median"] / cfg.batch
-        saved = per_view_online - per_view_cached
-        # extracting one view costs 1/extract_views_per_s once; every epoch then saves `saved` per view
-        stages["break_even_epochs"] = (
-            (1 / prepared["extract_views_per_s"]) / saved if saved > 0 else None
-        )
+    stages["break_even_epochs"], stages["break_even_reason"] = break_even(
+        by, cfg.batch, prepared["extract_views_per_s"], cfg.device
+    )
     return {"config": asdict(cfg), "records": records, "stages": stages}
+
+
+def step_spread(times: list[float]) -> dict:
+    """The spread of timed steps (seconds): min, quartiles (``statistics.quantiles``, 'inclusive';
+    the median itself for one step) and max."""
+    q1, _, q3 = (
+        statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    )
+    return {"step_s_min": min(times), "step_s_q1": q1, "step_s_q3": q3, "step_s_max": max(times)}
+
+
+def break_even(
+    by: dict[str, dict], batch: int, extract_views_per_s: float, device: str
+) -> tuple[float | None, str]:
+    """(epochs after which extracting the cache has paid for itself, why): extracting one view costs
+    1 / ``extract_views_per_s`` seconds once; each epoch then saves the online frozen step's time per
+    view minus the cached step's. None (with the reason) when a regime is missing or the cached step
+    is not cheaper on ``device``. ``by``: {regime: record with step_s_median (and step_s_min/max)}."""
+    if "online_frozen" not in by or "cached" not in by:
+        return None, "needs both the online_frozen and cached regimes (--regimes)"
+    online = by["online_frozen"]["step_s_median"] / batch
+    cached = by["cached"]["step_s_median"] / batch
+    extract = 1 / extract_views_per_s
+    if cached >= online:
+        return None, (
+            f"never: on {device} the cached step ({cached:.3f} s/view) is not cheaper than the online "
+            f"frozen step ({online:.3f} s/view), so an epoch from the cache saves nothing to repay "
+            f"extraction ({extract:.3f} s/view); the backbone's share of the step is too small here"
+        )
+    epochs = extract / (online - cached)
+    a, b = by["online_frozen"], by["cached"]
+    overlap = a.get("step_s_min", a["step_s_median"]) <= b.get("step_s_max", b["step_s_median"])
+    return epochs, (
+        f"{epochs:.2f} epochs: extracting a view costs {extract:.3f} s once, and each epoch from the "
+        f"cache saves {online - cached:.3f} s/view ({online:.3f} online frozen - {cached:.3f} cached)"
+        + ("; the two steps' spreads overlap: time more --steps to trust it" if overlap else "")
+    )
 
 
 def _child():

@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from cachedet.backbones.backbone import BackboneConfig, build_backbone
 from cachedet.core.errors import CachedetError
+from cachedet.core.recipes import RECIPES
 from cachedet.engine.step import TrainModel, train_step
 from cachedet.models.build import head_supports_masks
 from cachedet.models.detector import DetectorConfig, build_detector
@@ -105,6 +106,9 @@ def paper_reference(
     256 channels and default widths; ``frozen_flop_ratio`` (Figure 1) also needs the 1024x1024 canvas.
     """
     key = (neck, head)
+    # the paper recipe's 4conv1fc box head is a faster-rcnn head's own default, so not a change
+    default_head = RECIPES["paper"].detector_options if head == "faster-rcnn" else {}
+    options = {k: v for k, v in (options or {}).items() if default_head.get(k) != v}
     paper = (
         backbone.split(".")[0] in PAPER_BACKBONES
         and key in PAPER_TABLE3

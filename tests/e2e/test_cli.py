@@ -176,3 +176,31 @@ def test_size_is_refused_for_a_cache_run(cli, tmp_path):
         r.exit_code == 2
         and "--size 320: a cache run uses the canvas its store was made with" in r.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "extract --annotations nope.json --images . --out x.zarr",
+        "cache info nope.zarr",
+        "cache verify nope.zarr",
+        "eval --run . --annotations nope.json --images .",
+        "predict a.png --run nope.run --out d.json",
+        "train-heads --cache nope.zarr --out run",
+        "train-heads --online --annotations nope.json --images . --out run",
+    ],
+)
+def test_missing_input_is_refused_before_heavy_imports(args, tmp_path):
+    """A missing file or store is named (with its option) before torch, timm, zarr or dask load."""
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom cachedet_cli.main import app\n"
+        f"r = CliRunner().invoke(app, {args.split()!r})\n"
+        "print(r.exit_code, r.output.strip())\n"
+        "print(sorted(m for m in ('torch', 'timm', 'zarr', 'dask') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    ).stdout.splitlines()
+    assert out[0].startswith("2 cachedet: error: ") and "nope." in out[0], out
+    assert "not found" in out[0] or "no feature store" in out[0], out
+    assert out[-1] == "[]", out

@@ -154,11 +154,22 @@ def test_bad_images_stop_with_the_file_name(dataset_copy, tmp_path, problem):
     with pytest.raises(CachedetError) as e:
         extract(cfg, progress=False)
     assert bad in str(e.value)
-    if problem == "missing":  # found by the scan before any work: no store, and the dry run says so
-        assert str(e.value).startswith(f"{bad}: image file not found (1 of 12 images")
+    if (
+        problem != "truncated"
+    ):  # found by the header scan before any work: no store, and the dry run says so
+        first = {
+            "missing": "image file not found",
+            "corrupt": "cannot read image header",
+            "wrong_size": "image is",
+        }[problem]
+        assert str(e.value).startswith(f"{bad}: {first}")
+        assert "(1 of 12 images of" in str(e.value)
         assert not os.path.exists(cfg.out)
-        with pytest.raises(CachedetError, match="image file not found"):
+        with pytest.raises(CachedetError, match=first):
             dry_run(cfg)
+        report = dry_run(small_config(dataset_copy, cfg.out, skip_bad=True))
+        assert report.scan.summary().startswith("1 of 12 images bad")
+        assert [b["image_id"] for b in report.scan.bad] == [ds.images[4].id]
     # --skip-bad: the image's views are recorded and left out, everything else is extracted
     result = extract(small_config(dataset_copy, cfg.out, skip_bad=True), progress=False)
     assert {s["image_id"] for s in result.skipped_images} == {ds.images[4].id}
@@ -260,3 +271,43 @@ def test_dask_workers_and_an_existing_scheduler_write_the_same_store(synthetic, 
         )
         assert extract(joined, progress=False).shards_run == 5
     assert_same_store(single.out, joined.out)
+
+
+def test_store_of_edited_annotations_says_what_changed_and_update_reuses_shards(
+    dataset_copy, tmp_path
+):
+    """After an edit of the annotation file the store is refused with what changed and the ways
+    on; --update keeps the shards whose views and image files are unchanged, and the result equals
+    a fresh extraction of the edited file (features, boxes, metadata, masks)."""
+    from helpers import assert_same_store
+
+    cfg = small_config(dataset_copy, str(tmp_path / "s.zarr"))  # 12 images x 2 views, shards of 5
+    extract(cfg, progress=False)
+
+    def edit(d):
+        first = d["images"][1]["id"]
+        box = next(a for a in d["annotations"] if a["image_id"] == first)
+        box["bbox"] = [box["bbox"][0] + 1, box["bbox"][1], box["bbox"][2], box["bbox"][3]]
+        last = d["images"].pop()  # its views were the last shard's
+        d["annotations"] = [a for a in d["annotations"] if a["image_id"] != last["id"]]
+        d["categories"][0]["name"] = "renamed"
+
+    edit_json(dataset_copy["train"], edit)
+    ds = load_detection_dataset(dataset_copy["train"], dataset_copy["images"])
+    touched = ds.image_path(ds.images[4])  # views 8, 9: shard 1
+    os.utime(touched, ns=(1, 1))
+    with pytest.raises(CachedetError) as e:
+        extract(cfg, progress=False)
+    line = str(e.value)
+    assert "\n" not in line and "another version of" in line
+    assert "1 image removed, boxes of 1 image changed, categories 1 renamed" in line
+    assert "reusing the 3 of 5 shards" in line and "(2 recomputed)" in line
+    assert "ExtractConfig.overwrite to recompute all 5" in line
+
+    result = extract(small_config(dataset_copy, cfg.out, update=True), progress=False)
+    assert (result.shards_reused, result.shards_run, result.num_views) == (3, 2, 22)
+    fresh = extract(small_config(dataset_copy, str(tmp_path / "fresh.zarr")), progress=False)
+    assert_same_store(cfg.out, fresh.store)
+    report = FeatureStore(cfg.out).verify()
+    assert len(report["complete"]) == 5 and not report["damaged"]
+    assert not os.path.exists(cfg.out + ".updating") and not os.path.exists(cfg.out + ".replaced")

@@ -105,6 +105,7 @@ def test_every_cli_range_is_refused_from_python_naming_the_field(
     cli, tmp_path, flag, value, setting, field
 ):
     """The configs check themselves: Python gets the field, the CLI the flag, for the same value."""
+    (tmp_path / "none").mkdir()  # the CLI's path check passes: the range is what is refused
     with pytest.raises(cachedet_errors.CachedetError, match=rf"^{field}\b"):
         cachedet.train_heads(
             cachedet.TrainConfig.of(
@@ -130,10 +131,11 @@ def test_every_eval_range_is_refused_from_python_naming_the_field(
     cli, tmp_path, flag, value, field
 ):
     """EvalConfig checks itself: Python gets EvalConfig.FIELD, the CLI the flag, before any file is read."""
+    (tmp_path / "v.json").write_text("{}")  # inputs exist: the range is what is refused
     python_value = tuple(int(v) for v in value.split(",")) if field == "count_bins" else value
     with pytest.raises(cachedet_errors.CachedetError, match=rf"^EvalConfig\.{field}\b"):
         cachedet.evaluate(
-            str(tmp_path / "no-run"),
+            str(tmp_path),
             str(tmp_path / "v.json"),
             str(tmp_path),
             progress=False,
@@ -142,7 +144,7 @@ def test_every_eval_range_is_refused_from_python_naming_the_field(
     r = cli(
         "eval",
         "--run",
-        tmp_path / "no-run",
+        tmp_path,
         "--annotations",
         tmp_path / "v.json",
         "--images",

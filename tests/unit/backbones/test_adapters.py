@@ -9,12 +9,12 @@ from conftest import TRAIN_LIGHT as LIGHT
 from conftest import small_config
 from conftest import train_config as tiny_train
 
+from cachedet.api import evaluate
 from cachedet.backbones.backbone import BackboneConfig, build_backbone
 from cachedet.cache.store import FeatureStore
 from cachedet.core.errors import CachedetError
 from cachedet.data.images import ViewDataset
 from cachedet.engine.train import train
-from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.extraction.run import extract
 from cachedet.models.detector import DetectorConfig, build_detector
 
@@ -180,7 +180,7 @@ def test_train_online_and_hybrid_with_adapters_then_eval(hybrid, weights, synthe
         k for k, v in b["state"]["backbone"].items() if ".adapter." in k and v.abs().sum() > 0
     ]
     assert changed  # the adapters moved away from zero
-    metrics, _ = evaluate_run(from_cache.run, synthetic["val"], synthetic["images"], progress=False)
+    metrics, _ = evaluate(from_cache.run, synthetic["val"], synthetic["images"], progress=False)
     assert 0 <= metrics["bbox"]["AP"] <= 100
     r = cli("train-heads", "--cache", hybrid.out, "--out", tmp_path / "no-adapters", "--epochs", 1)
     assert r.exit_code == 2 and "train it with --adapters" in r.stderr

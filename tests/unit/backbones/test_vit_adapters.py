@@ -8,6 +8,7 @@ import torch
 from conftest import small_config
 from test_vit import LIGHT
 
+from cachedet.api import evaluate
 from cachedet.backbones.backbone import BackboneConfig, build_backbone
 from cachedet.cache.store import FeatureStore
 from cachedet.core.errors import CachedetError
@@ -15,7 +16,6 @@ from cachedet.data.coco import load_detection_dataset
 from cachedet.data.images import ViewDataset
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import TrainConfig, train
-from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.extraction.run import extract
 
 
@@ -143,7 +143,7 @@ def test_vit_adapters_train_online_and_from_the_hybrid_cache_then_eval(
     assert [
         k for k, v in b["state"]["backbone"].items() if ".adapter.up." in k and v.abs().sum() > 0
     ]
-    metrics, _ = evaluate_run(hybrid.run, synthetic["val"], synthetic["images"], progress=False)
+    metrics, _ = evaluate(hybrid.run, synthetic["val"], synthetic["images"], progress=False)
     assert 0 <= metrics["bbox"]["AP"] <= 100
     r = cli(
         "train-heads",

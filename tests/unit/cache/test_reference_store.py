@@ -51,7 +51,7 @@ KERNEL_TOLERANCE = 2.0**-16  # float32 kernel differences, relative to a level's
 
 def store_digests(url: str) -> dict[str, str]:
     """sha256 of the bytes of every array that floating-point kernels do not write, by path; plus
-    the completion records (less their time and their checksums of the feature arrays)."""
+    the completion records (less their time, image file stamps and checksums of the feature arrays)."""
     group = zarr.open_group(url, mode="r")
     out = {}
     with warnings.catch_warnings():  # _shards/ holds JSON records, not zarr nodes
@@ -64,6 +64,7 @@ def store_digests(url: str) -> dict[str, str]:
         with open(os.path.join(url, "_shards", name)) as f:
             rec = json.load(f)
         rec.pop("seconds")
+        rec.pop("images", None)  # paths and modification times of the image files (for --update)
         for checksums in CHECKSUMS:  # derived from the feature bytes compared with a tolerance
             rec.pop(checksums, None)
         out[f"_shards/{name}"] = hashlib.sha256(

@@ -231,3 +231,33 @@ def test_config_replay_with_an_override_trains_as_that_setting_would(cli, stores
         config["train"]["lr"] == 0.02
         and config["train"]["detector_options"]["box_representation"] == 128
     )
+
+
+@pytest.mark.slow
+def test_train_heads_ends_with_the_per_class_table(cli, stores, synthetic, tmp_path):
+    """train-heads with validation prints eval's per-class AP table of its last pass."""
+    light = ["--box-convs", 0, "--box-fcs", 2, "--box-representation", 128]
+    light += ["--rois-per-image", 64, "--proposals-per-image", 200, "--neck-channels", 32]
+    r = cli(
+        "train-heads",
+        "--cache",
+        stores[0],
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        1,
+        "--batch-size",
+        4,
+        *light,
+        "--val-annotations",
+        synthetic["val"],
+        "--val-cache",
+        stores[1],
+        "--quiet",
+    )
+    assert r.exit_code == 0, r.output
+    assert "per-class AP of the last validation" in r.output
+    with open(synthetic["val"]) as f:
+        categories = json.load(f)["categories"]
+    for c in categories:
+        assert f"{c['name']} ({c['id']})" in r.output, r.output

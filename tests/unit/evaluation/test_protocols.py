@@ -136,6 +136,7 @@ def test_cli_refuses_out_of_range_options_naming_the_flag(cli, tmp_path):
         "predict", tmp_path, "--run", tmp_path, "--out", tmp_path / "d.json", "--max-detections", 0
     )
     assert r.exit_code == 2 and "--max-detections: expected an integer >= 1, got 0" in r.stderr
+    (tmp_path / "v.json").write_text("{}")  # inputs exist: the range is what is refused
     r = cli(
         "eval", "--run", tmp_path, "--annotations", tmp_path / "v.json", "--score-threshold", -1
     )

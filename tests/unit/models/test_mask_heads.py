@@ -11,6 +11,7 @@ from conftest import edit_json, small_config, to_lvis
 from pycocotools import mask as mask_utils
 from torchvision.ops import roi_align
 
+from cachedet.api import evaluate
 from cachedet.cache.dataset import CachedViews, InMemoryViews
 from cachedet.cache.feature_crop import crop_batch
 from cachedet.cache.store import FeatureStore
@@ -21,7 +22,6 @@ from cachedet.data.masks import decode_segmentation, mask_to_canvas, rle_json
 from cachedet.data.online import OnlineViews
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.engine.train import TrainConfig, train
-from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.evaluation.predictor import Predictor
 from cachedet.evaluation.scoring import coco_evaluate, lvis_evaluate
 from cachedet.extraction.run import extract
@@ -264,7 +264,7 @@ def test_train_masks_then_eval_box_and_mask_ap_on_coco_and_lvis(mask_run, synthe
     lvis_path = os.path.join(synthetic["images"], "lvis_val.json")
     with open(lvis_path, "w") as f:
         json.dump(to_lvis(json.load(open(synthetic["val"]))), f)
-    metrics, _ = evaluate_run(mask_run, lvis_path, synthetic["images"], progress=False)
+    metrics, _ = evaluate(mask_run, lvis_path, synthetic["images"], progress=False)
     assert {"APr", "APc", "APf"} <= metrics["lvis_segm"].keys() and {
         "APr",
         "APc",
@@ -290,7 +290,7 @@ def test_cascade_mask_run_evaluates_from_a_val_cache(mask_store, synthetic, tmp_
         augment=AugmentConfig(size=96, augment=False),
     )
     extract(val, progress=False)
-    metrics, dets = evaluate_run(run, synthetic["val"], cache=val.out, progress=False)
+    metrics, dets = evaluate(run, synthetic["val"], cache=val.out, progress=False)
     assert metrics["source"] == "cache" and "segm" in metrics and dets and "segmentation" in dets[0]
     h, w = next(
         (im["height"], im["width"])

@@ -118,3 +118,53 @@ def test_bench_defaults_resolve_in_the_library_as_the_cli_had_them(cli):
     assert r.exit_code == 2 and "--batch-size: expected an integer >= 1" in r.stderr, r.output
     r = cli("bench", "--regimes", "warp")
     assert r.exit_code == 2 and "--regimes warp: expected some of" in r.stderr, r.output
+
+
+def _rec(median, lo, hi):
+    return {"step_s_median": median, "step_s_min": lo, "step_s_max": hi}
+
+
+def test_break_even_says_why():
+    from cachedet.tools.bench import break_even, step_spread
+
+    epochs, why = break_even({"online_frozen": _rec(1.0, 0.9, 1.1)}, 2, 10.0, "cpu")
+    assert epochs is None and "online_frozen and cached" in why
+    slower = {"online_frozen": _rec(1.0, 0.9, 1.1), "cached": _rec(1.2, 1.1, 1.3)}
+    epochs, why = break_even(slower, 2, 10.0, "cpu")
+    assert epochs is None and why.startswith("never: on cpu the cached step (0.600 s/view)")
+    faster = {"online_frozen": _rec(1.0, 0.9, 1.1), "cached": _rec(0.6, 0.55, 0.65)}
+    epochs, why = break_even(faster, 2, 10.0, "cpu")  # 0.1 s/view once, 0.2 s/view saved per epoch
+    assert epochs == pytest.approx(0.5) and why.startswith("0.50 epochs") and "overlap" not in why
+    close = {"online_frozen": _rec(1.0, 0.7, 1.1), "cached": _rec(0.9, 0.8, 1.0)}
+    assert "spreads overlap" in break_even(close, 2, 10.0, "cpu")[1]
+    assert step_spread([3.0, 1.0, 2.0, 4.0, 5.0]) == {
+        "step_s_min": 1.0,
+        "step_s_q1": 2.0,
+        "step_s_q3": 4.0,
+        "step_s_max": 5.0,
+    }
+
+
+def test_bench_command_prints_spread_and_break_even_reason(cli, monkeypatch):
+    from cachedet.tools import bench
+
+    result = {
+        "config": {"neck": "fpn"},
+        "records": [
+            {"regime": r, "flops_per_step": 1e9, "peak_mem_bytes": 1e9, **_rec(m, lo, hi)}
+            for r, m, lo, hi in (("online_frozen", 1.0, 0.9, 1.1), ("cached", 1.2, 1.1, 1.3))
+        ],
+        "stages": {
+            "extract_views_per_s": 10.0,
+            "backbone_forward_views_per_s": 20.0,
+            "cache_bytes_per_view": 1e6,
+            "break_even_epochs": None,
+            "break_even_reason": "never: on cpu the cached step is not cheaper",
+        },
+    }
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: result)
+    monkeypatch.setenv("COLUMNS", "200")
+    r = cli("bench", "--backbone", "test_resnet", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "1.100-1.300" in r.output and "min-max" in r.output
+    assert "break-even: never: on cpu the cached step is not cheaper" in r.output

@@ -55,3 +55,37 @@ def test_paper_figures_only_for_the_papers_model():
         "trained_params_m": None,
         "frozen_flop_ratio": None,
     }
+
+
+@pytest.mark.slow
+def test_cli_default_is_train_heads_default_box_head(cli):
+    """Without options model-info counts the head train-heads trains by default (the short recipe's
+    2-FC box head); --recipe paper counts the paper's 4conv1fc, which alone matches Table 3's model."""
+    import json
+
+    from cachedet.core.recipes import DEFAULT_RECIPE, RECIPES
+
+    common = ("model-info", "--backbone", "test_resnet", "--size", 64, "--num-classes", 3, "--json")
+    default, paper = (
+        json.loads(cli(*common, *extra).output) for extra in ((), ("--recipe", "paper"))
+    )
+    want = {
+        name: model_info(
+            "test_resnet", "fpn", "faster-rcnn", 64, 3, options=RECIPES[name].detector_options
+        )["head_params"]
+        for name in ("short", "paper")
+    }
+    assert default["recipe"] == DEFAULT_RECIPE == "short" and paper["recipe"] == "paper"
+    assert default["head_params"] == want["short"] != want["paper"] == paper["head_params"]
+    assert (
+        paper_reference(
+            "resnet101", "fpn", "faster-rcnn", 640, 91, options=RECIPES["paper"].detector_options
+        )["trained_params_m"]
+        == 21.9
+    )
+    assert (
+        paper_reference(
+            "resnet101", "fpn", "faster-rcnn", 640, 91, options=RECIPES["short"].detector_options
+        )["trained_params_m"]
+        is None
+    )
