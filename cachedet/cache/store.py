@@ -73,6 +73,34 @@ def masks_checksum(rle: np.ndarray, offsets: np.ndarray, kind: str = CHECKSUM) -
     return CHECKSUMS[kind](arrays)
 
 
+def shard_rows(
+    boxes: dict[str, np.ndarray], meta: dict[str, np.ndarray], start: int, end: int
+) -> dict[str, np.ndarray]:
+    """The rows of views [start, end) in the store's per-view arrays, by array path: the box
+    offsets (end - start + 1 values), the boxes' xyxy, labels and ann_ids, and every ``meta/*``."""
+    offsets = boxes["offsets"]
+    a, b = int(offsets[start]), int(offsets[end])
+    rows = {"boxes/offsets": offsets[start : end + 1]}
+    rows.update({f"boxes/{k}": boxes[k][a:b] for k in ROW_BOX_ARRAYS})
+    rows.update({f"meta/{k}": v[start:end] for k, v in meta.items()})
+    return rows
+
+
+ROW_BOX_ARRAYS = ("xyxy", "labels", "ann_ids")
+
+
+def rows_checksums(
+    boxes: dict[str, np.ndarray],
+    meta: dict[str, np.ndarray],
+    start: int,
+    end: int,
+    kind: str = CHECKSUM,
+) -> dict[str, str]:
+    """Checksum of each per-view array's rows of views [start, end) (``shard_rows``), by array
+    path (``boxes/xyxy``, ``meta/flip``...): what a completion record holds beside its levels."""
+    return {k: CHECKSUMS[kind]([v]) for k, v in shard_rows(boxes, meta, start, end).items()}
+
+
 def pack_masks(per_view: list[list[bytes]]) -> tuple[np.ndarray, np.ndarray]:
     """One shard's masks (per view, per object: RLE counts bytes) -> (rle uint8 (B,), offsets int64 (N + 1,))."""
     blobs = [b for view in per_view for b in view]
@@ -355,15 +383,33 @@ class StoreReader(_StoreFiles):
             f"{self.url}`, then rerun its extract command with --repair"
         )
 
+    def _rows_problem(self, rec: dict, kind: str) -> str | None:
+        """The first per-view array (``boxes/xyxy``, ``meta/flip``...) whose rows of the record's
+        views differ from the record's checksum, or None. Records written before rows were
+        checksummed hold none: nothing to compare."""
+        recorded = rec.get(kind, {})
+        start, end = rec["views"]
+        boxes = {"offsets": self.box_offsets, **self._boxes}
+        for name, rows in shard_rows(boxes, self.meta, start, end).items():
+            if name in recorded and CHECKSUMS[kind]([rows]) != recorded[name]:
+                return name
+        return None
+
     def check_block(self, shard: int, levels: dict[str, tuple[np.ndarray, np.ndarray | None]]):
         """Raise ``damaged`` unless ``levels`` ({level: (stored, quant)} of all views of ``shard``,
-        as ``read_stored`` returns them) hash to the checksums of the shard's completion record.
-        Records without a checksum for a level (written before checksums) pass."""
+        as ``read_stored`` returns them) and the shard's rows of the box and metadata arrays
+        (``shard_rows``) hash to the checksums of the shard's completion record. What a record
+        holds no checksum for (written before checksums, or before rows had them) passes."""
         rec = self._record(shard)
         if rec is None:
             raise self.damaged(shard, "completion record", "absent")
         kind = next((k for k in CHECKSUMS if k in rec), CHECKSUM)
         recorded = rec.get(kind, {})
+        array = self._rows_problem(rec, kind)
+        if array is not None:
+            raise self.damaged(
+                shard, array, f"{kind} of its rows differs from the completion record's"
+            )
         for name, (stored, quant) in levels.items():
             if name in recorded and features_checksum(stored, quant, kind) != recorded[name]:
                 why = f"{kind} of the bytes read differs from the completion record's"
@@ -437,6 +483,9 @@ class StoreReader(_StoreFiles):
         start, end = rec["views"]
         kind = next((k for k in CHECKSUMS if k in rec), CHECKSUM)  # sha256 in older records
         recorded = rec.get(kind, {})
+        array = self._rows_problem(rec, kind)
+        if array is not None:
+            return {"level": array, "error": f"{kind} differs from the one recorded at write time"}
         if self.has_masks:
             try:
                 rle, offsets = self.read_shard_masks(rec["shard"])

@@ -20,8 +20,14 @@ from cachedet import __version__
 from cachedet.backbones.backbone import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
 from cachedet.cache.header import Hybrid, MaskInfo, Storage, StoreHeader
-from cachedet.cache.layout import create_store, interrupted_creation, remove_store, store_exists
-from cachedet.cache.store import StoreReader, StoreWriter, shard_range
+from cachedet.cache.layout import (
+    create_store,
+    interrupted_creation,
+    meta_arrays,
+    remove_store,
+    store_exists,
+)
+from cachedet.cache.store import StoreReader, StoreWriter, rows_checksums, shard_range
 from cachedet.core.errors import CachedetError, NonFiniteFeatures, check_number
 from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe
@@ -123,6 +129,10 @@ class ViewPlan:
     def paste_image_ids(self) -> np.ndarray:
         """(V,) int64: the image each view's pasted objects come from, -1 for none."""
         return np.asarray([p.source_image_id if p else -1 for p in self.pastes], dtype=np.int64)
+
+    def meta(self) -> dict[str, np.ndarray]:
+        """Every ``meta/*`` array of the store, as ``create_store`` writes them."""
+        return {**meta_arrays(self.views), "paste_image_id": self.paste_image_ids()}
 
 
 def mask_sources(
@@ -324,7 +334,7 @@ def shard_tasks(
 ) -> list[ShardTask]:
     """One ``ShardTask`` per shard of ``plan`` not in ``skip`` (complete shards), in shard order.
     ``masks_of``: the dataset whose instance masks the tasks rasterise, or None for boxes only."""
-    tasks = []
+    tasks, meta = [], plan.meta()
     for shard in range(-(-len(plan.views) // cfg.shard_views)):
         if shard in skip:
             continue
@@ -345,6 +355,7 @@ def shard_tasks(
                 skip_bad=cfg.skip_bad,
                 threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
                 masks=mask_sources(masks_of, plan, start, end) if masks_of is not None else None,
+                rows=rows_checksums(plan.boxes, meta, start, end),
             )
         )
     return tasks
