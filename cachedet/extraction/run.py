@@ -27,8 +27,14 @@ from cachedet.cache.layout import (
     remove_store,
     store_exists,
 )
-from cachedet.cache.store import StoreReader, StoreWriter, rows_checksums, shard_range
-from cachedet.core.errors import CachedetError, NonFiniteFeatures, check_number
+from cachedet.cache.store import (
+    StoreReader,
+    StoreWriter,
+    open_header,
+    rows_checksums,
+    shard_range,
+)
+from cachedet.core.errors import CachedetError, NonFiniteFeatures, StoreDamaged, check_number
 from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe
 from cachedet.core.runtime import resolve_device
@@ -295,7 +301,9 @@ def _check_existing(cfg: ExtractConfig, header: StoreHeader) -> bool:
     """True when ``cfg.out`` holds a compatible store; False after removing an interrupted creation.
     Raises CachedetError for a foreign folder or a store made with another configuration."""
     try:
-        found = StoreReader(cfg.out).header
+        found = open_header(cfg.out)
+    except StoreDamaged:
+        raise  # a store whose header is lost: its own line says it must be rebuilt
     except CachedetError:
         found = None
     if found is None and not interrupted_creation(cfg.out):

@@ -256,6 +256,7 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
     t0 = time.perf_counter()
     try:
         writer = StoreWriter(task.store)
+        writer.clear_shard(task.shard)  # what a killed or damaged earlier write left behind
         digests = writer.write_features(task.shard, computed.blocks, task.start, computed.quant)
         if computed.masks is not None:
             digests["masks"] = writer.write_masks(task.shard, computed.masks)
