@@ -18,7 +18,7 @@ import zarr
 
 from cachedet.cache import schema
 from cachedet.cache.header import StoreHeader
-from cachedet.cache.layout import META_FIELDS, open_group, url_fs
+from cachedet.cache.layout import META_FIELDS, open_group, url_fs, write_whole_array
 from cachedet.core.atomic import remove_stale_temps, write_bytes_atomic
 from cachedet.core.errors import CachedetError, StoreDamaged
 from cachedet.core.paths import resolve_path
@@ -274,6 +274,26 @@ class StoreWriter(_StoreFiles):
                 z[...] = arr
         return masks_checksum(rle, offsets)
 
+    def mend_rows(self, arrays: dict[str, np.ndarray]) -> list[dict]:
+        """Rewrite each per-view array (``{path: array}``, as ``create_store`` wrote them from the
+        plan) that is missing, cannot be decoded or holds other values; return what was rewritten
+        as ``{"array", "error"}``."""
+        mended = []
+        for name, want in arrays.items():
+            try:
+                found = self.group[name][...]
+                why = (
+                    None if np.array_equal(found, want) and found.dtype == want.dtype else "changed"
+                )
+            except KeyError:
+                why = "missing"
+            except Exception as e:  # a truncated chunk or a garbled zarr.json
+                why = unreadable(e)
+            if why is not None:
+                write_whole_array(self.group, name, want)
+                mended.append({"array": name, "error": why})
+        return mended
+
     def remove_stale_temps(self, older_than: float = 60.0) -> list[str]:
         """Remove the temporary completion records (``.<shard>.json.<hex>.tmp``) of writes killed
         more than ``older_than`` seconds ago (a live writer's are younger); local stores only."""
@@ -501,7 +521,8 @@ class StoreReader(_StoreFiles):
         return StoreDamaged(
             f"{self.url}: {where}, {array}: {why}; the store is damaged (an interrupted "
             f"copy leaves absent chunks, which read as zeros). Check it with `cachedet cache verify "
-            f"{self.url}`, then rerun its extract command with --repair"
+            f"{self.url}`, then mend it with `cachedet cache repair {self.url}` (or rerun its "
+            "extract command with --repair)"
         )
 
     def _rows_problem(self, rec: dict, kind: str) -> str | None:

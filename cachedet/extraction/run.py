@@ -25,6 +25,7 @@ from cachedet.cache.layout import (
     interrupted_creation,
     meta_arrays,
     remove_store,
+    row_arrays,
     store_exists,
 )
 from cachedet.cache.store import (
@@ -217,6 +218,9 @@ class ExtractResult:
         default_factory=list
     )  # damaged shards found by --repair and recomputed
     masks: dict | None = None  # the header's "masks" entry: stored instance masks, or None
+    mended: list[dict] = field(
+        default_factory=list
+    )  # per-view arrays that --repair rewrote from the plan: {"array", "error"}
 
     @property
     def views_per_second(self) -> float:
@@ -384,6 +388,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     header = _header(cfg, backbone, dataset, plan, hybrid, with_masks)
     created = cfg.overwrite or not store_exists(cfg.out)
     prepare_store(cfg, header, plan)
+    mended = (
+        StoreWriter(cfg.out).mend_rows(row_arrays(plan.boxes, plan.meta())) if cfg.repair else []
+    )
     repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
     store = StoreWriter(cfg.out)
@@ -425,6 +432,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         views_run=todo_views,
         shard_seconds=shard_seconds,
         repaired=repaired,
+        mended=mended,
         masks=header.masks.to_dict() if header.masks is not None else None,
     )
 

@@ -33,6 +33,7 @@ COMMANDS = (
     "export",
     "cache info",
     "cache verify",
+    "cache repair",
 )
 
 
