@@ -304,9 +304,12 @@ def extract_command(
     )
     if cfg.repair:
         console.print(repair_line(result))
+    images = {k: v for k, v in result.dropped_images.items() if v}
     console.print(
         "dropped annotations: "
         + (", ".join(f"{k} {v}" for k, v in dropped.items()) if dropped else "none")
+        + "; dropped images: "
+        + (", ".join(f"{k} {v}" for k, v in images.items()) if images else "none")
     )
     if result.skipped_images:
         console.print(

@@ -698,6 +698,7 @@ class StoreReader(_StoreFiles):
                 {s["image_id"] for r in records.values() for s in r.get("skipped", [])}
             ),
             "dropped_annotations": h.dataset["dropped"],
+            "dropped_images": h.dataset.get("dropped_images", {}),  # stores before it: none
         }
 
 

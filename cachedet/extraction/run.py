@@ -40,7 +40,7 @@ from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe
 from cachedet.core.runtime import resolve_device
 from cachedet.core.structures import ViewParams
-from cachedet.data.coco import DetectionDataset, load_detection_dataset
+from cachedet.data.coco import PLAN_DROP_REASONS, DetectionDataset, load_detection_dataset
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import MaskSource, mask_source
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
@@ -132,6 +132,7 @@ class ViewPlan:
     paths: list[str]
     boxes: dict[str, np.ndarray]  # offsets (V+1,), xyxy (N, 4), labels (N,), ann_ids (N,)
     pastes: list[PastePlan | None]  # Copy-Paste of each view, or None
+    dropped: dict[str, int] = field(default_factory=dict)  # PLAN_DROP_REASONS -> annotations
 
     def paste_image_ids(self) -> np.ndarray:
         """(V,) int64: the image each view's pasted objects come from, -1 for none."""
@@ -172,7 +173,27 @@ def masks_header(dataset: DetectionDataset, plan: ViewPlan) -> MaskInfo:
     )
 
 
+def _plan_drops(
+    dataset: DetectionDataset, views: list[ViewParams], per_image: int, kept: set[int]
+) -> dict:
+    """Count the annotations that reach no view (``PLAN_DROP_REASONS``): too small at every
+    view's scale, or else cut out of every view by its crop. ``views``: ``per_image`` per image,
+    image-major; ``kept``: the annotation ids some view holds."""
+    dropped = dict.fromkeys(PLAN_DROP_REASONS, 0)
+    for index, rec in enumerate(dataset.images):
+        mine = views[index * per_image : (index + 1) * per_image]
+        for box, ann in zip(rec.boxes, rec.ann_ids.tolist()):
+            if ann in kept:
+                continue
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            small = all(min(w * v.scale[1], h * v.scale[0]) < 1 for v in mine)
+            dropped["degenerate_at_canvas" if small else "outside_views"] += 1
+    return dropped
+
+
 def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_image: int) -> ViewPlan:
+    """Every view of every image (``views_per_image`` each, image-major) with its boxes, and the
+    count of annotations that reach none of them (``ViewPlan.dropped``)."""
     views, paths, pastes, xyxy, labels, ann_ids, offsets = [], [], [], [], [], [], [0]
     for index, rec in enumerate(dataset.images):
         path = dataset.image_path(rec)
@@ -189,16 +210,19 @@ def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_imag
             labels.append(lab)
             ann_ids.append(ids)
             offsets.append(offsets[-1] + len(lab))
+    boxes = {
+        "offsets": np.asarray(offsets, dtype=np.int64),
+        "xyxy": np.concatenate(xyxy).astype(np.float32).reshape(-1, 4),
+        "labels": np.concatenate(labels).astype(np.int64),
+        "ann_ids": np.concatenate(ann_ids).astype(np.int64),
+    }
+    kept = set(boxes["ann_ids"].tolist())
     return ViewPlan(
         views=views,
         paths=paths,
-        boxes={
-            "offsets": np.asarray(offsets, dtype=np.int64),
-            "xyxy": np.concatenate(xyxy).astype(np.float32).reshape(-1, 4),
-            "labels": np.concatenate(labels).astype(np.int64),
-            "ann_ids": np.concatenate(ann_ids).astype(np.int64),
-        },
+        boxes=boxes,
         pastes=pastes,
+        dropped=_plan_drops(dataset, views, views_per_image, kept),
     )
 
 
@@ -210,7 +234,8 @@ class ExtractResult:
     shards_run: int
     shards_skipped_complete: int
     skipped_images: list[dict]
-    dropped: dict[str, int]
+    dropped: dict[str, int]  # annotations by reason (DROP_REASONS, PLAN_DROP_REASONS)
+    dropped_images: dict[str, int]  # images: duplicate, missing (skip_bad), unreadable (skipped)
     seconds: float
     views_run: int  # views computed by this run (complete shards are not recomputed)
     shard_seconds: float  # wall time of the shard work alone (no planning, no backbone build)
@@ -252,6 +277,16 @@ def hybrid_backbone(cfg: ExtractConfig) -> tuple[BackboneConfig, Hybrid | None]:
     ), hybrid
 
 
+def dataset_entry(dataset: DetectionDataset, plan: ViewPlan) -> dict:
+    """The header's ``dataset``: the annotation file's fingerprint, with the annotations the plan
+    drops (``plan.dropped``) and the image files missing up front (``dropped_images.missing``,
+    left out by ``skip_bad``) counted beside the file's own drops."""
+    d = dataset.fingerprint()
+    d["dropped"] = {**d["dropped"], **plan.dropped}
+    d["dropped_images"] = {**d["dropped_images"], "missing": len(missing_images(dataset))}
+    return d
+
+
 def _header(
     cfg: ExtractConfig,
     backbone: Backbone,
@@ -264,7 +299,7 @@ def _header(
         backbone=backbone.identity,
         specs=tuple(backbone.specs),
         shapes={k: tuple(v) for k, v in backbone.feature_shapes(cfg.augment.size).items()},
-        dataset=dataset.fingerprint(),
+        dataset=dataset_entry(dataset, plan),
         augment=cfg.augment.to_dict(),
         views=cfg.views,
         storage=Storage(dtype=cfg.dtype, codec=cfg.codec, shard_views=cfg.shard_views),
@@ -427,7 +462,11 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         shards_run=len(tasks),
         shards_skipped_complete=len(done),
         skipped_images=skipped,
-        dropped=dataset.dropped,
+        dropped=header.dataset["dropped"],
+        dropped_images={
+            **header.dataset["dropped_images"],
+            "unreadable": len({s["image_id"] for s in skipped}),
+        },
         seconds=time.perf_counter() - t0,
         views_run=todo_views,
         shard_seconds=shard_seconds,
@@ -466,14 +505,22 @@ class DryRunReport:
         return asdict(self)
 
 
+def missing_images(dataset: DetectionDataset) -> list[str]:
+    """The local image files the annotations name that are not there (remote, fsspec URL, image
+    folders are not scanned: none)."""
+    if "://" in dataset.images_dir:
+        return []
+    paths = [dataset.image_path(r) for r in dataset.images]
+    return [p for p in paths if not os.path.isfile(p)]
+
+
 def check_images_exist(dataset: DetectionDataset, skip_bad: bool) -> None:
     """Refuse, before any work, an annotation file naming local images that are not there (one
     line: the first missing file and how many); with ``skip_bad`` they are left to the per-view
     skips that the store records. Remote (fsspec URL) image folders are not scanned."""
-    if skip_bad or "://" in dataset.images_dir:
+    if skip_bad:
         return
-    missing = [dataset.image_path(r) for r in dataset.images]
-    missing = [p for p in missing if not os.path.isfile(p)]
+    missing = missing_images(dataset)
     if missing:
         raise CachedetError(
             f"{missing[0]}: image file not found ({len(missing)} of {len(dataset.images)} images "
