@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cachedet.core.errors import CachedetError
+from cachedet.core.structures import check_category_count
 
 DROP_REASONS = (
     "crowd",
@@ -79,7 +80,10 @@ class CategoryMap:
         ]
 
     @classmethod
-    def from_json(cls, items: list[dict]) -> "CategoryMap":
+    def from_json(cls, items: list[dict], where: str = "categories") -> "CategoryMap":
+        """The map of a category list (``to_json``'s form); CachedetError naming ``where`` above
+        ``MAX_CATEGORIES``."""
+        check_category_count(len(items), where)
         items = sorted(items, key=lambda c: c["id"])
         return cls(
             ids=tuple(int(c["id"]) for c in items),
@@ -326,6 +330,7 @@ def load_detection_dataset(
     chk = _Checker(path)
 
     categories = []
+    check_category_count(len(chk.list_field(data, "categories")), f"{path}: categories")
     for i, c in enumerate(chk.list_field(data, "categories")):
         c = chk.item(f"categories[{i}]", c)
         cid = chk.int_field(f"categories[{i}]", c, "id")
