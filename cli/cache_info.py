@@ -1,4 +1,5 @@
-"""``cachedet cache info|verify STORE``: describe a feature store, or re-check its shards."""
+"""``cachedet cache info|verify|repair STORE``: describe a feature store, re-check its shards, or
+recompute what is damaged."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import typer
 
 from cachedet_cli.common import check_inputs, human_bytes, user_errors
 from cachedet_cli.common import console as make_console
-from cachedet_cli.vocabulary import QUIET_HELP, examples
+from cachedet_cli.vocabulary import DEVICE_HELP, QUIET_HELP, examples
 
 INFO_EXAMPLES = examples(
     "cachedet cache info coco-r50.zarr",
@@ -17,6 +18,11 @@ INFO_EXAMPLES = examples(
 VERIFY_EXAMPLES = examples(
     "cachedet cache verify coco-r50.zarr",
     "cachedet cache verify s3://bucket/coco-r101-1024.zarr --json --quiet",
+)
+
+REPAIR_EXAMPLES = examples(
+    "cachedet cache repair coco-r50.zarr",
+    "cachedet cache repair coco-r50.zarr --annotations moved/train.json --images moved/train2017",
 )
 
 cache_app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
@@ -118,9 +124,55 @@ def cache_verify_command(
                 f"damaged shard {d['shard']}, level {d['level']}: {d['error']}", style="red"
             )
         if report["damaged"]:
-            console.print("rerun the extract command with --repair to recompute the damaged shards")
+            console.print(
+                f"`cachedet cache repair {store}` (or the extract command with --repair) "
+                "recomputes the damaged shards"
+            )
     if report["incomplete"] or report["damaged"]:
         raise typer.Exit(1)
+
+
+@user_errors
+def cache_repair_command(
+    store: str = typer.Argument(..., metavar="STORE", help="Feature store (path or fsspec URL)."),
+    annotations: str | None = typer.Option(
+        None,
+        "--annotations",
+        metavar="FILE",
+        help="The store's annotation file, when it is no longer where its header says.",
+    ),
+    images: str | None = typer.Option(
+        None,
+        "--images",
+        metavar="DIR",
+        help="The store's image folder, when it is no longer where its header says.",
+    ),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Record unreadable images in the store instead of stopping."
+    ),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
+    batch_size: int = typer.Option(8, "--batch-size", help="Views per backbone forward pass."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
+):
+    """Verify a store and recompute, from the configuration its header records, every damaged or
+    unfinished shard and every damaged box or metadata array (a store whose header is lost must
+    be rebuilt with extract --overwrite)."""
+    from cachedet.extraction.repair import repair
+    from cachedet_cli.extract import repair_line
+
+    result = repair(
+        store,
+        annotations,
+        images,
+        progress=not quiet,
+        skip_bad=skip_bad,
+        device=device,
+        batch_size=batch_size,
+    )
+    make_console().print(
+        f"{result.store}: {repair_line(result)}; ran {result.shards_run} shard(s), "
+        f"{result.shards_skipped_complete} of {result.shards_total} intact"
+    )
 
 
 def _ranges(values: list[int]) -> str:
@@ -137,3 +189,4 @@ def _ranges(values: list[int]) -> str:
 
 cache_app.command("info", epilog=INFO_EXAMPLES)(cache_info_command)
 cache_app.command("verify", epilog=VERIFY_EXAMPLES)(cache_verify_command)
+cache_app.command("repair", epilog=REPAIR_EXAMPLES)(cache_repair_command)

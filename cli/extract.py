@@ -44,6 +44,18 @@ EXAMPLES = examples(
 )
 
 
+def repair_line(result) -> str:
+    """What ``--repair`` (and ``cache repair``) recomputed: damaged shards and rewritten arrays."""
+    line = f"repaired {len(result.repaired)} damaged shard(s)"
+    if result.repaired:
+        line += ": " + ", ".join(
+            f"{d['shard']} ({d['level']}: {d['error']})" for d in result.repaired
+        )
+    if result.mended:
+        line += "; rewrote " + ", ".join(f"{m['array']} ({m['error']})" for m in result.mended)
+    return line
+
+
 @user_errors
 def extract_command(
     annotations: Path = typer.Option(
@@ -311,18 +323,13 @@ def extract_command(
         )
     )
     if cfg.repair:
-        console.print(
-            f"repaired {len(result.repaired)} damaged shard(s)"
-            + (
-                ": "
-                + ", ".join(f"{d['shard']} ({d['level']}: {d['error']})" for d in result.repaired)
-                if result.repaired
-                else ""
-            )
-        )
+        console.print(repair_line(result))
+    images = {k: v for k, v in result.dropped_images.items() if v}
     console.print(
         "dropped annotations: "
         + (", ".join(f"{k} {v}" for k, v in dropped.items()) if dropped else "none")
+        + "; dropped images: "
+        + (", ".join(f"{k} {v}" for k, v in images.items()) if images else "none")
     )
     if result.skipped_images:
         console.print(

@@ -80,6 +80,27 @@ def meta_arrays(views: list[ViewParams]) -> dict[str, np.ndarray]:
     }
 
 
+def row_arrays(boxes: dict[str, np.ndarray], meta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The store's per-view arrays by path: ``meta/<field>`` and ``boxes/<name>``."""
+    return {
+        **{f"meta/{k}": v for k, v in meta.items()},
+        **{f"boxes/{k}": v for k, v in boxes.items()},
+    }
+
+
+def write_whole_array(group: zarr.Group, name: str, arr: np.ndarray) -> None:
+    """(Re)write a per-view array as one chunk (replacing whatever ``name`` held)."""
+    z = group.create_array(
+        name,
+        shape=arr.shape,
+        chunks=arr.shape if arr.size else None,
+        dtype=arr.dtype,
+        overwrite=True,
+    )
+    if arr.size:
+        z[...] = arr
+
+
 def create_store(
     url: str,
     header: StoreHeader,
@@ -180,15 +201,8 @@ def _lay_out(
                 dimension_names=("view", "channel", "param"),
             )
     meta = {**meta_arrays(views), **(extra_meta or {})}
-    for name, arr in {
-        **{f"meta/{k}": v for k, v in meta.items()},
-        **{f"boxes/{k}": v for k, v in boxes.items()},
-    }.items():
-        z = group.create_array(
-            name, shape=arr.shape, chunks=arr.shape if arr.size else None, dtype=arr.dtype
-        )
-        if arr.size:
-            z[...] = arr
+    for name, arr in row_arrays(boxes, meta).items():
+        write_whole_array(group, name, arr)
     if header.masks is not None:  # filled shard by shard: masks/<shard>/{rle,offsets}
         group.create_group("masks")
     group.attrs["cachedet"] = header.to_dict()

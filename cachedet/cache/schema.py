@@ -21,8 +21,9 @@ Store layout (a zarr v3 group)::
                               box-row order; only when header["masks"] is set
     masks/<shard>/offsets     (n + 1,) int64: object i of the shard is rle[offsets[i]:offsets[i+1]]
     _shards/<index>.json      completion record of one shard, written by its one writer after
-                              its data: {"shard", "views": [start, end], "crc32c": {level or "masks": hex}
-                              (older stores: "sha256"),
+                              its data: {"shard", "views": [start, end], "crc32c": {level, "masks", or
+                              the path of a per-view array ("boxes/xyxy", "meta/flip"...; the
+                              shard's rows of it): hex} (older stores: "sha256"; levels only),
                               "skipped": [{"view", "image_id", "error"}], "seconds"}
 """
 

@@ -18,9 +18,15 @@ import zarr
 
 from cachedet.cache import schema
 from cachedet.cache.header import StoreHeader
-from cachedet.cache.layout import META_FIELDS, open_group, url_fs
+from cachedet.cache.layout import (
+    META_FIELDS,
+    STORE_ENTRIES,
+    open_group,
+    url_fs,
+    write_whole_array,
+)
 from cachedet.core.atomic import remove_stale_temps, write_bytes_atomic
-from cachedet.core.errors import CachedetError
+from cachedet.core.errors import CachedetError, StoreDamaged
 from cachedet.core.paths import resolve_path
 from cachedet.core.structures import ViewParams
 from cachedet.data.masks import decode_rles
@@ -71,6 +77,34 @@ def masks_checksum(rle: np.ndarray, offsets: np.ndarray, kind: str = CHECKSUM) -
     """Checksum of a shard's packed masks: rle uint8 bytes followed by int64 offsets."""
     arrays = [np.asarray(rle, dtype=np.uint8), np.asarray(offsets, dtype=np.int64)]
     return CHECKSUMS[kind](arrays)
+
+
+def shard_rows(
+    boxes: dict[str, np.ndarray], meta: dict[str, np.ndarray], start: int, end: int
+) -> dict[str, np.ndarray]:
+    """The rows of views [start, end) in the store's per-view arrays, by array path: the box
+    offsets (end - start + 1 values), the boxes' xyxy, labels and ann_ids, and every ``meta/*``."""
+    offsets = boxes["offsets"]
+    a, b = int(offsets[start]), int(offsets[end])
+    rows = {"boxes/offsets": offsets[start : end + 1]}
+    rows.update({f"boxes/{k}": boxes[k][a:b] for k in ROW_BOX_ARRAYS})
+    rows.update({f"meta/{k}": v[start:end] for k, v in meta.items()})
+    return rows
+
+
+ROW_BOX_ARRAYS = ("xyxy", "labels", "ann_ids")
+
+
+def rows_checksums(
+    boxes: dict[str, np.ndarray],
+    meta: dict[str, np.ndarray],
+    start: int,
+    end: int,
+    kind: str = CHECKSUM,
+) -> dict[str, str]:
+    """Checksum of each per-view array's rows of views [start, end) (``shard_rows``), by array
+    path (``boxes/xyxy``, ``meta/flip``...): what a completion record holds beside its levels."""
+    return {k: CHECKSUMS[kind]([v]) for k, v in shard_rows(boxes, meta, start, end).items()}
 
 
 def pack_masks(per_view: list[list[bytes]]) -> tuple[np.ndarray, np.ndarray]:
@@ -133,12 +167,64 @@ class _StoreFiles:
         return f"{self.path}/_shards/{shard:06d}.json"
 
 
+def unreadable(e: BaseException) -> str:
+    """``unreadable (JSONDecodeError: Expecting value...)``: why a file could not be read, in a
+    few words of one line."""
+    text = str(e).splitlines()[0][:80] if str(e).strip() else ""
+    return f"unreadable ({type(e).__name__}{': ' + text if text else ''})"
+
+
+REBUILD = "rebuild the store by rerunning its extract command with --overwrite"
+
+
+def header_lost(url: str, why: str) -> StoreDamaged:
+    """The one-line error for a store whose ``zarr.json`` (its header) cannot be read: nothing
+    in the store says how to recompute it."""
+    return StoreDamaged(
+        f"{url}/zarr.json: {why}; the store's header is lost and cannot be recomputed from the "
+        f"store, {REBUILD}"
+    )
+
+
+def rows_damaged(url: str, array: str, why: str) -> StoreDamaged:
+    """The one-line error for a box or metadata array that cannot be read (written once, at
+    creation, from the annotation file)."""
+    return StoreDamaged(
+        f"{url}: {array}: {why}; the store is damaged: `cachedet cache repair {url}` rewrites "
+        "it from the store's annotation file"
+    )
+
+
+def _store_parts_only(url: str) -> bool:
+    """True for a folder that holds store data (``_shards``, ``features``, ``meta``) and nothing
+    that is not a store's: a store whose header is lost, not somebody's folder of other files."""
+    fs, path = url_fs(url)
+    try:
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    names = {n for n in names if not n.startswith(".")}  # temporary files of killed writes
+    return bool(names & {"_shards", "features", "meta"}) and names <= STORE_ENTRIES | {"_shards"}
+
+
 def _open(url: str, mode: str) -> tuple[zarr.Group, StoreHeader]:
+    """The store's group and header. Raises CachedetError when there is no store at ``url`` and
+    StoreDamaged when its ``zarr.json`` is missing beside store data or cannot be parsed."""
     try:
         group = open_group(url, mode=mode)
     except FileNotFoundError:
+        if _store_parts_only(url):
+            raise header_lost(url, "missing") from None
         raise CachedetError(f"{url}: no feature store here") from None
+    except Exception as e:  # a truncated or garbled zarr.json fails in the JSON parser or zarr
+        raise header_lost(url, unreadable(e)) from None
     return group, StoreHeader.from_dict(group.attrs.get("cachedet"), url)
+
+
+def open_header(url: str) -> StoreHeader:
+    """The header of the store at ``url``, reading nothing else (CachedetError / StoreDamaged as
+    ``StoreReader`` raises them for the header)."""
+    return _open(resolve_path(url), "r")[1]
 
 
 class StoreWriter(_StoreFiles):
@@ -169,6 +255,25 @@ class StoreWriter(_StoreFiles):
             digests[name] = features_checksum(block, None if quant is None else quant[name])
         return digests
 
+    def clear_shard(self, shard: int) -> None:
+        """Remove whatever an unfinished or damaged earlier write of ``shard`` left (its feature
+        and quant objects, its masks), so that the shard is written afresh: zarr reads an existing
+        shard object back when writing into it, and a truncated one fails to decode."""
+        kinds = (
+            ("features", "quant")
+            if schema.is_quantized(self.header.storage.dtype)
+            else ("features",)
+        )
+        keys = [f"{self.path}/masks/{shard:06d}"]
+        for spec in self.header.specs:
+            for kind in kinds:
+                arr = self.group[f"{kind}/{spec.name}"]
+                chunk = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+                keys.append(f"{self.path}/{kind}/{spec.name}/{chunk}")
+        for key in keys:
+            if self.fs.exists(key):
+                self.fs.rm(key, recursive=True)
+
     def write_masks(self, shard: int, per_view: list[list[bytes]]) -> str:
         """Write one shard's instance masks (per view, per object: RLE counts bytes) as
         ``masks/<shard>/{rle,offsets}`` with the store's codec; return their checksum."""
@@ -185,6 +290,26 @@ class StoreWriter(_StoreFiles):
             if arr.size:
                 z[...] = arr
         return masks_checksum(rle, offsets)
+
+    def mend_rows(self, arrays: dict[str, np.ndarray]) -> list[dict]:
+        """Rewrite each per-view array (``{path: array}``, as ``create_store`` wrote them from the
+        plan) that is missing, cannot be decoded or holds other values; return what was rewritten
+        as ``{"array", "error"}``."""
+        mended = []
+        for name, want in arrays.items():
+            try:
+                found = self.group[name][...]
+                why = (
+                    None if np.array_equal(found, want) and found.dtype == want.dtype else "changed"
+                )
+            except KeyError:
+                why = "missing"
+            except Exception as e:  # a truncated chunk or a garbled zarr.json
+                why = unreadable(e)
+            if why is not None:
+                write_whole_array(self.group, name, want)
+                mended.append({"array": name, "error": why})
+        return mended
 
     def remove_stale_temps(self, older_than: float = 60.0) -> list[str]:
         """Remove the temporary completion records (``.<shard>.json.<hex>.tmp``) of writes killed
@@ -224,20 +349,35 @@ class StoreReader(_StoreFiles):
         self.num_views = self.header.num_views
         self.shard_views = self.header.storage.shard_views
         self.dtype = self.header.storage.dtype
-        self.meta = {k: self.group[f"meta/{k}"][...] for k in META_FIELDS}
+        self.meta = {k: self._whole(f"meta/{k}") for k in META_FIELDS}
         n = self.num_views
         # optional: which image each view's Copy-Paste objects came from (-1: none)
         self.meta["paste_image_id"] = (
-            self.group["meta/paste_image_id"][...]
-            if "paste_image_id" in self.group["meta"]
+            self._whole("meta/paste_image_id")
+            if self._has("meta/paste_image_id")
             else np.full(n, -1, dtype=np.int64)
         )
-        self.box_offsets = self.group["boxes/offsets"][...]
-        self._boxes = {k: self.group[f"boxes/{k}"][...] for k in ("xyxy", "labels", "ann_ids")}
+        self.box_offsets = self._whole("boxes/offsets")
+        self._boxes = {k: self._whole(f"boxes/{k}") for k in ROW_BOX_ARRAYS}
         self._shard_masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._verified: set[int] = set()  # shards whose bytes this reader checked
         self._records: dict[int, dict] | None = None
         self.verify_reads = True  # check every shard read against its completion record
+
+    def _has(self, array: str) -> bool:
+        try:
+            return array.rsplit("/", 1)[1] in self.group[array.rsplit("/", 1)[0]]
+        except Exception as e:
+            raise rows_damaged(self.url, array.rsplit("/", 1)[0], unreadable(e)) from None
+
+    def _whole(self, array: str) -> np.ndarray:
+        """All of a box or metadata array; StoreDamaged when it is missing or cannot be decoded."""
+        try:
+            return self.group[array][...]
+        except KeyError:
+            raise rows_damaged(self.url, array, "missing") from None
+        except Exception as e:  # a truncated chunk fails in the codec, a garbled zarr.json in JSON
+            raise rows_damaged(self.url, array, unreadable(e)) from None
 
     @property
     def has_masks(self) -> bool:
@@ -249,11 +389,19 @@ class StoreReader(_StoreFiles):
         if shard not in self._shard_masks:
             if len(self._shard_masks) >= 4:  # readers walk shard by shard: keep a few
                 self._shard_masks.pop(next(iter(self._shard_masks)))
-            self._shard_masks[shard] = (
-                self.group[f"masks/{shard:06d}/rle"][...],
-                self.group[f"masks/{shard:06d}/offsets"][...],
-            )
+            try:
+                self._shard_masks[shard] = self._read_shard_masks(shard)
+            except KeyError:
+                raise self.damaged(shard, "masks", "missing") from None
+            except Exception as e:
+                raise self.damaged(shard, "masks", unreadable(e)) from None
         return self._shard_masks[shard]
+
+    def _read_shard_masks(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            self.group[f"masks/{shard:06d}/rle"][...],
+            self.group[f"masks/{shard:06d}/offsets"][...],
+        )
 
     def mask_rles(self, view: int) -> list[bytes]:
         """Compressed COCO RLE counts of the view's objects, aligned with ``boxes(view)``."""
@@ -277,14 +425,51 @@ class StoreReader(_StoreFiles):
     def num_shards(self) -> int:
         return self.header.num_shards
 
-    def features_array(self, name: str) -> zarr.Array:
-        return self.group[f"features/{name}"]
+    def features_array(self, name: str, kind: str = "features") -> zarr.Array:
+        """The zarr array of one level (``kind`` "quant": its uint8 quant params). StoreDamaged
+        when its ``zarr.json`` is missing or cannot be parsed (the shape and codecs it holds are
+        part of the store's layout: the store must be rebuilt)."""
+        try:
+            return self.group[f"{kind}/{name}"]
+        except Exception as e:
+            why = "missing" if isinstance(e, KeyError) else unreadable(e)
+            raise StoreDamaged(f"{self.url}/{kind}/{name}/zarr.json: {why}; {REBUILD}") from None
+
+    def _level_arrays(self, name: str) -> list[zarr.Array]:
+        """[features array] of one level, plus its quant array in uint8 stores."""
+        arrays = [self.features_array(name)]
+        if schema.is_quantized(self.dtype):
+            arrays.append(self.features_array(name, "quant"))
+        return arrays
 
     def read_stored(
         self, name: str, views: np.ndarray | slice
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """One level as stored, (n, C, H, W) in the storage dtype, and its quant params (n, C, 2) or
-        None, for a slice or a sorted index array of views (one read per array)."""
+        None, for a slice or a sorted index array of views (one read per array).
+
+        Raises StoreDamaged naming the store, shard and array when a chunk cannot be read or
+        decoded (a truncated or garbled shard file); an absent chunk reads as zeros (zarr's fill
+        value), which only the completion record tells apart (``read_block_checked``)."""
+        arrays = self._level_arrays(name)
+        try:
+            return self._read_stored(arrays, views)
+        except Exception as e:  # a corrupt chunk fails in the codec, the shard index or the store
+            raise self.damaged(self._shards_of(views), f"features/{name}", unreadable(e)) from None
+
+    def _shards_of(self, views: np.ndarray | slice) -> int | str:
+        """The shard of ``views`` (an int), or ``shards a-b`` when they span several."""
+        if isinstance(views, slice):
+            a, b, _ = views.indices(self.num_views)
+        else:
+            a, b = int(views[0]), int(views[-1]) + 1
+        first, last = a // self.shard_views, max(a, b - 1) // self.shard_views
+        return first if first == last else f"shards {first}-{last}"
+
+    @staticmethod
+    def _read_stored(
+        arrays: list[zarr.Array], views: np.ndarray | slice
+    ) -> tuple[np.ndarray, np.ndarray | None]:
 
         def read(arr):
             if isinstance(views, slice):
@@ -299,8 +484,7 @@ class StoreReader(_StoreFiles):
                 return arr[a:b][views - a]
             return np.concatenate([arr[int(v) : int(v) + 1] for v in views])
 
-        quant = read(self.group[f"quant/{name}"]) if schema.is_quantized(self.dtype) else None
-        return read(self.features_array(name)), quant
+        return read(arrays[0]), read(arrays[1]) if len(arrays) > 1 else None
 
     def stored_bytes_per_view(self) -> int:
         """Bytes of one view's features as stored, uncompressed (all levels, with quant params)."""
@@ -347,23 +531,44 @@ class StoreReader(_StoreFiles):
             self._records = self.shard_records()
         return self._records.get(shard)
 
-    def damaged(self, shard: int, array: str, why: str) -> CachedetError:
-        """The one-line error for a shard block that does not match its completion record."""
-        return CachedetError(
-            f"{self.url}: shard {shard}, {array}: {why}; the store is damaged (an interrupted "
+    def damaged(self, shard: int | str, array: str, why: str) -> StoreDamaged:
+        """The one-line error for a shard block that does not match its completion record or
+        cannot be read (``shard``: its index, or words such as ``shards 0-2``)."""
+        where = f"shard {shard}" if isinstance(shard, int) else shard
+        return StoreDamaged(
+            f"{self.url}: {where}, {array}: {why}; the store is damaged (an interrupted "
             f"copy leaves absent chunks, which read as zeros). Check it with `cachedet cache verify "
-            f"{self.url}`, then rerun its extract command with --repair"
+            f"{self.url}`, then mend it with `cachedet cache repair {self.url}` (or rerun its "
+            "extract command with --repair)"
         )
+
+    def _rows_problem(self, rec: dict, kind: str) -> str | None:
+        """The first per-view array (``boxes/xyxy``, ``meta/flip``...) whose rows of the record's
+        views differ from the record's checksum, or None. Records written before rows were
+        checksummed hold none: nothing to compare."""
+        recorded = rec.get(kind, {})
+        start, end = rec["views"]
+        boxes = {"offsets": self.box_offsets, **self._boxes}
+        for name, rows in shard_rows(boxes, self.meta, start, end).items():
+            if name in recorded and CHECKSUMS[kind]([rows]) != recorded[name]:
+                return name
+        return None
 
     def check_block(self, shard: int, levels: dict[str, tuple[np.ndarray, np.ndarray | None]]):
         """Raise ``damaged`` unless ``levels`` ({level: (stored, quant)} of all views of ``shard``,
-        as ``read_stored`` returns them) hash to the checksums of the shard's completion record.
-        Records without a checksum for a level (written before checksums) pass."""
+        as ``read_stored`` returns them) and the shard's rows of the box and metadata arrays
+        (``shard_rows``) hash to the checksums of the shard's completion record. What a record
+        holds no checksum for (written before checksums, or before rows had them) passes."""
         rec = self._record(shard)
         if rec is None:
             raise self.damaged(shard, "completion record", "absent")
         kind = next((k for k in CHECKSUMS if k in rec), CHECKSUM)
         recorded = rec.get(kind, {})
+        array = self._rows_problem(rec, kind)
+        if array is not None:
+            raise self.damaged(
+                shard, array, f"{kind} of its rows differs from the completion record's"
+            )
         for name, (stored, quant) in levels.items():
             if name in recorded and features_checksum(stored, quant, kind) != recorded[name]:
                 why = f"{kind} of the bytes read differs from the completion record's"
@@ -377,13 +582,7 @@ class StoreReader(_StoreFiles):
         if rec is None:
             raise self.damaged(shard, "completion record", "absent")
         start, end = rec["views"]
-        levels = {}
-        for spec in self.specs:
-            try:
-                levels[spec.name] = self.read_stored(spec.name, slice(start, end))
-            except Exception as e:  # a corrupt chunk fails in the codec, the index or the store
-                why = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
-                raise self.damaged(shard, f"features/{spec.name}", why) from None
+        levels = {s.name: self.read_stored(s.name, slice(start, end)) for s in self.specs}
         self.check_block(shard, levels)
         return levels
 
@@ -437,13 +636,16 @@ class StoreReader(_StoreFiles):
         start, end = rec["views"]
         kind = next((k for k in CHECKSUMS if k in rec), CHECKSUM)  # sha256 in older records
         recorded = rec.get(kind, {})
+        array = self._rows_problem(rec, kind)
+        if array is not None:
+            return {"level": array, "error": f"{kind} differs from the one recorded at write time"}
         if self.has_masks:
             try:
-                rle, offsets = self.read_shard_masks(rec["shard"])
+                rle, offsets = self._read_shard_masks(rec["shard"])
             except Exception as e:
                 return {
                     "level": "masks",
-                    "error": f"unreadable ({type(e).__name__}: {str(e)[:80]})",
+                    "error": "missing" if isinstance(e, KeyError) else unreadable(e),
                 }
             if "masks" not in recorded:
                 return {"level": "masks", "error": "no checksum in the completion record"}
@@ -453,13 +655,11 @@ class StoreReader(_StoreFiles):
                     "error": f"{kind} differs from the one recorded at write time",
                 }
         for spec in self.specs:
+            arrays = self._level_arrays(spec.name)  # StoreDamaged: no shard can be mended
             try:
-                stored, quant = self.read_stored(spec.name, slice(start, end))
+                stored, quant = self._read_stored(arrays, slice(start, end))
             except Exception as e:  # a corrupt chunk can fail in the codec, the index or the store
-                return {
-                    "level": spec.name,
-                    "error": f"unreadable ({type(e).__name__}: {str(e)[:80]})",
-                }
+                return {"level": spec.name, "error": unreadable(e)}
             if spec.name not in recorded:
                 return {"level": spec.name, "error": "no checksum in the completion record"}
             if features_checksum(stored, quant, kind) != recorded[spec.name]:
@@ -515,6 +715,7 @@ class StoreReader(_StoreFiles):
                 {s["image_id"] for r in records.values() for s in r.get("skipped", [])}
             ),
             "dropped_annotations": h.dataset["dropped"],
+            "dropped_images": h.dataset.get("dropped_images", {}),  # stores before it: none
         }
 
 

@@ -12,6 +12,12 @@ class NonFiniteFeatures(CachedetError):
     """Backbone features that the store's dtype cannot hold (inf/NaN, or beyond float16's range)."""
 
 
+class StoreDamaged(CachedetError):
+    """A feature store file that cannot be read or decoded (a truncated or garbled ``zarr.json``,
+    metadata or box chunk, feature shard or mask array): one line naming the store and the file or
+    array, and what mends it (``--repair``, ``cachedet cache repair``, or a rebuild)."""
+
+
 class WriteError(CachedetError):
     """A file could not be written (disk full, read-only folder, no permission): one line naming
     the path, the bytes it needed and the space its folder has; what was there before is intact.

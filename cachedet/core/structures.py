@@ -5,6 +5,23 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from cachedet.core.errors import CachedetError
+
+# The most categories a dataset, store or detector may have. A head's class layers grow with the
+# count (Faster R-CNN's box regression alone holds 4 x 1024 float32 weights per class: 1.6 GB at
+# this bound), and the largest public vocabularies are far below it (LVIS 1,203; V3Det 13,204).
+MAX_CATEGORIES = 100_000
+
+
+def check_category_count(count: int, where: str) -> None:
+    """Raise CachedetError ``<where>: N categories, more than the 100000 ...`` above
+    ``MAX_CATEGORIES`` (before anything is allocated for them)."""
+    if count > MAX_CATEGORIES:
+        raise CachedetError(
+            f"{where}: {count} categories, more than the {MAX_CATEGORIES} cachedet supports (a "
+            "detection head's class layers grow with the count); merge or drop categories"
+        )
+
 
 @dataclass(frozen=True)
 class FeatureSpec:

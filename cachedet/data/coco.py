@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cachedet.core.errors import CachedetError
+from cachedet.core.structures import check_category_count
 
 DROP_REASONS = (
     "crowd",
@@ -26,6 +27,13 @@ DROP_REASONS = (
     "outside_image",
     "unknown_category",
     "unknown_image",
+    "duplicate_image",  # on an image entry dropped as a duplicate (its file_name listed before)
+)
+# Per annotation, decided by the view plan (``cachedet.extraction.run.plan_views``): objects that
+# reach no stored view of their image.
+PLAN_DROP_REASONS = (
+    "degenerate_at_canvas",  # under one pixel wide or high at every view's scale
+    "outside_views",  # cut out of every view by its crop (and pasted into none)
 )
 
 
@@ -72,7 +80,10 @@ class CategoryMap:
         ]
 
     @classmethod
-    def from_json(cls, items: list[dict]) -> "CategoryMap":
+    def from_json(cls, items: list[dict], where: str = "categories") -> "CategoryMap":
+        """The map of a category list (``to_json``'s form); CachedetError naming ``where`` above
+        ``MAX_CATEGORIES``."""
+        check_category_count(len(items), where)
         items = sorted(items, key=lambda c: c["id"])
         return cls(
             ids=tuple(int(c["id"]) for c in items),
@@ -112,6 +123,7 @@ class DetectionDataset:
     sha256: str
     is_lvis: bool
     raw: dict = field(repr=False)
+    dropped_images: dict[str, int] = field(default_factory=lambda: {"duplicate": 0})
     _rows: dict | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -150,6 +162,7 @@ class DetectionDataset:
             "is_lvis": self.is_lvis,
             "categories": self.categories.to_json(),
             "dropped": dict(self.dropped),
+            "dropped_images": dict(self.dropped_images),
         }
 
     def to_coco(self):
@@ -317,6 +330,7 @@ def load_detection_dataset(
     chk = _Checker(path)
 
     categories = []
+    check_category_count(len(chk.list_field(data, "categories")), f"{path}: categories")
     for i, c in enumerate(chk.list_field(data, "categories")):
         c = chk.item(f"categories[{i}]", c)
         cid = chk.int_field(f"categories[{i}]", c, "id")
@@ -334,16 +348,31 @@ def load_detection_dataset(
     is_lvis = any(c["frequency"] for c in categories)
 
     images: dict[int, dict] = {}
+    by_name: dict[str, int] = {}  # normalised file_name -> the image id that keeps it
+    duplicate_of: dict[int, int] = {}  # dropped image id -> the id kept for the same file
+    dropped_images = Counter({"duplicate": 0})
     for i, img in enumerate(chk.list_field(data, "images")):
         where = f"images[{i}]"
         img = chk.item(where, img)
         iid = chk.int_field(where, img, "id", minimum=0)
-        if iid in images:
-            chk.fail(f"{where}.id", f"ids must be unique; {iid} appears twice")
-        images[iid] = {
+        entry = {
             "file_name": _file_name(chk, where, img),
             "width": chk.int_field(where, img, "width", minimum=1),
             "height": chk.int_field(where, img, "height", minimum=1),
+        }
+        if iid in images:
+            if all(images[iid][k] == v for k, v in entry.items()):  # the same entry listed twice
+                dropped_images["duplicate"] += 1
+                continue
+            chk.fail(f"{where}.id", f"ids must be unique; {iid} appears twice, for other files")
+        name = os.path.normpath(entry["file_name"].replace("\\", "/"))
+        if name in by_name:  # the same file under another id: its views would be duplicates
+            duplicate_of[iid] = by_name[name]
+            dropped_images["duplicate"] += 1
+            continue
+        by_name[name] = iid
+        images[iid] = {
+            **entry,
             "boxes": [],
             "labels": [],
             "ann_ids": [],
@@ -366,6 +395,9 @@ def load_detection_dataset(
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1, True, False):
             chk.fail(f"{where}.iscrowd", f"expected 0 or 1, got {crowd!r}")
+        if image_id in duplicate_of:
+            dropped["duplicate_image"] += 1
+            continue
         if image_id not in images:
             dropped["unknown_image"] += 1
             continue
@@ -415,6 +447,7 @@ def load_detection_dataset(
         images=records,
         categories=cmap,
         dropped=dict(dropped),
+        dropped_images=dict(dropped_images),
         sha256=sha,
         is_lvis=is_lvis,
         raw=data,

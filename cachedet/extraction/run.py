@@ -21,14 +21,27 @@ from cachedet import __version__
 from cachedet.backbones.backbone import Backbone, BackboneConfig, build_backbone
 from cachedet.cache import schema
 from cachedet.cache.header import Hybrid, MaskInfo, Storage, StoreHeader
-from cachedet.cache.layout import create_store, interrupted_creation, remove_store, store_exists
-from cachedet.cache.store import StoreReader, StoreWriter, shard_range
-from cachedet.core.errors import CachedetError, NonFiniteFeatures, check_number
+from cachedet.cache.layout import (
+    create_store,
+    interrupted_creation,
+    meta_arrays,
+    remove_store,
+    row_arrays,
+    store_exists,
+)
+from cachedet.cache.store import (
+    StoreReader,
+    StoreWriter,
+    open_header,
+    rows_checksums,
+    shard_range,
+)
+from cachedet.core.errors import CachedetError, NonFiniteFeatures, StoreDamaged, check_number
 from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe, schedule_advice
 from cachedet.core.runtime import resolve_device
 from cachedet.core.structures import ViewParams
-from cachedet.data.coco import DetectionDataset, load_detection_dataset
+from cachedet.data.coco import PLAN_DROP_REASONS, DetectionDataset, load_detection_dataset
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import MaskSource, mask_source
 from cachedet.data.scan import ScanReport, scan_images
@@ -130,10 +143,15 @@ class ViewPlan:
     paths: list[str]
     boxes: dict[str, np.ndarray]  # offsets (V+1,), xyxy (N, 4), labels (N,), ann_ids (N,)
     pastes: list[PastePlan | None]  # Copy-Paste of each view, or None
+    dropped: dict[str, int] = field(default_factory=dict)  # PLAN_DROP_REASONS -> annotations
 
     def paste_image_ids(self) -> np.ndarray:
         """(V,) int64: the image each view's pasted objects come from, -1 for none."""
         return np.asarray([p.source_image_id if p else -1 for p in self.pastes], dtype=np.int64)
+
+    def meta(self) -> dict[str, np.ndarray]:
+        """Every ``meta/*`` array of the store, as ``create_store`` writes them."""
+        return {**meta_arrays(self.views), "paste_image_id": self.paste_image_ids()}
 
 
 def mask_sources(
@@ -166,7 +184,27 @@ def masks_header(dataset: DetectionDataset, plan: ViewPlan) -> MaskInfo:
     )
 
 
+def _plan_drops(
+    dataset: DetectionDataset, views: list[ViewParams], per_image: int, kept: set[int]
+) -> dict:
+    """Count the annotations that reach no view (``PLAN_DROP_REASONS``): too small at every
+    view's scale, or else cut out of every view by its crop. ``views``: ``per_image`` per image,
+    image-major; ``kept``: the annotation ids some view holds."""
+    dropped = dict.fromkeys(PLAN_DROP_REASONS, 0)
+    for index, rec in enumerate(dataset.images):
+        mine = views[index * per_image : (index + 1) * per_image]
+        for box, ann in zip(rec.boxes, rec.ann_ids.tolist()):
+            if ann in kept:
+                continue
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            small = all(min(w * v.scale[1], h * v.scale[0]) < 1 for v in mine)
+            dropped["degenerate_at_canvas" if small else "outside_views"] += 1
+    return dropped
+
+
 def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_image: int) -> ViewPlan:
+    """Every view of every image (``views_per_image`` each, image-major) with its boxes, and the
+    count of annotations that reach none of them (``ViewPlan.dropped``)."""
     views, paths, pastes, xyxy, labels, ann_ids, offsets = [], [], [], [], [], [], [0]
     for index, rec in enumerate(dataset.images):
         path = dataset.image_path(rec)
@@ -183,16 +221,19 @@ def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_imag
             labels.append(lab)
             ann_ids.append(ids)
             offsets.append(offsets[-1] + len(lab))
+    boxes = {
+        "offsets": np.asarray(offsets, dtype=np.int64),
+        "xyxy": np.concatenate(xyxy).astype(np.float32).reshape(-1, 4),
+        "labels": np.concatenate(labels).astype(np.int64),
+        "ann_ids": np.concatenate(ann_ids).astype(np.int64),
+    }
+    kept = set(boxes["ann_ids"].tolist())
     return ViewPlan(
         views=views,
         paths=paths,
-        boxes={
-            "offsets": np.asarray(offsets, dtype=np.int64),
-            "xyxy": np.concatenate(xyxy).astype(np.float32).reshape(-1, 4),
-            "labels": np.concatenate(labels).astype(np.int64),
-            "ann_ids": np.concatenate(ann_ids).astype(np.int64),
-        },
+        boxes=boxes,
         pastes=pastes,
+        dropped=_plan_drops(dataset, views, views_per_image, kept),
     )
 
 
@@ -204,7 +245,8 @@ class ExtractResult:
     shards_run: int
     shards_skipped_complete: int
     skipped_images: list[dict]
-    dropped: dict[str, int]
+    dropped: dict[str, int]  # annotations by reason (DROP_REASONS, PLAN_DROP_REASONS)
+    dropped_images: dict[str, int]  # images: duplicate, missing (skip_bad), unreadable (skipped)
     seconds: float
     views_run: int  # views computed by this run (complete shards are not recomputed)
     shard_seconds: float  # wall time of the shard work alone (no planning, no backbone build)
@@ -214,6 +256,9 @@ class ExtractResult:
     masks: dict | None = None  # the header's "masks" entry: stored instance masks, or None
     scan: ScanReport | None = None  # the scan of the images' headers before work
     shards_reused: int = 0  # ExtractConfig.update: complete shards taken from the earlier store
+    mended: list[dict] = field(
+        default_factory=list
+    )  # per-view arrays that --repair rewrote from the plan: {"array", "error"}
 
     @property
     def views_per_second(self) -> float:
@@ -245,6 +290,16 @@ def hybrid_backbone(cfg: ExtractConfig) -> tuple[BackboneConfig, Hybrid | None]:
     ), hybrid
 
 
+def dataset_entry(dataset: DetectionDataset, plan: ViewPlan) -> dict:
+    """The header's ``dataset``: the annotation file's fingerprint, with the annotations the plan
+    drops (``plan.dropped``) and the image files missing up front (``dropped_images.missing``,
+    left out by ``skip_bad``) counted beside the file's own drops."""
+    d = dataset.fingerprint()
+    d["dropped"] = {**d["dropped"], **plan.dropped}
+    d["dropped_images"] = {**d["dropped_images"], "missing": len(missing_images(dataset))}
+    return d
+
+
 def _header(
     cfg: ExtractConfig,
     backbone: Backbone,
@@ -257,7 +312,7 @@ def _header(
         backbone=backbone.identity,
         specs=tuple(backbone.specs),
         shapes={k: tuple(v) for k, v in backbone.feature_shapes(cfg.augment.size).items()},
-        dataset=dataset.fingerprint(),
+        dataset=dataset_entry(dataset, plan),
         augment=cfg.augment.to_dict(),
         views=cfg.views,
         storage=Storage(dtype=cfg.dtype, codec=cfg.codec, shard_views=cfg.shard_views),
@@ -298,7 +353,9 @@ def _check_existing(cfg: ExtractConfig, header: StoreHeader) -> bool:
     """True when ``cfg.out`` holds a compatible store; False after removing an interrupted creation.
     Raises CachedetError for a foreign folder or a store made with another configuration."""
     try:
-        found = StoreReader(cfg.out).header
+        found = open_header(cfg.out)
+    except StoreDamaged:
+        raise  # a store whose header is lost: its own line says it must be rebuilt
     except CachedetError:
         found = None
     if found is None and not interrupted_creation(cfg.out):
@@ -337,7 +394,7 @@ def shard_tasks(
 ) -> list[ShardTask]:
     """One ``ShardTask`` per shard of ``plan`` not in ``skip`` (complete shards), in shard order.
     ``masks_of``: the dataset whose instance masks the tasks rasterise, or None for boxes only."""
-    tasks = []
+    tasks, meta = [], plan.meta()
     for shard in range(-(-len(plan.views) // cfg.shard_views)):
         if shard in skip:
             continue
@@ -358,6 +415,7 @@ def shard_tasks(
                 skip_bad=cfg.skip_bad,
                 threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
                 masks=mask_sources(masks_of, plan, start, end) if masks_of is not None else None,
+                rows=rows_checksums(plan.boxes, meta, start, end),
             )
         )
     return tasks
@@ -383,6 +441,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         masks_of = dataset if with_masks else None
         reused = refuse_or_rebuild(cfg.out, header, plan, dataset, cfg.update, masks_of) or []
     prepare_store(cfg, header, plan)
+    mended = (
+        StoreWriter(cfg.out).mend_rows(row_arrays(plan.boxes, plan.meta())) if cfg.repair else []
+    )
     repaired = repair_store(cfg.out, progress) if cfg.repair else []
 
     store = StoreWriter(cfg.out)
@@ -420,11 +481,16 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         shards_skipped_complete=len(done),
         shards_reused=len(reused),
         skipped_images=skipped,
-        dropped=dataset.dropped,
+        dropped=header.dataset["dropped"],
+        dropped_images={
+            **header.dataset["dropped_images"],
+            "unreadable": len({s["image_id"] for s in skipped}),
+        },
         seconds=time.perf_counter() - t0,
         views_run=todo_views,
         shard_seconds=shard_seconds,
         repaired=repaired,
+        mended=mended,
         masks=header.masks.to_dict() if header.masks is not None else None,
         scan=scan,
     )
@@ -476,6 +542,15 @@ def warn_schedule(cfg: ExtractConfig) -> None:
     )
     if advice:
         warnings.warn(advice, stacklevel=3)
+
+
+def missing_images(dataset: DetectionDataset) -> list[str]:
+    """The local image files the annotations name that are not there (remote, fsspec URL, image
+    folders are not scanned: none)."""
+    if "://" in dataset.images_dir:
+        return []
+    paths = [dataset.image_path(r) for r in dataset.images]
+    return [p for p in paths if not os.path.isfile(p)]
 
 
 def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:

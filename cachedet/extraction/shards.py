@@ -48,6 +48,9 @@ class ShardTask:
     masks: tuple[tuple[MaskSource, ...], ...] | None = (
         None  # per view, its objects in box-row order
     )
+    rows: dict[str, str] | None = (
+        None  # checksums of its box and metadata rows (``rows_checksums``)
+    )
 
 
 def load_backbone(cfg: BackboneConfig, device: str) -> Backbone:
@@ -254,9 +257,11 @@ def write_shard(task: ShardTask, computed: ComputedShard) -> dict:
     t0 = time.perf_counter()
     try:
         writer = StoreWriter(task.store)
+        writer.clear_shard(task.shard)  # what a killed or damaged earlier write left behind
         digests = writer.write_features(task.shard, computed.blocks, task.start, computed.quant)
         if computed.masks is not None:
             digests["masks"] = writer.write_masks(task.shard, computed.masks)
+        digests.update(task.rows or {})
     except OSError as e:  # no space, no permission, a lost connection: the shard stays incomplete
         raise CachedetError(
             f"ExtractConfig.out {task.store}: writing shard {task.shard} failed: {e.strerror or e}; "

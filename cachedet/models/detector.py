@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cachedet.core.errors import CachedetError
-from cachedet.core.structures import FeatureSpec
+from cachedet.core.structures import FeatureSpec, check_category_count
 from cachedet.models.build import HEADS as HEAD_PARTS
 from cachedet.models.build import (
     NECKS,
@@ -137,6 +137,7 @@ def build_detector(cfg: DetectorConfig) -> Detector:
     names or options, masks on RetinaNet, bad option values and unsuitable backbone levels."""
     if cfg.num_classes < 1:
         raise CachedetError(f"num_classes must be positive, got {cfg.num_classes}")
+    check_category_count(cfg.num_classes, "DetectorConfig.num_classes")
     check_options(cfg.options)
     head_cfg = head_config(cfg.head, cfg.options, cfg.masks)
     neck_name = resolve_neck(cfg.neck, list(cfg.in_specs))

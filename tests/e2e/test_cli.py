@@ -33,6 +33,7 @@ COMMANDS = (
     "export",
     "cache info",
     "cache verify",
+    "cache repair",
 )
 
 
@@ -204,3 +205,20 @@ def test_missing_input_is_refused_before_heavy_imports(args, tmp_path):
     assert out[0].startswith("2 cachedet: error: ") and "nope." in out[0], out
     assert "not found" in out[0] or "no feature store" in out[0], out
     assert out[-1] == "[]", out
+
+
+def test_every_command_prints_user_errors_as_one_line():
+    """Each registered command runs inside @user_errors (a decorator lost in a merge once left
+    extract printing tracebacks)."""
+    from cachedet_cli.main import app
+
+    def commands(typer_app):
+        for info in typer_app.registered_commands:
+            yield info.callback
+        for group in typer_app.registered_groups:
+            yield from commands(group.typer_instance)
+
+    found = list(commands(app))
+    assert len(found) >= 10
+    for callback in found:
+        assert getattr(callback, "__wrapped__", None) is not None, callback.__name__

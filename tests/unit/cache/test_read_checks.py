@@ -70,3 +70,43 @@ def test_eval_from_a_store_checks_each_shard_once(store_copy):
     with pytest.raises(CachedetError, match=rf"shard 2, features/{level}"):
         reader.ensure_verified(2)
     assert not reader.read_stored(level, slice(8, 12))[0].any()  # what zarr alone hands out
+
+
+def _change_rows(store: str, array: str, view: int):
+    """Change one stored value of ``array`` (a box coordinate, a label, a metadata field) at the
+    first row of ``view``, as a bit flip that still decodes leaves it."""
+    import zarr
+
+    z = zarr.open_array(os.path.join(store, array), mode="r+")
+    offsets = zarr.open_array(os.path.join(store, "boxes/offsets"))[...]
+    row = int(offsets[view]) if array.startswith("boxes/") and array != "boxes/offsets" else view
+    values = z[...]
+    values[row] = values[row] + 1
+    z[...] = values
+
+
+@pytest.mark.parametrize("array", ["boxes/xyxy", "boxes/labels", "boxes/offsets", "meta/scale"])
+def test_changed_boxes_labels_or_metadata_are_damaged(store_copy, array):
+    view = 5  # shard 1 (shards of 4 views)
+    _change_rows(store_copy, array, view)
+    report = StoreReader(store_copy).verify()
+    assert [(d["shard"], d["level"]) for d in report["damaged"]] == [(1, array)]
+    for feed in (CachedViews, InMemoryViews):
+        with pytest.raises(CachedetError) as err:
+            _all_views(feed(store_copy)) if feed is CachedViews else feed(store_copy)
+        msg = str(err.value)
+        assert msg.startswith(f"{store_copy}: shard 1, {array}: ") and "\n" not in msg
+        assert "--repair" in msg
+
+
+def test_records_without_row_checksums_still_read(store_copy):
+    """Stores written before rows were checksummed: their records hold levels and masks only."""
+    import json
+
+    for path in glob.glob(os.path.join(store_copy, "_shards", "*.json")):
+        rec = json.load(open(path))
+        rec["crc32c"] = {k: v for k, v in rec["crc32c"].items() if "/" not in k}
+        json.dump(rec, open(path, "w"))
+    _change_rows(store_copy, "boxes/xyxy", 5)
+    assert StoreReader(store_copy).verify()["damaged"] == []
+    assert _all_views(CachedViews(store_copy)) == list(range(12))

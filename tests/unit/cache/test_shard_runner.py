@@ -5,6 +5,7 @@ import pytest
 from conftest import small_config
 
 from cachedet.backbones.backbone import build_backbone
+from cachedet.cache.layout import META_FIELDS
 from cachedet.cache.store import StoreReader
 from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
@@ -38,7 +39,10 @@ def test_records_name_their_views_levels_and_masks(synthetic, tmp_path):
     assert store.shard_records() == {r["shard"]: r for r in records}
     assert [r["views"] for r in records] == [[3, 6], [6, 9]]
     levels = {s.name for s in store.specs}
-    assert all(set(r["crc32c"]) == levels | {"masks"} and r["seconds"] > 0 for r in records)
+    rows = {f"boxes/{k}" for k in ("offsets", "xyxy", "labels", "ann_ids")}
+    rows |= {f"meta/{k}" for k in (*META_FIELDS, "paste_image_id")}
+    assert all(set(r["crc32c"]) == levels | {"masks"} | rows for r in records)
+    assert all(r["seconds"] > 0 for r in records)
     assert store.usable_views().tolist() == [3, 4, 5, 6, 7, 8]
     assert store.verify() == {
         "complete": [1, 2],

@@ -58,6 +58,7 @@ def test_unusable_annotations_are_dropped_and_counted(tmp_path):
         "unknown_category": 1,
         "unknown_image": 1,
         "non_finite": 1,
+        "duplicate_image": 0,
     }
     rec = ds.images[0]
     np.testing.assert_allclose(rec.boxes, [[10, 10, 30, 30], [90, 40, 100, 50]])
@@ -74,7 +75,10 @@ def test_unusable_annotations_are_dropped_and_counted(tmp_path):
             "images[0].width: expected an integer, got '100'",
         ),
         (lambda d: d["images"][0].update(height=0), "images[0].height: expected an integer >= 1"),
-        (lambda d: d["images"].append(dict(d["images"][0])), "images[1].id: ids must be unique"),
+        (  # an identical entry twice is dropped and counted (test_drop_counts); other files not
+            lambda d: d["images"].append(dict(d["images"][0], file_name="b.png")),
+            "images[1].id: ids must be unique",
+        ),
         (lambda d: d["categories"][0].pop("name"), "categories[0].name: expected a string"),
         (
             lambda d: d["annotations"].append(
@@ -103,9 +107,9 @@ def test_unusable_annotations_are_dropped_and_counted(tmp_path):
         ),
         (
             lambda d: d["images"][0].update(file_name="../../etc/passwd"),
-            "images[0].file_name: '../../etc/passwd' leaves the --images folder",
+            "images[0].file_name: '../../etc/passwd' leaves the images folder",
         ),
-        (lambda d: d["images"][0].update(file_name="/etc/passwd"), "leaves the --images folder"),
+        (lambda d: d["images"][0].update(file_name="/etc/passwd"), "leaves the images folder"),
         (
             lambda d: d["images"][0].update(width=2**60),
             "images[0].width: integer 1152921504606846976 is out of range",
