@@ -238,11 +238,36 @@ def _file_name(chk: _Checker, where: str, img: dict) -> str:
     return name
 
 
+_NUMBER_TYPES = {int, float}  # JSON numbers; bool (a subclass of int) is refused
+
+
+def polygon_points(seg) -> np.ndarray | None:
+    """(N, 2) float64 points of COCO polygons ``[[x1, y1, x2, y2, x3, y3, ...], ...]`` (each a list
+    of at least 6 numbers, an even count); None when ``seg`` is not such a list of finite numbers.
+    One numpy pass over all coordinates (the types checked by ``map(type, ...)``, finiteness by
+    ``np.isfinite``), not a Python check per coordinate."""
+    if not isinstance(seg, list):
+        return None
+    flat: list = []
+    for p in seg:
+        if not isinstance(p, list) or len(p) < 6 or len(p) % 2:
+            return None
+        flat += p
+    if not set(map(type, flat)) <= _NUMBER_TYPES:
+        return None
+    try:
+        points = np.asarray(flat, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64
+        return None
+    return points.reshape(-1, 2) if np.isfinite(points).all() else None
+
+
 def _segmentation(chk: _Checker, where: str, ann: dict):
-    """The annotation's mask as COCO polygons or an RLE dict; None when it has none (box only)."""
+    """(the annotation's mask as COCO polygons or an RLE dict, its polygon points (N, 2) or None);
+    (None, None) when it has none (box only)."""
     seg = ann.get("segmentation")
     if seg is None or seg == []:
-        return None
+        return None, None
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
         if not (
@@ -252,15 +277,10 @@ def _segmentation(chk: _Checker, where: str, ann: dict):
             and isinstance(counts, (str, list))
         ):
             chk.fail(f"{where}.segmentation", "expected an RLE {'size': [h, w], 'counts': ...}")
-        return seg
-    if isinstance(seg, list) and all(
-        isinstance(p, list)
-        and len(p) >= 6
-        and len(p) % 2 == 0
-        and all(_is_number(v) and math.isfinite(v) for v in p)
-        for p in seg
-    ):
-        return seg
+        return seg, None
+    points = polygon_points(seg)
+    if points is not None:
+        return seg, points
     chk.fail(
         f"{where}.segmentation",
         "expected polygons [[x1, y1, x2, y2, x3, y3, ...], ...] of finite numbers or an RLE dict",
@@ -270,10 +290,13 @@ def _segmentation(chk: _Checker, where: str, ann: dict):
 POLYGON_SLACK = 0.1  # polygon points may lie this share of the image's side outside it
 
 
-def _check_mask_size(chk: _Checker, where: str, which: str, seg, rec: dict) -> None:
+def _check_mask_size(
+    chk: _Checker, where: str, which: str, seg, rec: dict, points: np.ndarray | None
+) -> None:
     """Refuse a mask drawn for another image size: an RLE whose ``size`` is not the image's
-    [height, width] (resizing it would shift or scramble the mask), or polygons reaching far
-    outside the image (more than ``POLYGON_SLACK`` of a side: coordinates of another scale)."""
+    [height, width] (resizing it would shift or scramble the mask), or polygons (``points``,
+    (N, 2) x, y) reaching far outside the image (more than ``POLYGON_SLACK`` of a side:
+    coordinates of another scale)."""
     h, w = rec["height"], rec["width"]
     if isinstance(seg, dict) and list(seg["size"]) != [h, w]:
         hint = (
@@ -286,12 +309,13 @@ def _check_mask_size(chk: _Checker, where: str, which: str, seg, rec: dict) -> N
             f"{which}: {list(seg['size'])} disagrees with the image's [height, width] "
             f"[{h}, {w}]{hint}",
         )
-    if isinstance(seg, list):
-        points = np.concatenate([np.asarray(p, dtype=np.float64) for p in seg]).reshape(-1, 2)
-        lo = -POLYGON_SLACK * np.array([w, h])
-        hi = (1 + POLYGON_SLACK) * np.array([w, h])
-        if ((points < lo) | (points > hi)).any():
-            far = points[((points < lo) | (points > hi)).any(axis=1)][0]
+    if points is not None:
+        lo_x, lo_y = -POLYGON_SLACK * w, -POLYGON_SLACK * h
+        hi_x, hi_y = (1 + POLYGON_SLACK) * w, (1 + POLYGON_SLACK) * h
+        x, y = points[:, 0], points[:, 1]
+        if x.min() < lo_x or y.min() < lo_y or x.max() > hi_x or y.max() > hi_y:
+            outside = (x < lo_x) | (y < lo_y) | (x > hi_x) | (y > hi_y)
+            far = points[outside][0]
             chk.fail(
                 f"{where}.segmentation",
                 f"{which}: polygon point ({far[0]:g}, {far[1]:g}) lies far outside the {w}x{h} image "
@@ -423,8 +447,10 @@ def load_detection_dataset(
         rec["boxes"].append((x1, y1, x2, y2))
         rec["labels"].append(cmap.to_label(category_id))
         rec["ann_ids"].append(ann_ids[-1])
-        seg = _segmentation(chk, where, ann)
-        _check_mask_size(chk, where, f"annotation {ann_ids[-1]} of image {image_id}", seg, rec)
+        seg, points = _segmentation(chk, where, ann)
+        _check_mask_size(
+            chk, where, f"annotation {ann_ids[-1]} of image {image_id}", seg, rec, points
+        )
         rec["segmentations"].append(seg)
     chk.unique_ids("annotations", ann_ids)
 

@@ -189,3 +189,40 @@ def test_cli_bad_json_is_one_line_exit_2(cli, dataset_copy, tmp_path):
     assert r.stderr.strip().count("\n") == 0
     assert "images[0].width" in r.stderr and dataset_copy["train"] in r.stderr
     assert "Traceback" not in r.output
+
+
+def test_vectorised_polygon_check_accepts_and_refuses_what_the_per_coordinate_one_did():
+    """polygon_points (one numpy pass) against the per-coordinate rule it replaced."""
+    import math
+
+    from cachedet.data.coco import polygon_points
+
+    def per_coordinate(seg):  # the rule before vectorisation
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        return isinstance(seg, list) and all(
+            isinstance(p, list)
+            and len(p) >= 6
+            and len(p) % 2 == 0
+            and all(number(v) and math.isfinite(v) for v in p)
+            for p in seg
+        )
+
+    ok = [0, 0, 10, 0, 10.5, 10]
+    cases = [
+        [ok],
+        [ok, [1, 2, 3, 4, 5, 6, 7, 8]],
+        [ok + [1]],  # odd count
+        [[0, 0, 1, 1]],  # under 3 points
+        [[0, 0, 10, 0, True, 10]],  # a bool is not a number
+        [[0, 0, 10, 0, "10", 10]],
+        [[0, 0, 10, 0, float("nan"), 10]],
+        [[0, 0, 10, 0, float("inf"), 10]],
+        [[0, 0, 10, 0, None, 10]],
+        [ok, "polygon"],
+        "polygon",
+        [[0, 0, 10, 0, [10], 10]],
+    ]
+    for seg in cases:
+        assert (polygon_points(seg) is not None) == per_coordinate(seg), seg
+    assert polygon_points([[0, 0, 10, 0, 10**400, 10]]) is None  # beyond float64: refused, no crash
+    np.testing.assert_array_equal(polygon_points([ok]), np.array(ok, dtype=float).reshape(-1, 2))

@@ -64,8 +64,10 @@ def test_mismatch_names_image_and_both_sizes(tmp_path):
 
 def test_eval_and_online_scan_before_building_a_model(tmp_path, monkeypatch):
     from cachedet.engine import sources
+    from cachedet.engine.config import LoaderConfig
     from cachedet.engine.distributed import DistInfo
     from cachedet.evaluation import evaluate
+    from cachedet.evaluation.config import EvalConfig
 
     ds = _dataset(tmp_path, {"a.jpg": (40, 30), "b.jpg": (40, 31)})
 
@@ -74,9 +76,11 @@ def test_eval_and_online_scan_before_building_a_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate, "Predictor", no_model)
     monkeypatch.setattr(sources, "build_backbone", no_model)
-    with pytest.raises(CachedetError, match=r"b\.jpg: image is 40x30 .* under --images"):
-        evaluate.evaluate_run(str(tmp_path), ds.annotation_path, ds.images_dir, progress=False)
+    with pytest.raises(CachedetError, match=r"b\.jpg: image is 40x30 .* under EvalConfig\.images"):
+        evaluate.evaluate_run(
+            EvalConfig(str(tmp_path), ds.annotation_path, ds.images_dir), progress=False
+        )
     with pytest.raises(CachedetError, match=r"b\.jpg: image is 40x30 .* under source\.images"):
         sources.OnlineSource(
-            ds.annotation_path, ds.images_dir, None, None, False, 1, 0, 0, DistInfo(0, 1, 0)
+            ds.annotation_path, ds.images_dir, None, None, False, LoaderConfig(), DistInfo(0, 1, 0)
         )
