@@ -70,3 +70,15 @@ def reference_lvis_eval(path, detections: list[dict], iou_type: str = "bbox") ->
         return ev.get_results()
     finally:
         del np.float
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/NAME.py`` (benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,25 +1,15 @@
 """benchmarks/scale.py: the COCO/LVIS-sized generator, and a --quick-sized measurement."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "scale.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("scale_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def test_generator_writes_a_valid_coco_and_lvis_file(tmp_path):
-    scale = load_benchmark()
+    scale = load_benchmark("scale")
     data = scale.coco_like(50, seed=3)
     assert len(data["images"]) == 50 and len(data["categories"]) == 80
     per_image = len(data["annotations"]) / 50
@@ -49,7 +39,7 @@ def test_generator_writes_a_valid_coco_and_lvis_file(tmp_path):
 
 @pytest.mark.slow
 def test_quick_sizes_measure_in_fresh_processes(tmp_path):
-    scale = load_benchmark()
+    scale = load_benchmark("scale")
     rows = scale.measure_sizes([30], str(tmp_path), log=lambda *_: None)
     (row,) = rows
     assert row["images"] == 30 and row["json_load_s"] > 0 and row["load_s"] > 0
