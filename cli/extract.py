@@ -43,7 +43,6 @@ EXAMPLES = examples(
 )
 
 
-@user_errors
 def repair_line(result) -> str:
     """What ``--repair`` (and ``cache repair``) recomputed: damaged shards and rewritten arrays."""
     line = f"repaired {len(result.repaired)} damaged shard(s)"
@@ -56,6 +55,7 @@ def repair_line(result) -> str:
     return line
 
 
+@user_errors
 def extract_command(
     annotations: Path = typer.Option(
         ...,
