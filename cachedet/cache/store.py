@@ -196,7 +196,10 @@ def _open(url: str, mode: str) -> tuple[zarr.Group, StoreHeader]:
         group = open_group(url, mode=mode)
     except FileNotFoundError:
         fs, path = url_fs(url)
-        if any(fs.exists(f"{path}/{entry}") for entry in ("_shards", "features", "meta")):
+        laid_out = fs.exists(f"{path}/features") and (
+            fs.exists(f"{path}/meta") or fs.exists(f"{path}/_shards")
+        )
+        if laid_out:  # a store's arrays without their zarr.json
             raise header_lost(url, "missing") from None
         raise CachedetError(f"{url}: no feature store here") from None
     except Exception as e:  # a truncated or garbled zarr.json fails in the JSON parser or zarr
