@@ -595,10 +595,12 @@ class StoreReader(_StoreFiles):
         return levels
 
     def verify(self, on_shard=None) -> dict:
-        """Re-read every complete shard and compare each level's checksum with its completion record's
-        (CRC-32C; sha256 in records written before CRC-32C replaced it).
+        """Re-read every complete shard and compare the checksums of its rows of the box and
+        metadata arrays, its masks and each level with its completion record's (CRC-32C; sha256
+        in records written before CRC-32C replaced it; what a record holds none for passes).
 
-        Returns {"complete": [...], "incomplete": [...], "damaged": [{"shard", "level", "error"}],
+        Returns {"complete": [...], "incomplete": [...], "damaged": [{"shard", "level" (a level,
+        "masks" or an array path such as "boxes/xyxy"), "error"}],
         "shards_total"}. A chunk that cannot be decoded, a missing shard object and changed bytes all
         count as damaged. ``on_shard(1)`` is called after each shard.
         """
