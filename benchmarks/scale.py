@@ -258,9 +258,10 @@ def measure_sizes(sizes: list[int], work: str, log=print) -> list[dict]:
     return rows
 
 
-def measure_eval(n_images: int, work: str, log=print) -> list[dict]:
+def measure_eval(n_images: int, work: str, log=print, lvis_images: int | None = None) -> list[dict]:
     rows = []
     for name, lvis, classes in (("eval", False, 80), ("eval_lvis", True, 1203)):
+        n_images = (lvis_images or n_images) if lvis else n_images
         root = os.path.join(work, f"{name}_{n_images}")
         os.makedirs(root, exist_ok=True)
         path = os.path.join(root, "val.json")
@@ -320,6 +321,7 @@ def main(argv=None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1180,11800,118000")
     ap.add_argument("--eval-images", type=int, default=5000)
+    ap.add_argument("--lvis-images", type=int, default=None, help="default: --eval-images")
     ap.add_argument("--quick", action="store_true", help="sizes 60,600 and 200 eval images")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=RESULTS)
@@ -340,7 +342,9 @@ def main(argv=None) -> dict | None:
     work = args.work or tempfile.mkdtemp(prefix="cachedet-scale-")
     result = {"machine": machine_info(), "load_before": os.getloadavg()}
     result["sizes"] = measure_sizes(sizes, work)
-    result["eval"] = measure_eval(eval_images, work)
+    result["eval"] = measure_eval(
+        eval_images, work, lvis_images=None if args.quick else args.lvis_images
+    )
     result["load_after"] = os.getloadavg()
     result["targets"] = {
         "time_ratio, memory_ratio": f"load + scan + plan <= {LOAD_TARGET}x json.load (issue 29)"

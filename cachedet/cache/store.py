@@ -196,15 +196,17 @@ def rows_damaged(url: str, array: str, why: str) -> StoreDamaged:
 
 
 def _store_parts_only(url: str) -> bool:
-    """True for a folder that holds store data (``_shards``, ``features``, ``meta``) and nothing
-    that is not a store's: a store whose header is lost, not somebody's folder of other files."""
+    """True for a folder that holds a store's arrays (``features`` and ``meta`` or ``_shards``) and
+    nothing that is not a store's: a store whose header is lost, not somebody's folder of other
+    files, nor an interrupted creation (arrays laid out, no records), which extract replaces."""
     fs, path = url_fs(url)
     try:
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
     except (FileNotFoundError, NotADirectoryError):
         return False
     names = {n for n in names if not n.startswith(".")}  # temporary files of killed writes
-    return bool(names & {"_shards", "features", "meta"}) and names <= STORE_ENTRIES | {"_shards"}
+    laid_out = "features" in names and bool(names & {"meta", "_shards"})
+    return laid_out and names <= STORE_ENTRIES | {"_shards"}
 
 
 def _open(url: str, mode: str) -> tuple[zarr.Group, StoreHeader]:
@@ -213,7 +215,7 @@ def _open(url: str, mode: str) -> tuple[zarr.Group, StoreHeader]:
     try:
         group = open_group(url, mode=mode)
     except FileNotFoundError:
-        if _store_parts_only(url):
+        if _store_parts_only(url):  # a store's arrays without their zarr.json
             raise header_lost(url, "missing") from None
         raise CachedetError(f"{url}: no feature store here") from None
     except Exception as e:  # a truncated or garbled zarr.json fails in the JSON parser or zarr
@@ -609,10 +611,12 @@ class StoreReader(_StoreFiles):
         return levels
 
     def verify(self, on_shard=None) -> dict:
-        """Re-read every complete shard and compare each level's checksum with its completion record's
-        (CRC-32C; sha256 in records written before CRC-32C replaced it).
+        """Re-read every complete shard and compare the checksums of its rows of the box and
+        metadata arrays, its masks and each level with its completion record's (CRC-32C; sha256
+        in records written before CRC-32C replaced it; what a record holds none for passes).
 
-        Returns {"complete": [...], "incomplete": [...], "damaged": [{"shard", "level", "error"}],
+        Returns {"complete": [...], "incomplete": [...], "damaged": [{"shard", "level" (a level,
+        "masks" or an array path such as "boxes/xyxy"), "error"}],
         "shards_total"}. A chunk that cannot be decoded, a missing shard object and changed bytes all
         count as damaged. ``on_shard(1)`` is called after each shard.
         """

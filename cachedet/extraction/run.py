@@ -355,7 +355,9 @@ def _check_existing(cfg: ExtractConfig, header: StoreHeader) -> bool:
     try:
         found = open_header(cfg.out)
     except StoreDamaged:
-        raise  # a store whose header is lost: its own line says it must be rebuilt
+        if not interrupted_creation(cfg.out):
+            raise  # a store whose header is lost: its own line says it must be rebuilt
+        found = None  # laid out without its header (an object store's interrupted creation)
     except CachedetError:
         found = None
     if found is None and not interrupted_creation(cfg.out):
