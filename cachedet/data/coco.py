@@ -179,10 +179,6 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 class _Checker:
     def __init__(self, path: str):
         self.path = path
@@ -239,6 +235,16 @@ def _file_name(chk: _Checker, where: str, img: dict) -> str:
 
 
 _NUMBER_TYPES = {int, float}  # JSON numbers; bool (a subclass of int) is refused
+_INT_RANGE = 2**53
+
+
+def _int_of(chk: _Checker, where: str, obj: dict, key: str) -> int:
+    """``obj[key]`` when it is a plain int in the checker's range (the common case, checked inline);
+    otherwise ``chk.int_field``, which raises its one-line error naming the field."""
+    v = obj.get(key)
+    if type(v) is int and -_INT_RANGE <= v <= _INT_RANGE:
+        return v
+    return chk.int_field(where, obj, key)
 
 
 def polygon_points(seg) -> np.ndarray | None:
@@ -407,14 +413,20 @@ def load_detection_dataset(
 
     dropped = Counter({r: 0 for r in DROP_REASONS})
     ann_ids = []
+    isfinite = math.isfinite
     for i, ann in enumerate(chk.list_field(data, "annotations")):
         where = f"annotations[{i}]"
-        ann = chk.item(where, ann)
-        ann_ids.append(chk.int_field(where, ann, "id"))
-        image_id = chk.int_field(where, ann, "image_id")
-        category_id = chk.int_field(where, ann, "category_id")
+        if type(ann) is not dict:
+            chk.item(where, ann)
+        ann_ids.append(_int_of(chk, where, ann, "id"))
+        image_id = _int_of(chk, where, ann, "image_id")
+        category_id = _int_of(chk, where, ann, "category_id")
         bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not set(map(type, bbox)) <= _NUMBER_TYPES
+        ):
             chk.fail(f"{where}.bbox", f"expected [x, y, width, height] numbers, got {bbox!r}")
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1, True, False):
@@ -431,8 +443,8 @@ def load_detection_dataset(
         if crowd:
             dropped["crowd"] += 1
             continue
-        x, y, w, h = (float(v) for v in bbox)
-        if not all(math.isfinite(v) for v in (x, y, w, h)):
+        x, y, w, h = map(float, bbox)
+        if not (isfinite(x) and isfinite(y) and isfinite(w) and isfinite(h)):
             dropped["non_finite"] += 1
             continue
         if w <= 0 or h <= 0:
