@@ -152,3 +152,20 @@ def mask_source(record, i: int, pasted: bool = False) -> MaskSource:
     return MaskSource(
         seg, record.height, record.width, tuple(float(v) for v in record.boxes[i]), pasted
     )
+
+
+def mask_sources(dataset, plan, start: int, end: int) -> tuple[tuple[MaskSource, ...], ...]:
+    """Per view in [start, end) of ``plan`` (extraction's ViewPlan: ``views[v].image_id`` and
+    ``boxes["offsets"/"ann_ids"]``): the annotated mask of each of its box rows of ``dataset``
+    (a DetectionDataset; own objects, then pasted ones)."""
+    where = dataset.annotation_rows()
+    out = []
+    for v in range(start, end):
+        a, b = plan.boxes["offsets"][v], plan.boxes["offsets"][v + 1]
+        own = plan.views[v].image_id
+        rows = []
+        for ann_id in plan.boxes["ann_ids"][a:b].tolist():
+            rec, i = where[ann_id]
+            rows.append(mask_source(rec, i, pasted=rec.id != own))
+        out.append(tuple(rows))
+    return tuple(out)

@@ -156,6 +156,7 @@ class EvalHook(Hook):
                 for m, mode in zip(modules, modes):
                     m.train(mode)
         val = {k: scores[k] for k in SUMMARY_PARTS if k in scores}
+        self.per_class = scores["per_class"]  # the last pass's, for the table when training ends
         return {
             **val,
             "num_detections": scores["num_detections"],

@@ -23,7 +23,7 @@ from cachedet.cache.layout import create_store, meta_arrays, remove_store, url_f
 from cachedet.cache.store import CHECKSUM, StoreReader, StoreWriter, shard_range
 from cachedet.core.errors import CachedetError
 from cachedet.data.coco import DetectionDataset
-from cachedet.data.masks import encode_rle, view_masks
+from cachedet.data.masks import encode_rle, mask_sources, view_masks
 from cachedet.data.scan import file_stamp
 
 # header identity fields that an edit of the annotation file changes (nothing else may differ)
@@ -157,7 +157,6 @@ def refuse_or_rebuild(
 def _rebuild(old: StoreReader, out: str, header, plan, reuse: dict[int, int], masks_of) -> None:
     """Lay out the new store beside the old one, copy the reused shards' stored features (masks
     rasterised from the new annotations), then put it in the old one's place."""
-    from cachedet.extraction.run import mask_sources
 
     fs, path = url_fs(out)
     tmp = out.rstrip("/") + ".updating"

@@ -43,7 +43,7 @@ from cachedet.core.runtime import resolve_device
 from cachedet.core.structures import ViewParams
 from cachedet.data.coco import PLAN_DROP_REASONS, DetectionDataset, load_detection_dataset
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
-from cachedet.data.masks import MaskSource, mask_source
+from cachedet.data.masks import mask_source, mask_sources
 from cachedet.data.scan import ScanReport, scan_images
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
 from cachedet.extraction.reuse import refuse_or_rebuild
@@ -152,23 +152,6 @@ class ViewPlan:
     def meta(self) -> dict[str, np.ndarray]:
         """Every ``meta/*`` array of the store, as ``create_store`` writes them."""
         return {**meta_arrays(self.views), "paste_image_id": self.paste_image_ids()}
-
-
-def mask_sources(
-    dataset: DetectionDataset, plan: ViewPlan, start: int, end: int
-) -> tuple[tuple[MaskSource, ...], ...]:
-    """Per view in [start, end): the annotated mask of each of its box rows (own objects, then pasted ones)."""
-    where = dataset.annotation_rows()
-    out = []
-    for v in range(start, end):
-        a, b = plan.boxes["offsets"][v], plan.boxes["offsets"][v + 1]
-        own = plan.views[v].image_id
-        rows = []
-        for ann_id in plan.boxes["ann_ids"][a:b].tolist():
-            rec, i = where[ann_id]
-            rows.append(mask_source(rec, i, pasted=rec.id != own))
-        out.append(tuple(rows))
-    return tuple(out)
 
 
 def masks_header(dataset: DetectionDataset, plan: ViewPlan) -> MaskInfo:
