@@ -279,7 +279,8 @@ def markdown(result: dict) -> str:
         "# cachedet at scale: annotation loading and planning, evaluation",
         "",
         f"Machine: {', '.join(f'{k} {v}' for k, v in result['machine'].items())}. Load average before {result['load_before']}, after "
-        f"{result['load_after']}. Each figure is one fresh process.",
+        f"{result['load_after']}. Code at commit {result.get('commit') or '?'}. Each figure is one"
+        " fresh process.",
         "",
         "| images | annotations | file MB | json.load s | load+scan+plan s | ratio | json.load peak MB"
         " | load+plan peak MB (imports) | ratio | target ≤ 1.5× both |",
@@ -340,7 +341,11 @@ def main(argv=None) -> dict | None:
     sizes = [60, 600] if args.quick else [int(s) for s in args.sizes.split(",")]
     eval_images = 200 if args.quick else args.eval_images
     work = args.work or tempfile.mkdtemp(prefix="cachedet-scale-")
-    result = {"machine": machine_info(), "load_before": os.getloadavg()}
+    here = os.path.dirname(os.path.abspath(__file__))
+    commit = subprocess.run(
+        ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    result = {"machine": machine_info(), "commit": commit, "load_before": os.getloadavg()}
     result["sizes"] = measure_sizes(sizes, work)
     result["eval"] = measure_eval(
         eval_images, work, lvis_images=None if args.quick else args.lvis_images
