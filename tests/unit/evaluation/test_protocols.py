@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from conftest import to_lvis
@@ -144,3 +145,22 @@ def test_cli_refuses_out_of_range_options_naming_the_flag(cli, tmp_path):
         r.exit_code == 2
         and "--score-threshold: expected a number >= 0 and <= 1, got -1" in r.stderr
     )
+
+
+def test_eval_and_validation_share_the_category_check(synthetic, tmp_path):
+    """One EvalSet for eval and for validation: a val file with two names swapped is refused by
+    both, naming their own field (validation compared ids only before)."""
+    from cachedet.evaluation.evalset import EvalSet
+
+    data = json.loads(Path(synthetic["val"]).read_text())
+    ours = {c["id"]: c["name"] for c in data["categories"]}
+    a, b = sorted(ours)[:2]
+    for c in data["categories"]:
+        c["name"] = {a: ours[b], b: ours[a]}.get(c["id"], c["name"])
+    path = tmp_path / "swapped.json"
+    path.write_text(json.dumps(data))
+    for prefix in ("EvalConfig.", "val."):
+        evalset = EvalSet(str(path), synthetic["images"], prefix=prefix)
+        with pytest.raises(CachedetError, match=rf"^{prefix}annotations .*names differ.*{a}: run"):
+            evalset.evaluator(ours, masks=False)
+    EvalSet(synthetic["val"], synthetic["images"]).evaluator(ours, masks=False)  # the same file
