@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from cachedet.core.errors import CachedetError, check_number
 from cachedet.core.recipes import DEFAULT_CANVAS, get_recipe
@@ -129,9 +128,7 @@ def plan_view(
     )
 
 
-_sanitize = v2.SanitizeBoundingBoxes(
-    min_size=1.0, labels_getter=lambda d: (d["labels"], d["ann_ids"])
-)
+_XYXY = tv_tensors.BoundingBoxFormat.XYXY
 
 
 def transform_boxes(
@@ -139,25 +136,27 @@ def transform_boxes(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Move boxes (float32 (N, 4) xyxy, original image pixels) into the view's canvas.
 
-    Boxes cut by the crop are clipped; boxes left narrower or shorter than 1 pixel are removed
-    (``SanitizeBoundingBoxes``) together with their labels and annotation ids.
+    Boxes cut by the crop are clipped; boxes left narrower or shorter than 1 pixel (or under 1
+    square pixel) are removed together with their labels and annotation ids. torchvision's
+    ``transforms.v2`` box kernels (resize, horizontal flip, crop with soft clamping, sanitize),
+    called on plain tensors: the same results as the ``BoundingBoxes`` / ``SanitizeBoundingBoxes``
+    transforms, bit for bit (tested), at under half the cost per view, which view planning pays
+    once per view of the dataset.
     """
-    bb = tv_tensors.BoundingBoxes(
-        torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        format="XYXY",
-        canvas_size=params.orig_size,
+    bb = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    bb, size = F.resize_bounding_boxes(
+        bb, params.orig_size, list(params.resized_size), format=_XYXY
     )
-    bb = F.resize(bb, list(params.resized_size))
     if params.flip:
-        bb = F.horizontal_flip(bb)
-    bb = F.crop(bb, params.crop_offset[0], params.crop_offset[1], params.canvas, params.canvas)
-    out = _sanitize(
-        {"boxes": bb, "labels": torch.as_tensor(labels), "ann_ids": torch.as_tensor(ann_ids)}
-    )
+        bb = F.horizontal_flip_bounding_boxes(bb, _XYXY, size)
+    top, left = params.crop_offset
+    bb, size = F.crop_bounding_boxes(bb, _XYXY, top, left, params.canvas, params.canvas)
+    bb, keep = F.sanitize_bounding_boxes(bb, _XYXY, size, min_size=1.0, min_area=1.0)
+    keep = keep.numpy()
     return (
-        out["boxes"].as_subclass(torch.Tensor).numpy().astype(np.float32),
-        out["labels"].numpy().astype(np.int64),
-        out["ann_ids"].numpy().astype(np.int64),
+        bb.numpy().astype(np.float32),
+        np.asarray(labels)[keep].astype(np.int64),
+        np.asarray(ann_ids)[keep].astype(np.int64),
     )
 
 

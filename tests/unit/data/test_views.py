@@ -139,3 +139,44 @@ def test_bad_options():
         AugmentConfig(scale_range=(2.0, 0.5))
     with pytest.raises(CachedetError, match="augment.size"):
         AugmentConfig(size=8)
+
+
+def test_box_kernels_equal_torchvisions_box_transforms_bit_for_bit():
+    """transform_boxes calls torchvision's box kernels on plain tensors (planning speed); the
+    BoundingBoxes + SanitizeBoundingBoxes transforms it replaced give the same bytes."""
+    import torch
+    import torchvision.transforms.v2 as v2
+    import torchvision.transforms.v2.functional as F
+    from torchvision import tv_tensors
+
+    sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=lambda d: (d["l"], d["i"]))
+
+    def reference(params, boxes, labels, ids):
+        bb = tv_tensors.BoundingBoxes(
+            torch.as_tensor(boxes), format="XYXY", canvas_size=params.orig_size
+        )
+        bb = F.resize(bb, list(params.resized_size))
+        if params.flip:
+            bb = F.horizontal_flip(bb)
+        bb = F.crop(bb, *params.crop_offset, params.canvas, params.canvas)
+        out = sanitize({"b": bb, "l": torch.as_tensor(labels), "i": torch.as_tensor(ids)})
+        return out["b"].as_subclass(torch.Tensor).numpy(), out["l"].numpy(), out["i"].numpy()
+
+    rng = np.random.default_rng(0)
+    augments = (
+        AugmentConfig(size=64, scale_range=(0.1, 2.0)),
+        AugmentConfig(size=96),
+        AugmentConfig(size=64, augment=False),
+    )
+    for k in range(300):
+        aug = augments[k % 3]
+        h, w = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+        n = int(rng.integers(0, 10))
+        x, y = rng.uniform(0, w, n), rng.uniform(0, h, n)
+        boxes = np.stack([x, y, x + rng.uniform(0, w / 2, n), y + rng.uniform(0, h / 2, n)], 1)
+        boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+        labels, ids = rng.integers(0, 80, n), np.arange(n) + 1
+        params = plan_view(aug, k, int(rng.integers(0, 3)), h, w)
+        ours = transform_boxes(params, boxes, labels, ids)
+        for a, b in zip(ours, reference(params, boxes, labels, ids)):
+            np.testing.assert_array_equal(a, b)
