@@ -681,19 +681,25 @@ def main(argv: list[str] | None = None):
     if args.feed_only:
         return update_feed(names, here)
     res = {"machine": machine(), "configs": [], "feed": []}
-    for name, levels, size, wh in CONFIGS:
-        if name not in names:
-            continue
-        work = tempfile.mkdtemp(prefix="extract_overhead_")
-        try:
-            entry = run_config(name, levels, size, wh, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    for name, entry in each_config(names, run_config, "extract_overhead_"):
         res["feed"].append({"name": name, **entry.pop("feed")})
         res["configs"].append(entry)
         print(json.dumps(entry), flush=True)
     res["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
     write_results(res, here)
+
+
+def each_config(names: list[str], measure, prefix: str):
+    """(name, ``measure(name, levels, size, wh, work)``) for each config in ``names``, each in its
+    own temporary folder, removed afterwards."""
+    for name, levels, size, wh in CONFIGS:
+        if name not in names:
+            continue
+        work = tempfile.mkdtemp(prefix=prefix)
+        try:
+            yield name, measure(name, levels, size, wh, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def write_results(res: dict, here: str):
@@ -709,14 +715,7 @@ def update_feed(names: list[str], here: str):
     results under ``here`` (the other measurements stay as they were, from their own run)."""
     with open(os.path.join(here, "extract_overhead.json")) as f:
         res = json.load(f)
-    for name, levels, size, wh in CONFIGS:
-        if name not in names:
-            continue
-        work = tempfile.mkdtemp(prefix="extract_overhead_feed_")
-        try:
-            entry = feed_only(name, levels, size, wh, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    for name, entry in each_config(names, feed_only, "extract_overhead_feed_"):
         res["feed"] = [e for e in res["feed"] if e["name"] != name] + [entry]
         res["feed"].sort(key=lambda e: [c[0] for c in CONFIGS].index(e["name"]))
         print(json.dumps(entry), flush=True)

@@ -49,7 +49,6 @@ def evaluate_run(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[dic
         train_counts,
         cfg.count_bins,
     )
-    evalset.check(predictor)
     with ViewProgress("eval", evalset.num_images, unit="images", enabled=progress) as bar:
         scores = evalset.score(predictor, evaluator, cfg.batch_size, on_images=bar.advance)
     metrics = {
