@@ -155,6 +155,28 @@ def extract_command(
             "Stored feature type; uint8 is affine per view and channel: lossy, half of float16's bytes."
         ),
     ),
+    project: str = typer.Option(
+        "none",
+        "--project",
+        metavar="auto|K|none",
+        rich_help_panel=STORAGE,
+        help=(
+            "Store each level projected onto its leading principal directions (PCA fitted on 256 "
+            "of the store's views): auto keeps min(C, 256) per level, K keeps min(C, K), a "
+            "fraction such as 1/4 that share, c4=128,c5=256 per level. Trains, evaluates and "
+            "exports like any store; not with --cache-stage."
+        ),
+    ),
+    projection: Optional[str] = typer.Option(
+        None,
+        "--projection",
+        metavar="STORE",
+        rich_help_panel=STORAGE,
+        help=(
+            "Apply this projected store's map instead of fitting one: a validation store "
+            "(--no-augment --views 1) for heads trained on that store."
+        ),
+    ),
     codec: Codec = typer.Option(
         "zstd", "--codec", help="Blosc compressor (bit-shuffle) or none.", rich_help_panel=STORAGE
     ),
@@ -231,6 +253,7 @@ def extract_command(
         (annotations, "--annotations", "file"),
         (images, "--images", "folder"),
         (weights, "--weights", "file"),
+        (projection, "--projection", "store"),
     )
     from rich.table import Table
 
@@ -274,6 +297,8 @@ def extract_command(
         cache_stage=cache_stage,
         masks=not no_masks,
         recipe=chosen.name,
+        project=project,
+        projection=projection,
     )
     console = make_console()
     if dry_run:
@@ -291,6 +316,16 @@ def extract_command(
             f"bytes per view ({dtype}, before compression)", human_bytes(r.bytes_per_view)
         )
         table.add_row("cache size (before compression)", human_bytes(r.total_bytes))
+        for c in r.choices:
+            if not c["chosen"]:
+                table.add_row(
+                    f"  with --project {c['project']} --dtype {c['dtype']}",
+                    f"{human_bytes(c['bytes_per_view'])}/view, {human_bytes(c['total_bytes'])}",
+                )
+        chosen_coco = next(c for c in r.choices if c["chosen"])["coco_bytes"]
+        table.add_row(
+            f"COCO train (118,287 images x {r.views_per_image} views)", human_bytes(chosen_coco)
+        )
         table.add_row(f"backbone throughput ({r.device})", f"{r.views_per_second:.2f} views/s")
         table.add_row("estimated extraction time (one device)", human_seconds(r.estimated_seconds))
         console.print(table)

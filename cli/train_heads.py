@@ -293,6 +293,16 @@ def train_heads_command(
         rich_help_panel=ONLINE,
         help="Large-Scale-Jittering range (default: the recipe's).",
     ),
+    projection: Optional[str] = typer.Option(
+        None,
+        "--projection",
+        metavar="STORE",
+        rich_help_panel=ONLINE,
+        help=(
+            "With --online: apply this projected store's map (extract --project) to the backbone's "
+            "levels, so the heads see the features a run on that store sees."
+        ),
+    ),
     backbone_trainable: bool = typer.Option(
         False,
         "--backbone-trainable",
@@ -409,6 +419,7 @@ def train_heads_command(
         )
     check_inputs(
         (cache, "--cache", "store"),
+        (projection, "--projection", "store"),
         (annotations, "--annotations", "file"),
         (images, "--images", "folder"),
         (weights, "--weights", "file"),
@@ -434,6 +445,7 @@ def train_heads_command(
         size=DEFAULT_CANVAS if size is None else size,
         scale_range=scale_range and tuple(scale_range),
         backbone_trainable=backbone_trainable,
+        projection=projection,
         neck=neck,
         head=head,
         neck_channels=neck_channels,

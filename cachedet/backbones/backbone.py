@@ -79,7 +79,25 @@ class Backbone(nn.Module):
         self.identity = identity
         self.adapter_stages: tuple[int, ...] = ()
         self._adapter_params: list[nn.Parameter] = []
+        self.projection = None  # a store's Projection, applied to the levels (set_projection)
         self.set_trainable(False)
+
+    def set_projection(self, projection) -> "Backbone":
+        """Apply ``projection`` (``cachedet.backbones.projection.Projection``: a projected store's
+        map) to every output from now on; ``specs`` become the projected levels. Raises
+        CachedetError on a trainable or adapted backbone (the map was fitted on frozen features)."""
+        if self.trainable or self.has_adapters:
+            raise CachedetError(
+                "source.projection: a projection was fitted on the frozen backbone's features; "
+                "drop source.backbone_trainable and source.adapters, or the projection"
+            )
+        self.projection = projection
+        self.specs = projection.project_specs(self.specs)
+        return self
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.features(images)
+        return feats if self.projection is None else self.projection(feats)
 
     def set_trainable(self, trainable: bool) -> "Backbone":
         self.trainable = trainable
@@ -150,7 +168,7 @@ class CnnBackbone(Backbone):
             s.name: cached[s.name] if s.name in cached else computed[s.name] for s in self.specs
         }
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.has_adapters and not self.trainable:
             # only the adapted stages and what follows them need autograd
             from cachedet.backbones.adapters import run_stages, stage_layout
@@ -195,7 +213,7 @@ class VitBackbone(Backbone):
         vit.check_canvas(self.identity["name"], self.patch, size, option)
         return self
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         height, width = images.shape[-2:]
         if height % self.patch or width % self.patch:
             self.check_canvas(width if width % self.patch else height, "canvas")

@@ -25,6 +25,7 @@ IDENTITY_KEYS = (
     "storage",
     "hybrid",
     "masks",
+    "projection",
 )
 # What a trained head depends on from its backbone's identity.
 FINGERPRINT_BACKBONE_KEYS = ("name", "out_indices", "weights_sha256", "mean", "std")
@@ -158,25 +159,36 @@ class Fingerprint:
     backbone: dict  # FINGERPRINT_BACKBONE_KEYS of the backbone's identity
     canvas: int
     categories: tuple[tuple[int, str], ...]  # (dataset category id, name), in label order
+    # a projected store's map ({"sha256", "k": {level: k}}, ``Projection.fingerprint``), or None
+    projection: dict | None = None
 
     @classmethod
     def of(
-        cls, specs, backbone_identity: dict, canvas: int, categories: CategoryMap
+        cls,
+        specs,
+        backbone_identity: dict,
+        canvas: int,
+        categories: CategoryMap,
+        projection: dict | None = None,
     ) -> "Fingerprint":
         return cls(
             specs=tuple(specs),
             backbone={k: backbone_identity[k] for k in FINGERPRINT_BACKBONE_KEYS},
             canvas=int(canvas),
             categories=tuple(zip(categories.ids, categories.names)),
+            projection=projection,
         )
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "feature_specs": [s.to_dict() for s in self.specs],
             "backbone": dict(self.backbone),
             "canvas": self.canvas,
             "categories": [{"id": i, "name": n} for i, n in self.categories],
         }
+        if self.projection is not None:  # absent for unprojected features, as before projections
+            d["projection"] = self.projection
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Fingerprint":
@@ -185,6 +197,7 @@ class Fingerprint:
             backbone=dict(d["backbone"]),
             canvas=int(d["canvas"]),
             categories=tuple((int(c["id"]), str(c["name"])) for c in d["categories"]),
+            projection=d.get("projection"),
         )
 
     def diff(self, wanted: "Fingerprint", found_label: str) -> list[str]:
@@ -240,6 +253,9 @@ class StoreHeader:
     recipe: str | None = (
         None  # cachedet.core.recipes name the views' settings came from (None: before recipes)
     )
+    # a projected store (ExtractConfig.project): {"request", "seed", "sample_views", "sha256",
+    # "levels": {level: {"channels", "k", "energy"}}}; its arrays are projection/<level>/*
+    projection: dict | None = None
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     @property
@@ -266,7 +282,20 @@ class StoreHeader:
 
     def fingerprint(self) -> Fingerprint:
         """The fingerprint of heads trained on this store's features as stored."""
-        return Fingerprint.of(self.specs, self.backbone, self.canvas, self.categories)
+        return Fingerprint.of(
+            self.specs, self.backbone, self.canvas, self.categories, self.projection_fingerprint
+        )
+
+    @property
+    def projection_fingerprint(self) -> dict | None:
+        """``Projection.fingerprint()`` of a projected store, from its header; None otherwise."""
+        if self.projection is None:
+            return None
+        levels = self.projection["levels"]
+        return {
+            "sha256": self.projection["sha256"],
+            "k": {n: v["k"] for n, v in levels.items() if v["k"] < v["channels"]},
+        }
 
     def data_identity(self) -> dict:
         """What a run trained on this store records of its data, so that a resume on another
@@ -282,8 +311,8 @@ class StoreHeader:
             "augment": self.augment,
             "cache_stage": self.hybrid.cache_stage if self.hybrid is not None else None,
         }
-        if self.extra.get("projection") is not None:
-            d["projection"] = self.extra["projection"]
+        if self.projection is not None:
+            d["projection"] = self.projection["sha256"]
         return d
 
     def identity(self) -> dict:
@@ -327,6 +356,8 @@ class StoreHeader:
         d["masks"] = self.masks.to_dict() if self.masks is not None else None
         if self.recipe is not None:
             d["recipe"] = self.recipe
+        if self.projection is not None:
+            d["projection"] = self.projection
         return {**d, **self.extra}
 
     @classmethod
@@ -360,6 +391,7 @@ class StoreHeader:
                 hybrid=Hybrid.from_dict(d["hybrid"]) if d.get("hybrid") else None,
                 masks=MaskInfo.from_dict(d["masks"]) if d.get("masks") else None,
                 recipe=d.get("recipe"),
+                projection=d.get("projection"),
                 extra={k: v for k, v in d.items() if k not in _KNOWN_KEYS},
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -386,4 +418,5 @@ _KNOWN_KEYS = {
     "hybrid",
     "masks",
     "recipe",
+    "projection",
 }

@@ -47,7 +47,7 @@ def store_exists(url: str) -> bool:
     return fs.exists(path)
 
 
-STORE_ENTRIES = {"zarr.json", "features", "quant", "meta", "boxes", "masks"}
+STORE_ENTRIES = {"zarr.json", "features", "quant", "meta", "boxes", "masks", "projection"}
 
 
 def interrupted_creation(url: str) -> bool:
@@ -107,8 +107,10 @@ def create_store(
     views: list[ViewParams],
     boxes: dict[str, np.ndarray],
     extra_meta: dict[str, np.ndarray] | None = None,
+    projection: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> bool:
-    """Lay out a new store: empty feature arrays, the view metadata, the ragged boxes, then the header.
+    """Lay out a new store: empty feature arrays, the view metadata, the ragged boxes, a projected
+    store's ``projection`` ({level: (mean (C,), components (k, C))}), then the header.
 
     A local store is built whole under a temporary sibling name and renamed into place, so it
     appears complete or not at all; when another process got there first, nothing is changed and
@@ -119,7 +121,7 @@ def create_store(
     url = resolve_path(url)
     fs, path = url_fs(url)
     if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        _lay_out(url, header, views, boxes, extra_meta)
+        _lay_out(url, header, views, boxes, extra_meta, projection)
         return True
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
@@ -128,7 +130,7 @@ def create_store(
         parent, f".{name}.creating-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     )
     try:
-        _lay_out(tmp, header, views, boxes, extra_meta)
+        _lay_out(tmp, header, views, boxes, extra_meta, projection)
         os.rename(
             tmp, path
         )  # atomic; fails when another creator's store (a non-empty folder) is there
@@ -174,6 +176,7 @@ def _lay_out(
     views: list[ViewParams],
     boxes: dict[str, np.ndarray],
     extra_meta: dict[str, np.ndarray] | None,
+    projection: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> None:
     group = zarr.open_group(url, mode="w")
     storage = header.storage
@@ -203,6 +206,11 @@ def _lay_out(
     meta = {**meta_arrays(views), **(extra_meta or {})}
     for name, arr in row_arrays(boxes, meta).items():
         write_whole_array(group, name, arr)
+    for name, (mean, components) in (projection or {}).items():
+        write_whole_array(group, f"projection/{name}/mean", np.asarray(mean, dtype=np.float32))
+        write_whole_array(
+            group, f"projection/{name}/components", np.asarray(components, dtype=np.float32)
+        )
     if header.masks is not None:  # filled shard by shard: masks/<shard>/{rle,offsets}
         group.create_group("masks")
     group.attrs["cachedet"] = header.to_dict()

@@ -6,6 +6,10 @@ Store layout (a zarr v3 group)::
     features/<level>          (V, C, H, W) storage dtype; chunk = 1 view; shard = shard_views views
     quant/<level>             (V, C, 2) float32 (offset, step) per view and channel; only for
                               dtype uint8: feature = offset + step * stored
+    projection/<level>/mean   (C,) float32 and projection/<level>/components (k, C) float32: a
+                              projected store's map of the backbone's level (C channels) onto the
+                              k it stores, y = components @ (x - mean); only for projected levels
+                              (header["projection"], ``cachedet.backbones.projection``)
     meta/image_id             (V,) int64         meta/view_index   (V,) int32
     meta/orig_size            (V, 2) int32 (H, W) of the original image
     meta/resized_size         (V, 2) int32 (h, w) after the LSJ resize
@@ -28,6 +32,8 @@ Store layout (a zarr v3 group)::
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -71,6 +77,19 @@ def bytes_per_view(shapes: dict[str, tuple[int, int, int]], dtype: str) -> int:
     ``dtype``, plus uint8 stores' float32 (offset, step) quant params per channel."""
     quant = 2 * ITEMSIZE["float32"] if is_quantized(dtype) else 0
     return sum(int(np.prod(s)) * ITEMSIZE[dtype] + s[0] * quant for s in shapes.values())
+
+
+def projection_sha256(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """Digest of a projection ({level: (mean (C,), components (k, C))}): each level's name, then
+    the shapes and float32 bytes of its mean and components, in level order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        for a in arrays[name]:
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            h.update(str(a.shape).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def compressors(codec: str) -> list:

@@ -381,6 +381,28 @@ class StoreReader(_StoreFiles):
         except Exception as e:  # a truncated chunk fails in the codec, a garbled zarr.json in JSON
             raise rows_damaged(self.url, array, unreadable(e)) from None
 
+    def projection_arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        """A projected store's map, {level: (mean (C,) float32, components (k, C) float32)}, checked
+        against the header's sha256 (StoreDamaged, naming the array, when it is missing, unreadable
+        or changed); None for a store without a projection."""
+        entry = self.header.projection
+        if entry is None:
+            return None
+        arrays = {
+            name: (
+                self._whole(f"projection/{name}/mean"),
+                self._whole(f"projection/{name}/components"),
+            )
+            for name, level in sorted(entry["levels"].items())
+            if level["k"] < level["channels"]
+        }
+        if schema.projection_sha256(arrays) != entry["sha256"]:
+            raise StoreDamaged(
+                f"{self.url}: projection: sha256 differs from the header's; the store's features "
+                "cannot be matched to their map: extract it again (ExtractConfig.overwrite)"
+            )
+        return arrays
+
     @property
     def has_masks(self) -> bool:
         """Whether extraction stored instance masks (``header.masks``)."""
@@ -620,6 +642,7 @@ class StoreReader(_StoreFiles):
         "shards_total"}. A chunk that cannot be decoded, a missing shard object and changed bytes all
         count as damaged. ``on_shard(1)`` is called after each shard.
         """
+        self.projection_arrays()  # a damaged projection spoils every shard: StoreDamaged
         records = self.shard_records()
         report = {"complete": [], "incomplete": [], "damaged": [], "shards_total": self.num_shards}
         for shard in range(self.num_shards):
@@ -707,6 +730,7 @@ class StoreReader(_StoreFiles):
             "levels": levels,
             "codec": h.storage.codec,
             "hybrid_cache_stage": h.hybrid.cache_stage if h.hybrid is not None else None,
+            "projection": h.projection,
             "masks": h.masks.to_dict() if h.masks is not None else None,
             "bytes_masks": self.bytes_on_disk("masks") if self.has_masks else 0,
             "bytes_on_disk": self.bytes_on_disk(),

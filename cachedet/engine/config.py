@@ -51,11 +51,13 @@ class SourceConfig:
     adapt_stages: tuple[int, ...] | None = (
         None  # None: every stage after the stem (or after the cache)
     )
+    # online: apply this projected store's map to the backbone's levels (the features its heads see)
+    projection: str | None = None
 
     def __post_init__(
         self,
     ):  # paths resolved once (cachedet.core.paths), so config.json records where things are
-        for name in ("cache", "annotations", "images"):
+        for name in ("cache", "annotations", "images", "projection"):
             object.__setattr__(self, name, resolve_path(getattr(self, name)))
         if self.weights not in ("default", "random", "timm"):
             object.__setattr__(self, "weights", resolve_path(self.weights))
@@ -79,6 +81,16 @@ class SourceConfig:
             )
         if self.adapt_stages is not None and not self.adapters:
             raise CachedetError("source.adapt_stages needs source.adapters")
+        if self.projection is not None and not self.online:
+            raise CachedetError(
+                "source.projection applies a projected store's map to an online backbone; a "
+                "cache run reads its store's own projection: drop source.projection"
+            )
+        if self.projection is not None and (self.backbone_trainable or self.adapters):
+            raise CachedetError(
+                "source.projection: the map was fitted on the frozen backbone's features; drop "
+                "source.backbone_trainable and source.adapters, or source.projection"
+            )
 
 
 OPTION_MINIMUM = {  # detector options that are counts: the least value that builds a model

@@ -81,12 +81,16 @@ class CheckpointHook(Hook):
         model = trainer.model
         backbone = model.backbone
         keep_backbone = backbone is not None and (backbone.trainable or backbone.has_adapters)
-        return {
+        projection = getattr(trainer.source, "projection", None)
+        state = {
             "detector": model.detector.state_dict(),
             "backbone": backbone.state_dict() if keep_backbone else None,
             "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(),
         }
+        if projection is not None:  # the map from images to the features the heads fit
+            state["projection"] = projection.state()
+        return state
 
     def after_epoch(self, trainer: Trainer) -> None:
         save_run_checkpoint(

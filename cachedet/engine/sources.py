@@ -23,9 +23,11 @@ from cachedet.backbones.backbone import (
     build_backbone,
     config_from_identity,
 )
+from cachedet.backbones.projection import Projection, store_projection
 from cachedet.cache.dataset import CachedViews, InMemoryViews, collate_views
 from cachedet.cache.feature_crop import check_alignment, crop_batch
 from cachedet.cache.header import Fingerprint, check_weights
+from cachedet.cache.store import StoreReader
 from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.online import OnlineViews, collate_images, rank_indices
@@ -160,9 +162,14 @@ class CacheSource(_AdapterMixin):
                 "available here, so the stages after the cache cannot be rebuilt",
             )
             self.specs = list(self.backbone.specs)
-        self.fingerprint = Fingerprint.of(
-            self.specs, self.backbone_identity, self.canvas, header.categories
-        ).to_dict()
+        self.projection = (
+            Projection(StoreReader(url).projection_arrays()) if header.projection else None
+        )
+        self.fingerprint = header.fingerprint().to_dict()
+        if header.hybrid is not None:
+            self.fingerprint = Fingerprint.of(
+                self.specs, self.backbone_identity, self.canvas, header.categories
+            ).to_dict()
         self.augment = header.augment
         self.data = header.data_identity()  # recorded by the run, compared on resume
         if self.feature_crop_min is not None:
@@ -223,6 +230,7 @@ class OnlineSource(_AdapterMixin):
         *,
         masks: bool = False,
         pin_memory: bool = False,
+        projection: str | None = None,
     ):
         self.where = "the online backbone"
         self.loader, self.pin_memory = _with_workers(loader), pin_memory
@@ -237,11 +245,21 @@ class OnlineSource(_AdapterMixin):
             .set_trainable(trainable)
             .check_canvas(augment.size, "source.size")
         )
+        self.projection = None
+        if projection is not None:
+            self.projection = store_projection(
+                projection, self.backbone.identity, "source.projection"
+            )[0]
+            self.backbone.set_projection(self.projection)
         self.specs = list(self.backbone.specs)
         self.canvas = augment.size
         self.categories = self.dataset_info.categories.to_json()
         self.fingerprint = Fingerprint.of(
-            self.specs, self.backbone.identity, self.canvas, self.dataset_info.categories
+            self.specs,
+            self.backbone.identity,
+            self.canvas,
+            self.dataset_info.categories,
+            self.projection.fingerprint() if self.projection is not None else None,
         ).to_dict()
         self.backbone_identity = self.backbone.identity
         self.augment = augment.to_dict()

@@ -86,6 +86,7 @@ def make_source(cfg: TrainConfig, info: DistInfo, device: torch.device):
             cfg.seed,
             masks=cfg.detector.masks,
             pin_memory=pin_memory,
+            projection=cfg.source.projection,
         )
     else:
         # under CUDA autocast the features travel as float16 (half the host-to-device bytes)
@@ -363,11 +364,10 @@ def _validation(
     )
     backbone = model.backbone
     if backbone is None and cfg.val.images is not None:
-        backbone = (
-            build_backbone(config_from_identity(source.backbone_identity), warn=False)
-            .to(device)
-            .eval()
-        )
+        backbone = build_backbone(config_from_identity(source.backbone_identity), warn=False)
+        if source.projection is not None:  # the store's map, as its features were made
+            backbone.set_projection(source.projection)
+        backbone = backbone.to(device).eval()
     adapters = list(model.backbone.adapter_stages) if model.backbone is not None else ()
     predictor = Predictor.from_model(
         det_cfg,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cachedet.backbones.backbone import Backbone, build_backbone, config_from_identity
+from cachedet.backbones.projection import Projection
 from cachedet.cache.header import Fingerprint, check_weights
 from cachedet.cache.store import StoreReader
 from cachedet.core.errors import CachedetError
@@ -62,6 +63,20 @@ def set_score_threshold(
         post.detections_per_img = int(max_detections)
 
 
+def checkpoint_projection(weights: dict, fingerprint: dict, path: str) -> Projection:
+    """The projection a run on projected features saved in its checkpoint, checked against the
+    run's fingerprint. Raises CachedetError naming ``path`` when it is missing or differs."""
+    state = weights.get("projection")
+    projection = Projection.from_state(state) if state is not None else None
+    if projection is None or projection.sha256 != fingerprint["projection"]["sha256"]:
+        raise CachedetError(
+            f"{path}: the run was trained on projected features but its checkpoint "
+            f"{'holds another projection' if projection is not None else 'holds no projection'}; "
+            "images cannot be turned into its features"
+        )
+    return projection
+
+
 class Predictor:
     """Loads RUN/checkpoints/last.pt (``checkpoint="best"``: best.pt; or a checkpoint file as ``run``); ``predict_views`` and ``predict_images``
     give COCO results. ``Predictor.from_model`` wraps a detector in memory (validation during training)."""
@@ -102,6 +117,8 @@ class Predictor:
                 backbone.add_adapters(adapters)
             if weights.get("backbone") is not None:
                 backbone.load_state_dict(weights["backbone"])
+            if record.fingerprint.get("projection") is not None:
+                backbone.set_projection(checkpoint_projection(weights, record.fingerprint, path))
         self._attach(
             run,
             resolve_device(device),

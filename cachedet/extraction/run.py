@@ -19,6 +19,13 @@ import torch
 
 from cachedet import __version__
 from cachedet.backbones.backbone import Backbone, BackboneConfig, build_backbone
+from cachedet.backbones.projection import (
+    SAMPLE_VIEWS,
+    Projection,
+    kept_channels,
+    parse_request,
+    store_projection,
+)
 from cachedet.cache import schema
 from cachedet.cache.header import Hybrid, MaskInfo, Storage, StoreHeader
 from cachedet.cache.layout import (
@@ -46,12 +53,14 @@ from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import mask_source, mask_sources
 from cachedet.data.scan import ScanReport, scan_images
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
+from cachedet.extraction.projection import fit_projection, header_entry, reusable
 from cachedet.extraction.reuse import refuse_or_rebuild
 from cachedet.extraction.shards import (
     ShardRunner,
     ShardTask,
     compute_features,
     default_loader_workers,
+    load_backbone,
     run_shards_in_process,
     run_shards_on_dask,
 )
@@ -85,11 +94,19 @@ class ExtractConfig:
     )
     masks: bool = True  # store instance masks when the annotations carry segmentation
     recipe: str | None = DEFAULT_RECIPE  # cachedet.core.recipes; recorded in the header
+    # store each level projected onto its leading principal directions (PCA fitted on a sample of
+    # the store's views): None, "auto" (min(C, 256)), K, a fraction (0.25, "1/4") or {level: k};
+    # see cachedet.backbones.projection.parse_request
+    project: str | int | float | dict | None = None
+    # or apply the map of this projected store (a validation store for heads trained on it)
+    projection: str | None = None
 
     def __post_init__(self):
         # paths resolved once (cachedet.core.paths), as every later reader sees them
         for name in ("annotations", "images", "out"):
             object.__setattr__(self, name, resolve_path(getattr(self, name)))
+        object.__setattr__(self, "project", parse_request(self.project))  # its normal form
+        object.__setattr__(self, "projection", resolve_path(self.projection))
         # the recipe fills in the jitter the user did not give, as train-heads' recipe does
         if self.recipe is not None and not self.augment.range_given:
             jitter = tuple(get_recipe(self.recipe).scale_range)
@@ -131,6 +148,18 @@ class ExtractConfig:
             )
         if not os.path.isdir(self.images):
             raise CachedetError(f"ExtractConfig.images {self.images}: not a directory")
+        if self.project is not None and self.projection is not None:
+            raise CachedetError(
+                "ExtractConfig.project fits a new projection, ExtractConfig.projection applies a "
+                "store's: give one of them"
+            )
+        if (self.project or self.projection) is not None and self.cache_stage is not None:
+            option = "project" if self.project is not None else "projection"
+            raise CachedetError(
+                f"ExtractConfig.{option} and ExtractConfig.cache_stage exclude each other: a hybrid "
+                "cache keeps a stage's output for the later stages (and adapters) to run on, which "
+                "a projection would change; drop one of them"
+            )
         schema.check_storage(self.dtype, self.codec, self.shard_views)
         resolve_device(self.device)
 
@@ -290,7 +319,10 @@ def _header(
     plan: ViewPlan,
     hybrid: Hybrid | None,
     masks: bool,
+    projection: dict | None = None,
 ) -> StoreHeader:
+    """The new store's header; ``backbone`` carries the projection, if any (its specs and shapes
+    are the stored ones), and ``projection`` is its header entry."""
     return StoreHeader(
         backbone=backbone.identity,
         specs=tuple(backbone.specs),
@@ -305,10 +337,13 @@ def _header(
         hybrid=hybrid,
         masks=masks_header(dataset, plan) if masks else None,
         recipe=cfg.recipe,
+        projection=projection,
     )
 
 
-def prepare_store(cfg: ExtractConfig, header: StoreHeader, plan: ViewPlan) -> None:
+def prepare_store(
+    cfg: ExtractConfig, header: StoreHeader, plan: ViewPlan, projection: dict | None = None
+) -> None:
     """Create the store, or check that an existing one was made with the same configuration.
 
     Safe against a second extraction starting on the same new store: creation is atomic
@@ -325,6 +360,7 @@ def prepare_store(cfg: ExtractConfig, header: StoreHeader, plan: ViewPlan) -> No
             plan.views,
             plan.boxes,
             extra_meta={"paste_image_id": plan.paste_image_ids()},
+            projection=projection,
         ):
             return
     raise CachedetError(
@@ -376,9 +412,11 @@ def shard_tasks(
     masks_of: DetectionDataset | None,
     plan: ViewPlan,
     skip: set[int] = frozenset(),
+    projection: str | None = None,
 ) -> list[ShardTask]:
     """One ``ShardTask`` per shard of ``plan`` not in ``skip`` (complete shards), in shard order.
-    ``masks_of``: the dataset whose instance masks the tasks rasterise, or None for boxes only."""
+    ``masks_of``: the dataset whose instance masks the tasks rasterise, or None for boxes only;
+    ``projection``: the sha256 of the store's projection, which the tasks apply (or None)."""
     tasks, meta = [], plan.meta()
     for shard in range(-(-len(plan.views) // cfg.shard_views)):
         if shard in skip:
@@ -401,6 +439,7 @@ def shard_tasks(
                 threads=max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers else 0,
                 masks=mask_sources(masks_of, plan, start, end) if masks_of is not None else None,
                 rows=rows_checksums(plan.boxes, meta, start, end),
+                projection=projection,
             )
         )
     return tasks
@@ -419,13 +458,14 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     backbone = build_backbone(backbone_cfg)
     plan = plan_views(dataset, cfg.augment, cfg.views)
     with_masks = cfg.masks and dataset.has_masks
-    header = _header(cfg, backbone, dataset, plan, hybrid, with_masks)
+    projection, entry, fitted_on = projection_for(cfg, backbone_cfg, backbone, plan, progress)
+    header = _header(cfg, backbone, dataset, plan, hybrid, with_masks, entry)
     created = cfg.overwrite or not store_exists(cfg.out)
     reused = []
     if not created:  # made from another version of the annotations: say what changed, or update
         masks_of = dataset if with_masks else None
         reused = refuse_or_rebuild(cfg.out, header, plan, dataset, cfg.update, masks_of) or []
-    prepare_store(cfg, header, plan)
+    prepare_store(cfg, header, plan, projection.arrays() if projection is not None else None)
     mended = (
         StoreWriter(cfg.out).mend_rows(row_arrays(plan.boxes, plan.meta())) if cfg.repair else []
     )
@@ -435,11 +475,18 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     store.remove_stale_temps()  # left by writes of a killed run
     done = store.shard_records()
     total = header.num_shards
-    tasks = shard_tasks(cfg, backbone_cfg, dataset if with_masks else None, plan, skip=set(done))
+    tasks = shard_tasks(
+        cfg,
+        backbone_cfg,
+        dataset if with_masks else None,
+        plan,
+        skip=set(done),
+        projection=entry["sha256"] if entry is not None else None,
+    )
     todo_views = sum(len(t.views) for t in tasks)
     runner = None
     if tasks and not (cfg.workers or cfg.scheduler):  # built before the clock starts, as on dask
-        runner = ShardRunner(backbone_cfg, cfg.device)
+        runner = ShardRunner(backbone_cfg, cfg.device, backbone=fitted_on)
         if runner.pin:  # first-call kernel selection, outside the measured shard work
             compute_features(runner.backbone, torch.zeros(1, 3, cfg.augment.size, cfg.augment.size))
     t_shards = time.perf_counter()
@@ -481,6 +528,54 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     )
 
 
+def projection_for(
+    cfg: ExtractConfig,
+    backbone_cfg: BackboneConfig,
+    backbone: Backbone,
+    plan: ViewPlan,
+    progress: bool,
+) -> tuple[Projection | None, dict | None, Backbone | None]:
+    """(projection, its header entry, the device backbone it was fitted with or None) for
+    ``cfg.project``; the projection is set on ``backbone`` (so its specs are the stored ones). A
+    store being resumed, updated or repaired keeps its own map when made for the same request."""
+    from cachedet.core.progress import ViewProgress
+
+    if cfg.projection is not None:  # another store's map, as it is
+        projection, entry = store_projection(
+            cfg.projection, backbone.identity, "ExtractConfig.projection"
+        )
+        backbone.set_projection(projection)
+        return projection, entry, None
+    if cfg.project is None:
+        return None, None, None
+    raw_specs = list(backbone.specs)
+    seed = cfg.augment.seed
+    found = None if cfg.overwrite else reusable(cfg.out, cfg.project, seed)
+    fitted_on = None
+    if found is not None:
+        projection, entry = found
+    else:
+        fitted_on = load_backbone(backbone_cfg, cfg.device)
+        sample = min(SAMPLE_VIEWS, len(plan.views))
+        with ViewProgress("fit projection", sample, enabled=progress) as bar:
+            projection = fit_projection(
+                fitted_on,
+                plan.views,
+                plan.paths,
+                plan.pastes,
+                cfg.project,
+                seed,
+                cfg.batch_size,
+                loader_workers(cfg) if not (cfg.workers or cfg.scheduler) else 0,
+                progress=bar.advance,
+            )
+        if projection is None:  # every level keeps all its channels: a plain store
+            return None, None, fitted_on
+        entry = header_entry(projection, raw_specs, cfg.project, seed)
+    backbone.set_projection(projection)
+    return projection, entry, fitted_on
+
+
 def repair_store(url: str, progress: bool = True) -> list[dict]:
     """Verify every complete shard; unmark the damaged ones so this run recomputes them."""
     from cachedet.core.progress import ViewProgress
@@ -514,6 +609,9 @@ class DryRunReport:
     views_per_second: float
     estimated_seconds: float
     scan: ScanReport | None = None  # None with num_images (no file to scan)
+    # bytes per view (before compression) of each storage choice: {"project", "dtype",
+    # "bytes_per_view", "total_bytes", "coco_bytes"} (COCO: 118,287 images x views per image)
+    choices: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -555,8 +653,11 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
         device
     )  # a hybrid cache stores (and runs) less
     shapes = backbone.feature_shapes(cfg.augment.size)
-    per_view = schema.bytes_per_view(shapes, cfg.dtype)
+    specs = backbone.specs
+    raw_shapes = {s.name: (s.channels, *shapes[s.name][1:]) for s in specs}
     views = num_images * cfg.views
+    choices = storage_choices(cfg, specs, raw_shapes, views)
+    per_view = next(c for c in choices if c["chosen"])["bytes_per_view"]
     batch = torch.zeros(min(cfg.batch_size, 4), 3, cfg.augment.size, cfg.augment.size)
     compute_features(backbone, batch)  # warm-up
     t = time.perf_counter()
@@ -575,4 +676,36 @@ def dry_run(cfg: ExtractConfig, num_images: int | None = None) -> DryRunReport:
         views_per_second=vps,
         estimated_seconds=views / vps,
         scan=scan,
+        choices=choices,
     )
+
+
+COCO_TRAIN_IMAGES = 118_287
+
+
+def storage_choices(cfg: ExtractConfig, specs, shapes: dict, views: int) -> list[dict]:
+    """Bytes per view before compression (``schema.bytes_per_view``) and totals for no
+    projection, ``auto`` and ``cfg.project``, each in ``cfg.dtype`` and uint8. ``shapes``:
+    the backbone's (C, H, W) per level; ``chosen`` marks ``cfg``'s own choice."""
+    own = cfg.project
+    if cfg.projection is not None:  # another store's map: its kept directions per level
+        levels = StoreReader(cfg.projection).header.projection["levels"]
+        own = {n: v["k"] for n, v in levels.items()}
+    requests = [None, "auto"] + ([own] if own not in (None, "auto") else [])
+    out = []
+    for request in requests:
+        keep = kept_channels(request, specs)
+        projected = {n: (keep[n], h, w) for n, (_, h, w) in shapes.items()}
+        for dtype in dict.fromkeys((cfg.dtype, "uint8")):
+            per_view = schema.bytes_per_view(projected, dtype)
+            out.append(
+                {
+                    "project": "none" if request is None else request,
+                    "dtype": dtype,
+                    "bytes_per_view": per_view,
+                    "total_bytes": per_view * views,
+                    "coco_bytes": per_view * COCO_TRAIN_IMAGES * cfg.views,
+                    "chosen": request == own and dtype == cfg.dtype,
+                }
+            )
+    return out

@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from cachedet.backbones.backbone import Backbone, BackboneConfig, build_backbone
+from cachedet.backbones.projection import Projection
 from cachedet.cache import schema
-from cachedet.cache.store import CHECKSUM, StoreWriter
+from cachedet.cache.store import CHECKSUM, StoreReader, StoreWriter
 from cachedet.core.errors import CachedetError, NonFiniteFeatures
 from cachedet.core.runtime import resolve_device
 from cachedet.core.structures import ViewParams
@@ -51,6 +52,7 @@ class ShardTask:
     rows: dict[str, str] | None = (
         None  # checksums of its box and metadata rows (``rows_checksums``)
     )
+    projection: str | None = None  # sha256 of the store's projection, applied before encoding
 
 
 def load_backbone(cfg: BackboneConfig, device: str) -> Backbone:
@@ -188,6 +190,25 @@ class ShardRunner:
         self.cfg, self.device = cfg, device
         self.backbone = backbone if backbone is not None else load_backbone(cfg, device)
         self.pin = resolve_device(device).type == "cuda"
+        self._projections: dict[tuple[str, str], Projection] = {}
+
+    def projection(self, task: ShardTask) -> Projection | None:
+        """The projection ``task`` applies, read once from its store and checked against the
+        task's sha256 (a store re-made with another map while tasks were queued is refused)."""
+        if task.projection is None:
+            return None
+        key = (task.store, task.projection)
+        if key not in self._projections:
+            arrays = StoreReader(task.store).projection_arrays()
+            projection = Projection(arrays or {})
+            if arrays is None or projection.sha256 != task.projection:
+                raise CachedetError(
+                    f"ExtractConfig.out {task.store}: its projection is not the one this "
+                    "extraction fitted (the store was replaced meanwhile); rerun the command"
+                )
+            dev = next(self.backbone.parameters()).device
+            self._projections = {key: projection.to(dev)}  # one store at a time
+        return self._projections[key]
 
     def computed(self, tasks: list[ShardTask], on_views=None):
         """Yield (task, ComputedShard) for each task, in order (nothing is written)."""
@@ -218,8 +239,13 @@ class ShardRunner:
         )
         queue = iter(tasks)
         shard = _Assembler(next(queue))
+        projection = self.projection(first)
         for images, errors, view_masks in loader:
-            shard.add(errors, view_masks, forward(self.backbone, images))
+            feats = forward(self.backbone, images)
+            if projection is not None:  # on the device, before encoding
+                with torch.inference_mode():
+                    feats = projection(feats)
+            shard.add(errors, view_masks, feats)
             if on_views:
                 on_views(len(errors))
             if shard.full():
