@@ -13,12 +13,12 @@ import os
 import statistics
 import time
 
+from cachedet.api import evaluate
 from cachedet.backbones.backbone import BackboneConfig
 from cachedet.cache.store import FeatureStore
 from cachedet.data.synthetic import make_synthetic_dataset
 from cachedet.data.views import AugmentConfig
 from cachedet.engine.train import TrainConfig, train
-from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.extraction.run import ExtractConfig, extract
 from cachedet.tools.demo import FULL, DemoSettings
 
@@ -114,7 +114,7 @@ def train_and_score(
     t = time.perf_counter()
     train(cfg, progress=False)
     seconds = time.perf_counter() - t
-    metrics, _ = evaluate_run(
+    metrics, _ = evaluate(
         run,
         paths["val"],
         paths["images"],

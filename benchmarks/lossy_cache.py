@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from demo_variants import BACKBONE, make_cache, study_setup, train_and_score  # noqa: E402
 
+from cachedet.api import evaluate  # noqa: E402
 from cachedet.core.atomic import write_json_atomic  # noqa: E402
 from cachedet.data.views import AugmentConfig  # noqa: E402
-from cachedet.evaluation.evaluate import evaluate_run  # noqa: E402
 from cachedet.extraction.run import ExtractConfig, extract  # noqa: E402
 from cachedet.tools.bench import machine_info  # noqa: E402
 from cachedet.tools.demo import FULL  # noqa: E402
@@ -70,7 +70,7 @@ def score_from_val_caches(work: str, paths: dict, run: str) -> list[dict]:
             ),
             progress=False,
         )
-        metrics, _ = evaluate_run(run, paths["val"], cache=store, progress=False)
+        metrics, _ = evaluate(run, paths["val"], cache=store, progress=False)
         rows.append({"dtype": dtype, "AP": metrics["bbox"]["AP"], "AP50": metrics["bbox"]["AP50"]})
         print(rows[-1], flush=True)
     return rows
