@@ -3,16 +3,20 @@ detections, and is refused in one line where it is not installed (issue 29, item
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import to_lvis
 from helpers import load_benchmark
 from pycocotools import mask as mask_utils
 
 from cachedet.core.errors import CachedetError
 from cachedet.evaluation.config import EvalConfig
+from cachedet.evaluation.evaluate import evaluate_run
 from cachedet.evaluation.evaluator import DetectionEvaluator, inference_on_dataset
 from cachedet.evaluation.ground_truth import scoring_ground_truth
 from cachedet.evaluation.scoring import COCO_STATS, coco_evaluate
@@ -166,3 +170,46 @@ def test_cli_names_the_backend_option(cli, monkeypatch, tmp_path):
     assert r.exit_code == 2
     assert "cachedet: error: --backend faster-coco-eval: the package is not installed" in r.stderr
     assert "pip install faster-coco-eval" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("lvis", [False, True])
+def test_eval_with_either_backend_reports_the_same(
+    synthetic, tiny_run, tmp_path, lvis, monkeypatch
+):
+    """``EvalConfig.backend`` reaches the scorer through eval; an LVIS file's LVISEval numbers do
+    not depend on it."""
+    pytest.importorskip("faster_coco_eval")
+    from cachedet.evaluation import scoring
+
+    used, coco_api = [], scoring.coco_api
+    monkeypatch.setattr(
+        scoring, "coco_api", lambda backend: used.append(backend) or coco_api(backend)
+    )
+    annotations = synthetic["val"]
+    if lvis:
+        with open(annotations) as f:
+            data = to_lvis(json.load(f))
+        annotations = str(tmp_path / "lvis_val.json")
+        Path(annotations).write_text(json.dumps(data))
+    cfg = EvalConfig(tiny_run(masks=True), annotations, synthetic["images"], device="cpu")
+    ref, dets = evaluate_run(cfg, progress=False)
+    fast, fast_dets = evaluate_run(cfg.with_settings(backend="faster-coco-eval"), progress=False)
+    assert (ref["backend"], fast["backend"]) == ("pycocotools", "faster-coco-eval")
+    assert used == ["pycocotools"] * 2 + ["faster-coco-eval"] * 2  # bbox and segm each
+    assert fast_dets == dets and "segm" in ref and ("lvis_bbox" in ref) == lvis
+    for part in ("bbox", "segm"):
+        _same_summary(fast[part], ref[part])
+    for key in ("seconds", "backend", "bbox", "segm"):
+        del ref[key], fast[key]
+    assert _close(fast, ref)  # per-class, by size, by training count, lvis_bbox / lvis_segm
+
+
+def _close(a, b) -> bool:
+    """Nested metrics equal, floats to 1e-4 (AP in 0..100)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-4
+    return a == b
