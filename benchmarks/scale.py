@@ -14,7 +14,9 @@ time and peak resident memory (``ru_maxrss``):
   image); the imports before them (torch, a constant) are reported apart (``import_s``) and not
   counted; peak memory counts them (the process's VmHWM);
 - ``eval``: ``DetectionEvaluator`` (pycocotools COCOeval; LVISEval for the LVIS file) on N images
-  with 100 detections each.
+  with 100 detections each; the COCO file is scored again with ``--backend faster-coco-eval``
+  (where installed), in its own process, on the same detections: both wall times (``eval_s``),
+  their ratio and whether the 12 COCO stats agree (to 1e-6) are recorded.
 
 Writes ``results/scale.json`` (``sizes``: one entry per size; ``eval``) and ``results/scale.md``,
 with the machine, versions and the load average before and after.
@@ -160,8 +162,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def stage(name: str, path: str, images: str | None) -> dict:
-    """Run one measurement in this process; returns {seconds, peak_mb, ...}."""
+def stage(name: str, path: str, images: str | None, backend: str = "pycocotools") -> dict:
+    """Run one measurement in this process; returns {seconds, peak_mb, ...}. ``backend``: the COCO
+    scorer of the eval stages."""
     t = time.perf_counter()
     imported = 0.0
     if name == "json":
@@ -197,11 +200,11 @@ def stage(name: str, path: str, images: str | None) -> dict:
         with open(path) as f:
             data = json.load(f)
         dets = detections_for(data)
-        t = time.perf_counter()  # scoring only: the ground truth and detections are given
+        t, cpu = time.perf_counter(), time.process_time()  # scoring only: given gt and detections
         lvis = name == "eval_lvis"
         gt = scoring_ground_truth(data, path, lvis)
         names = {c["id"]: c["name"] for c in data["categories"]}
-        evaluator = DetectionEvaluator(gt, names, lvis=lvis)
+        evaluator = DetectionEvaluator(gt, names, lvis=lvis, backend=backend)
         evaluator.reset()
         evaluator.process(dets)
         metrics = evaluator.evaluate()
@@ -209,6 +212,9 @@ def stage(name: str, path: str, images: str | None) -> dict:
             "images": len(data["images"]),
             "detections": len(dets),
             "AP": metrics["bbox"]["AP"],
+            "stats": metrics["bbox"],  # the 12 COCO numbers, 0..100
+            "cpu_s": time.process_time() - cpu,  # all threads: a scorer's own threads show here
+            "backend": backend,
         }
     else:
         raise SystemExit(f"unknown stage {name}")
@@ -220,11 +226,13 @@ def stage(name: str, path: str, images: str | None) -> dict:
     }
 
 
-def fresh(name: str, path: str, images: str | None = None) -> dict:
+def fresh(name: str, path: str, images: str | None = None, backend: str | None = None) -> dict:
     """``stage`` in a new Python process (nothing cached from earlier stages)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--stage", name, "--file", path]
     if images:
         cmd += ["--images", images]
+    if backend:
+        cmd += ["--backend", backend]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -268,10 +276,46 @@ def measure_eval(n_images: int, work: str, log=print, lvis_images: int | None = 
         with open(path, "w") as f:
             json.dump(coco_like(n_images, seed=2, classes=classes, lvis=lvis), f)
         r = fresh(name, path)
-        row = {"protocol": "LVIS" if lvis else "COCO", "classes": classes, **r}
+        row = {
+            "protocol": "LVIS" if lvis else "COCO",
+            "classes": classes,
+            **r,
+            "eval_s": r["seconds"],
+        }
+        if not lvis:
+            row["faster_coco_eval"] = compare_backend(path, r)
         log(json.dumps(row))
         rows.append(row)
     return rows
+
+
+def compare_backend(path: str, reference: dict) -> dict:
+    """Score the COCO file ``path`` with faster-coco-eval in a fresh process, beside ``reference``
+    (pycocotools' stage result): {eval_s, cpu_s, peak_mb, speedup (pycocotools' seconds over
+    faster-coco-eval's), stats_agree (all 12 stats within 1e-6 in COCOeval's 0..1 units),
+    max_stat_diff}, or {"skipped": why} where the package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("faster_coco_eval") is None:
+        return {"skipped": "faster-coco-eval is not installed (pip install faster-coco-eval)"}
+    r = fresh("eval", path, backend="faster-coco-eval")
+    ours, theirs = reference["stats"], r["stats"]
+    diffs = [  # COCOeval's 0..1 units; undefined (None) on one side only counts as 1, the whole range
+        1.0
+        if (ours[k] is None) != (theirs.get(k) is None)
+        else abs(ours[k] - theirs[k]) / 100
+        if ours[k] is not None
+        else 0.0
+        for k in ours
+    ]
+    return {
+        "eval_s": r["seconds"],
+        "cpu_s": r["cpu_s"],
+        "peak_mb": r["peak_mb"],
+        "speedup": reference["seconds"] / r["seconds"],
+        "stats_agree": len(ours) == 12 and ours.keys() == theirs.keys() and max(diffs) <= 1e-6,
+        "max_stat_diff": max(diffs),
+    }
 
 
 def markdown(result: dict) -> str:
@@ -315,6 +359,24 @@ def markdown(result: dict) -> str:
                 f"| {r['protocol']} | {r['images']:,} | {r['classes']:,} | {r['detections']:,} |"
                 f" {r['seconds']:.1f} | {r['peak_mb']:.0f} |"
             )
+        fast = [r for r in result["eval"] if "eval_s" in r.get("faster_coco_eval", {})]
+        if fast:
+            lines += [
+                "",
+                "COCO scorer backends on the same detections, each in a fresh process (`eval"
+                " --backend`; pycocotools is the reference):",
+                "",
+                "| images | detections | pycocotools s (CPU s) | faster-coco-eval s (CPU s) | speed-up"
+                " | 12 stats agree (max difference) |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in fast:
+                f = r["faster_coco_eval"]
+                lines.append(
+                    f"| {r['images']:,} | {r['detections']:,} | {r['eval_s']:.1f} ({r['cpu_s']:.1f})"
+                    f" | {f['eval_s']:.1f} ({f['cpu_s']:.1f}) | {f['speedup']:.1f}×"
+                    f" | {'yes' if f['stats_agree'] else 'NO'} ({f['max_stat_diff']:.1e}) |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -329,9 +391,10 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--images", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--backend", default="pycocotools", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.stage:
-        print(json.dumps(stage(args.stage, args.file, args.images)))
+        print(json.dumps(stage(args.stage, args.file, args.images, args.backend)))
         return None
     import tempfile
 

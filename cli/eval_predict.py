@@ -144,6 +144,13 @@ def eval_command(
     max_detections: Optional[int] = typer.Option(
         None, "--max-detections", help=MAX_DETECTIONS_HELP + " Default: COCO 100, LVIS 300."
     ),
+    backend: str = typer.Option(
+        "pycocotools",
+        "--backend",
+        metavar="pycocotools|faster-coco-eval",
+        help="COCO scorer: pycocotools (the reference) or faster-coco-eval (pip install "
+        "faster-coco-eval; same numbers, tested). LVIS files always use the lvis package.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ):
     """Score a trained run on a validation set (pycocotools / LVIS), stratified like the paper."""
@@ -170,6 +177,7 @@ def eval_command(
         batch_size=batch_size,
         score_threshold=score_threshold,
         max_detections=max_detections,
+        backend=backend,
     )
     metrics, _ = evaluate(cfg, progress=not quiet)
     print_metrics(metrics, make_console())

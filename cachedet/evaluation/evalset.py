@@ -78,10 +78,12 @@ class EvalSet:
         masks: bool,
         train_counts=None,
         count_bins: tuple[int, ...] = DEFAULT_COUNT_BINS,
+        backend: str = "pycocotools",
     ) -> DetectionEvaluator:
         """A DetectionEvaluator for a run predicting ``categories`` ({category id: name}), after
         checking that the file has the same categories (by id and name). ``masks``: the run
-        predicts masks (scored as segm when the file has segmentations)."""
+        predicts masks (scored as segm when the file has segmentations); ``backend``: the COCO
+        scorer (``DetectionEvaluator``)."""
         check_categories(
             self.dataset.raw["categories"],
             categories,
@@ -94,6 +96,7 @@ class EvalSet:
             lvis=self.dataset.is_lvis,
             train_counts=train_counts,
             count_bins=tuple(count_bins),
+            backend=backend,
         )
 
     def check(self, predictor) -> None:

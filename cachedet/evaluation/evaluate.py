@@ -48,6 +48,7 @@ def evaluate_run(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[dic
         predictor.masks,
         train_counts,
         cfg.count_bins,
+        cfg.backend,
     )
     with ViewProgress("eval", evalset.num_images, unit="images", enabled=progress) as bar:
         scores = evalset.score(predictor, evaluator, cfg.batch_size, on_images=bar.advance)
@@ -57,6 +58,7 @@ def evaluate_run(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[dic
         "annotations": cfg.annotations,
         "source": evalset.source,
         "num_images": evalset.num_images,
+        "backend": cfg.backend,
         **scores,
         "seconds": time.perf_counter() - t0,
     }

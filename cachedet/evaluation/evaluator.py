@@ -16,6 +16,7 @@ from typing import Iterable
 
 from cachedet.evaluation.scoring import (
     DEFAULT_COUNT_BINS,
+    coco_api,
     coco_evaluate,
     lvis_evaluate,
     stratify_by_count,
@@ -39,18 +40,21 @@ class DatasetEvaluator:
 
 
 class COCOEvaluator(DatasetEvaluator):
-    """pycocotools' COCOeval for one ``iou_type`` (bbox or segm): {"summary", "per_class"}."""
+    """COCOeval for one ``iou_type`` (bbox or segm): {"summary", "per_class", "precision",
+    "category_ids"} (``coco_evaluate``). ``backend``: ``pycocotools`` (the reference) or
+    ``faster-coco-eval``; an unknown or missing one raises CachedetError on construction."""
 
-    def __init__(self, ground_truth: dict, iou_type: str = "bbox"):
+    def __init__(self, ground_truth: dict, iou_type: str = "bbox", backend: str = "pycocotools"):
         super().__init__()
-        self.ground_truth, self.iou_type = ground_truth, iou_type
+        self.ground_truth, self.iou_type, self.backend = ground_truth, iou_type, backend
+        coco_api(backend)  # refused now, not after every prediction
 
     def evaluate(self) -> dict:
-        return coco_evaluate(self.ground_truth, self.detections, self.iou_type)
+        return coco_evaluate(self.ground_truth, self.detections, self.iou_type, self.backend)
 
 
 class LVISEvaluator(COCOEvaluator):
-    """The lvis package's LVISEval (APr/APc/APf): {"summary"}."""
+    """The lvis package's LVISEval (APr/APc/APf): {"summary"}; always the lvis package."""
 
     def evaluate(self) -> dict:
         return lvis_evaluate(self.ground_truth, self.detections, self.iou_type)
@@ -61,7 +65,9 @@ class DetectionEvaluator(DatasetEvaluator):
 
     ground_truth: the dataset from ``scoring_ground_truth``; names: {category_id: name};
     masks: score segm too (the run predicts masks and the file has segmentations); lvis: add LVISEval;
-    train_counts: training annotations per category id, to stratify per-class AP (None: no strata).
+    train_counts: training annotations per category id, to stratify per-class AP (None: no strata);
+    backend: the COCO scorer, ``pycocotools`` (the reference, default) or ``faster-coco-eval``
+    (CachedetError naming ``EvalConfig.backend`` when unknown or not installed).
     After ``evaluate``, ``precision`` holds {"bbox"[, "segm"]: (COCOeval precision (10, 101, K),
     category ids)} for precision-recall curves (``cachedet.core.plots.plot_pr_curves``).
     ``evaluate`` returns dict(num_detections, bbox, per_class [{category_id, name, AP[, mask_AP,
@@ -77,13 +83,14 @@ class DetectionEvaluator(DatasetEvaluator):
         lvis: bool = False,
         train_counts: Counter | None = None,
         count_bins: tuple[int, ...] = DEFAULT_COUNT_BINS,
+        backend: str = "pycocotools",
     ):
         super().__init__()
         self.names, self.train_counts, self.count_bins = names, train_counts, tuple(count_bins)
-        self.parts = {"bbox": COCOEvaluator(ground_truth, "bbox")}
+        self.parts = {"bbox": COCOEvaluator(ground_truth, "bbox", backend)}
         self.precision: dict = {}
         if masks:
-            self.parts["segm"] = COCOEvaluator(ground_truth, "segm")
+            self.parts["segm"] = COCOEvaluator(ground_truth, "segm", backend)
         if lvis:
             self.parts["lvis_bbox"] = LVISEvaluator(ground_truth, "bbox")
             if masks:

@@ -2,7 +2,9 @@
 
 AP is never re-implemented here: COCOeval / LVISEval compute it; this module only picks the
 numbers out (summary stats, per-class AP from COCOeval's precision array) and groups classes by
-how many training annotations they have.
+how many training annotations they have. COCO scoring runs on pycocotools (the reference, the
+default) or, by choice, on faster-coco-eval (``COCO_BACKENDS``): the same protocol with its
+matching and accumulation in C++, tested to give pycocotools' numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from collections import Counter
 
 import numpy as np
 
+from cachedet.core.errors import CachedetError
+
+COCO_BACKENDS = ("pycocotools", "faster-coco-eval")  # the first is the reference and the default
 COCO_STATS = (
     "AP",
     "AP50",
@@ -60,9 +65,28 @@ def _stat(value: float) -> float | None:
     return None if value < 0 else float(value * 100)
 
 
-def _coco_gt(gt_dataset: dict, iou_type: str):
-    from pycocotools.coco import COCO
+def coco_api(backend: str = "pycocotools", field: str = "EvalConfig.backend") -> tuple:
+    """(COCO, COCOeval) classes of the COCO scorer ``backend``: ``pycocotools`` or
+    ``faster-coco-eval`` (its ``COCO`` and ``COCOeval_faster``, the same interface). Raises
+    CachedetError naming ``field`` for an unknown backend or a faster-coco-eval not installed."""
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
 
+        return COCO, COCOeval
+    if backend != "faster-coco-eval":
+        raise CachedetError(f"{field} {backend!r}: expected {' or '.join(COCO_BACKENDS)}")
+    try:
+        from faster_coco_eval import COCO, COCOeval_faster
+    except ImportError:
+        raise CachedetError(
+            f"{field} faster-coco-eval: the package is not installed; pip install "
+            "faster-coco-eval (or score with the default, pycocotools)"
+        ) from None
+    return COCO, COCOeval_faster
+
+
+def _coco_gt(gt_dataset: dict, iou_type: str, COCO):
     gt = COCO()
     gt.dataset = copy.deepcopy(gt_dataset)
     gt.dataset.setdefault("info", {})
@@ -77,10 +101,8 @@ def _coco_gt(gt_dataset: dict, iou_type: str):
     return gt
 
 
-def _coco_results(gt, detections: list[dict], iou_type: str):
+def _coco_results(gt, detections: list[dict], iou_type: str, COCO):
     """COCO results object; an empty one by hand, since ``loadRes`` refuses an empty list."""
-    from pycocotools.coco import COCO
-
     if detections:
         return gt.loadRes(copy.deepcopy(for_iou_type(detections, iou_type)))
     dt = COCO()
@@ -93,8 +115,11 @@ def _coco_results(gt, detections: list[dict], iou_type: str):
     return dt
 
 
-def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbox") -> dict:
-    """Score COCO-format detections with pycocotools' COCOeval (``iou_type`` bbox or segm).
+def coco_evaluate(
+    gt_dataset: dict, detections: list[dict], iou_type: str = "bbox", backend: str = "pycocotools"
+) -> dict:
+    """Score COCO-format detections with pycocotools' COCOeval (``iou_type`` bbox or segm), or with
+    faster-coco-eval's ``COCOeval_faster`` (``backend``, see ``coco_api``, which raises for it).
 
     Returns {"summary": {AP, AP50, ..., ARl in 0..100, or None where COCOeval says -1 (no ground
     truth of that size)}, "per_class": {category_id: AP or None}, "precision": COCOeval's precision
@@ -103,11 +128,10 @@ def coco_evaluate(gt_dataset: dict, detections: list[dict], iou_type: str = "bbo
     "category_ids": [...]}. No detections scores 0 wherever
     there is ground truth. For segm, ground truth without a segmentation is scored as its box.
     """
-    from pycocotools.cocoeval import COCOeval
-
-    gt = _coco_gt(gt_dataset, iou_type)
+    COCO, COCOeval = coco_api(backend)
+    gt = _coco_gt(gt_dataset, iou_type, COCO)
     with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(gt, _coco_results(gt, detections, iou_type), iou_type)
+        ev = COCOeval(gt, _coco_results(gt, detections, iou_type, COCO), iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

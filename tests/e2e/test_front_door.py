@@ -123,6 +123,7 @@ EVAL_RANGES = [  # (eval flag, value, the EvalConfig field both name)
     ("--score-threshold", 1.5, "score_threshold"),
     ("--count-bins", "100,10", "count_bins"),
     ("--checkpoint", "first", "checkpoint"),
+    ("--backend", "fastest", "backend"),
 ]
 
 

@@ -48,8 +48,12 @@ def test_quick_sizes_measure_in_fresh_processes(tmp_path):
     assert [r["protocol"] for r in evals] == ["COCO", "LVIS"] and all(
         r["detections"] == 1000 for r in evals
     )
+    fast = evals[0]["faster_coco_eval"]  # the same detections through eval --backend
+    if "skipped" not in fast:
+        assert fast["stats_agree"] and fast["eval_s"] > 0 and fast["speedup"] > 0
     text = scale.markdown(
         {"machine": {"cpu": "x"}, "load_before": 0, "load_after": 0, "sizes": rows, "eval": evals}
     )
     assert "| 30 |" in text and json.dumps(rows)
+    assert ("faster-coco-eval s" in text) == ("skipped" not in fast)
     assert os.path.exists(os.path.join(tmp_path, "coco_30", "annotations.json"))
