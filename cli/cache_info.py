@@ -80,6 +80,16 @@ def cache_info_command(
         if m
         else "instance masks: none"
     )
+    if info["projection"] is not None:
+        levels = info["projection"]["levels"]
+        console.print(
+            "projected (PCA on "
+            f"{info['projection']['sample_views']} views): "
+            + ", ".join(
+                f"{n} {v['k']} of {v['channels']} channels ({100 * v['energy']:.1f}% of the energy)"
+                for n, v in levels.items()
+            )
+        )
     if info["hybrid_cache_stage"] is not None:
         console.print(
             f"hybrid cache: stops after backbone stage {info['hybrid_cache_stage']}; "

@@ -184,11 +184,12 @@ def _lay_out(
     n = header.num_views
     for spec in header.specs:
         c, h, w = header.shapes[spec.name]
+        sc = schema.stored_channels(c, storage.dtype)
         group.create_array(
             f"features/{spec.name}",
-            shape=(n, c, h, w),
-            chunks=(1, c, h, w),
-            shards=(min(sv, max(n, 1)), c, h, w),
+            shape=(n, sc, h, w),
+            chunks=(1, sc, h, w),
+            shards=(min(sv, max(n, 1)), sc, h, w),
             dtype=schema.zarr_dtype(storage.dtype),
             compressors=schema.compressors(storage.codec),
             fill_value=0,

@@ -5,7 +5,9 @@ Store layout (a zarr v3 group)::
     zarr.json                 attrs["cachedet"] = header (``cachedet.cache.header.StoreHeader``)
     features/<level>          (V, C, H, W) storage dtype; chunk = 1 view; shard = shard_views views
     quant/<level>             (V, C, 2) float32 (offset, step) per view and channel; only for
-                              dtype uint8: feature = offset + step * stored
+                              dtypes uint8 and uint4: feature = offset + step * stored (uint4:
+                              features/<level> is (V, ceil(C/2), H, W) uint8, two channels per
+                              byte, low nibble first)
     projection/<level>/mean   (C,) float32 and projection/<level>/components (k, C) float32: a
                               projected store's map of the backbone's level (C channels) onto the
                               k it stores, y = components @ (x - mean); only for projected levels
@@ -43,8 +45,14 @@ from cachedet.core.errors import CachedetError
 
 FORMAT = "cachedet.features"
 SCHEMA_VERSION = 1
-DTYPES = ("float16", "bfloat16", "float32", "uint8")
-ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1}
+DTYPES = ("float16", "bfloat16", "float32", "uint8", "uint4")
+ITEMSIZE = {
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "uint8": 1,
+    "uint4": 1,
+}  # of a stored element
 CODECS = ("zstd", "lz4", "none")
 MASK_FORMAT = "coco-rle"  # header["masks"]["format"]: compressed COCO RLE of the view's canvas
 
@@ -62,21 +70,34 @@ def check_storage(dtype: str, codec: str, shard_views: int):
 
 def zarr_dtype(dtype: str) -> str:
     """numpy dtype that holds ``dtype`` on disk (bfloat16 is kept as its raw uint16 bits)."""
-    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32", "uint8": "uint8"}[
-        dtype
-    ]
+    return {
+        "float16": "float16",
+        "bfloat16": "uint16",
+        "float32": "float32",
+        "uint8": "uint8",
+        "uint4": "uint8",
+    }[dtype]
 
 
 def is_quantized(dtype: str) -> bool:
-    """uint8 stores carry per-(view, channel) affine parameters beside the features."""
-    return dtype == "uint8"
+    """uint8 and uint4 stores carry per-(view, channel) affine parameters beside the features."""
+    return dtype in ("uint8", "uint4")
+
+
+def stored_channels(channels: int, dtype: str) -> int:
+    """Channels of a level's stored array: uint4 packs two channels per byte (2c in the low
+    nibble, 2c + 1 in the high one; an odd last channel with a zero nibble)."""
+    return (channels + 1) // 2 if dtype == "uint4" else channels
 
 
 def bytes_per_view(shapes: dict[str, tuple[int, int, int]], dtype: str) -> int:
     """Bytes of one view's features as stored, before compression: every level (C, H, W) in
-    ``dtype``, plus uint8 stores' float32 (offset, step) quant params per channel."""
+    ``dtype``, plus quantised stores' float32 (offset, step) quant params per channel."""
     quant = 2 * ITEMSIZE["float32"] if is_quantized(dtype) else 0
-    return sum(int(np.prod(s)) * ITEMSIZE[dtype] + s[0] * quant for s in shapes.values())
+    return sum(
+        stored_channels(c, dtype) * h * w * ITEMSIZE[dtype] + c * quant
+        for c, h, w in shapes.values()
+    )
 
 
 def projection_sha256(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
@@ -120,18 +141,40 @@ def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tens
     ``stored`` has the numpy dtype of ``zarr_dtype(dtype)`` once moved to the CPU (bfloat16 as its
     raw bits in int16; view them as uint16). Values are first taken to float32. Floats round to
     nearest even. uint8 maps each view's channel [min, max] affinely onto 0..255, so the error is
-    at most half a step, (max - min) / 510; quant params are float32 (offset, step).
+    at most half a step, (max - min) / 510; uint4 onto 0..15 (error at most (max - min) / 30),
+    packed two channels per byte (``pack_nibbles``); quant params are float32 (offset, step).
     """
     x = x.float()
     if dtype == "bfloat16":
         return x.to(torch.bfloat16).view(torch.int16), None
-    if dtype == "uint8":
+    if dtype in ("uint8", "uint4"):
+        top = 255.0 if dtype == "uint8" else 15.0
         flat = x.flatten(2)
         lo, hi = flat.amin(dim=2), flat.amax(dim=2)
-        step = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
-        q = torch.round((x - lo[..., None, None]) / step[..., None, None])
-        return q.clamp_(0, 255).to(torch.uint8), torch.stack([lo, step], dim=-1)
+        step = torch.where(hi > lo, (hi - lo) / top, torch.ones_like(hi))
+        q = torch.round((x - lo[..., None, None]) / step[..., None, None]).clamp_(0, top)
+        q = q.to(torch.uint8)
+        if dtype == "uint4":
+            q = pack_nibbles(q)
+        return q, torch.stack([lo, step], dim=-1)
     return x.to(getattr(torch, zarr_dtype(dtype))), None
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 (n, C, H, W) of values 0..15 -> (n, ceil(C / 2), H, W): channel 2c in the low
+    nibble, 2c + 1 in the high one."""
+    if q.shape[1] % 2:
+        q = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: np.ndarray, channels: int) -> np.ndarray:
+    """The inverse of ``pack_nibbles``: (n, ceil(C / 2), H, W) -> uint8 (n, C, H, W)."""
+    n, half, h, w = packed.shape
+    out = np.empty((n, 2 * half, h, w), dtype=np.uint8)
+    out[:, 0::2] = packed & 15
+    out[:, 1::2] = packed >> 4
+    return out[:, :channels]
 
 
 def encode_into(x: torch.Tensor, dtype: str, out: np.ndarray) -> np.ndarray | None:
@@ -160,12 +203,15 @@ def stored_numpy(stored: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def decode(stored: np.ndarray, dtype: str, quant: np.ndarray | None = None) -> np.ndarray:
-    """On-disk features (n, C, H, W) [+ quant params (n, C, 2) for uint8] -> float32."""
+    """On-disk features (n, C, H, W) [+ quant params (n, C, 2) for uint8 and uint4, whose stored
+    array is (n, ceil(C / 2), H, W)] -> float32 (n, C, H, W)."""
     if dtype == "bfloat16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
-    if dtype == "uint8":
+    if dtype in ("uint8", "uint4"):
         if quant is None:
-            raise ValueError("uint8 features need their quant parameters to decode")
+            raise ValueError(f"{dtype} features need their quant parameters to decode")
+        if dtype == "uint4":
+            stored = unpack_nibbles(stored, quant.shape[1])
         return quant[..., 0, None, None] + quant[..., 1, None, None] * stored.astype(np.float32)
     if (
         dtype == "float16"

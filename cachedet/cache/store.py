@@ -707,7 +707,7 @@ class StoreReader(_StoreFiles):
                 {
                     "name": spec.name,
                     "stride": spec.stride,
-                    "shape": list(arr.shape),
+                    "shape": [self.num_views, *self.shapes[spec.name]],  # uint4: 2 channels/byte
                     "dtype": self.dtype,
                     "bytes_raw": int(arr.nbytes),
                     "bytes_stored": self.bytes_on_disk(f"features/{spec.name}"),

@@ -137,7 +137,8 @@ class _Assembler:
             self._check_finite(feats, a, errors)
             for name, x in feats.items():
                 if name not in self.blocks:
-                    shape = (len(task.views),) + tuple(x.shape[1:])
+                    c, h, w = x.shape[1:]
+                    shape = (len(task.views), schema.stored_channels(c, task.dtype), h, w)
                     self.blocks[name] = np.empty(shape, dtype=schema.zarr_dtype(task.dtype))
                 params = schema.encode_into(x, task.dtype, self.blocks[name][a:b])
                 if params is not None:

@@ -335,3 +335,56 @@ def _image_path(synthetic, image_id):
     data = json.loads(open(synthetic["train"]).read())
     name = next(i["file_name"] for i in data["images"] if i["id"] == image_id)
     return f"{synthetic['images']}/{name}"
+
+
+def test_uint4_packs_two_channels_per_byte_within_half_a_step():
+    from cachedet.cache import schema
+
+    x = _correlated_features(3, channels=7)  # an odd channel count: the last nibble is padding
+    stored, quant = schema.encode(x.numpy(), "uint4")
+    assert stored.shape == (2, 4, 16, 16) and stored.dtype == np.uint8 and quant.shape == (2, 7, 2)
+    back = schema.decode(stored, "uint4", quant)
+    span = x.flatten(2).amax(2) - x.flatten(2).amin(2)
+    err = np.abs(back - x.numpy()).reshape(2, 7, -1).max(2)
+    assert (err <= span.numpy() / 30 + 1e-5).all()
+    assert schema.bytes_per_view({"c3": (7, 16, 16)}, "uint4") == 4 * 256 + 7 * 8
+
+
+def test_a_projected_uint4_store_reads_back_what_float32_stores(
+    synthetic, projected_store, tmp_path
+):
+    exact = projected(synthetic, tmp_path / "f32.zarr", dtype="float32")
+    packed = projected(synthetic, tmp_path / "u4.zarr", dtype="uint4", project=8)
+    extract(exact, progress=False)
+    extract(packed, progress=False)
+    a, b = StoreReader(exact.out), StoreReader(packed.out)
+    assert b.verify()["damaged"] == [] and a.header.projection == b.header.projection
+    for spec in a.specs:
+        assert b.features_array(spec.name).shape[1] == 4  # 8 channels, two per byte
+        x, y = a.read_level(spec.name, slice(None)), b.read_level(spec.name, slice(None))
+        span = (x.max((2, 3)) - x.min((2, 3)))[..., None, None]
+        assert (np.abs(y - x) <= span / 30 + 1e-4).all()
+
+
+def test_the_cli_extracts_a_projected_store_and_names_its_options(synthetic, tmp_path, cli):
+    from helpers import extract_args
+
+    out = tmp_path / "cli.zarr"
+    args = extract_args(synthetic, out) + [
+        "--size",
+        "64",
+        "--views",
+        "1",
+        "--backbone",
+        "test_resnet",
+    ]
+    result = cli(*args, "--random-init", "--project", "1/4", "--dtype", "uint4", "--quiet")
+    assert result.exit_code == 0, result.output
+    info = cli("cache", "info", out)
+    assert "projected (PCA on 12 views): c3 12 of 48 channels" in info.output
+    bad = cli(*args, "--project", "lots")
+    assert bad.exit_code != 0 and "--project 'lots': expected auto" in bad.output
+    both = cli(*args, "--project", "4", "--projection", out)
+    assert "--project fits a new projection, --projection applies a store's" in both.output
+    hybrid = cli(*args, "--project", "auto", "--cache-stage", "1")
+    assert "--project and --cache-stage exclude each other" in hybrid.output
