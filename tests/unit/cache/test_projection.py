@@ -388,3 +388,35 @@ def test_the_cli_extracts_a_projected_store_and_names_its_options(synthetic, tmp
     assert "--project fits a new projection, --projection applies a store's" in both.output
     hybrid = cli(*args, "--project", "auto", "--cache-stage", "1")
     assert "--project and --cache-stage exclude each other" in hybrid.output
+
+
+def test_a_projected_run_resumes(synthetic, projected_store, tmp_path):
+    from cachedet.engine.train import train
+
+    run = tmp_path / "r"
+    first = train_config(run, projected_store.out, epochs=1, max_steps_per_epoch=2)
+    train(first, progress=False)
+    more = train_config(run, projected_store.out, epochs=2, max_steps_per_epoch=2, resume=True)
+    assert train(more, progress=False).steps == 4
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    sha = StoreReader(projected_store.out).header.projection["sha256"]
+    assert Projection.from_state(ckpt["state"]["projection"]).sha256 == sha
+
+
+@pytest.mark.slow
+def test_dask_workers_write_the_same_projected_copy_paste_store(synthetic, tmp_path):
+    kw = dict(augment=AugmentConfig(size=64, seed=1, copy_paste=0.5), project="1/2")
+    single = projected(synthetic, tmp_path / "one.zarr", **kw)
+    extract(single, progress=False)
+    multi = projected(synthetic, tmp_path / "two.zarr", workers=2, **kw)
+    assert extract(multi, progress=False).shards_run == 3
+    a, b = StoreReader(single.out), StoreReader(multi.out)
+    assert a.header.projection == b.header.projection and a.has_masks
+    assert (a.meta["paste_image_id"] >= 0).any()
+    for spec in a.specs:  # one thread per dask worker: equal up to float16 rounding, as unprojected
+        np.testing.assert_allclose(
+            a.read_level(spec.name, slice(None)),
+            b.read_level(spec.name, slice(None)),
+            atol=1e-3,
+            rtol=1e-3,
+        )
