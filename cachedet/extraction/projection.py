@@ -12,17 +12,18 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import DataLoader
 
-from cachedet.backbones.backbone import Backbone
+from cachedet.backbones.backbone import Backbone, BackboneConfig
 from cachedet.backbones.projection import (
     SAMPLE_VIEWS,
     Projection,
     ProjectionFit,
     kept_channels,
+    store_projection,
 )
 from cachedet.cache.store import StoreReader, open_header
 from cachedet.core.errors import CachedetError
 from cachedet.data.images import ViewDataset
-from cachedet.extraction.shards import _collate, forward
+from cachedet.extraction.shards import _collate, forward, load_backbone
 
 
 def header_entry(projection: Projection, raw_specs, request, seed: int) -> dict:
@@ -111,3 +112,53 @@ def fit_projection(
         if progress:
             progress(len(errors))
     return fit.result()
+
+
+def projection_for(
+    cfg,
+    backbone_cfg: BackboneConfig,
+    backbone: Backbone,
+    plan,
+    progress: bool,
+    loader_workers: int = 0,
+) -> tuple[Projection | None, dict | None, Backbone | None]:
+    """(projection, its header entry, the device backbone it was fitted with or None) for
+    ``cfg.project`` (an ``ExtractConfig``; ``plan`` its ``ViewPlan``, ``loader_workers`` the decode
+    processes of the fit); the projection is set on ``backbone`` (so its specs are the stored ones). A
+    store being resumed, updated or repaired keeps its own map when made for the same request."""
+    from cachedet.core.progress import ViewProgress
+
+    if cfg.projection is not None:  # another store's map, as it is
+        projection, entry = store_projection(
+            cfg.projection, backbone.identity, "ExtractConfig.projection"
+        )
+        backbone.set_projection(projection)
+        return projection, entry, None
+    if cfg.project is None:
+        return None, None, None
+    raw_specs = list(backbone.specs)
+    seed = cfg.augment.seed
+    found = None if cfg.overwrite else reusable(cfg.out, cfg.project, seed)
+    fitted_on = None
+    if found is not None:
+        projection, entry = found
+    else:
+        fitted_on = load_backbone(backbone_cfg, cfg.device)
+        sample = min(SAMPLE_VIEWS, len(plan.views))
+        with ViewProgress("fit projection", sample, enabled=progress) as bar:
+            projection = fit_projection(
+                fitted_on,
+                plan.views,
+                plan.paths,
+                plan.pastes,
+                cfg.project,
+                seed,
+                cfg.batch_size,
+                loader_workers,
+                progress=bar.advance,
+            )
+        if projection is None:  # every level keeps all its channels: a plain store
+            return None, None, fitted_on
+        entry = header_entry(projection, raw_specs, cfg.project, seed)
+    backbone.set_projection(projection)
+    return projection, entry, fitted_on

@@ -19,13 +19,7 @@ import torch
 
 from cachedet import __version__
 from cachedet.backbones.backbone import Backbone, BackboneConfig, build_backbone
-from cachedet.backbones.projection import (
-    SAMPLE_VIEWS,
-    Projection,
-    kept_channels,
-    parse_request,
-    store_projection,
-)
+from cachedet.backbones.projection import kept_channels, parse_request
 from cachedet.cache import schema
 from cachedet.cache.header import Hybrid, MaskInfo, Storage, StoreHeader
 from cachedet.cache.layout import (
@@ -53,14 +47,13 @@ from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import mask_source, mask_sources
 from cachedet.data.scan import ScanReport, scan_images
 from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
-from cachedet.extraction.projection import fit_projection, header_entry, reusable
+from cachedet.extraction.projection import projection_for
 from cachedet.extraction.reuse import refuse_or_rebuild
 from cachedet.extraction.shards import (
     ShardRunner,
     ShardTask,
     compute_features,
     default_loader_workers,
-    load_backbone,
     run_shards_in_process,
     run_shards_on_dask,
 )
@@ -458,7 +451,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     backbone = build_backbone(backbone_cfg)
     plan = plan_views(dataset, cfg.augment, cfg.views)
     with_masks = cfg.masks and dataset.has_masks
-    projection, entry, fitted_on = projection_for(cfg, backbone_cfg, backbone, plan, progress)
+    projection, entry, fitted_on = projection_for(
+        cfg, backbone_cfg, backbone, plan, progress, loader_workers(cfg)
+    )
     header = _header(cfg, backbone, dataset, plan, hybrid, with_masks, entry)
     created = cfg.overwrite or not store_exists(cfg.out)
     reused = []
@@ -526,54 +521,6 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         masks=header.masks.to_dict() if header.masks is not None else None,
         scan=scan,
     )
-
-
-def projection_for(
-    cfg: ExtractConfig,
-    backbone_cfg: BackboneConfig,
-    backbone: Backbone,
-    plan: ViewPlan,
-    progress: bool,
-) -> tuple[Projection | None, dict | None, Backbone | None]:
-    """(projection, its header entry, the device backbone it was fitted with or None) for
-    ``cfg.project``; the projection is set on ``backbone`` (so its specs are the stored ones). A
-    store being resumed, updated or repaired keeps its own map when made for the same request."""
-    from cachedet.core.progress import ViewProgress
-
-    if cfg.projection is not None:  # another store's map, as it is
-        projection, entry = store_projection(
-            cfg.projection, backbone.identity, "ExtractConfig.projection"
-        )
-        backbone.set_projection(projection)
-        return projection, entry, None
-    if cfg.project is None:
-        return None, None, None
-    raw_specs = list(backbone.specs)
-    seed = cfg.augment.seed
-    found = None if cfg.overwrite else reusable(cfg.out, cfg.project, seed)
-    fitted_on = None
-    if found is not None:
-        projection, entry = found
-    else:
-        fitted_on = load_backbone(backbone_cfg, cfg.device)
-        sample = min(SAMPLE_VIEWS, len(plan.views))
-        with ViewProgress("fit projection", sample, enabled=progress) as bar:
-            projection = fit_projection(
-                fitted_on,
-                plan.views,
-                plan.paths,
-                plan.pastes,
-                cfg.project,
-                seed,
-                cfg.batch_size,
-                loader_workers(cfg) if not (cfg.workers or cfg.scheduler) else 0,
-                progress=bar.advance,
-            )
-        if projection is None:  # every level keeps all its channels: a plain store
-            return None, None, fitted_on
-        entry = header_entry(projection, raw_specs, cfg.project, seed)
-    backbone.set_projection(projection)
-    return projection, entry, fitted_on
 
 
 def repair_store(url: str, progress: bool = True) -> list[dict]:
@@ -685,7 +632,7 @@ COCO_TRAIN_IMAGES = 118_287
 
 def storage_choices(cfg: ExtractConfig, specs, shapes: dict, views: int) -> list[dict]:
     """Bytes per view before compression (``schema.bytes_per_view``) and totals for no
-    projection, ``auto`` and ``cfg.project``, each in ``cfg.dtype`` and uint8. ``shapes``:
+    projection, ``auto`` and ``cfg.project``, each in ``cfg.dtype``, uint8 and uint4. ``shapes``:
     the backbone's (C, H, W) per level; ``chosen`` marks ``cfg``'s own choice."""
     own = cfg.project
     if cfg.projection is not None:  # another store's map: its kept directions per level
@@ -696,7 +643,7 @@ def storage_choices(cfg: ExtractConfig, specs, shapes: dict, views: int) -> list
     for request in requests:
         keep = kept_channels(request, specs)
         projected = {n: (keep[n], h, w) for n, (_, h, w) in shapes.items()}
-        for dtype in dict.fromkeys((cfg.dtype, "uint8")):
+        for dtype in dict.fromkeys((cfg.dtype, "uint8", "uint4")):
             per_view = schema.bytes_per_view(projected, dtype)
             out.append(
                 {

@@ -225,12 +225,7 @@ def test_dry_run_reports_every_choice(synthetic, tmp_path):
     report = dry_run(projected(synthetic, tmp_path / "x.zarr", project="1/2"))
     rows = {(c["project"], c["dtype"]): c for c in report.choices}
     assert set(rows) == {
-        ("none", "float16"),
-        ("none", "uint8"),
-        ("auto", "float16"),
-        ("auto", "uint8"),
-        (0.5, "float16"),
-        (0.5, "uint8"),
+        (p, d) for p in ("none", "auto", 0.5) for d in ("float16", "uint8", "uint4")
     }
     assert (
         rows[(0.5, "float16")]["chosen"]
