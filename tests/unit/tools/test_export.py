@@ -87,6 +87,20 @@ def online_adapter_run(synthetic, out, backbone: str) -> str:
     return str(out)
 
 
+def projected_run(synthetic, out) -> str:
+    """A run trained for two steps on a projected store (8 directions per level, canvas 96)."""
+    from conftest import small_config, train_config
+
+    from cachedet.engine.train import train
+    from cachedet.extraction.run import extract
+
+    store = small_config(synthetic, str(out / "p.zarr"), views=1, project=8, recipe="short")
+    extract(store, progress=False)
+    run = out / "run"
+    train(train_config(run, store.out, epochs=1, max_steps_per_epoch=2), progress=False)
+    return str(run)
+
+
 def shipped_reference(folder):
     """The numpy/Pillow preprocessing module an export wrote into ``folder``, imported from there."""
     spec = importlib.util.spec_from_file_location("shipped_preprocess", Path(folder) / REFERENCE)
@@ -149,9 +163,11 @@ def test_numpy_pillow_reference_equals_predicts_preprocessing(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["faster-rcnn", "retinanet", "cascade", "adapters"])
+@pytest.mark.parametrize("head", ["faster-rcnn", "retinanet", "cascade", "adapters", "projected"])
 def test_onnx_runtime_matches_predict(head, tiny_run, synthetic, tmp_path):
-    if head == "adapters":  # ResNet adapters run inside the exported backbone
+    if head == "projected":  # the store's map runs inside the exported backbone
+        run, head = projected_run(synthetic, tmp_path), "faster-rcnn"
+    elif head == "adapters":  # ResNet adapters run inside the exported backbone
         run, head = (
             online_adapter_run(synthetic, tmp_path / "adapters", "test_resnet"),
             "faster-rcnn",
