@@ -4,9 +4,10 @@ On the recipe-study data (96 train / 48 val generated images, canvas 160, Effici
 its offline ImageNet weights, 4 cached views, LSJ 0.8-1.25, FPN 64 + Faster R-CNN 2-FC, the long
 schedule: 48 epochs), for two training seeds each:
 
-  * float16 (today's default), uint8, and projected stores (``ExtractConfig.project``) that keep
-    the share of each level that ``project auto`` keeps of ResNet-50 c3-c5 (256 of 512, 1,024 and
-    2,048 channels: 1/2, 1/4, 1/8), in float16 and uint8;
+  * float16 (today's default), uint8, and projected stores (``ExtractConfig.project``): ``auto``
+    as it applies to the neck these runs train (k = min(C, 64): c3 40 of 40, c4 64 of 112, c5 64
+    of 320), and the shares of each level that ``auto`` keeps of ResNet-50 c3-c5 (256 of 512,
+    1,024 and 2,048 channels: 1/2, 1/4, 1/8; "projected"), each in float16, uint8 and uint4;
   * the AP as k shrinks: every level at k/C = 1/2, 1/4, 1/8 (float16);
   * the energy each projection keeps per level (from the store headers);
   * the cached feed of each store: views/s and MB/s per process against a plain read of its files;
@@ -55,20 +56,31 @@ def per_level(share: dict[str, float]) -> str:
     return ",".join(f"{n}={max(1, round(LITE0[n] * f))}" for n, f in share.items())
 
 
-# mode -> (dtype, ExtractConfig.project); "float16" is the reference
+NECK = SETTINGS.neck_channels  # 64: `auto` keeps min(C, the neck width), here c3 40, c4 64, c5 64
+# mode -> (dtype, ExtractConfig.project); "float16" is the reference. "projected *" keep the
+# shares of each level that `auto` keeps of ResNet-50 (the evidence for wide backbones); "auto *"
+# keep what `auto` keeps for the neck these runs train (min(C, neck width))
 MODES = {
     "float16": ("float16", None),
     "uint8": ("uint8", None),
     "projected float16": ("float16", per_level(R50_SHARE)),
     "projected uint8": ("uint8", per_level(R50_SHARE)),
     "projected uint4": ("uint4", per_level(R50_SHARE)),
+    "auto float16": ("float16", NECK),
+    "auto uint8": ("uint8", NECK),
+    "auto uint4": ("uint4", NECK),
     "k/C 1/2 float16": ("float16", per_level(dict.fromkeys(LITE0, 1 / 2))),
     "k/C 1/4 float16": ("float16", per_level(dict.fromkeys(LITE0, 1 / 4))),
     "k/C 1/8 float16": ("float16", per_level(dict.fromkeys(LITE0, 1 / 8))),
 }
 # `--project auto` with these dtypes, smallest first: the recommended mode is the first that meets
-# the AP target (within the float16 seeds' spread and at most 1.0 AP below float16)
-CANDIDATES = ("projected uint4", "projected uint8")
+# the AP target (within the float16 seeds' spread and at most 1.0 AP below float16); its bytes at
+# COCO scale are the table's `projected <dtype>` column (auto = min(C, 256) there)
+CANDIDATES = {
+    "auto uint4": "projected uint4",
+    "auto uint8": "projected uint8",
+    "auto float16": "projected float16",
+}
 COCO_MODES = ("float16", "uint8", "projected float16", "projected uint8", "projected uint4")
 COCO_IMAGES = 118_287
 # (name, {level: (channels, stride)}, canvas) of the COCO-sized table
@@ -256,9 +268,11 @@ def report(work: str, out_dir: str) -> dict:
     present = [m for m in CANDIDATES if m in modes]
     chosen = next((m for m in present if ap_ok(m)), present[-1])
     rec = modes[chosen]
-    ratio = {row["shape"]: row["ratio_vs_float16"][chosen] for row in table}
+    ratio = {row["shape"]: row["ratio_vs_float16"][CANDIDATES[chosen]] for row in table}
     recommended = {
         "mode": chosen,
+        "project": "auto",
+        "dtype": rec["dtype"],
         "bytes_ratio_r50_c3c5": ratio["ResNet-50 c3-c5, 1024"],
         "bytes_ratio_vitl": ratio["ViT-L/16 one tap, 1024"],
         "box_ap_delta": rec["box_ap_delta"],
@@ -363,7 +377,7 @@ def markdown(r: dict) -> str:
         "",
         "## Recommended mode",
         "",
-        f"{rec['mode']}: {rec['bytes_ratio_r50_c3c5']:.1f}× fewer bytes than float16 + zstd for ResNet-50 c3-c5 "
+        f"`--project auto --dtype {rec['dtype']}` ({rec['mode']} above): {rec['bytes_ratio_r50_c3c5']:.1f}× fewer bytes than float16 + zstd for ResNet-50 c3-c5 "
         f"at 1024 (target ≥ 5: {'met' if rec['meets']['bytes_ratio_r50_c3c5'] else 'not met'}), "
         f"{rec['bytes_ratio_vitl']:.1f}× for a ViT-L tap (target ≥ 8: {'met' if rec['meets']['bytes_ratio_vitl'] else 'not met'}); "
         f"box AP {rec['box_ap_delta']:+.1f} against float16 at the same kept share on Lite0 (float16 seed spread "
