@@ -45,14 +45,9 @@ from cachedet.core.errors import CachedetError
 
 FORMAT = "cachedet.features"
 SCHEMA_VERSION = 1
-DTYPES = ("float16", "bfloat16", "float32", "uint8", "uint4")
-ITEMSIZE = {
-    "float16": 2,
-    "bfloat16": 2,
-    "float32": 4,
-    "uint8": 1,
-    "uint4": 1,
-}  # of a stored element
+DTYPES = ("float16", "bfloat16", "float32", "uint8", "uint4", "float8")
+# bytes of a stored element (uint4: one byte holds two channels)
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "uint4": 1, "float8": 1}
 CODECS = ("zstd", "lz4", "none")
 MASK_FORMAT = "coco-rle"  # header["masks"]["format"]: compressed COCO RLE of the view's canvas
 
@@ -76,12 +71,14 @@ def zarr_dtype(dtype: str) -> str:
         "float32": "float32",
         "uint8": "uint8",
         "uint4": "uint8",
+        "float8": "uint8",  # float8 e4m3fn bits
     }[dtype]
 
 
 def is_quantized(dtype: str) -> bool:
-    """uint8 and uint4 stores carry per-(view, channel) affine parameters beside the features."""
-    return dtype in ("uint8", "uint4")
+    """uint8, uint4 and float8 stores carry per-(view, channel) affine parameters beside the
+    features."""
+    return dtype in ("uint8", "uint4", "float8")
 
 
 def stored_channels(channels: int, dtype: str) -> int:
@@ -142,11 +139,21 @@ def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tens
     raw bits in int16; view them as uint16). Values are first taken to float32. Floats round to
     nearest even. uint8 maps each view's channel [min, max] affinely onto 0..255, so the error is
     at most half a step, (max - min) / 510; uint4 onto 0..15 (error at most (max - min) / 30),
-    packed two channels per byte (``pack_nibbles``); quant params are float32 (offset, step).
+    packed two channels per byte (``pack_nibbles``); float8 stores torch's float8 e4m3fn of the
+    channel centred on its mid-range and scaled onto +-448 (3 mantissa bits: relative error at most
+    1/16); quant params are float32 (offset, step): feature = offset + step * value.
     """
     x = x.float()
     if dtype == "bfloat16":
         return x.to(torch.bfloat16).view(torch.int16), None
+    if dtype == "float8":  # e4m3fn of (x - centre) / scale, scale = half-range / 448 per channel
+        flat = x.flatten(2)
+        lo, hi = flat.amin(dim=2), flat.amax(dim=2)
+        centre = (lo + hi) / 2
+        step = torch.where(hi > lo, (hi - lo) / (2 * 448.0), torch.ones_like(hi))
+        y = (x - centre[..., None, None]) / step[..., None, None]
+        bits = y.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+        return bits, torch.stack([centre, step], dim=-1)
     if dtype in ("uint8", "uint4"):
         top = 255.0 if dtype == "uint8" else 15.0
         flat = x.flatten(2)
@@ -207,12 +214,17 @@ def decode(stored: np.ndarray, dtype: str, quant: np.ndarray | None = None) -> n
     array is (n, ceil(C / 2), H, W)] -> float32 (n, C, H, W)."""
     if dtype == "bfloat16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
-    if dtype in ("uint8", "uint4"):
+    if dtype in ("uint8", "uint4", "float8"):
         if quant is None:
             raise ValueError(f"{dtype} features need their quant parameters to decode")
         if dtype == "uint4":
             stored = unpack_nibbles(stored, quant.shape[1])
-        return quant[..., 0, None, None] + quant[..., 1, None, None] * stored.astype(np.float32)
+        if dtype == "float8":
+            values = torch.from_numpy(np.ascontiguousarray(stored)).view(torch.float8_e4m3fn)
+            values = values.float().numpy()
+        else:
+            values = stored.astype(np.float32)
+        return quant[..., 0, None, None] + quant[..., 1, None, None] * values
     if (
         dtype == "float16"
     ):  # torch converts with vector instructions, numpy's astype about 6x slower

@@ -415,3 +415,19 @@ def test_dask_workers_write_the_same_projected_copy_paste_store(synthetic, tmp_p
             atol=1e-3,
             rtol=1e-3,
         )
+
+
+def test_float8_keeps_three_mantissa_bits_of_each_centred_channel():
+    from cachedet.cache import schema
+
+    x = _correlated_features(5, channels=6)
+    stored, quant = schema.encode(x.numpy(), "float8")
+    assert stored.shape == x.shape and stored.dtype == np.uint8 and quant.shape == (2, 6, 2)
+    back = schema.decode(stored, "float8", quant)
+    centre = quant[..., 0, None, None]
+    # e4m3: a relative error of at most 2^-4 around the channel's centre (or below the subnormal step)
+    assert (
+        np.abs(back - x.numpy())
+        <= np.abs(x.numpy() - centre) / 16 + quant[..., 1, None, None] * 2**-9 + 1e-6
+    ).all()
+    assert schema.bytes_per_view({"c3": (6, 16, 16)}, "float8") == 6 * 256 + 6 * 8
