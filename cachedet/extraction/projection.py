@@ -20,6 +20,7 @@ from cachedet.backbones.projection import (
     kept_channels,
     store_projection,
 )
+from cachedet.cache.header import FINGERPRINT_BACKBONE_KEYS
 from cachedet.cache.store import StoreReader, open_header
 from cachedet.core.errors import CachedetError
 from cachedet.data.images import ViewDataset
@@ -47,15 +48,19 @@ def header_entry(projection: Projection, raw_specs, request, seed: int) -> dict:
     }
 
 
-def reusable(out: str, request, seed: int) -> tuple[Projection, dict] | None:
+def reusable(out: str, request, seed: int, identity: dict) -> tuple[Projection, dict] | None:
     """The projection of the store already at ``out`` when it was made for the same request and
-    seed (a resume, ``update`` or ``repair`` keeps the map its shards were written with)."""
+    seed on the backbone of ``identity`` (a resume or ``update`` keeps the map its shards were
+    written with); None otherwise (a new fit; a store of another configuration is then refused
+    by the header check)."""
     try:
         header = open_header(out)
     except CachedetError:
         return None
     entry = header.projection
     if entry is None or entry.get("request") != request or entry.get("seed") != seed:
+        return None
+    if any(header.backbone.get(k) != identity.get(k) for k in FINGERPRINT_BACKBONE_KEYS):
         return None
     arrays = StoreReader(out).projection_arrays()
     energy = {n: v["energy"] for n, v in entry["levels"].items()}
@@ -138,7 +143,7 @@ def projection_for(
         return None, None, None
     raw_specs = list(backbone.specs)
     seed = cfg.augment.seed
-    found = None if cfg.overwrite else reusable(cfg.out, cfg.project, seed)
+    found = None if cfg.overwrite else reusable(cfg.out, cfg.project, seed, backbone.identity)
     fitted_on = None
     if found is not None:
         projection, entry = found

@@ -49,6 +49,7 @@ def config_from_header(
         cache_stage=header.hybrid.cache_stage if header.hybrid is not None else None,
         masks=header.masks is not None,
         recipe=header.recipe,
+        projection=url if header.projection is not None else None,  # the store's own map
         repair=True,
         **options,
     )

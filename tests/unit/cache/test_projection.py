@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import small_config, train_config
 
-from cachedet.backbones.backbone import build_backbone
+from cachedet.backbones.backbone import BackboneConfig, build_backbone
 from cachedet.backbones.projection import Projection, ProjectionFit, kept_channels, parse_request
 from cachedet.cache.store import StoreReader
 from cachedet.core.errors import CachedetError, StoreDamaged
@@ -205,6 +205,31 @@ def test_another_projection_in_the_same_place_is_refused(synthetic, projected_st
         extract(projected(synthetic, out, project=4), progress=False)
     with pytest.raises(CachedetError, match=r"another configuration.*projection"):
         extract(projected(synthetic, out, project=None), progress=False)
+    wider = projected(
+        synthetic, out, backbone=BackboneConfig("test_resnet", (1, 2, 3, 4), "random")
+    )
+    with pytest.raises(CachedetError, match=r"another configuration.*backbone.out_indices"):
+        extract(wider, progress=False)
+
+
+def test_cache_repair_recomputes_a_damaged_projected_shard_bit_for_bit(projected_store, tmp_path):
+    import shutil
+
+    from cachedet.extraction.repair import repair
+
+    out = tmp_path / "r.zarr"
+    shutil.copytree(projected_store.out, out)
+    shard = next((out / "features").iterdir())
+    victim = next(p for p in shard.rglob("*") if p.is_file() and p.name != "zarr.json")
+    victim.write_bytes(victim.read_bytes()[:-7])  # a truncated shard object
+    result = repair(str(out), progress=False)
+    assert result.repaired and StoreReader(str(out)).verify()["damaged"] == []
+    a, b = StoreReader(projected_store.out), StoreReader(str(out))
+    assert a.header.projection == b.header.projection
+    for spec in a.specs:
+        np.testing.assert_array_equal(
+            a.features_array(spec.name)[...], b.features_array(spec.name)[...]
+        )
 
 
 def test_a_damaged_projection_is_named(projected_store, tmp_path):
