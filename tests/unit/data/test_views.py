@@ -7,6 +7,7 @@ from cachedet.data.views import (
     AugmentConfig,
     plan_view,
     transform_boxes,
+    transform_boxes_many,
     transform_image,
     view_to_image_boxes,
 )
@@ -180,3 +181,32 @@ def test_box_kernels_equal_torchvisions_box_transforms_bit_for_bit():
         ours = transform_boxes(params, boxes, labels, ids)
         for a, b in zip(ours, reference(params, boxes, labels, ids)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_boxes_of_many_views_at_once_equal_each_view_bit_for_bit():
+    """The batched planner's kernel: every view's boxes as ``transform_boxes`` gives them, down to
+    the sign of zero (a box at the right edge, flipped, starts at -0.0), across canvases, flips,
+    crops, pads, boxes under one pixel and views with no boxes."""
+    rng = np.random.default_rng(5)
+    views, boxes, counts, expected = [], [], [], []
+    for k in range(60):
+        cfg = AugmentConfig(size=int(rng.choice([32, 64, 96])), scale_range=(0.05, 2.5), seed=k)
+        h, w = int(rng.integers(8, 200)), int(rng.integers(8, 200))
+        b = random_boxes(rng, h, w, n=int(rng.integers(0, 9)))
+        edge = np.array([[0, 0, w, h], [w - 0.5, 0, w, 1.5], [0, h - 3, 2, h]], np.float32)
+        b = np.concatenate([b, edge[: k % 4]])
+        params = plan_view(cfg, k, k % 3, h, w)
+        out, labels, ids = transform_boxes(params, b, np.arange(len(b)), np.arange(len(b)) + 100)
+        views.append(params)
+        boxes.append(b)
+        counts.append(len(b))
+        expected.append((out, ids - 100))
+    got, keep = transform_boxes_many(views, np.concatenate(boxes), np.asarray(counts))
+    want = np.concatenate([e[0] for e in expected])
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))  # bits, signed zeros too
+    assert np.signbit(want).any()  # the edge boxes did reach the -0.0 case
+    starts = np.cumsum(counts) - counts
+    assert np.array_equal(
+        np.flatnonzero(keep), np.concatenate([s + e[1] for s, e in zip(starts, expected)])
+    )
