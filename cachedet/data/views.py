@@ -172,29 +172,28 @@ def transform_boxes_many(
     canvas pixels of the boxes kept, in input order; bool (N,) which input rows were kept).
     """
     bb = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4).clone()
-    counts = torch.as_tensor(np.asarray(counts, dtype=np.int64))
+    counts = np.asarray(counts, dtype=np.int64)
     if not len(views) or not len(bb):
         return np.zeros((0, 4), np.float32), np.zeros(len(bb), dtype=bool)
     per_view = np.asarray(
         [(*v.orig_size, *v.resized_size, *v.crop_offset, v.flip, v.canvas) for v in views],
         dtype=np.int64,
     ).reshape(-1, 8)
-    oh, ow, rh, rw, top, left, flip, canvas = (
-        torch.as_tensor(per_view).repeat_interleave(counts, dim=0).unbind(1)
-    )
+    oh, ow, rh, rw, top, left, flip, canvas = np.repeat(per_view, counts, axis=0).T
     # resize: torch.tensor([w_ratio, h_ratio, ...]) holds the float64 ratios rounded to float32
-    ratio_w = torch.as_tensor((rw.numpy() / ow.numpy()).astype(np.float32))
-    ratio_h = torch.as_tensor((rh.numpy() / oh.numpy()).astype(np.float32))
+    ratio_w = torch.from_numpy((rw / ow).astype(np.float32))
+    ratio_h = torch.from_numpy((rh / oh).astype(np.float32))
     bb = bb.mul(torch.stack([ratio_w, ratio_h, ratio_w, ratio_h], 1))
-    flipped = flip.bool()
-    width = rw.to(torch.float32)
+    flipped = torch.from_numpy(flip.astype(bool))
+    width = torch.from_numpy(rw.astype(np.float32))
     x1 = torch.where(flipped, (bb[:, 2] - width).neg(), bb[:, 0])
     x2 = torch.where(flipped, (bb[:, 0] - width).neg(), bb[:, 2])
     bb = torch.stack([x1, bb[:, 1], x2, bb[:, 3]], 1)
-    bb = bb - torch.stack([left, top, left, top], 1).to(torch.float32)
+    bb = bb - torch.from_numpy(np.stack([left, top, left, top], 1).astype(np.float32))
     keep = torch.zeros(len(bb), dtype=torch.bool)
-    for side in canvas.unique().tolist():  # the clamp and the sanitize take the canvas as a scalar
-        rows = canvas == side
+    sides = np.unique(per_view[:, 7])
+    for side in sides.tolist():  # the clamp and the sanitize take the canvas as a scalar
+        rows = torch.from_numpy(canvas == side) if len(sides) > 1 else slice(None)
         part = bb[rows]
         part[..., 0::2].clamp_(min=0, max=side)
         part[..., 1::2].clamp_(min=0, max=side)

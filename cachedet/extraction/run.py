@@ -48,7 +48,12 @@ from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe, schedule_advice
 from cachedet.core.runtime import resolve_device
 from cachedet.core.structures import ViewParams
-from cachedet.data.coco import PLAN_DROP_REASONS, DetectionDataset, load_detection_dataset
+from cachedet.data.coco import (
+    PLAN_DROP_REASONS,
+    DetectionDataset,
+    gc_paused,
+    load_detection_dataset,
+)
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import mask_source, mask_sources
 from cachedet.data.scan import ScanReport, scan_images
@@ -228,6 +233,13 @@ def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_imag
     """Every view of every image (``views_per_image`` each, image-major) with its boxes, and the
     count of annotations that reach none of them (``ViewPlan.dropped``). The boxes of all views are
     moved in one batch (``transform_boxes_many``); Copy-Paste, when on, then edits each view."""
+    with gc_paused():  # a view per image: no cycles among them, nothing for the GC to find
+        return _plan_views(dataset, augment, views_per_image)
+
+
+def _plan_views(
+    dataset: DetectionDataset, augment: AugmentConfig, views_per_image: int
+) -> ViewPlan:
     views, paths = [], []
     for rec in dataset.images:
         path = dataset.image_path(rec)
