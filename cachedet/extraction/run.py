@@ -57,7 +57,7 @@ from cachedet.data.coco import (
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import mask_source, mask_sources
 from cachedet.data.scan import ScanReport, scan_images
-from cachedet.data.views import AugmentConfig, plan_view, transform_boxes_many
+from cachedet.data.views import AugmentConfig, plan_views_many, transform_boxes_many
 from cachedet.extraction.projection import fit_projection, header_entry, reusable
 from cachedet.extraction.reuse import refuse_or_rebuild
 from cachedet.extraction.shards import (
@@ -240,13 +240,12 @@ def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_imag
 def _plan_views(
     dataset: DetectionDataset, augment: AugmentConfig, views_per_image: int
 ) -> ViewPlan:
-    views, paths = [], []
-    for rec in dataset.images:
-        path = dataset.image_path(rec)
-        for k in range(views_per_image):
-            views.append(plan_view(augment, rec.id, k, rec.height, rec.width))
-            paths.append(path)
     images = dataset.images
+    sizes = np.asarray([(r.id, r.height, r.width) for r in images], dtype=np.int64).reshape(-1, 3)
+    ids, heights, widths = np.repeat(sizes, views_per_image, axis=0).T
+    index = np.tile(np.arange(views_per_image, dtype=np.int64), len(images))
+    views = plan_views_many(augment, ids, index, heights, widths)
+    paths = [p for r in images for p in [dataset.image_path(r)] * views_per_image]
     n = np.fromiter((len(r.labels) for r in images), np.int64, len(images))
     first = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
     # the source rows of every view's boxes: its image's rows, once per view

@@ -6,6 +6,7 @@ from helpers import reference_boxes
 from cachedet.data.views import (
     AugmentConfig,
     plan_view,
+    plan_views_many,
     transform_boxes,
     transform_boxes_many,
     transform_image,
@@ -210,3 +211,28 @@ def test_boxes_of_many_views_at_once_equal_each_view_bit_for_bit():
     assert np.array_equal(
         np.flatnonzero(keep), np.concatenate([s + e[1] for s, e in zip(starts, expected)])
     )
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AugmentConfig(size=640),
+        AugmentConfig(size=64, scale_range=(0.1, 3.0), seed=7),
+        AugmentConfig(size=96, flip=False, seed=2**32 - 1, scale_range=(0.5, 2.5)),
+        AugmentConfig(size=128, augment=False),
+        AugmentConfig(size=32, seed=2**40),  # a seed of two 32-bit words: plan_view's own way
+    ],
+)
+def test_many_views_planned_at_once_equal_plan_view_view_for_view(cfg):
+    """numpy's random streams drawn as arrays (SeedSequence, PCG64, random(), integers()) give
+    every view plan_view gives, including ids past 32 bits (planned one by one)."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    ids = rng.integers(0, 2**32, n)
+    ids[:50], ids[50:55] = np.arange(50), 2**32 + np.arange(5)
+    ks, hs, ws = rng.integers(0, 5, n), rng.integers(1, 3000, n), rng.integers(1, 3000, n)
+    got = plan_views_many(cfg, ids, ks, hs, ws)
+    want = [plan_view(cfg, int(i), int(k), int(h), int(w)) for i, k, h, w in zip(ids, ks, hs, ws)]
+    assert got == want
+    assert all(type(v.crop_offset[0]) is int and type(v.flip) is bool for v in got)
+    assert len({v.crop_offset for v in got}) > (1 if cfg.augment else 0)
