@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
+import msgspec
 import numpy as np
-import orjson
 
 from cachedet.core.errors import CachedetError
 from cachedet.core.structures import check_category_count
@@ -501,19 +501,30 @@ def _fast_segmentations(
             return None
     if not polygons:
         return segments
-    polys = [segments[j] for j in polygons]
+    for start in range(0, len(polygons), _POLYGON_CHUNK):  # temporaries of bounded size
+        chunk = polygons[start : start + _POLYGON_CHUNK]
+        if not _polygons_fit([segments[j] for j in chunk], kept[np.asarray(chunk)], W, H):
+            return None
+    return segments
+
+
+_POLYGON_CHUNK = 20000  # annotations whose polygon coordinates are checked in one array
+
+
+def _polygons_fit(polys: list, rows: np.ndarray, W: np.ndarray, H: np.ndarray) -> bool:
+    """Whether every one of ``polys`` (non-empty lists; ``rows``: their annotations) is a list of
+    polygons of 6+ finite numbers, an even count, within ``POLYGON_SLACK`` of its image."""
     parts = list(chain.from_iterable(polys))
     if set(map(type, parts)) != {list}:
-        return None
+        return False
     lengths = np.fromiter(map(len, parts), np.int64, len(parts))
     if (lengths < 6).any() or (lengths % 2).any():
-        return None
+        return False
     coords = _numbers(list(chain.from_iterable(parts)))
     if coords is None or not np.isfinite(coords).all():
-        return None
+        return False
     # each coordinate's image: polygon -> its parts' coordinates
     per_polygon = np.add.reduceat(lengths, np.cumsum([0] + [len(p) for p in polys[:-1]]))
-    rows = kept[np.asarray(polygons)]
     w, h = np.repeat(W[rows], per_polygon // 2), np.repeat(H[rows], per_polygon // 2)
     px, py = coords[0::2], coords[1::2]
     outside = (
@@ -522,7 +533,7 @@ def _fast_segmentations(
         | (px > (1 + POLYGON_SLACK) * w)
         | (py > (1 + POLYGON_SLACK) * h)
     )
-    return None if outside.any() else segments
+    return not outside.any()
 
 
 def _read_bytes(path: str) -> bytes:
@@ -535,15 +546,16 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _parse(path: str, raw: bytes, fast: bool = False) -> dict:
-    """The JSON object of ``raw``. ``fast``: parsed by orjson (a few times faster than ``json``),
-    or by ``json`` where orjson refuses the text (NaN/Infinity, a byte-order mark, UTF-16, lone
-    surrogates), so the errors are always ``json``'s. orjson reads an integer beyond 64 bits as a
-    float: a caller that finds a problem in fast-parsed data re-parses it exactly (``fast=False``)."""
+    """The JSON object of ``raw``. ``fast``: parsed by msgspec (about three times faster than
+    ``json``, and without its transient memory), or by ``json`` where msgspec refuses the text
+    (NaN/Infinity, numbers past float64, a byte-order mark, UTF-16, lone surrogates), so the errors
+    are always ``json``'s. msgspec reads numbers and strings exactly as ``json`` does; a caller that
+    finds a problem in fast-parsed data re-parses it with ``json`` all the same (``fast=False``)."""
     try:
         if fast:
             try:
-                data = orjson.loads(raw)
-            except orjson.JSONDecodeError:
+                data = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
                 data = json.loads(raw)
         else:
             data = json.loads(raw)
@@ -578,7 +590,7 @@ def load_detection_dataset(
         try:
             return _dataset(path, str(images_dir), data, sha, fast=True)
         except CachedetError:
-            # the message json's reading gives (orjson reads an integer past 64 bits as a float)
+            # the message as json's reading gives it, whatever the fast parser made of the text
             data = _parse(path, _read_bytes(path))
             return _dataset(path, str(images_dir), data, sha, fast=False)
 

@@ -307,7 +307,7 @@ def test_whole_array_checks_build_what_the_per_annotation_loop_builds(tmp_path):
         lambda d: d["annotations"][-1].update(bbox=[1, 2, 3, True]),
         lambda d: d["annotations"][-1].update(iscrowd=[0]),
         lambda d: d["annotations"][-1].update(iscrowd=0.5),
-        lambda d: d["annotations"][-1].update(id=2**64),  # orjson reads it as a float
+        lambda d: d["annotations"][-1].update(id=2**64),  # past 64 bits
         lambda d: d["annotations"][-1].update(bbox=[1, 2, 3, 2**60]),
         lambda d: d["annotations"][-1].update(image_id=-(2**63) - 1),
     ],
