@@ -183,12 +183,18 @@ class DetectionDataset:
 def gc_paused():
     """Hold Python's cyclic garbage collector while a block allocates millions of acyclic objects
     (a parsed annotation file, a view per image): each collection walks every object made so far,
-    which costs about a third of loading a COCO-sized file. Restores the collector's state after."""
+    which costs about a third of loading a COCO-sized file. Restores the collector's state after;
+    the objects the block made join the oldest generation."""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        # what the block made moves to the oldest generation at once (freeze, then unfreeze):
+        # else the first young collection after it would walk all of it, a pause as long as those
+        # the block avoided; refcounting frees these objects as ever
+        gc.freeze()
+        gc.unfreeze()
         if was:
             gc.enable()
 
