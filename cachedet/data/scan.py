@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from cachedet.core.errors import CachedetError
 from cachedet.core.paths import is_url
-from cachedet.data.coco import DetectionDataset
+from cachedet.data.coco import DetectionDataset, gc_paused
 from cachedet.data.decode import check_image_size, image_header
 
 PROGRESS_FROM = 2000  # images: a progress bar for scans at least this large
@@ -83,7 +83,7 @@ def scan_images(
         return report
     t0 = time.perf_counter()
     show = progress and len(dataset.images) >= PROGRESS_FROM
-    with ViewProgress("scan", len(dataset.images), unit="images", enabled=show) as bar:
+    with gc_paused(), ViewProgress("scan", len(dataset.images), unit="images", enabled=show) as bar:
         for rec in dataset.images:
             path = dataset.image_path(rec)
             try:

@@ -128,6 +128,158 @@ def plan_view(
     )
 
 
+_M32 = np.uint64(0xFFFFFFFF)
+_PCG_MULT = (np.uint64(0x2360ED051FC65DA4), np.uint64(0x4385DF649FCCF645))  # PCG64's, (high, low)
+
+
+def _mul128(ah, al, bh, bl):
+    """(high, low) words of the 128-bit product mod 2**128 of (ah, al) and (bh, bl), uint64 arrays."""
+    a0, a1, b0, b1 = al & _M32, al >> np.uint64(32), bl & _M32, bl >> np.uint64(32)
+    p00, p01, p10 = a0 * b0, a0 * b1, a1 * b0
+    mid = (p00 >> np.uint64(32)) + (p01 & _M32) + (p10 & _M32)
+    carry = a1 * b1 + (p01 >> np.uint64(32)) + (p10 >> np.uint64(32)) + (mid >> np.uint64(32))
+    return carry + ah * bl + al * bh, al * bl
+
+
+def _add128(ah, al, bh, bl):
+    low = al + bl
+    return ah + bh + (low < al).astype(np.uint64), low
+
+
+class _PCG64s:
+    """Many ``np.random.default_rng([a, b, c])`` streams at once (a, b, c each below 2**32), as numpy
+    arrays: numpy's SeedSequence mixing, PCG64 (XSL-RR 128/64) seeding and stepping, and the
+    Generator's ``random()`` and ``integers(0, n)`` (Lemire's method on buffered 32-bit halves).
+    Bit for bit numpy's own draws (tested against ``default_rng``)."""
+
+    def __init__(self, words: np.ndarray):  # (V, 3) uint32 entropy words
+        M = 0xFFFFFFFF
+        hash_a = [0x43B0D7E5]
+
+        def hashmix(value):
+            value = (value ^ np.uint32(hash_a[0])).astype(np.uint32)
+            hash_a[0] = (hash_a[0] * 0x931E8875) & M
+            value = value * np.uint32(hash_a[0])
+            return value ^ (value >> np.uint32(16))
+
+        def mix(x, y):
+            r = np.uint32(0xCA01F9DD) * x - np.uint32(0x4973F715) * y
+            return r ^ (r >> np.uint32(16))
+
+        zero = np.zeros(len(words), np.uint32)
+        pool = [hashmix(words[:, i] if i < words.shape[1] else zero) for i in range(4)]
+        for src in range(4):
+            for dst in range(4):
+                if src != dst:
+                    pool[dst] = mix(pool[dst], hashmix(pool[src]))
+        hash_b, state = 0x8B51F9DD, []
+        for i in range(8):  # generate_state(4, uint64): 8 words, little-endian pairs
+            value = pool[i % 4] ^ np.uint32(hash_b)
+            hash_b = (hash_b * 0x58F38DED) & M
+            value = value * np.uint32(hash_b)
+            state.append((value ^ (value >> np.uint32(16))).astype(np.uint64))
+        seed_hi, seed_lo = (
+            state[0] | state[1] << np.uint64(32),
+            state[2] | state[3] << np.uint64(32),
+        )
+        inc_hi, inc_lo = state[4] | state[5] << np.uint64(32), state[6] | state[7] << np.uint64(32)
+        # pcg64_srandom_r: state = 0; inc = initseq << 1 | 1; step; state += initstate; step
+        self.inc = (
+            inc_hi << np.uint64(1) | inc_lo >> np.uint64(63),
+            inc_lo << np.uint64(1) | np.uint64(1),
+        )
+        self.state = (np.zeros_like(seed_hi), np.zeros_like(seed_lo))
+        self._step(np.ones(len(words), bool))
+        self.state = _add128(*self.state, seed_hi, seed_lo)
+        self._step(np.ones(len(words), bool))
+        self.half = np.zeros(len(words), np.uint64)  # the buffered upper 32 bits
+        self.has_half = np.zeros(len(words), bool)
+
+    def _step(self, rows):
+        hi, lo = _add128(*_mul128(*self.state, *_PCG_MULT), *self.inc)
+        self.state = (np.where(rows, hi, self.state[0]), np.where(rows, lo, self.state[1]))
+
+    def next64(self, rows) -> np.ndarray:
+        """The next 64-bit output of the streams where ``rows`` (others do not move)."""
+        self._step(rows)
+        hi, lo = self.state
+        x, rot = hi ^ lo, hi >> np.uint64(58)
+        return (x >> rot) | (x << ((np.uint64(64) - rot) & np.uint64(63)))
+
+    def random(self, rows) -> np.ndarray:
+        """``Generator.random()``: float64 in [0, 1)."""
+        return (self.next64(rows) >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+    def integers(self, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``Generator.integers(0, n + 1)`` (no draw where n == 0): (values, rows whose draw was
+        rejected by Lemire's method and must be redrawn by numpy itself)."""
+        rows = n > 0
+        fresh = rows & ~self.has_half
+        word = self.next64(fresh)
+        value = np.where(fresh, word & _M32, self.half)
+        self.half = np.where(fresh, word >> np.uint64(32), self.half)
+        self.has_half = np.where(rows, fresh, self.has_half)
+        excl = n.astype(np.uint64) + np.uint64(1)
+        m = value * excl
+        leftover = m & _M32
+        threshold = (np.uint64(0xFFFFFFFF) - n.astype(np.uint64)) % excl
+        return np.where(rows, m >> np.uint64(32), 0).astype(np.int64), rows & (leftover < threshold)
+
+
+def plan_views_many(
+    cfg: AugmentConfig,
+    image_ids: np.ndarray,
+    view_indices: np.ndarray,
+    heights: np.ndarray,
+    widths: np.ndarray,
+) -> list[ViewParams]:
+    """``plan_view`` of many views at once (one per row of the (V,) int arrays), equal to it view
+    for view: numpy's random streams of every (seed, image id, view index) drawn as arrays
+    (``_PCG64s``), the sizes computed as ``plan_view`` computes them. Views whose ids do not fit
+    in 32 bits, or whose crop draw numpy would redraw, are planned by ``plan_view`` itself."""
+    ids = np.asarray(image_ids, dtype=np.int64)
+    index = np.asarray(view_indices, dtype=np.int64)
+    heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    n = len(ids)
+    slow = (ids < 0) | (ids > 0xFFFFFFFF) | (index < 0) | (index > 0xFFFFFFFF)
+    slow |= not 0 <= cfg.seed <= 0xFFFFFFFF
+    factor, flip = np.ones(n), np.zeros(n, bool)
+    top, left = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    if cfg.augment:
+        words = np.stack([np.full(n, cfg.seed % 2**32), ids & 0xFFFFFFFF, index & 0xFFFFFFFF], 1)
+        streams = _PCG64s(words.astype(np.uint32))
+        every = np.ones(n, bool)
+        lo, hi = (float(v) for v in cfg.scale_range)
+        factor = lo + (hi - lo) * streams.random(every)
+        if cfg.flip:
+            flip = streams.random(every) < 0.5
+    scale = factor * cfg.size / np.maximum(heights, widths)
+    new_h = np.maximum(1, np.rint(heights * scale)).astype(np.int64)
+    new_w = np.maximum(1, np.rint(widths * scale)).astype(np.int64)
+    if cfg.augment:
+        top, redraw_top = streams.integers(np.maximum(new_h - cfg.size, 0))
+        left, redraw_left = streams.integers(np.maximum(new_w - cfg.size, 0))
+        slow |= redraw_top | redraw_left
+    rows = zip(
+        ids.tolist(),
+        index.tolist(),
+        heights.tolist(),
+        widths.tolist(),
+        new_h.tolist(),
+        new_w.tolist(),
+        top.tolist(),
+        left.tolist(),
+        flip.tolist(),
+        slow.tolist(),
+    )
+    return [
+        plan_view(cfg, i, k, h, w)
+        if bad
+        else ViewParams(i, k, (h, w), (nh, nw), (t, le), f, cfg.size)
+        for i, k, h, w, nh, nw, t, le, f, bad in rows
+    ]
+
+
 _XYXY = tv_tensors.BoundingBoxFormat.XYXY
 
 
@@ -158,6 +310,52 @@ def transform_boxes(
         np.asarray(labels)[keep].astype(np.int64),
         np.asarray(ann_ids)[keep].astype(np.int64),
     )
+
+
+def transform_boxes_many(
+    views: list[ViewParams], boxes: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``transform_boxes`` of many views at once, bit for bit: one pass of the same torchvision
+    box operations (float32 resize ratios, flip, crop offsets, clamping, the 1-pixel sanitize) over
+    the boxes of every view, instead of one kernel call per view.
+
+    boxes: float32 (N, 4) xyxy original-image pixels, view-major: the first ``counts[0]`` rows are
+    ``views[0]``'s, and so on (``counts``: (V,) ints summing to N). Returns (float32 (M, 4) xyxy
+    canvas pixels of the boxes kept, in input order; bool (N,) which input rows were kept).
+    """
+    bb = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4).clone()
+    counts = np.asarray(counts, dtype=np.int64)
+    if not len(views) or not len(bb):
+        return np.zeros((0, 4), np.float32), np.zeros(len(bb), dtype=bool)
+    per_view = np.asarray(
+        [(*v.orig_size, *v.resized_size, *v.crop_offset, v.flip, v.canvas) for v in views],
+        dtype=np.int64,
+    ).reshape(-1, 8)
+    oh, ow, rh, rw, top, left, flip, canvas = np.repeat(per_view, counts, axis=0).T
+    # resize: torch.tensor([w_ratio, h_ratio, ...]) holds the float64 ratios rounded to float32
+    ratio_w = torch.from_numpy((rw / ow).astype(np.float32))
+    ratio_h = torch.from_numpy((rh / oh).astype(np.float32))
+    bb = bb.mul(torch.stack([ratio_w, ratio_h, ratio_w, ratio_h], 1))
+    flipped = torch.from_numpy(flip.astype(bool))
+    width = torch.from_numpy(rw.astype(np.float32))
+    x1 = torch.where(flipped, (bb[:, 2] - width).neg(), bb[:, 0])
+    x2 = torch.where(flipped, (bb[:, 0] - width).neg(), bb[:, 2])
+    bb = torch.stack([x1, bb[:, 1], x2, bb[:, 3]], 1)
+    bb = bb - torch.from_numpy(np.stack([left, top, left, top], 1).astype(np.float32))
+    keep = torch.zeros(len(bb), dtype=torch.bool)
+    sides = np.unique(per_view[:, 7])
+    for side in sides.tolist():  # the clamp and the sanitize take the canvas as a scalar
+        rows = torch.from_numpy(canvas == side) if len(sides) > 1 else slice(None)
+        part = bb[rows]
+        part[..., 0::2].clamp_(min=0, max=side)
+        part[..., 1::2].clamp_(min=0, max=side)
+        bb[rows] = part
+        ws, hs = part[:, 2] - part[:, 0], part[:, 3] - part[:, 1]
+        valid = (ws >= 1.0) & (hs >= 1.0) & (part >= 0).all(dim=-1) & (ws * hs >= 1.0)
+        valid &= (part[:, 0] <= side) & (part[:, 2] <= side)
+        valid &= (part[:, 1] <= side) & (part[:, 3] <= side)
+        keep[rows] = valid
+    return bb[keep].numpy().astype(np.float32), keep.numpy()
 
 
 def transform_image(params: ViewParams, image: torch.Tensor) -> torch.Tensor:

@@ -42,11 +42,16 @@ from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import DEFAULT_RECIPE, get_recipe, schedule_advice
 from cachedet.core.runtime import resolve_device
 from cachedet.core.structures import ViewParams
-from cachedet.data.coco import PLAN_DROP_REASONS, DetectionDataset, load_detection_dataset
+from cachedet.data.coco import (
+    PLAN_DROP_REASONS,
+    DetectionDataset,
+    gc_paused,
+    load_detection_dataset,
+)
 from cachedet.data.copy_paste import PastePlan, plan_copy_paste
 from cachedet.data.masks import mask_source, mask_sources
 from cachedet.data.scan import ScanReport, scan_images
-from cachedet.data.views import AugmentConfig, plan_view, transform_boxes
+from cachedet.data.views import AugmentConfig, plan_views_many, transform_boxes_many
 from cachedet.extraction.projection import projection_for
 from cachedet.extraction.reuse import refuse_or_rebuild
 from cachedet.extraction.shards import (
@@ -190,55 +195,98 @@ def masks_header(dataset: DetectionDataset, plan: ViewPlan) -> MaskInfo:
 
 
 def _plan_drops(
-    dataset: DetectionDataset, views: list[ViewParams], per_image: int, kept: set[int]
+    dataset: DetectionDataset, views: list[ViewParams], per_image: int, kept: np.ndarray
 ) -> dict:
     """Count the annotations that reach no view (``PLAN_DROP_REASONS``): too small at every
     view's scale, or else cut out of every view by its crop. ``views``: ``per_image`` per image,
-    image-major; ``kept``: the annotation ids some view holds."""
+    image-major; ``kept``: the annotation ids some view holds. One numpy pass over all boxes."""
     dropped = dict.fromkeys(PLAN_DROP_REASONS, 0)
-    for index, rec in enumerate(dataset.images):
-        mine = views[index * per_image : (index + 1) * per_image]
-        for box, ann in zip(rec.boxes, rec.ann_ids.tolist()):
-            if ann in kept:
-                continue
-            w, h = float(box[2] - box[0]), float(box[3] - box[1])
-            small = all(min(w * v.scale[1], h * v.scale[0]) < 1 for v in mine)
-            dropped["degenerate_at_canvas" if small else "outside_views"] += 1
+    counts = np.fromiter((len(r.ann_ids) for r in dataset.images), np.int64, len(dataset.images))
+    if not counts.sum():
+        return dropped
+    boxes = np.concatenate([r.boxes for r in dataset.images]).astype(np.float32).reshape(-1, 4)
+    ids = np.concatenate([r.ann_ids for r in dataset.images]).astype(np.int64)
+    lost = ~np.isin(ids, kept)
+    if not lost.any():
+        return dropped
+    # (images, per_image) scales of each image's views, as ViewParams.scale computes them
+    sizes = np.asarray([(*v.orig_size, *v.resized_size) for v in views], np.int64).reshape(-1, 4)
+    sy = (sizes[:, 2] / sizes[:, 0]).reshape(len(dataset.images), per_image)
+    sx = (sizes[:, 3] / sizes[:, 1]).reshape(len(dataset.images), per_image)
+    image = np.repeat(np.arange(len(dataset.images)), counts)[lost]
+    w = (boxes[lost, 2] - boxes[lost, 0]).astype(np.float64)[:, None]
+    h = (boxes[lost, 3] - boxes[lost, 1]).astype(np.float64)[:, None]
+    small = (np.minimum(w * sx[image], h * sy[image]) < 1).all(axis=1)
+    dropped["degenerate_at_canvas"] = int(small.sum())
+    dropped["outside_views"] = int(len(small) - small.sum())
     return dropped
 
 
 def plan_views(dataset: DetectionDataset, augment: AugmentConfig, views_per_image: int) -> ViewPlan:
     """Every view of every image (``views_per_image`` each, image-major) with its boxes, and the
-    count of annotations that reach none of them (``ViewPlan.dropped``)."""
-    views, paths, pastes, xyxy, labels, ann_ids, offsets = [], [], [], [], [], [], [0]
-    for index, rec in enumerate(dataset.images):
-        path = dataset.image_path(rec)
-        for k in range(views_per_image):
-            params = plan_view(augment, rec.id, k, rec.height, rec.width)
-            b, lab, ids = transform_boxes(params, rec.boxes, rec.labels, rec.ann_ids)
-            paste = None
-            if augment.copy_paste:
-                paste, b, lab, ids = plan_copy_paste(augment, dataset, index, params, b, lab, ids)
-            views.append(params)
-            paths.append(path)
-            pastes.append(paste)
-            xyxy.append(b)
-            labels.append(lab)
-            ann_ids.append(ids)
-            offsets.append(offsets[-1] + len(lab))
+    count of annotations that reach none of them (``ViewPlan.dropped``). The boxes of all views are
+    moved in one batch (``transform_boxes_many``); Copy-Paste, when on, then edits each view."""
+    with gc_paused():  # a view per image: no cycles among them, nothing for the GC to find
+        return _plan_views(dataset, augment, views_per_image)
+
+
+def _plan_views(
+    dataset: DetectionDataset, augment: AugmentConfig, views_per_image: int
+) -> ViewPlan:
+    images = dataset.images
+    sizes = np.asarray([(r.id, r.height, r.width) for r in images], dtype=np.int64).reshape(-1, 3)
+    ids, heights, widths = np.repeat(sizes, views_per_image, axis=0).T
+    index = np.tile(np.arange(views_per_image, dtype=np.int64), len(images))
+    views = plan_views_many(augment, ids, index, heights, widths)
+    paths = [p for r in images for p in [dataset.image_path(r)] * views_per_image]
+    n = np.fromiter((len(r.labels) for r in images), np.int64, len(images))
+    first = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+    # the source rows of every view's boxes: its image's rows, once per view
+    per_view = np.repeat(n, views_per_image)
+    rows = np.arange(int(per_view.sum()), dtype=np.int64) + np.repeat(
+        np.repeat(first, views_per_image) - (np.cumsum(per_view) - per_view), per_view
+    )
+    if len(images):
+        all_boxes = np.concatenate([r.boxes for r in images]).astype(np.float32).reshape(-1, 4)
+        all_labels = np.concatenate([r.labels for r in images]).astype(np.int64)
+        all_ids = np.concatenate([r.ann_ids for r in images]).astype(np.int64)
+    else:
+        all_boxes, all_labels, all_ids = (
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+        )
+    xyxy, keep = transform_boxes_many(views, all_boxes[rows], per_view)
+    labels, ann_ids = all_labels[rows][keep], all_ids[rows][keep]
+    view_of = np.repeat(np.arange(len(views)), per_view)
+    offsets = np.zeros(len(views) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(np.bincount(view_of[keep], minlength=len(views)))
+    pastes = [None] * len(views)
+    if augment.copy_paste:
+        parts = []
+        for v, params in enumerate(views):
+            s, e = offsets[v], offsets[v + 1]
+            paste, b, lab, ids = plan_copy_paste(
+                augment, dataset, v // views_per_image, params, xyxy[s:e], labels[s:e], ann_ids[s:e]
+            )
+            pastes[v] = paste
+            parts.append((b, lab, ids))
+        xyxy = np.concatenate([p[0] for p in parts]) if parts else xyxy
+        labels = np.concatenate([p[1] for p in parts]) if parts else labels
+        ann_ids = np.concatenate([p[2] for p in parts]) if parts else ann_ids
+        offsets[1:] = np.cumsum([len(p[1]) for p in parts])
     boxes = {
-        "offsets": np.asarray(offsets, dtype=np.int64),
-        "xyxy": np.concatenate(xyxy).astype(np.float32).reshape(-1, 4),
-        "labels": np.concatenate(labels).astype(np.int64),
-        "ann_ids": np.concatenate(ann_ids).astype(np.int64),
+        "offsets": offsets,
+        "xyxy": np.asarray(xyxy, dtype=np.float32).reshape(-1, 4),
+        "labels": np.asarray(labels, dtype=np.int64),
+        "ann_ids": np.asarray(ann_ids, dtype=np.int64),
     }
-    kept = set(boxes["ann_ids"].tolist())
     return ViewPlan(
         views=views,
         paths=paths,
         boxes=boxes,
         pastes=pastes,
-        dropped=_plan_drops(dataset, views, views_per_image, kept),
+        dropped=_plan_drops(dataset, views, views_per_image, np.unique(boxes["ann_ids"])),
     )
 
 

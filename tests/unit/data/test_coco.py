@@ -226,3 +226,97 @@ def test_vectorised_polygon_check_accepts_and_refuses_what_the_per_coordinate_on
         assert (polygon_points(seg) is not None) == per_coordinate(seg), seg
     assert polygon_points([[0, 0, 10, 0, 10**400, 10]]) is None  # beyond float64: refused, no crash
     np.testing.assert_array_equal(polygon_points([ok]), np.array(ok, dtype=float).reshape(-1, 2))
+
+
+def _rich():
+    """Every drop reason, RLE and polygon masks, boxes at and past the edges (-0.0 included),
+    crowd flags as 0.0 / True, images with no annotations, a duplicate image entry."""
+    data = base()
+    data["images"] += [
+        {"id": 5, "file_name": "c.png", "width": 64, "height": 48},
+        {"id": 2, "file_name": "b.png", "width": 30, "height": 90},
+        {"id": 9, "file_name": "./b.png", "width": 30, "height": 90},  # b.png again
+        {"id": 4, "file_name": "d.png", "width": 8, "height": 8},
+    ]
+    poly = [[1, 1, 20.5, 1, 20, 30]]
+    rle = {"size": [48, 64], "counts": "PPYo0"}
+    data["annotations"] = [
+        ann(11, [-0.0, 3, 20, 20], image=5, segmentation=poly),
+        ann(12, [60, 40, 30, 30], cat=3, image=5, iscrowd=0.0),
+        ann(3, [10, 10, 20, 20], iscrowd=True, image=2),
+        ann(4, [10, 10, 0, 5], image=2),
+        ann(5, [200, 10, 5, 5]),
+        ann(6, [10, 10, 5, 5], cat=99),
+        ann(7, [10, 10, 5, 5], image=42),
+        ann(8, [1, 2, 5, 7], image=9),
+        ann(9, [1, 2, 5, 6], image=5, segmentation=rle),  # NaN below
+        ann(14, [1, 2, 5, 7], image=5, segmentation=rle),
+        ann(10, [2, 2, 3, 3], image=2, segmentation=[]),
+        ann(1, [10, 10, 20, 20], segmentation=None),
+        ann(2, [1.25, 2, 3, 4.5], image=5, segmentation=[[0, 0, 4, 0, 4, 4], [1, 1, 2, 2, 1, 3]]),
+        ann(13, [5, 5, 1e-9, 1], image=2),
+    ]
+    return data
+
+
+def _both(tmp_path, text):
+    """(the result or error of load_detection_dataset, of the per-annotation loop on json's data)."""
+    from cachedet.data import coco
+
+    path = write(tmp_path, text)
+    out = []
+    for run in (
+        lambda: load_detection_dataset(path, tmp_path),
+        lambda: coco._dataset(
+            path, str(tmp_path), coco._parse(path, open(path, "rb").read()), "", False
+        ),
+    ):
+        try:
+            out.append(run())
+        except CachedetError as e:
+            out.append(str(e))
+    return out
+
+
+def test_whole_array_checks_build_what_the_per_annotation_loop_builds(tmp_path):
+    fast, loop = _both(tmp_path, json.dumps(_rich()).replace("[1, 2, 5, 6]", "[1, 2, NaN, 6]", 1))
+    assert fast.dropped == loop.dropped and fast.dropped_images == loop.dropped_images
+    assert fast.dropped["non_finite"] == 1 and fast.dropped["duplicate_image"] == 1
+    assert sum(fast.dropped.values()) == 7
+    assert [r.id for r in fast.images] == [r.id for r in loop.images] == [1, 2, 4, 5]
+    for a, b in zip(fast.images, loop.images):
+        assert (a.file_name, a.height, a.width) == (b.file_name, b.height, b.width)
+        assert a.boxes.dtype == b.boxes.dtype == np.float32 and a.boxes.shape == b.boxes.shape
+        assert a.boxes.tobytes() == b.boxes.tobytes()  # bits: -0.0 stays -0.0
+        assert a.labels.dtype == b.labels.dtype and a.labels.tolist() == b.labels.tolist()
+        assert a.ann_ids.dtype == b.ann_ids.dtype and a.ann_ids.tolist() == b.ann_ids.tolist()
+        assert a.segmentations == b.segmentations
+    assert np.signbit(fast.images[3].boxes).any()
+    assert fast.images[3].ann_ids.tolist() == [11, 12, 14, 2]  # file order within an image
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["annotations"][0].update(segmentation=[[1, 1, 200, 1, 20, 30]]),  # far outside
+        lambda d: d["annotations"][1].update(segmentation=[[1, 1, 2]]),
+        lambda d: d["annotations"][1].update(segmentation=[[1, 1, 2, 2, True, 3]]),
+        lambda d: d["annotations"][8].update(segmentation={"size": [64, 48], "counts": "x"}),
+        lambda d: d["annotations"][8].update(segmentation="polygon"),
+        lambda d: d["annotations"][-1].update(id=11),  # a colliding id
+        lambda d: d["annotations"][-1].update(bbox=[1, 2, 3, True]),
+        lambda d: d["annotations"][-1].update(iscrowd=[0]),
+        lambda d: d["annotations"][-1].update(iscrowd=0.5),
+        lambda d: d["annotations"][-1].update(id=2**64),  # past 64 bits
+        lambda d: d["annotations"][-1].update(bbox=[1, 2, 3, 2**60]),
+        lambda d: d["annotations"][-1].update(image_id=-(2**63) - 1),
+    ],
+)
+def test_whole_array_checks_raise_what_the_per_annotation_loop_raises(tmp_path, mutate):
+    data = _rich()
+    mutate(data)
+    fast, loop = _both(tmp_path, json.dumps(data))
+    if isinstance(loop, str):
+        assert fast == loop
+    else:
+        assert isinstance(fast, str) is False and fast.dropped == loop.dropped

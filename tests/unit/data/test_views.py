@@ -6,7 +6,9 @@ from helpers import reference_boxes
 from cachedet.data.views import (
     AugmentConfig,
     plan_view,
+    plan_views_many,
     transform_boxes,
+    transform_boxes_many,
     transform_image,
     view_to_image_boxes,
 )
@@ -180,3 +182,57 @@ def test_box_kernels_equal_torchvisions_box_transforms_bit_for_bit():
         ours = transform_boxes(params, boxes, labels, ids)
         for a, b in zip(ours, reference(params, boxes, labels, ids)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_boxes_of_many_views_at_once_equal_each_view_bit_for_bit():
+    """The batched planner's kernel: every view's boxes as ``transform_boxes`` gives them, down to
+    the sign of zero (a box at the right edge, flipped, starts at -0.0), across canvases, flips,
+    crops, pads, boxes under one pixel and views with no boxes."""
+    rng = np.random.default_rng(5)
+    views, boxes, counts, expected = [], [], [], []
+    for k in range(60):
+        cfg = AugmentConfig(size=int(rng.choice([32, 64, 96])), scale_range=(0.05, 2.5), seed=k)
+        h, w = int(rng.integers(8, 200)), int(rng.integers(8, 200))
+        b = random_boxes(rng, h, w, n=int(rng.integers(0, 9)))
+        edge = np.array([[0, 0, w, h], [w - 0.5, 0, w, 1.5], [0, h - 3, 2, h]], np.float32)
+        b = np.concatenate([b, edge[: k % 4]])
+        params = plan_view(cfg, k, k % 3, h, w)
+        out, labels, ids = transform_boxes(params, b, np.arange(len(b)), np.arange(len(b)) + 100)
+        views.append(params)
+        boxes.append(b)
+        counts.append(len(b))
+        expected.append((out, ids - 100))
+    got, keep = transform_boxes_many(views, np.concatenate(boxes), np.asarray(counts))
+    want = np.concatenate([e[0] for e in expected])
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))  # bits, signed zeros too
+    assert np.signbit(want).any()  # the edge boxes did reach the -0.0 case
+    starts = np.cumsum(counts) - counts
+    assert np.array_equal(
+        np.flatnonzero(keep), np.concatenate([s + e[1] for s, e in zip(starts, expected)])
+    )
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AugmentConfig(size=640),
+        AugmentConfig(size=64, scale_range=(0.1, 3.0), seed=7),
+        AugmentConfig(size=96, flip=False, seed=2**32 - 1, scale_range=(0.5, 2.5)),
+        AugmentConfig(size=128, augment=False),
+        AugmentConfig(size=32, seed=2**40),  # a seed of two 32-bit words: plan_view's own way
+    ],
+)
+def test_many_views_planned_at_once_equal_plan_view_view_for_view(cfg):
+    """numpy's random streams drawn as arrays (SeedSequence, PCG64, random(), integers()) give
+    every view plan_view gives, including ids past 32 bits (planned one by one)."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    ids = rng.integers(0, 2**32, n)
+    ids[:50], ids[50:55] = np.arange(50), 2**32 + np.arange(5)
+    ks, hs, ws = rng.integers(0, 5, n), rng.integers(1, 3000, n), rng.integers(1, 3000, n)
+    got = plan_views_many(cfg, ids, ks, hs, ws)
+    want = [plan_view(cfg, int(i), int(k), int(h), int(w)) for i, k, h, w in zip(ids, ks, hs, ws)]
+    assert got == want
+    assert all(type(v.crop_offset[0]) is int and type(v.flip) is bool for v in got)
+    assert len({v.crop_offset for v in got}) > (1 if cfg.augment else 0)
