@@ -352,6 +352,8 @@ def extract_stage(path: str, images: str, dask: bool, shards: int) -> dict:
                 seconds = time.perf_counter() - t
         else:
             runner = ShardRunner(cfg.backbone, cfg.device, backbone=backbone)
+            # what a spawned (or forkserver) DataLoader worker is sent at its start
+            loader_kb = len(pickle.dumps(runner.loader(tasks).dataset)) / 1024
             computed = runner.computed(tasks)  # every shard's task, as extract hands them over
             t = time.perf_counter()
             for i, (task, shard) in enumerate(computed, 1 - warm):
@@ -369,6 +371,7 @@ def extract_stage(path: str, images: str, dask: bool, shards: int) -> dict:
         "ms_per_view": 1000 * seconds / timed_views,
         "task_payload_kb": float(np.mean(payload)) / 1024,
         "worker": memory.largest(),
+        "loader_dataset_kb": None if dask else loader_kb,
         "shards_total": len(tasks),
     }
 
@@ -466,7 +469,8 @@ def measure_stages(n: int, path: str, images: str, shards: int, steps: int) -> d
         "extract_ms_per_view": inproc["ms_per_view"],
         "extract_dask_ms_per_view": dask["ms_per_view"],
         "extract_views_timed": inproc["views_timed"],
-        "task_payload_kb": inproc["task_payload_kb"],
+        "task_payload_kb": inproc["task_payload_kb"],  # what a dask worker is sent per shard
+        "loader_dataset_kb": inproc["loader_dataset_kb"],  # what a DataLoader worker is sent
         "worker_peak_mb": {  # rss: VmHWM (a forked worker's counts pages shared with its parent)
             "loader": {k: inproc["worker"].get(k) for k in ("rss", "uss", "pss")},
             "dask": {k: dask["worker"].get(k) for k in ("rss", "uss", "pss")},
@@ -661,15 +665,18 @@ def markdown(result: dict) -> str:
             " `extract` plans it, one warm-up shard, then the timed shards, with one DataLoader"
             " worker in process, and again on a LocalCluster of one dask worker. Worker memory:"
             " peak RSS / USS / PSS of the worker process (a forked DataLoader worker's RSS counts"
-            " the pages it shares with its parent; USS is its own). Train: a store of one view per"
+            " the pages it shares with its parent; USS is its own). Task KB/shard: the pickled"
+            " `ShardTask` a dask worker is sent per shard; loader dataset KB: what a DataLoader"
+            " worker is sent at its start under spawn / forkserver (its batches come with their"
+            " views). Train: a store of one view per"
             " image (random float16 features written by the library's `write_shard`), a tiny"
             " Faster R-CNN on the CPU, batch 4; the first step counts from the process's start."
             " Eval: pycocotools on size × 5000 / 118000 images, 100 detections each.",
             "",
             "| images | extract ms/view (dask) | task KB/shard | loader worker MB RSS/USS/PSS"
-            " | dask worker MB RSS/USS/PSS | train views | first step s | ms/step | eval images"
+            " | loader dataset KB | dask worker MB RSS/USS/PSS | train views | first step s | ms/step | eval images"
             " | eval s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in staged:
             w = r["worker_peak_mb"]
@@ -677,7 +684,8 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {r['images']:,} | {r['extract_ms_per_view']:.1f}"
                 f" ({r['extract_dask_ms_per_view']:.1f}) | {r['task_payload_kb']:.0f}"
-                f" | {mem['loader']} | {mem['dask']} | {r['train_views']:,}"
+                f" | {mem['loader']} | {r['loader_dataset_kb']:.1f} | {mem['dask']}"
+                f" | {r['train_views']:,}"
                 f" | {r['train_first_step_s']:.1f} | {r['train_ms_per_step']:.0f}"
                 f" | {r['eval_images']:,} | {r['eval_s']:.2f} |"
             )

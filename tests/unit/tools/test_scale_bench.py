@@ -47,6 +47,7 @@ def test_quick_sizes_measure_in_fresh_processes(tmp_path):
     # extraction, worker memory, train-heads and eval, each measured in its own process
     assert row["extract_ms_per_view"] > 0 and row["extract_dask_ms_per_view"] > 0
     assert row["extract_views_timed"] == 30 and row["task_payload_kb"] > 0
+    assert row["loader_dataset_kb"] < 1  # the loader's workers are sent no view up front
     for worker in ("loader", "dask"):  # the worker process was seen while it ran
         assert row["worker_peak_mb"][worker]["rss"] >= row["worker_peak_mb"][worker]["uss"] > 0
     assert row["train_views"] == 30 and row["train_steps_timed"] == 2
