@@ -524,8 +524,11 @@ def targets(rows: list[dict]) -> dict:
         "target": f"first step within {FIRST_STEP_TARGET:.0f} s of launch on a 100k-view store",
         "views": last["train_views"],
         "seconds": last["train_first_step_s"],
-        "met": last["train_first_step_s"] <= FIRST_STEP_TARGET,
-        "at_100k_views": last["train_views"] >= 100_000,
+        # judged on a 100k-view store only; smaller stores say how far start-up is from it
+        "met": last["train_first_step_s"] <= FIRST_STEP_TARGET
+        if last["train_views"] >= 100_000
+        else None,
+        "within_at_largest_size": last["train_first_step_s"] <= FIRST_STEP_TARGET,
     }
     out["eval_s"] = {
         "target": "eval on images = size x 5000 / 118000 (COCO val:train) with 100 detections "
@@ -693,6 +696,8 @@ def markdown(result: dict) -> str:
         lines += ["", "| figure | target | met |", "|---|---|---|"]
         for key, t in result["targets"].items():
             met = {True: "met", False: "missed", None: "measured"}[t["met"]]
+            if t["met"] is None and "views" in t:
+                met = "not judged below 100k views"
             if "ratio_largest_to_smallest" in t:
                 met += f" ({t['ratio_largest_to_smallest']:.2f}×)"
             elif "seconds" in t:
