@@ -7,6 +7,7 @@ thread pool that compresses and writes finished shards, one thread per shard) or
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections import deque
@@ -274,18 +275,27 @@ class ShardRunner:
         queue = iter(tasks)
         shard = _Assembler(next(queue))
         projection = self.projection(first)
-        for images, errors, view_masks in loader:
-            feats = forward(self.backbone, images)
-            if projection is not None:  # on the device, before encoding
-                with torch.inference_mode():
-                    feats = projection(feats)
-            shard.add(errors, view_masks, feats)
-            if on_views:
-                on_views(len(errors))
-            if shard.full():
-                yield shard.task, shard.result()
-                task = next(queue, None)
-                shard = _Assembler(task) if task is not None else None
+        # forked loader workers' garbage collector then leaves the parent's objects (the whole
+        # plan) alone, so their pages stay shared instead of being copied into every worker
+        frozen = bool(first.loader_workers) and gc.get_freeze_count() == 0
+        if frozen:
+            gc.freeze()
+        try:
+            for images, errors, view_masks in loader:
+                feats = forward(self.backbone, images)
+                if projection is not None:  # on the device, before encoding
+                    with torch.inference_mode():
+                        feats = projection(feats)
+                shard.add(errors, view_masks, feats)
+                if on_views:
+                    on_views(len(errors))
+                if shard.full():
+                    yield shard.task, shard.result()
+                    task = next(queue, None)
+                    shard = _Assembler(task) if task is not None else None
+        finally:
+            if frozen:  # collectable again once the run ends (or stops)
+                gc.unfreeze()
 
 
 def worker_runner(cfg: BackboneConfig, device: str) -> ShardRunner:

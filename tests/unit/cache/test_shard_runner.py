@@ -86,6 +86,7 @@ def test_a_failed_write_leaves_no_record_and_a_missing_store_is_named(synthetic,
 
 
 def test_loader_workers_get_each_batch_not_the_whole_run(synthetic, tmp_path):
+    import gc
     import pickle
     from dataclasses import replace
 
@@ -101,7 +102,10 @@ def test_loader_workers_get_each_batch_not_the_whole_run(synthetic, tmp_path):
     assert [[item[1] for item in b] for b in batches] == [list(t.paths) for t in tasks]
     serial = [shard for _, shard in runner.computed(tasks)]
     forked = [replace(t, loader_workers=2) for t in tasks]  # two worker processes, same bytes
+    frozen = []  # the parent's objects are frozen while forked workers run (no copy-on-write)
     for (task, shard), alone in zip(runner.computed(forked), serial, strict=True):
+        frozen.append(gc.get_freeze_count())
         assert shard.blocks.keys() == alone.blocks.keys() and shard.masks == alone.masks
         for name, block in shard.blocks.items():
             assert block.tobytes() == alone.blocks[name].tobytes(), (task.shard, name)
+    assert min(frozen) > 0 and gc.get_freeze_count() == 0  # and collectable again after the run
