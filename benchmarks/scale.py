@@ -38,6 +38,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LOAD_TARGET = 1.5  # load + planning within this multiple of json.load, in time and in peak memory
+FLAT_TARGET = 1.10  # per-view extraction and per-step training cost: largest / smallest size
+FIRST_STEP_TARGET = 30.0  # train-heads' first step within this many seconds of launch (100k views)
+WORKER_TARGET = 1.10  # a worker's peak USS at the largest size within this multiple of the smallest
+CANVAS, SHARD_VIEWS, EXTRACT_SHARDS, TRAIN_STEPS = 64, 64, 16, 30
+EVAL_PER_TRAIN = 5000 / 118000  # COCO's val:train ratio: eval images per size
 SOURCE_SIDES = ((640, 480), (480, 640), (640, 427), (500, 375))  # the few real JPEGs linked to
 
 
@@ -216,6 +221,12 @@ def stage(name: str, path: str, images: str | None, backend: str = "pycocotools"
             "cpu_s": time.process_time() - cpu,  # all threads: a scorer's own threads show here
             "backend": backend,
         }
+    elif name in ("extract", "extract_dask"):
+        extra = extract_stage(path, images, dask=name == "extract_dask", shards=int(backend))
+    elif name == "train_store":
+        extra = train_store_stage(path, images)
+    elif name == "train":
+        extra = train_stage(images, steps=int(backend))  # ``images``: the store here
     else:
         raise SystemExit(f"unknown stage {name}")
     return {
@@ -226,6 +237,209 @@ def stage(name: str, path: str, images: str | None, backend: str = "pycocotools"
     }
 
 
+class ChildMemory:
+    """Polls this process's descendants (every ``every`` s, in a thread) for their peak memory:
+    RSS (VmHWM, exact), and USS / PSS (psutil ``memory_full_info``, at the polls): a forked
+    child's RSS counts the pages it shares with its parent, its USS only its own."""
+
+    def __init__(self, every: float = 0.2):
+        import threading
+
+        self.every, self.peak, self.stop = every, {}, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def _poll(self):
+        import psutil
+
+        me = psutil.Process()
+        while not self.stop.wait(self.every):
+            for p in me.children(recursive=True):
+                try:
+                    m, cmd = p.memory_full_info(), " ".join(p.cmdline())[-80:]
+                    with open(f"/proc/{p.pid}/status") as f:
+                        hwm = next(int(x.split()[1]) / 1024 for x in f if x.startswith("VmHWM:"))
+                except (psutil.Error, OSError, StopIteration):
+                    continue
+                d = self.peak.setdefault(p.pid, {"cmd": cmd})
+                for k, v in (("rss", hwm), ("uss", m.uss / 2**20), ("pss", m.pss / 2**20)):
+                    d[k] = max(d.get(k, 0.0), v)
+
+    def largest(self) -> dict:
+        """The peak of the descendant with the largest USS: {rss, uss, pss (MB), cmd}."""
+        return max(self.peak.values(), key=lambda d: d["uss"], default={})
+
+
+def _extract_config(path: str, images: str, out: str, **kw):
+    """The benchmark's extraction: test_resnet (random init) at CANVAS px on the CPU, one view per
+    image, float16, SHARD_VIEWS views per shard."""
+    from cachedet.backbones.backbone import BackboneConfig
+    from cachedet.data.views import AugmentConfig
+    from cachedet.extraction.run import ExtractConfig
+
+    return ExtractConfig(
+        annotations=path,
+        images=images,
+        out=out,
+        backbone=BackboneConfig("test_resnet", None, "random"),
+        augment=AugmentConfig(size=CANVAS, seed=0),
+        views=1,
+        shard_views=SHARD_VIEWS,
+        batch_size=16,
+        device="cpu",
+        overwrite=True,
+        **kw,
+    )
+
+
+def _planned(cfg):
+    """What ``extract`` does before its shards: load, plan, lay the store out, one task per
+    shard. Returns (backbone, header, tasks)."""
+    from cachedet.backbones.backbone import build_backbone
+    from cachedet.data.coco import load_detection_dataset
+    from cachedet.extraction.run import _header, plan_views, prepare_store, shard_tasks
+
+    dataset = load_detection_dataset(cfg.annotations, cfg.images)
+    plan = plan_views(dataset, cfg.augment, cfg.views)
+    backbone = build_backbone(cfg.backbone, warn=False)
+    masks = cfg.masks and dataset.has_masks
+    header = _header(cfg, backbone, dataset, plan, None, masks)
+    prepare_store(cfg, header, plan)
+    tasks = shard_tasks(cfg, cfg.backbone, dataset if masks else None, plan)
+    return backbone, header, tasks
+
+
+class _Bar:
+    def advance(self, n: int) -> None:
+        pass
+
+
+def extract_stage(path: str, images: str, dask: bool, shards: int) -> dict:
+    """Plan the whole file as ``extract`` does, then run its first shard (warm-up: DataLoader or
+    dask worker start, first calls) and time the next ``shards`` through the library's shard
+    machinery, with one DataLoader worker in this process (``ShardRunner.computed`` over every
+    shard's task, as ``extract`` gives them) or one dask worker (``run_shards_on_dask`` on a
+    LocalCluster of one worker process). The peak memory of the worker process is polled."""
+    import pickle
+
+    from cachedet.extraction.shards import ShardRunner, run_shards_on_dask, write_shard
+
+    out = os.path.join(os.path.dirname(path), "extract.zarr")
+    cfg = _extract_config(path, images, out, **({"workers": 1} if dask else {"loader_workers": 1}))
+    backbone, _, tasks = _planned(cfg)
+    warm = 1 if len(tasks) > 1 else 0  # a file of one shard: timed with its start-up
+    shards = max(1, min(shards, len(tasks) - warm))
+    payload = [len(pickle.dumps(t)) for t in tasks[: warm + shards]]
+    timed_views = sum(len(t.views) for t in tasks[warm : warm + shards])
+    with ChildMemory() as memory:
+        if dask:
+            from dask.distributed import LocalCluster
+
+            with LocalCluster(
+                n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster:
+                address = cluster.scheduler_address
+                run_shards_on_dask(tasks[:warm], 0, address, _Bar())
+                t = time.perf_counter()
+                run_shards_on_dask(tasks[warm : warm + shards], 0, address, _Bar())
+                seconds = time.perf_counter() - t
+        else:
+            runner = ShardRunner(cfg.backbone, cfg.device, backbone=backbone)
+            # what a spawned (or forkserver) DataLoader worker is sent at its start
+            loader_kb = len(pickle.dumps(runner.loader(tasks).dataset)) / 1024
+            computed = runner.computed(tasks)  # every shard's task, as extract hands them over
+            t = time.perf_counter()
+            for i, (task, shard) in enumerate(computed, 1 - warm):
+                write_shard(task, shard)
+                if i == 0:
+                    t = time.perf_counter()
+                if i == shards:
+                    break
+            seconds = time.perf_counter() - t
+            computed.close()  # its DataLoader workers end
+    return {
+        "extract_s": seconds,
+        "shards": shards,
+        "views_timed": timed_views,
+        "ms_per_view": 1000 * seconds / timed_views,
+        "task_payload_kb": float(np.mean(payload)) / 1024,
+        "worker": memory.largest(),
+        "loader_dataset_kb": None if dask else loader_kb,
+        "shards_total": len(tasks),
+    }
+
+
+def train_store_stage(path: str, images: str) -> dict:
+    """A store of every image's view (no masks) laid out by the library as ``extract`` lays it out,
+    each shard written by ``write_shard`` with deterministic random float16 features in place of a
+    backbone's (seeded by the shard)."""
+    from cachedet.extraction.shards import ComputedShard, write_shard
+
+    out = os.path.join(os.path.dirname(path), "train.zarr")
+    cfg = _extract_config(path, images, out, masks=False)
+    _, header, tasks = _planned(cfg)
+    for task in tasks:
+        rng, n = np.random.default_rng(task.shard), len(task.views)
+        blocks = {
+            k: rng.standard_normal((n, *shape), dtype=np.float32).astype(np.float16)
+            for k, shape in header.shapes.items()
+        }
+        write_shard(task, ComputedShard(blocks, None, [], 0.0))
+    return {"store": out, "views": header.num_views}
+
+
+def train_stage(store: str, steps: int) -> dict:
+    """train-heads on ``store`` (a tiny detector on the CPU, one epoch of ``steps + 1`` steps):
+    ``first_step_s`` from this process's start (imports, store, detector, first batch included) to
+    the end of the first step, ``ms_per_step`` over the following ``steps``."""
+    import psutil
+
+    launched = psutil.Process().create_time()
+    from cachedet.engine import trainer
+    from cachedet.engine.train import TrainConfig, train
+
+    stamps = []
+    run_step = trainer.Trainer.run_step
+
+    def timed(self, batch):
+        out = run_step(self, batch)
+        stamps.append(time.time())
+        return out
+
+    trainer.Trainer.run_step = timed
+    cfg = TrainConfig.of(
+        out=os.path.join(os.path.dirname(store), f"run_{os.getpid()}"),
+        cache=store,
+        epochs=1,
+        batch_size=4,
+        neck_channels=32,
+        lr=0.01,
+        warmup_steps=2,
+        device="cpu",
+        max_steps_per_epoch=steps + 1,
+        detector_options={
+            "box_convs": 0,
+            "box_fcs": 2,
+            "box_representation": 128,
+            "rois_per_image": 64,
+            "proposals_per_image": 200,
+        },
+    )
+    train(cfg, progress=False)
+    return {
+        "first_step_s": stamps[0] - launched,
+        "ms_per_step": 1000 * (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
+        "steps": len(stamps),
+    }
+
+
 def fresh(name: str, path: str, images: str | None = None, backend: str | None = None) -> dict:
     """``stage`` in a new Python process (nothing cached from earlier stages)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--stage", name, "--file", path]
@@ -233,11 +447,103 @@ def fresh(name: str, path: str, images: str | None = None, backend: str | None =
         cmd += ["--images", images]
     if backend:
         cmd += ["--backend", backend]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"stage {name} failed:\n{done.stderr[-3000:]}")
+    out = done.stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure_sizes(sizes: list[int], work: str, log=print) -> list[dict]:
+def measure_stages(n: int, path: str, images: str, shards: int, steps: int) -> dict:
+    """Extraction, worker memory, train-heads and eval at one size, each stage a fresh process."""
+    inproc = fresh("extract", path, images, backend=str(shards))
+    dask = fresh("extract_dask", path, images, backend=str(shards))
+    store = fresh("train_store", path, images)
+    trained = fresh("train", path, store["store"], backend=str(steps))
+    n_eval = max(1, round(n * EVAL_PER_TRAIN))
+    val = os.path.join(os.path.dirname(path), "val.json")
+    with open(val, "w") as f:
+        json.dump(coco_like(n_eval, seed=2), f)
+    scored = fresh("eval", val)
+    return {
+        "extract_ms_per_view": inproc["ms_per_view"],
+        "extract_dask_ms_per_view": dask["ms_per_view"],
+        "extract_views_timed": inproc["views_timed"],
+        "task_payload_kb": inproc["task_payload_kb"],  # what a dask worker is sent per shard
+        "loader_dataset_kb": inproc["loader_dataset_kb"],  # what a DataLoader worker is sent
+        "worker_peak_mb": {  # rss: VmHWM (a forked worker's counts pages shared with its parent)
+            "loader": {k: inproc["worker"].get(k) for k in ("rss", "uss", "pss")},
+            "dask": {k: dask["worker"].get(k) for k in ("rss", "uss", "pss")},
+        },
+        "extract_peak_mb": inproc["peak_mb"],  # the main process: the whole plan lives here
+        "train_views": store["views"],
+        "train_first_step_s": trained["first_step_s"],
+        "train_ms_per_step": trained["ms_per_step"],
+        "train_steps_timed": trained["steps"] - 1,
+        "eval_images": n_eval,
+        "eval_detections": scored["detections"],
+        "eval_s": scored["seconds"],
+    }
+
+
+def targets(rows: list[dict]) -> dict:
+    """Which target each figure checks, and whether it is met across ``rows`` (smallest to largest
+    size): per-view extraction and per-step training cost flat within 10%; each worker's peak USS
+    flat within 10%; the first training step within 30 s of launch at the largest size."""
+    out = {
+        "load_s, load_peak_mb (time_ratio, memory_ratio)": {
+            "target": f"load + scan + plan <= {LOAD_TARGET}x json.load, time and peak memory",
+            "met": all(r["meets_load_target"] for r in rows),
+        }
+    }
+    staged = [r for r in rows if "extract_ms_per_view" in r]
+    if not staged:
+        return out
+    first, last = staged[0], staged[-1]
+
+    def flat(key, get=lambda r, k: r[k]):
+        ratio = get(last, key) / get(first, key)
+        return {"ratio_largest_to_smallest": ratio, "met": ratio <= FLAT_TARGET}
+
+    sizes = f"{first['images']:,} to {last['images']:,} images"
+    out["extract_ms_per_view"] = {
+        "target": f"per-view extraction cost flat within 10% ({sizes})",
+        **flat("extract_ms_per_view"),
+    }
+    out["train_ms_per_step"] = {
+        "target": f"per-step training cost flat within 10% ({sizes})",
+        **flat("train_ms_per_step"),
+    }
+    for worker in ("loader", "dask"):
+        out[f"worker_peak_mb.{worker}.uss"] = {
+            "target": f"a {worker} worker's memory does not grow with the dataset (peak USS "
+            f"within {WORKER_TARGET:.2f}x, {sizes})",
+            **flat(worker, lambda r, k: r["worker_peak_mb"][k]["uss"]),
+        }
+    out["train_first_step_s"] = {
+        "target": f"first step within {FIRST_STEP_TARGET:.0f} s of launch on a 100k-view store",
+        "views": last["train_views"],
+        "seconds": last["train_first_step_s"],
+        # judged on a 100k-view store only; smaller stores say how far start-up is from it
+        "met": last["train_first_step_s"] <= FIRST_STEP_TARGET
+        if last["train_views"] >= 100_000
+        else None,
+        "within_at_largest_size": last["train_first_step_s"] <= FIRST_STEP_TARGET,
+    }
+    out["eval_s"] = {
+        "target": "eval on images = size x 5000 / 118000 (COCO val:train) with 100 detections "
+        "each: measured, no limit",
+        "met": None,
+    }
+    return out
+
+
+def measure_sizes(
+    sizes: list[int], work: str, log=print, stages: bool = True, shards: int = EXTRACT_SHARDS,
+    steps: int = TRAIN_STEPS,
+) -> list[dict]:  # fmt: skip
+    """Per size: load and plan against json.load; with ``stages`` also extraction (``shards``
+    timed shards), worker memory, train-heads (``steps`` timed steps) and eval."""
     rows = []
     for n in sizes:
         root = os.path.join(work, f"coco_{n}")
@@ -261,6 +567,8 @@ def measure_sizes(sizes: list[int], work: str, log=print) -> list[dict]:
         row["meets_load_target"] = (
             row["time_ratio"] <= LOAD_TARGET and row["memory_ratio"] <= LOAD_TARGET
         )
+        if stages:
+            row.update(measure_stages(n, path, images, shards, steps))
         log(json.dumps(row))
         rows.append(row)
     return rows
@@ -320,7 +628,7 @@ def compare_backend(path: str, reference: dict) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        "# cachedet at scale: annotation loading and planning, evaluation",
+        "# cachedet at scale: loading and planning, extraction, worker memory, training, evaluation",
         "",
         f"Machine: {', '.join(f'{k} {v}' for k, v in result['machine'].items())}. Load average before {result['load_before']}, after "
         f"{result['load_after']}. Code at commit {result.get('commit') or '?'}. Each figure is one"
@@ -351,6 +659,50 @@ def markdown(result: dict) -> str:
             f"| {r['images']:,} | {p['load_s']:.2f} | {p['scan_s']:.2f} | {p['plan_s']:.2f}"
             f" | {p['import_s']:.2f} |"
         )
+    staged = [r for r in result["sizes"] if "extract_ms_per_view" in r]
+    if staged:
+        lines += [
+            "",
+            f"Extraction: test_resnet (random init) at {CANVAS} px on the CPU, one float16 view per"
+            f" image, shards of {SHARD_VIEWS} views, masks; after the whole file is planned as"
+            " `extract` plans it, one warm-up shard, then the timed shards, with one DataLoader"
+            " worker in process, and again on a LocalCluster of one dask worker. Worker memory:"
+            " peak RSS / USS / PSS of the worker process (a forked DataLoader worker's RSS counts"
+            " the pages it shares with its parent; USS is its own). Task KB/shard: the pickled"
+            " `ShardTask` a dask worker is sent per shard; loader dataset KB: what a DataLoader"
+            " worker is sent at its start under spawn / forkserver (its batches come with their"
+            " views). Train: a store of one view per"
+            " image (random float16 features written by the library's `write_shard`), a tiny"
+            " Faster R-CNN on the CPU, batch 4; the first step counts from the process's start."
+            " Eval: pycocotools on size × 5000 / 118000 images, 100 detections each.",
+            "",
+            "| images | extract ms/view (dask) | task KB/shard | loader worker MB RSS/USS/PSS"
+            " | loader dataset KB | dask worker MB RSS/USS/PSS | train views | first step s | ms/step | eval images"
+            " | eval s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in staged:
+            w = r["worker_peak_mb"]
+            mem = {k: "/".join(f"{w[k][m] or 0:.0f}" for m in ("rss", "uss", "pss")) for k in w}
+            lines.append(
+                f"| {r['images']:,} | {r['extract_ms_per_view']:.1f}"
+                f" ({r['extract_dask_ms_per_view']:.1f}) | {r['task_payload_kb']:.0f}"
+                f" | {mem['loader']} | {r['loader_dataset_kb']:.1f} | {mem['dask']}"
+                f" | {r['train_views']:,}"
+                f" | {r['train_first_step_s']:.1f} | {r['train_ms_per_step']:.0f}"
+                f" | {r['eval_images']:,} | {r['eval_s']:.2f} |"
+            )
+    if result.get("targets"):
+        lines += ["", "| figure | target | met |", "|---|---|---|"]
+        for key, t in result["targets"].items():
+            met = {True: "met", False: "missed", None: "measured"}[t["met"]]
+            if t["met"] is None and "views" in t:
+                met = "not judged below 100k views"
+            if "ratio_largest_to_smallest" in t:
+                met += f" ({t['ratio_largest_to_smallest']:.2f}×)"
+            elif "seconds" in t:
+                met += f" ({t['seconds']:.1f} s at {t['views']:,} views)"
+            lines.append(f"| `{key}` | {t['target']} | {met} |")
     if result.get("eval"):
         lines += ["", "| scorer | images | classes | detections | seconds | peak MB |"]
         lines += ["|---|---|---|---|---|---|"]
@@ -385,7 +737,13 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--sizes", default="1180,11800,118000")
     ap.add_argument("--eval-images", type=int, default=5000)
     ap.add_argument("--lvis-images", type=int, default=None, help="default: --eval-images")
-    ap.add_argument("--quick", action="store_true", help="sizes 60,600 and 200 eval images")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="sizes 120,1200, 4 timed shards, 10 timed steps, 200 eval images",
+    )
+    ap.add_argument("--extract-shards", type=int, default=EXTRACT_SHARDS, help="timed shards")
+    ap.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="timed steps")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
@@ -401,7 +759,8 @@ def main(argv=None) -> dict | None:
     from cachedet.core.atomic import write_json_atomic
     from cachedet.tools.bench import machine_info
 
-    sizes = [60, 600] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sizes = [120, 1200] if args.quick else [int(s) for s in args.sizes.split(",")]
+    shards, steps = (4, 10) if args.quick else (args.extract_shards, args.train_steps)
     eval_images = 200 if args.quick else args.eval_images
     work = args.work or tempfile.mkdtemp(prefix="cachedet-scale-")
     here = os.path.dirname(os.path.abspath(__file__))
@@ -409,14 +768,12 @@ def main(argv=None) -> dict | None:
         ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     result = {"machine": machine_info(), "commit": commit, "load_before": os.getloadavg()}
-    result["sizes"] = measure_sizes(sizes, work)
+    result["sizes"] = measure_sizes(sizes, work, shards=shards, steps=steps)
     result["eval"] = measure_eval(
         eval_images, work, lvis_images=None if args.quick else args.lvis_images
     )
     result["load_after"] = os.getloadavg()
-    result["targets"] = {
-        "time_ratio, memory_ratio": f"load + scan + plan <= {LOAD_TARGET}x json.load (issue 29)"
-    }
+    result["targets"] = targets(result["sizes"])
     os.makedirs(args.out, exist_ok=True)
     name = "scale_quick" if args.quick else "scale"
     write_json_atomic(os.path.join(args.out, f"{name}.json"), result, indent=2)

@@ -28,7 +28,10 @@ def choose_epoch_views(
     rng = np.random.default_rng([seed, epoch, 17])
     ids = image_ids[usable]
     order = np.argsort(ids, kind="stable")
-    groups = np.split(usable[order], np.flatnonzero(np.diff(ids[order])) + 1) if len(usable) else []
+    cuts = np.flatnonzero(np.diff(ids[order])) + 1
+    if np.diff(cuts, prepend=0, append=len(usable)).max(initial=0) <= views_per_epoch:
+        return np.sort(usable)  # every image's views all chosen: the draws pick no subset
+    groups = np.split(usable[order], cuts) if len(usable) else []
     chosen = []
     for views in groups:
         k = min(views_per_epoch, len(views))
@@ -88,24 +91,30 @@ class _EpochViews:
             masks and store.has_masks
         )  # instance masks in the targets (when the store has them)
         self.header, self.specs = store.header, store.specs
+        records = store.shard_records()  # read once: the usable views and the count of done
         self._image_ids, self._usable, self._shard_views = (
             store.meta["image_id"],
-            store.usable_views(),
+            store.usable_views(records),
             store.shard_views,
         )
+        self._chosen: tuple[int, np.ndarray] | None = None  # (epoch, its views), once per epoch
         if not len(self._usable):
             raise CachedetError(
                 f"{url}: no complete shard to train from (run cachedet extract to finish it)"
             )
-        self.check_finished(store, allow_incomplete)
+        self.check_finished(store, allow_incomplete, len(records))
         self._opened = store
         if world > 1:
             self.check_layout(url)
 
-    def check_finished(self, store: StoreReader, allow_incomplete: bool) -> None:
+    def check_finished(
+        self, store: StoreReader, allow_incomplete: bool, done: int | None = None
+    ) -> None:
         """Refuse a store whose extraction has not finished (training would silently use a part of
-        the data), or with ``allow_incomplete`` say which part it trains on."""
-        done, total = len(store.shard_records()), store.num_shards
+        the data), or with ``allow_incomplete`` say which part it trains on. ``done``: its
+        complete shards, counted now when not given."""
+        done = len(store.shard_records()) if done is None else done
+        total = store.num_shards
         if done >= total:
             return
         what = (
@@ -155,14 +164,13 @@ class _EpochViews:
         self.epoch = epoch
 
     def blocks_for(self, rank: int, epoch: int | None = None) -> list[np.ndarray]:
-        chosen = choose_epoch_views(
-            self._image_ids,
-            self._usable,
-            self.views_per_epoch,
-            self.seed,
-            self.epoch if epoch is None else epoch,
-        )
-        return rank_blocks(shard_blocks(chosen, self._shard_views), rank, self.world)
+        epoch = self.epoch if epoch is None else epoch
+        if self._chosen is None or self._chosen[0] != epoch:  # drawn once per epoch
+            chosen = choose_epoch_views(
+                self._image_ids, self._usable, self.views_per_epoch, self.seed, epoch
+            )
+            self._chosen = (epoch, chosen)
+        return rank_blocks(shard_blocks(self._chosen[1], self._shard_views), rank, self.world)
 
     def views_per_rank(self, epoch: int | None = None) -> list[int]:
         return [sum(len(b) for b in self.blocks_for(r, epoch)) for r in range(self.world)]

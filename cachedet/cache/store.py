@@ -541,14 +541,16 @@ class StoreReader(_StoreFiles):
             canvas=self.header.canvas,
         )
 
-    def usable_views(self) -> np.ndarray:
-        """Indices of views in complete shards, minus views whose image was skipped as bad."""
-        keep = []
-        for shard, rec in sorted(self.shard_records().items()):
-            start, end = rec["views"]
-            skipped = {s["view"] for s in rec.get("skipped", [])}
-            keep.extend(v for v in range(start, end) if v not in skipped)
-        return np.asarray(keep, dtype=np.int64)
+    def usable_views(self, records: dict[int, dict] | None = None) -> np.ndarray:
+        """Indices of views in complete shards, minus views whose image was skipped as bad, as
+        int64 (n,). ``records``: the completion records (``shard_records``), read now when not
+        given; later reads check their shards against them."""
+        records = self.shard_records() if records is None else records
+        self._records = records
+        parts = [np.arange(*rec["views"], dtype=np.int64) for _, rec in sorted(records.items())]
+        keep = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        skipped = [s["view"] for rec in records.values() for s in rec.get("skipped", [])]
+        return keep[~np.isin(keep, skipped)] if skipped else keep
 
     def _record(self, shard: int) -> dict | None:
         if self._records is None or shard not in self._records:

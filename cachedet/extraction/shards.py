@@ -7,6 +7,7 @@ thread pool that compresses and writes finished shards, one thread per shard) or
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections import deque
@@ -95,6 +96,43 @@ def compute_features(backbone: Backbone, images: torch.Tensor) -> dict[str, np.n
 
 def _collate(batch):
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch]
+
+
+class _ItemViews(torch.utils.data.Dataset):
+    """A ``ViewDataset`` whose items come with their index: item (view, path, paste, masks) ->
+    (normalised view float32 (3, S, S), error or '', masks as RLE bytes or None). Holds only the
+    backbone's normalisation, so a DataLoader worker gets nothing that grows with the run."""
+
+    def __init__(self, mean, std, masks: bool):
+        self.mean, self.std, self.masks = tuple(mean), tuple(std), masks
+
+    def __getitem__(self, item):
+        view, path, paste, masks = item
+        views = ViewDataset(
+            [view], [path], self.mean, self.std, skip_bad=True, pastes=[paste],
+            masks=[masks] if self.masks else None,
+        )  # fmt: skip
+        return views[0]
+
+
+class _ShardBatches:
+    """The batch sampler of ``ShardRunner.loader``: each task's views in batches of its
+    ``batch_size`` (the last one of a shard shorter), each batch a list of its items (view, path,
+    paste, masks), made when the loader draws it."""
+
+    def __init__(self, tasks: list[ShardTask]):
+        self.tasks = tasks
+
+    def __iter__(self):
+        for task in self.tasks:
+            n, b = len(task.views), task.batch_size
+            masks = task.masks if task.masks is not None else (None,) * n
+            items = list(zip(task.views, task.paths, task.pastes, masks))
+            for i in range(0, n, b):
+                yield items[i : i + b]
+
+    def __len__(self) -> int:
+        return sum(-(-len(t.views) // t.batch_size) for t in self.tasks)
 
 
 @dataclass
@@ -211,6 +249,21 @@ class ShardRunner:
             self._projections = {key: projection.to(dev)}  # one store at a time
         return self._projections[key]
 
+    def loader(self, tasks: list[ShardTask]) -> DataLoader:
+        """The DataLoader of ``tasks``' views, batch by batch, never a batch across two shards.
+        Its workers hold no view: each batch's own items (view, path, paste, masks) travel to a
+        worker with the batch, drawn from the tasks as the loader asks for them, so a worker's
+        memory does not grow with the run (nor does a spawned worker's start-up payload)."""
+        first = tasks[0]
+        dataset = _ItemViews(self.backbone.mean, self.backbone.std, first.masks is not None)
+        return DataLoader(
+            dataset,
+            batch_sampler=_ShardBatches(tasks),
+            num_workers=first.loader_workers,
+            collate_fn=_collate,
+            pin_memory=self.pin,
+        )
+
     def computed(self, tasks: list[ShardTask], on_views=None):
         """Yield (task, ComputedShard) for each task, in order (nothing is written)."""
         if not tasks:
@@ -218,41 +271,31 @@ class ShardRunner:
         first = tasks[0]
         if first.threads:
             torch.set_num_threads(first.threads)
-        views, paths, pastes, masks, batches = [], [], [], [], []
-        for task in tasks:
-            offset = len(views)
-            views += task.views
-            paths += task.paths
-            pastes += task.pastes
-            masks += task.masks if task.masks is not None else [None] * len(task.views)
-            n, b = len(task.views), task.batch_size
-            batches += [list(range(offset + i, offset + min(i + b, n))) for i in range(0, n, b)]
-        dataset = ViewDataset(
-            views, paths, self.backbone.mean, self.backbone.std, skip_bad=True, pastes=pastes,
-            masks=masks if first.masks is not None else None,
-        )  # fmt: skip
-        loader = DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=first.loader_workers,
-            collate_fn=_collate,
-            pin_memory=self.pin,
-        )
+        loader = self.loader(tasks)
         queue = iter(tasks)
         shard = _Assembler(next(queue))
         projection = self.projection(first)
-        for images, errors, view_masks in loader:
-            feats = forward(self.backbone, images)
-            if projection is not None:  # on the device, before encoding
-                with torch.inference_mode():
-                    feats = projection(feats)
-            shard.add(errors, view_masks, feats)
-            if on_views:
-                on_views(len(errors))
-            if shard.full():
-                yield shard.task, shard.result()
-                task = next(queue, None)
-                shard = _Assembler(task) if task is not None else None
+        # forked loader workers' garbage collector then leaves the parent's objects (the whole
+        # plan) alone, so their pages stay shared instead of being copied into every worker
+        frozen = bool(first.loader_workers) and gc.get_freeze_count() == 0
+        if frozen:
+            gc.freeze()
+        try:
+            for images, errors, view_masks in loader:
+                feats = forward(self.backbone, images)
+                if projection is not None:  # on the device, before encoding
+                    with torch.inference_mode():
+                        feats = projection(feats)
+                shard.add(errors, view_masks, feats)
+                if on_views:
+                    on_views(len(errors))
+                if shard.full():
+                    yield shard.task, shard.result()
+                    task = next(queue, None)
+                    shard = _Assembler(task) if task is not None else None
+        finally:
+            if frozen:  # collectable again once the run ends (or stops)
+                gc.unfreeze()
 
 
 def worker_runner(cfg: BackboneConfig, device: str) -> ShardRunner:

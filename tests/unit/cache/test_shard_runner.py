@@ -83,3 +83,29 @@ def test_a_failed_write_leaves_no_record_and_a_missing_store_is_named(synthetic,
     broken = type(tasks[0])(**{**tasks[0].__dict__, "store": str(tmp_path / "missing.zarr")})
     with pytest.raises(CachedetError, match="missing.zarr: no feature store here"):
         write_shard(broken, compute_shard(tasks[0]))
+
+
+def test_loader_workers_get_each_batch_not_the_whole_run(synthetic, tmp_path):
+    import gc
+    import pickle
+    from dataclasses import replace
+
+    from cachedet.extraction.shards import ShardRunner
+
+    cfg, tasks = planned(synthetic, str(tmp_path / "s.zarr"))
+    runner = ShardRunner(cfg.backbone, "cpu")
+    one, every = runner.loader(tasks[:1]), runner.loader(tasks)
+    # what a DataLoader worker is given up front does not grow with the shards of the run
+    assert len(pickle.dumps(one.dataset)) == len(pickle.dumps(every.dataset))
+    batches = list(every.batch_sampler)  # each batch carries its own views, within one shard
+    assert [[item[0] for item in b] for b in batches] == [list(t.views) for t in tasks]
+    assert [[item[1] for item in b] for b in batches] == [list(t.paths) for t in tasks]
+    serial = [shard for _, shard in runner.computed(tasks)]
+    forked = [replace(t, loader_workers=2) for t in tasks]  # two worker processes, same bytes
+    frozen = []  # the parent's objects are frozen while forked workers run (no copy-on-write)
+    for (task, shard), alone in zip(runner.computed(forked), serial, strict=True):
+        frozen.append(gc.get_freeze_count())
+        assert shard.blocks.keys() == alone.blocks.keys() and shard.masks == alone.masks
+        for name, block in shard.blocks.items():
+            assert block.tobytes() == alone.blocks[name].tobytes(), (task.shard, name)
+    assert min(frozen) > 0 and gc.get_freeze_count() == 0  # and collectable again after the run

@@ -40,10 +40,19 @@ def test_generator_writes_a_valid_coco_and_lvis_file(tmp_path):
 @pytest.mark.slow
 def test_quick_sizes_measure_in_fresh_processes(tmp_path):
     scale = load_benchmark("scale")
-    rows = scale.measure_sizes([30], str(tmp_path), log=lambda *_: None)
+    rows = scale.measure_sizes([30], str(tmp_path), log=lambda *_: None, shards=1, steps=2)
     (row,) = rows
     assert row["images"] == 30 and row["json_load_s"] > 0 and row["load_s"] > 0
     assert row["load_peak_mb"] > row["import_mb"] > 0 and row["time_ratio"] > 0
+    # extraction, worker memory, train-heads and eval, each measured in its own process
+    assert row["extract_ms_per_view"] > 0 and row["extract_dask_ms_per_view"] > 0
+    assert row["extract_views_timed"] == 30 and row["task_payload_kb"] > 0
+    assert row["loader_dataset_kb"] < 1  # the loader's workers are sent no view up front
+    for worker in ("loader", "dask"):  # the worker process was seen while it ran
+        assert row["worker_peak_mb"][worker]["rss"] >= row["worker_peak_mb"][worker]["uss"] > 0
+    assert row["train_views"] == 30 and row["train_steps_timed"] == 2
+    assert row["train_first_step_s"] > 0 and row["train_ms_per_step"] > 0
+    assert row["eval_images"] == 1 and row["eval_detections"] == 100 and row["eval_s"] > 0
     evals = scale.measure_eval(10, str(tmp_path), log=lambda *_: None)
     assert [r["protocol"] for r in evals] == ["COCO", "LVIS"] and all(
         r["detections"] == 1000 for r in evals
@@ -52,8 +61,46 @@ def test_quick_sizes_measure_in_fresh_processes(tmp_path):
     if "skipped" not in fast:
         assert fast["stats_agree"] and fast["eval_s"] > 0 and fast["speedup"] > 0
     text = scale.markdown(
-        {"machine": {"cpu": "x"}, "load_before": 0, "load_after": 0, "sizes": rows, "eval": evals}
+        {
+            "machine": {"cpu": "x"},
+            "load_before": 0,
+            "load_after": 0,
+            "sizes": rows,
+            "eval": evals,
+            "targets": scale.targets(rows),
+        }
     )
-    assert "| 30 |" in text and json.dumps(rows)
+    assert "| 30 |" in text and json.dumps(rows) and "`train_first_step_s`" in text
     assert ("faster-coco-eval s" in text) == ("skipped" not in fast)
     assert os.path.exists(os.path.join(tmp_path, "coco_30", "annotations.json"))
+
+
+def _row(images, ms, step, loader_uss, dask_uss, first):
+    return {
+        "images": images,
+        "meets_load_target": True,
+        "extract_ms_per_view": ms,
+        "train_ms_per_step": step,
+        "worker_peak_mb": {"loader": {"uss": loader_uss}, "dask": {"uss": dask_uss}},
+        "train_views": images,
+        "train_first_step_s": first,
+    }
+
+
+def test_targets_name_each_figure_and_judge_growth_from_smallest_to_largest():
+    scale = load_benchmark("scale")
+    t = scale.targets([_row(1180, 10.0, 100, 200, 400, 9), _row(118000, 10.5, 109, 300, 410, 25)])
+    assert t["extract_ms_per_view"]["met"] and t["train_ms_per_step"]["met"]
+    assert t["worker_peak_mb.loader.uss"] == {
+        "target": t["worker_peak_mb.loader.uss"]["target"],
+        "ratio_largest_to_smallest": 1.5,
+        "met": False,  # grew with the dataset
+    }
+    assert t["worker_peak_mb.dask.uss"]["met"]
+    assert t["train_first_step_s"]["met"] and t["train_first_step_s"]["views"] == 118000
+    assert t["eval_s"]["met"] is None  # measured, no limit
+    slow = scale.targets([_row(1180, 10.0, 100, 200, 400, 9), _row(118000, 12, 100, 200, 400, 31)])
+    assert not slow["extract_ms_per_view"]["met"] and slow["train_first_step_s"]["met"] is False
+    small = scale.targets([_row(120, 10.0, 100, 200, 400, 9), _row(1200, 10, 100, 200, 400, 9)])
+    assert small["train_first_step_s"]["met"] is None  # judged on a 100k-view store only
+    assert small["train_first_step_s"]["within_at_largest_size"]
