@@ -83,14 +83,6 @@ CANDIDATES = {
     "auto uint8": "projected uint8",
     "auto float16": "projected float16",
 }
-COCO_MODES = (
-    "float16",
-    "uint8",
-    "projected float16",
-    "projected uint8",
-    "projected float8",
-    "projected uint4",
-)
 COCO_IMAGES = 118_287
 # (name, {level: (channels, stride)}, canvas) of the COCO-sized table
 SHAPES = [
@@ -199,9 +191,68 @@ def feed_rate(store: str, passes: int = 3) -> dict:
     }
 
 
-def coco_table(compression: dict[str, float]) -> list[dict]:
+# (family, timm model, canvas): random-init backbones of the COCO table's families, whose
+# features' compression each storage mode is measured on (no offline ImageNet weights for them:
+# ReLU zeros and value ranges follow the architecture, the spectrum the weights)
+FAMILIES = (("ResNet-50", "resnet50", 320), ("ViT", "vit_base_patch16_224", 320))
+FAMILY_MODES = {  # COCO table column -> (dtype, project)
+    "float16": ("float16", None),
+    "uint8": ("uint8", None),
+    "projected float16": ("float16", "auto"),
+    "projected uint8": ("uint8", "auto"),
+    "projected float8": ("float8", "auto"),
+    "projected uint4": ("uint4", "auto"),
+}
+
+
+def family_compression(work: str, paths: dict, views: int = 16) -> dict[str, dict[str, float]]:
+    """{family: {column: raw / stored bytes}} from small stores of each family's backbone (random
+    init, one view of each of the first ``views`` training images, zstd)."""
+    from cachedet.backbones.backbone import BackboneConfig
+    from cachedet.cache.store import StoreReader
+    from cachedet.data.views import AugmentConfig
+    from cachedet.extraction.run import ExtractConfig, extract
+
+    with open(paths["train"]) as f:
+        data = json.load(f)
+    data["images"] = data["images"][:views]
+    kept = {i["id"] for i in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
+    subset = os.path.join(work, "families", f"train{views}.json")
+    os.makedirs(os.path.dirname(subset), exist_ok=True)
+    with open(subset, "w") as f:
+        json.dump(data, f)
+    out = {}
+    for family, model, canvas in FAMILIES:
+        out[family] = {}
+        for column, (dtype, project) in FAMILY_MODES.items():
+            store = os.path.join(work, "families", f"{model}-{dtype}-{project}.zarr")
+            if not os.path.exists(store):
+                extract(
+                    ExtractConfig(
+                        annotations=subset,
+                        images=paths["images"],
+                        out=store,
+                        backbone=BackboneConfig(model, None, "random"),
+                        augment=AugmentConfig(size=canvas, seed=0),
+                        views=1,
+                        dtype=dtype,
+                        project=project,
+                        shard_views=views,
+                        recipe="short",
+                        masks=False,
+                    ),
+                    progress=False,
+                )
+            info = StoreReader(store).info()
+            out[family][column] = info["compression_ratio"]
+    return out
+
+
+def coco_table(compression: dict[str, dict[str, float]]) -> list[dict]:
     """Bytes per view and TB for COCO of each shape in float16, uint8 and ``auto`` (min(C, 256))
-    projected float16 / uint8: shape arithmetic x the compression each mode measured on Lite0."""
+    projected float16 / uint8 / float8 / uint4: shape arithmetic x the compression each mode
+    measured on the shape's family (``family_compression``)."""
     rows = []
     for name, levels, canvas in SHAPES:
         shapes = {n: (c, canvas // s, canvas // s) for n, (c, s) in levels.items()}
@@ -214,16 +265,13 @@ def coco_table(compression: dict[str, float]) -> list[dict]:
             "projected float8": schema.bytes_per_view(auto, "float8"),
             "projected uint4": schema.bytes_per_view(auto, "uint4"),
         }
-        # a projected column takes the compression its `auto` run measured, else the R50 shares'
-        measured = {
-            **compression,
-            **{CANDIDATES[m]: compression[m] for m in CANDIDATES if m in compression},
-        }
+        measured = compression["ViT" if name.startswith("ViT") else "ResNet-50"]
         stored = {m: raw[m] / measured[m] for m in raw if m in measured}
         rows.append(
             {
                 "shape": name,
                 "raw_bytes_per_view": raw,
+                "compression_ratio": measured,
                 "bytes_per_view": stored,
                 "coco_tb_per_view_per_image": {
                     m: b * COCO_IMAGES / 1e12 for m, b in stored.items()
@@ -272,10 +320,8 @@ def report(work: str, out_dir: str) -> dict:
         m["bytes_ratio_vs_float16"] = ref["bytes_per_view"] / m["bytes_per_view"]
         m["box_ap_delta"] = m["box_ap"] - ref["box_ap"]
         m["feed"] = feed_rate(next(r["store"] for r in records if r["mode"] == m["mode"]))
-    compression = {
-        k: modes[k]["compression_ratio"] for k in (*COCO_MODES, *CANDIDATES) if k in modes
-    }
-    table = coco_table(compression)
+    by_family = family_compression(work, dataset_paths(work, SETTINGS_LONG))
+    table = coco_table(by_family)
     spread = max(ref["box_ap_seeds"]) - min(ref["box_ap_seeds"])
 
     def ap_ok(mode: str) -> bool:
@@ -326,6 +372,7 @@ def report(work: str, out_dir: str) -> dict:
         "modes": list(modes.values()),
         "records": [{k: v for k, v in r.items() if k != "store"} for r in records],
         "coco": table,
+        "compression_by_family": by_family,
         "recommended": recommended,
     }
     os.makedirs(out_dir, exist_ok=True)
@@ -361,7 +408,17 @@ def markdown(r: dict) -> str:
         )
     lines += [
         "",
-        "## At COCO scale (shape arithmetic x the compression measured above)",
+        "## At COCO scale",
+        "",
+        "Bytes per view: shape arithmetic x the compression (raw / stored, zstd) each mode measured "
+        "on small stores of random-init ResNet-50 (c3-c5) and ViT-B/16 (last block) features at "
+        "320² (no offline ImageNet weights for them: the ReLU zeros follow the architecture, the "
+        "spectrum the weights): "
+        + "; ".join(
+            f"{fam}: " + ", ".join(f"{m} {v:.2f}×" for m, v in ratios.items())
+            for fam, ratios in r["compression_by_family"].items()
+        )
+        + ".",
         "",
         "`projected` = `--project auto` (min(C, 256) per level); the first three columns are "
         "stored MB per view. TB for 118,287 images x 1 view; "

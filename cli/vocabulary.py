@@ -25,7 +25,7 @@ DEFAULT_BACKBONE = "efficientnet_lite0"  # = cachedet.backbones.DEFAULT_BACKBONE
 Neck = Literal["auto", "fpn", "nasfpn", "simple"]  # = auto + cachedet.models.build.NECKS
 Head = Literal["faster-rcnn", "cascade", "retinanet"]  # = cachedet.models.build.HEADS
 Dtype = Literal[
-    "float16", "bfloat16", "float32", "uint8", "uint4"
+    "float16", "bfloat16", "float32", "uint8", "uint4", "float8"
 ]  # = cachedet.cache.schema.DTYPES
 Codec = Literal["zstd", "lz4", "none"]  # = cachedet.cache.schema.CODECS
 Recipe = Literal["short", "paper"]  # = cachedet.core.recipes.RECIPES
