@@ -60,14 +60,21 @@ def test_codec_table_covers_every_dtype_and_codec(small_run):
     rows = decode_speeds(
         small_run["config"]["workdir"] + "/bench.zarr", small_run["config"]["workdir"]
     )
-    assert {(r["dtype"], r["codec"]) for r in rows} == {
-        (d, c) for d in ("float16", "bfloat16", "float32", "uint8") for c in ("zstd", "lz4", "none")
-    }
+    from cachedet.cache.schema import CODECS, DTYPES
+
+    assert {(r["dtype"], r["codec"]) for r in rows} == {(d, c) for d in DTYPES for c in CODECS}
+    assert set(DTYPES) >= {"float16", "bfloat16", "float32", "uint8", "float8", "uint4"}
     by = {(r["dtype"], r["codec"]): r for r in rows}
     assert by[("float32", "none")]["max_abs_error"] == 0
     assert by[("float16", "zstd")]["bytes_per_view"] < by[("float32", "zstd")]["bytes_per_view"]
     assert by[("bfloat16", "none")]["max_abs_error"] > by[("float16", "none")]["max_abs_error"]
     assert by[("uint8", "none")]["bytes_per_view"] < 0.6 * by[("float16", "none")]["bytes_per_view"]
+    assert (
+        by[("float8", "none")]["bytes_per_view"] < 0.6 * by[("float16", "none")]["bytes_per_view"]
+    )
+    assert (
+        by[("uint4", "none")]["bytes_per_view"] < 0.35 * by[("float16", "none")]["bytes_per_view"]
+    )
     assert all(np.isfinite(r["decode_MBps"]) and r["decode_MBps"] > 0 for r in rows)
 
 
