@@ -165,11 +165,13 @@ class CacheSource(_AdapterMixin):
         self.projection = (
             Projection(StoreReader(url).projection_arrays()) if header.projection else None
         )
-        self.fingerprint = header.fingerprint().to_dict()
-        if header.hybrid is not None:
-            self.fingerprint = Fingerprint.of(
-                self.specs, self.backbone_identity, self.canvas, header.categories
-            ).to_dict()
+        self.fingerprint = Fingerprint.of(  # a hybrid cache's features are its backbone's levels
+            self.specs,
+            self.backbone_identity,
+            self.canvas,
+            header.categories,
+            header.projection_fingerprint,
+        ).to_dict()
         self.augment = header.augment
         self.data = header.data_identity()  # recorded by the run, compared on resume
         if self.feature_crop_min is not None:
