@@ -26,6 +26,22 @@ def test_root_holds_packages_only():
             assert os.path.exists(os.path.join(path, "__init__.py")), name
 
 
+def test_every_package_is_installed():
+    """A non-editable install ships exactly the packages pyproject.toml lists: every folder of
+    cachedet/ (and the CLI) must be among them, or ``pip install cachedet`` leaves it out."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    pkg = os.path.join(ROOT, "cachedet")
+    found = {"cachedet", "cachedet_cli"} | {
+        f"cachedet.{name}"
+        for name in os.listdir(pkg)
+        if os.path.exists(os.path.join(pkg, name, "__init__.py"))
+    }
+    assert sorted(found - listed) == [] and sorted(listed - found) == []
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
     index, low, on_stack, stack, found, counter = {}, {}, set(), [], [], [0]
