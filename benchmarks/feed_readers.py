@@ -5,14 +5,17 @@ For float16, bfloat16, uint8 and uint4 stores of the same views (a stub backbone
 features, ``extract_overhead.StubBackbone``, through the real extraction pipeline), one process
 (one torch thread) reads every shard and decodes it to float32, with:
 
-- ``cachedet``: ``CachedViews``, the feed train-heads runs (read check, shuffle buffer, decode);
+- ``cachedet zarrs`` / ``cachedet zarr``: ``CachedViews``, the feed train-heads runs (read check,
+  shuffle buffer, decode), with ``loader.reader`` zarrs (its default when installed) and zarr;
 - ``zarr``: zarr-python's default codec pipeline, whole shard blocks per call, then decode;
 - ``zarrs``: the same calls with zarr's ``codec_pipeline.path`` set to the Rust ``zarrs`` pipeline
   (``pip install zarrs``);
 - ``tensorstore``: tensorstore's zarr3 driver reading the same blocks (``pip install tensorstore``).
 
-Readers run in turn, ``--rounds`` times (medians), and each checks that it returns the bytes
-zarr's default pipeline does. Reported per dtype and reader: views/s, stored MB/s, decoded float32
+Everything decodes on one thread (zarr's ``threading.max_workers`` 1, as train-heads' DataLoader
+workers do), so a figure is one process's and one core's. Readers run in turn, ``--rounds`` times
+(medians of wall and CPU seconds), and each checks that it returns the bytes zarr's default
+pipeline does (the two cachedet feeds: the same arrays as each other). Reported per dtype and reader: views/s, stored MB/s, decoded float32
 MB/s, and how many such processes would feed the 119 views/s a cached Faster R-CNN step consumed on
 an H200 at this configuration (``benchmarks/results/mask_cost_cuda.md``). Writes
 ``benchmarks/results/feed_readers.{json,md}``.
@@ -83,13 +86,18 @@ def readers(url: str):
     reader = StoreReader(url)
     n, dtype, names = reader.num_views, reader.dtype, [s.name for s in reader.specs]
     quant = schema.is_quantized(dtype)
-    dataset = CachedViews(url, views_per_epoch=1, shuffle_buffer=4)
     epochs = itertools.count()
 
-    def cachedet_feed():
-        dataset.set_epoch(next(epochs))
-        assert sum(1 for _ in dataset) == n
-        return None
+    def cachedet_feed(reader: str):
+        dataset = CachedViews(url, views_per_epoch=1, shuffle_buffer=4, reader=reader)
+
+        def read():
+            dataset.set_epoch(next(epochs))
+            got = {int(s["view"]): s["features"] for s in dataset}
+            assert len(got) == n
+            return {"feed": [got[v][k].numpy() for v in sorted(got) for k in names]}
+
+        return read
 
     def zarr_blocks(pipeline: str | None):
         def read():
@@ -131,10 +139,11 @@ def readers(url: str):
 
         return read
 
-    found = {"cachedet": cachedet_feed, "zarr": zarr_blocks(None)}
+    found = {"cachedet zarr": cachedet_feed("zarr"), "zarr": zarr_blocks(None)}
     try:
         import zarrs  # noqa: F401
 
+        found["cachedet zarrs"] = cachedet_feed("zarrs")
         found["zarrs"] = zarr_blocks("zarrs.ZarrsCodecPipeline")
     except ImportError:
         pass
@@ -158,37 +167,41 @@ def decode_all(blocks: dict, dtype: str) -> dict:
 
 def measure(url: str, rounds: int) -> dict:
     import torch
+    import zarr
 
     from cachedet.cache.layout import url_fs
 
     torch.set_num_threads(1)
-    found, reader = readers(url)
-    reference = found["zarr"]()
-    same = {}
-    for name, read in found.items():  # warm-up, and the bytes each reader returns
-        got = read()
-        if got is not None:
-            same[name] = all(
-                np.array_equal(a, b) for k in reference for a, b in zip(reference[k], got[k])
-            )
-    passes = []
-    for _ in range(rounds):
-        row = {}
-        for name, read in found.items():
-            t = time.perf_counter()
-            read()
-            row[name] = time.perf_counter() - t
-        passes.append(row)
+    with zarr.config.set({"threading.max_workers": 1}):  # one decode thread, as in a worker
+        found, reader = readers(url)
+        reference = found["zarr"]()
+        feed_reference = found["cachedet zarr"]()
+        same = {}
+        for name, read in found.items():  # warm-up, and the bytes each reader returns
+            got = read()
+            ref = feed_reference if name.startswith("cachedet") else reference
+            same[name] = all(np.array_equal(a, b) for k in ref for a, b in zip(ref[k], got[k]))
+        passes = []
+        for _ in range(rounds):
+            row = {}
+            for name, read in found.items():
+                t, c = time.perf_counter(), time.process_time()
+                read()
+                row[name] = (time.perf_counter() - t, time.process_time() - c)
+            passes.append(row)
     fs, path = url_fs(url)
     stored = sum(fs.size(f) for f in fs.find(f"{path}/features"))
     decoded = sum(sum(b.nbytes for b in blocks) for blocks in reference.values())
     n = reader.num_views
     out = {}
     for name in found:
-        s = statistics.median(p[name] for p in passes)
+        s = statistics.median(p[name][0] for p in passes)
+        cpu = statistics.median(p[name][1] for p in passes)
         out[name] = {
             "seconds": s,
+            "cpu_seconds": cpu,
             "views_per_s": n / s,
+            "views_per_cpu_s": n / cpu,
             "stored_mb_per_s": stored / s / 1e6,
             "decoded_mb_per_s": decoded / s / 1e6,
             "processes_for_h200": math.ceil(H200_VIEWS_PER_S / (n / s)),
@@ -216,15 +229,30 @@ def markdown(result: dict) -> str:
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average before "
         f"{result['load_before'][0]:.2f}, after {result['load_after'][0]:.2f}.",
         "",
-        "| dtype | stored KB/view | reader | views/s | stored MB/s | decoded MB/s | processes for 119 views/s | same bytes as zarr |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dtype | stored KB/view | reader | views/s | views per CPU s | stored MB/s | decoded MB/s"
+        " | processes for 119 views/s | same arrays |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype, r in result["dtypes"].items():
         for name, x in r["readers"].items():
             same = {True: "yes", False: "NO", None: "-"}[x["same_bytes_as_zarr"]]
             lines.append(
-                f"| {dtype} | {r['stored_bytes_per_view'] / 1e3:.0f} | {name} | {x['views_per_s']:.1f} | "
-                f"{x['stored_mb_per_s']:.0f} | {x['decoded_mb_per_s']:.0f} | {x['processes_for_h200']} | {same} |"
+                f"| {dtype} | {r['stored_bytes_per_view'] / 1e3:.0f} | {name} | {x['views_per_s']:.1f}"
+                f" | {x['views_per_cpu_s']:.1f} | {x['stored_mb_per_s']:.0f}"
+                f" | {x['decoded_mb_per_s']:.0f} | {x['processes_for_h200']} | {same} |"
+            )
+    lines += [
+        "",
+        "The cachedet feed, zarrs over zarr (train-heads' `loader.reader`; auto = zarrs):",
+        "",
+    ]
+    lines += ["| dtype | views/s | views per CPU s |", "|---|---|---|"]
+    for dtype, r in result["dtypes"].items():
+        x, y = r["readers"].get("cachedet zarrs"), r["readers"]["cachedet zarr"]
+        if x:
+            lines.append(
+                f"| {dtype} | {x['views_per_s'] / y['views_per_s']:.2f}×"
+                f" | {x['views_per_cpu_s'] / y['views_per_cpu_s']:.2f}× |"
             )
     return "\n".join(lines) + "\n"
 

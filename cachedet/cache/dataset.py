@@ -205,7 +205,8 @@ class CachedViews(_EpochViews, IterableDataset):
     that the block is freed once read, and decodes it as it is handed out. By default it holds as many views as fit in ``SHUFFLE_BUFFER_BYTES`` (1 GiB; at
     least one, at most 256): 93 views of ResNet-50 c3-c5 at 640² in float16, 17 of c2-c5 at 1024².
     Call ``set_epoch`` before iterating each epoch. ``keep_float16`` hands out float16 features
-    (for autocast) instead of float32.
+    (for autocast) instead of float32. ``reader`` picks the codec pipeline that decodes the reads
+    ("auto": zarrs when installed, one thread per DataLoader worker; ``cachedet.cache.layout``).
     """
 
     def __init__(
@@ -220,9 +221,12 @@ class CachedViews(_EpochViews, IterableDataset):
         masks: bool = False,
         allow_incomplete: bool = False,
         verify_reads: bool = True,
+        reader: str = "auto",
     ):
         super().__init__(url, views_per_epoch, seed, rank, world, masks, allow_incomplete)
         self.verify_reads = verify_reads  # each shard block checked against its completion record
+        self.reader = reader  # the codec pipeline of the reads (cachedet.cache.layout.READERS)
+        self._opened.use_reader(reader)  # an unknown or uninstalled reader fails here, up front
         self.dtype = self._opened.dtype
         if shuffle_buffer is None:
             per_view = self._opened.stored_bytes_per_view()
@@ -235,6 +239,7 @@ class CachedViews(_EpochViews, IterableDataset):
         if self._opened is None:  # first read in this process (a DataLoader worker or the main)
             retain_freed_memory()  # each block decodes into new arrays: reuse freed pages
             self._opened = StoreReader(self.url)
+            self._opened.use_reader(self.reader, one_thread=get_worker_info() is not None)
         store = self._opened
         store.verify_reads = self.verify_reads
         levels = store.read_block_checked(block)  # one read each, checked against the record
@@ -294,9 +299,11 @@ class InMemoryViews(_EpochViews):
         keep_float16: bool = False,
         allow_incomplete: bool = False,
         verify_reads: bool = True,
+        reader: str = "auto",
     ):
         super().__init__(url, views_per_epoch, seed, rank, world, masks, allow_incomplete)
         store, self._opened = self._opened, None
+        store.use_reader(reader)
         self.dtype, self.canvas = store.dtype, store.header.canvas
         self.keep_float16 = keep_float16
         self.stored = {s.name: store.read_stored(s.name, slice(None)) for s in self.specs}

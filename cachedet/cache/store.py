@@ -22,6 +22,7 @@ from cachedet.cache.layout import (
     META_FIELDS,
     STORE_ENTRIES,
     open_group,
+    reader_config,
     url_fs,
     write_whole_array,
 )
@@ -365,6 +366,15 @@ class StoreReader(_StoreFiles):
         self._verified: set[int] = set()  # shards whose bytes this reader checked
         self._records: dict[int, dict] | None = None
         self.verify_reads = True  # check every shard read against its completion record
+        self._read_config: dict = {}  # zarr config the feature arrays open under (use_reader)
+        self._arrays: dict[str, zarr.Array] = {}  # opened feature / quant arrays, by path
+
+    def use_reader(self, reader: str, one_thread: bool = False) -> None:
+        """Decode feature reads with ``reader`` ("auto", "zarrs" or "zarr"; see
+        ``cachedet.cache.layout.reader_config``, which raises CachedetError for an unknown or
+        uninstalled one). Arrays opened before keep their pipeline."""
+        self._read_config = reader_config(reader, one_thread)
+        self._arrays.clear()
 
     def _has(self, array: str) -> bool:
         try:
@@ -453,11 +463,17 @@ class StoreReader(_StoreFiles):
         """The zarr array of one level (``kind`` "quant": its uint8 quant params). StoreDamaged
         when its ``zarr.json`` is missing or cannot be parsed (the shape and codecs it holds are
         part of the store's layout: the store must be rebuilt)."""
+        path = f"{kind}/{name}"
+        if path in self._arrays:
+            return self._arrays[path]
         try:
-            return self.group[f"{kind}/{name}"]
+            with zarr.config.set(self._read_config):  # the codec pipeline is fixed at open
+                array = self.group[path]
         except Exception as e:
             why = "missing" if isinstance(e, KeyError) else unreadable(e)
             raise StoreDamaged(f"{self.url}/{kind}/{name}/zarr.json: {why}; {REBUILD}") from None
+        self._arrays[path] = array
+        return array
 
     def _level_arrays(self, name: str) -> list[zarr.Array]:
         """[features array] of one level, plus its quant array in uint8 stores."""

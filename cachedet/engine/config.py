@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 
 from cachedet.backbones.backbone import DEFAULT_BACKBONE
+from cachedet.cache.layout import reader_config
 from cachedet.core.errors import CachedetError, check_number
 from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import (
@@ -187,6 +188,8 @@ class LoaderConfig:
     log_every: int | None = None  # steps per metrics line (None: 50 on CUDA, 1 otherwise)
     allow_incomplete: bool = False  # train on the finished shards of an unfinished store
     verify_reads: bool = True  # check each shard block read against its completion record
+    # codec pipeline of the shard reads: auto (zarrs when installed), zarrs or zarr (its own)
+    reader: str = "auto"
 
     def resolved(self, device) -> "LoaderConfig":
         """This config with ``workers`` and ``log_every`` set for ``device`` (a torch.device)."""
@@ -225,6 +228,7 @@ class LoaderConfig:
             raise CachedetError(
                 "loader.feature_crop crops cached features; online training draws fresh LSJ views instead"
             )
+        reader_config(self.reader)  # an unknown reader, or zarrs asked for and not installed
         check_number("loader.feature_crop_min", self.feature_crop_min)
         if not 0 < self.feature_crop_min <= 1:
             raise CachedetError(

@@ -41,6 +41,7 @@ RESUMABLE = (
     "checkpoint_every",
     "allow_incomplete",
     "verify_reads",
+    "reader",
     "amp",
     "val_annotations",
     "val_images",

@@ -127,6 +127,7 @@ class CacheSource(_AdapterMixin):
                 keep_float16,
                 loader.allow_incomplete,
                 loader.verify_reads,
+                loader.reader,
             )
         else:
             self.dataset = CachedViews(
@@ -138,6 +139,7 @@ class CacheSource(_AdapterMixin):
                 masks,
                 loader.allow_incomplete,
                 loader.verify_reads,
+                loader.reader,
             )
         self.masks = self.dataset.masks  # False when the store holds no masks
         self.no_masks_reason = "it holds no instance masks (no segmentation in its annotations, or extracted without masks)"

@@ -37,9 +37,12 @@ def test_an_intact_store_reads_without_complaint(store_copy):
     InMemoryViews(store_copy)
 
 
+@pytest.mark.parametrize("reader", ["zarrs", "zarr"])
 @pytest.mark.parametrize("damage", ["absent", "flipped"])
 @pytest.mark.parametrize("feed", [CachedViews, InMemoryViews])
-def test_a_damaged_block_stops_the_feed_naming_store_shard_and_array(store_copy, damage, feed):
+def test_a_damaged_block_stops_the_feed_naming_store_shard_and_array(
+    store_copy, damage, feed, reader
+):
     level = StoreReader(store_copy).specs[1].name
     path = _chunk(store_copy, level, 1)
     if damage == "absent":
@@ -49,7 +52,7 @@ def test_a_damaged_block_stops_the_feed_naming_store_shard_and_array(store_copy,
         data[len(data) // 2] ^= 0x10
         open(path, "wb").write(bytes(data))
     with pytest.raises(CachedetError) as err:
-        _all_views(feed(store_copy)) if feed is CachedViews else feed(store_copy)
+        _all_views(feed(store_copy, reader=reader))
     msg = str(err.value)
     assert msg.startswith(f"{store_copy}: shard 1, features/{level}: ") and "\n" not in msg
     assert "--repair" in msg and "cache verify" in msg
