@@ -25,7 +25,7 @@ from torch import nn
 
 from cachedet.cache import schema
 from cachedet.cache.header import FINGERPRINT_BACKBONE_KEYS, differences
-from cachedet.cache.store import StoreReader
+from cachedet.cache.store import StoreIndex
 from cachedet.core.errors import CachedetError
 from cachedet.core.structures import FeatureSpec
 
@@ -250,7 +250,7 @@ def store_projection(url: str, identity: dict, option: str) -> tuple[Projection,
     """(projection, header entry) of the projected store at ``url``, for a backbone of
     ``identity`` (``Backbone.identity``). Raises CachedetError naming ``option`` when the store
     holds no projection or was extracted with another backbone (name, levels or weights)."""
-    reader = StoreReader(url)
+    reader = StoreIndex(url)
     where = f"{option} {url}"
     entry = reader.header.projection
     if entry is None:

@@ -336,13 +336,10 @@ class StoreWriter(_StoreFiles):
             self.fs.rm(key)
 
 
-class StoreReader(_StoreFiles):
-    """Read access to one open, complete or partial feature store.
-
-    Features come back as float32 (n, C, H, W) per level; boxes as float32 (N, 4) xyxy in the
-    view's canvas pixels with int64 contiguous labels (``header.categories``). Raises
-    CachedetError when ``url`` holds no store of this schema version.
-    """
+class StoreIndex(_StoreFiles):
+    """A store's header and small arrays, opened without reading its view rows: the specs, shapes,
+    view count, storage and projection map (``projection_arrays``). Raises CachedetError when
+    ``url`` holds no store of this schema version; ``StoreReader`` adds the rows and features."""
 
     def __init__(self, url: str):
         super().__init__(url)
@@ -352,29 +349,6 @@ class StoreReader(_StoreFiles):
         self.num_views = self.header.num_views
         self.shard_views = self.header.storage.shard_views
         self.dtype = self.header.storage.dtype
-        self.meta = {k: self._whole(f"meta/{k}") for k in META_FIELDS}
-        n = self.num_views
-        # optional: which image each view's Copy-Paste objects came from (-1: none)
-        self.meta["paste_image_id"] = (
-            self._whole("meta/paste_image_id")
-            if self._has("meta/paste_image_id")
-            else np.full(n, -1, dtype=np.int64)
-        )
-        self.box_offsets = self._whole("boxes/offsets")
-        self._boxes = {k: self._whole(f"boxes/{k}") for k in ROW_BOX_ARRAYS}
-        self._shard_masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._verified: set[int] = set()  # shards whose bytes this reader checked
-        self._records: dict[int, dict] | None = None
-        self.verify_reads = True  # check every shard read against its completion record
-        self._read_config: dict = {}  # zarr config the feature arrays open under (use_reader)
-        self._arrays: dict[str, zarr.Array] = {}  # opened feature / quant arrays, by path
-
-    def use_reader(self, reader: str, one_thread: bool = False) -> None:
-        """Decode feature reads with ``reader`` ("auto", "zarrs" or "zarr"; see
-        ``cachedet.cache.layout.reader_config``, which raises CachedetError for an unknown or
-        uninstalled one). Arrays opened before keep their pipeline."""
-        self._read_config = reader_config(reader, one_thread)
-        self._arrays.clear()
 
     def _has(self, array: str) -> bool:
         try:
@@ -412,6 +386,41 @@ class StoreReader(_StoreFiles):
                 "cannot be matched to their map: extract it again (ExtractConfig.overwrite)"
             )
         return arrays
+
+
+class StoreReader(StoreIndex):
+    """Read access to one open, complete or partial feature store.
+
+    Features come back as float32 (n, C, H, W) per level; boxes as float32 (N, 4) xyxy in the
+    view's canvas pixels with int64 contiguous labels (``header.categories``). Raises
+    CachedetError when ``url`` holds no store of this schema version.
+    """
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.meta = {k: self._whole(f"meta/{k}") for k in META_FIELDS}
+        n = self.num_views
+        # optional: which image each view's Copy-Paste objects came from (-1: none)
+        self.meta["paste_image_id"] = (
+            self._whole("meta/paste_image_id")
+            if self._has("meta/paste_image_id")
+            else np.full(n, -1, dtype=np.int64)
+        )
+        self.box_offsets = self._whole("boxes/offsets")
+        self._boxes = {k: self._whole(f"boxes/{k}") for k in ROW_BOX_ARRAYS}
+        self._shard_masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._verified: set[int] = set()  # shards whose bytes this reader checked
+        self._records: dict[int, dict] | None = None
+        self.verify_reads = True  # check every shard read against its completion record
+        self._read_config: dict = {}  # zarr config the feature arrays open under (use_reader)
+        self._arrays: dict[str, zarr.Array] = {}  # opened feature / quant arrays, by path
+
+    def use_reader(self, reader: str, one_thread: bool = False) -> None:
+        """Decode feature reads with ``reader`` ("auto", "zarrs" or "zarr"; see
+        ``cachedet.cache.layout.reader_config``, which raises CachedetError for an unknown or
+        uninstalled one). Arrays opened before keep their pipeline."""
+        self._read_config = reader_config(reader, one_thread)
+        self._arrays.clear()
 
     @property
     def has_masks(self) -> bool:

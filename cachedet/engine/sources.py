@@ -27,7 +27,7 @@ from cachedet.backbones.projection import Projection, store_projection
 from cachedet.cache.dataset import CachedViews, InMemoryViews, collate_views
 from cachedet.cache.feature_crop import check_alignment, crop_batch
 from cachedet.cache.header import Fingerprint, check_weights
-from cachedet.cache.store import StoreReader
+from cachedet.cache.store import StoreIndex
 from cachedet.core.errors import CachedetError
 from cachedet.data.coco import load_detection_dataset
 from cachedet.data.online import OnlineViews, collate_images, rank_indices
@@ -165,7 +165,7 @@ class CacheSource(_AdapterMixin):
             )
             self.specs = list(self.backbone.specs)
         self.projection = (
-            Projection(StoreReader(url).projection_arrays()) if header.projection else None
+            Projection(StoreIndex(url).projection_arrays()) if header.projection else None
         )
         self.fingerprint = Fingerprint.of(  # a hybrid cache's features are its backbone's levels
             self.specs,

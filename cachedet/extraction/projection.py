@@ -21,7 +21,7 @@ from cachedet.backbones.projection import (
     store_projection,
 )
 from cachedet.cache.header import FINGERPRINT_BACKBONE_KEYS
-from cachedet.cache.store import StoreReader, open_header
+from cachedet.cache.store import StoreIndex, open_header
 from cachedet.core.errors import CachedetError
 from cachedet.data.images import ViewDataset
 from cachedet.extraction.shards import _collate, forward, load_backbone
@@ -62,7 +62,7 @@ def reusable(out: str, request, seed: int, identity: dict) -> tuple[Projection, 
         return None
     if any(header.backbone.get(k) != identity.get(k) for k in FINGERPRINT_BACKBONE_KEYS):
         return None
-    arrays = StoreReader(out).projection_arrays()
+    arrays = StoreIndex(out).projection_arrays()
     energy = {n: v["energy"] for n, v in entry["levels"].items()}
     return Projection(arrays, {"energy": energy}), entry
 

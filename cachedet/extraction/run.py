@@ -31,6 +31,7 @@ from cachedet.cache.layout import (
     store_exists,
 )
 from cachedet.cache.store import (
+    StoreIndex,
     StoreReader,
     StoreWriter,
     open_header,
@@ -684,7 +685,7 @@ def storage_choices(cfg: ExtractConfig, specs, shapes: dict, views: int) -> list
     the backbone's (C, H, W) per level; ``chosen`` marks ``cfg``'s own choice."""
     own = cfg.project
     if cfg.projection is not None:  # another store's map: its kept directions per level
-        levels = StoreReader(cfg.projection).header.projection["levels"]
+        levels = StoreIndex(cfg.projection).header.projection["levels"]
         own = {n: v["k"] for n, v in levels.items()}
     requests = [None, "auto"] + ([own] if own not in (None, "auto") else [])
     out = []

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from cachedet.backbones.backbone import Backbone, BackboneConfig, build_backbone
 from cachedet.backbones.projection import Projection
 from cachedet.cache import schema
-from cachedet.cache.store import CHECKSUM, StoreReader, StoreWriter
+from cachedet.cache.store import CHECKSUM, StoreIndex, StoreWriter
 from cachedet.core.errors import CachedetError, NonFiniteFeatures
 from cachedet.core.runtime import resolve_device
 from cachedet.core.structures import ViewParams
@@ -238,7 +238,7 @@ class ShardRunner:
             return None
         key = (task.store, task.projection)
         if key not in self._projections:
-            arrays = StoreReader(task.store).projection_arrays()
+            arrays = StoreIndex(task.store).projection_arrays()
             projection = Projection(arrays or {})
             if arrays is None or projection.sha256 != task.projection:
                 raise CachedetError(

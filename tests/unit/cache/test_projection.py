@@ -11,7 +11,7 @@ from conftest import small_config, train_config
 
 from cachedet.backbones.backbone import BackboneConfig, build_backbone
 from cachedet.backbones.projection import Projection, ProjectionFit, kept_channels, parse_request
-from cachedet.cache.store import StoreReader
+from cachedet.cache.store import StoreIndex, StoreReader
 from cachedet.core.errors import CachedetError, StoreDamaged
 from cachedet.core.structures import FeatureSpec
 from cachedet.data.views import AugmentConfig
@@ -230,6 +230,24 @@ def test_cache_repair_recomputes_a_damaged_projected_shard_bit_for_bit(projected
         np.testing.assert_array_equal(
             a.features_array(spec.name)[...], b.features_array(spec.name)[...]
         )
+
+
+def test_the_map_is_read_without_the_view_rows(projected_store, tmp_path):
+    """Users of the map alone (the cache feed's source, shard workers, --projection) open the
+    store's index: its header and projection arrays, not every view's metadata and boxes."""
+    import shutil
+
+    out = tmp_path / "index.zarr"
+    shutil.copytree(projected_store.out, out)
+    full = StoreReader(str(out)).projection_arrays()
+    shutil.rmtree(out / "meta")
+    shutil.rmtree(out / "boxes")
+    with pytest.raises(StoreDamaged, match=r"meta/image_id: missing"):
+        StoreReader(str(out))
+    index = StoreIndex(str(out))
+    assert index.specs == StoreReader(projected_store.out).specs
+    for name, (mean, comp) in index.projection_arrays().items():
+        assert np.array_equal(mean, full[name][0]) and np.array_equal(comp, full[name][1])
 
 
 def test_a_damaged_projection_is_named(projected_store, tmp_path):
