@@ -7,6 +7,7 @@ epochs the heads see all K views of every image, in a different order each time.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -233,12 +234,19 @@ class CachedViews(_EpochViews, IterableDataset):
             shuffle_buffer = max(1, min(256, SHUFFLE_BUFFER_BYTES // max(per_view, 1)))
         self.shuffle_buffer, self.keep_float16 = shuffle_buffer, keep_float16
         self._opened = None  # validated above; each worker opens its own
+        self._opened_in = os.getpid()
+
+    def __getstate__(self) -> dict:
+        """Pickled for spawned DataLoader workers without the open reader (each opens its own)."""
+        return {**self.__dict__, "_opened": None}
 
     def _read_block(self, block: np.ndarray):
         """Samples of one block with their features as stored: {level: (stored, quant)}."""
-        if self._opened is None:  # first read in this process (a DataLoader worker or the main)
+        if self._opened is None or self._opened_in != os.getpid():
+            # first read in this process (a DataLoader worker or the main): a reader opened before
+            # a fork is not shared with the child (its codec threads do not survive the fork)
             retain_freed_memory()  # each block decodes into new arrays: reuse freed pages
-            self._opened = StoreReader(self.url)
+            self._opened, self._opened_in = StoreReader(self.url), os.getpid()
             self._opened.use_reader(self.reader, one_thread=get_worker_info() is not None)
         store = self._opened
         store.verify_reads = self.verify_reads

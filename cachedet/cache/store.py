@@ -25,6 +25,7 @@ from cachedet.cache.layout import (
     reader_config,
     url_fs,
     write_whole_array,
+    zarrs_opened,
 )
 from cachedet.core.atomic import remove_stale_temps, write_bytes_atomic
 from cachedet.core.errors import CachedetError, StoreDamaged
@@ -478,6 +479,7 @@ class StoreReader(StoreIndex):
         try:
             with zarr.config.set(self._read_config):  # the codec pipeline is fixed at open
                 array = self.group[path]
+            zarrs_opened(self._read_config)
         except Exception as e:
             why = "missing" if isinstance(e, KeyError) else unreadable(e)
             raise StoreDamaged(f"{self.url}/{kind}/{name}/zarr.json: {why}; {REBUILD}") from None

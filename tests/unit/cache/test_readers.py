@@ -93,3 +93,55 @@ def test_without_zarrs_auto_falls_back_and_zarrs_is_refused(monkeypatch):
 def test_the_cli_refuses_an_unknown_reader_naming_the_flag(cli, tmp_path):
     r = cli("train-heads", "--cache", tmp_path, "--out", tmp_path / "r", "--reader", "fast")
     assert r.exit_code == 2 and "error: --reader: expected one of auto, zarrs, zarr" in r.stderr
+
+
+FORKED_FEED = """
+import sys
+from torch.utils.data import DataLoader
+from cachedet.cache.dataset import CachedViews, collate_views
+ds = CachedViews(sys.argv[1], shuffle_buffer=2, reader=sys.argv[2])
+ds.set_epoch(0)
+parent = sorted(int(s["view"]) for s in ds)  # the parent decodes first: zarrs' threads start
+for start in ("fork", "spawn"):
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_views,
+                        multiprocessing_context=start)
+    views = sorted(v for b in loader for v in b["views"])
+    assert views == parent, (start, views, parent)
+print("read", len(parent))
+"""
+
+
+@pytest.mark.parametrize("reader", ["auto", "zarrs"])
+def test_workers_forked_after_the_parent_decoded_read_every_view(stores, reader):
+    """zarrs' Rust threads do not survive a fork: a DataLoader worker forked from a process that
+    had decoded with zarrs would hang decoding. The feed reopens its reader in each process, and a
+    forked child reads with zarr's own pipeline (warning when zarrs was asked for)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(  # in a child process, so that a hang is a failure, not a stuck suite
+        [sys.executable, "-c", FORKED_FEED, stores["uint8"], reader],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0 and "read 12" in r.stdout, r.stderr[-2000:]
+    assert ("forked from one whose zarrs threads had started" in r.stderr) == (reader == "zarrs")
+
+
+def test_a_forked_child_of_a_zarrs_process_reads_with_zarr(stores):
+    import multiprocessing
+
+    from cachedet.cache.layout import forked_after_zarrs
+
+    reader = StoreReader(stores["float16"])
+    reader.use_reader("zarrs")
+    reader.features_array(reader.specs[0].name)  # this process has opened arrays with zarrs
+    assert not forked_after_zarrs() and reader_config("auto") != {}
+    queue = multiprocessing.get_context("fork").SimpleQueue()
+    child = multiprocessing.get_context("fork").Process(
+        target=lambda: queue.put((forked_after_zarrs(), reader_config("auto")))
+    )
+    child.start()
+    child.join()
+    assert queue.get() == (True, {})
