@@ -138,7 +138,7 @@ def train_heads_command(
         rich_help_panel=DATA,
         help=(
             "Codec pipeline of the cache reads: auto (zarrs when installed), zarrs (Rust, "
-            "1.1-1.3x zarr's views per CPU second) or zarr (zarr-python's own); same arrays."
+            "1.06-1.25x zarr's views per CPU second) or zarr (zarr-python's own); same arrays."
         ),
     ),
     feature_crop: bool = typer.Option(

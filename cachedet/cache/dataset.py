@@ -207,7 +207,7 @@ class CachedViews(_EpochViews, IterableDataset):
     least one, at most 256): 93 views of ResNet-50 c3-c5 at 640² in float16, 17 of c2-c5 at 1024².
     Call ``set_epoch`` before iterating each epoch. ``keep_float16`` hands out float16 features
     (for autocast) instead of float32. ``reader`` picks the codec pipeline that decodes the reads
-    ("auto": zarrs when installed, one thread per DataLoader worker; ``cachedet.cache.layout``).
+    ("auto": zarrs when installed, one thread per DataLoader worker; ``cachedet.cache.readers``).
     """
 
     def __init__(
@@ -226,7 +226,7 @@ class CachedViews(_EpochViews, IterableDataset):
     ):
         super().__init__(url, views_per_epoch, seed, rank, world, masks, allow_incomplete)
         self.verify_reads = verify_reads  # each shard block checked against its completion record
-        self.reader = reader  # the codec pipeline of the reads (cachedet.cache.layout.READERS)
+        self.reader = reader  # the codec pipeline of the reads (cachedet.cache.readers.READERS)
         self._opened.use_reader(reader)  # an unknown or uninstalled reader fails here, up front
         self.dtype = self._opened.dtype
         if shuffle_buffer is None:

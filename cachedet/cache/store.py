@@ -22,11 +22,10 @@ from cachedet.cache.layout import (
     META_FIELDS,
     STORE_ENTRIES,
     open_group,
-    reader_config,
     url_fs,
     write_whole_array,
-    zarrs_opened,
 )
+from cachedet.cache.readers import reader_config, zarrs_opened
 from cachedet.core.atomic import remove_stale_temps, write_bytes_atomic
 from cachedet.core.errors import CachedetError, StoreDamaged
 from cachedet.core.paths import resolve_path
@@ -418,7 +417,7 @@ class StoreReader(StoreIndex):
 
     def use_reader(self, reader: str, one_thread: bool = False) -> None:
         """Decode feature reads with ``reader`` ("auto", "zarrs" or "zarr"; see
-        ``cachedet.cache.layout.reader_config``, which raises CachedetError for an unknown or
+        ``cachedet.cache.readers.reader_config``, which raises CachedetError for an unknown or
         uninstalled one). Arrays opened before keep their pipeline."""
         self._read_config = reader_config(reader, one_thread)
         self._arrays.clear()
@@ -479,10 +478,10 @@ class StoreReader(StoreIndex):
         try:
             with zarr.config.set(self._read_config):  # the codec pipeline is fixed at open
                 array = self.group[path]
-            zarrs_opened(self._read_config)
         except Exception as e:
             why = "missing" if isinstance(e, KeyError) else unreadable(e)
             raise StoreDamaged(f"{self.url}/{kind}/{name}/zarr.json: {why}; {REBUILD}") from None
+        zarrs_opened(self._read_config)
         self._arrays[path] = array
         return array
 

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 
 from cachedet.backbones.backbone import DEFAULT_BACKBONE
-from cachedet.cache.layout import reader_config
+from cachedet.cache.readers import reader_config
 from cachedet.core.errors import CachedetError, check_number
 from cachedet.core.paths import resolve_path
 from cachedet.core.recipes import (

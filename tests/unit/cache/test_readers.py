@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cachedet.cache.dataset import CachedViews, InMemoryViews
-from cachedet.cache.layout import ZARRS_PIPELINE, reader_config
+from cachedet.cache.readers import ZARRS_PIPELINE, reader_config
 from cachedet.cache.store import StoreReader
 from cachedet.core.errors import CachedetError
 from cachedet.data.views import AugmentConfig
@@ -132,7 +132,7 @@ def test_workers_forked_after_the_parent_decoded_read_every_view(stores, reader)
 def test_a_forked_child_of_a_zarrs_process_reads_with_zarr(stores):
     import multiprocessing
 
-    from cachedet.cache.layout import forked_after_zarrs
+    from cachedet.cache.readers import forked_after_zarrs
 
     reader = StoreReader(stores["float16"])
     reader.use_reader("zarrs")
