@@ -12,12 +12,14 @@ features, ``extract_overhead.StubBackbone``, through the real extraction pipelin
   (``pip install zarrs``);
 - ``tensorstore``: tensorstore's zarr3 driver reading the same blocks (``pip install tensorstore``).
 
-Everything decodes on one thread (zarr's ``threading.max_workers`` 1, as train-heads' DataLoader
-workers do), so a figure is one process's and one core's. Readers run in turn, ``--rounds`` times
+Every zarr reader decodes on one thread (zarr's ``threading.max_workers`` 1, as train-heads'
+DataLoader workers do), so its figure is one process's and one core's; tensorstore keeps its own
+thread pool, so compare it by views per CPU second. Readers run in turn, ``--rounds`` times
 (medians of wall and CPU seconds), and each checks that it returns the bytes zarr's default
-pipeline does (the two cachedet feeds: the same arrays as each other). Reported per dtype and reader: views/s, stored MB/s, decoded float32
-MB/s, and how many such processes would feed the 119 views/s a cached Faster R-CNN step consumed on
-an H200 at this configuration (``benchmarks/results/mask_cost_cuda.md``). Writes
+pipeline does (the two cachedet feeds: the same arrays as each other). Reported per dtype and
+reader: views/s, views per CPU second, stored MB/s, decoded float32 MB/s, and how many such
+processes would feed the 119 views/s a cached Faster R-CNN step consumed on an H200 at this
+configuration (``benchmarks/results/mask_cost_cuda.md``). Writes
 ``benchmarks/results/feed_readers.{json,md}``.
 
     python benchmarks/feed_readers.py [--views 48] [--rounds 5] [--work /tmp/cachedet-feed]
@@ -222,7 +224,8 @@ def markdown(result: dict) -> str:
         "",
         f"ResNet-50 c3-c5 at 640² (stub features of its shapes, ReLU-like), {result['views']} views "
         f"in shards of {SHARD_VIEWS}, zstd + bit-shuffle; one process, one torch thread, every "
-        "shard read and decoded to float32; medians of "
+        "shard read and decoded to float32 (zarr readers on one decode thread; tensorstore on its "
+        "own thread pool: compare it by views per CPU second); medians of "
         f"{result['rounds']} passes, readers in turn. Processes for the H200: how many such "
         f"processes feed {H200_VIEWS_PER_S} views/s (a cached Faster R-CNN step on an H200, "
         "mask_cost_cuda.md). Machine: "
